@@ -1,0 +1,1 @@
+"""mailmoat milters: each one a standalone pymilter daemon over the shared core."""

@@ -1,0 +1,315 @@
+"""The pymilter adapter: one base class that turns libmilter callbacks into calls on a plain
+logic object (MilterLogic), so milter logic is testable without sockets.
+
+It negotiates only the steps a logic class uses (skipped stages are not even sent by the
+MTA; stages kept only to learn the envelope are answered with NOREPLY), and it works
+around pymilter 1.0.5's setsymlist bug: Milter.Base.setsymlist hands bytes to the C module,
+which wants str; Base.negotiate swallows the TypeError and falls back to negotiating
+everything, silently disabling every skip and no-reply flag (DESIGN.md section 11).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Callable, ClassVar
+
+import Milter
+
+from .edits import (AddHeader, AddRecipient, ChangeFrom, ChangeHeader, DeleteRecipient, Edit,
+                    EomResult, Quarantine, ReplaceBody)
+from .eventlog import log_event
+from .message import Envelope, Message, Recipient, strip_brackets
+from .milter_protocol import ActionFlag, MacroStage, ProtocolFlag
+from .verdict import Action, SmtpReply, Verdict
+
+P = ProtocolFlag
+FAILURE_REPLY = SmtpReply(451, "4.3.0", "Temporary local problem, please try again later")
+
+
+class MilterLogic:
+    """Per-connection milter logic. Override only the stages you need: the adapter tells
+    the MTA to skip the rest."""
+
+    name: ClassVar[str] = "milter"
+    actions: ClassVar[ActionFlag] = ActionFlag(0)  # end-of-message edits this milter may make
+    rejected_recipients: ClassVar[bool] = False  # also see recipients the MTA rejected
+    macros: ClassVar[dict[MacroStage, tuple[str, ...]]] = {}  # what we ask the MTA to send
+
+    def on_connect(self, env: Envelope) -> Verdict:
+        return Verdict.cont()
+
+    def on_helo(self, env: Envelope) -> Verdict:
+        return Verdict.cont()
+
+    def on_mail(self, env: Envelope) -> Verdict:
+        return Verdict.cont()
+
+    def on_rcpt(self, env: Envelope, rcpt: Recipient) -> Verdict:
+        return Verdict.cont()
+
+    def on_message(self, message: Message) -> EomResult:
+        return EomResult(Verdict.cont())
+
+    def on_abort(self, env: Envelope) -> None:
+        """The transaction ended without a message (RSET, a new MAIL, or an error)."""
+
+    def on_close(self, env: Envelope) -> None:
+        """The SMTP connection ended."""
+
+
+def _overrides(cls: type[MilterLogic], method: str) -> bool:
+    return getattr(cls, method) is not getattr(MilterLogic, method)
+
+
+def wanted_protocol(cls: type[MilterLogic]) -> ProtocolFlag:
+    """The SMFIP_* flags a logic class asks for: skip what it ignores, no reply where it
+    only listens. Connect, HELO, MAIL and RCPT are always received (they fill the envelope)."""
+    flags = P.NODATA | P.NR_DATA | P.NOUNKNOWN | P.NR_UNKN
+    for method, no_reply in (("on_connect", P.NR_CONN), ("on_helo", P.NR_HELO),
+                             ("on_mail", P.NR_MAIL), ("on_rcpt", P.NR_RCPT)):
+        if not _overrides(cls, method):
+            flags |= no_reply
+    if _overrides(cls, "on_message"):
+        flags |= P.NR_HDR | P.NR_EOH | P.NR_BODY  # we only collect; the verdict comes at EOM
+    else:
+        flags |= P.NOHDRS | P.NOEOH | P.NOBODY
+    if cls.rejected_recipients:
+        flags |= P.RCPT_REJ
+    return flags
+
+
+def wanted_actions(cls: type[MilterLogic]) -> ActionFlag:
+    return cls.actions | (ActionFlag.SETSYMLIST if cls.macros else ActionFlag(0))
+
+
+class MilterAdapter(Milter.Base):
+    """One instance per SMTP connection (pymilter's model); delegates to a MilterLogic."""
+
+    logic_factory: ClassVar[Callable[[], MilterLogic]]
+    logic_class: ClassVar[type[MilterLogic]]
+    # Open SMTP sessions, so that a SIGTERM lets them finish before the process exits.
+    active_sessions: ClassVar[int] = 0
+    _sessions_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        with MilterAdapter._sessions_lock:
+            MilterAdapter.active_sessions += 1
+        self.logic = type(self).logic_factory()
+        self.env = Envelope()
+        self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self._protocol = 0
+
+    # -- negotiation -------------------------------------------------------------------
+    def negotiate(self, opts: list[int]) -> int:
+        offered_actions, offered_protocol = opts[0], opts[1]
+        cls = type(self).logic_class
+        actions = int(wanted_actions(cls)) & offered_actions
+        protocol = int(wanted_protocol(cls)) & offered_protocol
+        self._actions, self._protocol = actions, protocol
+        opts[0], opts[1], opts[2], opts[3] = actions, protocol, 0, 0
+        if actions & ActionFlag.SETSYMLIST:
+            for stage, names in cls.macros.items():
+                # str, not bytes: the C module rejects bytes (the pymilter 1.0.5 bug).
+                self._ctx.setsymlist(int(stage), " ".join(names))
+        return Milter.CONTINUE
+
+    # -- helpers -----------------------------------------------------------------------
+    def _macro(self, name: str) -> str | None:
+        value = self.getsymval(name)
+        return value if value else None
+
+    def _answer(self, stage: str, verdict: Verdict, no_reply_flag: ProtocolFlag) -> int:
+        if verdict.action is Action.CONTINUE:
+            return Milter.NOREPLY if self._protocol & no_reply_flag else Milter.CONTINUE
+        log_event("verdict", milter=type(self).logic_class.name, stage=stage,
+                  action=verdict.action.value, reply=str(verdict.reply) if verdict.reply else None,
+                  reason=verdict.reason or None, queue_id=self.env.queue_id,
+                  ip=self.env.client_ip)
+        if verdict.reply is not None:
+            self.setreply(str(verdict.reply.code), verdict.reply.enhanced,
+                          verdict.reply.text.replace("%", "%%"))
+        return {Action.ACCEPT: Milter.ACCEPT, Action.REJECT: Milter.REJECT,
+                Action.TEMPFAIL: Milter.TEMPFAIL, Action.DISCARD: Milter.DISCARD}[verdict.action]
+
+    def _guarded(self, stage: str, call: Callable[[], Verdict], no_reply_flag: ProtocolFlag) -> int:
+        try:
+            verdict = call()
+        except Exception as exc:  # one broken message must never take the daemon down
+            log_event("milter_error", level=logging.ERROR, milter=type(self).logic_class.name,
+                      stage=stage, error=f"{type(exc).__name__}: {exc}",
+                      queue_id=self.env.queue_id, ip=self.env.client_ip)
+            logging.getLogger("mailmoat").debug("traceback", exc_info=True)
+            verdict = Verdict.tempfail(FAILURE_REPLY, reason="internal error")
+        return self._answer(stage, verdict, no_reply_flag)
+
+    # -- callbacks ---------------------------------------------------------------------
+    def connect(self, hostname: str, family: int, hostaddr: object) -> int:
+        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple):
+            self.env.client_ip = str(hostaddr[0])
+        self.env.client_name = hostname
+        self.env.macros.update({k: v for k in ("j", "{daemon_name}", "_")
+                                if (v := self._macro(k))})
+        return self._guarded("connect", lambda: self.logic.on_connect(self.env), P.NR_CONN)
+
+    def hello(self, heloname: str) -> int:
+        self.env.helo = heloname
+        return self._guarded("helo", lambda: self.logic.on_helo(self.env), P.NR_HELO)
+
+    def envfrom(self, mail_from: str, *params: str) -> int:
+        self.env.start_transaction()
+        self._headers, self._body = [], []
+        self.env.mail_from = strip_brackets(mail_from)
+        self.env.mail_params = Milter.param2dict(params) if params else {}
+        self.env.auth_user = self._macro("{auth_authen}")
+        self.env.queue_id = self._macro("i")
+        return self._guarded("mail", lambda: self.logic.on_mail(self.env), P.NR_MAIL)
+
+    def envrcpt(self, rcpt: str, *params: str) -> int:
+        rejected = self._macro("{rcpt_mailer}") == "error"
+        recipient = Recipient(strip_brackets(rcpt), Milter.param2dict(params) if params else {},
+                              rejected_by_mta=rejected)
+        self.env.recipients.append(recipient)
+        self.env.queue_id = self._macro("i") or self.env.queue_id
+        return self._guarded("rcpt", lambda: self.logic.on_rcpt(self.env, recipient), P.NR_RCPT)
+
+    def header(self, name: str, value: str) -> int:
+        self._headers.append((name, value))
+        return Milter.NOREPLY if self._protocol & P.NR_HDR else Milter.CONTINUE
+
+    def eoh(self) -> int:
+        return Milter.NOREPLY if self._protocol & P.NR_EOH else Milter.CONTINUE
+
+    def body(self, chunk: bytes) -> int:
+        self._body.append(chunk)
+        return Milter.NOREPLY if self._protocol & P.NR_BODY else Milter.CONTINUE
+
+    def eom(self) -> int:
+        self.env.queue_id = self._macro("i") or self.env.queue_id
+
+        def run() -> Verdict:
+            message = Message.from_headers_and_body(self._headers, b"".join(self._body), self.env)
+            result = self.logic.on_message(message)
+            for edit in result.edits:
+                self._apply(edit)
+            return result.verdict
+        return self._guarded("eom", run, ProtocolFlag(0))
+
+    def abort(self) -> int:
+        try:
+            self.logic.on_abort(self.env)
+        finally:
+            self.env.start_transaction()
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        try:
+            self.logic.on_close(self.env)
+        except Exception as exc:
+            log_event("milter_error", level=logging.ERROR, milter=type(self).logic_class.name,
+                      stage="close", error=f"{type(exc).__name__}: {exc}", ip=self.env.client_ip)
+        finally:
+            with MilterAdapter._sessions_lock:
+                MilterAdapter.active_sessions -= 1
+        return Milter.CONTINUE
+
+    def _apply(self, edit: Edit) -> None:
+        if isinstance(edit, AddHeader):
+            self.addheader(edit.name, edit.value, -1 if edit.index is None else edit.index)
+        elif isinstance(edit, ChangeHeader):
+            self.chgheader(edit.name, edit.index, edit.value)
+        elif isinstance(edit, AddRecipient):
+            self.addrcpt(f"<{edit.address}>", edit.params)
+        elif isinstance(edit, DeleteRecipient):
+            self.delrcpt(f"<{edit.address}>")
+        elif isinstance(edit, ReplaceBody):
+            self.replacebody(edit.body)
+        elif isinstance(edit, ChangeFrom):
+            self.chgfrom(f"<{edit.address}>", edit.params)
+        elif isinstance(edit, Quarantine):
+            self.quarantine(edit.reason)
+
+
+def parse_socket_spec(spec: str) -> str:
+    """Check a Postfix-style socket ('inet:127.0.0.1:8891', 'inet6:[::1]:8891', 'unix:/path')
+    and return it in the form libmilter expects ('inet:8891@127.0.0.1', 'local:/path')."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"socket '{spec}' must look like inet:127.0.0.1:8891 or unix:/path")
+    if kind in ("unix", "local"):
+        return f"local:{rest}"
+    if kind in ("inet", "inet6"):
+        host, _, port = rest.rpartition(":")
+        if "@" in rest:  # already in libmilter's port@host form
+            port, _, host = rest.partition("@")
+        host = host.strip("[]")
+        if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            raise ValueError(f"socket '{spec}' needs a host and a port, like inet:127.0.0.1:8891")
+        return f"{kind}:{port}@{host}"
+    raise ValueError(f"socket '{spec}': unknown type '{kind}'; use inet:, inet6: or unix:")
+
+
+def run_milter(logic_class: type[MilterLogic], factory: Callable[[], MilterLogic],
+               socket_spec: str, *, timeout: int = 600, stop: threading.Event | None = None,
+               on_tick: Callable[[], None] | None = None, on_hangup: Callable[[], None] | None = None,
+               tick: float = 1.0, grace: float = 10.0) -> None:
+    """Serve one milter until SIGTERM/SIGINT (or `stop` is set).
+
+    libmilter's main loop runs in a worker thread so that the main thread keeps Python's
+    signal handling: libmilter blocks SIGHUP/SIGTERM/SIGINT in the threads it owns, and a
+    process-directed signal goes to the main thread when that thread does not block it.
+    """
+    import signal
+
+    adapter = type(f"{logic_class.name.title()}Adapter", (MilterAdapter,),
+                   {"logic_class": logic_class, "logic_factory": staticmethod(factory)})
+    Milter.factory = adapter
+    stop = stop or threading.Event()
+    wake = threading.Event()  # set by signal handlers so the loop reacts at once
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            Milter.runmilter(f"mailmoat-{logic_class.name}", parse_socket_spec(socket_spec),
+                             timeout)
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+        finally:
+            stop.set()
+            wake.set()
+
+    hangup = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: (stop.set(), wake.set()))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: (hangup.set(), wake.set()))
+    worker = threading.Thread(target=serve, name="libmilter", daemon=True)
+    worker.start()
+    log_event("milter_started", milter=logic_class.name, listen=socket_spec)
+    try:
+        while not stop.is_set():
+            wake.wait(tick)
+            wake.clear()
+            if hangup.is_set():
+                hangup.clear()
+                if on_hangup is not None:
+                    on_hangup()
+            if on_tick is not None and not stop.is_set():
+                on_tick()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        # smfi_stop() blocks until libmilter's listener wakes from its poll (about 5 s), so
+        # ask for it in the background; we need only wait for open sessions to finish, then
+        # the daemon threads die with the process.
+        threading.Thread(target=Milter.milter.stop, name="libmilter-stop", daemon=True).start()
+        deadline = time.monotonic() + grace
+        while MilterAdapter.active_sessions > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if MilterAdapter.active_sessions > 0:
+            log_event("milter_stop_forced", milter=logic_class.name,
+                      open_sessions=MilterAdapter.active_sessions)
+    if failure:
+        raise failure[0]
+    log_event("milter_stopped", milter=logic_class.name)

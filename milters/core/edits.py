@@ -1,0 +1,57 @@
+"""End-of-message edits a milter asks for, as plain values (applied by the pymilter adapter
+behind Postfix/Sendmail, or by our own MTA's milter client)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .verdict import Verdict
+
+
+@dataclass(frozen=True)
+class AddHeader:
+    name: str
+    value: str
+    index: int | None = None  # None appends; 0 inserts at the very top (insheader)
+
+
+@dataclass(frozen=True)
+class ChangeHeader:
+    name: str
+    index: int  # 1 = the first header of that name, as in Postfix and libmilter
+    value: str  # an empty value deletes the header
+
+
+@dataclass(frozen=True)
+class AddRecipient:
+    address: str
+    params: str | None = None
+
+
+@dataclass(frozen=True)
+class DeleteRecipient:
+    address: str
+
+
+@dataclass(frozen=True)
+class ReplaceBody:
+    body: bytes
+
+
+@dataclass(frozen=True)
+class ChangeFrom:
+    address: str
+    params: str | None = None
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    reason: str
+
+
+Edit = AddHeader | ChangeHeader | AddRecipient | DeleteRecipient | ReplaceBody | ChangeFrom | Quarantine
+
+
+@dataclass
+class EomResult:
+    verdict: Verdict
+    edits: list[Edit] = field(default_factory=list)

@@ -1,0 +1,114 @@
+"""The message model every milter works on: raw bytes, the parsed MIME tree and the envelope.
+
+The raw bytes are kept because signatures (DKIM) and faithful re-injection need them
+exactly as received; the parsed tree (stdlib `email`, policy=default) is built lazily
+because rate limiting and most envelope checks never look at the body.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from email import policy as email_policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from typing import Any
+
+
+@dataclass
+class Recipient:
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+    # True when the MTA already rejected this recipient and only tells us (SMFIP_RCPT_REJ).
+    rejected_by_mta: bool = False
+
+
+@dataclass
+class Envelope:
+    """What the MTA told us about the SMTP session and transaction."""
+
+    client_ip: str | None = None
+    client_name: str | None = None
+    helo: str | None = None
+    mail_from: str | None = None
+    mail_params: dict[str, str | None] = field(default_factory=dict)
+    recipients: list[Recipient] = field(default_factory=list)
+    auth_user: str | None = None
+    queue_id: str | None = None
+    macros: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def client_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The client IP as an address object; None for unix-socket or unparseable clients."""
+        if not self.client_ip:
+            return None
+        try:
+            address = ipaddress.ip_address(self.client_ip.split("%", 1)[0])
+        except ValueError:
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            return address.ipv4_mapped
+        return address
+
+    @property
+    def sender_domain(self) -> str | None:
+        return domain_of(self.mail_from)
+
+    def accepted_recipients(self) -> list[Recipient]:
+        return [r for r in self.recipients if not r.rejected_by_mta]
+
+    def start_transaction(self) -> None:
+        """Forget the previous transaction's envelope (RSET or a second MAIL FROM)."""
+        self.mail_from = None
+        self.mail_params = {}
+        self.recipients = []
+        self.queue_id = None
+
+
+def strip_brackets(address: str) -> str:
+    """'<user@example.jp>' -> 'user@example.jp'; the null sender '<>' -> ''."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address
+
+
+def domain_of(address: str | None) -> str | None:
+    if not address or "@" not in address:
+        return None
+    return address.rsplit("@", 1)[1].rstrip(".").lower() or None
+
+
+@dataclass
+class Message:
+    """One message as a milter sees it at end of data."""
+
+    raw: bytes
+    envelope: Envelope = field(default_factory=Envelope)
+    # Results from earlier milters (e.g. the auth milter's verdicts), keyed by milter name.
+    results: dict[str, Any] = field(default_factory=dict)
+    _parsed: EmailMessage | None = field(default=None, repr=False)
+
+    @property
+    def email(self) -> EmailMessage:
+        if self._parsed is None:
+            parsed = BytesParser(policy=email_policy.default).parsebytes(self.raw)
+            assert isinstance(parsed, EmailMessage)
+            self._parsed = parsed
+        return self._parsed
+
+    @property
+    def subject(self) -> str:
+        """The decoded Subject (RFC 2047 words decoded), or '' when there is none or it is broken."""
+        try:
+            value = self.email.get("Subject")
+        except (ValueError, IndexError, TypeError):
+            return ""
+        return str(value) if value is not None else ""
+
+    @classmethod
+    def from_headers_and_body(cls, headers: list[tuple[str, str]], body: bytes,
+                              envelope: Envelope | None = None) -> "Message":
+        """Rebuild the raw message from milter header callbacks (CRLF line ends, as on the wire)."""
+        head = b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+                        for name, value in headers)
+        return cls(raw=head + b"\r\n" + body, envelope=envelope or Envelope())

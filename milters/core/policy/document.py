@@ -1,0 +1,211 @@
+"""The policy document: top-level layout, the sections each milter contributes, and loading.
+
+Core knows no milter by name. Each milter describes its part of the policy as a
+PolicyExtension (its settings section, the action its rules may set, the expectations its
+`tests:` may state and how to run them); the command line passes the extensions in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError
+from ..message import Envelope
+from .matching import NetworkPattern, normalize_domain, parse_network_pattern
+from .rules import Conditions, Decision, Facts, Rule, decide
+from .schema import (INVALID, Address, Bool, Field, ListOf, Network, Number, Spec, Str, Struct)
+from .yamlnodes import MappingNode, Node, Problems, compose_file, compose_text
+
+LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
+
+
+@dataclass(frozen=True)
+class TestMessage:
+    client_ip: str = "192.0.2.1"
+    client_name: str = "unknown"
+    helo: str = "client.example"
+    mail_from: str = ""
+    rcpt: tuple[str, ...] = ()
+    auth_user: str | None = None
+    subject: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyTest:
+    name: str
+    message: TestMessage
+    repeat: int
+    expect: dict[str, Any]
+    line: int
+
+
+@dataclass
+class Policy:
+    source: str
+    internal_networks: tuple[NetworkPattern, ...]
+    internal_domains: tuple[str, ...]
+    sections: dict[str, Any]
+    rules: list[Rule]
+    defaults: dict[str, Any]
+    tests: list[PolicyTest] = field(default_factory=list)
+
+    def decide(self, milter: str, facts: Facts) -> Decision:
+        return decide(self.rules, self.defaults, milter, facts)
+
+
+@dataclass(frozen=True)
+class PolicyExtension:
+    """What one milter adds to the policy language."""
+
+    name: str
+    settings: Struct
+    action: Spec
+    default_action: Any
+    expect: Spec
+    # Runs one `tests:` case; returns the list of failed expectations ('' when none).
+    run_test: Callable[[Policy, PolicyTest, Any], list[str]]
+    # Conditions a rule setting this milter's action may not use, and why (shown as the fix).
+    unusable_conditions: tuple[str, ...] = ()
+    unusable_reason: str = ""
+    # Lines for `mailmoat policy explain`: what this milter would do with such a message.
+    explain: Callable[[Policy, Envelope], list[str]] | None = None
+
+
+class _Domain(Str):
+    expected = "a domain like example.jp"
+
+    def parse(self, text: str) -> str:
+        domain = normalize_domain(text.lstrip("@"))
+        if not domain or " " in domain or "@" in domain:
+            raise ValueError("expected a domain like example.jp")
+        return domain
+
+
+def _conditions_spec() -> Struct:
+    return Struct({
+        "direction": Field(Str(("inbound", "outbound")), None),
+        "client_ip": Field(ListOf(Network(), min_items=1), None),
+        "sender": Field(ListOf(Address(), min_items=1), None),
+        "recipient": Field(ListOf(Address(), min_items=1), None),
+        "authenticated": Field(Bool(), None),
+    }, build=lambda **kw: Conditions(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in kw.items()}),
+        expected="a mapping of conditions (direction, client_ip, sender, recipient, authenticated)")
+
+
+def _build_spec(extensions: list[PolicyExtension]) -> Struct:
+    actions = Struct({ext.name: Field(ext.action, None) for ext in extensions},
+                     build=lambda **kw: {k: v for k, v in kw.items() if v is not None},
+                     expected="a mapping of milter actions")
+    rule = Struct({
+        "name": Field(Str(max_len=100)),
+        "when": Field(_conditions_spec(), factory=Conditions),
+        "then": Field(actions),
+    }, build=Rule, pass_line=True)
+    message = Struct({
+        "client_ip": Field(Str(), "192.0.2.1"),
+        "client_name": Field(Str(), "unknown"),
+        "helo": Field(Str(), "client.example"),
+        "mail_from": Field(Str(), ""),
+        "rcpt": Field(ListOf(Str(), min_items=1)),
+        "auth_user": Field(Str(), None),
+        "subject": Field(Str(), ""),
+    }, build=lambda **kw: TestMessage(**{**kw, "rcpt": tuple(kw["rcpt"])}))
+    expect = Struct({ext.name: Field(ext.expect, None) for ext in extensions},
+                    build=lambda **kw: {k: v for k, v in kw.items() if v is not None})
+    test = Struct({
+        "name": Field(Str(max_len=200)),
+        "message": Field(message),
+        "repeat": Field(Number(1, 10000, integer=True), 1),
+        "expect": Field(expect),
+    }, build=PolicyTest, pass_line=True)
+    defaults = Struct({ext.name: Field(ext.action, ext.default_action) for ext in extensions})
+    fields = {
+        "policy_version": Field(Number(1, 1, integer=True), 1),
+        "internal_networks": Field(ListOf(Network()), factory=lambda: list(LOOPBACK)),
+        "internal_domains": Field(ListOf(_Domain()), factory=list),
+        "defaults": Field(defaults, factory=lambda: {e.name: e.default_action for e in extensions}),
+        "rules": Field(ListOf(rule), factory=list),
+        "tests": Field(ListOf(test), factory=list),
+    }
+    for ext in extensions:
+        fields[ext.name] = Field(ext.settings, None)
+    return Struct(fields, expected="a policy mapping")
+
+
+def _semantic_checks(policy: Policy, root: Node | None, extensions: list[PolicyExtension],
+                     problems: Problems) -> None:
+    """Checks across keys that a per-value schema cannot see."""
+    rule_nodes = _list_nodes(root, "rules")
+    seen: dict[str, int] = {}
+    for index, rule in enumerate(policy.rules):
+        node = rule_nodes[index] if index < len(rule_nodes) else None
+        if rule.name in seen:
+            problems.add(node, f"rules[{index}].name",
+                         f"duplicate rule name; rule {seen[rule.name]} already uses it", rule.name)
+        seen.setdefault(rule.name, index)
+        if not rule.then:
+            problems.add(node, f"rules[{index}].then", "the rule sets no action, so it can never "
+                         "decide anything; add an action or delete the rule")
+        for ext in extensions:
+            if ext.name not in rule.then:
+                continue
+            for condition in ext.unusable_conditions:
+                if getattr(rule.when, condition) is not None:
+                    problems.add(node, f"rules[{index}].when.{condition}",
+                                 f"a rule that sets {ext.name} cannot use '{condition}': "
+                                 f"{ext.unusable_reason}")
+    test_nodes = _list_nodes(root, "tests")
+    for index, test in enumerate(policy.tests):
+        node = test_nodes[index] if index < len(test_nodes) else None
+        if not test.expect:
+            problems.add(node, f"tests[{index}].expect", "states no expectation, so it cannot fail")
+        for name, expectation in test.expect.items():
+            rule_name = getattr(expectation, "rule", None)
+            if rule_name and rule_name != "(defaults)" and rule_name not in seen:
+                problems.add(node, f"tests[{index}].expect.{name}.rule",
+                             "no rule has this name", rule_name)
+
+
+def _list_nodes(root: Node | None, key: str) -> list[Node]:
+    if isinstance(root, MappingNode):
+        for key_node, value_node in root.value:
+            if key_node.value == key and hasattr(value_node, "value") \
+                    and isinstance(value_node.value, list):
+                return list(value_node.value)
+    return []
+
+
+def parse_policy(root: Node | None, source: str, extensions: list[PolicyExtension]) -> Policy:
+    problems = Problems(source)
+    spec = _build_spec(extensions)
+    values = spec.read(root, "", problems)
+    problems.raise_if_any()
+    sections = {}
+    for ext in extensions:
+        section = values[ext.name]
+        sections[ext.name] = section if section is not None else ext.settings.read(None, ext.name,
+                                                                                    problems)
+    problems.raise_if_any()
+    policy = Policy(source=source, internal_networks=tuple(values["internal_networks"]),
+                    internal_domains=tuple(values["internal_domains"]), sections=sections,
+                    rules=values["rules"], defaults=values["defaults"], tests=values["tests"])
+    _semantic_checks(policy, root, extensions, problems)
+    problems.raise_if_any()
+    return policy
+
+
+def load_policy(path: str | Path, extensions: list[PolicyExtension]) -> Policy:
+    """Load and validate a policy file; raises ConfigError listing every problem."""
+    path = Path(path)
+    return parse_policy(compose_file(path), str(path), extensions)
+
+
+def load_policy_text(text: str, extensions: list[PolicyExtension],
+                     source: str = "<policy>") -> Policy:
+    return parse_policy(compose_text(text, source), source, extensions)
+
+
+__all__ = ["ConfigError", "Policy", "PolicyExtension", "PolicyTest", "TestMessage",
+           "load_policy", "load_policy_text", "parse_policy"]

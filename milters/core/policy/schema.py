@@ -1,0 +1,289 @@
+"""A small schema language that reports every problem with its position and the fix.
+
+Each Spec reads one YAML node and returns the checked Python value, or INVALID after
+recording a problem. A Struct rejects unknown keys (a typo must never switch a
+protection off) and suggests the key that was probably meant.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..verdict import SmtpReply
+from .matching import AddressPattern, parse_address_pattern, parse_network_pattern
+from .yamlnodes import MappingNode, Node, Problems, ScalarNode, SequenceNode
+
+INVALID: Any = type("Invalid", (), {"__repr__": lambda self: "INVALID"})()
+_NULLS = {"", "~", "null", "Null", "NULL"}
+_TRUE = {"true", "yes", "on"}
+_FALSE = {"false", "no", "off"}
+
+
+class Spec:
+    """Reads and checks one node."""
+
+    expected = "a value"
+
+    def read(self, node: Node, path: str, problems: Problems) -> Any:
+        raise NotImplementedError  # every concrete spec overrides read()
+
+
+class Scalar(Spec):
+    """A single value; subclasses turn its raw text into a Python value or raise ValueError."""
+
+    def read(self, node: Node, path: str, problems: Problems) -> Any:
+        if not isinstance(node, ScalarNode):
+            problems.add(node, path, f"expected {self.expected}", node)
+            return INVALID
+        if node.style is None and node.value in _NULLS:
+            problems.add(node, path, f"a value is required here: {self.expected}", node)
+            return INVALID
+        try:
+            return self.parse(node.value)
+        except ValueError as exc:
+            problems.add(node, path, str(exc) or f"expected {self.expected}", node)
+            return INVALID
+
+    def parse(self, text: str) -> Any:
+        return text
+
+
+class Str(Scalar):
+    def __init__(self, choices: tuple[str, ...] | None = None, max_len: int = 1000) -> None:
+        self.choices = choices
+        self.max_len = max_len
+        self.expected = f"one of {', '.join(choices)}" if choices else "a text"
+
+    def parse(self, text: str) -> str:
+        if self.choices is not None and text not in self.choices:
+            near = difflib.get_close_matches(text, self.choices, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ValueError(f"must be one of {', '.join(self.choices)}{hint}")
+        if len(text) > self.max_len:
+            raise ValueError(f"longer than {self.max_len} characters")
+        return text
+
+
+class Bool(Scalar):
+    expected = "true or false"
+
+    def parse(self, text: str) -> bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError("expected true or false")
+
+
+class Number(Scalar):
+    def __init__(self, minimum: float | None = None, maximum: float | None = None,
+                 integer: bool = False) -> None:
+        self.minimum, self.maximum, self.integer = minimum, maximum, integer
+        self.expected = "a whole number" if integer else "a number"
+
+    def parse(self, text: str) -> float | int:
+        try:
+            value: float | int = int(text) if self.integer else float(text)
+        except ValueError:
+            raise ValueError(f"expected {self.expected}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected {self.expected}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {self.maximum:g}")
+        return value
+
+
+_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
+          "hour": 3600, "d": 86400, "day": 86400, "w": 604800, "week": 604800}
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*?)s?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '5m', '1h', '2d', '1w' or plain seconds -> seconds."""
+    match = _DURATION_RE.match(text.lower())
+    if not match or (match.group(2) and match.group(2) not in _UNITS):
+        raise ValueError("expected a duration like 30s, 5m, 1h or 2d")
+    number, unit = match.groups()
+    return float(number) * _UNITS.get(unit or "s", 1)
+
+
+class Duration(Scalar):
+    expected = "a duration like 30s, 5m, 1h or 2d"
+
+    def __init__(self, minimum: float = 0.0) -> None:
+        self.minimum = minimum
+
+    def parse(self, text: str) -> float:
+        seconds = parse_duration(text)
+        if seconds < self.minimum:
+            raise ValueError(f"must be at least {self.minimum:g} seconds")
+        return seconds
+
+
+class Rate(Scalar):
+    """'60/min', '1000/hour', '5/s', '20000/day' -> events per second."""
+
+    expected = "a rate like 60/min, 1000/hour or 5/s"
+
+    def parse(self, text: str) -> float:
+        count, sep, per = text.partition("/")
+        if not sep:
+            raise ValueError(f"expected {self.expected}")
+        try:
+            amount = float(count)
+            period = parse_duration(per if per.strip()[0:1].isdigit() else "1" + per.strip())
+        except (ValueError, IndexError):
+            raise ValueError(f"expected {self.expected}") from None
+        if amount <= 0 or period <= 0:
+            raise ValueError("a rate must be above zero; to stop limiting, exempt the sender")
+        return amount / period
+
+
+class Network(Scalar):
+    """An IP network in CIDR form, optionally negated with '!'."""
+
+    expected = "an IP address or CIDR network like 192.0.2.0/24"
+
+    def parse(self, text: str) -> Any:
+        return parse_network_pattern(text)
+
+
+class Address(Scalar):
+    """A SaMMA-style address pattern: user@example.jp, @example.jp, !@bad.example.jp, *."""
+
+    expected = "an address pattern like user@example.jp, @example.jp or !@example.jp"
+
+    def parse(self, text: str) -> AddressPattern:
+        return parse_address_pattern(text)
+
+
+class Reply(Scalar):
+    """An SMTP reply of a given class: '451 4.7.1 text'."""
+
+    def __init__(self, classes: str = "45") -> None:
+        self.classes = classes
+        kinds = {"4": "temporary (4xx)", "5": "permanent (5xx)"}
+        self.expected = "an SMTP reply like " + (
+            "'451 4.7.1 Try again later'" if "4" in classes else "'550 5.7.1 Rejected'")
+        self.kind = " or ".join(kinds[c] for c in classes)
+
+    def parse(self, text: str) -> SmtpReply:
+        try:
+            reply = SmtpReply.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{exc}") from None
+        if str(reply.code)[0] not in self.classes:
+            raise ValueError(f"this reply must be {self.kind}")
+        if "%" in reply.text:
+            # libmilter silently drops a reply whose text has an undoubled '%'.
+            raise ValueError("'%' is not allowed in reply text (libmilter drops such replies)")
+        return reply
+
+
+class ListOf(Spec):
+    def __init__(self, item: Spec, min_items: int = 0, single_ok: bool = True,
+                 check: Callable[[list[Any]], Any] | None = None) -> None:
+        self.item, self.min_items, self.single_ok = item, min_items, single_ok
+        self.check = check  # validates across items; raises ValueError with the fix
+        self.expected = f"a list of {item.expected}"
+
+    def read(self, node: Node, path: str, problems: Problems) -> Any:
+        if isinstance(node, ScalarNode) and self.single_ok and not (
+                node.style is None and node.value in _NULLS):
+            items = [node]  # `allowlist: 192.0.2.0/24` means a list of one
+        elif isinstance(node, ScalarNode) and node.style is None and node.value in _NULLS:
+            items = []
+        elif isinstance(node, SequenceNode):
+            items = node.value
+        else:
+            problems.add(node, path, f"expected {self.expected}", node)
+            return INVALID
+        values = [self.item.read(item, f"{path}[{i}]", problems) for i, item in enumerate(items)]
+        if len(values) < self.min_items:
+            problems.add(node, path, f"needs at least {self.min_items} item(s)")
+            return INVALID
+        if any(v is INVALID for v in values):
+            return INVALID
+        if self.check is not None:
+            try:
+                return self.check(values)
+            except ValueError as exc:
+                problems.add(node, path, str(exc))
+                return INVALID
+        return values
+
+
+REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
+
+
+@dataclass(frozen=True)
+class Field:
+    spec: Spec
+    default: Any = REQUIRED
+    # A callable default builds a fresh value each time (lists, nested structs).
+    factory: Callable[[], Any] | None = None
+
+
+class Struct(Spec):
+    """A mapping with known keys; builds `build(**values)` when every key checks out."""
+
+    def __init__(self, fields: dict[str, Field], build: Callable[..., Any] = dict,
+                 expected: str = "a mapping of settings", pass_line: bool = False) -> None:
+        self.fields, self.build, self.expected = fields, build, expected
+        self.pass_line = pass_line  # give build() the mapping's line, for messages that cite it
+
+    def read(self, node: Node | None, path: str, problems: Problems) -> Any:
+        if node is None or (isinstance(node, ScalarNode) and node.style is None
+                            and node.value in _NULLS):
+            pairs: list[tuple[Node, Node]] = []
+        elif isinstance(node, MappingNode):
+            pairs = node.value
+        else:
+            problems.add(node, path, f"expected {self.expected}", node)
+            return INVALID
+        values: dict[str, Any] = {}
+        for key_node, value_node in pairs:
+            key = str(key_node.value)
+            child = f"{path}.{key}" if path else key
+            field_spec = self.fields.get(key)
+            if field_spec is None:
+                problems.add(key_node, child, self._unknown_key_hint(key), key)
+                values["\0invalid"] = INVALID
+                continue
+            values[key] = field_spec.spec.read(value_node, child, problems)
+        for key, field_spec in self.fields.items():
+            if key in values:
+                continue
+            if field_spec.factory is not None:
+                values[key] = field_spec.factory()
+            elif field_spec.default is REQUIRED:
+                problems.add(node, path, f"missing required key '{key}' ({field_spec.spec.expected})")
+                values[key] = INVALID
+            else:
+                values[key] = field_spec.default
+        if any(v is INVALID for v in values.values()):
+            return INVALID
+        if self.pass_line:
+            values["line"] = node.start_mark.line + 1 if node is not None else 0
+        try:
+            return self.build(**values)
+        except ValueError as exc:  # a check across keys of this mapping failed
+            problems.add(node, path, str(exc))
+            return INVALID
+
+    def _unknown_key_hint(self, key: str) -> str:
+        near = difflib.get_close_matches(key, list(self.fields), n=1, cutoff=0.6)
+        if near:
+            return f"unknown key; did you mean '{near[0]}'?"
+        return f"unknown key; allowed here: {', '.join(self.fields)}"
+
+
+def network_contains(networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+                     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+    return address is not None and any(address in net for net in networks
+                                       if net.version == address.version)

@@ -1,0 +1,92 @@
+"""Shared state for rate limiting: one interface, three backends.
+
+    store = open_store("sqlite:///./var/state.db")
+    result = store.bucket_take("ip:192.0.2.1", cost=1, rate=0.5, capacity=20, now=time.time())
+
+See base.Store for the semantics; FallbackStore serves from a local store
+while Redis is unreachable.
+"""
+from __future__ import annotations
+
+import os
+from urllib.parse import unquote, urlsplit
+
+from milters.core.errors import StoreError, StoreUnavailable
+
+from .base import POINTS_EPSILON, BucketResult, Record, Store
+from .fallback import FallbackStore
+from .memory import MemoryStore
+from .redis_store import RedisStore
+from .sqlite import SqliteStore
+
+__all__ = [
+    "POINTS_EPSILON",
+    "BucketResult",
+    "FallbackStore",
+    "MemoryStore",
+    "Record",
+    "RedisStore",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "open_store",
+]
+
+PASSWORD_ENV = "MAILMOAT_REDIS_PASSWORD"
+
+ACCEPTED_FORMS = (
+    "memory://",
+    "sqlite:///relative/path.db",
+    "sqlite:////absolute/path.db",
+    "redis://[[user]:password@]host[:port][/db]",
+    "rediss://[[user]:password@]host[:port][/db]",
+)
+
+
+def open_store(url: str, *, timeout: float = 2.0) -> Store:
+    """Open the store a config's `store:` URL names (no connection is made yet).
+
+    A Redis password may come from $MAILMOAT_REDIS_PASSWORD instead of the URL.
+    """
+    if url == "memory://":
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        # Three slashes then the path: "./x.db" relative, "/x.db" absolute.
+        return SqliteStore(url[len("sqlite:///") :], timeout=timeout)
+    if url.startswith(("redis://", "rediss://")):
+        return _open_redis(url, timeout)
+    raise StoreError(
+        f"unknown store URL {_redact(url)!r}; accepted forms: " + ", ".join(ACCEPTED_FORMS)
+    )
+
+
+def _open_redis(url: str, timeout: float) -> Store:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 6379
+        path = parts.path.strip("/")
+        db = int(path) if path else 0
+    except ValueError as exc:
+        raise StoreError(f"bad Redis URL {_redact(url)}: {exc}") from exc
+    if not parts.hostname:
+        raise StoreError(f"bad Redis URL {_redact(url)}: no host")
+    password = unquote(parts.password) if parts.password else os.environ.get(PASSWORD_ENV)
+    return RedisStore(
+        host=parts.hostname,
+        port=port,
+        db=db,
+        username=unquote(parts.username) if parts.username else None,
+        password=password or None,
+        ssl=parts.scheme == "rediss",
+        timeout=timeout,
+    )
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, fit for an error message or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()

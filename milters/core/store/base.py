@@ -1,0 +1,203 @@
+"""The Store interface and the decay math every Python backend shares.
+
+Two kinds of record live in a store, both as (value, updated, expires):
+
+- a leaky bucket: the level drains linearly at `rate` units per second;
+- a points score: the value halves every `half_life` seconds.
+
+The caller always passes `now`, so tests drive a controlled clock and
+several gateways sharing one Redis agree on what "now" means per call.
+The Redis backend repeats these formulas in Lua; the contract tests prove
+that both give the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+# A points value below this counts as zero, so decayed scores can be forgotten.
+POINTS_EPSILON = 0.01
+
+
+@dataclass(frozen=True)
+class BucketResult:
+    """The outcome of one `Store.bucket_take`."""
+
+    allowed: bool  # True if the cost fitted and was added
+    level: float  # level after this call (drained, plus cost if allowed)
+    capacity: float
+    retry_after: float  # seconds until `cost` would fit (0.0 when allowed)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored record, as `mailmoat ratelimit show` lists it."""
+
+    key: str
+    value: float  # stored value as of `updated` (not decayed)
+    updated: float  # unix time of the last write
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a backend must do after `decide_bucket` / `decide_points`.
+
+    `write` False means leave the record as it is (a denial, a peek or a
+    points read), so those calls stay read-only. `delete` means the record
+    is worth nothing any more. `expires` None means the record never expires.
+    """
+
+    write: bool
+    value: float
+    updated: float
+    expires: float | None
+    delete: bool = False
+
+
+def check_bucket_args(cost: float, rate: float, capacity: float) -> None:
+    """Reject arguments that would make the math meaningless."""
+    if not (cost >= 0 and rate >= 0 and capacity >= 0):
+        raise ValueError(f"bucket needs cost, rate, capacity >= 0 (got {cost}, {rate}, {capacity})")
+
+
+def check_points_args(half_life: float) -> None:
+    if not half_life > 0:
+        raise ValueError(f"points need half_life > 0 (got {half_life})")
+
+
+def drained_level(level: float, updated: float, rate: float, now: float) -> float:
+    """The bucket level at `now`. A clock behind `updated` drains nothing."""
+    elapsed = max(0.0, now - updated)
+    return max(0.0, level - rate * elapsed)
+
+
+def bucket_expiry(level: float, rate: float, at: float) -> float | None:
+    """When a bucket written at `at` has drained to zero (None: never)."""
+    if rate <= 0:
+        return None if level > 0 else at
+    return at + level / rate
+
+
+def retry_after(drained: float, cost: float, capacity: float, rate: float) -> float:
+    """Seconds until `cost` fits into a bucket at level `drained`."""
+    excess = drained + cost - capacity
+    if excess <= 0:
+        return 0.0
+    if rate <= 0 or cost > capacity:
+        return math.inf  # it will never fit
+    return excess / rate
+
+
+def decide_bucket(
+    stored: tuple[float, float] | None,
+    *,
+    cost: float,
+    rate: float,
+    capacity: float,
+    now: float,
+) -> tuple[BucketResult, Update]:
+    """Leaky-bucket step for a record `stored` = (level, updated) or None."""
+    cost, rate, capacity, now = float(cost), float(rate), float(capacity), float(now)
+    level, updated = stored if stored is not None else (0.0, now)
+    drained = drained_level(level, updated, rate, now)
+    # Never move `updated` backwards: a gateway whose clock lags must not
+    # let the next caller drain the same interval twice.
+    stamp = max(now, updated)
+    if drained + cost <= capacity:
+        new = drained + cost
+        result = BucketResult(True, new, capacity, 0.0)
+        if cost > 0:
+            return result, Update(True, new, stamp, bucket_expiry(new, rate, stamp))
+        return result, Update(False, new, stamp, None)
+    result = BucketResult(False, drained, capacity, retry_after(drained, cost, capacity, rate))
+    return result, Update(False, drained, stamp, None)
+
+
+def decayed_points(value: float, updated: float, half_life: float, now: float) -> float:
+    """A points value at `now`; below POINTS_EPSILON it is zero."""
+    elapsed = max(0.0, now - updated)
+    decayed = value * 0.5 ** (elapsed / half_life)
+    return decayed if decayed >= POINTS_EPSILON else 0.0
+
+
+def points_expiry(value: float, half_life: float, at: float) -> float:
+    """When a value written at `at` decays below POINTS_EPSILON."""
+    if value < POINTS_EPSILON:
+        return at
+    return at + half_life * math.log2(value / POINTS_EPSILON)
+
+
+def decide_points(
+    stored: tuple[float, float] | None,
+    amount: float,
+    *,
+    half_life: float,
+    now: float,
+) -> tuple[float, Update]:
+    """Decaying-score step for a record `stored` = (value, updated) or None."""
+    amount, half_life, now = float(amount), float(half_life), float(now)
+    value, updated = stored if stored is not None else (0.0, now)
+    elapsed = max(0.0, now - updated)
+    new = value * 0.5 ** (elapsed / half_life) + amount
+    if new < POINTS_EPSILON:
+        new = 0.0
+    if amount == 0:
+        return new, Update(False, new, updated, None)
+    stamp = max(now, updated)
+    if new == 0.0:
+        return new, Update(False, 0.0, stamp, None, delete=stored is not None)
+    return new, Update(True, new, stamp, points_expiry(new, half_life, stamp))
+
+
+def is_live(expires: float | None, now: float) -> bool:
+    return expires is None or expires > now
+
+
+class Store(ABC):
+    """Shared state for rate limiting: atomic per key in every backend."""
+
+    @abstractmethod
+    def bucket_take(
+        self, key: str, *, cost: float, rate: float, capacity: float, now: float
+    ) -> BucketResult:
+        """Add `cost` to the leaky bucket `key` if it fits after draining.
+
+        The stored level drains linearly at `rate` per second since the
+        record's last write. A denied take leaves the record unchanged and
+        reports the drained level and how long until `cost` would fit;
+        cost 0 is a peek. The record expires once drained to zero.
+        """
+
+    @abstractmethod
+    def points_add(self, key: str, amount: float, *, half_life: float, now: float) -> float:
+        """Decay the score `key` to `now`, add `amount`, store, return it.
+
+        amount 0 only reads. A result below POINTS_EPSILON counts as 0 and
+        the record goes away.
+        """
+
+    @abstractmethod
+    def records(self, prefix: str, *, now: float | None = None) -> list[Record]:
+        """Every live record whose key starts with `prefix`, sorted by key.
+
+        Liveness is judged at `now` (default: the wall clock).
+        """
+
+    @abstractmethod
+    def delete(self, prefix: str) -> int:
+        """Delete every record whose key starts with `prefix`; return how many."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StoreUnavailable if the store cannot be reached."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,220 @@
+"""Redis store: several gateways share one Redis.
+
+Every operation is one Lua script, so it is atomic across gateways. A record
+is a hash {v: value, u: updated, e: expires} under `namespace + key`, with a
+PEXPIRE so Redis forgets it once it is worth nothing. The scripts repeat the
+formulas of base.py; numbers travel as "%.17g" strings because Redis turns a
+Lua number reply into an integer.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    RedisError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from milters.core.errors import StoreError, StoreUnavailable
+
+from .base import (
+    POINTS_EPSILON,
+    BucketResult,
+    Record,
+    Store,
+    check_bucket_args,
+    check_points_args,
+    retry_after,
+)
+
+T = TypeVar("T")
+
+# Shared by both scripts: read the hash, store a value with its expiry.
+_LUA_COMMON = """
+local function fmt(x) return string.format('%.17g', x) end
+local function load(now)
+  local f = redis.call('HMGET', KEYS[1], 'v', 'u')
+  local v = tonumber(f[1])
+  if v == nil then return 0, now end
+  return v, tonumber(f[2])
+end
+local function store(v, u, ttl)
+  redis.call('HSET', KEYS[1], 'v', fmt(v), 'u', fmt(u), 'e', ttl and fmt(u + ttl) or '')
+  if ttl then
+    redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil(ttl * 1000)))
+  else
+    redis.call('PERSIST', KEYS[1])
+  end
+end
+"""
+
+# ARGV: cost, rate, capacity, now. Returns {allowed 0/1, level}.
+_LUA_BUCKET = _LUA_COMMON + """
+local cost, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local cap, now = tonumber(ARGV[3]), tonumber(ARGV[4])
+local level, updated = load(now)
+local drained = level - rate * math.max(0, now - updated)
+if drained < 0 then drained = 0 end
+if drained + cost > cap then return {0, fmt(drained)} end
+local new = drained + cost
+if cost > 0 then
+  local ttl = nil
+  if rate > 0 then ttl = new / rate end
+  store(new, math.max(now, updated), ttl)
+end
+return {1, fmt(new)}
+"""
+
+# ARGV: amount, half_life, now, epsilon. Returns the new value.
+_LUA_POINTS = _LUA_COMMON + """
+local amount, half = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, eps = tonumber(ARGV[3]), tonumber(ARGV[4])
+local value, updated = load(now)
+local new = value * math.pow(0.5, math.max(0, now - updated) / half) + amount
+if new < eps then new = 0 end
+if amount == 0 then return fmt(new) end
+if new == 0 then
+  redis.call('DEL', KEYS[1])
+  return '0'
+end
+store(new, math.max(now, updated), half * math.log(new / eps) / math.log(2))
+return fmt(new)
+"""
+
+_SCAN_BATCH = 500
+
+
+def _glob_escape(text: str) -> str:
+    """Make `text` match itself literally in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisStore(Store):
+    """Talks to one Redis.
+
+    A timed-out script may have run, so only a broken connection is retried,
+    once: counting one take twice is harmless, waiting out ten timeouts is not.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        ssl: bool = False,
+        timeout: float = 2.0,
+        namespace: str = "mailmoat:",
+    ) -> None:
+        self.where = f"{host}:{port}"
+        self.namespace = namespace
+        self._client = redis.Redis(
+            host=host,
+            port=port,
+            db=db,
+            username=username,
+            password=password,
+            ssl=ssl,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # redis-py's default retries ten times with backoff, which would
+            # multiply the timeout of a dead Redis; one immediate retry on a
+            # connection error still replaces a connection Redis dropped.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            decode_responses=True,
+        )
+        self._bucket = self._client.register_script(_LUA_BUCKET)
+        self._points = self._client.register_script(_LUA_POINTS)
+
+    # -- Store --------------------------------------------------------------
+
+    def bucket_take(
+        self, key: str, *, cost: float, rate: float, capacity: float, now: float
+    ) -> BucketResult:
+        check_bucket_args(cost, rate, capacity)
+        args = [repr(float(x)) for x in (cost, rate, capacity, now)]
+        allowed, level = self._call(lambda: self._bucket(keys=[self.namespace + key], args=args))
+        level, capacity = float(level), float(capacity)
+        if allowed:
+            return BucketResult(True, level, capacity, 0.0)
+        return BucketResult(False, level, capacity, retry_after(level, cost, capacity, rate))
+
+    def points_add(self, key: str, amount: float, *, half_life: float, now: float) -> float:
+        check_points_args(half_life)
+        args = [repr(float(x)) for x in (amount, half_life, now, POINTS_EPSILON)]
+        return float(self._call(lambda: self._points(keys=[self.namespace + key], args=args)))
+
+    def records(self, prefix: str, *, now: float | None = None) -> list[Record]:
+        at = time.time() if now is None else now
+        keys = self._keys(prefix)
+        if not keys:
+            return []
+
+        def fetch() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, "v", "u", "e")
+            return pipe.execute()
+
+        found = []
+        cut = len(self.namespace)
+        for key, (v, u, e) in zip(keys, self._call(fetch)):
+            if v is None:
+                continue  # expired or deleted since the scan
+            if e and float(e) <= at:
+                continue
+            found.append(Record(key[cut:], float(v), float(u)))
+        return sorted(found, key=lambda r: r.key)
+
+    def delete(self, prefix: str) -> int:
+        keys = self._keys(prefix)
+        removed = 0
+        for start in range(0, len(keys), _SCAN_BATCH):
+            batch = keys[start : start + _SCAN_BATCH]
+            removed += int(self._call(lambda: self._client.unlink(*batch)))
+        return removed
+
+    def ping(self) -> None:
+        self._call(self._client.ping)
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except (RedisError, OSError):
+            pass  # closing is best effort
+
+    # -- internals ------------------------------------------------------------
+
+    def _keys(self, prefix: str) -> list[str]:
+        pattern = _glob_escape(self.namespace + prefix) + "*"
+        return self._call(
+            lambda: sorted(set(self._client.scan_iter(match=pattern, count=_SCAN_BATCH)))
+        )
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        with self._translate():
+            return fn()
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        """Turn redis-py and socket errors into the mailmoat ones."""
+        try:
+            yield
+        except (AuthenticationError, AuthorizationError) as exc:
+            # Retrying or falling back would hide a configuration error.
+            raise StoreError(f"redis {self.where}: {exc}") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis {self.where} unreachable: {exc}") from exc
+        except RedisError as exc:
+            raise StoreError(f"redis {self.where}: {exc}") from exc

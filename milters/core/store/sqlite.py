@@ -1,0 +1,264 @@
+"""SQLite store: the embedded default, shared by the processes of one host.
+
+Each operation is one short write transaction (BEGIN IMMEDIATE, read,
+decide in Python, write, COMMIT), so it is atomic across threads and
+processes. WAL with synchronous=NORMAL makes a commit an append to the
+WAL without fsync; a crash may lose the last few decisions, which a rate
+limiter can afford.
+
+SQLite's own busy handler sleeps in whole milliseconds (1, 2, 5, 10 ...),
+which stalls two processes taking turns on the write lock; we retry
+ourselves with sub-millisecond backoff instead.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from milters.core.errors import StoreError, StoreUnavailable
+
+from .base import (
+    BucketResult,
+    Record,
+    Store,
+    Update,
+    check_bucket_args,
+    check_points_args,
+    decide_bucket,
+    decide_points,
+)
+
+T = TypeVar("T")
+
+# Delete expired rows after this many writes by one thread, not on every call.
+PURGE_EVERY = 1000
+# Backoff while another connection writes: a commit takes tens of
+# microseconds, so start there; the cap bounds the wait after a long one.
+PAUSE_FIRST = 0.0001
+PAUSE_MAX = 0.001
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS state ("
+    " key TEXT PRIMARY KEY, value REAL NOT NULL, updated REAL NOT NULL, expires REAL"
+    ") WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS state_expires ON state(expires)",
+)
+_SELECT = "SELECT value, updated FROM state WHERE key = ?"
+_UPSERT = (
+    "INSERT INTO state(key, value, updated, expires) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT(key) DO UPDATE SET"
+    " value = excluded.value, updated = excluded.updated, expires = excluded.expires"
+)
+_DELETE = "DELETE FROM state WHERE key = ?"
+# substr() keeps LIKE/GLOB wildcards in a prefix from meaning anything.
+_PREFIX = "key >= ?1 AND substr(key, 1, ?2) = ?1"
+
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+# Connections inherited through fork(), never to be used nor freed.
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _BUSY_CODES
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+class SqliteStore(Store):
+    """One table in one file; one connection per thread."""
+
+    def __init__(
+        self, path: str, *, timeout: float = 2.0, purge_every: int = PURGE_EVERY
+    ) -> None:
+        if path in ("", ":memory:") or path.startswith("file:"):
+            raise StoreError(f"sqlite store needs a file path (got {path!r}); use memory://")
+        self.path = os.path.abspath(path)
+        self._timeout = timeout
+        self._purge_every = purge_every
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        self._pid = os.getpid()
+        parent = os.path.dirname(self.path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"sqlite {self.path}: cannot create {parent}: {exc}") from exc
+        self._run(self._init_schema)
+
+    # -- Store --------------------------------------------------------------
+
+    def bucket_take(
+        self, key: str, *, cost: float, rate: float, capacity: float, now: float
+    ) -> BucketResult:
+        check_bucket_args(cost, rate, capacity)
+
+        def op(db: sqlite3.Connection) -> BucketResult:
+            result, update = decide_bucket(
+                self._load(db, key), cost=cost, rate=rate, capacity=capacity, now=now
+            )
+            self._apply(db, key, update)
+            return result
+
+        if cost == 0:  # a peek writes nothing, so it needs no write lock
+            return self._run(op)
+        return self._run(self._transaction(op), now=now)
+
+    def points_add(self, key: str, amount: float, *, half_life: float, now: float) -> float:
+        check_points_args(half_life)
+
+        def op(db: sqlite3.Connection) -> float:
+            value, update = decide_points(self._load(db, key), amount, half_life=half_life, now=now)
+            self._apply(db, key, update)
+            return value
+
+        if amount == 0:  # a pure read needs no write lock
+            return self._run(op)
+        return self._run(self._transaction(op), now=now)
+
+    def records(self, prefix: str, *, now: float | None = None) -> list[Record]:
+        at = time.time() if now is None else now
+
+        def op(db: sqlite3.Connection) -> list[Record]:
+            rows = db.execute(
+                f"SELECT key, value, updated FROM state WHERE {_PREFIX}"
+                " AND (expires IS NULL OR expires > ?3) ORDER BY key",
+                (prefix, len(prefix), at),
+            ).fetchall()
+            return [Record(k, v, u) for k, v, u in rows]
+
+        return self._run(op)
+
+    def delete(self, prefix: str) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            return db.execute(f"DELETE FROM state WHERE {_PREFIX}", (prefix, len(prefix))).rowcount
+
+        return self._run(op)
+
+    def ping(self) -> None:
+        self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        with self._conns_lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for db in conns:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass  # closing is best effort; the file stays consistent
+
+    def purge(self, now: float) -> int:
+        """Delete rows expired at `now`; return how many."""
+        return self._run(
+            lambda db: db.execute(
+                "DELETE FROM state WHERE expires IS NOT NULL AND expires <= ?", (now,)
+            ).rowcount
+        )
+
+    # -- internals ------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():
+            # A forked child must not use or even close its parent's
+            # connections (closing may checkpoint the parent's WAL); keep
+            # them referenced, unused, and open its own.
+            self._pid = os.getpid()
+            _INHERITED.extend(self._conns)
+            self._local = threading.local()
+            self._conns = []
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None:
+            return db
+        with self._conns_lock:
+            if self._closed:
+                raise StoreError(f"sqlite {self.path}: store is closed")
+        try:
+            # timeout=0: busy waits are ours (see module docstring).
+            db = sqlite3.connect(
+                self.path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite {self.path}: cannot open: {exc}") from exc
+        self._local.db = db
+        self._local.writes = 0
+        with self._conns_lock:
+            self._conns.append(db)
+        return db
+
+    def _init_schema(self, db: sqlite3.Connection) -> None:
+        # WAL is a property of the file; setting it again is a no-op.
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
+        for statement in _SCHEMA:
+            db.execute(statement)
+
+    @staticmethod
+    def _transaction(op: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+        """Wrap `op` in BEGIN IMMEDIATE ... COMMIT (rolled back on error)."""
+
+        def run(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = op(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
+
+        return run
+
+    def _run(self, op: Callable[[sqlite3.Connection], T], now: float | None = None) -> T:
+        """Run `op`, retrying while another connection holds the write lock."""
+        db = self._connection()
+        deadline = time.monotonic() + self._timeout
+        pause = PAUSE_FIRST
+        while True:
+            try:
+                result = op(db)
+                break
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    raise StoreError(f"sqlite {self.path}: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"sqlite {self.path}: database locked for {self._timeout:g}s"
+                    ) from exc
+            # Jitter keeps two waiting processes from retrying in lockstep.
+            time.sleep(pause * random.random())
+            pause = min(pause * 2, PAUSE_MAX)
+        if now is not None:
+            self._count_write(now)
+        return result
+
+    def _count_write(self, now: float) -> None:
+        self._local.writes += 1
+        if self._local.writes >= self._purge_every:
+            self._local.writes = 0
+            try:
+                self.purge(now)
+            except StoreUnavailable:
+                pass  # busy: the next round will purge
+
+    @staticmethod
+    def _load(db: sqlite3.Connection, key: str) -> tuple[float, float] | None:
+        row = db.execute(_SELECT, (key,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    @staticmethod
+    def _apply(db: sqlite3.Connection, key: str, update: Update) -> None:
+        if update.delete:
+            db.execute(_DELETE, (key,))
+        elif update.write:
+            db.execute(_UPSERT, (key, update.value, update.updated, update.expires))

@@ -1,0 +1,1 @@
+"""SpamGuard-style flow limiting per client IP, sender and SMTP AUTH user, with spam points."""

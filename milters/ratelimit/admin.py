@@ -1,0 +1,47 @@
+"""`mailmoat ratelimit show [IP]` and `mailmoat ratelimit reset IP`: what the store holds,
+in the units an admin thinks in (points now, bucket use now)."""
+from __future__ import annotations
+
+import ipaddress
+import time
+
+from milters.core.store import Record, Store
+from milters.core.store.base import decayed_points, drained_level
+
+from .limiter import ip_key
+from .settings import RatelimitSettings
+
+
+def _describe(record: Record, settings: RatelimitSettings, now: float) -> tuple[str, str, str]:
+    """(who, what, state) for one stored record."""
+    head, _, tail = record.key.partition(":[")
+    subject, _, what = tail.rpartition("]:")
+    who = f"{head.split(':', 1)[1]} {subject}"
+    age = f"updated {now - record.updated:.0f}s ago"
+    if what == "points":
+        points = decayed_points(record.value, record.updated, settings.points.half_life, now)
+        share = settings.points.slowdown(points) * 100
+        blocked = "  BLOCKED (new mail tempfailed)" if points >= settings.points.tempfail_at else ""
+        return who, "points", f"{points:.1f} (limits at {share:.0f}% speed){blocked}; {age}"
+    name = what.removeprefix("bucket:")
+    limit = settings.limit(name)
+    if limit is None:
+        return who, name, f"{record.value:.1f} used (limit no longer in the policy); {age}"
+    level = drained_level(record.value, record.updated, limit.rate, now)
+    return who, name, f"{level:.1f} of {limit.burst} used; {age}"
+
+
+def show(store: Store, settings: RatelimitSettings, ip: str | None = None) -> list[str]:
+    now = time.time()
+    prefix = ip_key(ipaddress.ip_address(ip)) if ip else "rl:"
+    rows = [_describe(record, settings, now) for record in store.records(prefix, now=now)]
+    if not rows:
+        return [f"nothing recorded for {ip}" if ip else "nothing recorded"]
+    width = max(len(who) for who, _, _ in rows)
+    what_width = max(len(what) for _, what, _ in rows)
+    return [f"{who:<{width}}  {what:<{what_width}}  {state}" for who, what, state in rows]
+
+
+def reset(store: Store, ip: str) -> int:
+    """Forget an IP's points and buckets; returns how many records were removed."""
+    return store.delete(ip_key(ipaddress.ip_address(ip)))

@@ -1,0 +1,220 @@
+"""The rate-limit decisions, free of any milter protocol: one RateLimiter per process, one
+Session per SMTP connection.
+
+SpamGuard's idea: a source that behaves badly (rejected recipients, huge recipient lists,
+connections that never send mail, a listed network) collects spam points; every
+`halve_rate_every` points halve the rate and burst it is allowed; at `tempfail_at` points its
+new mail gets a temporary reply so that real MTAs retry later. Points decay with a
+half-life, so a source is re-admitted gradually rather than all at once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from milters.core.errors import StoreUnavailable
+from milters.core.eventlog import log_event
+from milters.core.message import Envelope, Recipient
+from milters.core.policy.document import Policy
+from milters.core.policy.matching import IPAddress, network_matches
+from milters.core.policy.rules import Facts
+from milters.core.store import FallbackStore, MemoryStore, Store
+from milters.core.verdict import Verdict
+
+from .settings import Limit, RatelimitSettings
+
+MILTER = "ratelimit"
+
+
+def ip_key(address: IPAddress) -> str:
+    # Brackets keep IPv6 keys prefix-safe: 'rl:ip:[2001:db8::1]:' never prefixes '...::10]'.
+    return f"rl:ip:[{address}]:"
+
+
+def points_key(address: IPAddress) -> str:
+    return ip_key(address) + "points"
+
+
+def bucket_key(limit: Limit, value: str) -> str:
+    kind = {"client_ip": "ip", "sender": "sender", "auth_user": "auth"}[limit.key]
+    return f"rl:{kind}:[{value.lower() if kind != 'ip' else value}]:bucket:{limit.name}"
+
+
+def connection_exemption(policy: Policy, settings: RatelimitSettings,
+                         address: IPAddress | None) -> str | None:
+    """Why a client is exempt before anything else is known, or None."""
+    if address is None:
+        return "no client IP (local submission)"
+    if settings.exempt_internal and network_matches(address, policy.internal_networks):
+        return "internal network"
+    if network_matches(address, settings.allowlist):
+        return "allowlisted network"
+    return None
+
+
+class RateLimiter:
+    """Process-wide: the store and the clock. Thread-safe (the stores are).
+
+    Policy `on_store_failure: local` routes calls through a FallbackStore that serves from
+    process memory while the shared store is unreachable; `tempfail` uses the shared store
+    directly, so an outage becomes a temporary reply. Both share one connection, so a
+    reloaded policy can switch between them.
+    """
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.local = FallbackStore(store, MemoryStore(), self._fell_back,
+                                   on_recovered=self._recovered)
+
+    @staticmethod
+    def _fell_back(reason: str) -> None:
+        log_event("store_unavailable", level=logging.ERROR, milter=MILTER, error=reason,
+                  action="counting in process memory until it is back")
+
+    @staticmethod
+    def _recovered() -> None:
+        log_event("store_recovered", milter=MILTER)
+
+    def session(self, policy: Policy) -> "Session":
+        return Session(self, policy, policy.sections[MILTER])
+
+
+@dataclass
+class Session:
+    """One SMTP connection. The policy snapshot is fixed for the connection's lifetime."""
+
+    limiter: RateLimiter
+    policy: Policy
+    settings: RatelimitSettings
+    exempt_reason: str | None = None
+    saw_mail: bool = False
+    refused: bool = False
+    message_exempt: bool = False
+    accepted_rcpts: int = 0
+    flagged_too_many: bool = False
+
+    # -- helpers -------------------------------------------------------------------------
+    @property
+    def _store(self) -> Store:
+        if self.settings.on_store_failure == "local":
+            return self.limiter.local
+        return self.limiter.store
+
+    def _points(self, address: IPAddress, add: float = 0.0, signal: str | None = None,
+                queue_id: str | None = None) -> float:
+        points = self._store.points_add(points_key(address), add,
+                                        half_life=self.settings.points.half_life,
+                                        now=self.limiter.clock())
+        if add:
+            log_event("points", milter=MILTER, queue_id=queue_id, ip=str(address), signal=signal,
+                      added=add, points=points)
+        return points
+
+    def _key_value(self, limit: Limit, env: Envelope) -> str | None:
+        if limit.key == "client_ip":
+            return str(env.client_address) if env.client_address else None
+        if limit.key == "sender":
+            return env.mail_from or None  # the null sender is limited by IP only
+        return env.auth_user
+
+    def _take(self, limits: list[Limit], env: Envelope, slowdown: float) -> Verdict:
+        now = self.limiter.clock()
+        for limit in limits:
+            value = self._key_value(limit, env)
+            if value is None:
+                continue
+            # Whole messages: round, so a trace of old points does not cost a full message.
+            capacity = max(1.0, float(round(limit.burst * slowdown)))
+            result = self._store.bucket_take(bucket_key(limit, value), cost=1.0,
+                                             rate=limit.rate * slowdown, capacity=capacity, now=now)
+            if not result.allowed:
+                return Verdict.tempfail(self.settings.reply, reason=(
+                    f"limit {limit.name} for {limit.key} {value}: {result.level:.1f} of "
+                    f"{capacity:.1f} used, retry in {result.retry_after:.0f}s"))
+        return Verdict.cont()
+
+    def _store_failed(self, stage: str, exc: StoreUnavailable, env: Envelope) -> Verdict:
+        log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage=stage,
+                  error=str(exc), action="tempfail", ip=env.client_ip, queue_id=env.queue_id)
+        self.refused = True
+        return Verdict.tempfail(self.settings.store_failure_reply, reason="state store unreachable")
+
+    # -- stages --------------------------------------------------------------------------
+    def on_connect(self, env: Envelope) -> Verdict:
+        address = env.client_address
+        self.exempt_reason = connection_exemption(self.policy, self.settings, address)
+        if self.exempt_reason:
+            return Verdict.cont(self.exempt_reason)
+        assert address is not None
+        try:
+            bad = self.settings.points.bad_networks
+            if bad.points and network_matches(address, bad.networks):
+                self._points(address, bad.points, "bad_network")
+            limits = [lim for lim in self.settings.limits if lim.per == "connection"]
+            if not limits:
+                return Verdict.cont()
+            verdict = self._take(limits, env, self.settings.points.slowdown(self._points(address)))
+        except StoreUnavailable as exc:
+            return self._store_failed("connect", exc, env)
+        self.refused = verdict.ends_transaction
+        return verdict
+
+    def on_mail(self, env: Envelope) -> Verdict:
+        self.saw_mail = True
+        self.accepted_rcpts, self.flagged_too_many, self.message_exempt = 0, False, False
+        if self.exempt_reason or env.client_address is None:
+            return Verdict.cont(self.exempt_reason or "")
+        facts = Facts.from_envelope(env, self.policy.internal_networks, with_recipients=False)
+        decision = self.policy.decide(MILTER, facts)
+        if decision.action == "exempt":
+            self.message_exempt = True
+            return Verdict.cont(f"exempt by rule {decision.rule_label}")
+        try:
+            points = self._points(env.client_address)
+            if points >= self.settings.points.tempfail_at:
+                reason = f"{points:.1f} spam points (limit {self.settings.points.tempfail_at:g})"
+                reply = self.settings.blocked_reply
+                return (Verdict.tempfail(reply, reason) if reply.is_temporary
+                        else Verdict.reject(reply, reason))
+            limits = [lim for lim in self.settings.limits if lim.per == "message"]
+            return self._take(limits, env, self.settings.points.slowdown(points))
+        except StoreUnavailable as exc:
+            return self._store_failed("mail", exc, env)
+
+    def on_rcpt(self, env: Envelope, rcpt: Recipient) -> Verdict:
+        if self.exempt_reason or self.message_exempt or env.client_address is None:
+            return Verdict.cont()
+        points = self.settings.points
+        try:
+            if rcpt.rejected_by_mta:
+                if points.rejected_recipient:
+                    self._points(env.client_address, points.rejected_recipient,
+                                 "rejected_recipient", env.queue_id)
+                return Verdict.cont("the MTA rejected it already")
+            self.accepted_rcpts += 1
+            if (self.accepted_rcpts > points.too_many_recipients.over
+                    and not self.flagged_too_many and points.too_many_recipients.points):
+                self.flagged_too_many = True
+                self._points(env.client_address, points.too_many_recipients.points,
+                             "too_many_recipients", env.queue_id)
+            limits = [lim for lim in self.settings.limits if lim.per == "recipient"]
+            if not limits:
+                return Verdict.cont()
+            return self._take(limits, env, points.slowdown(self._points(env.client_address)))
+        except StoreUnavailable as exc:
+            return self._store_failed("rcpt", exc, env)
+
+    def on_close(self, env: Envelope) -> None:
+        idle = self.settings.points.connection_without_mail
+        if self.saw_mail or self.refused or self.exempt_reason or not idle:
+            return
+        if env.client_address is None:
+            return
+        try:
+            self._points(env.client_address, idle, "connection_without_mail")
+        except StoreUnavailable as exc:
+            log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage="close",
+                      error=str(exc), ip=env.client_ip)

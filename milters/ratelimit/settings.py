@@ -1,0 +1,136 @@
+"""The `ratelimit:` section of a policy, its rule action and its test expectations."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from milters.core.policy.matching import NetworkPattern
+from milters.core.policy.schema import (Bool, Duration, Field, ListOf, Network, Number, Rate,
+                                        Reply, Str, Struct)
+from milters.core.verdict import SmtpReply
+
+KEYS = ("client_ip", "sender", "auth_user")
+UNITS = ("connection", "message", "recipient")
+ACTIONS = ("enforce", "exempt")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A leaky bucket: `burst` events at once, refilled at `rate` events per second."""
+
+    name: str
+    key: str  # what is counted together: client_ip, sender or auth_user
+    per: str  # what one event is: a connection, a message or a recipient
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class TooManyRecipients:
+    over: int = 50
+    points: float = 5.0
+
+
+@dataclass(frozen=True)
+class BadNetworks:
+    points: float = 20.0
+    networks: tuple[NetworkPattern, ...] = ()
+
+
+@dataclass(frozen=True)
+class PointsSettings:
+    half_life: float = 3600.0
+    halve_rate_every: float = 10.0
+    tempfail_at: float = 50.0
+    rejected_recipient: float = 2.0
+    too_many_recipients: TooManyRecipients = field(default_factory=TooManyRecipients)
+    connection_without_mail: float = 1.0
+    bad_networks: BadNetworks = field(default_factory=BadNetworks)
+
+    def slowdown(self, points: float) -> float:
+        """The share of the normal rate a source with these points gets (1.0 = full speed)."""
+        return 0.5 ** (max(points, 0.0) / self.halve_rate_every)
+
+
+DEFAULT_LIMITS = (
+    Limit("client-messages", "client_ip", "message", 30 / 60, 30),
+    Limit("client-recipients", "client_ip", "recipient", 200 / 3600, 100),
+    Limit("sender-messages", "sender", "message", 100 / 3600, 50),
+)
+DEFAULT_REPLY = SmtpReply(451, "4.7.1", "Too much mail from your address; slow down and try again later")
+DEFAULT_BLOCKED = SmtpReply(451, "4.7.1", "Your address sent too much unwanted mail; try again later")
+DEFAULT_STORE_FAILURE = SmtpReply(451, "4.3.0", "Temporary local problem, please try again later")
+
+
+@dataclass(frozen=True)
+class RatelimitSettings:
+    exempt_internal: bool = True
+    allowlist: tuple[NetworkPattern, ...] = ()
+    limits: tuple[Limit, ...] = DEFAULT_LIMITS
+    reply: SmtpReply = DEFAULT_REPLY
+    blocked_reply: SmtpReply = DEFAULT_BLOCKED
+    points: PointsSettings = field(default_factory=PointsSettings)
+    on_store_failure: str = "tempfail"
+    store_failure_reply: SmtpReply = DEFAULT_STORE_FAILURE
+
+    def limit(self, name: str) -> Limit | None:
+        return next((limit for limit in self.limits if limit.name == name), None)
+
+
+def _build_limits(items: list[Limit]) -> tuple[Limit, ...]:
+    names = [limit.name for limit in items]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"limit names must be unique; {', '.join(duplicates)} appears twice")
+    return tuple(items)
+
+
+LIMIT_SPEC = Struct({
+    "name": Field(Str(max_len=64)),
+    "key": Field(Str(KEYS), "client_ip"),
+    "per": Field(Str(UNITS), "message"),
+    "rate": Field(Rate()),
+    "burst": Field(Number(1, 1_000_000, integer=True)),
+}, build=Limit, expected="a limit with name, key, per, rate and burst")
+
+POINTS_SPEC = Struct({
+    "half_life": Field(Duration(minimum=1), 3600.0),
+    "halve_rate_every": Field(Number(0.1, 1e6), 10.0),
+    "tempfail_at": Field(Number(0.1, 1e9), 50.0),
+    "rejected_recipient": Field(Number(0, 1e6), 2.0),
+    "too_many_recipients": Field(Struct({
+        "over": Field(Number(1, 100000, integer=True), 50),
+        "points": Field(Number(0, 1e6), 5.0),
+    }, build=TooManyRecipients), factory=TooManyRecipients),
+    "connection_without_mail": Field(Number(0, 1e6), 1.0),
+    "bad_networks": Field(Struct({
+        "points": Field(Number(0, 1e9), 20.0),
+        "networks": Field(ListOf(Network()), ()),
+    }, build=lambda points, networks: BadNetworks(points, tuple(networks))),
+        factory=BadNetworks),
+}, build=PointsSettings)
+
+SETTINGS_SPEC = Struct({
+    "exempt_internal": Field(Bool(), True),
+    "allowlist": Field(ListOf(Network()), ()),
+    "limits": Field(ListOf(LIMIT_SPEC, check=_build_limits), DEFAULT_LIMITS),
+    "reply": Field(Reply("4"), DEFAULT_REPLY),
+    "blocked_reply": Field(Reply("45"), DEFAULT_BLOCKED),
+    "points": Field(POINTS_SPEC, factory=PointsSettings),
+    "on_store_failure": Field(Str(("tempfail", "local")), "tempfail"),
+    "store_failure_reply": Field(Reply("4"), DEFAULT_STORE_FAILURE),
+}, build=lambda allowlist, **kw: RatelimitSettings(allowlist=tuple(allowlist), **kw),
+    expected="the ratelimit settings")
+
+
+@dataclass(frozen=True)
+class RatelimitExpectation:
+    action: str | None = None
+    rule: str | None = None
+    reply: str | None = None  # the last message's reply starts with this ('250' = accepted)
+
+
+EXPECT_SPEC = Struct({
+    "action": Field(Str(ACTIONS), None),
+    "rule": Field(Str(), None),
+    "reply": Field(Str(), None),
+}, build=RatelimitExpectation, expected="expectations: action, rule, reply")

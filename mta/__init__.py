@@ -1,0 +1,1 @@
+"""mailmoat's compact MTA and its command line."""

@@ -1,0 +1,212 @@
+"""The `mailmoat` command line (DESIGN.md section 4). The only module that names milters.
+
+Exit status: 0 success; 1 a policy is invalid, a policy test failed or an operation failed;
+2 the command line itself is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from milters.core.config import GatewayConfig, load_config
+from milters.core.errors import ConfigError, MailmoatError
+from milters.core.eventlog import setup_logging
+from milters.core.message import Envelope, Recipient
+from milters.core.policy.document import Policy, PolicyExtension, load_policy
+from milters.core.store import open_store
+from milters.ratelimit import admin as ratelimit_admin
+from milters.ratelimit import milter as ratelimit_milter
+from milters.ratelimit.extension import EXTENSION as RATELIMIT
+
+EXTENSIONS: list[PolicyExtension] = [RATELIMIT]
+MILTERS: dict[str, Callable[[GatewayConfig, str, Callable[[Path], Policy]], None]] = {
+    "ratelimit": ratelimit_milter.serve,
+}
+
+
+class UsageError(Exception):
+    """A wrong command line: exit 2."""
+
+
+def read_policy(path: Path) -> Policy:
+    return load_policy(path, EXTENSIONS)
+
+
+def _print_problems(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_milter(args: argparse.Namespace) -> int:
+    setup_logging(args.name, verbose=args.verbose)
+    config = load_config(args.config)
+    try:
+        MILTERS[args.name](config, args.listen, read_policy)
+    except ValueError as exc:  # a bad --listen socket
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    failed = False
+    for name in args.files:
+        try:
+            policy = read_policy(Path(name))
+        except ConfigError as exc:
+            _print_problems(exc)
+            failed = True
+            continue
+        print(f"{name}: ok ({len(policy.rules)} rules, {len(policy.tests)} tests)")
+    return 1 if failed else 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    passed = failed = 0
+    for name in args.files:
+        try:
+            policy = read_policy(Path(name))
+        except ConfigError as exc:
+            _print_problems(exc)
+            failed += 1
+            continue
+        by_name = {ext.name: ext for ext in EXTENSIONS}
+        for test in policy.tests:
+            problems = [problem for milter, expected in test.expect.items()
+                        for problem in by_name[milter].run_test(policy, test, expected)]
+            if problems:
+                failed += 1
+                print(f"FAIL {name}:{test.line}: {test.name}")
+                for problem in problems:
+                    print(f"     {problem}")
+            else:
+                passed += 1
+                print(f"ok   {name}:{test.line}: {test.name}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    policy_path = Path(args.policy) if args.policy else load_config(args.config).policy
+    policy = read_policy(policy_path)
+    env = Envelope(client_ip=args.client_ip, helo=args.helo, mail_from=args.mail_from,
+                   recipients=[Recipient(r) for r in args.rcpt], auth_user=args.auth_user)
+    print(f"policy: {policy_path}")
+    print(f"message: client {args.client_ip}, sender <{args.mail_from}>, recipients "
+          f"{', '.join('<' + r + '>' for r in args.rcpt)}"
+          + (f", subject {args.subject!r}" if args.subject else "")
+          + (f", authenticated as {args.auth_user}" if args.auth_user else ""))
+    for ext in EXTENSIONS:
+        if ext.explain is not None:
+            for line in ext.explain(policy, env):
+                print(line)
+    return 0
+
+
+def _ratelimit_context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    config = load_config(args.config)
+    policy = read_policy(config.policy)
+    return open_store(config.store, timeout=config.store_timeout), policy.sections["ratelimit"]
+
+
+def cmd_ratelimit_show(args: argparse.Namespace) -> int:
+    store, settings = _ratelimit_context(args)
+    with store:
+        for line in ratelimit_admin.show(store, settings, args.ip):
+            print(line)
+    return 0
+
+
+def cmd_ratelimit_reset(args: argparse.Namespace) -> int:
+    store, _ = _ratelimit_context(args)
+    with store:
+        removed = ratelimit_admin.reset(store, args.ip)
+    print(f"{args.ip}: removed {removed} record(s); it starts afresh")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an IP address") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mailmoat", description="mailmoat mail-security gateway")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    config_help = "gateway config YAML (default: embedded defaults)"
+
+    milter = sub.add_parser("milter", help="run one milter for Postfix or Sendmail",
+                            description="Run one milter daemon. Postfix: smtpd_milters = "
+                                        "inet:127.0.0.1:PORT")
+    milter.add_argument("name", choices=sorted(MILTERS))
+    milter.add_argument("--listen", required=True, metavar="SOCKET",
+                        help="inet:127.0.0.1:PORT, inet6:[::1]:PORT or unix:/path")
+    milter.add_argument("--config", metavar="FILE", help=config_help)
+    milter.add_argument("--verbose", action="store_true", help="also log debug details")
+    milter.set_defaults(func=cmd_milter)
+
+    policy = sub.add_parser("policy", help="check, explain and test policy files")
+    psub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    check = psub.add_parser("check", help="validate policy files; print every problem")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(func=cmd_policy_check)
+    test = psub.add_parser("test", help="run the tests: written inside policy files")
+    test.add_argument("files", nargs="+", metavar="FILE")
+    test.set_defaults(func=cmd_policy_test)
+    explain = psub.add_parser("explain", help="show which rule applies to a message and why")
+    explain.add_argument("--mail-from", required=True, metavar="ADDR")
+    explain.add_argument("--rcpt", required=True, action="append", metavar="ADDR")
+    explain.add_argument("--client-ip", default="192.0.2.1", type=_ip, metavar="IP")
+    explain.add_argument("--helo", default="client.example")
+    explain.add_argument("--subject", default="")
+    explain.add_argument("--auth-user", metavar="USER")
+    source = explain.add_mutually_exclusive_group()
+    source.add_argument("--policy", metavar="FILE", help="policy file (default: the config's)")
+    source.add_argument("--config", metavar="FILE", help=config_help)
+    explain.set_defaults(func=cmd_policy_explain)
+
+    ratelimit = sub.add_parser("ratelimit", help="inspect and unblock rate-limit state")
+    rsub = ratelimit.add_subparsers(dest="ratelimit_command", required=True, parser_class=_Parser)
+    show = rsub.add_parser("show", help="points and bucket use, for one IP or all")
+    show.add_argument("ip", nargs="?", type=_ip)
+    show.add_argument("--config", metavar="FILE", help=config_help)
+    show.set_defaults(func=cmd_ratelimit_show)
+    reset = rsub.add_parser("reset", help="forget an IP's points and buckets")
+    reset.add_argument("ip", type=_ip)
+    reset.add_argument("--config", metavar="FILE", help=config_help)
+    reset.set_defaults(func=cmd_ratelimit_reset)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"mailmoat: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    except MailmoatError as exc:
+        print(f"mailmoat: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

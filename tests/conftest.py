@@ -1,0 +1,40 @@
+"""Shared fixtures: a controllable clock and policy builders."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from milters.core.policy.document import Policy, load_policy_text
+from mta.cli import EXTENSIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    """A clock the test moves by hand: decay and draining without sleeping."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_policy(text: str, source: str = "test.yaml") -> Policy:
+    return load_policy_text(textwrap.dedent(text), EXTENSIONS, source)
+
+
+@pytest.fixture
+def policy_from() -> Callable[[str], Policy]:
+    return make_policy

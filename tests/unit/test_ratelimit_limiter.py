@@ -1,0 +1,221 @@
+"""The rate-limit decisions with a clock the tests control: bursts, draining, spam points,
+gradual re-admission, exemptions and store failures."""
+from __future__ import annotations
+
+import pytest
+
+from milters.core.errors import StoreUnavailable
+from milters.core.message import Envelope, Recipient
+from milters.core.store import MemoryStore
+from milters.core.verdict import Action
+from milters.ratelimit.limiter import RateLimiter, points_key
+from tests.conftest import Clock, make_policy
+
+BASE = """
+ratelimit:
+  limits:
+    - {name: per-ip, key: client_ip, per: message, rate: 6/min, burst: 3}
+  points:
+    half_life: 10m
+    halve_rate_every: 10
+    tempfail_at: 30
+    rejected_recipient: 4
+    too_many_recipients: {over: 3, points: 7}
+    connection_without_mail: 2
+    bad_networks: {points: 15, networks: [203.0.113.0/24]}
+"""
+
+
+def send(limiter: RateLimiter, policy, ip: str = "198.51.100.7", sender: str = "a@bulk.example",
+         rcpts=("u@example.jp",), rejected=()):  # type: ignore[no-untyped-def]
+    """One SMTP session with one message; returns the first verdict that ended it, or the last."""
+    session = limiter.session(policy)
+    env = Envelope(client_ip=ip)
+    verdict = session.on_connect(env)
+    if not verdict.ends_transaction:
+        env.mail_from = sender
+        verdict = session.on_mail(env)
+    if not verdict.ends_transaction:
+        for address in list(rcpts) + list(rejected):
+            rcpt = Recipient(address, rejected_by_mta=address in rejected)
+            env.recipients.append(rcpt)
+            verdict = session.on_rcpt(env, rcpt)
+            if verdict.ends_transaction:
+                break
+    session.on_close(env)
+    return verdict
+
+
+@pytest.fixture
+def limiter(clock: Clock) -> RateLimiter:
+    return RateLimiter(MemoryStore(), clock=clock)
+
+
+def test_burst_passes_then_tempfail_with_policy_reply(limiter: RateLimiter) -> None:
+    policy = make_policy(BASE + '  reply: "451 4.7.1 Slow down please"\n')
+    assert [send(limiter, policy).action for _ in range(3)] == [Action.CONTINUE] * 3
+    verdict = send(limiter, policy)
+    assert verdict.action is Action.TEMPFAIL
+    assert str(verdict.reply) == "451 4.7.1 Slow down please"
+    assert "per-ip" in verdict.reason
+
+
+def test_bucket_drains_and_mail_passes_again(limiter: RateLimiter, clock: Clock) -> None:
+    policy = make_policy(BASE)
+    for _ in range(3):
+        send(limiter, policy)
+    assert send(limiter, policy).action is Action.TEMPFAIL
+    clock.advance(9)  # 6/min drains one message every 10 s
+    assert send(limiter, policy).action is Action.TEMPFAIL
+    clock.advance(1)
+    assert send(limiter, policy).action is Action.CONTINUE
+    assert send(limiter, policy).action is Action.TEMPFAIL
+
+
+def test_other_ip_has_its_own_bucket(limiter: RateLimiter) -> None:
+    policy = make_policy(BASE)
+    for _ in range(4):
+        send(limiter, policy, ip="198.51.100.7")
+    assert send(limiter, policy, ip="198.51.100.8").action is Action.CONTINUE
+
+
+def test_rejected_recipients_slow_a_source_down_then_it_recovers(limiter: RateLimiter,
+                                                                clock: Clock) -> None:
+    policy = make_policy(BASE)
+    ip = "198.51.100.9"
+    # Five rejected recipients: 20 points, so rates run at a quarter: burst 3 -> 1 (floor 1).
+    send(limiter, policy, ip=ip, rejected=[f"nobody{i}@example.jp" for i in range(5)])
+    points = limiter.store.points_add(points_key(__import__("ipaddress").ip_address(ip)), 0,
+                                      half_life=600, now=clock())
+    assert points == pytest.approx(20)
+    clock.advance(3600)  # let the bucket drain completely; points decay too (6 half-lives)
+    # After an hour the points are 20 / 64 = 0.3: the full burst of 3 is back.
+    assert [send(limiter, policy, ip=ip).action for _ in range(4)] == \
+        [Action.CONTINUE] * 3 + [Action.TEMPFAIL]
+
+
+def test_points_shrink_the_burst_before_decay(limiter: RateLimiter, clock: Clock) -> None:
+    policy = make_policy(BASE)
+    ip = "198.51.100.10"
+    send(limiter, policy, ip=ip, rejected=[f"x{i}@example.jp" for i in range(5)])  # 20 points
+    clock.advance(60)  # drains the first message; points barely decay
+    results = [send(limiter, policy, ip=ip).action for _ in range(2)]
+    assert results == [Action.CONTINUE, Action.TEMPFAIL]  # burst 3 * 0.25 -> 1
+
+
+def test_above_threshold_new_mail_is_tempfailed_and_readmitted_gradually(
+        limiter: RateLimiter, clock: Clock) -> None:
+    policy = make_policy(BASE)
+    ip = "198.51.100.11"
+    send(limiter, policy, ip=ip, rejected=[f"x{i}@example.jp" for i in range(8)])  # 32 points
+    verdict = send(limiter, policy, ip=ip)
+    assert verdict.action is Action.TEMPFAIL
+    assert verdict.reply is not None and verdict.reply.code == 451
+    assert "spam points" in verdict.reason
+    clock.advance(600)  # one half-life: 16 points, rate at 1/3, one message fits
+    assert send(limiter, policy, ip=ip).action is Action.CONTINUE
+    assert send(limiter, policy, ip=ip).action is Action.TEMPFAIL
+
+
+def test_too_many_recipients_adds_points_once(limiter: RateLimiter, clock: Clock) -> None:
+    policy = make_policy(BASE)
+    ip = "198.51.100.12"
+    send(limiter, policy, ip=ip, rcpts=[f"u{i}@example.jp" for i in range(10)])
+    key = points_key(__import__("ipaddress").ip_address(ip))
+    assert limiter.store.points_add(key, 0, half_life=600, now=clock()) == pytest.approx(7)
+
+
+def test_connections_without_mail_add_points(limiter: RateLimiter, clock: Clock) -> None:
+    policy = make_policy(BASE)
+    for _ in range(3):
+        session = limiter.session(policy)
+        env = Envelope(client_ip="198.51.100.13")
+        session.on_connect(env)
+        session.on_close(env)
+    key = points_key(__import__("ipaddress").ip_address("198.51.100.13"))
+    assert limiter.store.points_add(key, 0, half_life=600, now=clock()) == pytest.approx(6)
+
+
+def test_bad_network_collects_points_per_connection(limiter: RateLimiter) -> None:
+    policy = make_policy(BASE)
+    assert send(limiter, policy, ip="203.0.113.5").action is Action.CONTINUE  # 15 points
+    assert send(limiter, policy, ip="203.0.113.5").action is Action.TEMPFAIL  # 30: blocked
+
+
+@pytest.mark.parametrize("extra, ip, sender", [
+    ("", "127.0.0.1", "a@x.example"),  # internal networks are exempt by default
+    ("  allowlist: [198.51.100.0/24]\n", "198.51.100.20", "a@x.example"),
+    ("rules:\n  - name: partner\n    when: {sender: ['@partner.example']}\n"
+     "    then: {ratelimit: exempt}\n", "198.51.100.21", "sales@partner.example"),
+])
+def test_exempt_sources_are_never_limited(limiter: RateLimiter, extra: str, ip: str,
+                                          sender: str) -> None:
+    policy = make_policy(BASE + extra)
+    verdicts = [send(limiter, policy, ip=ip, sender=sender).action for _ in range(20)]
+    assert verdicts == [Action.CONTINUE] * 20
+
+
+def test_internal_networks_are_limited_when_exemption_is_off(limiter: RateLimiter) -> None:
+    policy = make_policy(BASE + "  exempt_internal: false\n")
+    verdicts = [send(limiter, policy, ip="127.0.0.1").action for _ in range(4)]
+    assert verdicts[-1] is Action.TEMPFAIL
+
+
+def test_sender_limit_spans_ips_and_null_sender_is_skipped(limiter: RateLimiter) -> None:
+    policy = make_policy("""
+        ratelimit:
+          limits:
+            - {name: per-sender, key: sender, per: message, rate: 1/hour, burst: 2}
+        """)
+    ips = ["198.51.100.30", "198.51.100.31", "198.51.100.32"]
+    verdicts = [send(limiter, policy, ip=ip, sender="Boss@Example.JP").action for ip in ips]
+    assert verdicts == [Action.CONTINUE, Action.CONTINUE, Action.TEMPFAIL]
+    assert all(send(limiter, policy, sender="").action is Action.CONTINUE for _ in range(5))
+
+
+def test_recipient_limit_tempfails_the_recipient(limiter: RateLimiter) -> None:
+    policy = make_policy("""
+        ratelimit:
+          limits:
+            - {name: rcpts, key: client_ip, per: recipient, rate: 1/hour, burst: 2}
+        """)
+    verdict = send(limiter, policy, rcpts=["a@example.jp", "b@example.jp", "c@example.jp"])
+    assert verdict.action is Action.TEMPFAIL and "rcpts" in verdict.reason
+
+
+def test_connection_limit_tempfails_at_connect(limiter: RateLimiter) -> None:
+    policy = make_policy("""
+        ratelimit:
+          limits:
+            - {name: conns, key: client_ip, per: connection, rate: 1/hour, burst: 1}
+          points: {connection_without_mail: 5}
+        """)
+    assert send(limiter, policy).action is Action.CONTINUE
+    session = limiter.session(policy)
+    env = Envelope(client_ip="198.51.100.7")
+    assert session.on_connect(env).action is Action.TEMPFAIL
+    session.on_close(env)  # a connection we refused must not earn "without mail" points
+    key = points_key(__import__("ipaddress").ip_address("198.51.100.7"))
+    assert limiter.store.points_add(key, 0, half_life=3600, now=limiter.clock()) == 0
+
+
+class DeadStore(MemoryStore):
+    def bucket_take(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("redis 127.0.0.1:1 refused the connection")
+
+    def points_add(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("redis 127.0.0.1:1 refused the connection")
+
+
+def test_store_down_tempfails_by_default(clock: Clock) -> None:
+    policy = make_policy(BASE + '  store_failure_reply: "451 4.3.0 State store down"\n')
+    verdict = send(RateLimiter(DeadStore(), clock=clock), policy)
+    assert verdict.action is Action.TEMPFAIL
+    assert str(verdict.reply) == "451 4.3.0 State store down"
+
+
+def test_store_down_falls_back_to_local_counting(clock: Clock) -> None:
+    policy = make_policy(BASE + "  on_store_failure: local\n")
+    limiter = RateLimiter(DeadStore(), clock=clock)
+    verdicts = [send(limiter, policy).action for _ in range(4)]
+    assert verdicts == [Action.CONTINUE] * 3 + [Action.TEMPFAIL]  # still limited, in memory
