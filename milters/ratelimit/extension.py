@@ -23,19 +23,10 @@ def decide(policy: Policy, env: Envelope) -> tuple[str, str, list[str]]:
     return decision.action, decision.rule_label, decision.trail
 
 
-def format_rate(per_second: float) -> str:
-    """0.5 -> '30/min', 0.0556 -> '200/hour': the unit in which the figure is whole."""
-    for unit, seconds in (("s", 1), ("min", 60), ("hour", 3600), ("day", 86400)):
-        amount = per_second * seconds
-        if amount >= 1 and abs(amount - round(amount)) < 1e-6:
-            return f"{round(amount)}/{unit}"
-    return f"{per_second * 3600:.4g}/hour"
-
-
 def _describe_limit(settings: RatelimitSettings) -> list[str]:
     lines = []
     for limit in settings.limits:
-        lines.append(f"  limit {limit.name}: {format_rate(limit.rate)}, burst {limit.burst}, "
+        lines.append(f"  limit {limit.name}: {limit.rate}, burst {limit.burst}, "
                      f"counting each {limit.per} by {limit.key}")
     pts = settings.points
     lines.append(f"  spam points: rates halve every {pts.halve_rate_every:g} points, new mail "

@@ -92,6 +92,7 @@ class Session:
     exempt_reason: str | None = None
     saw_mail: bool = False
     refused: bool = False
+    connection_verdict: Verdict | None = None  # a connection limit's verdict, due at MAIL
     message_exempt: bool = False
     accepted_rcpts: int = 0
     flagged_too_many: bool = False
@@ -154,13 +155,14 @@ class Session:
             if bad.points and network_matches(address, bad.networks):
                 self._points(address, bad.points, "bad_network")
             limits = [lim for lim in self.settings.limits if lim.per == "connection"]
-            if not limits:
-                return Verdict.cont()
-            verdict = self._take(limits, env, self.settings.points.slowdown(self._points(address)))
+            if limits:
+                # Counted now, enforced at MAIL FROM: only then can a rule that names the
+                # sender exempt this client, and "exempt" must mean exempt from every limit.
+                slowdown = self.settings.points.slowdown(self._points(address))
+                self.connection_verdict = self._take(limits, env, slowdown)
         except StoreUnavailable as exc:
             return self._store_failed("connect", exc, env)
-        self.refused = verdict.ends_transaction
-        return verdict
+        return Verdict.cont()
 
     def on_mail(self, env: Envelope) -> Verdict:
         self.saw_mail = True
@@ -179,6 +181,8 @@ class Session:
                 reply = self.settings.blocked_reply
                 return (Verdict.tempfail(reply, reason) if reply.is_temporary
                         else Verdict.reject(reply, reason))
+            if self.connection_verdict is not None and self.connection_verdict.ends_transaction:
+                return self.connection_verdict
             limits = [lim for lim in self.settings.limits if lim.per == "message"]
             return self._take(limits, env, self.settings.points.slowdown(points))
         except StoreUnavailable as exc:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from milters.core.policy.matching import NetworkPattern
-from milters.core.policy.schema import (Bool, Duration, Field, ListOf, Network, Number, Rate,
-                                        Reply, Str, Struct)
+from milters.core.policy.schema import (Bool, Duration, Field, ListOf, Network, Number,
+                                        PerSecond, Rate, Reply, Str, Struct)
 from milters.core.verdict import SmtpReply
 
 KEYS = ("client_ip", "sender", "auth_user")
@@ -52,9 +52,9 @@ class PointsSettings:
 
 
 DEFAULT_LIMITS = (
-    Limit("client-messages", "client_ip", "message", 30 / 60, 30),
-    Limit("client-recipients", "client_ip", "recipient", 200 / 3600, 100),
-    Limit("sender-messages", "sender", "message", 100 / 3600, 50),
+    Limit("client-messages", "client_ip", "message", PerSecond(30 / 60, "30/min"), 30),
+    Limit("client-recipients", "client_ip", "recipient", PerSecond(200 / 3600, "200/hour"), 100),
+    Limit("sender-messages", "sender", "message", PerSecond(100 / 3600, "100/hour"), 50),
 )
 DEFAULT_REPLY = SmtpReply(451, "4.7.1", "Too much mail from your address; slow down and try again later")
 DEFAULT_BLOCKED = SmtpReply(451, "4.7.1", "Your address sent too much unwanted mail; try again later")

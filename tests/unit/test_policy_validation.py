@@ -72,7 +72,7 @@ CASES = [
     ('ratelimit:\n\texempt_internal: true\n',
      2, '\texempt', "(syntax): found character '\\t' that cannot start any token; indent with spaces, YAML does not allow tabs"),
     ('ratelimit: [1, 2\nrules: []\n',
-     2, ': []', "(syntax): expected ',' or ']', but got ':' (while parsing a flow sequence at line 1)"),
+     2, ': []', "(syntax): expected ',' or ']', but got ':' (while parsing a flow sequence at line 1); quote values that contain ':' such as IPv6 addresses (\"::1/128\")"),
     ('- just\n- a list\n',
      1, '- just', '(top): expected a policy mapping (got a list)'),
     ('ratelimit: {allowlist: [192.0.2.0/24], allowlist: []}\n',

@@ -2,6 +2,8 @@
 gradual re-admission, exemptions and store failures."""
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from milters.core.errors import StoreUnavailable
@@ -85,7 +87,7 @@ def test_rejected_recipients_slow_a_source_down_then_it_recovers(limiter: RateLi
     ip = "198.51.100.9"
     # Five rejected recipients: 20 points, so rates run at a quarter: burst 3 -> 1 (floor 1).
     send(limiter, policy, ip=ip, rejected=[f"nobody{i}@example.jp" for i in range(5)])
-    points = limiter.store.points_add(points_key(__import__("ipaddress").ip_address(ip)), 0,
+    points = limiter.store.points_add(points_key(ipaddress.ip_address(ip)), 0,
                                       half_life=600, now=clock())
     assert points == pytest.approx(20)
     clock.advance(3600)  # let the bucket drain completely; points decay too (6 half-lives)
@@ -121,7 +123,7 @@ def test_too_many_recipients_adds_points_once(limiter: RateLimiter, clock: Clock
     policy = make_policy(BASE)
     ip = "198.51.100.12"
     send(limiter, policy, ip=ip, rcpts=[f"u{i}@example.jp" for i in range(10)])
-    key = points_key(__import__("ipaddress").ip_address(ip))
+    key = points_key(ipaddress.ip_address(ip))
     assert limiter.store.points_add(key, 0, half_life=600, now=clock()) == pytest.approx(7)
 
 
@@ -132,7 +134,7 @@ def test_connections_without_mail_add_points(limiter: RateLimiter, clock: Clock)
         env = Envelope(client_ip="198.51.100.13")
         session.on_connect(env)
         session.on_close(env)
-    key = points_key(__import__("ipaddress").ip_address("198.51.100.13"))
+    key = points_key(ipaddress.ip_address("198.51.100.13"))
     assert limiter.store.points_add(key, 0, half_life=600, now=clock()) == pytest.approx(6)
 
 
@@ -183,20 +185,34 @@ def test_recipient_limit_tempfails_the_recipient(limiter: RateLimiter) -> None:
     assert verdict.action is Action.TEMPFAIL and "rcpts" in verdict.reason
 
 
-def test_connection_limit_tempfails_at_connect(limiter: RateLimiter) -> None:
+def test_connection_limit_is_enforced_at_mail_so_rules_can_exempt(limiter: RateLimiter) -> None:
     policy = make_policy("""
         ratelimit:
           limits:
             - {name: conns, key: client_ip, per: connection, rate: 1/hour, burst: 1}
-          points: {connection_without_mail: 5}
+        rules:
+          - name: partner
+            when: {sender: ['@partner.example']}
+            then: {ratelimit: exempt}
         """)
     assert send(limiter, policy).action is Action.CONTINUE
     session = limiter.session(policy)
     env = Envelope(client_ip="198.51.100.7")
-    assert session.on_connect(env).action is Action.TEMPFAIL
-    session.on_close(env)  # a connection we refused must not earn "without mail" points
-    key = points_key(__import__("ipaddress").ip_address("198.51.100.7"))
-    assert limiter.store.points_add(key, 0, half_life=3600, now=limiter.clock()) == 0
+    assert session.on_connect(env).action is Action.CONTINUE  # counted, not yet enforced
+    env.mail_from = "a@stranger.example"
+    verdict = session.on_mail(env)
+    assert verdict.action is Action.TEMPFAIL and "conns" in verdict.reason
+    # The same over-limit client sending as the exempt partner passes: exempt means exempt.
+    assert send(limiter, policy, sender="orders@partner.example").action is Action.CONTINUE
+
+
+def test_a_trace_of_points_does_not_cost_a_whole_message(limiter: RateLimiter,
+                                                         clock: Clock) -> None:
+    policy = make_policy(BASE)
+    ip = ipaddress.ip_address("198.51.100.40")
+    limiter.store.points_add(points_key(ip), 0.5, half_life=600, now=clock())
+    verdicts = [send(limiter, policy, ip=str(ip)).action for _ in range(4)]
+    assert verdicts == [Action.CONTINUE] * 3 + [Action.TEMPFAIL]
 
 
 class DeadStore(MemoryStore):

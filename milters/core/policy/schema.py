@@ -125,6 +125,20 @@ class Duration(Scalar):
         return seconds
 
 
+class PerSecond(float):
+    """A rate in events per second that remembers how the policy wrote it ('300/hour')."""
+
+    text: str
+
+    def __new__(cls, value: float, text: str) -> "PerSecond":
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class Rate(Scalar):
     """'60/min', '1000/hour', '5/s', '20000/day' -> events per second."""
 
@@ -141,7 +155,7 @@ class Rate(Scalar):
             raise ValueError(f"expected {self.expected}") from None
         if amount <= 0 or period <= 0:
             raise ValueError("a rate must be above zero; to stop limiting, exempt the sender")
-        return amount / period
+        return PerSecond(amount / period, text.strip())
 
 
 class Network(Scalar):

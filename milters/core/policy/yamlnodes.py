@@ -88,8 +88,10 @@ def compose_text(text: str, filename: str) -> Node | None:
         if exc.context and exc.context_mark and exc.problem:
             problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
         hint = ""
-        if "\t" in text and "tab" in problem.lower() or "found character '\\t'" in problem:
+        if "found character '\\t'" in problem:
             hint = "; indent with spaces, YAML does not allow tabs"
+        elif "found ':'" in problem or "but got ':'" in problem:
+            hint = "; quote values that contain ':' such as IPv6 addresses (\"::1/128\")"
         raise ConfigError([f"{filename}:{line}:{col}: (syntax): {problem}{hint}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{filename}:1:1: (syntax): {exc}"]) from None
