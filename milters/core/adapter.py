@@ -10,6 +10,7 @@ everything, silently disabling every skip and no-reply flag (DESIGN.md section 1
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -269,6 +270,11 @@ def run_milter(logic_class: type[MilterLogic], factory: Callable[[], MilterLogic
     stop = stop or threading.Event()
     wake = threading.Event()  # set by signal handlers so the loop reacts at once
     failure: list[BaseException] = []
+
+    if socket_spec.startswith(("unix:", "local:")):
+        # smtpd connects as the unprivileged postfix user: the socket must be writable by it
+        # (libmilter creates it with the process umask). Guard access with the directory.
+        os.umask(0o111)
 
     def serve() -> None:
         try:
