@@ -7,11 +7,16 @@ because rate limiting and most envelope checks never look at the body.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from email import policy as email_policy
+from email.errors import HeaderParseError
+from email.header import decode_header
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any
+
+from .jis import decode_cp50220
 
 
 @dataclass
@@ -72,6 +77,37 @@ def strip_brackets(address: str) -> str:
     return address
 
 
+_JIS_CHARSETS = {"iso-2022-jp", "iso2022-jp", "iso-2022-jp-ms", "cp50220", "cp50221",
+                 "iso-2022-jp-1", "iso-2022-jp-2", "iso-2022-jp-3"}
+_SJIS_CHARSETS = {"shift_jis", "shift-jis", "sjis", "x-sjis", "ms_kanji", "cp932", "windows-31j"}
+
+
+def decode_charset(data: bytes, charset: str | None) -> str:
+    """Bytes in a declared charset to text, reading Japanese charsets the way Windows mail
+    clients write them (CP50220 for ISO-2022-JP, CP932 for Shift_JIS); never raises."""
+    name = (charset or "us-ascii").lower()
+    if name in _JIS_CHARSETS:
+        return decode_cp50220(data)
+    if name in _SJIS_CHARSETS:
+        name = "cp932"
+    try:
+        return data.decode(name, errors="replace")
+    except LookupError:  # an unknown charset label: show what can be shown
+        return data.decode("utf-8", errors="replace")
+
+
+def decode_words(value: str) -> str:
+    """Unfold a header value and decode its RFC 2047 encoded words."""
+    unfolded = re.sub(r"\r?\n(?=[ \t])", "", value)
+    try:
+        parts = decode_header(unfolded)
+    except (ValueError, IndexError, TypeError, HeaderParseError):  # broken words: keep raw text
+        return unfolded.strip()
+    text = "".join(part if isinstance(part, str) else decode_charset(part, charset)
+                   for part, charset in parts)
+    return text.strip()
+
+
 def domain_of(address: str | None) -> str | None:
     if not address or "@" not in address:
         return None
@@ -96,14 +132,17 @@ class Message:
             self._parsed = parsed
         return self._parsed
 
+    def header_text(self, name: str) -> str | None:
+        """The first header `name`, unfolded and with RFC 2047 words decoded (Japanese
+        ISO-2022-JP words with Windows extensions included); None when absent."""
+        for key, raw in self.email.raw_items():
+            if key.lower() == name.lower():
+                return decode_words(str(raw))
+        return None
+
     @property
     def subject(self) -> str:
-        """The decoded Subject (RFC 2047 words decoded), or '' when there is none or it is broken."""
-        try:
-            value = self.email.get("Subject")
-        except (ValueError, IndexError, TypeError):
-            return ""
-        return str(value) if value is not None else ""
+        return self.header_text("Subject") or ""
 
     @classmethod
     def from_headers_and_body(cls, headers: list[tuple[str, str]], body: bytes,
