@@ -235,3 +235,24 @@ def test_store_down_falls_back_to_local_counting(clock: Clock) -> None:
     limiter = RateLimiter(DeadStore(), clock=clock)
     verdicts = [send(limiter, policy).action for _ in range(4)]
     assert verdicts == [Action.CONTINUE] * 3 + [Action.TEMPFAIL]  # still limited, in memory
+
+
+def test_auth_user_limit_follows_the_account_across_ips(limiter: RateLimiter) -> None:
+    """A stolen password used from many IPs is still one account."""
+    policy = make_policy("""
+        ratelimit:
+          limits:
+            - {name: per-user, key: auth_user, per: message, rate: 1/hour, burst: 2}
+        """)
+
+    def as_user(ip: str, user: str | None) -> Action:
+        session = limiter.session(policy)
+        env = Envelope(client_ip=ip)
+        session.on_connect(env)
+        env.mail_from, env.auth_user = "taro@example.jp", user
+        return session.on_mail(env).action
+
+    assert [as_user(f"198.51.100.{i}", "taro") for i in range(3)] == \
+        [Action.CONTINUE, Action.CONTINUE, Action.TEMPFAIL]
+    assert as_user("198.51.100.9", "hanako") is Action.CONTINUE
+    assert all(as_user("198.51.100.10", None) is Action.CONTINUE for _ in range(5))

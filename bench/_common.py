@@ -1,0 +1,127 @@
+"""Helpers shared by the benchmarks in bench/: paths, cleanup, statistics, tables.
+
+Benchmarks run as scripts (`.venv/bin/python bench/NAME.py`), so sys.path[0] is bench/;
+importing this module puts the project root on sys.path too, for `milters`, `mta` and the
+test harness (tests/harness), which the benchmarks reuse rather than duplicate.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
+LOOPBACK = "127.0.0.1"
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark needs could not run: the script exits non-zero."""
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM as an exception, so every `with` block unwinds and stops what it started.
+    raise SystemExit(128 + signum)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+
+
+@contextlib.contextmanager
+def world_readable_tmpdir(prefix: str) -> Iterator[Path]:
+    """A directory under /tmp that user postfix can search (mode 0755), removed afterwards.
+
+    smtpd runs as user postfix and must reach unix milter sockets; mkdtemp makes 0700.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")).resolve()
+    try:
+        os.chmod(path, 0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def child_process(argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
+                  cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `argv` for the duration of the block; SIGTERM it (then SIGKILL) on the way out."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    try:
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a child we started, by its pid only; never leaves it running."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+    """Poll `predicate` until true; BenchError after `timeout` seconds (never forever)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- statistics -------------------------------------------------------------------------
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("median of nothing")
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence (no interpolation needed here)."""
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
+    return ordered[index]
+
+
+# -- output -----------------------------------------------------------------------------
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+          right: Sequence[bool] | None = None) -> str:
+    """A plain-text table; numeric columns right-aligned so digits line up."""
+    right = right or [False] + [True] * (len(headers) - 1)
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) if r else str(c).ljust(w)
+                         for c, w, r in zip(cells, widths, right)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
