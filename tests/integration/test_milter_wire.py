@@ -139,3 +139,10 @@ def test_unix_socket(tmp_path: Path) -> None:
             sock.settimeout(5)
             sock.connect(str(path))
             assert negotiate(sock).version == 6
+
+
+def test_embedded_defaults_need_no_config(tmp_path: Path) -> None:
+    """What ./scripts/run does: no --config, SQLite state under ./var, the shipped policy."""
+    with MilterProcess("ratelimit", None, tmp_path) as proc:
+        assert optneg(proc.port or 0).version == 6
+        assert (tmp_path / "var" / "state.db").exists()
