@@ -14,6 +14,7 @@ from email.errors import HeaderParseError
 from email.header import decode_header
 from email.message import EmailMessage
 from email.parser import BytesParser
+from functools import lru_cache
 from typing import Any
 
 from .jis import decode_cp50220
@@ -44,15 +45,7 @@ class Envelope:
     @property
     def client_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         """The client IP as an address object; None for unix-socket or unparseable clients."""
-        if not self.client_ip:
-            return None
-        try:
-            address = ipaddress.ip_address(self.client_ip.split("%", 1)[0])
-        except ValueError:
-            return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            return address.ipv4_mapped
-        return address
+        return parse_client_ip(self.client_ip) if self.client_ip else None
 
     @property
     def sender_domain(self) -> str | None:
@@ -67,6 +60,19 @@ class Envelope:
         self.mail_params = {}
         self.recipients = []
         self.queue_id = None
+
+
+@lru_cache(maxsize=4096)
+def parse_client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parse once per distinct client (it is asked for at every stage); IPv4-mapped IPv6
+    addresses become IPv4, so one client has one key whichever socket family it used."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
 def strip_brackets(address: str) -> str:

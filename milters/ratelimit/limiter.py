@@ -20,7 +20,7 @@ from milters.core.message import Envelope, Recipient
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import IPAddress, network_matches
 from milters.core.policy.rules import Facts
-from milters.core.store import FallbackStore, MemoryStore, Store
+from milters.core.store import FallbackStore, MemoryStore, Store, Take
 from milters.core.verdict import Verdict
 
 from .settings import Limit, RatelimitSettings
@@ -121,21 +121,33 @@ class Session:
             return env.mail_from or None  # the null sender is limited by IP only
         return env.auth_user
 
-    def _take(self, limits: list[Limit], env: Envelope, slowdown: float) -> Verdict:
-        now = self.limiter.clock()
-        for limit in limits:
-            value = self._key_value(limit, env)
-            if value is None:
-                continue
-            # Whole messages: round, so a trace of old points does not cost a full message.
-            capacity = max(1.0, float(round(limit.burst * slowdown)))
-            result = self._store.bucket_take(bucket_key(limit, value), cost=1.0,
-                                             rate=limit.rate * slowdown, capacity=capacity, now=now)
-            if not result.allowed:
-                return Verdict.tempfail(self.settings.reply, reason=(
-                    f"limit {limit.name} for {limit.key} {value}: {result.level:.1f} of "
-                    f"{capacity:.1f} used, retry in {result.retry_after:.0f}s"))
-        return Verdict.cont()
+    def _admit(self, limits: list[Limit], env: Envelope, refuse: bool = False) -> Verdict:
+        """Count this event in every applicable bucket at once (one atomic store call, one
+        round trip), at the speed the client's points allow; with `refuse`, a client at or
+        over `tempfail_at` points gets the blocked reply and nothing is counted."""
+        assert env.client_address is not None
+        pts = self.settings.points
+        applicable = [(limit, value) for limit in limits
+                      if (value := self._key_value(limit, env)) is not None]
+        takes = [Take(bucket_key(limit, value), limit.rate, limit.burst)
+                 for limit, value in applicable]
+        admission = self._store.admit(points_key(env.client_address), takes,
+                                      half_life=pts.half_life, halve_every=pts.halve_rate_every,
+                                      refuse_at=pts.tempfail_at if refuse else None,
+                                      now=self.limiter.clock())
+        if admission.refused:
+            reason = f"{admission.points:.1f} spam points (limit {pts.tempfail_at:g})"
+            reply = self.settings.blocked_reply
+            return (Verdict.tempfail(reply, reason) if reply.is_temporary
+                    else Verdict.reject(reply, reason))
+        denied = admission.first_denied()
+        if denied is None:
+            return Verdict.cont()
+        limit, value = applicable[denied]
+        result = admission.results[denied]
+        return Verdict.tempfail(self.settings.reply, reason=(
+            f"limit {limit.name} for {limit.key} {value}: {result.level:.1f} of "
+            f"{result.capacity:.0f} used, retry in {result.retry_after:.0f}s"))
 
     def _store_failed(self, stage: str, exc: StoreUnavailable, env: Envelope) -> Verdict:
         log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage=stage,
@@ -158,8 +170,7 @@ class Session:
             if limits:
                 # Counted now, enforced at MAIL FROM: only then can a rule that names the
                 # sender exempt this client, and "exempt" must mean exempt from every limit.
-                slowdown = self.settings.points.slowdown(self._points(address))
-                self.connection_verdict = self._take(limits, env, slowdown)
+                self.connection_verdict = self._admit(limits, env)
         except StoreUnavailable as exc:
             return self._store_failed("connect", exc, env)
         return Verdict.cont()
@@ -174,19 +185,18 @@ class Session:
         if decision.action == "exempt":
             self.message_exempt = True
             return Verdict.cont(f"exempt by rule {decision.rule_label}")
+        over_connections = (self.connection_verdict is not None
+                             and self.connection_verdict.ends_transaction)
+        # A message refused for too many connections must not be counted as a message.
+        limits = [] if over_connections else [lim for lim in self.settings.limits
+                                               if lim.per == "message"]
         try:
-            points = self._points(env.client_address)
-            if points >= self.settings.points.tempfail_at:
-                reason = f"{points:.1f} spam points (limit {self.settings.points.tempfail_at:g})"
-                reply = self.settings.blocked_reply
-                return (Verdict.tempfail(reply, reason) if reply.is_temporary
-                        else Verdict.reject(reply, reason))
-            if self.connection_verdict is not None and self.connection_verdict.ends_transaction:
-                return self.connection_verdict
-            limits = [lim for lim in self.settings.limits if lim.per == "message"]
-            return self._take(limits, env, self.settings.points.slowdown(points))
+            verdict = self._admit(limits, env, refuse=True)  # a blocked source hears so first
         except StoreUnavailable as exc:
             return self._store_failed("mail", exc, env)
+        if over_connections and not verdict.ends_transaction:
+            return self.connection_verdict  # type: ignore[return-value]
+        return verdict
 
     def on_rcpt(self, env: Envelope, rcpt: Recipient) -> Verdict:
         if self.exempt_reason or self.message_exempt or env.client_address is None:
@@ -207,7 +217,7 @@ class Session:
             limits = [lim for lim in self.settings.limits if lim.per == "recipient"]
             if not limits:
                 return Verdict.cont()
-            return self._take(limits, env, points.slowdown(self._points(env.client_address)))
+            return self._admit(limits, env)
         except StoreUnavailable as exc:
             return self._store_failed("rcpt", exc, env)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from milters.core.policy.matching import NetworkPattern
 from milters.core.policy.schema import (Bool, Duration, Field, ListOf, Network, Number,
                                         PerSecond, Rate, Reply, Str, Struct)
+from milters.core.store.base import slowdown_factor
 from milters.core.verdict import SmtpReply
 
 KEYS = ("client_ip", "sender", "auth_user")
@@ -48,7 +49,7 @@ class PointsSettings:
 
     def slowdown(self, points: float) -> float:
         """The share of the normal rate a source with these points gets (1.0 = full speed)."""
-        return 0.5 ** (max(points, 0.0) / self.halve_rate_every)
+        return slowdown_factor(points, self.halve_rate_every)
 
 
 DEFAULT_LIMITS = (

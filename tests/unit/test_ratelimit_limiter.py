@@ -222,6 +222,9 @@ class DeadStore(MemoryStore):
     def points_add(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise StoreUnavailable("redis 127.0.0.1:1 refused the connection")
 
+    def admit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise StoreUnavailable("redis 127.0.0.1:1 refused the connection")
+
 
 def test_store_down_tempfails_by_default(clock: Clock) -> None:
     policy = make_policy(BASE + '  store_failure_reply: "451 4.3.0 State store down"\n')

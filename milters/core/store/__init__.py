@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 from milters.core.errors import StoreError, StoreUnavailable
 
-from .base import POINTS_EPSILON, BucketResult, Record, Store
+from .base import POINTS_EPSILON, Admission, BucketResult, Record, Store, Take
 from .fallback import FallbackStore
 from .memory import MemoryStore
 from .redis_store import RedisStore
@@ -21,6 +21,7 @@ from .sqlite import SqliteStore
 
 __all__ = [
     "POINTS_EPSILON",
+    "Admission",
     "BucketResult",
     "FallbackStore",
     "MemoryStore",
@@ -30,6 +31,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "Take",
     "open_store",
 ]
 

@@ -150,6 +150,70 @@ def decide_points(
     return new, Update(True, new, stamp, points_expiry(new, half_life, stamp))
 
 
+@dataclass(frozen=True)
+class Take:
+    """One bucket an admission must fit into, at its full-speed rate and burst."""
+
+    key: str
+    rate: float
+    burst: float
+    cost: float = 1.0
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The outcome of `Store.admit`: the source's points and each bucket's verdict."""
+
+    points: float
+    slowdown: float  # the share of the full rate these points leave (1.0 = full speed)
+    results: tuple[BucketResult, ...]
+    refused: bool = False  # points were at or above `refuse_at`: nothing was counted
+
+    @property
+    def allowed(self) -> bool:
+        return not self.refused and all(result.allowed for result in self.results)
+
+    def first_denied(self) -> int | None:
+        return next((i for i, result in enumerate(self.results) if not result.allowed), None)
+
+
+def slowdown_factor(points: float, halve_every: float) -> float:
+    """Every `halve_every` points halve the rate."""
+    return 0.5 ** (max(points, 0.0) / halve_every)
+
+
+def scaled_capacity(burst: float, slowdown: float) -> float:
+    """Whole events, at least one; round half up (the same in Lua: floor(x + 0.5)) so that a
+    trace of points does not cost a whole message."""
+    return max(1.0, math.floor(burst * slowdown + 0.5))
+
+
+def decide_admission(
+    points_stored: tuple[float, float] | None,
+    buckets_stored: list[tuple[float, float] | None],
+    takes: list[Take],
+    *,
+    half_life: float,
+    halve_every: float,
+    refuse_at: float | None,
+    now: float,
+) -> tuple[Admission, list[Update]]:
+    """All-or-nothing: every take is counted only if every one fits (one update per take)."""
+    points = 0.0
+    if points_stored is not None:
+        points = decayed_points(points_stored[0], points_stored[1], half_life, now)
+    slow = slowdown_factor(points, halve_every)
+    decided = [decide_bucket(stored, cost=take.cost, rate=take.rate * slow,
+                             capacity=scaled_capacity(take.burst, slow), now=now)
+               for take, stored in zip(takes, buckets_stored)]
+    results = tuple(result for result, _ in decided)
+    refused = refuse_at is not None and points >= refuse_at
+    admission = Admission(points, slow, results, refused)
+    if not admission.allowed:
+        return admission, [Update(False, 0.0, now, None) for _ in takes]
+    return admission, [update for _, update in decided]
+
+
 def is_live(expires: float | None, now: float) -> bool:
     return expires is None or expires > now
 
@@ -176,6 +240,14 @@ class Store(ABC):
         amount 0 only reads. A result below POINTS_EPSILON counts as 0 and
         the record goes away.
         """
+
+    @abstractmethod
+    def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
+              halve_every: float, refuse_at: float | None, now: float) -> Admission:
+        """One rate-limit decision, atomic and in one round trip: read the decayed points
+        at `points_key` (0 when None), scale every take's rate and burst by the slowdown
+        they cause, and count every take if all fit and the points are below `refuse_at`;
+        otherwise count none."""
 
     @abstractmethod
     def records(self, prefix: str, *, now: float | None = None) -> list[Record]:

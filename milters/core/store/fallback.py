@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from milters.core.errors import StoreUnavailable
 
-from .base import BucketResult, Record, Store
+from .base import Admission, BucketResult, Record, Store, Take
 
 T = TypeVar("T")
 
@@ -62,6 +62,12 @@ class FallbackStore(Store):
 
     def points_add(self, key: str, amount: float, *, half_life: float, now: float) -> float:
         return self._route(lambda s: s.points_add(key, amount, half_life=half_life, now=now))
+
+    def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
+              halve_every: float, refuse_at: float | None, now: float) -> Admission:
+        return self._route(lambda s: s.admit(points_key, takes, half_life=half_life,
+                                             halve_every=halve_every, refuse_at=refuse_at,
+                                             now=now))
 
     def records(self, prefix: str, *, now: float | None = None) -> list[Record]:
         return self._route(lambda s: s.records(prefix, now=now))

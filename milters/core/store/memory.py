@@ -5,12 +5,15 @@ import threading
 import time
 
 from .base import (
+    Admission,
     BucketResult,
     Record,
     Store,
+    Take,
     Update,
     check_bucket_args,
     check_points_args,
+    decide_admission,
     decide_bucket,
     decide_points,
     is_live,
@@ -49,6 +52,20 @@ class MemoryStore(Store):
             value, update = decide_points(self._load(key), amount, half_life=half_life, now=now)
             self._apply(key, update, now)
         return value
+
+    def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
+              halve_every: float, refuse_at: float | None, now: float) -> Admission:
+        check_points_args(half_life)
+        for take in takes:
+            check_bucket_args(take.cost, take.rate, take.burst)
+        with self._lock:
+            admission, updates = decide_admission(
+                self._load(points_key) if points_key else None,
+                [self._load(take.key) for take in takes], takes, half_life=half_life,
+                halve_every=halve_every, refuse_at=refuse_at, now=now)
+            for take, update in zip(takes, updates):
+                self._apply(take.key, update, now)
+        return admission
 
     def records(self, prefix: str, *, now: float | None = None) -> list[Record]:
         at = time.time() if now is None else now

@@ -28,12 +28,15 @@ from milters.core.errors import StoreError, StoreUnavailable
 
 from .base import (
     POINTS_EPSILON,
+    Admission,
     BucketResult,
     Record,
     Store,
+    Take,
     check_bucket_args,
     check_points_args,
     retry_after,
+    slowdown_factor,
 )
 
 T = TypeVar("T")
@@ -90,6 +93,64 @@ store(new, math.max(now, updated), half * math.log(new / eps) / math.log(2))
 return fmt(new)
 """
 
+# One rate-limit decision (Store.admit). KEYS[1]: points (read only), KEYS[2..]: buckets.
+# ARGV: now, half_life, halve_every, refuse_at ('' for none), epsilon, has_points (0/1),
+# then cost, rate, burst per bucket. Returns {points, refused, then fits, level, capacity
+# per bucket}; writes only if every bucket fits and the points are below refuse_at.
+_LUA_ADMIT = """
+local function fmt(x) return string.format('%.17g', x) end
+local now, half, halve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local refuse_at, eps, has_points = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
+local points = 0
+if has_points then
+  local f = redis.call('HMGET', KEYS[1], 'v', 'u')
+  local v = tonumber(f[1])
+  if v ~= nil then
+    points = v * math.pow(0.5, math.max(0, now - tonumber(f[2])) / half)
+    if points < eps then points = 0 end
+  end
+end
+local slow = math.pow(0.5, math.max(points, 0) / halve)
+local refused = refuse_at ~= nil and points >= refuse_at
+local ok = not refused
+local out = {fmt(points), refused and 1 or 0}
+local writes = {}
+for i = 2, #KEYS do
+  local at = 7 + (i - 2) * 3
+  local cost, rate = tonumber(ARGV[at]), tonumber(ARGV[at + 1]) * slow
+  local cap = math.max(1, math.floor(tonumber(ARGV[at + 2]) * slow + 0.5))
+  local f = redis.call('HMGET', KEYS[i], 'v', 'u')
+  local level, updated = tonumber(f[1]), tonumber(f[2])
+  if level == nil then level, updated = 0, now end
+  local drained = level - rate * math.max(0, now - updated)
+  if drained < 0 then drained = 0 end
+  if drained + cost <= cap then
+    table.insert(out, 1); table.insert(out, fmt(drained + cost))
+    if cost > 0 then
+      table.insert(writes, {KEYS[i], drained + cost, math.max(now, updated), rate})
+    end
+  else
+    ok = false
+    table.insert(out, 0); table.insert(out, fmt(drained))
+  end
+  table.insert(out, fmt(cap))
+end
+if ok then
+  for _, w in ipairs(writes) do
+    local key, new, stamp, rate = w[1], w[2], w[3], w[4]
+    if rate > 0 then
+      local ttl = new / rate
+      redis.call('HSET', key, 'v', fmt(new), 'u', fmt(stamp), 'e', fmt(stamp + ttl))
+      redis.call('PEXPIRE', key, math.max(1, math.ceil(ttl * 1000)))
+    else
+      redis.call('HSET', key, 'v', fmt(new), 'u', fmt(stamp), 'e', '')
+      redis.call('PERSIST', key)
+    end
+  end
+end
+return out
+"""
+
 _SCAN_BATCH = 500
 
 
@@ -136,6 +197,7 @@ class RedisStore(Store):
         )
         self._bucket = self._client.register_script(_LUA_BUCKET)
         self._points = self._client.register_script(_LUA_POINTS)
+        self._admit = self._client.register_script(_LUA_ADMIT)
 
     # -- Store --------------------------------------------------------------
 
@@ -154,6 +216,28 @@ class RedisStore(Store):
         check_points_args(half_life)
         args = [repr(float(x)) for x in (amount, half_life, now, POINTS_EPSILON)]
         return float(self._call(lambda: self._points(keys=[self.namespace + key], args=args)))
+
+    def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
+              halve_every: float, refuse_at: float | None, now: float) -> Admission:
+        check_points_args(half_life)
+        keys = [self.namespace + (points_key or "")]
+        args = [repr(float(now)), repr(float(half_life)), repr(float(halve_every)),
+                "" if refuse_at is None else repr(float(refuse_at)), repr(POINTS_EPSILON),
+                "1" if points_key else "0"]
+        for take in takes:
+            check_bucket_args(take.cost, take.rate, take.burst)
+            keys.append(self.namespace + take.key)
+            args += [repr(float(take.cost)), repr(float(take.rate)), repr(float(take.burst))]
+        reply = self._call(lambda: self._admit(keys=keys, args=args))
+        points, refused = float(reply[0]), bool(int(reply[1]))
+        slow = slowdown_factor(points, halve_every)
+        results = []
+        for index, take in enumerate(takes):
+            fits, level, capacity = reply[2 + 3 * index: 5 + 3 * index]
+            level, capacity = float(level), float(capacity)
+            wait = 0.0 if int(fits) else retry_after(level, take.cost, capacity, take.rate * slow)
+            results.append(BucketResult(bool(int(fits)), level, capacity, wait))
+        return Admission(points, slow, tuple(results), refused)
 
     def records(self, prefix: str, *, now: float | None = None) -> list[Record]:
         at = time.time() if now is None else now

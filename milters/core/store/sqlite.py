@@ -23,20 +23,25 @@ from typing import TypeVar
 from milters.core.errors import StoreError, StoreUnavailable
 
 from .base import (
+    Admission,
     BucketResult,
     Record,
     Store,
+    Take,
     Update,
     check_bucket_args,
     check_points_args,
+    decide_admission,
     decide_bucket,
     decide_points,
 )
 
 T = TypeVar("T")
 
-# Delete expired rows after this many writes by one thread, not on every call.
+# Delete expired rows after this many writes, not on every call.
 PURGE_EVERY = 1000
+# Idle connections kept open; more are opened under load and closed afterwards.
+POOL_SIZE = 8
 # Backoff while another connection writes: a commit takes tens of
 # microseconds, so start there; the cap bounds the wait after a long one.
 PAUSE_FIRST = 0.0001
@@ -72,7 +77,11 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 
 class SqliteStore(Store):
-    """One table in one file; one connection per thread."""
+    """One table in one file; a small pool of connections shared by all threads.
+
+    Not one connection per thread: libmilter starts a thread per SMTP session, so
+    thread-local connections would open a file per session and never close it.
+    """
 
     def __init__(
         self, path: str, *, timeout: float = 2.0, purge_every: int = PURGE_EVERY
@@ -82,9 +91,10 @@ class SqliteStore(Store):
         self.path = os.path.abspath(path)
         self._timeout = timeout
         self._purge_every = purge_every
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []  # connections free for the next operation
+        self._conns: list[sqlite3.Connection] = []  # every open connection, for close()
         self._conns_lock = threading.Lock()
+        self._writes = 0
         self._closed = False
         self._pid = os.getpid()
         parent = os.path.dirname(self.path)
@@ -121,6 +131,25 @@ class SqliteStore(Store):
             return value
 
         if amount == 0:  # a pure read needs no write lock
+            return self._run(op)
+        return self._run(self._transaction(op), now=now)
+
+    def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
+              halve_every: float, refuse_at: float | None, now: float) -> Admission:
+        check_points_args(half_life)
+        for take in takes:
+            check_bucket_args(take.cost, take.rate, take.burst)
+
+        def op(db: sqlite3.Connection) -> Admission:
+            admission, updates = decide_admission(
+                self._load(db, points_key) if points_key else None,
+                [self._load(db, take.key) for take in takes], takes, half_life=half_life,
+                halve_every=halve_every, refuse_at=refuse_at, now=now)
+            for take, update in zip(takes, updates):
+                self._apply(db, take.key, update)
+            return admission
+
+        if not takes:  # only reads the points
             return self._run(op)
         return self._run(self._transaction(op), now=now)
 
@@ -166,21 +195,19 @@ class SqliteStore(Store):
 
     # -- internals ------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._pid != os.getpid():
-            # A forked child must not use or even close its parent's
-            # connections (closing may checkpoint the parent's WAL); keep
-            # them referenced, unused, and open its own.
-            self._pid = os.getpid()
-            _INHERITED.extend(self._conns)
-            self._local = threading.local()
-            self._conns = []
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is not None:
-            return db
+    def _acquire(self) -> sqlite3.Connection:
+        """An idle connection, or a new one; give it back with _release()."""
         with self._conns_lock:
+            if self._pid != os.getpid():
+                # A forked child must not use or even close its parent's connections
+                # (closing may checkpoint the parent's WAL): keep them referenced, unused.
+                self._pid = os.getpid()
+                _INHERITED.extend(self._conns)
+                self._conns, self._idle = [], []
             if self._closed:
                 raise StoreError(f"sqlite {self.path}: store is closed")
+            if self._idle:
+                return self._idle.pop()
         try:
             # timeout=0: busy waits are ours (see module docstring).
             db = sqlite3.connect(
@@ -189,11 +216,19 @@ class SqliteStore(Store):
             db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite {self.path}: cannot open: {exc}") from exc
-        self._local.db = db
-        self._local.writes = 0
         with self._conns_lock:
             self._conns.append(db)
         return db
+
+    def _release(self, db: sqlite3.Connection) -> None:
+        with self._conns_lock:
+            if db not in self._conns:  # closed or inherited meanwhile
+                return
+            if len(self._idle) < POOL_SIZE:
+                self._idle.append(db)
+                return
+            self._conns.remove(db)
+        db.close()
 
     def _init_schema(self, db: sqlite3.Connection) -> None:
         # WAL is a property of the file; setting it again is a no-op.
@@ -221,31 +256,37 @@ class SqliteStore(Store):
 
     def _run(self, op: Callable[[sqlite3.Connection], T], now: float | None = None) -> T:
         """Run `op`, retrying while another connection holds the write lock."""
-        db = self._connection()
-        deadline = time.monotonic() + self._timeout
-        pause = PAUSE_FIRST
-        while True:
-            try:
-                result = op(db)
-                break
-            except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise StoreError(f"sqlite {self.path}: {exc}") from exc
-                if time.monotonic() >= deadline:
-                    raise StoreUnavailable(
-                        f"sqlite {self.path}: database locked for {self._timeout:g}s"
-                    ) from exc
-            # Jitter keeps two waiting processes from retrying in lockstep.
-            time.sleep(pause * random.random())
-            pause = min(pause * 2, PAUSE_MAX)
+        db = self._acquire()
+        try:
+            deadline = time.monotonic() + self._timeout
+            pause = PAUSE_FIRST
+            while True:
+                try:
+                    result = op(db)
+                    break
+                except sqlite3.Error as exc:
+                    if not _is_busy(exc):
+                        raise StoreError(f"sqlite {self.path}: {exc}") from exc
+                    if time.monotonic() >= deadline:
+                        raise StoreUnavailable(
+                            f"sqlite {self.path}: database locked for {self._timeout:g}s"
+                        ) from exc
+                # Jitter keeps two waiting processes from retrying in lockstep.
+                time.sleep(pause * random.random())
+                pause = min(pause * 2, PAUSE_MAX)
+        finally:
+            self._release(db)
         if now is not None:
             self._count_write(now)
         return result
 
     def _count_write(self, now: float) -> None:
-        self._local.writes += 1
-        if self._local.writes >= self._purge_every:
-            self._local.writes = 0
+        with self._conns_lock:
+            self._writes += 1
+            due = self._writes >= self._purge_every
+            if due:
+                self._writes = 0
+        if due:
             try:
                 self.purge(now)
             except StoreUnavailable:
