@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -22,16 +22,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
 
-LOOPBACK = "127.0.0.1"
-
-
 class BenchError(RuntimeError):
     """Something the benchmark needs could not run: the script exits non-zero."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM/SIGHUP as an exception, so every `with` block unwinds and stops what it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 def _terminate(signum: int, _frame: FrameType | None) -> None:
-    # SIGTERM as an exception, so every `with` block unwinds and stops what it started.
-    raise SystemExit(128 + signum)
+    # Once is enough: a second signal must not interrupt the clean-up the first one started.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 def exit_cleanly_on_sigterm() -> None:
@@ -78,7 +85,8 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         proc.wait(5)
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.02) -> None:
     """Poll `predicate` until true; BenchError after `timeout` seconds (never forever)."""
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -26,6 +26,10 @@ from .milter_protocol import ActionFlag, MacroStage, ProtocolFlag
 from .verdict import Action, SmtpReply, Verdict
 
 P = ProtocolFlag
+# Plain ints for the per-callback checks (enum flag arithmetic costs microseconds).
+_NR_CONN, _NR_HELO, _NR_MAIL, _NR_RCPT = int(P.NR_CONN), int(P.NR_HELO), int(P.NR_MAIL), int(P.NR_RCPT)
+_NR_HDR, _NR_EOH, _NR_BODY = int(P.NR_HDR), int(P.NR_EOH), int(P.NR_BODY)
+_SETSYMLIST = int(ActionFlag.SETSYMLIST)
 FAILURE_REPLY = SmtpReply(451, "4.3.0", "Temporary local problem, please try again later")
 
 
@@ -68,8 +72,8 @@ def wanted_protocol(cls: type[MilterLogic]) -> ProtocolFlag:
     """The SMFIP_* flags a logic class asks for: skip what it ignores, no reply where it
     only listens. Connect, HELO, MAIL and RCPT are always received (they fill the envelope)."""
     flags = P.NODATA | P.NR_DATA | P.NOUNKNOWN | P.NR_UNKN
-    for method, no_reply in (("on_connect", P.NR_CONN), ("on_helo", P.NR_HELO),
-                             ("on_mail", P.NR_MAIL), ("on_rcpt", P.NR_RCPT)):
+    for method, no_reply in (("on_connect", _NR_CONN), ("on_helo", _NR_HELO),
+                             ("on_mail", _NR_MAIL), ("on_rcpt", _NR_RCPT)):
         if not _overrides(cls, method):
             flags |= no_reply
     if _overrides(cls, "on_message"):
@@ -90,6 +94,25 @@ class MilterAdapter(Milter.Base):
 
     logic_factory: ClassVar[Callable[[], MilterLogic]]
     logic_class: ClassVar[type[MilterLogic]]
+    # Worked out once per class (see bind()): enum arithmetic per connection is measurable.
+    _want_actions: ClassVar[int] = 0
+    _want_protocol: ClassVar[int] = 0
+    _macro_lists: ClassVar[tuple[tuple[int, str], ...]] = ()
+    _reads_message: ClassVar[bool] = False
+
+    @classmethod
+    def bind(cls, logic_class: type[MilterLogic],
+             factory: Callable[[], MilterLogic]) -> type["MilterAdapter"]:
+        """A pymilter class for this logic, with its negotiation precomputed."""
+        return type(f"{logic_class.name.title()}Adapter", (cls,), {
+            "logic_class": logic_class,
+            "logic_factory": staticmethod(factory),
+            "_want_actions": int(wanted_actions(logic_class)),
+            "_want_protocol": int(wanted_protocol(logic_class)),
+            "_macro_lists": tuple((int(stage), " ".join(names))
+                                  for stage, names in logic_class.macros.items()),
+            "_reads_message": _overrides(logic_class, "on_message"),
+        })
     # Open SMTP sessions, so that a SIGTERM lets them finish before the process exits.
     active_sessions: ClassVar[int] = 0
     _sessions_lock: ClassVar[threading.Lock] = threading.Lock()
@@ -105,16 +128,14 @@ class MilterAdapter(Milter.Base):
 
     # -- negotiation -------------------------------------------------------------------
     def negotiate(self, opts: list[int]) -> int:
-        offered_actions, offered_protocol = opts[0], opts[1]
-        cls = type(self).logic_class
-        actions = int(wanted_actions(cls)) & offered_actions
-        protocol = int(wanted_protocol(cls)) & offered_protocol
+        actions = self._want_actions & opts[0]
+        protocol = self._want_protocol & opts[1]
         self._actions, self._protocol = actions, protocol
         opts[0], opts[1], opts[2], opts[3] = actions, protocol, 0, 0
-        if actions & ActionFlag.SETSYMLIST:
-            for stage, names in cls.macros.items():
+        if actions & _SETSYMLIST:
+            for stage, names in self._macro_lists:
                 # str, not bytes: the C module rejects bytes (the pymilter 1.0.5 bug).
-                self._ctx.setsymlist(int(stage), " ".join(names))
+                self._ctx.setsymlist(stage, names)
         return Milter.CONTINUE
 
     # -- helpers -----------------------------------------------------------------------
@@ -122,7 +143,7 @@ class MilterAdapter(Milter.Base):
         value = self.getsymval(name)
         return value if value else None
 
-    def _answer(self, stage: str, verdict: Verdict, no_reply_flag: ProtocolFlag) -> int:
+    def _answer(self, stage: str, verdict: Verdict, no_reply_flag: int) -> int:
         if verdict.action is Action.CONTINUE:
             return Milter.NOREPLY if self._protocol & no_reply_flag else Milter.CONTINUE
         log_event("verdict", milter=type(self).logic_class.name, stage=stage,
@@ -135,7 +156,7 @@ class MilterAdapter(Milter.Base):
         return {Action.ACCEPT: Milter.ACCEPT, Action.REJECT: Milter.REJECT,
                 Action.TEMPFAIL: Milter.TEMPFAIL, Action.DISCARD: Milter.DISCARD}[verdict.action]
 
-    def _guarded(self, stage: str, call: Callable[[], Verdict], no_reply_flag: ProtocolFlag) -> int:
+    def _guarded(self, stage: str, call: Callable[[], Verdict], no_reply_flag: int) -> int:
         try:
             verdict = call()
         except Exception as exc:  # one broken message must never take the daemon down
@@ -151,13 +172,11 @@ class MilterAdapter(Milter.Base):
         if family in (socket.AF_INET, socket.AF_INET6) and isinstance(hostaddr, tuple):
             self.env.client_ip = str(hostaddr[0])
         self.env.client_name = hostname
-        self.env.macros.update({k: v for k in ("j", "{daemon_name}", "_")
-                                if (v := self._macro(k))})
-        return self._guarded("connect", lambda: self.logic.on_connect(self.env), P.NR_CONN)
+        return self._guarded("connect", lambda: self.logic.on_connect(self.env), _NR_CONN)
 
     def hello(self, heloname: str) -> int:
         self.env.helo = heloname
-        return self._guarded("helo", lambda: self.logic.on_helo(self.env), P.NR_HELO)
+        return self._guarded("helo", lambda: self.logic.on_helo(self.env), _NR_HELO)
 
     def envfrom(self, mail_from: str, *params: str) -> int:
         self.env.start_transaction()
@@ -166,7 +185,7 @@ class MilterAdapter(Milter.Base):
         self.env.mail_params = Milter.param2dict(params) if params else {}
         self.env.auth_user = self._macro("{auth_authen}")
         self.env.queue_id = self._macro("i")
-        return self._guarded("mail", lambda: self.logic.on_mail(self.env), P.NR_MAIL)
+        return self._guarded("mail", lambda: self.logic.on_mail(self.env), _NR_MAIL)
 
     def envrcpt(self, rcpt: str, *params: str) -> int:
         rejected = self._macro("{rcpt_mailer}") == "error"
@@ -174,20 +193,22 @@ class MilterAdapter(Milter.Base):
                               rejected_by_mta=rejected)
         self.env.recipients.append(recipient)
         self.env.queue_id = self._macro("i") or self.env.queue_id
-        return self._guarded("rcpt", lambda: self.logic.on_rcpt(self.env, recipient), P.NR_RCPT)
+        return self._guarded("rcpt", lambda: self.logic.on_rcpt(self.env, recipient), _NR_RCPT)
 
     def header(self, name: str, value: str) -> int:
         self._headers.append((name, value))
-        return Milter.NOREPLY if self._protocol & P.NR_HDR else Milter.CONTINUE
+        return Milter.NOREPLY if self._protocol & _NR_HDR else Milter.CONTINUE
 
     def eoh(self) -> int:
-        return Milter.NOREPLY if self._protocol & P.NR_EOH else Milter.CONTINUE
+        return Milter.NOREPLY if self._protocol & _NR_EOH else Milter.CONTINUE
 
     def body(self, chunk: bytes) -> int:
         self._body.append(chunk)
-        return Milter.NOREPLY if self._protocol & P.NR_BODY else Milter.CONTINUE
+        return Milter.NOREPLY if self._protocol & _NR_BODY else Milter.CONTINUE
 
     def eom(self) -> int:
+        if not self._reads_message:
+            return Milter.CONTINUE
         self.env.queue_id = self._macro("i") or self.env.queue_id
 
         def run() -> Verdict:
@@ -196,7 +217,7 @@ class MilterAdapter(Milter.Base):
             for edit in result.edits:
                 self._apply(edit)
             return result.verdict
-        return self._guarded("eom", run, ProtocolFlag(0))
+        return self._guarded("eom", run, 0)
 
     def abort(self) -> int:
         try:
@@ -264,9 +285,7 @@ def run_milter(logic_class: type[MilterLogic], factory: Callable[[], MilterLogic
     """
     import signal
 
-    adapter = type(f"{logic_class.name.title()}Adapter", (MilterAdapter,),
-                   {"logic_class": logic_class, "logic_factory": staticmethod(factory)})
-    Milter.factory = adapter
+    Milter.factory = MilterAdapter.bind(logic_class, factory)
     stop = stop or threading.Event()
     wake = threading.Event()  # set by signal handlers so the loop reacts at once
     failure: list[BaseException] = []

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import Callable
 
 from milters.core.errors import StoreUnavailable
@@ -20,19 +21,22 @@ from milters.core.message import Envelope, Recipient
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import IPAddress, network_matches
 from milters.core.policy.rules import Facts
-from milters.core.store import FallbackStore, MemoryStore, Store, Take
+from milters.core.store import BucketResult, FallbackStore, MemoryStore, Store, Take
 from milters.core.verdict import Verdict
 
 from .settings import Limit, RatelimitSettings
 
 MILTER = "ratelimit"
+UNBOUNDED = 1e18  # a burst no count reaches: used to record what was already let through
 
 
+@lru_cache(maxsize=4096)
 def ip_key(address: IPAddress) -> str:
     # Brackets keep IPv6 keys prefix-safe: 'rl:ip:[2001:db8::1]:' never prefixes '...::10]'.
     return f"rl:ip:[{address}]:"
 
 
+@lru_cache(maxsize=4096)
 def points_key(address: IPAddress) -> str:
     return ip_key(address) + "points"
 
@@ -96,6 +100,10 @@ class Session:
     message_exempt: bool = False
     accepted_rcpts: int = 0
     flagged_too_many: bool = False
+    slowdown: float = 1.0
+    # Recipient buckets as read at MAIL FROM, and recipients counted since (by bucket key).
+    peeks: dict[str, tuple[Limit, BucketResult]] = field(default_factory=dict)
+    pending: dict[str, tuple[Limit, int]] = field(default_factory=dict)
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -121,16 +129,22 @@ class Session:
             return env.mail_from or None  # the null sender is limited by IP only
         return env.auth_user
 
-    def _admit(self, limits: list[Limit], env: Envelope, refuse: bool = False) -> Verdict:
+    def _applicable(self, limits: list[Limit], env: Envelope) -> list[tuple[Limit, str]]:
+        return [(limit, bucket_key(limit, value)) for limit in limits
+                if (value := self._key_value(limit, env)) is not None]
+
+    def _admit(self, limits: list[Limit], env: Envelope, refuse: bool = False,
+               peek: list[Limit] | None = None) -> Verdict:
         """Count this event in every applicable bucket at once (one atomic store call, one
         round trip), at the speed the client's points allow; with `refuse`, a client at or
-        over `tempfail_at` points gets the blocked reply and nothing is counted."""
+        over `tempfail_at` points gets the blocked reply and nothing is counted. Buckets in
+        `peek` are only read, for the recipient checks of this transaction."""
         assert env.client_address is not None
         pts = self.settings.points
-        applicable = [(limit, value) for limit in limits
-                      if (value := self._key_value(limit, env)) is not None]
-        takes = [Take(bucket_key(limit, value), limit.rate, limit.burst)
-                 for limit, value in applicable]
+        counted = self._applicable(limits, env)
+        peeked = self._applicable(peek or [], env)
+        takes = ([Take(key, limit.rate, limit.burst) for limit, key in counted]
+                 + [Take(key, limit.rate, limit.burst, 0.0) for limit, key in peeked])
         admission = self._store.admit(points_key(env.client_address), takes,
                                       half_life=pts.half_life, halve_every=pts.halve_rate_every,
                                       refuse_at=pts.tempfail_at if refuse else None,
@@ -141,13 +155,44 @@ class Session:
             return (Verdict.tempfail(reply, reason) if reply.is_temporary
                     else Verdict.reject(reply, reason))
         denied = admission.first_denied()
-        if denied is None:
-            return Verdict.cont()
-        limit, value = applicable[denied]
-        result = admission.results[denied]
-        return Verdict.tempfail(self.settings.reply, reason=(
-            f"limit {limit.name} for {limit.key} {value}: {result.level:.1f} of "
-            f"{result.capacity:.0f} used, retry in {result.retry_after:.0f}s"))
+        if denied is not None:
+            limit, key = counted[denied]
+            result = admission.results[denied]
+            return Verdict.tempfail(self.settings.reply, reason=(
+                f"limit {limit.name} for {key}: {result.level:.1f} of "
+                f"{result.capacity:.0f} used, retry in {result.retry_after:.0f}s"))
+        self.slowdown = admission.slowdown
+        self.peeks = {key: (limit, result) for (limit, key), result
+                      in zip(peeked, admission.results[len(counted):])}
+        return Verdict.cont()
+
+    def _check_recipient(self) -> Verdict:
+        """Recipient limits without a store round trip: the levels read at MAIL FROM plus
+        the recipients this connection has added since. They are written at the end of the
+        connection (off the MTA's critical path); concurrent connections from one source
+        can therefore overshoot a recipient burst by what they add at the same moment."""
+        for key, (limit, peek) in self.peeks.items():
+            used = peek.level + self.pending.get(key, (limit, 0))[1] + 1
+            if used > peek.capacity:
+                wait = (used - peek.capacity) / (limit.rate * self.slowdown)
+                return Verdict.tempfail(self.settings.reply, reason=(
+                    f"limit {limit.name} for {key}: {used - 1:.1f} of {peek.capacity:.0f} "
+                    f"used, retry in {wait:.0f}s"))
+        for key, (limit, _) in self.peeks.items():
+            self.pending[key] = (limit, self.pending.get(key, (limit, 0))[1] + 1)
+        return Verdict.cont()
+
+    def _flush_recipients(self, env: Envelope) -> None:
+        """Write the recipients counted locally; always counted, even beyond the burst."""
+        if not self.pending or env.client_address is None:
+            return
+        pts = self.settings.points
+        takes = [Take(key, limit.rate, UNBOUNDED, float(count))
+                 for key, (limit, count) in self.pending.items()]
+        self.pending = {}
+        self._store.admit(points_key(env.client_address), takes, half_life=pts.half_life,
+                          halve_every=pts.halve_rate_every, refuse_at=None,
+                          now=self.limiter.clock())
 
     def _store_failed(self, stage: str, exc: StoreUnavailable, env: Envelope) -> Verdict:
         log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage=stage,
@@ -190,8 +235,11 @@ class Session:
         # A message refused for too many connections must not be counted as a message.
         limits = [] if over_connections else [lim for lim in self.settings.limits
                                                if lim.per == "message"]
+        recipient_limits = [lim for lim in self.settings.limits if lim.per == "recipient"]
+        self.peeks = {}
         try:
-            verdict = self._admit(limits, env, refuse=True)  # a blocked source hears so first
+            # One round trip: points, message buckets, and the recipient buckets' levels.
+            verdict = self._admit(limits, env, refuse=True, peek=recipient_limits)
         except StoreUnavailable as exc:
             return self._store_failed("mail", exc, env)
         if over_connections and not verdict.ends_transaction:
@@ -214,20 +262,18 @@ class Session:
                 self.flagged_too_many = True
                 self._points(env.client_address, points.too_many_recipients.points,
                              "too_many_recipients", env.queue_id)
-            limits = [lim for lim in self.settings.limits if lim.per == "recipient"]
-            if not limits:
-                return Verdict.cont()
-            return self._admit(limits, env)
+            return self._check_recipient()
         except StoreUnavailable as exc:
             return self._store_failed("rcpt", exc, env)
 
     def on_close(self, env: Envelope) -> None:
         idle = self.settings.points.connection_without_mail
-        if self.saw_mail or self.refused or self.exempt_reason or not idle:
-            return
-        if env.client_address is None:
-            return
         try:
+            self._flush_recipients(env)
+            if self.saw_mail or self.refused or self.exempt_reason or not idle:
+                return
+            if env.client_address is None:
+                return
             self._points(env.client_address, idle, "connection_without_mail")
         except StoreUnavailable as exc:
             log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage="close",

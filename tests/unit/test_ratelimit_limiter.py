@@ -259,3 +259,19 @@ def test_auth_user_limit_follows_the_account_across_ips(limiter: RateLimiter) ->
         [Action.CONTINUE, Action.CONTINUE, Action.TEMPFAIL]
     assert as_user("198.51.100.9", "hanako") is Action.CONTINUE
     assert all(as_user("198.51.100.10", None) is Action.CONTINUE for _ in range(5))
+
+
+def test_recipients_are_counted_across_connections(limiter: RateLimiter, clock: Clock) -> None:
+    """Recipients are checked locally during a transaction and written at the end of the
+    connection: the next connection sees them."""
+    policy = make_policy("""
+        ratelimit:
+          limits:
+            - {name: rcpts, key: client_ip, per: recipient, rate: 1/hour, burst: 3}
+        """)
+    assert send(limiter, policy, rcpts=["a@example.jp", "b@example.jp"]).action is Action.CONTINUE
+    verdict = send(limiter, policy, rcpts=["c@example.jp", "d@example.jp"])
+    assert verdict.action is Action.TEMPFAIL and "rcpts" in verdict.reason
+    key = "rl:ip:[198.51.100.7]:bucket:rcpts"
+    level = limiter.store.bucket_take(key, cost=0, rate=1 / 3600, capacity=100, now=clock())
+    assert level.level == pytest.approx(3)  # a, b and c were let through and recorded

@@ -1,5 +1,8 @@
 """The Store interface and the decay math every Python backend shares.
 
+Value types are NamedTuples: a decision builds several per call, and frozen dataclasses
+cost three times as much to create.
+
 Two kinds of record live in a store, both as (value, updated, expires):
 
 - a leaky bucket: the level drains linearly at `rate` units per second;
@@ -14,14 +17,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # A points value below this counts as zero, so decayed scores can be forgotten.
 POINTS_EPSILON = 0.01
 
 
-@dataclass(frozen=True)
-class BucketResult:
+class BucketResult(NamedTuple):
     """The outcome of one `Store.bucket_take`."""
 
     allowed: bool  # True if the cost fitted and was added
@@ -30,8 +32,7 @@ class BucketResult:
     retry_after: float  # seconds until `cost` would fit (0.0 when allowed)
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     """One stored record, as `mailmoat ratelimit show` lists it."""
 
     key: str
@@ -39,8 +40,7 @@ class Record:
     updated: float  # unix time of the last write
 
 
-@dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
     """What a backend must do after `decide_bucket` / `decide_points`.
 
     `write` False means leave the record as it is (a denial, a peek or a
@@ -150,8 +150,7 @@ def decide_points(
     return new, Update(True, new, stamp, points_expiry(new, half_life, stamp))
 
 
-@dataclass(frozen=True)
-class Take:
+class Take(NamedTuple):
     """One bucket an admission must fit into, at its full-speed rate and burst."""
 
     key: str
@@ -160,8 +159,7 @@ class Take:
     cost: float = 1.0
 
 
-@dataclass(frozen=True)
-class Admission:
+class Admission(NamedTuple):
     """The outcome of `Store.admit`: the source's points and each bucket's verdict."""
 
     points: float
