@@ -41,6 +41,9 @@ class MilterLogic:
     actions: ClassVar[ActionFlag] = ActionFlag(0)  # end-of-message edits this milter may make
     rejected_recipients: ClassVar[bool] = False  # also see recipients the MTA rejected
     macros: ClassVar[dict[MacroStage, tuple[str, ...]]] = {}  # what we ask the MTA to send
+    # Stages this logic observes but never decides at ("connect", "helo", "mail", "rcpt"):
+    # the MTA is told not to wait for a reply there, which saves a round trip per stage.
+    quiet_stages: ClassVar[frozenset[str]] = frozenset()
 
     def on_connect(self, env: Envelope) -> Verdict:
         return Verdict.cont()
@@ -72,9 +75,9 @@ def wanted_protocol(cls: type[MilterLogic]) -> ProtocolFlag:
     """The SMFIP_* flags a logic class asks for: skip what it ignores, no reply where it
     only listens. Connect, HELO, MAIL and RCPT are always received (they fill the envelope)."""
     flags = P.NODATA | P.NR_DATA | P.NOUNKNOWN | P.NR_UNKN
-    for method, no_reply in (("on_connect", _NR_CONN), ("on_helo", _NR_HELO),
-                             ("on_mail", _NR_MAIL), ("on_rcpt", _NR_RCPT)):
-        if not _overrides(cls, method):
+    for stage, no_reply in (("connect", P.NR_CONN), ("helo", P.NR_HELO),
+                            ("mail", P.NR_MAIL), ("rcpt", P.NR_RCPT)):
+        if not _overrides(cls, f"on_{stage}") or stage in cls.quiet_stages:
             flags |= no_reply
     if _overrides(cls, "on_message"):
         flags |= P.NR_HDR | P.NR_EOH | P.NR_BODY  # we only collect; the verdict comes at EOM
@@ -144,8 +147,14 @@ class MilterAdapter(Milter.Base):
         return value if value else None
 
     def _answer(self, stage: str, verdict: Verdict, no_reply_flag: int) -> int:
+        if self._protocol & no_reply_flag:
+            if verdict.action is not Action.CONTINUE:  # the MTA is not listening: a bug
+                log_event("milter_error", level=logging.ERROR,
+                          milter=type(self).logic_class.name, stage=stage,
+                          error=f"verdict {verdict.action.value} at a no-reply stage ignored")
+            return Milter.NOREPLY
         if verdict.action is Action.CONTINUE:
-            return Milter.NOREPLY if self._protocol & no_reply_flag else Milter.CONTINUE
+            return Milter.CONTINUE
         log_event("verdict", milter=type(self).logic_class.name, stage=stage,
                   action=verdict.action.value, reply=str(verdict.reply) if verdict.reply else None,
                   reason=verdict.reason or None, queue_id=self.env.queue_id,

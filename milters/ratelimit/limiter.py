@@ -10,6 +10,7 @@ half-life, so a source is re-admitted gradually rather than all at once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -72,6 +73,49 @@ class RateLimiter:
         self.clock = clock
         self.local = FallbackStore(store, MemoryStore(), self._fell_back,
                                    on_recovered=self._recovered)
+        # Recipients let through but not yet written (bucket key -> rate, count): they ride
+        # along with the next admission of any session, or flush() writes them.
+        self._pending: dict[str, tuple[float, float]] = {}
+        self._pending_lock = threading.Lock()
+
+    def defer(self, counts: dict[str, tuple[float, float]]) -> None:
+        with self._pending_lock:
+            for key, (rate, count) in counts.items():
+                self._pending[key] = (rate, self._pending.get(key, (rate, 0.0))[1] + count)
+
+    def take_pending(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Take]:
+        """Pending counts as forced takes; keys in `exclude` (buckets the caller's own
+        admission touches) stay pending, so one admission never names a key twice."""
+        with self._pending_lock:
+            pending = self._pending
+            self._pending = {key: value for key, value in pending.items() if key in exclude}
+        return [Take(key, rate, UNBOUNDED, count, force=True)
+                for key, (rate, count) in pending.items() if key not in exclude]
+
+    def pending_count(self, key: str) -> float:
+        with self._pending_lock:
+            return self._pending.get(key, (0.0, 0.0))[1]
+
+    def store_for(self, settings: RatelimitSettings) -> Store:
+        """The shared store, or its fallback wrapper when the policy says `local`."""
+        return self.local if settings.on_store_failure == "local" else self.store
+
+    def put_back(self, takes: list[Take]) -> None:
+        self.defer({take.key: (take.rate, take.cost) for take in takes if take.force})
+
+    def flush(self, settings: RatelimitSettings) -> None:
+        """Write what is pending (the milter calls this every second and at exit)."""
+        takes = self.take_pending()
+        if not takes:
+            return
+        try:
+            self.store_for(settings).admit(None, takes, half_life=settings.points.half_life,
+                                           halve_every=settings.points.halve_rate_every,
+                                           refuse_at=None, now=self.clock())
+        except StoreUnavailable as exc:
+            self.put_back(takes)
+            log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage="flush",
+                      error=str(exc), action="will retry")
 
     @staticmethod
     def _fell_back(reason: str) -> None:
@@ -103,14 +147,13 @@ class Session:
     slowdown: float = 1.0
     # Recipient buckets as read at MAIL FROM, and recipients counted since (by bucket key).
     peeks: dict[str, tuple[Limit, BucketResult]] = field(default_factory=dict)
-    pending: dict[str, tuple[Limit, int]] = field(default_factory=dict)
+    pending: dict[str, int] = field(default_factory=dict)
+    pending_rates: dict[str, float] = field(default_factory=dict)
 
     # -- helpers -------------------------------------------------------------------------
     @property
     def _store(self) -> Store:
-        if self.settings.on_store_failure == "local":
-            return self.limiter.local
-        return self.limiter.store
+        return self.limiter.store_for(self.settings)
 
     def _points(self, address: IPAddress, add: float = 0.0, signal: str | None = None,
                 queue_id: str | None = None) -> float:
@@ -145,10 +188,16 @@ class Session:
         peeked = self._applicable(peek or [], env)
         takes = ([Take(key, limit.rate, limit.burst) for limit, key in counted]
                  + [Take(key, limit.rate, limit.burst, 0.0) for limit, key in peeked])
-        admission = self._store.admit(points_key(env.client_address), takes,
-                                      half_life=pts.half_life, halve_every=pts.halve_rate_every,
-                                      refuse_at=pts.tempfail_at if refuse else None,
-                                      now=self.limiter.clock())
+        riders = self.limiter.take_pending(exclude={take.key for take in takes})
+        try:
+            admission = self._store.admit(points_key(env.client_address), takes + riders,
+                                          half_life=pts.half_life,
+                                          halve_every=pts.halve_rate_every,
+                                          refuse_at=pts.tempfail_at if refuse else None,
+                                          now=self.limiter.clock())
+        except StoreUnavailable:
+            self.limiter.put_back(riders)
+            raise
         if admission.refused:
             reason = f"{admission.points:.1f} spam points (limit {pts.tempfail_at:g})"
             reply = self.settings.blocked_reply
@@ -163,36 +212,27 @@ class Session:
                 f"{result.capacity:.0f} used, retry in {result.retry_after:.0f}s"))
         self.slowdown = admission.slowdown
         self.peeks = {key: (limit, result) for (limit, key), result
-                      in zip(peeked, admission.results[len(counted):])}
+                      in zip(peeked, admission.results[len(counted):len(takes)])}
         return Verdict.cont()
 
     def _check_recipient(self) -> Verdict:
         """Recipient limits without a store round trip: the levels read at MAIL FROM plus
-        the recipients this connection has added since. They are written at the end of the
-        connection (off the MTA's critical path); concurrent connections from one source
-        can therefore overshoot a recipient burst by what they add at the same moment."""
+        the recipients this connection has added since. They are written with the next
+        admission of this process or within a second (off the MTA's critical path), so
+        concurrent connections from one source can overshoot a recipient burst by what
+        they add in that moment."""
         for key, (limit, peek) in self.peeks.items():
-            used = peek.level + self.pending.get(key, (limit, 0))[1] + 1
+            # Other sessions of this process may hold counts for this bucket not yet written.
+            used = peek.level + self.limiter.pending_count(key) + self.pending.get(key, 0) + 1
             if used > peek.capacity:
                 wait = (used - peek.capacity) / (limit.rate * self.slowdown)
                 return Verdict.tempfail(self.settings.reply, reason=(
                     f"limit {limit.name} for {key}: {used - 1:.1f} of {peek.capacity:.0f} "
                     f"used, retry in {wait:.0f}s"))
         for key, (limit, _) in self.peeks.items():
-            self.pending[key] = (limit, self.pending.get(key, (limit, 0))[1] + 1)
+            self.pending[key] = self.pending.get(key, 0) + 1
+            self.pending_rates[key] = limit.rate * self.slowdown
         return Verdict.cont()
-
-    def _flush_recipients(self, env: Envelope) -> None:
-        """Write the recipients counted locally; always counted, even beyond the burst."""
-        if not self.pending or env.client_address is None:
-            return
-        pts = self.settings.points
-        takes = [Take(key, limit.rate, UNBOUNDED, float(count))
-                 for key, (limit, count) in self.pending.items()]
-        self.pending = {}
-        self._store.admit(points_key(env.client_address), takes, half_life=pts.half_life,
-                          halve_every=pts.halve_rate_every, refuse_at=None,
-                          now=self.limiter.clock())
 
     def _store_failed(self, stage: str, exc: StoreUnavailable, env: Envelope) -> Verdict:
         log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage=stage,
@@ -217,7 +257,9 @@ class Session:
                 # sender exempt this client, and "exempt" must mean exempt from every limit.
                 self.connection_verdict = self._admit(limits, env)
         except StoreUnavailable as exc:
-            return self._store_failed("connect", exc, env)
+            # Connect has no reply (the MTA does not wait for it): log it; MAIL FROM asks the
+            # store again and answers by policy.
+            self._store_failed("connect", exc, env)
         return Verdict.cont()
 
     def on_mail(self, env: Envelope) -> Verdict:
@@ -268,8 +310,11 @@ class Session:
 
     def on_close(self, env: Envelope) -> None:
         idle = self.settings.points.connection_without_mail
+        if self.pending:
+            self.limiter.defer({key: (self.pending_rates[key], float(count))
+                                for key, count in self.pending.items()})
+            self.pending = {}
         try:
-            self._flush_recipients(env)
             if self.saw_mail or self.refused or self.exempt_reason or not idle:
                 return
             if env.client_address is None:

@@ -13,12 +13,14 @@ from milters.core.policy.holder import PolicyHolder
 from milters.core.store import open_store
 from milters.core.verdict import Verdict
 
-from .limiter import RateLimiter, Session
+from .limiter import MILTER, RateLimiter, Session
 
 
 class RatelimitLogic(MilterLogic):
     name = "ratelimit"
     rejected_recipients = True  # rejected RCPTs are a spam signal (SMFIP_RCPT_REJ)
+    # Connect is only observed (its verdicts are due at MAIL FROM): the MTA need not wait.
+    quiet_stages = frozenset({"connect"})
     macros = {
         MacroStage.ENVFROM: ("i", "{auth_authen}"),
         MacroStage.ENVRCPT: ("i", "{rcpt_mailer}"),
@@ -45,6 +47,14 @@ def serve(config: GatewayConfig, listen: str,
     """Run the milter until SIGTERM; SIGHUP or an edit of the policy file reloads it."""
     holder = PolicyHolder(config.policy, load_policy)  # raises ConfigError: refuse to start
     limiter = RateLimiter(open_store(config.store, timeout=config.store_timeout))
-    run_milter(RatelimitLogic, lambda: RatelimitLogic(limiter.session(holder.current)), listen,
-               on_tick=holder.reload_if_changed, on_hangup=lambda: holder.reload("SIGHUP"),
-               tick=1.0)
+
+    def every_second() -> None:
+        holder.reload_if_changed()
+        limiter.flush(holder.current.sections[MILTER])
+
+    try:
+        run_milter(RatelimitLogic, lambda: RatelimitLogic(limiter.session(holder.current)),
+                   listen, on_tick=every_second, on_hangup=lambda: holder.reload("SIGHUP"),
+                   tick=1.0)
+    finally:
+        limiter.flush(holder.current.sections[MILTER])  # counted recipients outlive us

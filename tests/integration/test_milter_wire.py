@@ -41,11 +41,11 @@ def test_negotiates_only_the_steps_it_uses(milter: MilterProcess) -> None:
     # Skipped entirely: headers, end of headers, body, DATA, unknown commands.
     for flag in (P.NOHDRS, P.NOEOH, P.NOBODY, P.NODATA, P.NOUNKNOWN):
         assert flag in reply.protocol, flag
-    # It decides at connect, MAIL and RCPT, so the MTA must wait for those replies...
-    for flag in (P.NOCONNECT, P.NOMAIL, P.NORCPT, P.NR_CONN, P.NR_MAIL, P.NR_RCPT):
+    # It decides at MAIL and RCPT, so the MTA must wait for those replies...
+    for flag in (P.NOCONNECT, P.NOMAIL, P.NORCPT, P.NR_MAIL, P.NR_RCPT):
         assert flag not in reply.protocol, flag
-    # ...but not for HELO, which it only notes.
-    assert P.NR_HELO in reply.protocol
+    # ...but not at connect and HELO, which it only observes (a round trip saved each).
+    assert P.NR_CONN in reply.protocol and P.NR_HELO in reply.protocol
     # Recipients the MTA rejected are a spam signal: it asks to see them.
     assert P.RCPT_REJ in reply.protocol
     assert reply.macros == {MacroStage.ENVFROM: ["i", "{auth_authen}"],

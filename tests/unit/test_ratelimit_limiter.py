@@ -262,8 +262,8 @@ def test_auth_user_limit_follows_the_account_across_ips(limiter: RateLimiter) ->
 
 
 def test_recipients_are_counted_across_connections(limiter: RateLimiter, clock: Clock) -> None:
-    """Recipients are checked locally during a transaction and written at the end of the
-    connection: the next connection sees them."""
+    """Recipients are checked locally during a transaction and written later: the next
+    connection sees them all the same."""
     policy = make_policy("""
         ratelimit:
           limits:
@@ -273,5 +273,21 @@ def test_recipients_are_counted_across_connections(limiter: RateLimiter, clock: 
     verdict = send(limiter, policy, rcpts=["c@example.jp", "d@example.jp"])
     assert verdict.action is Action.TEMPFAIL and "rcpts" in verdict.reason
     key = "rl:ip:[198.51.100.7]:bucket:rcpts"
+    assert limiter.store.records(key, now=clock()) == []  # not written yet: no round trip
+    limiter.flush(policy.sections["ratelimit"])  # what the milter does every second
     level = limiter.store.bucket_take(key, cost=0, rate=1 / 3600, capacity=100, now=clock())
     assert level.level == pytest.approx(3)  # a, b and c were let through and recorded
+
+
+def test_pending_recipients_ride_along_with_the_next_admission(limiter: RateLimiter,
+                                                               clock: Clock) -> None:
+    policy = make_policy("""
+        ratelimit:
+          limits:
+            - {name: rcpts, key: client_ip, per: recipient, rate: 1/hour, burst: 10}
+            - {name: msgs, key: client_ip, per: message, rate: 1/hour, burst: 10}
+        """)
+    send(limiter, policy, ip="198.51.100.50", rcpts=["a@example.jp", "b@example.jp"])
+    send(limiter, policy, ip="198.51.100.51")  # another client's MAIL FROM writes them
+    records = {r.key: r.value for r in limiter.store.records("rl:ip:", now=clock())}
+    assert records["rl:ip:[198.51.100.50]:bucket:rcpts"] == pytest.approx(2)

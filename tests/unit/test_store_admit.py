@@ -128,3 +128,13 @@ def test_sqlite_keeps_a_bounded_pool_across_many_threads(tmp_path: Path) -> None
     assert len(store._conns) <= POOL_SIZE
     assert len(store.records("b:", now=T0)) == 200
     store.close()
+
+
+def test_forced_takes_are_counted_whatever_the_verdict(store: Store) -> None:
+    store.points_add("p:ip", 50, half_life=100.0, now=T0)
+    forced = Take("b:other-client", 2.0, 1.0, 7.0, force=True)  # over its burst: still counted
+    refused = admit(store, [Take("b:z", 1.0, 10), forced], refuse_at=40)
+    assert refused.refused and refused.results[1].allowed
+    peek = store.bucket_take("b:other-client", cost=0, rate=2.0, capacity=100, now=T0 + 1)
+    assert peek.level == pytest.approx(5.0)  # 7 counted, drained at its own final rate 2/s
+    assert store.bucket_take("b:z", cost=0, rate=1.0, capacity=10, now=T0).level == 0

@@ -151,12 +151,17 @@ def decide_points(
 
 
 class Take(NamedTuple):
-    """One bucket an admission must fit into, at its full-speed rate and burst."""
+    """One bucket an admission must fit into, at its full-speed rate and burst.
+
+    A forced take records events that were already let through (counted locally and
+    written later): it is always counted, whatever the verdict, never denies, and its rate
+    is final (it belongs to another client than the points of this admission)."""
 
     key: str
     rate: float
     burst: float
     cost: float = 1.0
+    force: bool = False
 
 
 class Admission(NamedTuple):
@@ -196,19 +201,23 @@ def decide_admission(
     refuse_at: float | None,
     now: float,
 ) -> tuple[Admission, list[Update]]:
-    """All-or-nothing: every take is counted only if every one fits (one update per take)."""
+    """All-or-nothing: every take is counted only if every one fits (one update per take);
+    forced takes are counted in any case."""
     points = 0.0
     if points_stored is not None:
         points = decayed_points(points_stored[0], points_stored[1], half_life, now)
     slow = slowdown_factor(points, halve_every)
-    decided = [decide_bucket(stored, cost=take.cost, rate=take.rate * slow,
+    decided = [decide_bucket(stored, cost=take.cost, rate=take.rate, capacity=math.inf, now=now)
+               if take.force else
+               decide_bucket(stored, cost=take.cost, rate=take.rate * slow,
                              capacity=scaled_capacity(take.burst, slow), now=now)
                for take, stored in zip(takes, buckets_stored)]
     results = tuple(result for result, _ in decided)
     refused = refuse_at is not None and points >= refuse_at
     admission = Admission(points, slow, results, refused)
     if not admission.allowed:
-        return admission, [Update(False, 0.0, now, None) for _ in takes]
+        return admission, [update if take.force else Update(False, 0.0, now, None)
+                           for take, (_, update) in zip(takes, decided)]
     return admission, [update for _, update in decided]
 
 

@@ -95,8 +95,9 @@ return fmt(new)
 
 # One rate-limit decision (Store.admit). KEYS[1]: points (read only), KEYS[2..]: buckets.
 # ARGV: now, half_life, halve_every, refuse_at ('' for none), epsilon, has_points (0/1),
-# then cost, rate, burst per bucket. Returns {points, refused, then fits, level, capacity
-# per bucket}; writes only if every bucket fits and the points are below refuse_at.
+# then cost, rate, burst, force (0/1) per bucket. Returns {points, refused, then fits,
+# level, capacity per bucket}; writes only if every bucket fits and the points are below
+# refuse_at, except forced buckets, which are always written and always fit.
 _LUA_ADMIT = """
 local function fmt(x) return string.format('%.17g', x) end
 local now, half, halve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -115,10 +116,13 @@ local refused = refuse_at ~= nil and points >= refuse_at
 local ok = not refused
 local out = {fmt(points), refused and 1 or 0}
 local writes = {}
+local apply = {}  -- forced writes now, the others only if all fit
 for i = 2, #KEYS do
-  local at = 7 + (i - 2) * 3
+  local at = 7 + (i - 2) * 4
   local cost, rate = tonumber(ARGV[at]), tonumber(ARGV[at + 1]) * slow
+  local force = ARGV[at + 3] == '1'
   local cap = math.max(1, math.floor(tonumber(ARGV[at + 2]) * slow + 0.5))
+  if force then cap, rate = math.huge, tonumber(ARGV[at + 1]) end
   local f = redis.call('HMGET', KEYS[i], 'v', 'u')
   local level, updated = tonumber(f[1]), tonumber(f[2])
   if level == nil then level, updated = 0, now end
@@ -127,16 +131,20 @@ for i = 2, #KEYS do
   if drained + cost <= cap then
     table.insert(out, 1); table.insert(out, fmt(drained + cost))
     if cost > 0 then
-      table.insert(writes, {KEYS[i], drained + cost, math.max(now, updated), rate})
+      local w = {KEYS[i], drained + cost, math.max(now, updated), rate}
+      table.insert(force and apply or writes, w)
     end
   else
     ok = false
     table.insert(out, 0); table.insert(out, fmt(drained))
   end
-  table.insert(out, fmt(cap))
+  table.insert(out, force and 'inf' or fmt(cap))
 end
 if ok then
-  for _, w in ipairs(writes) do
+  for _, w in ipairs(writes) do table.insert(apply, w) end
+end
+do
+  for _, w in ipairs(apply) do
     local key, new, stamp, rate = w[1], w[2], w[3], w[4]
     if rate > 0 then
       local ttl = new / rate
@@ -227,7 +235,8 @@ class RedisStore(Store):
         for take in takes:
             check_bucket_args(take.cost, take.rate, take.burst)
             keys.append(self.namespace + take.key)
-            args += [repr(float(take.cost)), repr(float(take.rate)), repr(float(take.burst))]
+            args += [repr(float(take.cost)), repr(float(take.rate)), repr(float(take.burst)),
+                     "1" if take.force else "0"]
         reply = self._call(lambda: self._admit(keys=keys, args=args))
         points, refused = float(reply[0]), bool(int(reply[1]))
         slow = slowdown_factor(points, halve_every)
