@@ -72,13 +72,6 @@ def drained_level(level: float, updated: float, rate: float, now: float) -> floa
     return max(0.0, level - rate * elapsed)
 
 
-def bucket_expiry(level: float, rate: float, at: float) -> float | None:
-    """When a bucket written at `at` has drained to zero (None: never)."""
-    if rate <= 0:
-        return None if level > 0 else at
-    return at + level / rate
-
-
 def retry_after(drained: float, cost: float, capacity: float, rate: float) -> float:
     """Seconds until `cost` fits into a bucket at level `drained`."""
     excess = drained + cost - capacity
@@ -98,17 +91,23 @@ def decide_bucket(
     now: float,
 ) -> tuple[BucketResult, Update]:
     """Leaky-bucket step for a record `stored` = (level, updated) or None."""
-    cost, rate, capacity, now = float(cost), float(rate), float(capacity), float(now)
-    level, updated = stored if stored is not None else (0.0, now)
-    drained = drained_level(level, updated, rate, now)
+    # Hot path (several calls per message): arithmetic inline, no helper calls.
+    if stored is None:
+        drained, updated = 0.0, now
+    else:
+        level, updated = stored
+        drained = level - rate * (now - updated) if now > updated else level
+        if drained < 0.0:
+            drained = 0.0
     # Never move `updated` backwards: a gateway whose clock lags must not
     # let the next caller drain the same interval twice.
-    stamp = max(now, updated)
-    if drained + cost <= capacity:
-        new = drained + cost
+    stamp = now if now > updated else updated
+    new = drained + cost
+    if new <= capacity:
         result = BucketResult(True, new, capacity, 0.0)
         if cost > 0:
-            return result, Update(True, new, stamp, bucket_expiry(new, rate, stamp))
+            expires = stamp + new / rate if rate > 0 else None
+            return result, Update(True, new, stamp, expires)
         return result, Update(False, new, stamp, None)
     result = BucketResult(False, drained, capacity, retry_after(drained, cost, capacity, rate))
     return result, Update(False, drained, stamp, None)

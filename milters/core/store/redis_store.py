@@ -94,14 +94,17 @@ return fmt(new)
 """
 
 # One rate-limit decision (Store.admit). KEYS[1]: points (read only), KEYS[2..]: buckets.
-# ARGV: now, half_life, halve_every, refuse_at ('' for none), epsilon, has_points (0/1),
-# then cost, rate, burst, force (0/1) per bucket. Returns {points, refused, then fits,
-# level, capacity per bucket}; writes only if every bucket fits and the points are below
-# refuse_at, except forced buckets, which are always written and always fit.
+# ARGV[1], one space-separated string (redis-py's per-argument packing costs more than the
+# script): now, half_life, halve_every, refuse_at ('-' for none), epsilon, has_points (0/1),
+# then cost, rate, burst, force (0/1) per bucket. Returns one string: points, refused, then
+# fits, level, capacity per bucket. Writes only if every bucket fits and the points are
+# below refuse_at, except forced buckets, which are always written and always fit.
 _LUA_ADMIT = """
 local function fmt(x) return string.format('%.17g', x) end
-local now, half, halve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local refuse_at, eps, has_points = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
+local A = {}
+for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
+local now, half, halve = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
+local refuse_at, eps, has_points = tonumber(A[4]), tonumber(A[5]), A[6] == '1'
 local points = 0
 if has_points then
   local f = redis.call('HMGET', KEYS[1], 'v', 'u')
@@ -119,10 +122,10 @@ local writes = {}
 local apply = {}  -- forced writes now, the others only if all fit
 for i = 2, #KEYS do
   local at = 7 + (i - 2) * 4
-  local cost, rate = tonumber(ARGV[at]), tonumber(ARGV[at + 1]) * slow
-  local force = ARGV[at + 3] == '1'
-  local cap = math.max(1, math.floor(tonumber(ARGV[at + 2]) * slow + 0.5))
-  if force then cap, rate = math.huge, tonumber(ARGV[at + 1]) end
+  local cost, rate = tonumber(A[at]), tonumber(A[at + 1]) * slow
+  local force = A[at + 3] == '1'
+  local cap = math.max(1, math.floor(tonumber(A[at + 2]) * slow + 0.5))
+  if force then cap, rate = math.huge, tonumber(A[at + 1]) end
   local f = redis.call('HMGET', KEYS[i], 'v', 'u')
   local level, updated = tonumber(f[1]), tonumber(f[2])
   if level == nil then level, updated = 0, now end
@@ -156,7 +159,7 @@ do
     end
   end
 end
-return out
+return table.concat(out, ' ')
 """
 
 _SCAN_BATCH = 500
@@ -229,15 +232,16 @@ class RedisStore(Store):
               halve_every: float, refuse_at: float | None, now: float) -> Admission:
         check_points_args(half_life)
         keys = [self.namespace + (points_key or "")]
-        args = [repr(float(now)), repr(float(half_life)), repr(float(halve_every)),
-                "" if refuse_at is None else repr(float(refuse_at)), repr(POINTS_EPSILON),
-                "1" if points_key else "0"]
+        words = [repr(float(now)), repr(float(half_life)), repr(float(halve_every)),
+                 "-" if refuse_at is None else repr(float(refuse_at)), repr(POINTS_EPSILON),
+                 "1" if points_key else "0"]
         for take in takes:
             check_bucket_args(take.cost, take.rate, take.burst)
             keys.append(self.namespace + take.key)
-            args += [repr(float(take.cost)), repr(float(take.rate)), repr(float(take.burst)),
-                     "1" if take.force else "0"]
-        reply = self._call(lambda: self._admit(keys=keys, args=args))
+            words += [repr(float(take.cost)), repr(float(take.rate)), repr(float(take.burst)),
+                      "1" if take.force else "0"]
+        args = [" ".join(words)]
+        reply = self._call(lambda: self._admit(keys=keys, args=args)).split()
         points, refused = float(reply[0]), bool(int(reply[1]))
         slow = slowdown_factor(points, halve_every)
         results = []
