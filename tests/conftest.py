@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
 from milters.core.policy.document import Policy, load_policy_text
 from mta.cli import EXTENSIONS
+from tests.harness.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server on loopback for the whole run (tests clean their own keys)."""
+    with RedisServer() as server:
+        yield server
 
 
 class Clock:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from milters.core.store import Admission, MemoryStore, SqliteStore, Store, Take, open_store
 from milters.core.store.sqlite import POOL_SIZE
 from tests.harness.redis_server import RedisServer
-from tests.unit.test_store_contract import T0, _open, redis_server  # noqa: F401 (fixture)
+from tests.unit.test_store_contract import T0, _open
 
 BACKENDS = ["memory", "sqlite", "redis", "fallback"]
 
@@ -97,7 +97,7 @@ def test_every_backend_agrees_with_memory(store: Store, sequence: list) -> None:
             assert g.level == pytest.approx(w.level, rel=1e-9, abs=1e-9)
 
 
-def test_redis_admit_is_one_round_trip(redis_server: RedisServer) -> None:  # noqa: F811
+def test_redis_admit_is_one_round_trip(redis_server: RedisServer) -> None:
     store = open_store(redis_server.url)
     store.delete("")
     import redis

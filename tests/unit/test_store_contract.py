@@ -45,12 +45,6 @@ needs_redis = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 def _open(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if kind == "memory":
         return open_store("memory://")

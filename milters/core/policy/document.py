@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..message import Envelope
 from .matching import NetworkPattern, normalize_domain, parse_network_pattern
 from .rules import Conditions, Decision, Facts, Rule, decide
-from .schema import (INVALID, Address, Bool, Field, ListOf, Network, Number, Spec, Str, Struct)
+from .schema import (Address, Bool, Field, ListOf, Network, Number, Spec, Str, Struct)
 from .yamlnodes import MappingNode, Node, Problems, compose_file, compose_text
 
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))

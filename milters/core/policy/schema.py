@@ -7,7 +7,6 @@ protection off) and suggests the key that was probably meant.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -295,9 +294,3 @@ class Struct(Spec):
         if near:
             return f"unknown key; did you mean '{near[0]}'?"
         return f"unknown key; allowed here: {', '.join(self.fields)}"
-
-
-def network_contains(networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
-                     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
-    return address is not None and any(address in net for net in networks
-                                       if net.version == address.version)
