@@ -156,3 +156,11 @@ def test_any_text_gives_a_policy_or_positioned_errors_never_a_crash(text: str) -
         load_policy_text(text, EXTENSIONS, "fuzz.yaml")
     except ConfigError as exc:
         assert exc.problems and all(p.startswith("fuzz.yaml:") for p in exc.problems)
+
+
+@pytest.mark.parametrize("words", [[], ["milter"], ["policy"], ["policy", "check"],
+                                   ["policy", "test"], ["policy", "explain"], ["ratelimit"],
+                                   ["ratelimit", "show"], ["ratelimit", "reset"]])
+def test_every_command_has_help(words: list[str]) -> None:
+    result = mailmoat(*words, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: mailmoat")
