@@ -8,8 +8,6 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
-import os
-import shutil
 import socket
 import sqlite3
 import threading
@@ -33,16 +31,12 @@ from milters.core.store import (
     Store,
     open_store,
 )
-from tests.harness.redis_server import REDIS_SERVER, RedisServer, free_port
+from tests.harness.redis_server import RedisServer, free_port
 
 T0 = 1_700_000_000.0  # a realistic unix time, so float precision is tested too
 HUGE = 1e12
 REL = 1e-9
 
-needs_redis = pytest.mark.skipif(
-    not (shutil.which("redis-server") or os.access(REDIS_SERVER, os.X_OK)),
-    reason="redis-server is not installed",
-)
 
 
 def _open(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
@@ -63,7 +57,7 @@ def _open(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     params=[
         "memory",
         "sqlite",
-        pytest.param("redis", marks=needs_redis),
+        "redis",
         "fallback",
     ]
 )
@@ -344,7 +338,6 @@ def test_sqlite_file_shared_by_two_processes(tmp_path: Path) -> None:
         assert take(store, "ip:shared", 0, T0, rate=0, cap=HUGE).level == 1000
 
 
-@needs_redis
 def test_redis_shared_by_two_processes(redis_server: RedisServer) -> None:
     key = f"ip:shared:{next(_keys)}"
     _two_processes_take(redis_server.url, key)
@@ -410,7 +403,6 @@ def test_fallback_waits_retry_after_then_returns_to_the_primary() -> None:
     assert events == ["flaky: down", "up"] and not store.degraded
 
 
-@needs_redis
 def test_killed_redis_raises_store_unavailable() -> None:
     with RedisServer() as server:
         store = open_store(server.url, timeout=1.0)
@@ -444,7 +436,6 @@ def test_silent_redis_times_out_as_store_unavailable() -> None:
         store.close()
 
 
-@needs_redis
 def test_redis_command_error_is_a_store_error(redis_server: RedisServer) -> None:
     raw = redis.Redis(host="127.0.0.1", port=redis_server.port)
     raw.set("mailmoat:ip:wrongtype", "x")
@@ -456,7 +447,6 @@ def test_redis_command_error_is_a_store_error(redis_server: RedisServer) -> None
     raw.close()
 
 
-@needs_redis
 def test_redis_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with RedisServer(extra_args=("--requirepass", "s3cret")) as server:
         with pytest.raises(StoreError, match="127.0.0.1"):
@@ -508,7 +498,6 @@ def test_sqlite_purges_expired_rows(tmp_path: Path) -> None:
     store.close()
 
 
-@needs_redis
 def test_redis_expires_records_itself(redis_server: RedisServer) -> None:
     raw = redis.Redis(host="127.0.0.1", port=redis_server.port)
     with open_store(redis_server.url) as store:
