@@ -10,7 +10,6 @@ half-life, so a source is re-admitted gradually rather than all at once.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -25,10 +24,10 @@ from milters.core.policy.rules import Facts
 from milters.core.store import BucketResult, FallbackStore, MemoryStore, Store, Take
 from milters.core.verdict import Verdict
 
+from .pending import PendingCounts
 from .settings import Limit, RatelimitSettings
 
 MILTER = "ratelimit"
-UNBOUNDED = 1e18  # a burst no count reaches: used to record what was already let through
 
 
 @lru_cache(maxsize=4096)
@@ -73,39 +72,15 @@ class RateLimiter:
         self.clock = clock
         self.local = FallbackStore(store, MemoryStore(), self._fell_back,
                                    on_recovered=self._recovered)
-        # Recipients let through but not yet written (bucket key -> rate, count): they ride
-        # along with the next admission of any session, or flush() writes them.
-        self._pending: dict[str, tuple[float, float]] = {}
-        self._pending_lock = threading.Lock()
-
-    def defer(self, counts: dict[str, tuple[float, float]]) -> None:
-        with self._pending_lock:
-            for key, (rate, count) in counts.items():
-                self._pending[key] = (rate, self._pending.get(key, (rate, 0.0))[1] + count)
-
-    def take_pending(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Take]:
-        """Pending counts as forced takes; keys in `exclude` (buckets the caller's own
-        admission touches) stay pending, so one admission never names a key twice."""
-        with self._pending_lock:
-            pending = self._pending
-            self._pending = {key: value for key, value in pending.items() if key in exclude}
-        return [Take(key, rate, UNBOUNDED, count, force=True)
-                for key, (rate, count) in pending.items() if key not in exclude]
-
-    def pending_count(self, key: str) -> float:
-        with self._pending_lock:
-            return self._pending.get(key, (0.0, 0.0))[1]
+        self.pending = PendingCounts()
 
     def store_for(self, settings: RatelimitSettings) -> Store:
         """The shared store, or its fallback wrapper when the policy says `local`."""
         return self.local if settings.on_store_failure == "local" else self.store
 
-    def put_back(self, takes: list[Take]) -> None:
-        self.defer({take.key: (take.rate, take.cost) for take in takes if take.force})
-
     def flush(self, settings: RatelimitSettings) -> None:
         """Write what is pending (the milter calls this every second and at exit)."""
-        takes = self.take_pending()
+        takes = self.pending.take()
         if not takes:
             return
         try:
@@ -113,7 +88,7 @@ class RateLimiter:
                                            halve_every=settings.points.halve_rate_every,
                                            refuse_at=None, now=self.clock())
         except StoreUnavailable as exc:
-            self.put_back(takes)
+            self.pending.put_back(takes)
             log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage="flush",
                       error=str(exc), action="will retry")
 
@@ -188,7 +163,7 @@ class Session:
         peeked = self._applicable(peek or [], env)
         takes = ([Take(key, limit.rate, limit.burst) for limit, key in counted]
                  + [Take(key, limit.rate, limit.burst, 0.0) for limit, key in peeked])
-        riders = self.limiter.take_pending(exclude={take.key for take in takes})
+        riders = self.limiter.pending.take(exclude={take.key for take in takes})
         try:
             admission = self._store.admit(points_key(env.client_address), takes + riders,
                                           half_life=pts.half_life,
@@ -196,7 +171,7 @@ class Session:
                                           refuse_at=pts.tempfail_at if refuse else None,
                                           now=self.limiter.clock())
         except StoreUnavailable:
-            self.limiter.put_back(riders)
+            self.limiter.pending.put_back(riders)
             raise
         if admission.refused:
             reason = f"{admission.points:.1f} spam points (limit {pts.tempfail_at:g})"
@@ -223,7 +198,7 @@ class Session:
         they add in that moment."""
         for key, (limit, peek) in self.peeks.items():
             # Other sessions of this process may hold counts for this bucket not yet written.
-            used = peek.level + self.limiter.pending_count(key) + self.pending.get(key, 0) + 1
+            used = peek.level + self.limiter.pending.count(key) + self.pending.get(key, 0) + 1
             if used > peek.capacity:
                 wait = (used - peek.capacity) / (limit.rate * self.slowdown)
                 return Verdict.tempfail(self.settings.reply, reason=(
@@ -311,8 +286,8 @@ class Session:
     def on_close(self, env: Envelope) -> None:
         idle = self.settings.points.connection_without_mail
         if self.pending:
-            self.limiter.defer({key: (self.pending_rates[key], float(count))
-                                for key, count in self.pending.items()})
+            self.limiter.pending.add({key: (self.pending_rates[key], float(count))
+                                      for key, count in self.pending.items()})
             self.pending = {}
         try:
             if self.saw_mail or self.refused or self.exempt_reason or not idle:
