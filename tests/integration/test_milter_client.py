@@ -3,13 +3,9 @@ our own ratelimit milter, and OpenDKIM (C libmilter) from Debian."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -19,23 +15,10 @@ from milters.core.errors import MilterProtocolError
 from milters.core.milter_protocol import MacroStage, ProtocolFlag
 from milters.core.verdict import Action
 from mta.milter_client import MilterClient, MilterEndpoint
-from tests.harness.milter_proc import ROOT, MilterProcess, write_config
-from tests.harness.ports import LOOPBACK, free_port, wait_for_port
+from tests.harness.milter_proc import MilterProcess, write_config
+from tests.harness.ports import LOOPBACK, free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def action_milter() -> Iterator[int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.harness.action_milter",
-                             f"inet:{port}@127.0.0.1"], cwd=ROOT)
-    try:
-        wait_for_port(LOOPBACK, port, timeout=10)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def client_for(port: int, name: str = "test", **kw: float) -> MilterClient:
@@ -150,33 +133,6 @@ def test_nothing_listening_is_a_clear_error() -> None:
     client = MilterClient(MilterEndpoint("gone", f"inet:127.0.0.1:{free_port()}"))
     with pytest.raises(MilterProtocolError, match="milter gone at inet:127.0.0.1:.*refused"):
         client.open()
-
-
-OPENDKIM_CONF = """\
-Syslog                  no
-Mode                    v
-AuthservID              mx.mailmoat.test
-AlwaysAddARHeader       yes
-Socket                  inet:{port}@127.0.0.1
-PidFile                 {dir}/opendkim.pid
-UserID                  opendkim
-"""
-
-
-@pytest.fixture
-def opendkim(tmp_path: Path) -> Iterator[int]:
-    port = free_port()
-    conf = tmp_path / "opendkim.conf"
-    conf.write_text(OPENDKIM_CONF.format(port=port, dir=tmp_path))
-    tmp_path.chmod(0o755)
-    proc = subprocess.Popen(["/usr/sbin/opendkim", "-f", "-x", str(conf)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(LOOPBACK, port, timeout=10)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_opendkim_c_libmilter_adds_its_authentication_results(opendkim: int) -> None:

@@ -1,0 +1,196 @@
+"""Run the configured milters in order for one SMTP session, as Postfix does.
+
+Every stage goes to each milter in turn; the first reject, tempfail or discard ends the
+stage for all; a milter that accepts is left out for the rest of the transaction. At end of
+data each milter gets the message as the earlier ones left it (their edits applied). A
+milter that cannot be reached, breaks the protocol or times out gets its `on_failure`:
+tempfail (the default), reject, or accept (go on without it). Everything is logged.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+from milters.core.edits import Edit
+from milters.core.errors import MilterProtocolError
+from milters.core.eventlog import log_event
+from milters.core.milter_protocol import ProtocolFlag
+from milters.core.verdict import Action, SmtpReply, Verdict
+
+from .edits_apply import Transit, apply_edits, split_message
+from .milter_client import DEFAULT_TEMPFAIL, MilterClient, MilterEndpoint
+
+ON_FAILURE = ("tempfail", "reject", "accept")
+FAILURE_REJECT = SmtpReply(550, "5.7.1", "Message content rejected")
+
+
+@dataclass(frozen=True)
+class ChainMember:
+    endpoint: MilterEndpoint
+    on_failure: str = "tempfail"
+
+
+@dataclass
+class MilterResult:
+    """What one milter said during a session, for logs and `mailmoat scan --json`."""
+
+    name: str
+    verdict: str = "continue"
+    reply: str | None = None
+    stage: str | None = None
+    actions: list[Edit] = field(default_factory=list)
+    error: str | None = None
+
+
+class _Member:
+    def __init__(self, spec: ChainMember) -> None:
+        self.spec = spec
+        self.client = MilterClient(spec.endpoint)
+        self.result = MilterResult(spec.endpoint.name)
+        self.open = False
+        self.out_for_session = False  # failed with on_failure accept, or accepted at connect
+        self.out_for_message = False  # accepted this transaction
+
+    @property
+    def active(self) -> bool:
+        return not (self.out_for_session or self.out_for_message)
+
+
+class ChainSession:
+    """The milter chain for one SMTP session."""
+
+    def __init__(self, members: list[ChainMember], queue_id: Callable[[], str | None] = lambda: None
+                 ) -> None:
+        self.members = [_Member(spec) for spec in members]
+        self._queue_id = queue_id
+
+    # -- stages --------------------------------------------------------------------------
+    def connect(self, hostname: str, address: str | None, port: int = 0,
+                family: int = socket.AF_INET, macros: dict[str, str] | None = None) -> Verdict:
+        for member in self.members:
+            try:
+                member.client.open()
+                member.open = True
+            except MilterProtocolError as exc:
+                verdict = self._failed(member, "connect", exc)
+                if verdict.ends_transaction:
+                    return verdict
+        return self._each("connect", lambda c: c.connect(hostname, address, port, family, macros),
+                          whole_session=True)
+
+    def helo(self, name: str, macros: dict[str, str] | None = None) -> Verdict:
+        return self._each("helo", lambda c: c.helo(name, macros), whole_session=True)
+
+    def mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
+             macros: dict[str, str] | None = None) -> Verdict:
+        for member in self.members:
+            member.out_for_message = False
+        return self._each("mail", lambda c: c.mail(sender, params, macros))
+
+    def rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
+             macros: dict[str, str] | None = None) -> Verdict:
+        return self._each("rcpt", lambda c: c.rcpt(recipient, params, macros))
+
+    def message(self, transit: Transit, macros: dict[str, str] | None = None
+                ) -> tuple[Verdict, Transit]:
+        """Headers, body and end of message to each milter in turn, applying its edits
+        before the next one sees the message."""
+        for member in self.members:
+            if not member.active or not member.open:
+                continue
+            try:
+                verdict, transit = self._content(member, transit, macros)
+            except MilterProtocolError as exc:
+                verdict = self._failed(member, "eom", exc)
+            if verdict.action is Action.ACCEPT:
+                member.out_for_message = True
+            elif verdict.ends_transaction:
+                return verdict, transit
+        return Verdict.cont(), transit
+
+    def abort(self) -> None:
+        for member in self.members:
+            if member.open and member.active:
+                try:
+                    member.client.abort()
+                except MilterProtocolError:
+                    pass  # the next stage will find out and apply on_failure
+
+    def close(self) -> None:
+        for member in self.members:
+            member.client.close()
+
+    @property
+    def results(self) -> list[MilterResult]:
+        return [member.result for member in self.members]
+
+    # -- internals -----------------------------------------------------------------------
+    def _content(self, member: _Member, transit: Transit, macros: dict[str, str] | None
+                 ) -> tuple[Verdict, Transit]:
+        client = member.client
+        assert client.negotiated is not None
+        leading_space = ProtocolFlag.HDR_LEADSPC in client.negotiated.protocol
+        fields, body = split_message(transit.raw)
+        steps: list[Callable[[], Verdict]] = [lambda: client.data(macros)]
+        for raw_field in fields:
+            name, _, value = raw_field.decode("utf-8", "surrogateescape").partition(":")
+            value = value[:-2] if value.endswith("\r\n") else value
+            if not leading_space:
+                value = value.lstrip(" \t")
+            steps.append(lambda n=name, v=value: client.header(n, v))
+        steps += [lambda: client.end_of_headers(macros), lambda: client.body(body)]
+        for step in steps:
+            verdict = step()
+            if verdict.ends_transaction:
+                self._note(member, "content", verdict)
+                return verdict, transit
+        outcome = client.end_of_message(macros)
+        member.result.actions += outcome.edits
+        transit = apply_edits(transit, outcome.edits, leading_space=leading_space)
+        self._note(member, "eom", outcome.verdict)
+        return outcome.verdict, transit
+
+    def _each(self, stage: str, call: Callable[[MilterClient], Verdict],
+              whole_session: bool = False) -> Verdict:
+        for member in self.members:
+            if not member.active or not member.open:
+                continue
+            try:
+                verdict = call(member.client)
+            except MilterProtocolError as exc:
+                verdict = self._failed(member, stage, exc)
+            self._note(member, stage, verdict)
+            if verdict.action is Action.ACCEPT:
+                if whole_session:
+                    member.out_for_session = True
+                else:
+                    member.out_for_message = True
+            elif verdict.ends_transaction:
+                return verdict
+        return Verdict.cont()
+
+    def _note(self, member: _Member, stage: str, verdict: Verdict) -> None:
+        if verdict.action is Action.CONTINUE:
+            return
+        member.result.verdict = verdict.action.value
+        member.result.reply = str(verdict.reply) if verdict.reply else None
+        member.result.stage = stage
+        log_event("milter_verdict", milter=member.spec.endpoint.name, stage=stage,
+                  action=verdict.action.value, reply=member.result.reply,
+                  queue_id=self._queue_id())
+
+    def _failed(self, member: _Member, stage: str, exc: MilterProtocolError) -> Verdict:
+        action = member.spec.on_failure
+        member.result.error = str(exc)
+        log_event("milter_failed", level=logging.ERROR, milter=member.spec.endpoint.name,
+                  stage=stage, error=str(exc), action=action, queue_id=self._queue_id())
+        member.client.close()
+        member.open = False
+        member.out_for_session = True
+        if action == "accept":
+            return Verdict.cont(f"milter {member.spec.endpoint.name} failed; on_failure accept")
+        if action == "reject":
+            return Verdict.reject(FAILURE_REJECT, reason=str(exc))
+        return Verdict.tempfail(DEFAULT_TEMPFAIL, reason=str(exc))
