@@ -1,0 +1,215 @@
+"""The durable on-disk queue: nothing is acknowledged before it is safely on disk.
+
+Layout under the spool directory (like Postfix's, in spirit):
+
+    tmp/            files being written; anything here after a crash is garbage
+    active/ID.msg   the message as received (never changed afterwards)
+    active/ID.env   its envelope as JSON, rewritten atomically (delivery attempts, hold)
+
+Held mail (quarantine, `mailmoat queue hold`) stays where it is with `hold_reason` set in its
+envelope: holding and releasing are one atomic envelope rewrite, never a two-file move that
+a crash could cut in half.
+
+enqueue() writes both files to tmp/, fsyncs them, renames the message and then the envelope
+into active/ and fsyncs the directory: only then may the SMTP server answer 250. An envelope
+file marks a complete entry, so recovery deletes a message file without one (its client never
+got a 250). Queue IDs are the receive time in microseconds plus a random part, in hex: they
+sort by arrival and do not collide (the tmp file is created with O_EXCL).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from milters.core.errors import MailmoatError
+
+ACTIVE, TMP = "active", "tmp"
+
+
+class SpoolError(MailmoatError):
+    """The spool cannot take the message (disk full, I/O error): answer 452 4.3.1."""
+
+
+class NoSuchMessage(MailmoatError):
+    """No queued message has this ID."""
+
+
+@dataclass
+class RecipientState:
+    address: str
+    params: str | None = None
+    status: str = "pending"  # pending | delivered | bounced
+    last_reply: str | None = None
+
+
+@dataclass
+class Envelope:
+    queue_id: str
+    sender: str
+    recipients: list[RecipientState]
+    received_at: float
+    client_ip: str | None = None
+    helo: str | None = None
+    attempts: int = 0
+    next_attempt: float = 0.0
+    hold_reason: str | None = None
+    size: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Envelope":
+        raw = json.loads(data)
+        raw["recipients"] = [RecipientState(**r) for r in raw["recipients"]]
+        return cls(**raw)
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.status == "pending"]
+
+
+def new_queue_id(now: float | None = None) -> str:
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    return f"{micros:014X}{secrets.randbelow(1 << 24):06X}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Create `path` exclusively, write everything, fsync; remove it if anything fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+class Queue:
+    def __init__(self, spool: str | Path) -> None:
+        self.spool = Path(spool)
+        for name in (ACTIVE, TMP):
+            (self.spool / name).mkdir(parents=True, exist_ok=True)
+
+    # -- writing ---------------------------------------------------------------------------
+    def enqueue(self, raw: bytes, envelope: Envelope) -> str:
+        """Store durably; return the queue ID. Raises SpoolError, never half-writes."""
+        tmp, active = self.spool / TMP, self.spool / ACTIVE
+        queue_id = envelope.queue_id
+        envelope.size = len(raw)
+        message_tmp, envelope_tmp = tmp / f"{queue_id}.msg", tmp / f"{queue_id}.env"
+        try:
+            _write_durably(message_tmp, raw)
+            _write_durably(envelope_tmp, envelope.to_json())
+            os.rename(message_tmp, active / f"{queue_id}.msg")
+            os.rename(envelope_tmp, active / f"{queue_id}.env")  # the entry is complete now
+            _fsync_dir(active)
+        except OSError as exc:
+            for leftover in (message_tmp, envelope_tmp, active / f"{queue_id}.msg"):
+                leftover.unlink(missing_ok=True)
+            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
+                else (exc.strerror or str(exc))
+            raise SpoolError(f"spool {self.spool}: cannot store {queue_id}: {reason}") from None
+        return queue_id
+
+    def update(self, envelope: Envelope) -> None:
+        """Rewrite an envelope atomically (after a delivery attempt)."""
+        where = self._locate(envelope.queue_id)
+        staged = self.spool / TMP / f"{envelope.queue_id}.env.{secrets.token_hex(4)}"
+        try:
+            _write_durably(staged, envelope.to_json())
+            os.rename(staged, where / f"{envelope.queue_id}.env")
+            _fsync_dir(where)
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            raise SpoolError(f"spool {self.spool}: cannot update {envelope.queue_id}: "
+                             f"{exc.strerror or exc}") from None
+
+    # -- reading ---------------------------------------------------------------------------
+    def envelope(self, queue_id: str) -> Envelope:
+        return Envelope.from_json((self._locate(queue_id) / f"{queue_id}.env").read_bytes())
+
+    def message(self, queue_id: str) -> bytes:
+        return (self._locate(queue_id) / f"{queue_id}.msg").read_bytes()
+
+    def entries(self) -> list[Envelope]:
+        """Every complete entry, oldest first."""
+        found = []
+        for path in sorted((self.spool / ACTIVE).glob("*.env")):
+            try:
+                found.append(Envelope.from_json(path.read_bytes()))
+            except (OSError, ValueError, TypeError):
+                continue  # delivered and removed meanwhile, or being replaced
+        return found
+
+    def due(self, now: float) -> list[Envelope]:
+        """Entries to try now: not held, and their retry time has come."""
+        return [env for env in self.entries()
+                if env.hold_reason is None and env.next_attempt <= now]
+
+    # -- administration --------------------------------------------------------------------
+    def remove(self, queue_id: str) -> None:
+        where = self._locate(queue_id)
+        (where / f"{queue_id}.env").unlink()  # first: without it the entry is gone
+        (where / f"{queue_id}.msg").unlink(missing_ok=True)
+        _fsync_dir(where)
+
+    def hold(self, queue_id: str, reason: str = "held by the administrator") -> None:
+        envelope = self.envelope(queue_id)
+        envelope.hold_reason = reason
+        self.update(envelope)
+
+    def release(self, queue_id: str) -> None:
+        envelope = self.envelope(queue_id)
+        if envelope.hold_reason is None:
+            raise NoSuchMessage(f"message {queue_id} is not on hold")
+        envelope.hold_reason, envelope.next_attempt = None, 0.0
+        self.update(envelope)
+
+    def flush(self) -> int:
+        """Make every message that is not held due now; returns how many."""
+        count = 0
+        for envelope in self.entries():
+            if envelope.hold_reason is None and envelope.next_attempt > 0:
+                envelope.next_attempt = 0.0
+                self.update(envelope)
+                count += 1
+        return count
+
+    def recover(self) -> list[str]:
+        """After a crash: clear tmp/, delete message files whose envelope never landed.
+        Returns the queue IDs removed (none of them was ever acknowledged)."""
+        removed = []
+        for leftover in (self.spool / TMP).iterdir():
+            leftover.unlink(missing_ok=True)
+        for message in (self.spool / ACTIVE).glob("*.msg"):
+            if not message.with_suffix(".env").exists():
+                message.unlink(missing_ok=True)
+                removed.append(message.stem)
+        return removed
+
+    # -- internals -------------------------------------------------------------------------
+    def _locate(self, queue_id: str) -> Path:
+        if not queue_id.isalnum():
+            raise NoSuchMessage(f"'{queue_id}' is not a queue ID")
+        if (self.spool / ACTIVE / f"{queue_id}.env").exists():
+            return self.spool / ACTIVE
+        raise NoSuchMessage(f"no queued message {queue_id}")

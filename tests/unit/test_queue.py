@@ -1,0 +1,97 @@
+"""The durable queue: complete entries only, sortable unique IDs, hold/release, recovery,
+and a full disk that refuses cleanly."""
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mta.queue import Envelope, NoSuchMessage, Queue, RecipientState, SpoolError, new_queue_id
+
+RAW = b"Subject: hi\r\n\r\nbody\r\n"
+
+
+def envelope(queue_id: str | None = None, rcpts: tuple[str, ...] = ("taro@example.jp",)
+             ) -> Envelope:
+    return Envelope(queue_id or new_queue_id(), "a@outside.example",
+                    [RecipientState(r) for r in rcpts], received_at=1.0, client_ip="192.0.2.7")
+
+
+def test_enqueue_writes_both_files_and_reads_back(tmp_path: Path) -> None:
+    queue = Queue(tmp_path)
+    queue_id = queue.enqueue(RAW, envelope())
+    assert sorted(p.name for p in (tmp_path / "active").iterdir()) == [
+        f"{queue_id}.env", f"{queue_id}.msg"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert queue.message(queue_id) == RAW
+    back = queue.envelope(queue_id)
+    assert back.sender == "a@outside.example" and back.size == len(RAW)
+    assert [r.address for r in back.pending()] == ["taro@example.jp"]
+
+
+def test_queue_ids_are_unique_and_sort_by_arrival() -> None:
+    ids = [new_queue_id() for _ in range(5000)]
+    assert len(set(ids)) == 5000
+    assert new_queue_id(1_000.0) < new_queue_id(1_000.001) < new_queue_id(2_000_000_000.0)
+    assert all(i.isalnum() and len(i) == 20 for i in ids)
+
+
+def test_hold_release_due_and_flush(tmp_path: Path) -> None:
+    queue = Queue(tmp_path)
+    first = queue.enqueue(RAW, envelope())
+    second = queue.enqueue(RAW, envelope())
+    queue.hold(first, "quarantined by auth: DMARC fail")
+    assert [e.queue_id for e in queue.due(now=10.0)] == [second]
+    later = queue.envelope(second)
+    later.next_attempt = 500.0
+    queue.update(later)
+    assert queue.due(now=10.0) == []
+    assert queue.flush() == 1 and [e.queue_id for e in queue.due(10.0)] == [second]
+    queue.release(first)
+    assert {e.queue_id for e in queue.due(10.0)} == {first, second}
+    with pytest.raises(NoSuchMessage):
+        queue.release(first)  # not on hold any more
+    queue.remove(first)
+    with pytest.raises(NoSuchMessage):
+        queue.envelope(first)
+    with pytest.raises(NoSuchMessage):
+        queue.envelope("../../etc/passwd")
+
+
+def test_recovery_keeps_complete_entries_and_drops_unacknowledged_ones(tmp_path: Path) -> None:
+    queue = Queue(tmp_path)
+    kept = queue.enqueue(RAW, envelope())
+    orphan = new_queue_id()
+    (tmp_path / "active" / f"{orphan}.msg").write_bytes(RAW)  # crash before the envelope
+    (tmp_path / "tmp" / f"{new_queue_id()}.msg").write_bytes(b"half")
+    assert Queue(tmp_path).recover() == [orphan]
+    assert [e.queue_id for e in queue.entries()] == [kept]
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB filesystem (tmpfs), so the kernel itself says ENOSPC."""
+    mount = Path("/tmp") / f"mailmoat-full-{uuid.uuid4().hex[:8]}"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        mount.rmdir()
+
+
+def test_a_full_disk_is_a_clean_spool_error(tiny_disk: Path) -> None:
+    queue = Queue(tiny_disk / "spool")
+    with pytest.raises(SpoolError, match="disk full"):
+        queue.enqueue(b"x" * 200_000, envelope())
+    assert list((tiny_disk / "spool" / "tmp").iterdir()) == []
+    assert list((tiny_disk / "spool" / "active").iterdir()) == []
+    small = queue.enqueue(RAW, envelope())  # the space it tried to use was given back
+    assert queue.message(small) == RAW
+    assert os.statvfs(tiny_disk).f_bfree > 0
