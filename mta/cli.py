@@ -21,6 +21,9 @@ from milters.ratelimit import admin as ratelimit_admin
 from milters.ratelimit import milter as ratelimit_milter
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 
+from . import queue_admin
+from .queue import Queue
+
 EXTENSIONS: list[PolicyExtension] = [RATELIMIT]
 MILTERS: dict[str, Callable[[GatewayConfig, str, Callable[[Path], Policy]], None]] = {
     "ratelimit": ratelimit_milter.serve,
@@ -128,6 +131,27 @@ def cmd_ratelimit_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    queue = Queue(load_config(args.config).queue.dir)
+    action = args.queue_command
+    if action == "list":
+        print("\n".join(queue_admin.list_lines(queue)))
+    elif action == "show":
+        print(queue_admin.show_text(queue, args.id))
+    elif action == "flush":
+        print(f"{queue.flush()} message(s) made due now")
+    elif action == "delete":
+        queue.remove(args.id)
+        print(f"{args.id}: deleted")
+    elif action == "hold":
+        queue.hold(args.id)
+        print(f"{args.id}: on hold")
+    elif action == "release":
+        queue.release(args.id)
+        print(f"{args.id}: released")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 def _ip(text: str) -> str:
     try:
@@ -188,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("ip", type=_ip)
     reset.add_argument("--config", metavar="FILE", help=config_help)
     reset.set_defaults(func=cmd_ratelimit_reset)
+    queue = sub.add_parser("queue", help="inspect and manage the mail queue")
+    qsub = queue.add_subparsers(dest="queue_command", required=True, parser_class=_Parser)
+    for name, text, needs_id in (("list", "every queued message", False),
+                                 ("show", "one message with its envelope", True),
+                                 ("flush", "retry every deferred message now", False),
+                                 ("delete", "remove a message for good", True),
+                                 ("hold", "keep a message from delivery", True),
+                                 ("release", "let a held message go", True)):
+        command = qsub.add_parser(name, help=text)
+        if needs_id:
+            command.add_argument("id", metavar="ID")
+        command.add_argument("--config", metavar="FILE", help=config_help)
+        command.set_defaults(func=cmd_queue)
     return parser
 
 

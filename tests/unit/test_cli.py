@@ -160,7 +160,30 @@ def test_any_text_gives_a_policy_or_positioned_errors_never_a_crash(text: str) -
 
 @pytest.mark.parametrize("words", [[], ["milter"], ["policy"], ["policy", "check"],
                                    ["policy", "test"], ["policy", "explain"], ["ratelimit"],
-                                   ["ratelimit", "show"], ["ratelimit", "reset"]])
+                                   ["ratelimit", "show"], ["ratelimit", "reset"], ["queue"],
+                                   ["queue", "list"], ["queue", "hold"]])
 def test_every_command_has_help(words: list[str]) -> None:
     result = mailmoat(*words, "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: mailmoat")
+
+
+def test_queue_commands_on_the_configured_spool(tmp_path: Path) -> None:
+    from mta.queue import Envelope, Queue, RecipientState, new_queue_id
+    config = tmp_path / "gw.yaml"
+    config.write_text("gateway:\n  queue: {dir: spool}\n")
+    queue = Queue(tmp_path / "spool")
+    queue_id = queue.enqueue(b"Subject: hi\r\n\r\nbody\r\n",
+                             Envelope(new_queue_id(), "a@outside.example",
+                                      [RecipientState("taro@example.jp")], 1_795_900_000.0))
+    listing = mailmoat("queue", "list", "--config", str(config)).stdout.splitlines()
+    assert listing[1].startswith(f"{queue_id}  ") and "<a@outside.example>" in listing[1]
+    assert "taro@example.jp (pending)" in listing[2]
+    assert mailmoat("queue", "hold", queue_id, "--config", str(config)).returncode == 0
+    assert f"{queue_id}!" in mailmoat("queue", "list", "--config", str(config)).stdout
+    shown = mailmoat("queue", "show", queue_id, "--config", str(config)).stdout
+    assert '"hold_reason": "held by the administrator"' in shown and "Subject: hi" in shown
+    assert mailmoat("queue", "release", queue_id, "--config", str(config)).returncode == 0
+    assert mailmoat("queue", "delete", queue_id, "--config", str(config)).returncode == 0
+    assert mailmoat("queue", "list", "--config", str(config)).stdout == "the queue is empty\n"
+    missing = mailmoat("queue", "show", queue_id, "--config", str(config))
+    assert missing.returncode == 1 and missing.stderr == f"mailmoat: no queued message {queue_id}\n"
