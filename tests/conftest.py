@@ -1,7 +1,9 @@
 """Shared fixtures: a controllable clock and policy builders."""
 from __future__ import annotations
 
+import subprocess
 import textwrap
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,3 +48,16 @@ def make_policy(text: str, source: str = "test.yaml") -> Policy:
 @pytest.fixture
 def policy_from() -> Callable[[str], Policy]:
     return make_policy
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB filesystem (tmpfs), so the kernel itself says ENOSPC."""
+    mount = Path("/tmp") / f"mailmoat-full-{uuid.uuid4().hex[:8]}"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        mount.rmdir()

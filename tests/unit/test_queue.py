@@ -3,10 +3,7 @@ and a full disk that refuses cleanly."""
 from __future__ import annotations
 
 import os
-import subprocess
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -71,19 +68,6 @@ def test_recovery_keeps_complete_entries_and_drops_unacknowledged_ones(tmp_path:
     assert Queue(tmp_path).recover() == [orphan]
     assert [e.queue_id for e in queue.entries()] == [kept]
     assert list((tmp_path / "tmp").iterdir()) == []
-
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 64 KiB filesystem (tmpfs), so the kernel itself says ENOSPC."""
-    mount = Path("/tmp") / f"mailmoat-full-{uuid.uuid4().hex[:8]}"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-        mount.rmdir()
 
 
 def test_a_full_disk_is_a_clean_spool_error(tiny_disk: Path) -> None:

@@ -1,0 +1,148 @@
+"""SMTP in with swaks and smtplib: extensions, relay control, smuggling, limits, the milter
+chain at each stage, and the queue behind the 250."""
+from __future__ import annotations
+
+import smtplib
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from milters.core.policy.matching import parse_network_pattern
+from mta.listener import ThreadedListener
+from mta.milter_chain import ChainMember, ChainSession
+from mta.milter_client import MilterEndpoint
+from mta.queue import Queue
+from mta.smtpd import GatewayHandler, SmtpSettings
+from tests.harness.ports import free_port
+from tests.harness.swaks import run_swaks
+
+pytestmark = pytest.mark.integration
+
+LOOPBACK_NET = (parse_network_pattern("127.0.0.0/8"),)
+
+
+def settings(**kw: object) -> SmtpSettings:
+    base = dict(hostname="mx.mailmoat.test", internal_networks=LOOPBACK_NET,
+                relay_domains=("example.jp",), xclient_networks=LOOPBACK_NET,
+                max_message_size=200_000, max_recipients=3)
+    base.update(kw)
+    return SmtpSettings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[tuple[int, Queue]]:
+    queue = Queue(tmp_path / "spool")
+    port = free_port()
+    with ThreadedListener(GatewayHandler(settings(), queue), "127.0.0.1", port):
+        yield port, queue
+
+
+def outside(port: int, rcpt: str | list[str], **kw: object):  # type: ignore[no-untyped-def]
+    return run_swaks(port, mail_from="a@outside.example", rcpt=rcpt,
+                     xclient_addr="192.0.2.9", **kw)  # type: ignore[arg-type]
+
+
+def test_ehlo_advertises_the_extensions(gateway: tuple[int, Queue]) -> None:
+    port, _ = gateway
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        code, _ = client.ehlo("client.example")
+        assert code == 250
+        for extension in ("size", "pipelining", "8bitmime", "smtputf8", "enhancedstatuscodes"):
+            assert client.has_extn(extension), extension
+        assert client.esmtp_features["size"] == "200000"
+
+
+def test_accepted_mail_is_on_disk_before_the_250(gateway: tuple[int, Queue]) -> None:
+    port, queue = gateway
+    result = outside(port, "taro@example.jp", header=["Subject: hello"], extra_args=["--pipeline"])
+    line = result.reply_by_stage["DATA_END"]
+    assert line.startswith("250 2.0.0 Ok: queued as "), result.transcript
+    queue_id = line.rsplit(" ", 1)[1]
+    envelope = queue.envelope(queue_id)
+    assert envelope.client_ip == "192.0.2.9" and envelope.sender == "a@outside.example"
+    assert b"Subject: hello" in queue.message(queue_id)
+
+
+@pytest.mark.parametrize("rcpt", ["victim@elsewhere.example", "victim%elsewhere.example@example.jp",
+                                  "elsewhere.example!victim@example.jp",
+                                  "\"victim@elsewhere.example\"@example.jp",
+                                  "victim@example.jp.", "@example.jp:victim@elsewhere.example"])
+def test_open_relay_tricks_are_refused_from_outside(gateway: tuple[int, Queue], rcpt: str) -> None:
+    port, queue = gateway
+    result = outside(port, rcpt)
+    code = result.code("RCPT")
+    assert code is not None and code >= 500, result.transcript
+    assert queue.entries() == []
+
+
+def test_internal_clients_may_relay(gateway: tuple[int, Queue]) -> None:
+    port, _ = gateway
+    result = run_swaks(port, mail_from="app@example.jp", rcpt="customer@elsewhere.example")
+    assert result.code("DATA_END") == 250, result.transcript
+
+
+def _raw_session(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.jp>\r\nRCPT TO:<t@example.jp>\r\n"
+                     b"DATA\r\n" + data + b"QUIT\r\n")
+        received = b""
+        while b"221" not in received:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+@pytest.mark.parametrize("payload", [
+    b"Subject: a\r\n\r\nbody\n.\nMAIL FROM:<x@evil.example>\r\n.\r\n",     # LF.LF
+    b"Subject: a\r\n\r\nbody\r\n.\nRCPT TO:<x@evil.example>\r\n.\r\n",     # CRLF.LF
+    b"Subject: a\r\n\r\nbody\n.\r\nDATA\r\n.\r\n",                           # LF.CRLF
+    b"Subject: a\r\n\r\nbody\r.\r\nQUIT\r\n.\r\n",                           # CR.CRLF
+])
+def test_smtp_smuggling_variants_are_refused(gateway: tuple[int, Queue], payload: bytes) -> None:
+    port, queue = gateway
+    replies = _raw_session(port, payload)
+    assert b"554 5.6.0 Message refused: bare LF or CR" in replies, replies
+    assert queue.entries() == []
+
+
+def test_size_and_recipient_limits(gateway: tuple[int, Queue]) -> None:
+    port, queue = gateway
+    big = outside(port, "taro@example.jp", body=("x" * 98 + "\r\n") * 2500)
+    assert big.final_reply_code == 552, big.transcript
+    many = outside(port, [f"u{i}@example.jp" for i in range(5)])
+    assert [r[:3] for r in many.replies("RCPT")] == ["250", "250", "250", "452", "452"]
+
+
+def test_milter_verdicts_at_each_stage(tmp_path: Path, action_milter: int) -> None:
+    queue = Queue(tmp_path / "spool")
+    port = free_port()
+    chain = lambda: ChainSession([ChainMember(MilterEndpoint(  # noqa: E731
+        "action", f"inet:127.0.0.1:{action_milter}"))])
+    with ThreadedListener(GatewayHandler(settings(), queue, chain), "127.0.0.1", port):
+        refused = outside(port, ["reject-me@example.jp", "taro@example.jp", "gone@example.jp"],
+                          header=["Subject: original", "X-Remove-Me: x"])
+    assert refused.replies("RCPT")[0] == "550 5.7.1 No such user here"
+    queue_id = refused.reply_by_stage["DATA_END"].rsplit(" ", 1)[1]
+    envelope = queue.envelope(queue_id)
+    stored = queue.message(queue_id)
+    assert b"Subject: changed subject" in stored and b"X-Remove-Me" not in stored
+    assert stored.endswith(b"\r\n\r\nreplaced body\r\n")
+    assert envelope.sender == "new-sender@example.jp"
+    assert [r.address for r in envelope.recipients] == ["taro@example.jp", "added@example.jp",
+                                                        "added-par@example.jp"]
+    assert envelope.hold_reason == "held for review"  # quarantine = our hold queue
+
+
+def test_a_full_spool_answers_452_and_never_250(tiny_disk: Path) -> None:
+    queue = Queue(tiny_disk / "spool")
+    port = free_port()
+    with ThreadedListener(GatewayHandler(settings(), queue), "127.0.0.1", port):
+        result = outside(port, "taro@example.jp", body=("y" * 98 + "\r\n") * 1000)
+        small = outside(port, "taro@example.jp", body="small\r\n")
+    assert result.reply_by_stage["DATA_END"] == "452 4.3.1 Insufficient system storage"
+    assert small.code("DATA_END") == 250  # the failed attempt left nothing behind
+    assert len(queue.entries()) == 1
