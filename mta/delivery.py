@@ -1,0 +1,131 @@
+"""Delivery agents: SMTP relay to a next hop, and Maildir for local use.
+
+Each agent takes one message and a list of recipients and answers per recipient with a
+status (delivered, deferred, bounced) and the remote reply, as Postfix's delivery agents do:
+4xx and network errors defer, 5xx bounces.
+"""
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    reply: str
+
+
+class Agent(Protocol):
+    def deliver(self, sender: str, recipients: list[str], raw: bytes) -> dict[str, Outcome]: ...
+
+
+def _reply_text(code: int, message: bytes | str) -> str:
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    return f"{code} {' '.join(text.split())}"
+
+
+def _by_code(code: int, reply: str) -> Outcome:
+    return Outcome(BOUNCED if code >= 500 else DEFERRED, reply)
+
+
+@dataclass(frozen=True)
+class SmtpRelay:
+    """Relay to host:port; STARTTLS when the next hop offers it (opportunistic, like
+    Postfix's smtp_tls_security_level=may: no certificate check)."""
+
+    host: str
+    port: int = 25
+    helo: str = "localhost"
+    timeout: float = 60.0
+
+    def deliver(self, sender: str, recipients: list[str], raw: bytes) -> dict[str, Outcome]:
+        where = f"{self.host}:{self.port}"
+        try:
+            with smtplib.SMTP(self.host, self.port, local_hostname=self.helo,
+                              timeout=self.timeout) as client:
+                client.ehlo()
+                if client.has_extn("starttls"):
+                    context = ssl.create_default_context()
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                    client.starttls(context=context)
+                    client.ehlo()
+                code, message = client.mail(sender)
+                if code != 250:
+                    return {r: _by_code(code, _reply_text(code, message)) for r in recipients}
+                outcomes: dict[str, Outcome] = {}
+                accepted = []
+                for rcpt in recipients:
+                    code, message = client.rcpt(rcpt)
+                    if code in (250, 251):
+                        accepted.append(rcpt)
+                    else:
+                        outcomes[rcpt] = _by_code(code, _reply_text(code, message))
+                if accepted:
+                    code, message = client.data(raw)
+                    result = (Outcome(DELIVERED, _reply_text(code, message)) if code == 250
+                              else _by_code(code, _reply_text(code, message)))
+                    outcomes.update({rcpt: result for rcpt in accepted})
+                return outcomes
+        except smtplib.SMTPResponseException as exc:
+            outcome = _by_code(exc.smtp_code, _reply_text(exc.smtp_code, exc.smtp_error))
+        except (OSError, smtplib.SMTPException) as exc:
+            outcome = Outcome(DEFERRED, f"451 4.4.1 connect to {where} failed: {exc}")
+        return {rcpt: outcome for rcpt in recipients}
+
+
+@dataclass(frozen=True)
+class MaildirDelivery:
+    """One Maildir per recipient address under `root` (local use and tests)."""
+
+    root: Path
+
+    def deliver(self, sender: str, recipients: list[str], raw: bytes) -> dict[str, Outcome]:
+        outcomes = {}
+        for rcpt in recipients:
+            try:
+                name = self._store(rcpt, sender, raw)
+                outcomes[rcpt] = Outcome(DELIVERED, f"250 2.0.0 delivered to maildir as {name}")
+            except OSError as exc:
+                outcomes[rcpt] = Outcome(DEFERRED, f"451 4.3.0 maildir: {exc.strerror or exc}")
+        return outcomes
+
+    def _store(self, rcpt: str, sender: str, raw: bytes) -> str:
+        box = self.root / rcpt.lower().replace("/", "_")
+        for sub in ("tmp", "new", "cur"):
+            (box / sub).mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns()}.P{os.getpid()}.{socket.gethostname()}"
+        tmp = box / "tmp" / name
+        data = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode() + raw
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, box / "new" / name)
+        return name
+
+
+@dataclass(frozen=True)
+class Router:
+    """The agent for a recipient: a per-domain route, else the default."""
+
+    default: Agent
+    routes: dict[str, Agent]
+
+    def agent_for(self, recipient: str) -> Agent:
+        domain = recipient.rpartition("@")[2].lower().rstrip(".")
+        while domain:
+            if domain in self.routes:
+                return self.routes[domain]
+            domain = domain.partition(".")[2]
+        return self.default
