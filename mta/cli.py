@@ -21,7 +21,7 @@ from milters.ratelimit import admin as ratelimit_admin
 from milters.ratelimit import milter as ratelimit_milter
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 
-from . import queue_admin
+from . import queue_admin, serve
 from .queue import Queue
 
 EXTENSIONS: list[PolicyExtension] = [RATELIMIT]
@@ -131,6 +131,17 @@ def cmd_ratelimit_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging("serve", verbose=args.verbose)
+    config = load_config(args.config)
+    unknown = [m.name for m in config.milters if m.socket is None and m.name not in MILTERS]
+    if unknown:
+        raise UsageError(f"{config.source}: milters: unknown built-in milter(s) "
+                         f"{', '.join(unknown)}; built in: {', '.join(sorted(MILTERS))} "
+                         "(give `socket:` for an external milter)")
+    return serve.serve(config, args.config, read_policy)
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     queue = Queue(load_config(args.config).queue.dir)
     action = args.queue_command
@@ -171,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mailmoat", description="mailmoat mail-security gateway")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     config_help = "gateway config YAML (default: embedded defaults)"
+
+    serve_cmd = sub.add_parser("serve", help="run the whole gateway (SMTP, milters, queue)",
+                               description="Run the gateway; with no --config on the embedded "
+                                           "defaults (SMTP on 127.0.0.1:2525, Maildir ./var/"
+                                           "maildir)")
+    serve_cmd.add_argument("--config", metavar="FILE", help=config_help)
+    serve_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
+    serve_cmd.set_defaults(func=cmd_serve)
 
     milter = sub.add_parser("milter", help="run one milter for Postfix or Sendmail",
                             description="Run one milter daemon. Postfix: smtpd_milters = "

@@ -49,6 +49,7 @@ class SmtpSettings:
     max_recipients: int = 100
     max_header_bytes: int = 1024 * 1024
     idle_timeout: float = 300.0
+    loopback_only: bool = False  # the re-injection listener: local notices and split copies
 
 
 def _reply(verdict: Verdict) -> str:
@@ -88,6 +89,13 @@ class GatewayHandler:
         except ValueError:
             return False
         return network_matches(address, self.settings.internal_networks)
+
+    @staticmethod
+    def _loopback(session: Session) -> bool:
+        try:
+            return ipaddress.ip_address(session.peer[0] if session.peer else "").is_loopback
+        except ValueError:
+            return False
 
     def _relay_domain(self, address: str) -> bool:
         domain = normalize_domain(address.rpartition("@")[2])
@@ -140,6 +148,8 @@ class GatewayHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        if self.settings.loopback_only and not self._loopback(session):
+            return "554 5.7.1 Re-injection is for local clients only"
         early = getattr(session, "early_verdict", None)
         if early is not None:
             return _reply(early)

@@ -1,41 +1,62 @@
-"""The gateway config file (`--config`): where state and the queue live, which policy applies.
+"""The gateway config file (`--config`): where state and the queue live, what `serve`
+listens on and relays to, which milters run, and which policy applies.
 
-With no --config, the embedded defaults of DESIGN.md section 4 apply: SQLite state in
-./var/state.db, the spool in ./var/spool and the policy policies/default.yaml. Relative paths in a config file are
-relative to that file's directory, so a config works whatever the current directory is.
+With no --config, the embedded defaults of DESIGN.md section 4 apply: SMTP on
+127.0.0.1:2525, SQLite state in ./var/state.db, the spool in ./var/spool, Maildir delivery
+to ./var/maildir, the ratelimit milter, and the policy policies/default.yaml. Relative paths
+in a config file are relative to that file's directory, so a config works whatever the
+current directory is; the embedded defaults are relative to the current directory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .policy.schema import Duration, Field, ListOf, Str, Struct
-from .policy.yamlnodes import Problems, compose_file
+from .policy.schema import Duration, Field, ListOf, Network, Number, Str, Struct
+from .policy.matching import NetworkPattern
+from .policy.yamlnodes import MappingNode, Problems, compose_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = Path("policies/default.yaml")
-DEFAULT_STORE = "sqlite:///./var/state.db"
-
-
-DEFAULT_SPOOL = Path("var/spool")
 DEFAULT_RETRY = (60.0, 300.0, 900.0, 1800.0, 3600.0)
+STORE_SCHEMES = ("memory:", "sqlite:", "redis:", "rediss:")
 
 
 @dataclass(frozen=True)
 class QueueSettings:
-    dir: Path = DEFAULT_SPOOL
+    dir: Path = Path("var/spool")
     max_age: float = 5 * 86400.0  # then the message bounces
     retry: tuple[float, ...] = DEFAULT_RETRY  # waits between attempts; the last one repeats
 
 
 @dataclass(frozen=True)
+class MilterSetting:
+    """A milter in `serve`'s chain: one of ours (started by serve) or an external socket."""
+
+    name: str
+    socket: str | None = None  # None: serve starts `mailmoat milter NAME` on a unix socket
+    on_failure: str = "tempfail"
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
-    hostname: str
-    store: str
-    store_timeout: float
-    policy: Path
-    source: str  # the file it came from, or "(embedded defaults)"
+    hostname: str = "localhost"
+    store: str = "sqlite:///./var/state.db"
+    store_timeout: float = 2.0
+    policy: Path = DEFAULT_POLICY
+    source: str = "(embedded defaults)"  # the file it came from
     queue: QueueSettings = QueueSettings()
+    listen: str = "127.0.0.1:2525"
+    reinject_listen: str = "127.0.0.1:10026"
+    relay_domains: tuple[str, ...] = ()
+    relay_default: str = "maildir:var/maildir"  # or smtp:[host]:port
+    relay_routes: dict[str, str] = field(default_factory=dict)
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    run_dir: Path = Path("var/run")
+    milters: tuple[MilterSetting, ...] = (MilterSetting("ratelimit"),)
+    # Clients allowed to use XCLIENT (present another client address): none by default.
+    xclient_hosts: tuple[NetworkPattern, ...] = ()
 
 
 def default_policy_path() -> Path:
@@ -43,42 +64,110 @@ def default_policy_path() -> Path:
     return DEFAULT_POLICY if DEFAULT_POLICY.exists() else PROJECT_ROOT / DEFAULT_POLICY
 
 
-def _spec(base: Path) -> Struct:
-    def build(gateway: dict, store: str, store_timeout: float, policy: str) -> GatewayConfig:
-        if not store.startswith(("memory:", "sqlite:", "redis:", "rediss:")):
+def _relay_target(text: str) -> str:
+    if not (text.startswith("maildir:") or text.startswith("smtp:")):
+        raise ValueError("a relay target is smtp:[host]:port or maildir:DIRECTORY")
+    return text
+
+
+class _Target(Str):
+    expected = "smtp:[host]:port or maildir:DIRECTORY"
+
+    def parse(self, text: str) -> str:
+        return _relay_target(text)
+
+
+def _spec(base: Path, source: str) -> Struct:
+    def local(path: str) -> Path:
+        return base / path
+
+    def relay_path(target: str) -> str:
+        return f"maildir:{local(target[8:])}" if target.startswith("maildir:") else target
+
+    def build(gateway: dict, store: str, store_timeout: float, policy: str | None,
+              milters: list[MilterSetting]) -> GatewayConfig:
+        if not store.startswith(STORE_SCHEMES):
             raise ValueError("store must be memory://, sqlite:///PATH or redis://HOST:PORT/DB")
         if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
-            store = "sqlite:///" + str((base / store[len("sqlite:///"):]).resolve())
-        queue = gateway["queue"]
-        return GatewayConfig(hostname=gateway["hostname"], store=store,
-                             store_timeout=store_timeout, policy=(base / policy),
-                             source="", queue=QueueSettings(base / queue["dir"], queue["max_age"],
-                                                            tuple(queue["retry"])))
+            store = "sqlite:///" + str(local(store[len("sqlite:///"):]))
+        queue, relay = gateway["queue"], gateway["relay"]
+        return GatewayConfig(
+            hostname=gateway["hostname"], store=store, store_timeout=store_timeout,
+            policy=local(policy) if policy else default_policy_path(), source=source,
+            queue=QueueSettings(local(queue["dir"]), queue["max_age"], tuple(queue["retry"])),
+            listen=gateway["listen"], reinject_listen=gateway["reinject_listen"],
+            relay_domains=tuple(d.lower() for d in gateway["relay_domains"]),
+            relay_default=relay_path(relay["default"]),
+            relay_routes={d.lower(): relay_path(t) for d, t in relay["routes"].items()},
+            max_message_size=gateway["max_message_size"],
+            max_recipients=gateway["max_recipients"], run_dir=local(gateway["run_dir"]),
+            milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]))
+
+    defaults = GatewayConfig()
     queue = Struct({
-        "dir": Field(Str(), str(DEFAULT_SPOOL)),
-        "max_age": Field(Duration(minimum=60), 5 * 86400.0),
+        "dir": Field(Str(), "var/spool"),
+        "max_age": Field(Duration(minimum=60), defaults.queue.max_age),
         "retry": Field(ListOf(Duration(minimum=1), min_items=1), DEFAULT_RETRY),
     })
-    default_queue = {"dir": str(DEFAULT_SPOOL), "max_age": 5 * 86400.0, "retry": DEFAULT_RETRY}
-    gateway = Struct({"hostname": Field(Str(max_len=253), "localhost"),
-                      "queue": Field(queue, factory=lambda: dict(default_queue))})
+    relay = Struct({
+        "default": Field(_Target(), defaults.relay_default),
+        "routes": Field(_Routes(), factory=dict),
+    })
+    gateway = Struct({
+        "hostname": Field(Str(max_len=253), defaults.hostname),
+        "listen": Field(Str(), defaults.listen),
+        "reinject_listen": Field(Str(), defaults.reinject_listen),
+        "relay_domains": Field(ListOf(Str()), ()),
+        "relay": Field(relay, factory=lambda: relay.read(None, "", Problems(source))),
+        "queue": Field(queue, factory=lambda: queue.read(None, "", Problems(source))),
+        "max_message_size": Field(Number(1024, 2**31, integer=True), defaults.max_message_size),
+        "max_recipients": Field(Number(1, 100000, integer=True), defaults.max_recipients),
+        "run_dir": Field(Str(), "var/run"),
+        "xclient_hosts": Field(ListOf(Network()), ()),
+    })
+    milter = Struct({
+        "name": Field(Str(max_len=64)),
+        "socket": Field(Str(), None),
+        "on_failure": Field(Str(("tempfail", "reject", "accept")), "tempfail"),
+    }, build=MilterSetting)
     return Struct({
-        "gateway": Field(gateway, factory=lambda: {"hostname": "localhost",
-                                                   "queue": dict(default_queue)}),
-        "store": Field(Str(), DEFAULT_STORE),
-        "store_timeout": Field(Duration(minimum=0.05), 2.0),
-        "policy": Field(Str(), str(DEFAULT_POLICY)),
+        "gateway": Field(gateway, factory=lambda: gateway.read(None, "", Problems(source))),
+        "store": Field(Str(), defaults.store),
+        "store_timeout": Field(Duration(minimum=0.05), defaults.store_timeout),
+        "policy": Field(Str(), None),
+        "milters": Field(ListOf(milter), factory=lambda: list(defaults.milters)),
     }, build=build, expected="a mailmoat config mapping")
+
+
+class _Routes(Struct):
+    """domain -> relay target, any domains."""
+
+    expected = "a mapping of domain: smtp:[host]:port or maildir:DIRECTORY"
+
+    def __init__(self) -> None:
+        super().__init__({}, build=dict, expected=self.expected)
+
+    def read(self, node, path, problems):  # type: ignore[no-untyped-def]
+        if node is None:
+            return {}
+        if not isinstance(node, MappingNode):
+            problems.add(node, path, f"expected {self.expected}", node)
+            return None
+        routes = {}
+        for key_node, value_node in node.value:
+            value = _Target().read(value_node, f"{path}.{key_node.value}", problems)
+            routes[str(key_node.value)] = value
+        return routes
 
 
 def load_config(path: str | Path | None) -> GatewayConfig:
     """Load --config FILE, or return the embedded defaults when path is None."""
     if path is None:
-        return GatewayConfig(hostname="localhost", store=DEFAULT_STORE, store_timeout=2.0,
-                             policy=default_policy_path(), source="(embedded defaults)")
-    path = Path(path)
-    problems = Problems(str(path))
-    config = _spec(path.parent).read(compose_file(path), "", problems)
+        problems = Problems("(embedded defaults)")
+        config = _spec(Path("."), "(embedded defaults)").read(None, "", problems)
+    else:
+        path = Path(path)
+        problems = Problems(str(path))
+        config = _spec(path.parent, str(path)).read(compose_file(path), "", problems)
     problems.raise_if_any()
-    return GatewayConfig(config.hostname, config.store, config.store_timeout, config.policy,
-                         str(path), config.queue)
+    return config

@@ -1,0 +1,120 @@
+"""`mailmoat serve` as an admin runs it: SMTP in, the ratelimit milter started and supervised
+over a unix socket, delivery to Maildir, and a clean stop on SIGTERM."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.harness.milter_proc import ROOT
+from tests.harness.ports import free_port, wait_for_port
+from tests.harness.swaks import run_swaks
+
+pytestmark = pytest.mark.integration
+
+POLICY = """\
+ratelimit:
+  limits:
+    - {name: per-ip, key: client_ip, per: message, rate: 1/hour, burst: 1}
+  reply: "451 4.7.1 Slow down from serve"
+"""
+
+
+class Serve:
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.port, self.reinject = free_port(), free_port()
+        (tmp_path / "policy.yaml").write_text(POLICY)
+        self.config = tmp_path / "gateway.yaml"
+        self.config.write_text(
+            f"gateway:\n  hostname: mx.mailmoat.test\n  listen: 127.0.0.1:{self.port}\n"
+            f"  reinject_listen: 127.0.0.1:{self.reinject}\n  relay_domains: [example.jp]\n"
+            f"  xclient_hosts: [127.0.0.0/8]\n"
+            f"  relay: {{default: \"maildir:maildir\"}}\n"
+            f"store: sqlite:///state.db\npolicy: policy.yaml\n")
+        self.log = tmp_path / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Serve":
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mta.cli", "serve", "--config",
+                                          str(self.config)], cwd=ROOT, stdout=log, stderr=log,
+                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wait_for_port("127.0.0.1", self.port, timeout=20)
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_log(self, pattern: str, timeout: float = 15) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.text())):
+            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.text()}"
+            time.sleep(0.1)
+        return match
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    gateway = Serve(tmp_path).start()
+    try:
+        yield gateway
+    finally:
+        if gateway.proc and gateway.proc.poll() is None:
+            gateway.stop()
+
+
+def outside(port: int, rcpt: str = "taro@example.jp",  # type: ignore[no-untyped-def]
+            client: str = "192.0.2.44"):
+    return run_swaks(port, mail_from="a@outside.example", rcpt=rcpt, xclient_addr=client,
+                     header=["Subject: through serve"])
+
+
+def test_mail_goes_through_the_milter_chain_to_the_maildir(serve: Serve) -> None:
+    first = outside(serve.port)
+    assert first.code("DATA_END") == 250, first.transcript
+    second = outside(serve.port)
+    assert second.reply_by_stage["MAIL"] == "451 4.7.1 Slow down from serve"
+    relay = outside(serve.port, rcpt="victim@elsewhere.example", client="192.0.2.45")
+    assert relay.replies("RCPT") == ["554 5.7.1 <victim@elsewhere.example>: Relay access denied"]
+    queue_id = first.reply_by_stage["DATA_END"].rsplit(" ", 1)[1]
+    serve.wait_log(rf"event=delivered queue_id={queue_id} to=taro@example.jp")
+    [delivered] = (serve.dir / "maildir" / "taro@example.jp" / "new").iterdir()
+    assert b"Subject: through serve" in delivered.read_bytes()
+
+
+def test_a_dead_milter_is_restarted(serve: Serve) -> None:
+    pid = int(serve.wait_log(r"event=milter_process_started milter=ratelimit pid=(\d+)").group(1))
+    os.kill(pid, signal.SIGKILL)
+    serve.wait_log(r"event=milter_process_died .*milter=ratelimit .*action=restarting")
+    serve.wait_log(rf"event=milter_process_started milter=ratelimit pid=(?!{pid}\b)\d+")
+    assert outside(serve.port).code("DATA_END") == 250
+
+
+def test_reinjection_listener_skips_the_milters(serve: Serve) -> None:
+    for _ in range(3):  # over the ratelimit burst of 1: re-injected mail is not limited
+        result = run_swaks(serve.reinject, mail_from="notice@example.jp", rcpt="taro@example.jp")
+        assert result.code("DATA_END") == 250, result.transcript
+
+
+def test_sigterm_stops_everything(serve: Serve) -> None:
+    pid = int(serve.wait_log(r"event=milter_process_started milter=ratelimit pid=(\d+)").group(1))
+    assert serve.stop() == 0
+    text = serve.text()
+    assert "event=milter_process_stopped milter=ratelimit" in text
+    assert "event=serve_stopped" in text
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
