@@ -21,7 +21,8 @@ from milters.ratelimit import admin as ratelimit_admin
 from milters.ratelimit import milter as ratelimit_milter
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 
-from . import queue_admin, serve
+from . import queue_admin, scan, serve
+from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
 EXTENSIONS: list[PolicyExtension] = [RATELIMIT]
@@ -142,6 +143,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve.serve(config, args.config, read_policy)
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    setup_logging("scan", verbose=args.verbose)
+    try:
+        raw = Path(args.message).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{args.message}: {exc.strerror or exc}") from None
+    request = ScanRequest(to_crlf(raw), client_ip=args.client_ip, helo=args.helo,
+                          mail_from=args.mail_from, rcpts=args.rcpt or [],
+                          auth_user=args.auth_user)
+    report, transit = scan.scan(load_config(args.config), args.config, request, read_policy)
+    scan.print_report(report, args.json)
+    if args.out:
+        Path(args.out).write_bytes(transit.raw)
+    return 0 if report["verdict"] == "accept" else 1
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     queue = Queue(load_config(args.config).queue.dir)
     action = args.queue_command
@@ -190,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", metavar="FILE", help=config_help)
     serve_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
     serve_cmd.set_defaults(func=cmd_serve)
+
+    scan_cmd = sub.add_parser("scan", help="run one message through the milter chain offline")
+    scan_cmd.add_argument("message", metavar="MESSAGE.eml")
+    scan_cmd.add_argument("--client-ip", default="127.0.0.1", type=_ip, metavar="IP")
+    scan_cmd.add_argument("--helo", default="localhost", metavar="NAME")
+    scan_cmd.add_argument("--mail-from", metavar="ADDR", help="default: the From address")
+    scan_cmd.add_argument("--rcpt", action="append", metavar="ADDR",
+                          help="repeat for more; default: the To and Cc addresses")
+    scan_cmd.add_argument("--auth-user", metavar="USER")
+    scan_cmd.add_argument("--config", metavar="FILE", help=config_help)
+    scan_cmd.add_argument("--out", metavar="OUT.eml", help="write the resulting message")
+    scan_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    scan_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
+    scan_cmd.set_defaults(func=cmd_scan)
 
     milter = sub.add_parser("milter", help="run one milter for Postfix or Sendmail",
                             description="Run one milter daemon. Postfix: smtpd_milters = "

@@ -2,9 +2,11 @@
 over a unix socket, delivery to Maildir, and a clean stop on SIGTERM."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import smtplib
 import subprocess
 import sys
 import time
@@ -28,17 +30,17 @@ ratelimit:
 
 
 class Serve:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, policy: str = POLICY, milters: str = "") -> None:
         self.dir = tmp_path
         self.port, self.reinject = free_port(), free_port()
-        (tmp_path / "policy.yaml").write_text(POLICY)
+        (tmp_path / "policy.yaml").write_text(policy)
         self.config = tmp_path / "gateway.yaml"
         self.config.write_text(
             f"gateway:\n  hostname: mx.mailmoat.test\n  listen: 127.0.0.1:{self.port}\n"
             f"  reinject_listen: 127.0.0.1:{self.reinject}\n  relay_domains: [example.jp]\n"
             f"  xclient_hosts: [127.0.0.0/8]\n"
             f"  relay: {{default: \"maildir:maildir\"}}\n"
-            f"store: sqlite:///state.db\npolicy: policy.yaml\n")
+            f"store: sqlite:///state.db\npolicy: policy.yaml\n{milters}")
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -118,3 +120,48 @@ def test_sigterm_stops_everything(serve: Serve) -> None:
     assert "event=serve_stopped" in text
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_scan_shows_exactly_what_the_gateway_queues(tmp_path: Path, action_milter: int) -> None:
+    """The same sample through `serve` (SMTP) and through `scan`: same verdicts, same bytes."""
+    milters = ("milters:\n  - {name: ratelimit}\n"
+               f"  - {{name: action, socket: \"inet:127.0.0.1:{action_milter}\"}}\n")
+    roomy = "ratelimit:\n  limits: [{name: m, rate: 100/min, burst: 100}]\n"
+    gateway = Serve(tmp_path, policy=roomy, milters=milters).start()
+    sample = ROOT / "samples" / "plain-en.eml"
+    try:
+        # smtplib sends the file's bytes exactly (swaks adds a line end of its own).
+        with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as client:
+            client.ehlo("client.example")
+            assert client.docmd("XCLIENT", "ADDR=192.0.2.60")[0] == 220
+            client.ehlo("client.example")
+            client.mail("alice@partner.example")
+            client.rcpt("taro@example.jp")
+            code, reply = client.data(sample.read_bytes())
+        assert code == 250, reply
+        queue_id = reply.decode().rsplit(" ", 1)[1]
+        out = tmp_path / "scanned.eml"
+        scanned = subprocess.run(
+            [sys.executable, "-m", "mta.cli", "scan", str(sample), "--client-ip", "192.0.2.60",
+             "--config", str(gateway.config), "--out", str(out), "--json"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        shown = subprocess.run([sys.executable, "-m", "mta.cli", "queue", "show", queue_id,
+                                "--config", str(gateway.config)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        gateway.stop()
+    assert scanned.returncode == 0, scanned.stderr
+    report = json.loads(scanned.stdout)
+    assert report["verdict"] == "accept"
+    assert [m["name"] for m in report["milters"]] == ["ratelimit", "action"]
+    assert report["hold"] == "held for review"
+    assert [a["action"] for a in report["milters"][1]["actions"]][:3] == [
+        "AddHeader", "AddHeader", "ChangeHeader"]
+    from mta.queue import Queue
+    queued = Queue(tmp_path / "var" / "spool")
+    assert out.read_bytes() == queued.message(queue_id)
+    envelope = queued.envelope(queue_id)
+    assert envelope.hold_reason == report["hold"]
+    assert [r.address for r in envelope.recipients] == report["envelope"]["recipients"]
+    assert envelope.sender == report["envelope"]["sender"] == "new-sender@example.jp"
+    assert "*** MESSAGE ***" in shown.stdout

@@ -1,0 +1,129 @@
+"""`mailmoat scan`: one .eml through the gateway's own milter chain, offline.
+
+It starts the configured built-in milters (on sockets of its own, so a running `serve` is
+not disturbed), drives the same ChainSession code `serve` uses through connect, HELO, MAIL,
+RCPT and the message, and reports each milter's verdict and edits. `--out` writes the
+message as the gateway would queue it. Note that the milters use the configured store: a
+scan from an outside --client-ip counts against that client's rate limits, as real mail would.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import socket
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from email.utils import getaddresses
+from pathlib import Path
+from typing import Any, Callable
+
+from milters.core.config import GatewayConfig
+from milters.core.edits import Edit
+from milters.core.message import Message
+from milters.core.verdict import Action, Verdict
+
+from .edits_apply import Transit
+from .milter_chain import ChainSession
+from .serve import MilterSupervisor
+
+
+@dataclass
+class ScanRequest:
+    raw: bytes
+    client_ip: str = "127.0.0.1"
+    helo: str = "localhost"
+    mail_from: str | None = None
+    rcpts: list[str] = field(default_factory=list)
+    auth_user: str | None = None
+
+
+def to_crlf(raw: bytes) -> bytes:
+    """An .eml on disk usually has LF line ends; SMTP carries CRLF."""
+    return re.sub(rb"\r?\n", b"\r\n", raw)
+
+
+def _describe(edit: Edit) -> dict[str, Any]:
+    fields = {key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+              for key, value in asdict(edit).items()}
+    return {"action": type(edit).__name__, **fields}
+
+
+def run_scan(request: ScanRequest, chain: ChainSession) -> tuple[dict[str, Any], Transit]:
+    message = Message(request.raw)
+    sender = request.mail_from
+    if sender is None:
+        senders = getaddresses([message.header_text("From") or ""])
+        sender = senders[0][1] if senders else ""
+    rcpts = request.rcpts or [addr for _, addr in getaddresses(
+        [message.header_text(h) or "" for h in ("To", "Cc")]) if addr]
+    family = socket.AF_INET6 if ipaddress.ip_address(request.client_ip).version == 6 \
+        else socket.AF_INET
+    macros = {"{auth_authen}": request.auth_user} if request.auth_user else None
+    recipients: dict[str, str] = {}
+    transit = Transit(request.raw, sender, [])
+    verdict = chain.connect(f"[{request.client_ip}]", request.client_ip, 25, family)
+    if not verdict.ends_transaction:
+        verdict = chain.helo(request.helo)
+    if not verdict.ends_transaction:
+        verdict = chain.mail(sender, macros=macros)
+    if not verdict.ends_transaction:
+        for rcpt in rcpts:
+            answer = chain.rcpt(rcpt)
+            recipients[rcpt] = "accepted" if not answer.ends_transaction else \
+                f"{answer.action.value}: {answer.reply}"
+            if not answer.ends_transaction:
+                transit.recipients.append((rcpt, None))
+        if transit.recipients:
+            verdict, transit = chain.message(transit)
+        else:
+            verdict = Verdict.reject(reason="no recipient accepted")
+    chain.close()
+    final = "accept" if verdict.action in (Action.CONTINUE, Action.ACCEPT) else verdict.action.value
+    report = {
+        "verdict": final,
+        "reply": str(verdict.reply) if verdict.reply else ("250 2.0.0 Ok" if final == "accept"
+                                                           else None),
+        "milters": [{"name": r.name, "verdict": r.verdict, "stage": r.stage, "reply": r.reply,
+                     "actions": [_describe(e) for e in r.actions],
+                     "details": {"error": r.error} if r.error else {}} for r in chain.results],
+        "recipients": recipients,
+        "envelope": {"sender": transit.sender,
+                     "recipients": [address for address, _ in transit.recipients]},
+        "hold": transit.quarantine,
+    }
+    return report, transit
+
+
+def scan(config: GatewayConfig, config_path: str | None, request: ScanRequest,
+         load_policy: Callable[[Path], Any]) -> tuple[dict[str, Any], Transit]:
+    load_policy(config.policy)  # a broken policy is reported before anything starts
+    with tempfile.TemporaryDirectory(prefix="mailmoat-scan-") as run_dir:
+        Path(run_dir).chmod(0o755)
+        supervisor = MilterSupervisor(replace(config, run_dir=Path(run_dir)), config_path)
+        try:
+            supervisor.start()
+            return run_scan(request, ChainSession(supervisor.members()))
+        finally:
+            supervisor.stop()
+
+
+def print_report(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    print(f"verdict: {report['verdict']}  {report['reply'] or ''}".rstrip())
+    for milter in report["milters"]:
+        line = f"  {milter['name']}: {milter['verdict']}"
+        if milter["reply"]:
+            line += f" at {milter['stage']}: {milter['reply']}"
+        if milter["actions"]:
+            line += f"; {len(milter['actions'])} edit(s): " + ", ".join(
+                a["action"] for a in milter["actions"])
+        if milter["details"]:
+            line += f"; {milter['details']}"
+        print(line)
+    for rcpt, state in report["recipients"].items():
+        print(f"  rcpt {rcpt}: {state}")
+    if report["hold"]:
+        print(f"  would be held: {report['hold']}")
