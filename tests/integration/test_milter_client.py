@@ -98,7 +98,7 @@ def test_ratelimit_milter_over_a_unix_socket(tmp_path: Path) -> None:
         # Connect is negotiated without a reply: the client must not wait for one.
         started = time.monotonic()
         assert client.connect("[198.51.100.7]", "198.51.100.7", 5000).action is Action.CONTINUE
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 5  # a waiting client would sit out its 30 s timeout
         assert client.mail("a@outside.example").action is Action.CONTINUE
         # A recipient the MTA rejected, told through {rcpt_mailer}=error (RCPT_REJ).
         client.rcpt("nobody@example.jp", macros={"{rcpt_mailer}": "error", "i": "Q1",
