@@ -8,6 +8,7 @@ the milters.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ from .milter_client import MilterEndpoint
 from .queue import Queue
 from .smtpd import GatewayHandler, SmtpSettings
 
+PR_SET_PDEATHSIG = 1
 _SMTP_TARGET = re.compile(r"^smtp:\[?([^\]]+?)\]?(?::(\d+))?$")
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
 
@@ -55,6 +57,13 @@ def split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux's PR_SET_PDEATHSIG, so that a `serve` killed with
+    SIGKILL leaves no orphaned milter holding its socket."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class MilterSupervisor:
     """One child process per built-in milter; a dead one is restarted and logged."""
 
@@ -76,7 +85,8 @@ class MilterSupervisor:
                    "--listen", self.socket_of(milter)]
         if self.config_path:
             command += ["--config", self.config_path]
-        self.children[milter.name] = subprocess.Popen(command)  # logs go to our stderr
+        # Logs go to our stderr; the child gets SIGTERM if we die, even by SIGKILL.
+        self.children[milter.name] = subprocess.Popen(command, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 15
         while not path.exists():
             if self.children[milter.name].poll() is not None or time.monotonic() > deadline:

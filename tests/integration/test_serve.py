@@ -44,7 +44,8 @@ class Serve:
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Serve":
+    def start(self, log_name: str = "serve.log") -> "Serve":
+        self.log = self.dir / log_name
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "mta.cli", "serve", "--config",
                                           str(self.config)], cwd=ROOT, stdout=log, stderr=log,
