@@ -30,7 +30,8 @@ ratelimit:
 
 
 class Serve:
-    def __init__(self, tmp_path: Path, policy: str = POLICY, milters: str = "") -> None:
+    def __init__(self, tmp_path: Path, policy: str = POLICY, milters: str = "",
+                 relay: str = "maildir:maildir") -> None:
         self.dir = tmp_path
         self.port, self.reinject = free_port(), free_port()
         (tmp_path / "policy.yaml").write_text(policy)
@@ -39,7 +40,7 @@ class Serve:
             f"gateway:\n  hostname: mx.mailmoat.test\n  listen: 127.0.0.1:{self.port}\n"
             f"  reinject_listen: 127.0.0.1:{self.reinject}\n  relay_domains: [example.jp]\n"
             f"  xclient_hosts: [127.0.0.0/8]\n"
-            f"  relay: {{default: \"maildir:maildir\"}}\n"
+            f"  relay: {{default: \"{relay}\"}}\n"
             f"store: sqlite:///state.db\npolicy: policy.yaml\n{milters}")
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
