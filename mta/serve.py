@@ -30,7 +30,7 @@ from .listener import start_listener
 from .milter_chain import ChainMember, ChainSession
 from .milter_client import MilterEndpoint
 from .queue import Queue
-from .smtpd import GatewayHandler, SmtpSettings
+from .smtpd import GatewayHandler, SmtpSettings, server_tls_context
 
 PR_SET_PDEATHSIG = 1
 _SMTP_TARGET = re.compile(r"^smtp:\[?([^\]]+?)\]?(?::(\d+))?$")
@@ -128,11 +128,16 @@ class MilterSupervisor:
 
 async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervisor,
                queue: Queue) -> None:
+    tls = (server_tls_context(str(config.tls_cert), str(config.tls_key))
+           if config.tls_cert and config.tls_key else None)
     settings = SmtpSettings(hostname=config.hostname, internal_networks=policy.internal_networks,
                             relay_domains=config.relay_domains,
                             xclient_networks=config.xclient_hosts,
                             max_message_size=config.max_message_size,
-                            max_recipients=config.max_recipients)
+                            max_recipients=config.max_recipients,
+                            max_connections=config.max_connections,
+                            max_connections_per_ip=config.max_connections_per_ip,
+                            tls_context=tls)
     members = supervisor.members()
     chain: Callable[[], ChainSession] | None = (lambda: ChainSession(members)) if members else None
     main = await start_listener(GatewayHandler(settings, queue, chain),

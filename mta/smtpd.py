@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -49,6 +50,9 @@ class SmtpSettings:
     max_recipients: int = 100
     max_header_bytes: int = 1024 * 1024
     idle_timeout: float = 300.0
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+    tls_context: ssl.SSLContext | None = None  # STARTTLS is offered when set
     loopback_only: bool = False  # the re-injection listener: local notices and split copies
 
 
@@ -56,6 +60,12 @@ def _reply(verdict: Verdict) -> str:
     return str(verdict.reply) if verdict.reply else {
         Action.REJECT: "550 5.7.1 Rejected", Action.TEMPFAIL: "451 4.7.1 Try again later",
     }.get(verdict.action, "250 2.0.0 Ok")
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def recipient_problem(address: str) -> str | None:
@@ -72,6 +82,24 @@ class GatewayHandler:
         self.settings = settings
         self.queue = queue
         self.chain_factory = chain_factory
+        self.connections: dict[str, int] = {}  # open connections per client IP
+
+    def admit_connection(self, ip: str) -> str | None:
+        """Count a new connection; the 421 reply when it is one too many."""
+        total = sum(self.connections.values())
+        if total >= self.settings.max_connections:
+            return f"421 4.7.0 {self.settings.hostname} Error: too many connections"
+        if self.connections.get(ip, 0) >= self.settings.max_connections_per_ip:
+            return f"421 4.7.0 {self.settings.hostname} Error: too many connections from {ip}"
+        self.connections[ip] = self.connections.get(ip, 0) + 1
+        return None
+
+    def release_connection(self, ip: str) -> None:
+        left = self.connections.get(ip, 0) - 1
+        if left > 0:
+            self.connections[ip] = left
+        else:
+            self.connections.pop(ip, None)
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -232,12 +260,32 @@ class GatewaySMTP(SMTP):
     def __init__(self, handler: GatewayHandler, **kwargs: Any) -> None:
         settings = handler.settings
         super().__init__(handler, hostname=settings.hostname, ident="ESMTP mailmoat",
-                         enable_SMTPUTF8=True,
+                         enable_SMTPUTF8=True, tls_context=settings.tls_context,
                          data_size_limit=settings.max_message_size,
                          timeout=settings.idle_timeout, **kwargs)
         self.gateway = handler
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starttls = self._original_transport is not None  # the same client, now encrypted
+        super().connection_made(transport)
+        if starttls:
+            return
+        self._counted_ip: str | None = None
+        ip = str(transport.get_extra_info("peername")[0])
+        refusal = self.gateway.admit_connection(ip)
+        if refusal is None:
+            self._counted_ip = ip
+            return
+        log_event("reject", stage="connect", ip=ip, reason="too many connections")
+        assert self._handler_coroutine is not None
+        self._handler_coroutine.cancel()  # no greeting: the 421 is all this client gets
+        transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
+
     def connection_lost(self, error: Exception | None) -> None:
+        if getattr(self, "_counted_ip", None) is not None and self._original_transport is None:
+            self.gateway.release_connection(self._counted_ip)  # type: ignore[arg-type]
+            self._counted_ip = None
         chain = getattr(self.session, "chain", None) if self.session else None
         super().connection_lost(error)
         if chain is not None:

@@ -53,6 +53,10 @@ class GatewayConfig:
     relay_routes: dict[str, str] = field(default_factory=dict)
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+    tls_cert: Path | None = None  # with tls_key: STARTTLS is offered
+    tls_key: Path | None = None
     run_dir: Path = Path("var/run")
     milters: tuple[MilterSetting, ...] = (MilterSetting("ratelimit"),)
     # Clients allowed to use XCLIENT (present another client address): none by default.
@@ -100,7 +104,12 @@ def _spec(base: Path, source: str) -> Struct:
             relay_default=relay_path(relay["default"]),
             relay_routes={d.lower(): relay_path(t) for d, t in relay["routes"].items()},
             max_message_size=gateway["max_message_size"],
-            max_recipients=gateway["max_recipients"], run_dir=local(gateway["run_dir"]),
+            max_recipients=gateway["max_recipients"],
+            max_connections=gateway["max_connections"],
+            max_connections_per_ip=gateway["max_connections_per_ip"],
+            tls_cert=local(gateway["tls"]["cert"]) if gateway["tls"] else None,
+            tls_key=local(gateway["tls"]["key"]) if gateway["tls"] else None,
+            run_dir=local(gateway["run_dir"]),
             milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]))
 
     defaults = GatewayConfig()
@@ -122,6 +131,10 @@ def _spec(base: Path, source: str) -> Struct:
         "queue": Field(queue, factory=lambda: queue.read(None, "", Problems(source))),
         "max_message_size": Field(Number(1024, 2**31, integer=True), defaults.max_message_size),
         "max_recipients": Field(Number(1, 100000, integer=True), defaults.max_recipients),
+        "max_connections": Field(Number(1, 100000, integer=True), defaults.max_connections),
+        "max_connections_per_ip": Field(Number(1, 100000, integer=True),
+                                        defaults.max_connections_per_ip),
+        "tls": Field(Struct({"cert": Field(Str()), "key": Field(Str())}), None),
         "run_dir": Field(Str(), "var/run"),
         "xclient_hosts": Field(ListOf(Network()), ()),
     })

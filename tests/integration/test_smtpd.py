@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import subprocess
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -145,4 +147,44 @@ def test_a_full_spool_answers_452_and_never_250(tiny_disk: Path) -> None:
         small = outside(port, "taro@example.jp", body="small\r\n")
     assert result.reply_by_stage["DATA_END"] == "452 4.3.1 Insufficient system storage"
     assert small.code("DATA_END") == 250  # the failed attempt left nothing behind
+    assert len(queue.entries()) == 1
+
+
+def test_connection_limits_per_ip_and_in_total(tmp_path: Path) -> None:
+    port = free_port()
+    handler = GatewayHandler(settings(max_connections=3, max_connections_per_ip=2),
+                             Queue(tmp_path / "spool"))
+    with ThreadedListener(handler, "127.0.0.1", port):
+        first, second = (socket.create_connection(("127.0.0.1", port), timeout=5)
+                         for _ in range(2))
+        assert first.recv(100).startswith(b"220 ")
+        assert second.recv(100).startswith(b"220 ")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
+            assert third.recv(200) == (b"421 4.7.0 mx.mailmoat.test Error: too many "
+                                       b"connections from 127.0.0.1\r\n")
+        first.close()
+        for _ in range(50):  # the server notices the close asynchronously
+            if sum(handler.connections.values()) < 2:
+                break
+            threading.Event().wait(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as again:
+            assert again.recv(100).startswith(b"220 ")
+        second.close()
+
+
+def test_starttls_is_offered_with_a_certificate_and_works(tmp_path: Path) -> None:
+    from mta.smtpd import server_tls_context
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=mx.mailmoat.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    queue = Queue(tmp_path / "spool")
+    port = free_port()
+    tls = settings(tls_context=server_tls_context(str(cert), str(key)))
+    with ThreadedListener(GatewayHandler(tls, queue), "127.0.0.1", port):
+        result = run_swaks(port, mail_from="a@outside.example", rcpt="taro@example.jp",
+                           extra_args=["--tls"])
+    assert "250-STARTTLS" in result.transcript
+    assert "TLS started" in result.transcript, result.transcript
+    assert result.code("DATA_END") == 250
     assert len(queue.entries()) == 1
