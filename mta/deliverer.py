@@ -11,6 +11,7 @@ from milters.core.eventlog import log_event
 
 from .bounce import build_bounce
 from .delivery import BOUNCED, DELIVERED, Agent, Router
+from .metrics import METRICS
 from .queue import Envelope, Queue, RecipientState, SpoolError, new_queue_id
 
 
@@ -48,6 +49,7 @@ def deliver_one(queue: Queue, envelope: Envelope, router: Router, settings: Queu
                 rcpt.status = outcome.status
             if outcome.status == BOUNCED:
                 newly_failed.append(rcpt)
+            METRICS.count("mailmoat_deliveries_total", status=outcome.status)
             log_event(outcome.status, queue_id=envelope.queue_id, to=rcpt.address,
                       reply=outcome.reply, attempt=envelope.attempts + 1)
     envelope.attempts += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,7 @@ from milters.core.milter_protocol import ProtocolFlag
 from milters.core.verdict import Action, SmtpReply, Verdict
 
 from .edits_apply import Transit, apply_edits, split_message
+from .metrics import METRICS
 from .milter_client import DEFAULT_TEMPFAIL, MilterClient, MilterEndpoint
 
 ON_FAILURE = ("tempfail", "reject", "accept")
@@ -100,10 +102,13 @@ class ChainSession:
         for member in self.members:
             if not member.active or not member.open:
                 continue
+            started = time.monotonic()
             try:
                 verdict, transit = self._content(member, transit, macros)
             except MilterProtocolError as exc:
                 verdict = self._failed(member, "eom", exc)
+            METRICS.observe("mailmoat_milter_latency_seconds", time.monotonic() - started,
+                            milter=member.spec.endpoint.name, stage="message")
             if verdict.action is Action.ACCEPT:
                 member.out_for_message = True
             elif verdict.ends_transaction:
@@ -157,10 +162,13 @@ class ChainSession:
         for member in self.members:
             if not member.active or not member.open:
                 continue
+            started = time.monotonic()
             try:
                 verdict = call(member.client)
             except MilterProtocolError as exc:
                 verdict = self._failed(member, stage, exc)
+            METRICS.observe("mailmoat_milter_latency_seconds", time.monotonic() - started,
+                            milter=member.spec.endpoint.name, stage=stage)
             self._note(member, stage, verdict)
             if verdict.action is Action.ACCEPT:
                 if whole_session:
@@ -176,6 +184,8 @@ class ChainSession:
             return
         member.result.verdict = verdict.action.value
         member.result.reply = str(verdict.reply) if verdict.reply else None
+        if verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
+            METRICS.count("mailmoat_messages_rejected_total", by=member.spec.endpoint.name)
         member.result.stage = stage
         log_event("milter_verdict", milter=member.spec.endpoint.name, stage=stage,
                   action=verdict.action.value, reply=member.result.reply,

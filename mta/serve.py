@@ -27,6 +27,7 @@ from milters.core.policy.matching import parse_network_pattern
 from .deliverer import deliver_due
 from .delivery import Agent, MaildirDelivery, Router, SmtpRelay
 from .listener import start_listener
+from .metrics import METRICS, serve_metrics
 from .milter_chain import ChainMember, ChainSession
 from .milter_client import MilterEndpoint
 from .queue import Queue
@@ -147,7 +148,12 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
                                      max_recipients=config.max_recipients, loopback_only=True)
     reinject = await start_listener(GatewayHandler(reinject_settings, queue, None),
                                     *split_hostport(config.reinject_listen))
+    metrics = None
+    if config.metrics_listen:
+        METRICS.gauge("mailmoat_queue_messages", lambda: float(len(queue.entries())))
+        metrics = await serve_metrics(*split_hostport(config.metrics_listen))
     log_event("serve_started", listen=config.listen, reinject=config.reinject_listen,
+              metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",
               relay=config.relay_default)
     router = build_router(config)
@@ -163,9 +169,10 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except asyncio.TimeoutError:
             pass
-    for server in (main, reinject):
-        server.close()
-        await server.wait_closed()
+    for server in (main, reinject, metrics):
+        if server is not None:
+            server.close()
+            await server.wait_closed()
 
 
 def serve(config: GatewayConfig, config_path: str | None,

@@ -31,6 +31,7 @@ from milters.core.policy.matching import NetworkPattern, network_matches, normal
 from milters.core.verdict import Action, Verdict
 
 from .edits_apply import Transit, split_message
+from .metrics import METRICS
 from .milter_chain import ChainSession
 from .queue import Envelope as QueueEnvelope
 from .queue import Queue, RecipientState, SpoolError, new_queue_id
@@ -197,6 +198,7 @@ class GatewayHandler:
             if problem:
                 return problem
             if not self._relay_domain(address):
+                METRICS.count("mailmoat_messages_rejected_total", by="smtpd")
                 log_event("reject", stage="rcpt", ip=self._client(session), rcpt=address,
                           reason="relay access denied")
                 return f"554 5.7.1 <{address}>: Relay access denied"
@@ -220,7 +222,9 @@ class GatewayHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw: bytes = envelope.original_content or b""
         client = self._client(session)
+        METRICS.count("mailmoat_messages_received_total")
         if _BARE_LF.search(raw) or _BARE_CR.search(raw):
+            METRICS.count("mailmoat_messages_rejected_total", by="smtpd")
             log_event("reject", stage="data", ip=client, reason="bare LF or CR")
             return "554 5.6.0 Message refused: bare LF or CR in the data; send CRLF line ends"
         fields, _ = split_message(raw)
@@ -248,6 +252,7 @@ class GatewayHandler:
         except SpoolError as exc:
             log_event("spool_error", ip=client, error=str(exc))
             return "452 4.3.1 Insufficient system storage"
+        METRICS.count("mailmoat_messages_queued_total")
         log_event("queued", queue_id=queue_id, ip=client, sender=transit.sender,
                   nrcpt=len(transit.recipients), size=len(transit.raw),
                   held=transit.quarantine)

@@ -48,6 +48,7 @@ class GatewayConfig:
     queue: QueueSettings = QueueSettings()
     listen: str = "127.0.0.1:2525"
     reinject_listen: str = "127.0.0.1:10026"
+    metrics_listen: str = "127.0.0.1:9781"  # Prometheus text format; "" turns it off
     relay_domains: tuple[str, ...] = ()
     relay_default: str = "maildir:var/maildir"  # or smtp:[host]:port
     relay_routes: dict[str, str] = field(default_factory=dict)
@@ -100,6 +101,7 @@ def _spec(base: Path, source: str) -> Struct:
             policy=local(policy) if policy else default_policy_path(), source=source,
             queue=QueueSettings(local(queue["dir"]), queue["max_age"], tuple(queue["retry"])),
             listen=gateway["listen"], reinject_listen=gateway["reinject_listen"],
+            metrics_listen=gateway["metrics_listen"],
             relay_domains=tuple(d.lower() for d in gateway["relay_domains"]),
             relay_default=relay_path(relay["default"]),
             relay_routes={d.lower(): relay_path(t) for d, t in relay["routes"].items()},
@@ -126,6 +128,7 @@ def _spec(base: Path, source: str) -> Struct:
         "hostname": Field(Str(max_len=253), defaults.hostname),
         "listen": Field(Str(), defaults.listen),
         "reinject_listen": Field(Str(), defaults.reinject_listen),
+        "metrics_listen": Field(Str(), defaults.metrics_listen),
         "relay_domains": Field(ListOf(Str()), ()),
         "relay": Field(relay, factory=lambda: relay.read(None, "", Problems(source))),
         "queue": Field(queue, factory=lambda: queue.read(None, "", Problems(source))),

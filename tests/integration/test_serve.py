@@ -33,12 +33,13 @@ class Serve:
     def __init__(self, tmp_path: Path, policy: str = POLICY, milters: str = "",
                  relay: str = "maildir:maildir") -> None:
         self.dir = tmp_path
-        self.port, self.reinject = free_port(), free_port()
+        self.port, self.reinject, self.metrics = free_port(), free_port(), free_port()
         (tmp_path / "policy.yaml").write_text(policy)
         self.config = tmp_path / "gateway.yaml"
         self.config.write_text(
             f"gateway:\n  hostname: mx.mailmoat.test\n  listen: 127.0.0.1:{self.port}\n"
             f"  reinject_listen: 127.0.0.1:{self.reinject}\n  relay_domains: [example.jp]\n"
+            f"  metrics_listen: 127.0.0.1:{self.metrics}\n"
             f"  xclient_hosts: [127.0.0.0/8]\n"
             f"  relay: {{default: \"{relay}\"}}\n"
             f"store: sqlite:///state.db\npolicy: policy.yaml\n{milters}")
@@ -167,3 +168,21 @@ def test_scan_shows_exactly_what_the_gateway_queues(tmp_path: Path, action_milte
     assert [r.address for r in envelope.recipients] == report["envelope"]["recipients"]
     assert envelope.sender == report["envelope"]["sender"] == "new-sender@example.jp"
     assert "*** MESSAGE ***" in shown.stdout
+
+
+def test_prometheus_metrics(serve: Serve) -> None:
+    assert outside(serve.port).code("DATA_END") == 250
+    assert outside(serve.port).reply_by_stage["MAIL"].startswith("451")  # ratelimit refuses
+    serve.wait_log(r"event=delivered ")
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{serve.metrics}/metrics", timeout=10) as page:
+        assert page.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = page.read().decode()
+    lines = set(text.splitlines())
+    assert "mailmoat_messages_received_total 1" in lines
+    assert "mailmoat_messages_queued_total 1" in lines
+    assert 'mailmoat_deliveries_total{status="delivered"} 1' in lines
+    assert 'mailmoat_messages_rejected_total{by="ratelimit"} 1' in lines
+    assert "mailmoat_queue_messages 0" in lines
+    assert any(line.startswith('mailmoat_milter_latency_seconds_count{milter="ratelimit",'
+                               'stage="mail"} ') for line in lines)

@@ -1,0 +1,614 @@
+"""How fast and how lean `mailmoat serve` is next to Postfix, on the same machine in the same run.
+
+    .venv/bin/python bench/mta.py [--quick]
+
+Part 1: messages per second accepted by `smtp-source -> mailmoat serve -> smtp-sink` and by
+`smtp-source -> Postfix -> smtp-sink`, at concurrency 1 and 20, first with no milter, then
+with the ratelimit milter in both (serve's own child; Postfix via smtpd_milters on a unix
+socket). Both queues are durable: Postfix fsyncs its queue file, serve fsyncs before its 250.
+Variants alternate over rounds; the table shows medians and the ratio mailmoat/Postfix.
+Part 2: peak RSS (VmHWM) of serve and of its milter child while one 25 MiB message goes
+through a fresh serve, against the message size.
+
+Everything listens on 127.0.0.1 only; every loop is bounded in count and time; every process
+and directory started here is stopped or removed before exit, also on SIGTERM or Ctrl-C.
+Exit status 0 unless something could not run or a check failed (missed targets are reported,
+not failures). See bench/README.md for what each number means.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import platform
+import re
+import smtplib
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
+                     fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
+
+from tests.harness.milter_proc import MilterProcess  # noqa: E402  (after _common's sys.path)
+from tests.harness.ports import LOOPBACK, free_port, is_listening  # noqa: E402
+from tests.harness.postfix import PostfixInstance  # noqa: E402
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SENDER = "from@outside.example"
+RECIPIENT = "to@example.jp"
+BIG_SIZE = 25 * 1024 * 1024  # the 25 MB message of DESIGN.md section 10
+RATE_TARGET = 1.0  # mailmoat msgs/s divided by Postfix msgs/s
+RSS_TARGET = 3.0  # peak RSS of each process, in message sizes
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Three limits with bursts no run can fill, so nothing is refused and every message takes
+# the milter's full path through its SQLite store. Loopback is not exempt: every client here
+# is 127.0.0.1. sender-messages drains 100/hour, so its level counts the messages decided.
+POLICY = """\
+policy_version: 1
+ratelimit:
+  exempt_internal: false
+  limits:
+    - {name: client-messages, key: client_ip, per: message, rate: 30/min, burst: 1000000}
+    - {name: client-recipients, key: client_ip, per: recipient, rate: 200/hour, burst: 1000000}
+    - {name: sender-messages, key: sender, per: message, rate: 100/hour, burst: 1000000}
+"""
+
+# serve's log lines that mean a message was refused, lost its way or hit an error.
+SERVE_BAD = re.compile(r"event=(reject|milter_verdict|milter_failed|milter_process_died|"
+                       r"spool_error|deferred|bounced|expired)\b|Traceback")
+MAILLOG_BAD = re.compile(r"milter-reject|NOQUEUE: reject|status=(deferred|bounced)|"
+                         r"warning: milter|fatal:|panic:")
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    messages: int  # smtp-source -m per timed run
+    rounds: int
+    budget: float  # seconds: no new round starts after this, whatever `rounds` says
+    concurrencies: tuple[int, ...] = (1, 20)
+
+    @classmethod
+    def make(cls, quick: bool) -> "Settings":
+        if quick:
+            return cls(quick, messages=100, rounds=2, budget=120.0)
+        return cls(quick, messages=400, rounds=5, budget=900.0)
+
+
+# == processes ===============================================================================
+def proc_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may contain spaces); field 3 is [0]."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
+    """user + system CPU of a process; with reaped_children also of the children it waited
+    for, which is where Postfix's exited daemons end up (in master's cutime/cstime)."""
+    fields = proc_fields(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def status_kb(pid: int, name: str) -> int:
+    """A 'kB' line of /proc/PID/status, e.g. VmHWM (peak RSS) or VmRSS."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise BenchError(f"no {name} in /proc/{pid}/status")
+
+
+def mb(kb: int) -> str:
+    return f"{kb / 1024:.1f} MB"
+
+
+class Sink:
+    """One smtp-sink per variant, so each side's deliveries are counted on their own."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.port = free_port()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["Sink"]:
+        # As root smtp-sink refuses to run without -u; it drops to that user after bind.
+        with child_process([SMTP_SINK, "-u", "postfix", "-c", f"{LOOPBACK}:{self.port}", "1000"],
+                           log=self.log) as proc:
+            wait_until(lambda: is_listening(LOOPBACK, self.port) or proc.poll() is not None,
+                       10, f"smtp-sink on port {self.port}")
+            if proc.poll() is not None:
+                raise BenchError(f"smtp-sink exited: {self.log.read_text(errors='replace')}")
+            yield self
+
+    def count(self) -> int:
+        """smtp-sink -c rewrites 'sess=N quit=N mesg=N' with CRs; the last one is the total."""
+        found = re.findall(r"mesg=(\d+)", self.log.read_text(errors="replace"))
+        return int(found[-1]) if found else 0
+
+
+@dataclass
+class Serve:
+    proc: subprocess.Popen[bytes]
+    port: int
+    config: Path
+    log: Path
+    milter_pid: int = 0
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def write_mailmoat_config(workdir: Path, port: int, reinject: int, sink_port: int,
+                          with_milter: bool) -> Path:
+    """serve's config plus the policy, side by side; relative paths stay inside `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "policy.yaml").write_text(POLICY)
+    config = workdir / "config.yaml"
+    config.write_text(f"""\
+gateway:
+  hostname: mx.bench.test
+  listen: {LOOPBACK}:{port}
+  reinject_listen: {LOOPBACK}:{reinject}
+  relay_domains: [example.jp]
+  relay: {{default: "smtp:[{LOOPBACK}]:{sink_port}"}}
+  queue: {{dir: spool}}
+  max_message_size: 60000000
+milters: {"[{name: ratelimit}]" if with_milter else "[]"}
+store: sqlite:///state.db
+policy: policy.yaml
+""")
+    return config
+
+
+def two_free_ports() -> tuple[int, int]:
+    first = free_port()
+    second = free_port()
+    while second == first:  # the kernel may hand the just-released port out again
+        second = free_port()
+    return first, second
+
+
+@contextlib.contextmanager
+def mailmoat_serve(workdir: Path, sink_port: int, with_milter: bool) -> Iterator[Serve]:
+    """`mailmoat serve --config ...` as an admin runs it, for the duration of the block."""
+    port, reinject = two_free_ports()
+    config = write_mailmoat_config(workdir, port, reinject, sink_port, with_milter)
+    log = workdir / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "mta.cli", "serve", "--config", str(config)]
+    with child_process(argv, log=log, env=env, cwd=ROOT) as proc:
+        # /proc/net/tcp, not a probe connection: a probe would be an SMTP (and milter) session.
+        wait_until(lambda: is_listening(LOOPBACK, port) or proc.poll() is not None, 30,
+                   f"mailmoat serve on port {port}")
+        if proc.poll() is not None:
+            raise BenchError(f"mailmoat serve exited {proc.returncode}:"
+                             f" {log.read_text(errors='replace')}")
+        serve = Serve(proc, port, config, log)
+        if with_milter:
+            found = re.search(r"event=milter_process_started milter=ratelimit pid=(\d+)",
+                              serve.log_text())
+            if not found:
+                raise BenchError(f"serve did not log its milter's pid:\n{serve.log_text()}")
+            serve.milter_pid = int(found.group(1))
+        yield serve
+
+
+def postfix_cpu(pf: PostfixInstance) -> float:
+    """All of this instance's CPU so far: live daemons plus those master already reaped."""
+    total = 0.0
+    master = pf.master_pid()
+    for pid in pf.pids():
+        with contextlib.suppress(OSError, IndexError, ValueError):  # exited meanwhile
+            total += cpu_seconds(pid, reaped_children=pid == master)
+    return total
+
+
+# == Part 1: messages per second ============================================================
+@dataclass
+class Variant:
+    key: str  # "mm", "pf", "mm+rl", "pf+rl"
+    label: str
+    sink: Sink
+    port: int = 0
+    serve: Serve | None = None
+    postfix: PostfixInstance | None = None
+    milter: MilterProcess | None = None  # Postfix's ratelimit milter
+    sent: int = 0
+    times: dict[int, list[float]] = field(default_factory=dict)  # acceptance wall times
+    drains: list[float] = field(default_factory=list)  # last 250 -> sink has everything
+    cpu: dict[int, float] = field(default_factory=dict)  # seconds over the timed runs
+    timed: dict[int, int] = field(default_factory=dict)  # messages in the timed runs
+
+    @property
+    def is_mailmoat(self) -> bool:
+        return self.serve is not None
+
+    def cpu_now(self) -> float:
+        """CPU of everything on this side except smtp-source and smtp-sink."""
+        if self.serve is not None:
+            total = cpu_seconds(self.serve.proc.pid)
+            return total + (cpu_seconds(self.serve.milter_pid) if self.serve.milter_pid else 0)
+        assert self.postfix is not None
+        total = postfix_cpu(self.postfix)
+        if self.milter is not None and self.milter.proc is not None:
+            total += cpu_seconds(self.milter.proc.pid)
+        return total
+
+
+def smtp_source(port: int, count: int, concurrency: int) -> float:
+    """Send `count` 1000-byte messages, `concurrency` sessions at a time; the wall time.
+
+    smtp-source exits non-zero on an unexpected reply, so a refusal cannot go unnoticed."""
+    argv = [SMTP_SOURCE, "-c", "-l", "1000", "-m", str(count), "-s", str(concurrency),
+            "-f", SENDER, "-t", RECIPIENT, f"{LOOPBACK}:{port}"]
+    start = time.perf_counter()
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=30 + count / 5)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:"
+                         f" {proc.stdout.decode(errors='replace')[-500:]}"
+                         f" {proc.stderr.decode(errors='replace')[-500:]}")
+    return wall
+
+
+def wait_delivered(v: Variant, timeout: float) -> None:
+    try:
+        wait_until(lambda: v.sink.count() >= v.sent, timeout,
+                   f"{v.sent} messages at {v.label}'s sink (has {v.sink.count()})", interval=0.02)
+    except BenchError as exc:
+        tail = v.serve.log_text() if v.serve else (v.postfix.log_text() if v.postfix else "")
+        raise BenchError(f"{exc}; log tail:\n{tail[-3000:]}") from None
+
+
+def timed_run(v: Variant, count: int, concurrency: int) -> float:
+    """One run: the time until every message was accepted; then wait until the sink has
+    them all, so that runs never overlap and the CPU figure covers delivery too."""
+    before = v.cpu_now()
+    wall = smtp_source(v.port, count, concurrency)
+    accepted = time.perf_counter()
+    v.sent += count
+    wait_delivered(v, 60 + count / 10)
+    v.drains.append(time.perf_counter() - accepted)
+    v.cpu[concurrency] = v.cpu.get(concurrency, 0.0) + v.cpu_now() - before
+    v.timed[concurrency] = v.timed.get(concurrency, 0) + count
+    return wall
+
+
+def make_variants(tmp: Path) -> list[Variant]:
+    return [
+        Variant("mm", "mailmoat serve, no milter", Sink(tmp / "sink-mm.log")),
+        Variant("pf", "Postfix, no milter", Sink(tmp / "sink-pf.log")),
+        Variant("mm+rl", "mailmoat serve + ratelimit milter", Sink(tmp / "sink-mm-rl.log")),
+        Variant("pf+rl", "Postfix + ratelimit milter", Sink(tmp / "sink-pf-rl.log")),
+    ]
+
+
+def start_variants(stack: contextlib.ExitStack, variants: list[Variant], tmp: Path) -> None:
+    sockets = tmp / "sockets"
+    sockets.mkdir()
+    os.chmod(sockets, 0o755)  # smtpd runs as user postfix and must reach the milter socket
+    for v in variants:
+        stack.enter_context(v.sink.running())
+        with_milter = v.key.endswith("+rl")
+        if v.key.startswith("mm"):
+            v.serve = stack.enter_context(mailmoat_serve(tmp / v.key, v.sink.port, with_milter))
+            v.port = v.serve.port
+            continue
+        milter_spec = ""
+        if with_milter:
+            workdir = tmp / "pf-milter"
+            config = write_mailmoat_config(workdir, 0, 0, v.sink.port, True)
+            v.milter = stack.enter_context(MilterProcess(
+                "ratelimit", config, workdir, unix_path=sockets / "ratelimit.sock"))
+            milter_spec = v.milter.socket_spec
+        # Postfix at its defaults otherwise (connection cache on demand included): the
+        # reference is Postfix as shipped, durable queue and all.
+        v.postfix = stack.enter_context(PostfixInstance(
+            relay_port=v.sink.port, smtpd_milters=milter_spec, base_dir=tmp / f"pf-{v.key}",
+            extra={"smtp_connection_cache_on_demand": "yes"}))
+        v.port = v.postfix.smtp_port
+
+
+@dataclass
+class Part1Result:
+    variants: list[Variant]
+    rounds_done: int
+    problems: list[str]
+    stores: dict[str, str]  # variant key -> `mailmoat ratelimit show` output
+
+
+def log_problems(v: Variant) -> list[str]:
+    if v.serve is not None:
+        lines = [f"{v.label}: {line}" for line in v.serve.log_text().splitlines()
+                 if SERVE_BAD.search(line)]
+        queued = v.serve.log_text().count("event=queued ")
+        delivered = v.serve.log_text().count("event=delivered ")
+        if queued != v.sent or delivered != v.sent:
+            lines.append(f"{v.label}: {v.sent} sent, serve logged {queued} queued and"
+                         f" {delivered} delivered")
+        return lines
+    assert v.postfix is not None
+    lines = [f"{v.label}: {line}" for line in v.postfix.log_text().splitlines()
+             if MAILLOG_BAD.search(line)]
+    if v.milter is not None:
+        lines += [f"{v.label} milter: {line}" for line in v.milter.log_text().splitlines()
+                  if re.search(r"event=(milter_error|store_unavailable|verdict)|Traceback",
+                               line)]
+    return lines
+
+
+def ratelimit_show(config: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "mta.cli", "ratelimit", "show",
+                           "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise BenchError(f"mailmoat ratelimit show exited {proc.returncode}: {proc.stderr}")
+    return proc.stdout
+
+
+def part1(settings: Settings, tmp: Path, stack: contextlib.ExitStack) -> Part1Result:
+    variants = make_variants(tmp)
+    start_variants(stack, variants, tmp)
+    for v in variants:  # warm up: daemons forked, milter and SQLite file ready, code paged in
+        smtp_source(v.port, 20, 5)
+        v.sent += 20
+        wait_delivered(v, 60)
+    started = time.monotonic()
+    rounds_done = 0
+    for rnd in range(settings.rounds):
+        if time.monotonic() - started > settings.budget:
+            break
+        for concurrency in settings.concurrencies:
+            # Rotate the order each round so no variant always runs first or last.
+            shift = rnd % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                v.times.setdefault(concurrency, []).append(
+                    timed_run(v, settings.messages, concurrency))
+        rounds_done += 1
+    problems = [line for v in variants for line in log_problems(v)]
+    for v in variants:
+        if v.sink.count() != v.sent:
+            problems.append(f"{v.label}: sent {v.sent}, its sink counted {v.sink.count()}")
+    stores = {}
+    for v in variants:
+        if v.serve is not None and v.serve.milter_pid:
+            stores[v.key] = ratelimit_show(v.serve.config)
+        elif v.milter is not None and v.milter.config is not None:
+            stores[v.key] = ratelimit_show(v.milter.config)
+    return Part1Result(variants, rounds_done, problems, stores)
+
+
+def print_part1(settings: Settings, result: Part1Result) -> bool:
+    n = settings.messages
+    by_key = {v.key: v for v in result.variants}
+    print(f"Part 1: messages/s until every message is accepted (smtp-source -m {n} -l 1000,"
+          f" one session per message; median of {result.rounds_done} rounds, variants"
+          f" alternated; ratios are the median of per-round ratios)")
+    headers = ["variant"]
+    for c in settings.concurrencies:
+        headers += [f"c={c} msgs/s", f"c={c} min..max", f"c={c} CPU ms/msg"]
+    body = []
+    ok_targets = True
+    for chain, (mm, pf) in (("no milter", ("mm", "pf")), ("ratelimit milter", ("mm+rl", "pf+rl"))):
+        for key in (mm, pf):
+            v = by_key[key]
+            row = [v.label]
+            for c in settings.concurrencies:
+                times = v.times[c]
+                row += [fmt_rate(n / median(times)),
+                        f"{fmt_rate(n / max(times))}..{fmt_rate(n / min(times))}",
+                        f"{v.cpu[c] / v.timed[c] * 1e3:.2f}"]
+            body.append(row)
+        row = [f"ratio mailmoat/Postfix, {chain} (target >= {RATE_TARGET:.2f})"]
+        for c in settings.concurrencies:
+            # Paired within each round (seconds apart, under the same load from other tenants).
+            pairs = [t_pf / t_mm for t_mm, t_pf in zip(by_key[mm].times[c], by_key[pf].times[c])]
+            ratio = median(pairs)
+            ok_targets &= ratio >= RATE_TARGET
+            cpu_ratio = ((by_key[mm].cpu[c] / by_key[mm].timed[c])
+                         / (by_key[pf].cpu[c] / by_key[pf].timed[c]))
+            row += [f"{ratio:.3f} {verdict(ratio >= RATE_TARGET)}",
+                    f"{min(pairs):.2f}..{max(pairs):.2f}", f"{cpu_ratio:.2f}x"]
+        body.append(row)
+    print(table(headers, body))
+    print("  CPU ms/msg: user+system CPU of everything on that side but smtp-source and"
+          " smtp-sink (serve and its milter child; Postfix's daemons, reaped ones included,"
+          " and its milter), from the first connection until the sink had every message;"
+          " in ratio rows mailmoat's CPU per message over Postfix's (lower is better)")
+    print("  last 250 -> sink has all, median: "
+          + ", ".join(f"{v.label} {median(v.drains):.2f} s" for v in result.variants))
+    ok = True
+    sent = ", ".join(f"{v.key} {v.sent}" for v in result.variants)
+    print(f"  checks: every sink counted every message sent to its side ({sent}); serve logged"
+          f" each queued and delivered; no refusal, deferral or milter error in any log")
+    for key, text in result.stores.items():
+        v = by_key[key]
+        match = re.search(rf"sender {re.escape(SENDER)}\s+sender-messages\s+([\d.]+) of", text)
+        if not match:
+            ok = False
+            print(f"  FAILED: no sender-messages record for {v.label}:\n{text}")
+            continue
+        level = float(match.group(1))
+        # 100/hour drains about 0.03 per second: the level is the messages decided, minus that.
+        good = v.sent - 60 <= level <= v.sent
+        ok &= good
+        print(f"  {v.label}: its store's sender-messages bucket is at {level:.1f} for {v.sent}"
+              f" messages{'' if good else ' -- FAILED: the milter did not decide every one'}")
+    for problem in result.problems[:20]:
+        print(f"  FAILED: {problem}")
+    if result.rounds_done < settings.rounds:
+        print(f"  note: time budget of {settings.budget:.0f} s reached after"
+              f" {result.rounds_done} of {settings.rounds} rounds")
+    del ok_targets  # a missed target is reported above, never a failure
+    return ok and not result.problems
+
+
+# == Part 2: memory for one 25 MB message ====================================================
+def big_message(size: int) -> bytes:
+    """A MIME message of exactly `size` bytes: base64 lines of 76 characters, CRLF ends."""
+    head = (f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: 25 MB benchmark message\r\n"
+            f"Message-ID: <big.{os.getpid()}@bench.test>\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: application/octet-stream\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n").encode()
+    body_len = size - len(head)
+    payload = base64.encodebytes(os.urandom(body_len // 78 * 57 + 57)).replace(b"\n", b"\r\n")
+    # Cut to size without leaving a bare CR; the last line may end up a few characters long.
+    body = payload[:body_len - 2].rstrip(b"\r\n")
+    return head + body + b"A" * (body_len - 2 - len(body)) + b"\r\n"
+
+
+def send_big(port: int, raw: bytes) -> tuple[float, str]:
+    """One SMTP session with the whole message; (seconds until the DATA reply, that reply)."""
+    start = time.perf_counter()
+    with smtplib.SMTP(LOOPBACK, port, local_hostname="bench.client", timeout=300) as client:
+        client.ehlo()
+        code, reply = client.mail(SENDER, [f"SIZE={len(raw)}"])
+        if code != 250:
+            raise BenchError(f"MAIL FROM refused: {code} {reply!r}")
+        code, reply = client.rcpt(RECIPIENT)
+        if code != 250:
+            raise BenchError(f"RCPT TO refused: {code} {reply!r}")
+        code, reply = client.data(raw)
+        elapsed = time.perf_counter() - start
+        if code != 250:
+            raise BenchError(f"DATA refused: {code} {reply!r}")
+    return elapsed, reply.decode(errors="replace")
+
+
+@dataclass
+class Part2Result:
+    size: int
+    idle: dict[str, int]  # process -> VmHWM (kB) after start-up, before the message
+    after_accept: dict[str, int]
+    after_delivery: dict[str, int]
+    mm_accept: float
+    mm_delivered: float
+    pf_accept: float | None
+    pf_peaks: list[tuple[str, int]]  # (daemon name, VmHWM kB), largest first
+
+
+def part2(tmp: Path, postfix_side: Variant | None) -> Part2Result:
+    raw = big_message(BIG_SIZE)
+    assert len(raw) == BIG_SIZE, len(raw)
+    sink = Sink(tmp / "sink-memory.log")
+    with sink.running(), mailmoat_serve(tmp / "memory", sink.port, True) as serve:
+        pids = {"serve": serve.proc.pid, "ratelimit milter": serve.milter_pid}
+
+        def peaks() -> dict[str, int]:
+            return {name: status_kb(pid, "VmHWM") for name, pid in pids.items()}
+
+        idle = peaks()
+        accept, reply = send_big(serve.port, raw)
+        after_accept = peaks()
+        start = time.perf_counter()
+        wait_until(lambda: sink.count() >= 1, 120, "the 25 MB message at the sink")
+        delivered = time.perf_counter() - start + accept
+        after_delivery = peaks()
+        problems = [line for line in serve.log_text().splitlines() if SERVE_BAD.search(line)]
+        if problems or "event=delivered " not in serve.log_text():
+            raise BenchError("the 25 MB message did not go through cleanly:\n"
+                             + "\n".join(problems or serve.log_text().splitlines()[-10:]))
+        del reply
+    pf_accept = None
+    pf_peaks: list[tuple[str, int]] = []
+    if postfix_side is not None and postfix_side.postfix is not None:
+        # The same message through Postfix with the same milter: accept time, and the peak
+        # RSS of its daemons (long-lived, so VmHWM still covers this message).
+        pf_accept, _ = send_big(postfix_side.port, raw)
+        postfix_side.sent += 1
+        wait_delivered(postfix_side, 120)
+        for pid in postfix_side.postfix.pids():
+            with contextlib.suppress(OSError, BenchError):
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                pf_peaks.append((name, status_kb(pid, "VmHWM")))
+        pf_peaks.sort(key=lambda item: -item[1])
+    return Part2Result(BIG_SIZE, idle, after_accept, after_delivery, accept, delivered,
+                       pf_accept, pf_peaks)
+
+
+def print_part2(result: Part2Result) -> None:
+    size_kb = result.size / 1024
+    print(f"Part 2: peak RSS (VmHWM) while one {result.size / 2**20:.0f} MiB message"
+          f" ({result.size:,} bytes) goes through a fresh `serve` with the ratelimit milter"
+          f" (target: each process <= {RSS_TARGET:g}x the message)")
+    headers = ["process", "after start-up", "after the 250", "after delivery",
+               "peak / message", "result", "growth / message"]
+    body = []
+    for name in result.idle:
+        peak = result.after_delivery[name]
+        body.append([name, mb(result.idle[name]), mb(result.after_accept[name]), mb(peak),
+                     f"{peak / size_kb:.2f}x", verdict(peak / size_kb <= RSS_TARGET),
+                     f"{(peak - result.idle[name]) / size_kb:.2f}x"])
+    print(table(headers, body))
+    print(f"  mailmoat: 250 after {result.mm_accept:.2f} s (smtplib, one session), at the sink"
+          f" after {result.mm_delivered:.2f} s")
+    if result.pf_accept is not None:
+        top = ", ".join(f"{name} {mb(kb)}" for name, kb in result.pf_peaks[:4])
+        print(f"  Postfix + ratelimit milter, same message: 250 after {result.pf_accept:.2f} s"
+              f" ({result.pf_accept / result.mm_accept:.2f}x mailmoat's time); its largest"
+              f" daemons' peak RSS: {top}")
+
+
+# == main ====================================================================================
+def preflight() -> None:
+    missing = [p for p in (SMTP_SOURCE, SMTP_SINK, "/usr/sbin/postfix")
+               if not os.access(p, os.X_OK)]
+    if missing:
+        raise BenchError("missing: " + ", ".join(missing) + " (Debian package postfix)")
+    if os.geteuid() != 0:
+        raise BenchError("the private Postfix instances need root")
+
+
+def describe_machine() -> str:
+    postfix = subprocess.run(["/usr/sbin/postconf", "-dh", "mail_version"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {os.cpu_count()} CPUs, load"
+            f" {load}; Python {platform.python_version()}, Postfix {postfix}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="100 messages per run, 2 rounds (about a minute)")
+    args = parser.parse_args(argv)
+    settings = Settings.make(args.quick)
+    exit_cleanly_on_sigterm()
+    try:
+        preflight()
+        print(f"bench/mta.py{' --quick' if args.quick else ''}: {describe_machine()}")
+        print("Shared machine: absolute numbers are noisy; compare ratios within one run.\n")
+        with world_readable_tmpdir("mailmoat-bench-mta-") as tmp, \
+                contextlib.ExitStack() as stack:
+            result1 = part1(settings, tmp, stack)
+            ok = print_part1(settings, result1)
+            print()
+            pf_rl = next(v for v in result1.variants if v.key == "pf+rl")
+            print_part2(part2(tmp, pf_rl))
+        return 0 if ok else 1
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"bench/mta.py: {exc or 'interrupted'}; everything it started is stopped",
+              file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
+    except (BenchError, OSError, RuntimeError, subprocess.SubprocessError,
+            smtplib.SMTPException) as exc:
+        # RuntimeError covers the harness's PostfixError; the traceback helps find the cause.
+        traceback.print_exc()
+        print(f"bench/mta.py: could not run: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Prometheus text-format metrics for `serve`, on a local port.
+
+    mailmoat_messages_received_total                  messages whose DATA ended
+    mailmoat_messages_rejected_total{by="..."}        refused by a milter (its name) or "smtpd"
+    mailmoat_messages_queued_total
+    mailmoat_deliveries_total{status="delivered|deferred|bounced"}
+    mailmoat_queue_messages                           messages in the queue now
+    mailmoat_milter_latency_seconds{milter,stage}     histogram of milter round trips
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+from typing import Callable
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+Labels = tuple[tuple[str, str], ...]
+
+
+def _labels(labels: Labels) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
+
+
+class Registry:
+    """Counters and histograms, thread-safe (milter calls run in executor threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
+        self._histograms: dict[str, dict[Labels, list[float]]] = defaultdict(dict)
+        self._gauges: dict[str, Callable[[], float]] = {}
+
+    def count(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        with self._lock:
+            self._counters[name][tuple(sorted(labels.items()))] += amount
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            # [count per bucket..., +Inf count, sum]
+            cells = self._histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))
+            for i, bound in enumerate(BUCKETS):
+                if value <= bound:
+                    cells[i] += 1
+            cells[len(BUCKETS)] += 1
+            cells[-1] += value
+
+    def gauge(self, name: str, read: Callable[[], float]) -> None:
+        self._gauges[name] = read
+
+    def render(self) -> str:
+        lines: list[str] = []
+        with self._lock:
+            for name, series in sorted(self._counters.items()):
+                lines.append(f"# TYPE {name} counter")
+                lines += [f"{name}{_labels(k)} {v:g}" for k, v in sorted(series.items())]
+            for name, series in sorted(self._histograms.items()):
+                lines.append(f"# TYPE {name} histogram")
+                for key, cells in sorted(series.items()):
+                    for bound, cell in zip(BUCKETS, cells):
+                        lines.append(f"{name}_bucket{_labels(key + (('le', f'{bound:g}'),))} "
+                                     f"{cell:g}")
+                    lines.append(f"{name}_bucket{_labels(key + (('le', '+Inf'),))} "
+                                 f"{cells[len(BUCKETS)]:g}")
+                    lines.append(f"{name}_sum{_labels(key)} {cells[-1]:.6f}")
+                    lines.append(f"{name}_count{_labels(key)} {cells[len(BUCKETS)]:g}")
+        for name, read in sorted(self._gauges.items()):
+            lines += [f"# TYPE {name} gauge", f"{name} {read():g}"]
+        return "\n".join(lines) + "\n"
+
+
+METRICS = Registry()
+
+
+async def serve_metrics(host: str, port: int, registry: Registry = METRICS) -> asyncio.Server:
+    """A minimal HTTP/1.0 responder: any GET gets the metrics (Prometheus scrapes /metrics)."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            body = (await asyncio.get_running_loop().run_in_executor(None, registry.render)
+                    ).encode()
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError,
+                asyncio.LimitOverrunError):
+            pass  # a client that does not speak HTTP gets nothing
+        finally:
+            writer.close()
+    return await asyncio.start_server(answer, host, port)
