@@ -17,6 +17,26 @@ not failures). See bench/README.md for what each number means.
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "mta":
+    # Every bench script runs with bench/ first on sys.path, so its `import mta.cli` finds
+    # this file before the project's `mta` package. Hand the importer the real package (the
+    # import system returns whatever sys.modules holds once this module has run) and let the
+    # rest of this file define itself under a private name.
+    import importlib.util as _util
+    from pathlib import Path as _Path
+
+    _package = _Path(__file__).resolve().parents[1] / "mta"
+    _spec = _util.spec_from_file_location("mta", _package / "__init__.py",
+                                          submodule_search_locations=[str(_package)])
+    assert _spec is not None and _spec.loader is not None
+    _real = _util.module_from_spec(_spec)
+    __name__ = "_bench_mta_shadowed"
+    sys.modules[__name__] = sys.modules["mta"]
+    sys.modules["mta"] = _real
+    _spec.loader.exec_module(_real)
+
 import argparse
 import base64
 import contextlib
@@ -25,7 +45,6 @@ import platform
 import re
 import smtplib
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -118,10 +137,11 @@ class Sink:
 
     def __init__(self, log: Path) -> None:
         self.log = log
-        self.port = free_port()
+        self.port = 0
 
     @contextlib.contextmanager
     def running(self) -> Iterator["Sink"]:
+        self.port = free_port()  # picked just before binding, so no one else takes it first
         # As root smtp-sink refuses to run without -u; it drops to that user after bind.
         with child_process([SMTP_SINK, "-u", "postfix", "-c", f"{LOOPBACK}:{self.port}", "1000"],
                            log=self.log) as proc:
@@ -149,17 +169,19 @@ class Serve:
         return self.log.read_text(errors="replace")
 
 
-def write_mailmoat_config(workdir: Path, port: int, reinject: int, sink_port: int,
+def write_mailmoat_config(workdir: Path, ports: tuple[int, int, int], sink_port: int,
                           with_milter: bool) -> Path:
     """serve's config plus the policy, side by side; relative paths stay inside `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "policy.yaml").write_text(POLICY)
     config = workdir / "config.yaml"
+    port, reinject, metrics = ports
     config.write_text(f"""\
 gateway:
   hostname: mx.bench.test
   listen: {LOOPBACK}:{port}
   reinject_listen: {LOOPBACK}:{reinject}
+  metrics_listen: {LOOPBACK}:{metrics}
   relay_domains: [example.jp]
   relay: {{default: "smtp:[{LOOPBACK}]:{sink_port}"}}
   queue: {{dir: spool}}
@@ -171,26 +193,33 @@ policy: policy.yaml
     return config
 
 
-def two_free_ports() -> tuple[int, int]:
-    first = free_port()
-    second = free_port()
-    while second == first:  # the kernel may hand the just-released port out again
-        second = free_port()
-    return first, second
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: the kernel may hand a just-released port out again."""
+    ports: list[int] = []
+    for _ in range(count * 10):
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise BenchError(f"could not find {count} distinct free ports")
 
 
 @contextlib.contextmanager
 def mailmoat_serve(workdir: Path, sink_port: int, with_milter: bool) -> Iterator[Serve]:
     """`mailmoat serve --config ...` as an admin runs it, for the duration of the block."""
-    port, reinject = two_free_ports()
-    config = write_mailmoat_config(workdir, port, reinject, sink_port, with_milter)
+    # Each serve gets its own metrics port too: the default (9781) would clash between them.
+    port, reinject, metrics = free_ports(3)
+    config = write_mailmoat_config(workdir, (port, reinject, metrics), sink_port, with_milter)
     log = workdir / "serve.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "mta.cli", "serve", "--config", str(config)]
     with child_process(argv, log=log, env=env, cwd=ROOT) as proc:
         # /proc/net/tcp, not a probe connection: a probe would be an SMTP (and milter) session.
-        wait_until(lambda: is_listening(LOOPBACK, port) or proc.poll() is not None, 30,
-                   f"mailmoat serve on port {port}")
+        # serve_started comes after every listener is up; a failed bind ends the process.
+        wait_until(lambda: proc.poll() is not None or (
+            is_listening(LOOPBACK, port) and "event=serve_started" in log.read_text(
+                errors="replace")), 30, f"mailmoat serve on port {port}")
         if proc.poll() is not None:
             raise BenchError(f"mailmoat serve exited {proc.returncode}:"
                              f" {log.read_text(errors='replace')}")
@@ -309,7 +338,8 @@ def start_variants(stack: contextlib.ExitStack, variants: list[Variant], tmp: Pa
         milter_spec = ""
         if with_milter:
             workdir = tmp / "pf-milter"
-            config = write_mailmoat_config(workdir, 0, 0, v.sink.port, True)
+            # Only its store and policy matter to the milter; the ports are never bound.
+            config = write_mailmoat_config(workdir, (0, 0, 0), v.sink.port, True)
             v.milter = stack.enter_context(MilterProcess(
                 "ratelimit", config, workdir, unix_path=sockets / "ratelimit.sock"))
             milter_spec = v.milter.socket_spec
@@ -362,7 +392,10 @@ def part1(settings: Settings, tmp: Path, stack: contextlib.ExitStack) -> Part1Re
     variants = make_variants(tmp)
     start_variants(stack, variants, tmp)
     for v in variants:  # warm up: daemons forked, milter and SQLite file ready, code paged in
-        smtp_source(v.port, 20, 5)
+        try:
+            smtp_source(v.port, 20, 5)
+        except BenchError as exc:
+            raise BenchError(f"{v.label}: {exc}") from None
         v.sent += 20
         wait_delivered(v, 60)
     started = time.monotonic()

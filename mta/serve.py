@@ -138,7 +138,7 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
                             max_recipients=config.max_recipients,
                             max_connections=config.max_connections,
                             max_connections_per_ip=config.max_connections_per_ip,
-                            tls_context=tls)
+                            tls_context=tls, valid_recipients=config.valid_recipients)
     members = supervisor.members()
     chain: Callable[[], ChainSession] | None = (lambda: ChainSession(members)) if members else None
     main = await start_listener(GatewayHandler(settings, queue, chain),

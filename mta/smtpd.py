@@ -27,7 +27,8 @@ from typing import Any, Callable
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from milters.core.eventlog import log_event
-from milters.core.policy.matching import NetworkPattern, network_matches, normalize_domain
+from milters.core.policy.matching import (AddressPattern, NetworkPattern, match_address,
+                                          network_matches, normalize_domain)
 from milters.core.verdict import Action, Verdict
 
 from .edits_apply import Transit, split_message
@@ -54,6 +55,8 @@ class SmtpSettings:
     max_connections: int = 200
     max_connections_per_ip: int = 20
     tls_context: ssl.SSLContext | None = None  # STARTTLS is offered when set
+    # Who exists in the relay domains (SaMMA patterns); empty: every address is accepted.
+    valid_recipients: tuple[AddressPattern, ...] = ()
     loopback_only: bool = False  # the re-injection listener: local notices and split copies
 
 
@@ -202,6 +205,12 @@ class GatewayHandler:
                 log_event("reject", stage="rcpt", ip=self._client(session), rcpt=address,
                           reason="relay access denied")
                 return f"554 5.7.1 <{address}>: Relay access denied"
+        if (self.settings.valid_recipients and self._relay_domain(address)
+                and not match_address(address, self.settings.valid_recipients).matched):
+            METRICS.count("mailmoat_messages_rejected_total", by="smtpd")
+            log_event("reject", stage="rcpt", ip=self._client(session), rcpt=address,
+                      reason="unknown recipient")
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
         chain = getattr(session, "chain", None)
@@ -280,6 +289,7 @@ class GatewaySMTP(SMTP):
         refusal = self.gateway.admit_connection(ip)
         if refusal is None:
             self._counted_ip = ip
+            log_event("connect", ip=ip)
             return
         log_event("reject", stage="connect", ip=ip, reason="too many connections")
         assert self._handler_coroutine is not None

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .policy.schema import Duration, Field, ListOf, Network, Number, Str, Struct
-from .policy.matching import NetworkPattern
+from .policy.schema import Address, Duration, Field, ListOf, Network, Number, Str, Struct
+from .policy.matching import AddressPattern, NetworkPattern
 from .policy.yamlnodes import MappingNode, Problems, compose_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +60,7 @@ class GatewayConfig:
     tls_key: Path | None = None
     run_dir: Path = Path("var/run")
     milters: tuple[MilterSetting, ...] = (MilterSetting("ratelimit"),)
+    valid_recipients: tuple[AddressPattern, ...] = ()  # empty: no recipient validation
     # Clients allowed to use XCLIENT (present another client address): none by default.
     xclient_hosts: tuple[NetworkPattern, ...] = ()
 
@@ -112,7 +113,8 @@ def _spec(base: Path, source: str) -> Struct:
             tls_cert=local(gateway["tls"]["cert"]) if gateway["tls"] else None,
             tls_key=local(gateway["tls"]["key"]) if gateway["tls"] else None,
             run_dir=local(gateway["run_dir"]),
-            milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]))
+            milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]),
+            valid_recipients=tuple(gateway["valid_recipients"]))
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -140,6 +142,7 @@ def _spec(base: Path, source: str) -> Struct:
         "tls": Field(Struct({"cert": Field(Str()), "key": Field(Str())}), None),
         "run_dir": Field(Str(), "var/run"),
         "xclient_hosts": Field(ListOf(Network()), ()),
+        "valid_recipients": Field(ListOf(Address()), ()),
     })
     milter = Struct({
         "name": Field(Str(max_len=64)),

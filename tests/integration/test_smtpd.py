@@ -188,3 +188,15 @@ def test_starttls_is_offered_with_a_certificate_and_works(tmp_path: Path) -> Non
     assert "TLS started" in result.transcript, result.transcript
     assert result.code("DATA_END") == 250
     assert len(queue.entries()) == 1
+
+
+def test_unknown_recipients_in_our_domains_are_refused(tmp_path: Path) -> None:
+    from milters.core.policy.matching import parse_address_pattern
+    known = tuple(parse_address_pattern(p) for p in ("taro@example.jp", "@sales.example.jp"))
+    port = free_port()
+    with ThreadedListener(GatewayHandler(settings(valid_recipients=known),
+                                         Queue(tmp_path / "spool")), "127.0.0.1", port):
+        result = outside(port, ["taro@example.jp", "nobody@example.jp", "anyone@sales.example.jp"])
+    assert result.replies("RCPT") == [
+        "250 2.1.5 Ok", "550 5.1.1 <nobody@example.jp>: Recipient address rejected: User unknown",
+        "250 2.1.5 Ok"]
