@@ -28,6 +28,23 @@ ON_FAILURE = ("tempfail", "reject", "accept")
 FAILURE_REJECT = SmtpReply(550, "5.7.1", "Message content rejected")
 
 
+def connect_macros(hostname: str, client: str) -> dict[str, str]:
+    """The connect-stage macros Postfix sends by default (milter_connect_macros)."""
+    return {"j": hostname, "{daemon_name}": "mailmoat", "{client_addr}": client,
+            "{client_name}": f"[{client}]", "_": f"[{client}] [{client}]"}
+
+
+def mail_macros(queue_id: str, sender: str, auth_user: str | None = None) -> dict[str, str]:
+    macros = {"i": queue_id, "{mail_addr}": sender}
+    if auth_user:
+        macros["{auth_authen}"] = auth_user
+    return macros
+
+
+def rcpt_macros(queue_id: str, recipient: str) -> dict[str, str]:
+    return {"i": queue_id, "{rcpt_addr}": recipient, "{rcpt_mailer}": "smtp"}
+
+
 @dataclass(frozen=True)
 class ChainMember:
     endpoint: MilterEndpoint

@@ -24,7 +24,8 @@ from milters.core.message import Message
 from milters.core.verdict import Action, Verdict
 
 from .edits_apply import Transit
-from .milter_chain import ChainSession
+from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
+from .queue import new_queue_id
 from .serve import MilterSupervisor
 
 
@@ -49,7 +50,8 @@ def _describe(edit: Edit) -> dict[str, Any]:
     return {"action": type(edit).__name__, **fields}
 
 
-def run_scan(request: ScanRequest, chain: ChainSession) -> tuple[dict[str, Any], Transit]:
+def run_scan(request: ScanRequest, chain: ChainSession, hostname: str = "localhost"
+             ) -> tuple[dict[str, Any], Transit]:
     message = Message(request.raw)
     sender = request.mail_from
     if sender is None:
@@ -59,28 +61,30 @@ def run_scan(request: ScanRequest, chain: ChainSession) -> tuple[dict[str, Any],
         [message.header_text(h) or "" for h in ("To", "Cc")]) if addr]
     family = socket.AF_INET6 if ipaddress.ip_address(request.client_ip).version == 6 \
         else socket.AF_INET
-    macros = {"{auth_authen}": request.auth_user} if request.auth_user else None
+    queue_id = new_queue_id()  # what the gateway would have named it
     recipients: dict[str, str] = {}
     transit = Transit(request.raw, sender, [])
-    verdict = chain.connect(f"[{request.client_ip}]", request.client_ip, 25, family)
+    verdict = chain.connect(f"[{request.client_ip}]", request.client_ip, 25, family,
+                            connect_macros(hostname, request.client_ip))
     if not verdict.ends_transaction:
         verdict = chain.helo(request.helo)
     if not verdict.ends_transaction:
-        verdict = chain.mail(sender, macros=macros)
+        verdict = chain.mail(sender, macros=mail_macros(queue_id, sender, request.auth_user))
     if not verdict.ends_transaction:
         for rcpt in rcpts:
-            answer = chain.rcpt(rcpt)
+            answer = chain.rcpt(rcpt, macros=rcpt_macros(queue_id, rcpt))
             recipients[rcpt] = "accepted" if not answer.ends_transaction else \
                 f"{answer.action.value}: {answer.reply}"
             if not answer.ends_transaction:
                 transit.recipients.append((rcpt, None))
         if transit.recipients:
-            verdict, transit = chain.message(transit)
+            verdict, transit = chain.message(transit, {"i": queue_id})
         else:
             verdict = Verdict.reject(reason="no recipient accepted")
     chain.close()
     final = "accept" if verdict.action in (Action.CONTINUE, Action.ACCEPT) else verdict.action.value
     report = {
+        "queue_id": queue_id,
         "verdict": final,
         "reply": str(verdict.reply) if verdict.reply else ("250 2.0.0 Ok" if final == "accept"
                                                            else None),
@@ -103,7 +107,7 @@ def scan(config: GatewayConfig, config_path: str | None, request: ScanRequest,
         supervisor = MilterSupervisor(replace(config, run_dir=Path(run_dir)), config_path)
         try:
             supervisor.start()
-            return run_scan(request, ChainSession(supervisor.members()))
+            return run_scan(request, ChainSession(supervisor.members()), config.hostname)
         finally:
             supervisor.stop()
 

@@ -33,7 +33,7 @@ from milters.core.verdict import Action, Verdict
 
 from .edits_apply import Transit, split_message
 from .metrics import METRICS
-from .milter_chain import ChainSession
+from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
 from .queue import Envelope as QueueEnvelope
 from .queue import Queue, RecipientState, SpoolError, new_queue_id
 
@@ -143,7 +143,8 @@ class GatewayHandler:
             family = socket.AF_INET6 if ":" in client else socket.AF_INET
             port = session.peer[1] if session.peer else 0
             verdict = await self._blocking(lambda: chain.connect(
-                f"[{client}]", client, port, family, {"j": self.settings.hostname}))
+                f"[{client}]", client, port, family, connect_macros(self.settings.hostname,
+                                                                     client)))
             if verdict.ends_transaction:
                 session.early_verdict = verdict
         return chain
@@ -186,8 +187,11 @@ class GatewayHandler:
         if early is not None:
             return _reply(early)
         chain = await self._chain(server, session)
+        # The queue ID exists from MAIL FROM on, so milters and our logs name the same ID.
+        session.queue_id = new_queue_id()
         if chain is not None:
-            verdict = await self._blocking(lambda: chain.mail(address, list(mail_options)))
+            verdict = await self._blocking(lambda: chain.mail(
+                address, list(mail_options), mail_macros(session.queue_id, address)))
             if verdict.ends_transaction:
                 return _reply(verdict)
         envelope.mail_from, envelope.mail_options = address, list(mail_options)
@@ -215,7 +219,8 @@ class GatewayHandler:
             return "452 4.5.3 Too many recipients"
         chain = getattr(session, "chain", None)
         if chain is not None:
-            verdict = await self._blocking(lambda: chain.rcpt(address, list(rcpt_options)))
+            verdict = await self._blocking(lambda: chain.rcpt(
+                address, list(rcpt_options), rcpt_macros(session.queue_id, address)))
             if verdict.ends_transaction:
                 return _reply(verdict)
         envelope.rcpt_tos.append(address)
@@ -242,7 +247,8 @@ class GatewayHandler:
         transit = Transit(raw, envelope.mail_from or "", [(r, None) for r in envelope.rcpt_tos])
         chain = getattr(session, "chain", None)
         if chain is not None:
-            verdict, transit = await self._blocking(lambda: chain.message(transit))
+            verdict, transit = await self._blocking(
+                lambda: chain.message(transit, {"i": session.queue_id}))
             if verdict.action is Action.DISCARD:
                 log_event("discarded", ip=client, sender=transit.sender)
                 return "250 2.0.0 Ok: discarded"
@@ -251,7 +257,7 @@ class GatewayHandler:
         if not transit.recipients:
             return "250 2.0.0 Ok: no recipients left"
         queue_envelope = QueueEnvelope(
-            new_queue_id(), transit.sender,
+            session.queue_id, transit.sender,
             [RecipientState(address, params) for address, params in transit.recipients],
             received_at=time.time(), client_ip=client, helo=session.host_name,
             hold_reason=transit.quarantine)
