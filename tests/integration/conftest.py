@@ -12,16 +12,21 @@ from tests.harness.milter_proc import ROOT
 from tests.harness.ports import LOOPBACK, free_port, wait_for_port
 
 
-def _action_milter() -> Iterator[int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.harness.action_milter",
-                             f"inet:{port}@127.0.0.1"], cwd=ROOT)
+def _listening(command: list[str], port: int) -> Iterator[int]:
+    """Run a milter process until the test is done; yields its TCP port once it listens."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
         wait_for_port(LOOPBACK, port, timeout=10)
         yield port
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _action_milter() -> Iterator[int]:
+    port = free_port()
+    yield from _listening([sys.executable, "-m", "tests.harness.action_milter",
+                           f"inet:{port}@127.0.0.1"], port)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +57,6 @@ def opendkim(tmp_path: Path) -> Iterator[int]:
     conf = tmp_path / "opendkim.conf"
     conf.write_text(OPENDKIM_CONF.format(port=port, dir=tmp_path))
     tmp_path.chmod(0o755)
-    proc = subprocess.Popen(["/usr/sbin/opendkim", "-f", "-x", str(conf)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(LOOPBACK, port, timeout=10)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    yield from _listening(["/usr/sbin/opendkim", "-f", "-x", str(conf)], port)
 
 
