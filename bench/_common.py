@@ -19,8 +19,11 @@ from pathlib import Path
 from types import FrameType
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(1, str(ROOT))
+# The project root goes first: a script runs with bench/ as sys.path[0], where bench/mta.py
+# would otherwise shadow the `mta` package.
+if str(ROOT) in sys.path:
+    sys.path.remove(str(ROOT))
+sys.path.insert(0, str(ROOT))
 
 class BenchError(RuntimeError):
     """Something the benchmark needs could not run: the script exits non-zero."""

@@ -20,24 +20,6 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "mta":
-    # Every bench script runs with bench/ first on sys.path, so its `import mta.cli` finds
-    # this file before the project's `mta` package. Hand the importer the real package (the
-    # import system returns whatever sys.modules holds once this module has run) and let the
-    # rest of this file define itself under a private name.
-    import importlib.util as _util
-    from pathlib import Path as _Path
-
-    _package = _Path(__file__).resolve().parents[1] / "mta"
-    _spec = _util.spec_from_file_location("mta", _package / "__init__.py",
-                                          submodule_search_locations=[str(_package)])
-    assert _spec is not None and _spec.loader is not None
-    _real = _util.module_from_spec(_spec)
-    __name__ = "_bench_mta_shadowed"
-    sys.modules[__name__] = sys.modules["mta"]
-    sys.modules["mta"] = _real
-    _spec.loader.exec_module(_real)
-
 import argparse
 import base64
 import contextlib

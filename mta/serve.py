@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 from milters.core.config import GatewayConfig, MilterSetting
+from milters.core.errors import MailmoatError
 from milters.core.eventlog import log_event
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import parse_network_pattern
@@ -127,6 +128,17 @@ class MilterSupervisor:
             log_event("milter_process_stopped", milter=name)
 
 
+async def _listen(address: str, setting: str, opening: Awaitable[asyncio.Server]
+                  ) -> asyncio.Server:
+    """Open a listener, or stop with a message that names the setting to change."""
+    try:
+        return await opening
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise MailmoatError(f"cannot listen on {address} (gateway.{setting}): {reason}"
+                            ) from None
+
+
 async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervisor,
                queue: Queue) -> None:
     tls = (server_tls_context(str(config.tls_cert), str(config.tls_key))
@@ -141,17 +153,20 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
                             tls_context=tls, valid_recipients=config.valid_recipients)
     members = supervisor.members()
     chain: Callable[[], ChainSession] | None = (lambda: ChainSession(members)) if members else None
-    main = await start_listener(GatewayHandler(settings, queue, chain),
-                                *split_hostport(config.listen))
+    main = await _listen(config.listen, "listen",
+                         start_listener(GatewayHandler(settings, queue, chain),
+                                        *split_hostport(config.listen)))
     reinject_settings = SmtpSettings(hostname=config.hostname, internal_networks=LOOPBACK,
                                      max_message_size=config.max_message_size,
                                      max_recipients=config.max_recipients, loopback_only=True)
-    reinject = await start_listener(GatewayHandler(reinject_settings, queue, None),
-                                    *split_hostport(config.reinject_listen))
+    reinject = await _listen(config.reinject_listen, "reinject_listen",
+                             start_listener(GatewayHandler(reinject_settings, queue, None),
+                                            *split_hostport(config.reinject_listen)))
     metrics = None
     if config.metrics_listen:
         METRICS.gauge("mailmoat_queue_messages", lambda: float(len(queue.entries())))
-        metrics = await serve_metrics(*split_hostport(config.metrics_listen))
+        metrics = await _listen(config.metrics_listen, "metrics_listen",
+                                serve_metrics(*split_hostport(config.metrics_listen)))
     log_event("serve_started", listen=config.listen, reinject=config.reinject_listen,
               metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",

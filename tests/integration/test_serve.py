@@ -189,3 +189,23 @@ def test_prometheus_metrics(serve: Serve) -> None:
     assert "mailmoat_queue_messages 0" in lines
     assert any(line.startswith('mailmoat_milter_latency_seconds_count{milter="ratelimit",'
                                'stage="mail"} ') for line in lines)
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    gateway = Serve(tmp_path)
+    gateway.config.write_text(gateway.config.read_text().replace(
+        f"listen: 127.0.0.1:{gateway.port}\n", f"listen: 127.0.0.1:{taken.getsockname()[1]}\n"))
+    result = subprocess.run([sys.executable, "-m", "mta.cli", "serve", "--config",
+                             str(gateway.config)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    busy = taken.getsockname()[1]
+    taken.close()
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert (f"mailmoat: cannot listen on 127.0.0.1:{busy} (gateway.listen): "
+            "Address already in use") in result.stderr
+    assert "event=milter_process_stopped milter=ratelimit" in result.stderr  # no orphan
