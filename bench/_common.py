@@ -136,3 +136,23 @@ def verdict(ok: bool) -> str:
 
 def fmt_rate(value: float) -> str:
     return f"{value:,.0f}"
+
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+
+
+def smtp_source(port: int, count: int, concurrency: int, sender: str, recipient: str) -> float:
+    """Send `count` 1000-byte messages with Postfix's smtp-source, `concurrency` sessions at a
+    time, to 127.0.0.1:port; return the wall time. smtp-source exits non-zero on any
+    unexpected reply, so a refusal cannot go unnoticed."""
+    argv = [SMTP_SOURCE, "-c", "-l", "1000", "-m", str(count), "-s", str(concurrency),
+            "-f", sender, "-t", recipient, f"127.0.0.1:{port}"]
+    start = time.perf_counter()
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=30 + count / 5)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:"
+                         f" {proc.stdout.decode(errors='replace')[-500:]}"
+                         f" {proc.stderr.decode(errors='replace')[-500:]}")
+    return wall

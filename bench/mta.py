@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _common import SMTP_SOURCE  # noqa: E402
+from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
 
@@ -44,7 +46,6 @@ from tests.harness.milter_proc import MilterProcess  # noqa: E402  (after _commo
 from tests.harness.ports import LOOPBACK, free_port, is_listening  # noqa: E402
 from tests.harness.postfix import PostfixInstance  # noqa: E402
 
-SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "from@outside.example"
 RECIPIENT = "to@example.jp"
@@ -257,21 +258,7 @@ class Variant:
 
 
 def smtp_source(port: int, count: int, concurrency: int) -> float:
-    """Send `count` 1000-byte messages, `concurrency` sessions at a time; the wall time.
-
-    smtp-source exits non-zero on an unexpected reply, so a refusal cannot go unnoticed."""
-    argv = [SMTP_SOURCE, "-c", "-l", "1000", "-m", str(count), "-s", str(concurrency),
-            "-f", SENDER, "-t", RECIPIENT, f"{LOOPBACK}:{port}"]
-    start = time.perf_counter()
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                          timeout=30 + count / 5)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:"
-                         f" {proc.stdout.decode(errors='replace')[-500:]}"
-                         f" {proc.stderr.decode(errors='replace')[-500:]}")
-    return wall
-
+    return run_smtp_source(port, count, concurrency, SENDER, RECIPIENT)
 
 def wait_delivered(v: Variant, timeout: float) -> float:
     """Wait until the sink has every message sent to this side; returns when that was

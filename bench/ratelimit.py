@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from _common import SMTP_SOURCE  # noqa: E402
+from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
                      fmt_rate, median, percentile, table, verdict, wait_until,
                      world_readable_tmpdir)
@@ -53,7 +55,6 @@ from tests.harness.ports import LOOPBACK, free_port, is_listening  # noqa: E402
 from tests.harness.postfix import PostfixInstance  # noqa: E402
 from tests.harness.redis_server import RedisServer  # noqa: E402
 
-SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "from@outside.example"
 RECIPIENT = "to@example.jp"
@@ -495,22 +496,7 @@ class LogCounter:
 
 
 def smtp_source(port: int, count: int, concurrency: int) -> float:
-    """Send `count` messages with `concurrency` parallel sessions; return the wall time.
-
-    smtp-source aborts (exit 1) on any unexpected reply, so a refusal cannot go unnoticed.
-    """
-    argv = [SMTP_SOURCE, "-l", "1000", "-m", str(count), "-s", str(concurrency),
-            "-f", SENDER, "-t", RECIPIENT, f"{LOOPBACK}:{port}"]
-    start = time.perf_counter()
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                          timeout=30 + count / 5)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:"
-                         f" {proc.stdout.decode(errors='replace')}"
-                         f" {proc.stderr.decode(errors='replace')}")
-    return wall
-
+    return run_smtp_source(port, count, concurrency, SENDER, RECIPIENT)
 
 def send_and_check(variant: Variant, count: int, concurrency: int) -> float:
     """One timed run; then wait until Postfix delivered all of it, so runs do not overlap."""
