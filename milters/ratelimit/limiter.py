@@ -163,16 +163,12 @@ class Session:
         peeked = self._applicable(peek or [], env)
         takes = ([Take(key, limit.rate, limit.burst) for limit, key in counted]
                  + [Take(key, limit.rate, limit.burst, 0.0) for limit, key in peeked])
-        riders = self.limiter.pending.take(exclude={take.key for take in takes})
-        try:
-            admission = self._store.admit(points_key(env.client_address), takes + riders,
-                                          half_life=pts.half_life,
-                                          halve_every=pts.halve_rate_every,
-                                          refuse_at=pts.tempfail_at if refuse else None,
-                                          now=self.limiter.clock())
-        except StoreUnavailable:
-            self.limiter.pending.put_back(riders)
-            raise
+        # Pending recipient counts are not written here, on the MTA's critical path: the
+        # milter's one-second tick flushes them in one batch (RateLimiter.flush).
+        admission = self._store.admit(points_key(env.client_address), takes,
+                                      half_life=pts.half_life, halve_every=pts.halve_rate_every,
+                                      refuse_at=pts.tempfail_at if refuse else None,
+                                      now=self.limiter.clock())
         if admission.refused:
             reason = f"{admission.points:.1f} spam points (limit {pts.tempfail_at:g})"
             reply = self.settings.blocked_reply
@@ -192,10 +188,10 @@ class Session:
 
     def _check_recipient(self) -> Verdict:
         """Recipient limits without a store round trip: the levels read at MAIL FROM plus
-        the recipients this connection has added since. They are written with the next
-        admission of this process or within a second (off the MTA's critical path), so
-        concurrent connections from one source can overshoot a recipient burst by what
-        they add in that moment."""
+        the recipients this process has let through since and not yet written. They are
+        written within a second (off the MTA's critical path), so connections from one source
+        through several gateways can overshoot a recipient burst by what they add in that
+        second."""
         for key, (limit, peek) in self.peeks.items():
             # Other sessions of this process may hold counts for this bucket not yet written.
             used = peek.level + self.limiter.pending.count(key) + self.pending.get(key, 0) + 1

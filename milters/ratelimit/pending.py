@@ -1,8 +1,8 @@
 """Counts already let through but not yet written to the store (write-behind).
 
-Recipients are checked locally during a transaction; their counts wait here and ride along
-with the next admission of any session of the process (as forced takes), or the milter's
-one-second tick writes them. One store round trip per message instead of one per recipient.
+Recipients are checked locally during a transaction; their counts wait here until the
+milter's one-second tick writes them all in one store call (as forced takes). One store
+round trip per message instead of one per recipient, and none of it on the MTA's path.
 """
 from __future__ import annotations
 
@@ -29,16 +29,12 @@ class PendingCounts:
         with self._lock:
             return self._counts.get(key, (0.0, 0.0))[1]
 
-    def take(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Take]:
-        """Everything pending, as forced takes; keys in `exclude` (buckets the caller's own
-        admission touches) stay pending, so one admission never names a key twice."""
+    def take(self) -> list[Take]:
+        """Everything pending, as forced takes, and forget it (put_back() if unwritten)."""
         with self._lock:
-            if not self._counts:
-                return []
-            counts = self._counts
-            self._counts = {key: value for key, value in counts.items() if key in exclude}
+            counts, self._counts = self._counts, {}
         return [Take(key, rate, UNBOUNDED, count, force=True)
-                for key, (rate, count) in counts.items() if key not in exclude]
+                for key, (rate, count) in counts.items()]
 
     def put_back(self, takes: list[Take]) -> None:
         """Return takes that could not be written (the store was down)."""
