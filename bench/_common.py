@@ -156,3 +156,30 @@ def smtp_source(port: int, count: int, concurrency: int, sender: str, recipient:
                          f" {proc.stdout.decode(errors='replace')[-500:]}"
                          f" {proc.stderr.decode(errors='replace')[-500:]}")
     return wall
+
+
+def proc_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may contain spaces); field 3 is [0]."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
+    """user + system CPU of a process (all its threads); with reaped_children also of the
+    children it waited for, which is where Postfix's exited daemons end up (master's
+    cutime/cstime)."""
+    fields = proc_fields(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def ratelimit_show(config: Path) -> str:
+    """`mailmoat ratelimit show` for a config: proof the milter's store really counted."""
+    proc = subprocess.run([sys.executable, "-m", "mta.cli", "ratelimit", "show",
+                           "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise BenchError(f"mailmoat ratelimit show exited {proc.returncode}: {proc.stderr}")
+    return proc.stdout

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _common import SMTP_SOURCE  # noqa: E402
+from _common import SMTP_SOURCE, cpu_seconds, ratelimit_show  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
@@ -52,7 +52,6 @@ RECIPIENT = "to@example.jp"
 BIG_SIZE = 25 * 1024 * 1024  # the 25 MB message of DESIGN.md section 10
 RATE_TARGET = 1.0  # mailmoat msgs/s divided by Postfix msgs/s
 RSS_TARGET = 3.0  # peak RSS of each process, in message sizes
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Three limits with bursts no run can fill, so nothing is refused and every message takes
 # the milter's full path through its SQLite store. Loopback is not exempt: every client here
@@ -90,22 +89,6 @@ class Settings:
 
 
 # == processes ===============================================================================
-def proc_fields(pid: int) -> list[str]:
-    """/proc/PID/stat after the command name (which may contain spaces); field 3 is [0]."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
-    """user + system CPU of a process; with reaped_children also of the children it waited
-    for, which is where Postfix's exited daemons end up (in master's cutime/cstime)."""
-    fields = proc_fields(pid)
-    ticks = int(fields[11]) + int(fields[12])
-    if reaped_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLK_TCK
-
-
 def status_kb(pid: int, name: str) -> int:
     """A 'kB' line of /proc/PID/status, e.g. VmHWM (peak RSS) or VmRSS."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -353,15 +336,6 @@ def log_problems(v: Variant) -> list[str]:
                   if re.search(r"event=(milter_error|store_unavailable|verdict)|Traceback",
                                line)]
     return lines
-
-
-def ratelimit_show(config: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "mta.cli", "ratelimit", "show",
-                           "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise BenchError(f"mailmoat ratelimit show exited {proc.returncode}: {proc.stderr}")
-    return proc.stdout
 
 
 def part1(settings: Settings, tmp: Path, stack: contextlib.ExitStack) -> Part1Result:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from _common import SMTP_SOURCE  # noqa: E402
+from _common import SMTP_SOURCE, cpu_seconds, ratelimit_show  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
                      fmt_rate, median, percentile, table, verdict, wait_until,
@@ -462,13 +462,6 @@ class Variant:
     fds: list[int] = field(default_factory=list)  # the milter's open fds after each round
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU of a process (all its threads), from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -520,15 +513,6 @@ def sink_messages(log: Path) -> int:
     """smtp-sink -c rewrites 'sess=N quit=N mesg=N' with CRs; the last one is the total."""
     found = re.findall(r"mesg=(\d+)", log.read_text(errors="replace"))
     return int(found[-1]) if found else 0
-
-
-def ratelimit_show(config: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "mta.cli", "ratelimit", "show",
-                           "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise BenchError(f"mailmoat ratelimit show exited {proc.returncode}: {proc.stderr}")
-    return proc.stdout
 
 
 @dataclass
