@@ -13,7 +13,7 @@ import logging
 import time
 from functools import lru_cache
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from milters.core.errors import StoreUnavailable
 from milters.core.eventlog import log_event
@@ -41,8 +41,12 @@ def points_key(address: IPAddress) -> str:
     return ip_key(address) + "points"
 
 
+_KEY_KINDS = {"client_ip": "ip", "sender": "sender", "auth_user": "auth"}
+
+
+@lru_cache(maxsize=16384)
 def bucket_key(limit: Limit, value: str) -> str:
-    kind = {"client_ip": "ip", "sender": "sender", "auth_user": "auth"}[limit.key]
+    kind = _KEY_KINDS[limit.key]
     return f"rl:{kind}:[{value.lower() if kind != 'ip' else value}]:bucket:{limit.name}"
 
 
@@ -147,12 +151,12 @@ class Session:
             return env.mail_from or None  # the null sender is limited by IP only
         return env.auth_user
 
-    def _applicable(self, limits: list[Limit], env: Envelope) -> list[tuple[Limit, str]]:
+    def _applicable(self, limits: Sequence[Limit], env: Envelope) -> list[tuple[Limit, str]]:
         return [(limit, bucket_key(limit, value)) for limit in limits
                 if (value := self._key_value(limit, env)) is not None]
 
-    def _admit(self, limits: list[Limit], env: Envelope, refuse: bool = False,
-               peek: list[Limit] | None = None) -> Verdict:
+    def _admit(self, limits: Sequence[Limit], env: Envelope, refuse: bool = False,
+               peek: Sequence[Limit] = ()) -> Verdict:
         """Count this event in every applicable bucket at once (one atomic store call, one
         round trip), at the speed the client's points allow; with `refuse`, a client at or
         over `tempfail_at` points gets the blocked reply and nothing is counted. Buckets in
@@ -160,7 +164,7 @@ class Session:
         assert env.client_address is not None
         pts = self.settings.points
         counted = self._applicable(limits, env)
-        peeked = self._applicable(peek or [], env)
+        peeked = self._applicable(peek, env)
         takes = ([Take(key, limit.rate, limit.burst) for limit, key in counted]
                  + [Take(key, limit.rate, limit.burst, 0.0) for limit, key in peeked])
         # Pending recipient counts are not written here, on the MTA's critical path: the
@@ -222,7 +226,7 @@ class Session:
             bad = self.settings.points.bad_networks
             if bad.points and network_matches(address, bad.networks):
                 self._points(address, bad.points, "bad_network")
-            limits = [lim for lim in self.settings.limits if lim.per == "connection"]
+            limits = self.settings.limits_per("connection")
             if limits:
                 # Counted now, enforced at MAIL FROM: only then can a rule that names the
                 # sender exempt this client, and "exempt" must mean exempt from every limit.
@@ -246,9 +250,8 @@ class Session:
         over_connections = (self.connection_verdict is not None
                              and self.connection_verdict.ends_transaction)
         # A message refused for too many connections must not be counted as a message.
-        limits = [] if over_connections else [lim for lim in self.settings.limits
-                                               if lim.per == "message"]
-        recipient_limits = [lim for lim in self.settings.limits if lim.per == "recipient"]
+        limits = () if over_connections else self.settings.limits_per("message")
+        recipient_limits = self.settings.limits_per("recipient")
         self.peeks = {}
         try:
             # One round trip: points, message buckets, and the recipient buckets' levels.

@@ -73,8 +73,19 @@ class RatelimitSettings:
     on_store_failure: str = "tempfail"
     store_failure_reply: SmtpReply = DEFAULT_STORE_FAILURE
 
+    # The limits grouped by what one event is, worked out once (every MAIL FROM asks).
+    _by_unit: dict[str, tuple[Limit, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_unit", {
+            unit: tuple(limit for limit in self.limits if limit.per == unit) for unit in UNITS})
+
     def limit(self, name: str) -> Limit | None:
         return next((limit for limit in self.limits if limit.name == name), None)
+
+    def limits_per(self, unit: str) -> tuple[Limit, ...]:
+        """The limits counting `unit` (connection, message or recipient), in policy order."""
+        return self._by_unit[unit]
 
 
 def _build_limits(items: list[Limit]) -> tuple[Limit, ...]:

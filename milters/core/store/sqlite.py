@@ -163,7 +163,7 @@ class SqliteStore(Store):
                            [field for row in writes for field in row])
             return admission
 
-        if not takes:  # only reads the points
+        if all(take.cost == 0 for take in takes):  # peeks and points only read
             return self._run(op)
         return self._run(self._transaction(op), now=now)
 
