@@ -194,6 +194,7 @@ def _worker(job: Job, barrier: Any, results: Any) -> None:
         pairs = traffic(job.seed)
         mask = len(pairs) - 1
         store: Store | None = None
+        writer: RateLimiter | None = None
         if job.kind == "peer":
             backend = job.url.split(":", 1)[0]
             op = (_sqlite_peer(_sqlite_path(job.url)) if backend == "sqlite"
@@ -218,6 +219,9 @@ def _worker(job: Job, barrier: Any, results: Any) -> None:
             else:
                 policy = load_policy_text(POLICY, EXTENSIONS, "bench-policy")
                 limiter = RateLimiter(opened)
+                # As in the milter, a writer thread writes the counts (group commit).
+                limiter.start_writer(lambda: policy.sections["ratelimit"])
+                writer = limiter
 
                 def one(i: int) -> bool:
                     # Exactly what the milter does per message up to MAIL FROM.
@@ -245,6 +249,8 @@ def _worker(job: Job, barrier: Any, results: Any) -> None:
             last = now
             n += 1
         out = WorkerResult(n, (last - start) / 1e9, refused, latencies.tobytes())
+        if writer is not None:
+            writer.stop_writer(policy.sections["ratelimit"])
         if store is not None:
             store.close()
     except BaseException:  # reported by the parent, which then exits non-zero

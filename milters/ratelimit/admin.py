@@ -42,6 +42,18 @@ def show(store: Store, settings: RatelimitSettings, ip: str | None = None) -> li
     return [f"{who:<{width}}  {what:<{what_width}}  {state}" for who, what, state in rows]
 
 
-def reset(store: Store, ip: str) -> int:
-    """Forget an IP's points and buckets; returns how many records were removed."""
-    return store.delete(ip_key(ipaddress.ip_address(ip)))
+# Running milters write the counts they let through a moment later (write-behind).
+IN_FLIGHT_SECONDS = 0.5
+
+
+def reset(store: Store, ip: str, settle: float = IN_FLIGHT_SECONDS) -> int:
+    """Forget an IP's points and buckets; returns how many records the store held.
+
+    Deleting, waiting until counts in flight from running milters have landed, and deleting
+    again leaves nothing of the IP's past behind, on every gateway sharing the store."""
+    prefix = ip_key(ipaddress.ip_address(ip))
+    removed = store.delete(prefix)
+    if settle > 0:
+        time.sleep(settle)
+        store.delete(prefix)
+    return removed

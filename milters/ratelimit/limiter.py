@@ -10,6 +10,7 @@ half-life, so a source is re-admitted gradually rather than all at once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -24,10 +25,18 @@ from milters.core.policy.rules import Facts
 from milters.core.store import BucketResult, FallbackStore, MemoryStore, Store, Take
 from milters.core.verdict import Verdict
 
-from .pending import PendingCounts
+from .pending import Claim, PendingCounts
 from .settings import Limit, RatelimitSettings
 
 MILTER = "ratelimit"
+# Buckets per store call when writing counts: one statement stays well inside SQLite's limit
+# on bound variables (four per bucket) however many clients a busy moment saw.
+FLUSH_BATCH = 1000
+RETRY_PAUSE = 1.0  # seconds between writes while the store is unreachable
+# How long counts gather before one write takes them all. Gateways sharing a store see
+# each other's counts this much later: mail from one source spread over several gateways
+# within this window can overshoot a burst by what they let through in it.
+WRITE_WINDOW = 0.1
 
 
 @lru_cache(maxsize=4096)
@@ -77,24 +86,52 @@ class RateLimiter:
         self.local = FallbackStore(store, MemoryStore(), self._fell_back,
                                    on_recovered=self._recovered)
         self.pending = PendingCounts()
+        self._stopping = threading.Event()
+        self._writer: threading.Thread | None = None
 
     def store_for(self, settings: RatelimitSettings) -> Store:
         """The shared store, or its fallback wrapper when the policy says `local`."""
         return self.local if settings.on_store_failure == "local" else self.store
 
-    def flush(self, settings: RatelimitSettings) -> None:
-        """Write what is pending (the milter calls this every second and at exit)."""
+    def flush(self, settings: RatelimitSettings) -> bool:
+        """Write what is pending; False if the store failed (the counts wait for the next
+        try). The writer thread calls this; tests call it directly."""
         takes = self.pending.take()
-        if not takes:
-            return
-        try:
-            self.store_for(settings).admit(None, takes, half_life=settings.points.half_life,
-                                           halve_every=settings.points.halve_rate_every,
-                                           refuse_at=None, now=self.clock())
-        except StoreUnavailable as exc:
-            self.pending.put_back(takes)
-            log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage="flush",
-                      error=str(exc), action="will retry")
+        store = self.store_for(settings)
+        for start in range(0, len(takes), FLUSH_BATCH):
+            batch = takes[start:start + FLUSH_BATCH]
+            try:
+                store.admit(None, batch, half_life=settings.points.half_life,
+                            halve_every=settings.points.halve_rate_every,
+                            refuse_at=None, now=self.clock())
+            except StoreUnavailable as exc:
+                self.pending.put_back(takes[start:])
+                log_event("store_unavailable", level=logging.ERROR, milter=MILTER,
+                          stage="flush", error=str(exc), action="will retry")
+                return False
+            self.pending.done(batch)
+        return True
+
+    def start_writer(self, settings: Callable[[], RatelimitSettings]) -> None:
+        """Write counts in a background thread, WRITE_WINDOW after the first one waits:
+        one store write then carries every count of that window (group commit)."""
+        def run() -> None:
+            while not self._stopping.is_set():
+                if not self.pending.wait(timeout=1.0):
+                    continue
+                self._stopping.wait(WRITE_WINDOW)
+                if not self.flush(settings()):
+                    self._stopping.wait(RETRY_PAUSE)  # the store is down: do not spin
+        self._writer = threading.Thread(target=run, name="ratelimit-writer", daemon=True)
+        self._writer.start()
+
+    def stop_writer(self, settings: RatelimitSettings) -> None:
+        """Stop the writer and write what is left (at exit: counted mail outlives us)."""
+        self._stopping.set()
+        self.pending.wake()
+        if self._writer is not None:
+            self._writer.join(timeout=5.0)
+        self.flush(settings)
 
     @staticmethod
     def _fell_back(reason: str) -> None:
@@ -124,10 +161,8 @@ class Session:
     accepted_rcpts: int = 0
     flagged_too_many: bool = False
     slowdown: float = 1.0
-    # Recipient buckets as read at MAIL FROM, and recipients counted since (by bucket key).
+    # Recipient buckets as read at MAIL FROM (by bucket key).
     peeks: dict[str, tuple[Limit, BucketResult]] = field(default_factory=dict)
-    pending: dict[str, int] = field(default_factory=dict)
-    pending_rates: dict[str, float] = field(default_factory=dict)
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -155,59 +190,78 @@ class Session:
         return [(limit, bucket_key(limit, value)) for limit in limits
                 if (value := self._key_value(limit, env)) is not None]
 
-    def _admit(self, limits: Sequence[Limit], env: Envelope, refuse: bool = False,
-               peek: Sequence[Limit] = ()) -> Verdict:
-        """Count this event in every applicable bucket at once (one atomic store call, one
-        round trip), at the speed the client's points allow; with `refuse`, a client at or
-        over `tempfail_at` points gets the blocked reply and nothing is counted. Buckets in
-        `peek` are only read, for the recipient checks of this transaction."""
+    def _blocked(self, points: float) -> Verdict:
+        reason = f"{points:.1f} spam points (limit {self.settings.points.tempfail_at:g})"
+        reply = self.settings.blocked_reply
+        return (Verdict.tempfail(reply, reason) if reply.is_temporary
+                else Verdict.reject(reply, reason))
+
+    def _over_limit(self, limit: Limit, key: str, used: float, capacity: float,
+                    rate: float) -> Verdict:
+        wait = (used + 1 - capacity) / rate if rate > 0 else float("inf")
+        return Verdict.tempfail(self.settings.reply, reason=(
+            f"limit {limit.name} for {key}: {used:.1f} of {capacity:.0f} used, "
+            f"retry in {wait:.0f}s"))
+
+    def _count_connection(self, limits: Sequence[Limit], env: Envelope) -> Verdict:
+        """Count this connection in every applicable bucket at once (one atomic store call),
+        at the speed the client's points allow. Connect has no reply, so the MTA does not
+        wait for this write."""
+        assert env.client_address is not None
+        pts = self.settings.points
+        counted = self._applicable(limits, env)
+        admission = self._store.admit(points_key(env.client_address),
+                                      [Take(key, limit.rate, limit.burst) for limit, key in counted],
+                                      half_life=pts.half_life, halve_every=pts.halve_rate_every,
+                                      refuse_at=None, now=self.limiter.clock())
+        denied = admission.first_denied()
+        if denied is None:
+            return Verdict.cont()
+        limit, key = counted[denied]
+        result = admission.results[denied]
+        return self._over_limit(limit, key, result.level, result.capacity,
+                                limit.rate * admission.slowdown)
+
+    def _admit_message(self, limits: Sequence[Limit], peek: Sequence[Limit],
+                       env: Envelope) -> Verdict:
+        """One read-only store call for the points and every message and recipient bucket;
+        then the message is checked and counted in process (PendingCounts); the writer
+        thread writes the count within WRITE_WINDOW, off the MTA's path."""
         assert env.client_address is not None
         pts = self.settings.points
         counted = self._applicable(limits, env)
         peeked = self._applicable(peek, env)
-        takes = ([Take(key, limit.rate, limit.burst) for limit, key in counted]
-                 + [Take(key, limit.rate, limit.burst, 0.0) for limit, key in peeked])
-        # Pending recipient counts are not written here, on the MTA's critical path: the
-        # milter's one-second tick flushes them in one batch (RateLimiter.flush).
-        admission = self._store.admit(points_key(env.client_address), takes,
-                                      half_life=pts.half_life, halve_every=pts.halve_rate_every,
-                                      refuse_at=pts.tempfail_at if refuse else None,
-                                      now=self.limiter.clock())
+        admission = self._store.admit(
+            points_key(env.client_address),
+            [Take(key, limit.rate, limit.burst, 0.0) for limit, key in counted + peeked],
+            half_life=pts.half_life, halve_every=pts.halve_rate_every,
+            refuse_at=pts.tempfail_at, now=self.limiter.clock())
         if admission.refused:
-            reason = f"{admission.points:.1f} spam points (limit {pts.tempfail_at:g})"
-            reply = self.settings.blocked_reply
-            return (Verdict.tempfail(reply, reason) if reply.is_temporary
-                    else Verdict.reject(reply, reason))
-        denied = admission.first_denied()
+            return self._blocked(admission.points)
+        self.slowdown = slow = admission.slowdown
+        claims = [Claim(key, result.level, result.capacity, limit.rate * slow)
+                  for (limit, key), result in zip(counted, admission.results)]
+        denied = self.limiter.pending.reserve(claims)
         if denied is not None:
-            limit, key = counted[denied]
-            result = admission.results[denied]
-            return Verdict.tempfail(self.settings.reply, reason=(
-                f"limit {limit.name} for {key}: {result.level:.1f} of "
-                f"{result.capacity:.0f} used, retry in {result.retry_after:.0f}s"))
-        self.slowdown = admission.slowdown
+            index, used = denied
+            return self._over_limit(counted[index][0], claims[index].key, used,
+                                    claims[index].capacity, claims[index].rate)
         self.peeks = {key: (limit, result) for (limit, key), result
-                      in zip(peeked, admission.results[len(counted):len(takes)])}
+                      in zip(peeked, admission.results[len(counted):])}
         return Verdict.cont()
 
     def _check_recipient(self) -> Verdict:
-        """Recipient limits without a store round trip: the levels read at MAIL FROM plus
-        the recipients this process has let through since and not yet written. They are
-        written within a second (off the MTA's critical path), so connections from one source
-        through several gateways can overshoot a recipient burst by what they add in that
-        second."""
-        for key, (limit, peek) in self.peeks.items():
-            # Other sessions of this process may hold counts for this bucket not yet written.
-            used = peek.level + self.limiter.pending.count(key) + self.pending.get(key, 0) + 1
-            if used > peek.capacity:
-                wait = (used - peek.capacity) / (limit.rate * self.slowdown)
-                return Verdict.tempfail(self.settings.reply, reason=(
-                    f"limit {limit.name} for {key}: {used - 1:.1f} of {peek.capacity:.0f} "
-                    f"used, retry in {wait:.0f}s"))
-        for key, (limit, _) in self.peeks.items():
-            self.pending[key] = self.pending.get(key, 0) + 1
-            self.pending_rates[key] = limit.rate * self.slowdown
-        return Verdict.cont()
+        """Recipient limits without a store call: the levels read at MAIL FROM plus what this
+        process let through since and has not written yet."""
+        items = list(self.peeks.items())
+        claims = [Claim(key, peek.level, peek.capacity, limit.rate * self.slowdown)
+                  for key, (limit, peek) in items]
+        denied = self.limiter.pending.reserve(claims)
+        if denied is None:
+            return Verdict.cont()
+        index, used = denied
+        return self._over_limit(items[index][1][0], claims[index].key, used,
+                                claims[index].capacity, claims[index].rate)
 
     def _store_failed(self, stage: str, exc: StoreUnavailable, env: Envelope) -> Verdict:
         log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage=stage,
@@ -230,7 +284,7 @@ class Session:
             if limits:
                 # Counted now, enforced at MAIL FROM: only then can a rule that names the
                 # sender exempt this client, and "exempt" must mean exempt from every limit.
-                self.connection_verdict = self._admit(limits, env)
+                self.connection_verdict = self._count_connection(limits, env)
         except StoreUnavailable as exc:
             # Connect has no reply (the MTA does not wait for it): log it; MAIL FROM asks the
             # store again and answers by policy.
@@ -254,8 +308,8 @@ class Session:
         recipient_limits = self.settings.limits_per("recipient")
         self.peeks = {}
         try:
-            # One round trip: points, message buckets, and the recipient buckets' levels.
-            verdict = self._admit(limits, env, refuse=True, peek=recipient_limits)
+            # One read: points, message buckets, and the recipient buckets' levels.
+            verdict = self._admit_message(limits, recipient_limits, env)
         except StoreUnavailable as exc:
             return self._store_failed("mail", exc, env)
         if over_connections and not verdict.ends_transaction:
@@ -284,10 +338,6 @@ class Session:
 
     def on_close(self, env: Envelope) -> None:
         idle = self.settings.points.connection_without_mail
-        if self.pending:
-            self.limiter.pending.add({key: (self.pending_rates[key], float(count))
-                                      for key, count in self.pending.items()})
-            self.pending = {}
         try:
             if self.saw_mail or self.refused or self.exempt_reason or not idle:
                 return

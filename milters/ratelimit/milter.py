@@ -48,13 +48,10 @@ def serve(config: GatewayConfig, listen: str,
     holder = PolicyHolder(config.policy, load_policy)  # raises ConfigError: refuse to start
     limiter = RateLimiter(open_store(config.store, timeout=config.store_timeout))
 
-    def every_second() -> None:
-        holder.reload_if_changed()
-        limiter.flush(holder.current.sections[MILTER])
-
+    limiter.start_writer(lambda: holder.current.sections[MILTER])
     try:
         run_milter(RatelimitLogic, lambda: RatelimitLogic(limiter.session(holder.current)),
-                   listen, on_tick=every_second, on_hangup=lambda: holder.reload("SIGHUP"),
-                   tick=1.0)
+                   listen, on_tick=holder.reload_if_changed,
+                   on_hangup=lambda: holder.reload("SIGHUP"), tick=1.0)
     finally:
-        limiter.flush(holder.current.sections[MILTER])  # counted recipients outlive us
+        limiter.stop_writer(holder.current.sections[MILTER])  # counted mail outlives us

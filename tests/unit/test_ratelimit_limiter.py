@@ -3,6 +3,7 @@ gradual re-admission, exemptions and store failures."""
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 
@@ -29,8 +30,10 @@ ratelimit:
 
 
 def send(limiter: RateLimiter, policy, ip: str = "198.51.100.7", sender: str = "a@bulk.example",
-         rcpts=("u@example.jp",), rejected=()):  # type: ignore[no-untyped-def]
-    """One SMTP session with one message; returns the first verdict that ended it, or the last."""
+         rcpts=("u@example.jp",), rejected=(), write=True):  # type: ignore[no-untyped-def]
+    """One SMTP session with one message; returns the first verdict that ended it, or the last.
+    With `write`, what was counted in process is then written, as the milter's writer
+    thread does within moments."""
     session = limiter.session(policy)
     env = Envelope(client_ip=ip)
     verdict = session.on_connect(env)
@@ -45,6 +48,8 @@ def send(limiter: RateLimiter, policy, ip: str = "198.51.100.7", sender: str = "
             if verdict.ends_transaction:
                 break
     session.on_close(env)
+    if write:
+        assert limiter.flush(policy.sections["ratelimit"])
     return verdict
 
 
@@ -226,6 +231,17 @@ class DeadStore(MemoryStore):
         raise StoreUnavailable("redis 127.0.0.1:1 refused the connection")
 
 
+class FlakyStore(MemoryStore):
+    """A memory store whose writes fail while `down` (reads still work)."""
+
+    down = False
+
+    def admit(self, points_key, takes, **kwargs):  # type: ignore[no-untyped-def]
+        if self.down and any(take.cost for take in takes):
+            raise StoreUnavailable("redis 127.0.0.1:1 refused the connection")
+        return super().admit(points_key, takes, **kwargs)
+
+
 def test_store_down_tempfails_by_default(clock: Clock) -> None:
     policy = make_policy(BASE + '  store_failure_reply: "451 4.3.0 State store down"\n')
     verdict = send(RateLimiter(DeadStore(), clock=clock), policy)
@@ -269,8 +285,9 @@ def test_recipients_are_counted_across_connections(limiter: RateLimiter, clock: 
           limits:
             - {name: rcpts, key: client_ip, per: recipient, rate: 1/hour, burst: 3}
         """)
-    assert send(limiter, policy, rcpts=["a@example.jp", "b@example.jp"]).action is Action.CONTINUE
-    verdict = send(limiter, policy, rcpts=["c@example.jp", "d@example.jp"])
+    assert send(limiter, policy, rcpts=["a@example.jp", "b@example.jp"],
+                write=False).action is Action.CONTINUE
+    verdict = send(limiter, policy, rcpts=["c@example.jp", "d@example.jp"], write=False)
     assert verdict.action is Action.TEMPFAIL and "rcpts" in verdict.reason
     key = "rl:ip:[198.51.100.7]:bucket:rcpts"
     assert limiter.store.records(key, now=clock()) == []  # not written yet: no round trip
@@ -287,10 +304,49 @@ def test_pending_recipients_are_written_by_the_tick_not_on_the_critical_path(
             - {name: rcpts, key: client_ip, per: recipient, rate: 1/hour, burst: 10}
             - {name: msgs, key: client_ip, per: message, rate: 1/hour, burst: 10}
         """)
-    send(limiter, policy, ip="198.51.100.50", rcpts=["a@example.jp", "b@example.jp"])
-    send(limiter, policy, ip="198.51.100.51")  # another client's MAIL FROM writes nothing else
-    key = "rl:ip:[198.51.100.50]:bucket:rcpts"
-    assert limiter.store.records(key, now=clock()) == []
+    send(limiter, policy, ip="198.51.100.50", rcpts=["a@example.jp", "b@example.jp"],
+         write=False)
+    send(limiter, policy, ip="198.51.100.51", write=False)
+    assert limiter.store.records("rl:", now=clock()) == []  # MAIL FROM and RCPT TO only read
     limiter.flush(policy.sections["ratelimit"])
     records = {r.key: r.value for r in limiter.store.records("rl:ip:", now=clock())}
-    assert records[key] == pytest.approx(2)
+    assert records["rl:ip:[198.51.100.50]:bucket:rcpts"] == pytest.approx(2)
+    assert records["rl:ip:[198.51.100.50]:bucket:msgs"] == pytest.approx(1)
+    assert records["rl:ip:[198.51.100.51]:bucket:msgs"] == pytest.approx(1)
+
+
+def test_messages_counted_in_process_are_limited_before_they_are_written(
+        limiter: RateLimiter, clock: Clock) -> None:
+    """Messages of concurrent connections are counted in process until written; the burst
+    holds all the same."""
+    policy = make_policy(BASE)
+    verdicts = [send(limiter, policy, ip="198.51.100.60", write=False).action for _ in range(4)]
+    assert verdicts == [Action.CONTINUE] * 3 + [Action.TEMPFAIL]
+    assert limiter.store.records("rl:", now=clock()) == []
+    limiter.flush(policy.sections["ratelimit"])
+    assert send(limiter, policy, ip="198.51.100.60").action is Action.TEMPFAIL
+    clock.advance(10)  # 6/min: one message drained from the written bucket
+    assert send(limiter, policy, ip="198.51.100.60").action is Action.CONTINUE
+
+
+def test_writer_thread_writes_counts_at_once_and_retries_after_store_failure(
+        clock: Clock) -> None:
+    policy = make_policy(BASE)
+    settings = policy.sections["ratelimit"]
+    store = FlakyStore()
+    limiter = RateLimiter(store, clock=clock)
+    limiter.start_writer(lambda: settings)
+    try:
+        store.down = True
+        assert send(limiter, policy, ip="198.51.100.70", write=False).action is Action.CONTINUE
+        time.sleep(0.3)
+        assert store.records("rl:", now=clock()) == []  # held, not lost
+        assert limiter.pending.count("rl:ip:[198.51.100.70]:bucket:per-ip") == 1
+        store.down = False
+        deadline = time.monotonic() + 5
+        while not store.records("rl:", now=clock()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [r.value for r in store.records("rl:", now=clock())] == [1.0]
+        assert limiter.pending.count("rl:ip:[198.51.100.70]:bucket:per-ip") == 0
+    finally:
+        limiter.stop_writer(settings)
