@@ -4,12 +4,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from .smtpd import GatewayHandler, GatewaySMTP
+from .smtpd import GatewayHandler, SmtpConnection
 
 
 async def start_listener(handler: GatewayHandler, host: str, port: int) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: GatewaySMTP(handler), host, port,
+    return await loop.create_server(lambda: SmtpConnection(handler), host, port,
                                     reuse_address=True)
 
 

@@ -103,6 +103,67 @@ def _write_durably(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
+class Incoming:
+    """A message being written into tmp/ as it arrives: commit() makes it durable and
+    visible, discard() forgets it. Until commit() it is garbage to recover()."""
+
+    def __init__(self, queue: "Queue", queue_id: str) -> None:
+        self.queue, self.queue_id = queue, queue_id
+        self.path = queue.spool / TMP / f"{queue_id}.msg"
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        """Append; raises OSError (disk full...), after which only discard() is left."""
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    def read(self) -> bytes:
+        """The message as written so far (for milters that read the content)."""
+        return self.path.read_bytes()
+
+    def commit(self, envelope: Envelope, replacement: bytes | None = None) -> str:
+        """fsync the message (or write `replacement` instead of what was streamed), write
+        and fsync its envelope, rename both into active/ and fsync the directory: only
+        then may the SMTP server answer 250. Raises SpoolError and leaves nothing behind."""
+        assert self._fd is not None
+        spool = self.queue.spool
+        active = spool / ACTIVE
+        envelope_tmp = spool / TMP / f"{self.queue_id}.env"
+        try:
+            if replacement is not None:
+                os.ftruncate(self._fd, 0)
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                self.size = 0
+                self.write(replacement)
+            envelope.size = self.size
+            os.fsync(self._fd)
+            self._close()
+            _write_durably(envelope_tmp, envelope.to_json())
+            os.rename(self.path, active / f"{self.queue_id}.msg")
+            os.rename(envelope_tmp, active / f"{self.queue_id}.env")  # the entry is complete
+            _fsync_dir(active)
+        except OSError as exc:
+            for leftover in (self.path, envelope_tmp, active / f"{self.queue_id}.msg"):
+                leftover.unlink(missing_ok=True)
+            self._close()
+            raise self.queue._spool_error(self.queue_id, exc) from None
+        return self.queue_id
+
+    def discard(self) -> None:
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Queue:
     def __init__(self, spool: str | Path) -> None:
         self.spool = Path(spool)
@@ -110,25 +171,22 @@ class Queue:
             (self.spool / name).mkdir(parents=True, exist_ok=True)
 
     # -- writing ---------------------------------------------------------------------------
+    def receive(self, queue_id: str) -> "Incoming":
+        """Start a message straight in tmp/ (the SMTP server streams DATA into it)."""
+        return Incoming(self, queue_id)
+
     def enqueue(self, raw: bytes, envelope: Envelope) -> str:
         """Store durably; return the queue ID. Raises SpoolError, never half-writes."""
-        tmp, active = self.spool / TMP, self.spool / ACTIVE
-        queue_id = envelope.queue_id
-        envelope.size = len(raw)
-        message_tmp, envelope_tmp = tmp / f"{queue_id}.msg", tmp / f"{queue_id}.env"
         try:
-            _write_durably(message_tmp, raw)
-            _write_durably(envelope_tmp, envelope.to_json())
-            os.rename(message_tmp, active / f"{queue_id}.msg")
-            os.rename(envelope_tmp, active / f"{queue_id}.env")  # the entry is complete now
-            _fsync_dir(active)
+            incoming = self.receive(envelope.queue_id)
         except OSError as exc:
-            for leftover in (message_tmp, envelope_tmp, active / f"{queue_id}.msg"):
-                leftover.unlink(missing_ok=True)
-            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
-                else (exc.strerror or str(exc))
-            raise SpoolError(f"spool {self.spool}: cannot store {queue_id}: {reason}") from None
-        return queue_id
+            raise self._spool_error(envelope.queue_id, exc) from None
+        return incoming.commit(envelope, raw)
+
+    def _spool_error(self, queue_id: str, exc: OSError) -> SpoolError:
+        reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
+            else (exc.strerror or str(exc))
+        return SpoolError(f"spool {self.spool}: cannot store {queue_id}: {reason}")
 
     def update(self, envelope: Envelope) -> None:
         """Rewrite an envelope atomically (after a delivery attempt)."""

@@ -1,0 +1,76 @@
+"""SMTP command syntax (RFC 5321 4.1): the verb and the MAIL FROM / RCPT TO arguments.
+
+Lenient where Postfix is lenient (no angle brackets, spaces after the colon), strict where
+leniency would let an address mean two things. Every failure is an SMTP reply line.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class PathArgument(NamedTuple):
+    address: str  # without the angle brackets; "" is the null sender
+    params: dict[str, str | None]  # ESMTP parameters, names upper-cased
+    raw_params: list[str]  # as sent, for milters and the queue
+
+
+class SyntaxProblem(Exception):
+    """The reply for a command argument that cannot be used."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+def split_command(line: bytes) -> tuple[str, str]:
+    """(VERB upper-cased, argument) of one command line without its CRLF. Bytes that are
+    not UTF-8 survive as surrogates and are refused where an address is parsed."""
+    text = line.decode("utf-8", "surrogateescape")
+    verb, _, arg = text.partition(" ")
+    return verb.upper(), arg.strip()
+
+
+def parse_path(arg: str, keyword: str) -> PathArgument:
+    """Parse `FROM:<addr> PARAMS` (keyword "FROM") or `TO:<addr> PARAMS` (keyword "TO")."""
+    head, colon, rest = arg.partition(":")
+    if not colon or head.strip().upper() != keyword:
+        usage = "MAIL FROM:<address>" if keyword == "FROM" else "RCPT TO:<address>"
+        raise SyntaxProblem(f"501 5.5.4 Syntax: {usage}")
+    rest = rest.lstrip()
+    if rest.startswith("<"):
+        end = _closing_bracket(rest)
+        if end < 0:
+            raise SyntaxProblem("501 5.1.7 Bad address syntax (no closing '>')")
+        address, tail = rest[1:end], rest[end + 1:]
+    else:
+        address, _, tail = rest.partition(" ")
+    if tail and not tail.startswith(" "):
+        raise SyntaxProblem("501 5.5.4 Bad parameters (a space must follow the address)")
+    if any(ch in address for ch in "\x00\r\n\t ") and not address.startswith('"'):
+        raise SyntaxProblem("501 5.1.7 Bad address syntax")
+    if any("\udc80" <= ch <= "\udcff" for ch in address):
+        raise SyntaxProblem("501 5.1.7 Bad address syntax (not UTF-8)")
+    raw_params = tail.split()
+    params: dict[str, str | None] = {}
+    for param in raw_params:
+        name, eq, value = param.partition("=")
+        if not name or not name.replace("-", "").isalnum():
+            raise SyntaxProblem(f"501 5.5.4 Bad parameter syntax: {param[:40]}")
+        params[name.upper()] = value if eq else None
+    return PathArgument(address, params, raw_params)
+
+
+def _closing_bracket(text: str) -> int:
+    """Index of the '>' that closes the path, skipping '>' inside a quoted local part."""
+    quoted = False
+    escaped = False
+    for index, ch in enumerate(text[1:], start=1):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return index
+    return -1
