@@ -6,6 +6,7 @@ Exit status: 0 success; 1 a policy is invalid, a policy test failed or an operat
 from __future__ import annotations
 
 import argparse
+import getpass
 import ipaddress
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from milters.ratelimit import admin as ratelimit_admin
 from milters.ratelimit import milter as ratelimit_milter
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 
-from . import queue_admin, scan, serve
+from . import delivery_process, queue_admin, scan, serve, users
 from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
@@ -143,6 +144,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve.serve(config, args.config, read_policy)
 
 
+def cmd_deliver(args: argparse.Namespace) -> int:
+    setup_logging("delivery", verbose=args.verbose)
+    delivery_process.run_delivery(load_config(args.config))
+    return 0
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     setup_logging("scan", verbose=args.verbose)
     try:
@@ -180,6 +187,61 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users_file(config: GatewayConfig) -> Path:
+    if config.auth_users_file is None:
+        where = "give --config FILE and set" if config.source == "(embedded defaults)" else "add"
+        raise MailmoatError(f"{config.source}: no SMTP AUTH users file configured; {where} "
+                            "gateway.auth.users_file (e.g. `auth: {users_file: var/users}` "
+                            "under gateway:)")
+    return config.auth_users_file
+
+
+def _read_new_password() -> str:
+    """First line of stdin when it is piped (scripts), else asked twice without echo."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("the passwords do not match; nothing changed")
+    else:
+        try:
+            password = sys.stdin.buffer.readline().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("the password on stdin is not UTF-8") from None
+        password = password.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise UsageError("the password is empty; nothing changed")
+    return password
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    path = _users_file(load_config(args.config))
+    action = args.user_command
+    if action == "list":
+        names = users.list_users(path)
+        if names:
+            print("\n".join(names))
+        else:
+            print(f"{path}: no users", file=sys.stderr)
+        return 0
+    try:
+        users.check_user_name(args.name)
+    except ValueError as exc:
+        raise UsageError(f"user {args.name!r}: {exc}") from None
+    try:
+        if action == "add":
+            users.set_password(path, args.name, _read_new_password())
+            print(f"user {args.name}: password set ({path})")
+        elif users.remove_user(path, args.name):
+            print(f"user {args.name}: deleted ({path})")
+        else:
+            raise MailmoatError(f"user {args.name}: no such user ({path})")
+    except ValueError as exc:  # a password set_password refuses
+        raise UsageError(f"user {args.name}: {exc}") from None
+    except OSError as exc:
+        raise MailmoatError(f"{exc.filename or path}: {exc.strerror or exc}") from None
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 def _ip(text: str) -> str:
     try:
@@ -207,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", metavar="FILE", help=config_help)
     serve_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
     serve_cmd.set_defaults(func=cmd_serve)
+
+    deliver_cmd = sub.add_parser(
+        "deliver", help="the delivery process (serve starts it; queue IDs on stdin)",
+        description="Deliver queued mail: IDs read from stdin are delivered at once, due "
+                    "retries every second; metric counts go to stdout as JSON lines. "
+                    "`serve` runs this itself.")
+    deliver_cmd.add_argument("--config", metavar="FILE", help=config_help)
+    deliver_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
+    deliver_cmd.set_defaults(func=cmd_deliver)
 
     scan_cmd = sub.add_parser("scan", help="run one message through the milter chain offline")
     scan_cmd.add_argument("message", metavar="MESSAGE.eml")
@@ -275,6 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("id", metavar="ID")
         command.add_argument("--config", metavar="FILE", help=config_help)
         command.set_defaults(func=cmd_queue)
+    user = sub.add_parser("user", help="manage SMTP AUTH users (gateway.auth.users_file)")
+    usub = user.add_subparsers(dest="user_command", required=True, parser_class=_Parser)
+    for name, text, needs_name in (
+            ("add", "add a user or change a password (read from stdin when piped)", True),
+            ("delete", "remove a user", True),
+            ("list", "print every user name", False)):
+        command = usub.add_parser(name, help=text)
+        if needs_name:
+            command.add_argument("name", metavar="NAME")
+        command.add_argument("--config", metavar="FILE", help=config_help)
+        command.set_defaults(func=cmd_user)
     return parser
 
 

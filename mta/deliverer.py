@@ -34,14 +34,14 @@ def _bounce(queue: Queue, envelope: Envelope, raw: bytes, failed: list[Recipient
 
 def deliver_one(queue: Queue, envelope: Envelope, router: Router, settings: QueueSettings,
                 hostname: str, now: float) -> None:
-    raw = queue.message(envelope.queue_id)
+    message = queue.message_path(envelope.queue_id)
     by_agent: dict[int, tuple[Agent, list[RecipientState]]] = {}
     for rcpt in envelope.pending():
         agent = router.agent_for(rcpt.address)
         by_agent.setdefault(id(agent), (agent, []))[1].append(rcpt)
     newly_failed: list[RecipientState] = []
     for agent, rcpts in by_agent.values():
-        outcomes = agent.deliver(envelope.sender, [r.address for r in rcpts], raw)
+        outcomes = agent.deliver(envelope.sender, [r.address for r in rcpts], message)
         for rcpt in rcpts:
             outcome = outcomes[rcpt.address]
             rcpt.last_reply = outcome.reply
@@ -62,7 +62,7 @@ def deliver_one(queue: Queue, envelope: Envelope, router: Router, settings: Queu
             newly_failed.append(rcpt)
         log_event("expired", queue_id=envelope.queue_id, attempts=envelope.attempts)
     if newly_failed:
-        _bounce(queue, envelope, raw, newly_failed, hostname,
+        _bounce(queue, envelope, message.read_bytes(), newly_failed, hostname,
                 "message expired" if expired else "permanent failure")
     if envelope.pending():
         envelope.next_attempt = now + next_wait(settings, envelope.attempts)

@@ -7,6 +7,8 @@ status (delivered, deferred, bounced) and the remote reply, as Postfix's deliver
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import smtplib
 import socket
 import ssl
@@ -14,6 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from milters.core.config import GatewayConfig
+
+from .smtp_data import dot_stuffed
 
 DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
 
@@ -25,7 +31,8 @@ class Outcome:
 
 
 class Agent(Protocol):
-    def deliver(self, sender: str, recipients: list[str], raw: bytes) -> dict[str, Outcome]: ...
+    def deliver(self, sender: str, recipients: list[str], message: Path
+                ) -> dict[str, Outcome]: ...
 
 
 def _reply_text(code: int, message: bytes | str) -> str:
@@ -47,7 +54,10 @@ class SmtpRelay:
     helo: str = "localhost"
     timeout: float = 60.0
 
-    def deliver(self, sender: str, recipients: list[str], raw: bytes) -> dict[str, Outcome]:
+    def deliver(self, sender: str, recipients: list[str], message: Path
+                ) -> dict[str, Outcome]:
+        """Send the stored message file, streamed in blocks (a 25 MB message never sits in
+        memory whole)."""
         where = f"{self.host}:{self.port}"
         try:
             with smtplib.SMTP(self.host, self.port, local_hostname=self.helo,
@@ -58,21 +68,21 @@ class SmtpRelay:
                     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
                     client.starttls(context=context)
                     client.ehlo()
-                code, message = client.mail(sender)
+                code, text = client.mail(sender)
                 if code != 250:
-                    return {r: _by_code(code, _reply_text(code, message)) for r in recipients}
+                    return {r: _by_code(code, _reply_text(code, text)) for r in recipients}
                 outcomes: dict[str, Outcome] = {}
                 accepted = []
                 for rcpt in recipients:
-                    code, message = client.rcpt(rcpt)
+                    code, text = client.rcpt(rcpt)
                     if code in (250, 251):
                         accepted.append(rcpt)
                     else:
-                        outcomes[rcpt] = _by_code(code, _reply_text(code, message))
+                        outcomes[rcpt] = _by_code(code, _reply_text(code, text))
                 if accepted:
-                    code, message = client.data(raw)
-                    result = (Outcome(DELIVERED, _reply_text(code, message)) if code == 250
-                              else _by_code(code, _reply_text(code, message)))
+                    code, text = _send_data(client, message)
+                    result = (Outcome(DELIVERED, _reply_text(code, text)) if code == 250
+                              else _by_code(code, _reply_text(code, text)))
                     outcomes.update({rcpt: result for rcpt in accepted})
                 return outcomes
         except smtplib.SMTPResponseException as exc:
@@ -82,35 +92,51 @@ class SmtpRelay:
         return {rcpt: outcome for rcpt in recipients}
 
 
+def _send_data(client: smtplib.SMTP, message: Path) -> tuple[int, bytes]:
+    """DATA with the message streamed from its file (smtplib's data() wants it whole)."""
+    code, text = client.docmd("DATA")
+    if code != 354:
+        return code, text
+    for block in dot_stuffed(message):
+        client.send(block)
+    client.send(b".\r\n")
+    return client.getreply()
+
+
 @dataclass(frozen=True)
 class MaildirDelivery:
     """One Maildir per recipient address under `root` (local use and tests)."""
 
     root: Path
 
-    def deliver(self, sender: str, recipients: list[str], raw: bytes) -> dict[str, Outcome]:
+    def deliver(self, sender: str, recipients: list[str], message: Path
+                ) -> dict[str, Outcome]:
         outcomes = {}
         for rcpt in recipients:
             try:
-                name = self._store(rcpt, sender, raw)
+                name = self._store(rcpt, sender, message)
                 outcomes[rcpt] = Outcome(DELIVERED, f"250 2.0.0 delivered to maildir as {name}")
             except OSError as exc:
                 outcomes[rcpt] = Outcome(DEFERRED, f"451 4.3.0 maildir: {exc.strerror or exc}")
         return outcomes
 
-    def _store(self, rcpt: str, sender: str, raw: bytes) -> str:
+    def _store(self, rcpt: str, sender: str, message: Path) -> str:
         box = self.root / rcpt.lower().replace("/", "_")
         for sub in ("tmp", "new", "cur"):
             (box / sub).mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns()}.P{os.getpid()}.{socket.gethostname()}"
         tmp = box / "tmp" / name
-        data = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode() + raw
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data)
+            with os.fdopen(fd, "wb", closefd=False) as out, open(message, "rb") as source:
+                out.write(f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode())
+                shutil.copyfileobj(source, out, 1 << 20)
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         os.rename(tmp, box / "new" / name)
         return name
 
@@ -129,3 +155,22 @@ class Router:
                 return self.routes[domain]
             domain = domain.partition(".")[2]
         return self.default
+
+
+_SMTP_TARGET = re.compile(r"^smtp:\[?([^\]]+?)\]?(?::(\d+))?$")
+
+
+def agent_for(target: str, helo: str) -> Agent:
+    """The agent for a relay target from the config: maildir:DIR or smtp:[host]:port."""
+    if target.startswith("maildir:"):
+        return MaildirDelivery(Path(target[len("maildir:"):]))
+    match = _SMTP_TARGET.match(target)
+    if not match:
+        raise ValueError(f"relay target '{target}' is not smtp:[host]:port or maildir:DIR")
+    return SmtpRelay(match.group(1), int(match.group(2) or 25), helo=helo)
+
+
+def build_router(config: GatewayConfig) -> Router:
+    return Router(agent_for(config.relay_default, config.hostname),
+                  {domain: agent_for(target, config.hostname)
+                   for domain, target in config.relay_routes.items()})

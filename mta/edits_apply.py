@@ -63,6 +63,8 @@ def _same_address(a: str, b: str) -> bool:
 
 
 def apply_edits(message: Transit, edits: list[Edit], *, leading_space: bool = False) -> Transit:
+    if not edits:
+        return message  # the same object: the caller can tell that nothing changed
     fields, body = split_message(message.raw)
     sender, recipients, quarantine = message.sender, list(message.recipients), message.quarantine
     for edit in edits:

@@ -206,7 +206,10 @@ class Queue:
         return Envelope.from_json((self._locate(queue_id) / f"{queue_id}.env").read_bytes())
 
     def message(self, queue_id: str) -> bytes:
-        return (self._locate(queue_id) / f"{queue_id}.msg").read_bytes()
+        return self.message_path(queue_id).read_bytes()
+
+    def message_path(self, queue_id: str) -> Path:
+        return self._locate(queue_id) / f"{queue_id}.msg"
 
     def entries(self) -> list[Envelope]:
         """Every complete entry, oldest first."""

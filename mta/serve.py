@@ -11,7 +11,6 @@ import asyncio
 import ctypes
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,33 +24,17 @@ from milters.core.eventlog import log_event
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import parse_network_pattern
 
-from .deliverer import deliver_due
-from .delivery import Agent, MaildirDelivery, Router, SmtpRelay
+from .delivery_process import DeliveryProcess
 from .listener import start_listener
 from .metrics import METRICS, serve_metrics
 from .milter_chain import ChainMember, ChainSession
 from .milter_client import MilterEndpoint
 from .queue import Queue
 from .smtpd import GatewayHandler, SmtpSettings, server_tls_context
+from .users import UserFile
 
 PR_SET_PDEATHSIG = 1
-_SMTP_TARGET = re.compile(r"^smtp:\[?([^\]]+?)\]?(?::(\d+))?$")
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
-
-
-def agent_for(target: str, helo: str) -> Agent:
-    if target.startswith("maildir:"):
-        return MaildirDelivery(Path(target[len("maildir:"):]))
-    match = _SMTP_TARGET.match(target)
-    if not match:
-        raise ValueError(f"relay target '{target}' is not smtp:[host]:port or maildir:DIR")
-    return SmtpRelay(match.group(1), int(match.group(2) or 25), helo=helo)
-
-
-def build_router(config: GatewayConfig) -> Router:
-    return Router(agent_for(config.relay_default, config.hostname),
-                  {domain: agent_for(target, config.hostname)
-                   for domain, target in config.relay_routes.items()})
 
 
 def split_hostport(text: str) -> tuple[str, int]:
@@ -140,7 +123,7 @@ async def _listen(address: str, setting: str, opening: Awaitable[asyncio.Server]
 
 
 async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervisor,
-               queue: Queue) -> None:
+               queue: Queue, delivery: DeliveryProcess, users: UserFile | None) -> None:
     tls = (server_tls_context(str(config.tls_cert), str(config.tls_key))
            if config.tls_cert and config.tls_key else None)
     settings = SmtpSettings(hostname=config.hostname, internal_networks=policy.internal_networks,
@@ -150,17 +133,19 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
                             max_recipients=config.max_recipients,
                             max_connections=config.max_connections,
                             max_connections_per_ip=config.max_connections_per_ip,
-                            tls_context=tls, valid_recipients=config.valid_recipients)
+                            tls_context=tls, valid_recipients=config.valid_recipients,
+                            users=users)
     members = supervisor.members()
     chain: Callable[[], ChainSession] | None = (lambda: ChainSession(members)) if members else None
     main = await _listen(config.listen, "listen",
-                         start_listener(GatewayHandler(settings, queue, chain),
+                         start_listener(GatewayHandler(settings, queue, chain, delivery.notify),
                                         *split_hostport(config.listen)))
     reinject_settings = SmtpSettings(hostname=config.hostname, internal_networks=LOOPBACK,
                                      max_message_size=config.max_message_size,
                                      max_recipients=config.max_recipients, loopback_only=True)
     reinject = await _listen(config.reinject_listen, "reinject_listen",
-                             start_listener(GatewayHandler(reinject_settings, queue, None),
+                             start_listener(GatewayHandler(reinject_settings, queue, None,
+                                                           delivery.notify),
                                             *split_hostport(config.reinject_listen)))
     metrics = None
     if config.metrics_listen:
@@ -171,15 +156,16 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
               metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",
               relay=config.relay_default)
-    router = build_router(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    delivery.watch_metrics(loop)
     while not stop.is_set():
-        await loop.run_in_executor(None, lambda: deliver_due(queue, router, config.queue,
-                                                             config.hostname))
         supervisor.check()
+        if not delivery.alive():
+            log_event("delivery_process_died", level=logging.ERROR, action="restarting")
+            delivery.restart()
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except asyncio.TimeoutError:
@@ -188,6 +174,7 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
         if server is not None:
             server.close()
             await server.wait_closed()
+    delivery.stop()  # lets the deliveries in flight finish
 
 
 def serve(config: GatewayConfig, config_path: str | None,
@@ -196,11 +183,14 @@ def serve(config: GatewayConfig, config_path: str | None,
     queue = Queue(config.queue.dir)
     for queue_id in queue.recover():
         log_event("recovered_incomplete", queue_id=queue_id, action="removed (never accepted)")
+    users = UserFile(config.auth_users_file) if config.auth_users_file else None
     supervisor = MilterSupervisor(config, config_path)
+    delivery = DeliveryProcess(config_path, preexec=_die_with_parent)
     try:
         supervisor.start()
-        asyncio.run(_run(config, policy, supervisor, queue))
+        asyncio.run(_run(config, policy, supervisor, queue, delivery, users))
     finally:
+        delivery.stop()
         supervisor.stop()
         log_event("serve_stopped", pid=os.getpid())
     return 0

@@ -8,7 +8,8 @@ so a terminator or a dot can never straddle two pieces.
 """
 from __future__ import annotations
 
-from typing import Callable
+import os
+from typing import Callable, Iterator
 
 # A line longer than this is passed on in parts (memory stays bounded; the line is kept).
 LONG_LINE = 64 * 1024
@@ -90,3 +91,33 @@ class DataStream:
             self.header_bytes += len(piece)
         if self.header_bytes > self.max_header_bytes:
             self.header_too_big = True
+
+
+def dot_stuffed(path: os.PathLike[str] | str, block: int = 64 * 1024) -> Iterator[bytes]:
+    """A stored message as DATA text for a next hop, read in blocks: every line that starts
+    with '.' gets another '.', and the text ends with CRLF (the caller sends '.\\r\\n')."""
+    carry = b""
+    line_start = True
+    last = b""
+    with open(path, "rb") as source:
+        while True:
+            chunk = source.read(block)
+            if not chunk:
+                break
+            text = carry + chunk
+            cut = text.rfind(b"\n") + 1
+            whole, carry = text[:cut], text[cut:]
+            if whole:
+                yield _stuff(whole, line_start)
+                line_start, last = True, whole[-2:]
+    if carry:
+        yield _stuff(carry, line_start)
+        last = carry[-2:]
+    if last != b"\r\n":
+        yield b"\r\n"
+
+
+def _stuff(text: bytes, line_start: bool) -> bytes:
+    if line_start and text[:1] == b".":
+        text = b"." + text
+    return text.replace(b"\n.", b"\n..")

@@ -518,8 +518,10 @@ async def _auth(conn: SmtpConnection, arg: str) -> bool:
             password = sasl.decode_login_step(answer)
         else:
             return conn.error(sasl.AUTH_UNKNOWN_MECH)
-    except sasl.SaslError:
-        return conn.error(sasl.AUTH_BAD_BASE64)
+    except sasl.SaslError as problem:
+        log_event("auth", level=logging.WARNING, ip=conn.client_ip, mechanism=mechanism,
+                  result="refused", reason=problem.reason)
+        return conn.error(problem.reply)
     # scrypt takes tens of milliseconds: off the event loop.
     if await conn.blocking(lambda: users.verify(user, password)):
         conn.auth_user = user

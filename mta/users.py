@@ -236,7 +236,7 @@ class UserFile:
         self._reload_if_changed()
         stored = self._users.get(user)
         params = stored if stored is not None else _DUMMY
-        matches = True
+        matches = hmac.compare_digest(_derive(password, params), params.key)
         return matches and stored is not None
 
 

@@ -58,6 +58,8 @@ class GatewayConfig:
     max_connections_per_ip: int = 20
     tls_cert: Path | None = None  # with tls_key: STARTTLS is offered
     tls_key: Path | None = None
+    # SMTP AUTH users (mta.users format); None: AUTH is not offered.
+    auth_users_file: Path | None = None
     run_dir: Path = Path("var/run")
     milters: tuple[MilterSetting, ...] = (MilterSetting("ratelimit"),)
     valid_recipients: tuple[AddressPattern, ...] = ()  # empty: no recipient validation
@@ -112,6 +114,7 @@ def _spec(base: Path, source: str) -> Struct:
             max_connections_per_ip=gateway["max_connections_per_ip"],
             tls_cert=local(gateway["tls"]["cert"]) if gateway["tls"] else None,
             tls_key=local(gateway["tls"]["key"]) if gateway["tls"] else None,
+            auth_users_file=local(gateway["auth"]["users_file"]) if gateway["auth"] else None,
             run_dir=local(gateway["run_dir"]),
             milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]),
             valid_recipients=tuple(gateway["valid_recipients"]))
@@ -140,6 +143,7 @@ def _spec(base: Path, source: str) -> Struct:
         "max_connections_per_ip": Field(Number(1, 100000, integer=True),
                                         defaults.max_connections_per_ip),
         "tls": Field(Struct({"cert": Field(Str()), "key": Field(Str())}), None),
+        "auth": Field(Struct({"users_file": Field(Str())}), None),
         "run_dir": Field(Str(), "var/run"),
         "xclient_hosts": Field(ListOf(Network()), ()),
         "valid_recipients": Field(ListOf(Address()), ()),
