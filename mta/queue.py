@@ -23,7 +23,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from milters.core.errors import MailmoatError
@@ -61,8 +61,18 @@ class Envelope:
     size: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, object]:
+        # By hand: dataclasses.asdict's deep copy was a tenth of the MTA's time per message.
+        return {"queue_id": self.queue_id, "sender": self.sender,
+                "recipients": [{"address": r.address, "params": r.params, "status": r.status,
+                                "last_reply": r.last_reply} for r in self.recipients],
+                "received_at": self.received_at, "client_ip": self.client_ip,
+                "helo": self.helo, "attempts": self.attempts,
+                "next_attempt": self.next_attempt, "hold_reason": self.hold_reason,
+                "size": self.size, "extra": dict(self.extra)}
+
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Envelope":
@@ -79,7 +89,14 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{micros:014X}{secrets.randbelow(1 << 24):06X}"
 
 
-def _fsync_dir(path: Path) -> None:
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -87,7 +104,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_durably(path: str | Path, data: bytes) -> None:
     """Create `path` exclusively, write everything, fsync; remove it if anything fails."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -98,7 +115,7 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        path.unlink(missing_ok=True)
+        _unlink_quietly(str(path))
         raise
     os.close(fd)
 
@@ -109,7 +126,8 @@ class Incoming:
 
     def __init__(self, queue: "Queue", queue_id: str) -> None:
         self.queue, self.queue_id = queue, queue_id
-        self.path = queue.spool / TMP / f"{queue_id}.msg"
+        # Plain strings, not Path objects: this runs for every message on the SMTP path.
+        self.path = f"{queue.tmp_dir}/{queue_id}.msg"
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.size = 0
 
@@ -124,16 +142,17 @@ class Incoming:
 
     def read(self) -> bytes:
         """The message as written so far (for milters that read the content)."""
-        return self.path.read_bytes()
+        with open(self.path, "rb") as stored:
+            return stored.read()
 
     def commit(self, envelope: Envelope, replacement: bytes | None = None) -> str:
         """fsync the message (or write `replacement` instead of what was streamed), write
         and fsync its envelope, rename both into active/ and fsync the directory: only
         then may the SMTP server answer 250. Raises SpoolError and leaves nothing behind."""
         assert self._fd is not None
-        spool = self.queue.spool
-        active = spool / ACTIVE
-        envelope_tmp = spool / TMP / f"{self.queue_id}.env"
+        active = self.queue.active_dir
+        stored = f"{active}/{self.queue_id}.msg"
+        envelope_tmp = f"{self.queue.tmp_dir}/{self.queue_id}.env"
         try:
             if replacement is not None:
                 os.ftruncate(self._fd, 0)
@@ -144,19 +163,19 @@ class Incoming:
             os.fsync(self._fd)
             self._close()
             _write_durably(envelope_tmp, envelope.to_json())
-            os.rename(self.path, active / f"{self.queue_id}.msg")
-            os.rename(envelope_tmp, active / f"{self.queue_id}.env")  # the entry is complete
+            os.rename(self.path, stored)
+            os.rename(envelope_tmp, f"{active}/{self.queue_id}.env")  # the entry is complete
             _fsync_dir(active)
         except OSError as exc:
-            for leftover in (self.path, envelope_tmp, active / f"{self.queue_id}.msg"):
-                leftover.unlink(missing_ok=True)
+            for leftover in (self.path, envelope_tmp, stored):
+                _unlink_quietly(leftover)
             self._close()
             raise self.queue._spool_error(self.queue_id, exc) from None
         return self.queue_id
 
     def discard(self) -> None:
         self._close()
-        self.path.unlink(missing_ok=True)
+        _unlink_quietly(self.path)
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -169,6 +188,7 @@ class Queue:
         self.spool = Path(spool)
         for name in (ACTIVE, TMP):
             (self.spool / name).mkdir(parents=True, exist_ok=True)
+        self.active_dir, self.tmp_dir = str(self.spool / ACTIVE), str(self.spool / TMP)
 
     # -- writing ---------------------------------------------------------------------------
     def receive(self, queue_id: str) -> "Incoming":

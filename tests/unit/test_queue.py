@@ -79,3 +79,15 @@ def test_a_full_disk_is_a_clean_spool_error(tiny_disk: Path) -> None:
     small = queue.enqueue(RAW, envelope())  # the space it tried to use was given back
     assert queue.message(small) == RAW
     assert os.statvfs(tiny_disk).f_bfree > 0
+
+
+def test_envelope_json_keeps_every_field() -> None:
+    """to_dict is written by hand for speed: a field added to Envelope must not be lost."""
+    from dataclasses import asdict, fields
+    envelope = Envelope("06615EBE55296C87A7C5", "a@example.jp",
+                        [RecipientState("b@example.jp", "NOTIFY=NEVER", "deferred", "451 x")],
+                        1.5, client_ip="192.0.2.1", helo="h", attempts=2, next_attempt=3.0,
+                        hold_reason="held", size=10, extra={"auth_user": "taro"})
+    assert envelope.to_dict() == asdict(envelope)
+    assert {f.name for f in fields(Envelope)} == set(envelope.to_dict())
+    assert Envelope.from_json(envelope.to_json()) == envelope
