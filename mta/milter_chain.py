@@ -22,7 +22,7 @@ from milters.core.verdict import Action, SmtpReply, Verdict
 
 from .edits_apply import Transit, apply_edits, split_message
 from .metrics import METRICS
-from .milter_client import DEFAULT_TEMPFAIL, MilterClient, MilterEndpoint
+from .milter_client import DEFAULT_TEMPFAIL, MilterClient, MilterEndpoint, Steps, run_sync
 
 ON_FAILURE = ("tempfail", "reject", "accept")
 FAILURE_REJECT = SmtpReply(550, "5.7.1", "Message content rejected")
@@ -78,42 +78,69 @@ class _Member:
 
 
 class ChainSession:
-    """The milter chain for one SMTP session."""
+    """The milter chain for one SMTP session. The g_* methods are protocol steps for a
+    driver (milter_client.run_async in serve); the plain methods run them blocking."""
 
     def __init__(self, members: list[ChainMember], queue_id: Callable[[], str | None] = lambda: None
                  ) -> None:
         self.members = [_Member(spec) for spec in members]
         self._queue_id = queue_id
 
-    # -- stages --------------------------------------------------------------------------
+    # -- blocking use (scan, tests) ------------------------------------------------------------
     def connect(self, hostname: str, address: str | None, port: int = 0,
                 family: int = socket.AF_INET, macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_connect(hostname, address, port, family, macros))
+
+    def helo(self, name: str, macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_helo(name, macros))
+
+    def mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
+             macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_mail(sender, params, macros))
+
+    def rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
+             macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_rcpt(recipient, params, macros))
+
+    def message(self, transit: Transit, macros: dict[str, str] | None = None
+                ) -> tuple[Verdict, Transit]:
+        return run_sync(self.g_message(transit, macros))
+
+    def abort(self) -> None:
+        run_sync(self.g_abort())
+
+    # -- stages ----------------------------------------------------------------------------
+    def g_connect(self, hostname: str, address: str | None, port: int = 0,
+                  family: int = socket.AF_INET, macros: dict[str, str] | None = None
+                  ) -> Steps[Verdict]:
         for member in self.members:
             try:
-                member.client.open()
+                yield from member.client.g_open()
                 member.open = True
             except MilterProtocolError as exc:
                 verdict = self._failed(member, "connect", exc)
                 if verdict.ends_transaction:
                     return verdict
-        return self._each("connect", lambda c: c.connect(hostname, address, port, family, macros),
-                          whole_session=True)
+        return (yield from self._each(
+            "connect", lambda c: c.g_connect(hostname, address, port, family, macros),
+            whole_session=True))
 
-    def helo(self, name: str, macros: dict[str, str] | None = None) -> Verdict:
-        return self._each("helo", lambda c: c.helo(name, macros), whole_session=True)
+    def g_helo(self, name: str, macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        return (yield from self._each("helo", lambda c: c.g_helo(name, macros),
+                                      whole_session=True))
 
-    def mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
-             macros: dict[str, str] | None = None) -> Verdict:
+    def g_mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
+               macros: dict[str, str] | None = None) -> Steps[Verdict]:
         for member in self.members:
             member.out_for_message = False
-        return self._each("mail", lambda c: c.mail(sender, params, macros))
+        return (yield from self._each("mail", lambda c: c.g_mail(sender, params, macros)))
 
-    def rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
-             macros: dict[str, str] | None = None) -> Verdict:
-        return self._each("rcpt", lambda c: c.rcpt(recipient, params, macros))
+    def g_rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
+               macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        return (yield from self._each("rcpt", lambda c: c.g_rcpt(recipient, params, macros)))
 
-    def message(self, transit: Transit, macros: dict[str, str] | None = None
-                ) -> tuple[Verdict, Transit]:
+    def g_message(self, transit: Transit, macros: dict[str, str] | None = None
+                  ) -> Steps[tuple[Verdict, Transit]]:
         """Headers, body and end of message to each milter in turn, applying its edits
         before the next one sees the message."""
         for member in self.members:
@@ -121,7 +148,7 @@ class ChainSession:
                 continue
             started = time.monotonic()
             try:
-                verdict, transit = self._content(member, transit, macros)
+                verdict, transit = yield from self._content(member, transit, macros)
             except MilterProtocolError as exc:
                 verdict = self._failed(member, "eom", exc)
             METRICS.observe("mailmoat_milter_latency_seconds", time.monotonic() - started,
@@ -132,11 +159,11 @@ class ChainSession:
                 return verdict, transit
         return Verdict.cont(), transit
 
-    def abort(self) -> None:
+    def g_abort(self) -> Steps[None]:
         for member in self.members:
             if member.open and member.active:
                 try:
-                    member.client.abort()
+                    yield from member.client.g_abort()
                 except MilterProtocolError:
                     pass  # the next stage will find out and apply on_failure
 
@@ -150,12 +177,12 @@ class ChainSession:
 
     # -- internals -----------------------------------------------------------------------
     def _content(self, member: _Member, transit: Transit, macros: dict[str, str] | None
-                 ) -> tuple[Verdict, Transit]:
+                 ) -> Steps[tuple[Verdict, Transit]]:
         client = member.client
         assert client.negotiated is not None
         protocol = client.negotiated.protocol
         leading_space = ProtocolFlag.HDR_LEADSPC in protocol
-        steps: list[Callable[[], Verdict]] = [lambda: client.data(macros)]
+        steps: list[Callable[[], Steps[Verdict]]] = [lambda: client.g_data(macros)]
         # A milter that skips headers and body (ours for rate limits) costs no copy of the
         # message: a 25 MB message stays one 25 MB object.
         if not (ProtocolFlag.NOHDRS in protocol and ProtocolFlag.NOBODY in protocol):
@@ -165,29 +192,29 @@ class ChainSession:
                 value = value[:-2] if value.endswith("\r\n") else value
                 if not leading_space:
                     value = value.lstrip(" \t")
-                steps.append(lambda n=name, v=value: client.header(n, v))
-            steps += [lambda: client.end_of_headers(macros), lambda: client.body(body)]
+                steps.append(lambda n=name, v=value: client.g_header(n, v))
+            steps += [lambda: client.g_end_of_headers(macros), lambda: client.g_body(body)]
         else:
-            steps.append(lambda: client.end_of_headers(macros))
+            steps.append(lambda: client.g_end_of_headers(macros))
         for step in steps:
-            verdict = step()
+            verdict = yield from step()
             if verdict.ends_transaction:
                 self._note(member, "content", verdict)
                 return verdict, transit
-        outcome = client.end_of_message(macros)
+        outcome = yield from client.g_end_of_message(macros)
         member.result.actions += outcome.edits
         transit = apply_edits(transit, outcome.edits, leading_space=leading_space)
         self._note(member, "eom", outcome.verdict)
         return outcome.verdict, transit
 
-    def _each(self, stage: str, call: Callable[[MilterClient], Verdict],
-              whole_session: bool = False) -> Verdict:
+    def _each(self, stage: str, call: Callable[[MilterClient], Steps[Verdict]],
+              whole_session: bool = False) -> Steps[Verdict]:
         for member in self.members:
             if not member.active or not member.open:
                 continue
             started = time.monotonic()
             try:
-                verdict = call(member.client)
+                verdict = yield from call(member.client)
             except MilterProtocolError as exc:
                 verdict = self._failed(member, stage, exc)
             METRICS.observe("mailmoat_milter_latency_seconds", time.monotonic() - started,

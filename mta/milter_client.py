@@ -6,18 +6,26 @@ waited for, macro lists the milter names are honoured), sends macros before each
 Postfix does, sends the body in 65535-byte chunks with CRLF line ends, stops the body when
 the milter says skip, keeps waiting on `progress`, and returns end-of-message actions as
 milters.core.edits values for the caller to apply.
+
+The protocol logic does no I/O of its own: each stage is a generator that yields what it
+needs done (open the socket, send these bytes, read one packet) and gets the result back.
+`run_sync` does that with blocking sockets (scan, tests); `run_async` does it on the event
+loop, so `serve` talks to its milters with no thread hand-off per stage. One logic, two
+drivers: the chain above (milter_chain) is written the same way.
 """
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import Any, Generator, TypeVar
 
 from milters.core.edits import (AddHeader, AddRecipient, ChangeFrom, ChangeHeader,
                                 DeleteRecipient, Edit, Quarantine, ReplaceBody)
 from milters.core.errors import MilterProtocolError
-from milters.core.milter_protocol import (ALL_ACTIONS, BODY_CHUNK, PROTOCOL_VERSION, MacroStage,
-                                          OptNeg, ProtocolFlag, encode_packet, read_packet)
+from milters.core.milter_protocol import (ALL_ACTIONS, BODY_CHUNK, MAX_PACKET, PROTOCOL_VERSION,
+                                          MacroStage, OptNeg, ProtocolFlag, encode_packet)
 from milters.core.verdict import SmtpReply, Verdict
 
 P = ProtocolFlag
@@ -64,41 +72,111 @@ def _z(*parts: str) -> bytes:
     return b"".join(part.encode("utf-8", "surrogateescape") + b"\0" for part in parts)
 
 
-def open_socket(spec: str, timeout: float) -> socket.socket:
+def socket_address(spec: str) -> tuple[int, Any]:
+    """(address family, address) of a milter socket written as Postfix writes it."""
     kind, _, rest = spec.partition(":")
     if kind in ("unix", "local"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(rest)
-        return sock
+        return socket.AF_UNIX, rest
     if kind not in ("inet", "inet6"):
         raise MilterProtocolError(f"milter socket '{spec}': use inet:, inet6: or unix:")
     host, _, port = rest.rpartition(":")
-    sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-    # Small request/reply packets: without this, Nagle against delayed ACKs stalls ~40 ms.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return family, (host, int(port))
+
+
+def new_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if family != socket.AF_UNIX:
+        # Small request/reply packets: without this, Nagle against delayed ACKs stalls ~40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
+def open_socket(spec: str, timeout: float) -> socket.socket:
+    family, address = socket_address(spec)
+    sock = new_socket(family)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+T = TypeVar("T")
+# What a protocol step asks its driver for: ("open"|"send"|"read", client, argument).
+Request = tuple[str, "MilterClient", Any]
+Steps = Generator[Request, Any, T]
+
+
 class MilterClient:
-    """One milter, one SMTP session. Methods return the milter's verdict for that stage;
-    a stage the milter skipped or does not answer returns CONTINUE at once."""
+    """One milter, one SMTP session. The g_* methods are the protocol steps (generators
+    for a driver); the plain methods run them with blocking sockets. A stage the milter
+    skipped or does not answer returns CONTINUE at once."""
 
     def __init__(self, endpoint: MilterEndpoint) -> None:
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
         self.negotiated: OptNeg | None = None
         self.body_skipped = False
+        self.inbox = bytearray()  # bytes read from the milter, not yet a whole packet
 
-    # -- session -------------------------------------------------------------------------
+    # -- blocking use (scan, tests) ----------------------------------------------------------
     def open(self) -> OptNeg:
+        return run_sync(self.g_open())
+
+    def connect(self, hostname: str, address: str | None, port: int = 0,
+                family: int = socket.AF_INET, macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_connect(hostname, address, port, family, macros))
+
+    def helo(self, name: str, macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_helo(name, macros))
+
+    def mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
+             macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_mail(sender, params, macros))
+
+    def rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
+             macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_rcpt(recipient, params, macros))
+
+    def data(self, macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_data(macros))
+
+    def header(self, name: str, value: str) -> Verdict:
+        return run_sync(self.g_header(name, value))
+
+    def end_of_headers(self, macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_end_of_headers(macros))
+
+    def body(self, body: bytes) -> Verdict:
+        return run_sync(self.g_body(body))
+
+    def end_of_message(self, macros: dict[str, str] | None = None) -> EomOutcome:
+        return run_sync(self.g_end_of_message(macros))
+
+    def abort(self) -> None:
+        run_sync(self.g_abort())
+
+    def close(self) -> None:
+        """Say goodbye (QUIT) and close; never blocks for long, never raises."""
+        if self.sock is None:
+            return
         try:
-            self.sock = open_socket(self.endpoint.socket, self.endpoint.connect_timeout)
-        except OSError as exc:
-            raise MilterProtocolError(f"milter {self.endpoint.name} at {self.endpoint.socket}: "
-                                      f"{exc.strerror or exc}") from None
-        self._send(b"O", OptNeg(PROTOCOL_VERSION, ALL_ACTIONS, OFFERED_PROTOCOL).encode())
-        command, data = self._read(self.endpoint.command_timeout)
+            self.sock.send(encode_packet(b"Q"))
+        except OSError:
+            pass  # the milter went away first, or its buffer is full: nothing to tell it
+        self.sock.close()
+        self.sock = None
+        self.inbox.clear()
+
+    # -- protocol steps ----------------------------------------------------------------------
+    def g_open(self) -> Steps[OptNeg]:
+        yield ("open", self, None)
+        yield from self._send(b"O", OptNeg(PROTOCOL_VERSION, ALL_ACTIONS, OFFERED_PROTOCOL).encode())
+        command, data = yield from self._read(self.endpoint.command_timeout)
         if command != b"O":
             raise MilterProtocolError(f"milter {self.endpoint.name}: expected OPTNEG, got "
                                       f"{command!r}")
@@ -110,69 +188,62 @@ class MilterClient:
         self.negotiated = answer
         return answer
 
-    def close(self) -> None:
-        if self.sock is None:
-            return
-        try:
-            self._send(b"Q")
-        except OSError:
-            pass  # the milter went away first; nothing to tell it
-        self.sock.close()
-        self.sock = None
-
-    # -- stages --------------------------------------------------------------------------
-    def connect(self, hostname: str, address: str | None, port: int = 0,
-                family: int = socket.AF_INET, macros: dict[str, str] | None = None) -> Verdict:
-        self._macros(MacroStage.CONNECT, macros)
+    def g_connect(self, hostname: str, address: str | None, port: int = 0,
+                  family: int = socket.AF_INET, macros: dict[str, str] | None = None
+                  ) -> Steps[Verdict]:
+        yield from self._macros(MacroStage.CONNECT, macros)
         if address is None or family not in _FAMILY:
             payload = _z(hostname) + b"U"
         else:
             payload = _z(hostname) + _FAMILY[family] + struct.pack("!H", port) + _z(address)
-        return self._stage(b"C", payload, P.NOCONNECT, P.NR_CONN)
+        return (yield from self._stage(b"C", payload, P.NOCONNECT, P.NR_CONN))
 
-    def helo(self, name: str, macros: dict[str, str] | None = None) -> Verdict:
-        self._macros(MacroStage.HELO, macros)
-        return self._stage(b"H", _z(name), P.NOHELO, P.NR_HELO)
+    def g_helo(self, name: str, macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        yield from self._macros(MacroStage.HELO, macros)
+        return (yield from self._stage(b"H", _z(name), P.NOHELO, P.NR_HELO))
 
-    def mail(self, sender: str, params: list[str] = (), macros: dict[str, str] | None = None  # type: ignore[assignment]
-             ) -> Verdict:
-        self._macros(MacroStage.ENVFROM, macros)
+    def g_mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
+               macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        yield from self._macros(MacroStage.ENVFROM, macros)
         self.body_skipped = False
-        return self._stage(b"M", _z(f"<{sender}>", *params), P.NOMAIL, P.NR_MAIL)
+        return (yield from self._stage(b"M", _z(f"<{sender}>", *params), P.NOMAIL, P.NR_MAIL))
 
-    def rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
-             macros: dict[str, str] | None = None) -> Verdict:
-        self._macros(MacroStage.ENVRCPT, macros)
-        return self._stage(b"R", _z(f"<{recipient}>", *params), P.NORCPT, P.NR_RCPT)
+    def g_rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
+               macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        yield from self._macros(MacroStage.ENVRCPT, macros)
+        return (yield from self._stage(b"R", _z(f"<{recipient}>", *params), P.NORCPT,
+                                       P.NR_RCPT))
 
-    def data(self, macros: dict[str, str] | None = None) -> Verdict:
-        self._macros(MacroStage.DATA, macros)
-        return self._stage(b"T", b"", P.NODATA, P.NR_DATA)
+    def g_data(self, macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        yield from self._macros(MacroStage.DATA, macros)
+        return (yield from self._stage(b"T", b"", P.NODATA, P.NR_DATA))
 
-    def header(self, name: str, value: str) -> Verdict:
-        return self._stage(b"L", _z(name, value), P.NOHDRS, P.NR_HDR)
+    def g_header(self, name: str, value: str) -> Steps[Verdict]:
+        return (yield from self._stage(b"L", _z(name, value), P.NOHDRS, P.NR_HDR))
 
-    def end_of_headers(self, macros: dict[str, str] | None = None) -> Verdict:
-        self._macros(MacroStage.EOH, macros)
-        return self._stage(b"N", b"", P.NOEOH, P.NR_EOH)
+    def g_end_of_headers(self, macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        yield from self._macros(MacroStage.EOH, macros)
+        return (yield from self._stage(b"N", b"", P.NOEOH, P.NR_EOH))
 
-    def body(self, body: bytes) -> Verdict:
+    def g_body(self, body: bytes) -> Steps[Verdict]:
         """Send the body (CRLF line ends) in 65535-byte chunks, until the milter says skip."""
+        view = memoryview(body)
         for start in range(0, len(body), BODY_CHUNK):
             if self.body_skipped:
                 break
-            verdict = self._stage(b"B", body[start:start + BODY_CHUNK], P.NOBODY, P.NR_BODY)
+            verdict = yield from self._stage(b"B", view[start:start + BODY_CHUNK], P.NOBODY,
+                                             P.NR_BODY)
             if verdict.ends_transaction:
                 return verdict
         return Verdict.cont()
 
-    def end_of_message(self, macros: dict[str, str] | None = None) -> EomOutcome:
-        self._macros(MacroStage.EOM, macros)
-        self._send(b"E")
+    def g_end_of_message(self, macros: dict[str, str] | None = None) -> Steps[EomOutcome]:
+        yield from self._macros(MacroStage.EOM, macros)
+        yield from self._send(b"E")
         edits: list[Edit] = []
         body_parts: list[bytes] = []
         while True:
-            command, data = self._read(self.endpoint.eom_timeout)
+            command, data = yield from self._read(self.endpoint.eom_timeout)
             edit = self._edit(command, data, body_parts)
             if edit is not None:
                 edits.append(edit)
@@ -183,35 +254,37 @@ class MilterClient:
                 edits.append(ReplaceBody(b"".join(body_parts)))
             return EomOutcome(self._verdict(command, data, "eom"), edits)
 
-    def abort(self) -> None:
+    def g_abort(self) -> Steps[None]:
         """End the transaction (RSET, a rejected message); the session goes on."""
-        self._send(b"A")
+        yield from self._send(b"A")
 
     # -- internals -----------------------------------------------------------------------
-    def _send(self, command: bytes, data: bytes = b"") -> None:
+    def _send(self, command: bytes, data: bytes | memoryview = b"") -> Steps[None]:
         if self.sock is None:
             raise MilterProtocolError(f"milter {self.endpoint.name}: not connected")
-        try:
-            self.sock.sendall(encode_packet(command, data))
-        except OSError as exc:
-            raise MilterProtocolError(f"milter {self.endpoint.name}: send failed: {exc}") from None
+        yield ("send", self, encode_packet(command, bytes(data)))
 
-    def _read(self, timeout: float) -> tuple[bytes, bytes]:
+    def _read(self, timeout: float) -> Steps[tuple[bytes, bytes]]:
         """The next packet other than `progress`, which restarts the timeout."""
-        assert self.sock is not None
         while True:
-            self.sock.settimeout(timeout)
-            try:
-                command, data = read_packet(self.sock)
-            except socket.timeout:
-                raise MilterProtocolError(f"milter {self.endpoint.name}: no reply within "
-                                          f"{timeout:g}s") from None
-            except OSError as exc:
-                raise MilterProtocolError(f"milter {self.endpoint.name}: {exc}") from None
+            command, data = yield ("read", self, timeout)
             if command != b"p":
                 return command, data
 
-    def _macros(self, stage: MacroStage, values: dict[str, str] | None) -> None:
+    def take_packet(self) -> tuple[bytes, bytes] | None:
+        """One whole packet from the inbox, or None if more bytes are needed."""
+        if len(self.inbox) < 4:
+            return None
+        (length,) = struct.unpack_from("!I", self.inbox)
+        if length < 1 or length > MAX_PACKET:
+            raise MilterProtocolError(f"milter {self.endpoint.name}: bad packet length {length}")
+        if len(self.inbox) < 4 + length:
+            return None
+        packet = bytes(self.inbox[4:4 + length])
+        del self.inbox[:4 + length]
+        return packet[:1], packet[1:]
+
+    def _macros(self, stage: MacroStage, values: dict[str, str] | None) -> Steps[None]:
         if not values or self.negotiated is None:
             return
         wanted = self.negotiated.macros.get(stage)
@@ -219,18 +292,19 @@ class MilterClient:
             values = {name: value for name, value in values.items()
                       if name in wanted or name.strip("{}") in wanted}
         if values:
-            self._send(b"D", _STAGE_COMMAND[stage] + _z(*[x for kv in values.items() for x in kv]))
+            yield from self._send(b"D", _STAGE_COMMAND[stage]
+                                  + _z(*[x for kv in values.items() for x in kv]))
 
-    def _stage(self, command: bytes, payload: bytes, skip: ProtocolFlag,
-               no_reply: ProtocolFlag) -> Verdict:
+    def _stage(self, command: bytes, payload: bytes | memoryview, skip: ProtocolFlag,
+               no_reply: ProtocolFlag) -> Steps[Verdict]:
         assert self.negotiated is not None, "open() first"
         protocol = self.negotiated.protocol
         if protocol & skip:
             return Verdict.cont()
-        self._send(command, payload)
+        yield from self._send(command, payload)
         if protocol & no_reply:
             return Verdict.cont()
-        reply, data = self._read(self.endpoint.command_timeout)
+        reply, data = yield from self._read(self.endpoint.command_timeout)
         return self._verdict(reply, data, command.decode())
 
     def _verdict(self, command: bytes, data: bytes, stage: str) -> Verdict:
@@ -299,3 +373,110 @@ class MilterClient:
 def strip_angle(address: str) -> str:
     address = address.strip()
     return address[1:-1] if address.startswith("<") and address.endswith(">") else address
+
+
+# -- drivers ----------------------------------------------------------------------------------
+def _failure(client: MilterClient, what: str, arg: Any, exc: BaseException
+             ) -> MilterProtocolError:
+    if isinstance(exc, MilterProtocolError):
+        return exc
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        endpoint = client.endpoint
+        limit = {"open": endpoint.connect_timeout, "send": endpoint.command_timeout}.get(what, arg)
+        waited = "no reply" if what == "read" else f"{what} not done"
+        return MilterProtocolError(f"milter {endpoint.name}: {waited} within {limit:g}s")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return MilterProtocolError(f"milter {client.endpoint.name} at {client.endpoint.socket}: "
+                               f"{what}: {reason}")
+
+
+def _closed(client: MilterClient) -> MilterProtocolError:
+    return MilterProtocolError(f"milter {client.endpoint.name}: the milter closed the connection")
+
+
+def _sync_io(kind: str, client: MilterClient, arg: Any) -> Any:
+    endpoint = client.endpoint
+    try:
+        if kind == "open":
+            client.sock = open_socket(endpoint.socket, endpoint.connect_timeout)
+            return None
+        assert client.sock is not None
+        if kind == "send":
+            client.sock.settimeout(endpoint.command_timeout)
+            client.sock.sendall(arg)
+            return None
+        while (packet := client.take_packet()) is None:  # "read"
+            client.sock.settimeout(arg)
+            data = client.sock.recv(65536)
+            if not data:
+                raise _closed(client)
+            client.inbox += data
+        return packet
+    except (OSError, MilterProtocolError) as exc:
+        raise _failure(client, kind, arg, exc) from None
+
+
+async def _async_io(kind: str, client: MilterClient, arg: Any) -> Any:
+    endpoint = client.endpoint
+    loop = asyncio.get_running_loop()
+    try:
+        if kind == "open":
+            family, address = socket_address(endpoint.socket)
+            sock = new_socket(family)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(endpoint.connect_timeout):
+                    await loop.sock_connect(sock, address)
+            except BaseException:
+                sock.close()
+                raise
+            client.sock = sock
+            return None
+        assert client.sock is not None
+        if kind == "send":
+            async with asyncio.timeout(endpoint.command_timeout):
+                await loop.sock_sendall(client.sock, arg)
+            return None
+        while (packet := client.take_packet()) is None:  # "read"
+            async with asyncio.timeout(arg):
+                data = await loop.sock_recv(client.sock, 65536)
+            if not data:
+                raise _closed(client)
+            client.inbox += data
+        return packet
+    except (OSError, MilterProtocolError, asyncio.TimeoutError) as exc:
+        raise _failure(client, kind, arg, exc) from None
+
+
+def run_sync(steps: Steps[T]) -> T:
+    """Run protocol steps with blocking sockets."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            request = steps.throw(error) if error is not None else steps.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        error, result = None, None
+        kind, client, arg = request
+        try:
+            result = _sync_io(kind, client, arg)
+        except MilterProtocolError as exc:
+            error = exc  # into the steps: the chain applies the milter's on_failure
+
+
+async def run_async(steps: Steps[T]) -> T:
+    """Run protocol steps on the event loop (non-blocking sockets, no threads)."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            request = steps.throw(error) if error is not None else steps.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        error, result = None, None
+        kind, client, arg = request
+        try:
+            result = await _async_io(kind, client, arg)
+        except MilterProtocolError as exc:
+            error = exc

@@ -40,6 +40,7 @@ from . import sasl
 from .edits_apply import Transit
 from .metrics import METRICS
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
+from .milter_client import Steps, run_async
 from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
 from .smtp_data import DataStream
@@ -51,6 +52,7 @@ MAX_COMMAND_LINE = 4096  # bytes; RFC 5321 asks for 512, extensions need more
 MAX_BUFFERED = 1 << 20  # stop reading from a client that sends this much ahead of us
 MAX_ERRORS = 20  # then 421, as Postfix's smtpd_hard_error_limit
 MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
+LARGE_MESSAGE = 1 << 20  # bytes; bigger messages are read back for milters in a thread
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,7 @@ class SmtpConnection(asyncio.Protocol):
         self.transport.close()
 
     async def blocking(self, call: Callable[[], Any]) -> Any:
-        """Milter I/O is blocking: run it off the event loop."""
+        """Run slow blocking work (fsync under load, big reads, scrypt) off the event loop."""
         return await self.loop.run_in_executor(None, call)
 
     # -- the session -------------------------------------------------------------------------
@@ -335,7 +337,7 @@ class SmtpConnection(asyncio.Protocol):
             self._close()
             if self.chain is not None:
                 chain, self.chain = self.chain, None
-                self.loop.run_in_executor(None, chain.close)
+                chain.close()  # never blocks: one small packet and a close
 
     def error(self, reply: str) -> bool:
         """Answer a client error; after too many, end the session (False)."""
@@ -349,16 +351,15 @@ class SmtpConnection(asyncio.Protocol):
     def _abort_transaction(self) -> None:
         self.transaction = None
 
-    def open_chain(self, chain: ChainSession) -> Verdict | None:
-        """Connect (and HELO, if the client sent one) to the milters; blocking, so it runs
-        in the same executor job as the stage that needs it: one thread hop, not three.
-        Returns the verdict that ends the session's mail, if any."""
+    def g_open_chain(self, chain: ChainSession) -> Steps[Verdict | None]:
+        """Connect (and HELO, if the client sent one) to the milters, as part of the first
+        stage that needs them. Returns the verdict that ends the session's mail, if any."""
         client = self.client_ip
         family = socket.AF_INET6 if ":" in client else socket.AF_INET
-        verdict = chain.connect(f"[{client}]", client, self.peer_port, family,
-                                connect_macros(self.settings.hostname, client))
+        verdict = yield from chain.g_connect(f"[{client}]", client, self.peer_port, family,
+                                             connect_macros(self.settings.hostname, client))
         if not verdict.ends_transaction and self.helo is not None:
-            verdict = chain.helo(self.helo)
+            verdict = yield from chain.g_helo(self.helo)
         return verdict if verdict.ends_transaction else None
 
     def reset_session(self) -> None:
@@ -366,7 +367,7 @@ class SmtpConnection(asyncio.Protocol):
         self.helo, self.esmtp, self.transaction, self.early_verdict = None, False, None, None
         if self.chain is not None:
             chain, self.chain = self.chain, None
-            self.loop.run_in_executor(None, chain.close)
+            chain.close()
 
     def may_authenticate(self) -> bool:
         return (self.settings.users is not None and not self.settings.loopback_only
@@ -383,7 +384,7 @@ async def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> bool:
     # The milters hear of HELO with connect, at the first MAIL FROM (verdicts from both are
     # due there anyway); only a second HELO on an open milter session is sent now.
     if chain is not None and conn.early_verdict is None:
-        verdict = await conn.blocking(lambda: chain.helo(arg))
+        verdict = await run_async(chain.g_helo(arg))
         if verdict.ends_transaction:
             conn.early_verdict = verdict
     return True
@@ -424,7 +425,7 @@ async def _noop(conn: SmtpConnection, arg: str) -> bool:
 @command("RSET")
 async def _rset(conn: SmtpConnection, arg: str) -> bool:
     if conn.transaction is not None and conn.chain is not None:
-        await conn.blocking(conn.chain.abort)
+        await run_async(conn.chain.g_abort())
     conn.transaction = None
     conn.reply("250 2.0.0 Ok")
     return True
@@ -578,14 +579,15 @@ async def _mail(conn: SmtpConnection, arg: str) -> bool:
         fresh = conn.chain is None
         chain = conn.chain = conn.chain or factory()
 
-        def mail() -> Verdict:
+        def mail() -> Steps[Verdict]:
             if fresh:
-                conn.early_verdict = conn.open_chain(chain)
+                conn.early_verdict = yield from conn.g_open_chain(chain)
                 if conn.early_verdict is not None:
                     return conn.early_verdict
-            return chain.mail(path.address, path.raw_params,
-                              mail_macros(queue_id, path.address, conn.auth_user))
-        verdict = await conn.blocking(mail)
+            return (yield from chain.g_mail(path.address, path.raw_params,
+                                            mail_macros(queue_id, path.address,
+                                                        conn.auth_user)))
+        verdict = await run_async(mail())
         if verdict.ends_transaction:
             conn.reply(_reply(verdict))
             return True
@@ -644,8 +646,7 @@ async def _rcpt(conn: SmtpConnection, arg: str) -> bool:
         conn.reply("452 4.5.3 Too many recipients")
         return True
     if conn.chain is not None:
-        chain = conn.chain
-        verdict = await conn.blocking(lambda: chain.rcpt(
+        verdict = await run_async(conn.chain.g_rcpt(
             address, path.raw_params, rcpt_macros(transaction.queue_id, address)))
         if verdict.ends_transaction:
             conn.reply(_reply(verdict))
@@ -717,11 +718,11 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
     sender, quarantine = transaction.sender, None
     chain = conn.chain
     if chain is not None:
-        def run_chain() -> tuple[bytes, Verdict, Transit]:
-            received = incoming.read()
-            return (received, *chain.message(Transit(received, sender, recipients),
-                                             {"i": transaction.queue_id}))
-        received, verdict, transit = await conn.blocking(run_chain)
+        # A large file is read in a thread so other clients are not held up meanwhile.
+        received = (await conn.blocking(incoming.read) if incoming.size > LARGE_MESSAGE
+                    else incoming.read())
+        verdict, transit = await run_async(chain.g_message(Transit(received, sender, recipients),
+                                                           {"i": transaction.queue_id}))
         if verdict.action is Action.DISCARD:
             incoming.discard()
             log_event("discarded", queue_id=transaction.queue_id, ip=client, sender=sender)
