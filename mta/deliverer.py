@@ -34,7 +34,7 @@ def _bounce(queue: Queue, envelope: Envelope, raw: bytes, failed: list[Recipient
 
 def deliver_one(queue: Queue, envelope: Envelope, router: Router, settings: QueueSettings,
                 hostname: str, now: float) -> None:
-    message = queue.message_path(envelope.queue_id)
+    message = queue.stored(envelope.queue_id)
     by_agent: dict[int, tuple[Agent, list[RecipientState]]] = {}
     for rcpt in envelope.pending():
         agent = router.agent_for(rcpt.address)
@@ -62,7 +62,7 @@ def deliver_one(queue: Queue, envelope: Envelope, router: Router, settings: Queu
             newly_failed.append(rcpt)
         log_event("expired", queue_id=envelope.queue_id, attempts=envelope.attempts)
     if newly_failed:
-        _bounce(queue, envelope, message.read_bytes(), newly_failed, hostname,
+        _bounce(queue, envelope, queue.message(envelope.queue_id), newly_failed, hostname,
                 "message expired" if expired else "permanent failure")
     if envelope.pending():
         envelope.next_attempt = now + next_wait(settings, envelope.attempts)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import smtplib
 import socket
 import ssl
@@ -19,6 +18,7 @@ from typing import Protocol
 
 from milters.core.config import GatewayConfig
 
+from .queue import StoredMessage
 from .smtp_data import dot_stuffed
 
 DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
@@ -31,7 +31,7 @@ class Outcome:
 
 
 class Agent(Protocol):
-    def deliver(self, sender: str, recipients: list[str], message: Path
+    def deliver(self, sender: str, recipients: list[str], message: StoredMessage
                 ) -> dict[str, Outcome]: ...
 
 
@@ -54,7 +54,7 @@ class SmtpRelay:
     helo: str = "localhost"
     timeout: float = 60.0
 
-    def deliver(self, sender: str, recipients: list[str], message: Path
+    def deliver(self, sender: str, recipients: list[str], message: StoredMessage
                 ) -> dict[str, Outcome]:
         """Send the stored message file, streamed in blocks (a 25 MB message never sits in
         memory whole)."""
@@ -92,12 +92,12 @@ class SmtpRelay:
         return {rcpt: outcome for rcpt in recipients}
 
 
-def _send_data(client: smtplib.SMTP, message: Path) -> tuple[int, bytes]:
+def _send_data(client: smtplib.SMTP, message: StoredMessage) -> tuple[int, bytes]:
     """DATA with the message streamed from its file (smtplib's data() wants it whole)."""
     code, text = client.docmd("DATA")
     if code != 354:
         return code, text
-    for block in dot_stuffed(message):
+    for block in dot_stuffed(message.path, message.size):
         client.send(block)
     client.send(b".\r\n")
     return client.getreply()
@@ -109,7 +109,7 @@ class MaildirDelivery:
 
     root: Path
 
-    def deliver(self, sender: str, recipients: list[str], message: Path
+    def deliver(self, sender: str, recipients: list[str], message: StoredMessage
                 ) -> dict[str, Outcome]:
         outcomes = {}
         for rcpt in recipients:
@@ -120,7 +120,7 @@ class MaildirDelivery:
                 outcomes[rcpt] = Outcome(DEFERRED, f"451 4.3.0 maildir: {exc.strerror or exc}")
         return outcomes
 
-    def _store(self, rcpt: str, sender: str, message: Path) -> str:
+    def _store(self, rcpt: str, sender: str, message: StoredMessage) -> str:
         box = self.root / rcpt.lower().replace("/", "_")
         for sub in ("tmp", "new", "cur"):
             (box / sub).mkdir(parents=True, exist_ok=True)
@@ -128,9 +128,15 @@ class MaildirDelivery:
         tmp = box / "tmp" / name
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as out, open(message, "rb") as source:
+            with os.fdopen(fd, "wb", closefd=False) as out, open(message.path, "rb") as source:
                 out.write(f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode())
-                shutil.copyfileobj(source, out, 1 << 20)
+                left = message.size
+                while left > 0:
+                    block = source.read(min(left, 1 << 20))
+                    if not block:
+                        break
+                    out.write(block)
+                    left -= len(block)
             os.fsync(fd)
         except BaseException:
             os.close(fd)

@@ -3,18 +3,23 @@
 Layout under the spool directory (like Postfix's, in spirit):
 
     tmp/            files being written; anything here after a crash is garbage
-    active/ID.msg   the message as received (never changed afterwards)
-    active/ID.env   its envelope as JSON, rewritten atomically (delivery attempts, hold)
+    active/ID.msg   the message as received, then its envelope as JSON in a trailer
+    active/ID.env   the envelope once it changed (delivery attempts, hold), rewritten
+                    atomically; when present it wins over the trailer
+
+One spool file holds a message and its envelope: the SMTP server streams DATA into tmp/ID.msg,
+appends the envelope trailer, fsyncs the file, renames it into active/ and fsyncs the
+directory: only then may it answer 250. Two fsyncs per message, not three (a file for the
+envelope would need its own). A file in active/ is complete by construction (rename is
+atomic); recovery clears tmp/ and drops stray envelope files whose message is gone.
+
+Trailer: the envelope JSON, "\n", then 16 bytes `MMENV1` + the JSON length in 9 digits +
+"\n". Queue IDs are the receive time in microseconds plus a random part, in hex: they sort
+by arrival and do not collide (the tmp file is created with O_EXCL).
 
 Held mail (quarantine, `mailmoat queue hold`) stays where it is with `hold_reason` set in its
 envelope: holding and releasing are one atomic envelope rewrite, never a two-file move that
 a crash could cut in half.
-
-enqueue() writes both files to tmp/, fsyncs them, renames the message and then the envelope
-into active/ and fsyncs the directory: only then may the SMTP server answer 250. An envelope
-file marks a complete entry, so recovery deletes a message file without one (its client never
-got a 250). Queue IDs are the receive time in microseconds plus a random part, in hex: they
-sort by arrival and do not collide (the tmp file is created with O_EXCL).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from pathlib import Path
 from milters.core.errors import MailmoatError
 
 ACTIVE, TMP = "active", "tmp"
+TRAILER_MAGIC = b"MMENV1"
+FOOTER = 16  # magic, 9 digits of JSON length, newline
 
 
 class SpoolError(MailmoatError):
@@ -89,6 +96,30 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{micros:014X}{secrets.randbelow(1 << 24):06X}"
 
 
+def _trailer(envelope: Envelope) -> bytes:
+    data = envelope.to_json()
+    return data + b"\n" + TRAILER_MAGIC + b"%09d\n" % len(data)
+
+
+def _read_trailer(path: str) -> tuple[Envelope, int] | None:
+    """(envelope, message length) from a spool file's trailer; None if it has none."""
+    with open(path, "rb") as stored:
+        end = stored.seek(0, os.SEEK_END)
+        if end < FOOTER:
+            return None
+        stored.seek(end - FOOTER)
+        footer = stored.read(FOOTER)
+        if not footer.startswith(TRAILER_MAGIC) or not footer[6:15].isdigit():
+            return None
+        length = int(footer[6:15])
+        start = end - FOOTER - 1 - length
+        if start < 0:
+            return None
+        stored.seek(start)
+        data = stored.read(length)
+    return Envelope.from_json(data), start
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -118,6 +149,14 @@ def _write_durably(path: str | Path, data: bytes) -> None:
         _unlink_quietly(str(path))
         raise
     os.close(fd)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A queued message's text: the first `size` bytes of the spool file at `path`."""
+
+    path: Path
+    size: int
 
 
 class Incoming:
@@ -150,9 +189,7 @@ class Incoming:
         and fsync its envelope, rename both into active/ and fsync the directory: only
         then may the SMTP server answer 250. Raises SpoolError and leaves nothing behind."""
         assert self._fd is not None
-        active = self.queue.active_dir
-        stored = f"{active}/{self.queue_id}.msg"
-        envelope_tmp = f"{self.queue.tmp_dir}/{self.queue_id}.env"
+        stored = f"{self.queue.active_dir}/{self.queue_id}.msg"
         try:
             if replacement is not None:
                 os.ftruncate(self._fd, 0)
@@ -160,14 +197,13 @@ class Incoming:
                 self.size = 0
                 self.write(replacement)
             envelope.size = self.size
+            self.write(_trailer(envelope))
             os.fsync(self._fd)
             self._close()
-            _write_durably(envelope_tmp, envelope.to_json())
             os.rename(self.path, stored)
-            os.rename(envelope_tmp, f"{active}/{self.queue_id}.env")  # the entry is complete
-            _fsync_dir(active)
+            _fsync_dir(self.queue.active_dir)
         except OSError as exc:
-            for leftover in (self.path, envelope_tmp, stored):
+            for leftover in (self.path, stored):
                 _unlink_quietly(leftover)
             self._close()
             raise self.queue._spool_error(self.queue_id, exc) from None
@@ -223,21 +259,27 @@ class Queue:
 
     # -- reading ---------------------------------------------------------------------------
     def envelope(self, queue_id: str) -> Envelope:
-        return Envelope.from_json((self._locate(queue_id) / f"{queue_id}.env").read_bytes())
+        return self._stored(queue_id)[0]
 
     def message(self, queue_id: str) -> bytes:
-        return self.message_path(queue_id).read_bytes()
+        stored = self.stored(queue_id)
+        with open(stored.path, "rb") as source:
+            return source.read(stored.size)
 
-    def message_path(self, queue_id: str) -> Path:
-        return self._locate(queue_id) / f"{queue_id}.msg"
+    def stored(self, queue_id: str) -> "StoredMessage":
+        """Where the message text is: the first `size` bytes of `path`."""
+        envelope, size = self._stored(queue_id)
+        return StoredMessage(self._locate(queue_id) / f"{queue_id}.msg", size)
 
     def entries(self) -> list[Envelope]:
         """Every complete entry, oldest first."""
         found = []
-        for path in sorted((self.spool / ACTIVE).glob("*.env")):
+        for name in sorted(os.listdir(self.active_dir)):
+            if not name.endswith(".msg"):
+                continue
             try:
-                found.append(Envelope.from_json(path.read_bytes()))
-            except (OSError, ValueError, TypeError):
+                found.append(self._stored(name[:-4])[0])
+            except (OSError, ValueError, TypeError, NoSuchMessage):
                 continue  # delivered and removed meanwhile, or being replaced
         return found
 
@@ -251,8 +293,10 @@ class Queue:
         """Forget a delivered message. No directory fsync: if power fails before the
         unlink reaches the disk, the message is delivered once more, never lost (as Postfix)."""
         where = self._locate(queue_id)
-        (where / f"{queue_id}.env").unlink()  # first: without it the entry is gone
-        (where / f"{queue_id}.msg").unlink(missing_ok=True)
+        # The message first: a crash in between leaves a stray envelope (recovery drops it),
+        # never a message with an out-of-date trailer that would be delivered again.
+        (where / f"{queue_id}.msg").unlink()
+        (where / f"{queue_id}.env").unlink(missing_ok=True)
 
     def hold(self, queue_id: str, reason: str = "held by the administrator") -> None:
         envelope = self.envelope(queue_id)
@@ -277,21 +321,42 @@ class Queue:
         return count
 
     def recover(self) -> list[str]:
-        """After a crash: clear tmp/, delete message files whose envelope never landed.
-        Returns the queue IDs removed (none of them was ever acknowledged)."""
+        """After a crash: clear tmp/, drop envelope files whose message is gone and files
+        in active/ without a trailer (never renamed there by us, never acknowledged).
+        Returns the queue IDs of messages removed."""
         removed = []
         for leftover in (self.spool / TMP).iterdir():
             leftover.unlink(missing_ok=True)
-        for message in (self.spool / ACTIVE).glob("*.msg"):
-            if not message.with_suffix(".env").exists():
-                message.unlink(missing_ok=True)
-                removed.append(message.stem)
+        for path in (self.spool / ACTIVE).iterdir():
+            if path.suffix == ".env" and not path.with_suffix(".msg").exists():
+                path.unlink(missing_ok=True)
+            elif path.suffix == ".msg" and _read_trailer(str(path)) is None:
+                path.unlink(missing_ok=True)
+                removed.append(path.stem)
         return removed
 
     # -- internals -------------------------------------------------------------------------
     def _locate(self, queue_id: str) -> Path:
         if not queue_id.isalnum():
             raise NoSuchMessage(f"'{queue_id}' is not a queue ID")
-        if (self.spool / ACTIVE / f"{queue_id}.env").exists():
+        if os.path.exists(f"{self.active_dir}/{queue_id}.msg"):
             return self.spool / ACTIVE
         raise NoSuchMessage(f"no queued message {queue_id}")
+
+    def _stored(self, queue_id: str) -> tuple[Envelope, int]:
+        """The current envelope (the .env file if it was rewritten, else the trailer) and
+        the message length."""
+        where = self._locate(queue_id)
+        try:
+            found = _read_trailer(f"{where}/{queue_id}.msg")
+        except FileNotFoundError:
+            raise NoSuchMessage(f"no queued message {queue_id}") from None
+        if found is None:
+            raise NoSuchMessage(f"queued message {queue_id} has no envelope (incomplete)")
+        envelope, size = found
+        try:
+            with open(f"{where}/{queue_id}.env", "rb") as rewritten:
+                envelope = Envelope.from_json(rewritten.read())
+        except FileNotFoundError:
+            pass
+        return envelope, size

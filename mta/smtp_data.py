@@ -93,17 +93,22 @@ class DataStream:
             self.header_too_big = True
 
 
-def dot_stuffed(path: os.PathLike[str] | str, block: int = 64 * 1024) -> Iterator[bytes]:
-    """A stored message as DATA text for a next hop, read in blocks: every line that starts
-    with '.' gets another '.', and the text ends with CRLF (the caller sends '.\\r\\n')."""
+def dot_stuffed(path: os.PathLike[str] | str, size: int | None = None,
+                block: int = 64 * 1024) -> Iterator[bytes]:
+    """The first `size` bytes of a file (all of it by default) as DATA text for a next hop,
+    read in blocks: every line that starts with '.' gets another '.', and the text ends
+    with CRLF (the caller sends '.' CRLF)."""
     carry = b""
     line_start = True
     last = b""
+    left = -1 if size is None else size
     with open(path, "rb") as source:
-        while True:
-            chunk = source.read(block)
+        while left != 0:
+            chunk = source.read(block if left < 0 else min(block, left))
             if not chunk:
                 break
+            if left > 0:
+                left -= len(chunk)
             text = carry + chunk
             cut = text.rfind(b"\n") + 1
             whole, carry = text[:cut], text[cut:]

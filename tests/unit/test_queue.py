@@ -18,16 +18,23 @@ def envelope(queue_id: str | None = None, rcpts: tuple[str, ...] = ("taro@exampl
                     [RecipientState(r) for r in rcpts], received_at=1.0, client_ip="192.0.2.7")
 
 
-def test_enqueue_writes_both_files_and_reads_back(tmp_path: Path) -> None:
+def test_enqueue_writes_one_file_with_its_envelope_and_reads_back(tmp_path: Path) -> None:
     queue = Queue(tmp_path)
     queue_id = queue.enqueue(RAW, envelope())
-    assert sorted(p.name for p in (tmp_path / "active").iterdir()) == [
-        f"{queue_id}.env", f"{queue_id}.msg"]
+    [stored] = (tmp_path / "active").iterdir()
+    assert stored.name == f"{queue_id}.msg"
+    assert stored.read_bytes().startswith(RAW)  # the message first, the envelope after it
     assert list((tmp_path / "tmp").iterdir()) == []
     assert queue.message(queue_id) == RAW
     back = queue.envelope(queue_id)
     assert back.sender == "a@outside.example" and back.size == len(RAW)
     assert [r.address for r in back.pending()] == ["taro@example.jp"]
+    back.attempts = 3
+    queue.update(back)  # a rewritten envelope goes beside the message and wins
+    assert queue.envelope(queue_id).attempts == 3 and queue.message(queue_id) == RAW
+    assert [e.attempts for e in queue.entries()] == [3]
+    queue.remove(queue_id)
+    assert list((tmp_path / "active").iterdir()) == []
 
 
 def test_queue_ids_are_unique_and_sort_by_arrival() -> None:
@@ -63,11 +70,13 @@ def test_recovery_keeps_complete_entries_and_drops_unacknowledged_ones(tmp_path:
     queue = Queue(tmp_path)
     kept = queue.enqueue(RAW, envelope())
     orphan = new_queue_id()
-    (tmp_path / "active" / f"{orphan}.msg").write_bytes(RAW)  # crash before the envelope
+    (tmp_path / "active" / f"{orphan}.msg").write_bytes(RAW)  # no envelope trailer
+    (tmp_path / "active" / f"{new_queue_id()}.env").write_bytes(b"{}")  # message removed
     (tmp_path / "tmp" / f"{new_queue_id()}.msg").write_bytes(b"half")
     assert Queue(tmp_path).recover() == [orphan]
     assert [e.queue_id for e in queue.entries()] == [kept]
     assert list((tmp_path / "tmp").iterdir()) == []
+    assert [p.name for p in (tmp_path / "active").iterdir()] == [f"{kept}.msg"]
 
 
 def test_a_full_disk_is_a_clean_spool_error(tiny_disk: Path) -> None:
