@@ -40,7 +40,7 @@ from . import sasl
 from .edits_apply import Transit
 from .metrics import METRICS
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
-from .milter_client import Steps, run_async
+from .milter_client import run_async
 from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
 from .smtp_data import DataStream
@@ -196,6 +196,7 @@ class SmtpConnection(asyncio.Protocol):
         self.tls = False
         self.auth_user: str | None = None
         self.chain: ChainSession | None = None
+        self._chain_opening: asyncio.Task[None] | None = None
         self.early_verdict: Verdict | None = None
         self.transaction: Transaction | None = None
         self.errors = 0
@@ -314,6 +315,7 @@ class SmtpConnection(asyncio.Protocol):
     # -- the session -------------------------------------------------------------------------
     async def _serve(self) -> None:
         try:
+            self.start_chain()
             self.reply(f"220 {self.settings.hostname} ESMTP mailmoat")
             while True:
                 line = await self.read_line()
@@ -335,9 +337,7 @@ class SmtpConnection(asyncio.Protocol):
         finally:
             self._abort_transaction()
             self._close()
-            if self.chain is not None:
-                chain, self.chain = self.chain, None
-                chain.close()  # never blocks: one small packet and a close
+            self.close_chain()
 
     def error(self, reply: str) -> bool:
         """Answer a client error; after too many, end the session (False)."""
@@ -351,23 +351,46 @@ class SmtpConnection(asyncio.Protocol):
     def _abort_transaction(self) -> None:
         self.transaction = None
 
-    def g_open_chain(self, chain: ChainSession) -> Steps[Verdict | None]:
-        """Connect (and HELO, if the client sent one) to the milters, as part of the first
-        stage that needs them. Returns the verdict that ends the session's mail, if any."""
+    def start_chain(self) -> None:
+        """Open the milter session now, in the background, as Postfix does at connect: the
+        milters' set-up (socket, option negotiation, their connect step) overlaps the
+        client's greeting and EHLO instead of delaying MAIL FROM, and a client that
+        never sends MAIL is still seen by them (ratelimit counts those)."""
+        if self.gateway.chain_factory is None:
+            return
+        chain = self.chain = self.gateway.chain_factory()
         client = self.client_ip
         family = socket.AF_INET6 if ":" in client else socket.AF_INET
-        verdict = yield from chain.g_connect(f"[{client}]", client, self.peer_port, family,
-                                             connect_macros(self.settings.hostname, client))
-        if not verdict.ends_transaction and self.helo is not None:
-            verdict = yield from chain.g_helo(self.helo)
-        return verdict if verdict.ends_transaction else None
+
+        async def connect() -> None:
+            verdict = await run_async(chain.g_connect(
+                f"[{client}]", client, self.peer_port, family,
+                connect_macros(self.settings.hostname, client)))
+            if verdict.ends_transaction and self.chain is chain:
+                self.early_verdict = verdict  # given at MAIL FROM, as Postfix does
+        self._chain_opening = self.loop.create_task(connect())
+
+    async def chain_ready(self) -> ChainSession | None:
+        """The milter session, once its connect step is done (None without milters)."""
+        opening = self._chain_opening
+        if opening is not None:
+            await opening
+            self._chain_opening = None
+        return self.chain
+
+    def close_chain(self) -> None:
+        if self._chain_opening is not None:
+            self._chain_opening.cancel()
+            self._chain_opening = None
+        if self.chain is not None:
+            chain, self.chain = self.chain, None
+            chain.close()  # never blocks: one small packet and a close
 
     def reset_session(self) -> None:
         """A new client as far as SMTP and the milters are concerned (STARTTLS, XCLIENT)."""
         self.helo, self.esmtp, self.transaction, self.early_verdict = None, False, None, None
-        if self.chain is not None:
-            chain, self.chain = self.chain, None
-            chain.close()
+        self.close_chain()
+        self.start_chain()
 
     def may_authenticate(self) -> bool:
         return (self.settings.users is not None and not self.settings.loopback_only
@@ -380,9 +403,7 @@ async def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> bool:
         return conn.error(f"501 5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
     conn.transaction = None
     conn.helo, conn.esmtp = arg, esmtp
-    chain = conn.chain
-    # The milters hear of HELO with connect, at the first MAIL FROM (verdicts from both are
-    # due there anyway); only a second HELO on an open milter session is sent now.
+    chain = await conn.chain_ready()
     if chain is not None and conn.early_verdict is None:
         verdict = await run_async(chain.g_helo(arg))
         if verdict.ends_transaction:
@@ -574,20 +595,14 @@ async def _mail(conn: SmtpConnection, arg: str) -> bool:
         return True
     # The queue ID exists from MAIL FROM on, so milters and our logs name the same ID.
     queue_id = new_queue_id()
-    factory = conn.gateway.chain_factory
-    if factory is not None:
-        fresh = conn.chain is None
-        chain = conn.chain = conn.chain or factory()
-
-        def mail() -> Steps[Verdict]:
-            if fresh:
-                conn.early_verdict = yield from conn.g_open_chain(chain)
-                if conn.early_verdict is not None:
-                    return conn.early_verdict
-            return (yield from chain.g_mail(path.address, path.raw_params,
-                                            mail_macros(queue_id, path.address,
-                                                        conn.auth_user)))
-        verdict = await run_async(mail())
+    chain = await conn.chain_ready()
+    if conn.early_verdict is not None:
+        conn.reply(_reply(conn.early_verdict))
+        return True
+    if chain is not None:
+        verdict = await run_async(chain.g_mail(path.address, path.raw_params,
+                                               mail_macros(queue_id, path.address,
+                                                           conn.auth_user)))
         if verdict.ends_transaction:
             conn.reply(_reply(verdict))
             return True

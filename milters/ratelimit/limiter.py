@@ -224,28 +224,39 @@ class Session:
 
     def _admit_message(self, limits: Sequence[Limit], peek: Sequence[Limit],
                        env: Envelope) -> Verdict:
-        """One read-only store call for the points and every message and recipient bucket;
-        then the message is checked and counted in process (PendingCounts); the writer
-        thread writes the count within WRITE_WINDOW, off the MTA's path."""
+        """One store call for the points, every message bucket and the recipient buckets'
+        levels. Where the store prefers it (SQLite), that call only reads and the message
+        is checked and counted in process (PendingCounts), written by the writer thread
+        within WRITE_WINDOW; elsewhere (memory, Redis) it counts atomically right here."""
         assert env.client_address is not None
         pts = self.settings.points
         counted = self._applicable(limits, env)
         peeked = self._applicable(peek, env)
-        admission = self._store.admit(
-            points_key(env.client_address),
-            [Take(key, limit.rate, limit.burst, 0.0) for limit, key in counted + peeked],
-            half_life=pts.half_life, halve_every=pts.halve_rate_every,
-            refuse_at=pts.tempfail_at, now=self.limiter.clock())
+        behind = self._store.prefers_write_behind
+        takes = ([Take(key, limit.rate, limit.burst, 0.0 if behind else 1.0)
+                  for limit, key in counted]
+                 + [Take(key, limit.rate, limit.burst, 0.0) for limit, key in peeked])
+        admission = self._store.admit(points_key(env.client_address), takes,
+                                      half_life=pts.half_life, halve_every=pts.halve_rate_every,
+                                      refuse_at=pts.tempfail_at, now=self.limiter.clock())
         if admission.refused:
             return self._blocked(admission.points)
         self.slowdown = slow = admission.slowdown
-        claims = [Claim(key, result.level, result.capacity, limit.rate * slow)
-                  for (limit, key), result in zip(counted, admission.results)]
-        denied = self.limiter.pending.reserve(claims)
-        if denied is not None:
-            index, used = denied
-            return self._over_limit(counted[index][0], claims[index].key, used,
-                                    claims[index].capacity, claims[index].rate)
+        if behind:
+            claims = [Claim(key, result.level, result.capacity, limit.rate * slow)
+                      for (limit, key), result in zip(counted, admission.results)]
+            denied = self.limiter.pending.reserve(claims)
+            if denied is not None:
+                index, used = denied
+                return self._over_limit(counted[index][0], claims[index].key, used,
+                                        claims[index].capacity, claims[index].rate)
+        else:
+            index = admission.first_denied()
+            if index is not None:
+                limit, key = counted[index]
+                result = admission.results[index]
+                return self._over_limit(limit, key, result.level, result.capacity,
+                                        limit.rate * slow)
         self.peeks = {key: (limit, result) for (limit, key), result
                       in zip(peeked, admission.results[len(counted):])}
         return Verdict.cont()

@@ -10,6 +10,7 @@ import pytest
 from milters.core.errors import StoreUnavailable
 from milters.core.message import Envelope, Recipient
 from milters.core.store import MemoryStore
+from milters.core.store.sqlite import SqliteStore
 from milters.core.verdict import Action
 from milters.ratelimit.limiter import RateLimiter, points_key
 from tests.conftest import Clock, make_policy
@@ -56,6 +57,12 @@ def send(limiter: RateLimiter, policy, ip: str = "198.51.100.7", sender: str = "
 @pytest.fixture
 def limiter(clock: Clock) -> RateLimiter:
     return RateLimiter(MemoryStore(), clock=clock)
+
+
+@pytest.fixture
+def sqlite_limiter(clock: Clock, tmp_path) -> RateLimiter:  # type: ignore[no-untyped-def]
+    """SQLite prefers write-behind: MAIL FROM only reads, counts are written later."""
+    return RateLimiter(SqliteStore(str(tmp_path / "state.db")), clock=clock)
 
 
 def test_burst_passes_then_tempfail_with_policy_reply(limiter: RateLimiter) -> None:
@@ -232,9 +239,11 @@ class DeadStore(MemoryStore):
 
 
 class FlakyStore(MemoryStore):
-    """A memory store whose writes fail while `down` (reads still work)."""
+    """A memory store whose writes fail while `down` (reads still work), written behind
+    like SQLite."""
 
     down = False
+    prefers_write_behind = True
 
     def admit(self, points_key, takes, **kwargs):  # type: ignore[no-untyped-def]
         if self.down and any(take.cost for take in takes):
@@ -296,8 +305,9 @@ def test_recipients_are_counted_across_connections(limiter: RateLimiter, clock: 
     assert level.level == pytest.approx(3)  # a, b and c were let through and recorded
 
 
-def test_pending_recipients_are_written_by_the_tick_not_on_the_critical_path(
-        limiter: RateLimiter, clock: Clock) -> None:
+def test_sqlite_counts_are_written_behind_not_on_the_critical_path(
+        sqlite_limiter: RateLimiter, clock: Clock) -> None:
+    limiter = sqlite_limiter
     policy = make_policy("""
         ratelimit:
           limits:
@@ -316,7 +326,8 @@ def test_pending_recipients_are_written_by_the_tick_not_on_the_critical_path(
 
 
 def test_messages_counted_in_process_are_limited_before_they_are_written(
-        limiter: RateLimiter, clock: Clock) -> None:
+        sqlite_limiter: RateLimiter, clock: Clock) -> None:
+    limiter = sqlite_limiter
     """Messages of concurrent connections are counted in process until written; the burst
     holds all the same."""
     policy = make_policy(BASE)
@@ -350,3 +361,13 @@ def test_writer_thread_writes_counts_at_once_and_retries_after_store_failure(
         assert limiter.pending.count("rl:ip:[198.51.100.70]:bucket:per-ip") == 0
     finally:
         limiter.stop_writer(settings)
+
+
+def test_memory_and_redis_like_stores_count_messages_exactly_at_mail_from(
+        limiter: RateLimiter, clock: Clock) -> None:
+    """Where counting costs what reading costs, a message is in the store the moment
+    MAIL FROM is answered: gateways sharing it never overshoot."""
+    policy = make_policy(BASE)
+    assert send(limiter, policy, ip="198.51.100.80", write=False).action is Action.CONTINUE
+    [record] = limiter.store.records("rl:ip:[198.51.100.80]:bucket:", now=clock())
+    assert record.value == pytest.approx(1)

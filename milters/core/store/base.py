@@ -227,6 +227,12 @@ def is_live(expires: float | None, now: float) -> bool:
 class Store(ABC):
     """Shared state for rate limiting: atomic per key in every backend."""
 
+    # True where a write costs several times a read (SQLite: a write transaction against a
+    # plain SELECT): callers may then read at decision time and write counts behind, in
+    # batches. Where an atomic read-and-count costs what a read costs (memory: a lock;
+    # Redis: one round trip either way), they count exactly at decision time.
+    prefers_write_behind: bool = False
+
     @abstractmethod
     def bucket_take(
         self, key: str, *, cost: float, rate: float, capacity: float, now: float

@@ -49,6 +49,10 @@ class FallbackStore(Store):
         self._next_try = 0.0
 
     @property
+    def prefers_write_behind(self) -> bool:  # type: ignore[override]
+        return self.primary.prefers_write_behind
+
+    @property
     def degraded(self) -> bool:
         """True while calls are served from the local store."""
         return self._down
