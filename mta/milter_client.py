@@ -122,6 +122,7 @@ class MilterClient:
         self.negotiated: OptNeg | None = None
         self.body_skipped = False
         self.inbox = bytearray()  # bytes read from the milter, not yet a whole packet
+        self.stream: MilterStream | None = None  # set when driven by run_async
 
     # -- blocking use (scan, tests) ----------------------------------------------------------
     def open(self) -> OptNeg:
@@ -162,6 +163,9 @@ class MilterClient:
 
     def close(self) -> None:
         """Say goodbye (QUIT) and close; never blocks for long, never raises."""
+        if self.stream is not None:
+            self.stream.close()
+            self.stream, self.sock = None, None
         if self.sock is None:
             return
         try:
@@ -416,35 +420,105 @@ def _sync_io(kind: str, client: MilterClient, arg: Any) -> Any:
         raise _failure(client, kind, arg, exc) from None
 
 
+class MilterStream(asyncio.Protocol):
+    """The event-loop side of one milter connection: a transport that stays registered
+    for the whole session (no epoll change per read), replies buffered in the client's
+    inbox, writes that never wait unless the milter stops reading (big bodies)."""
+
+    def __init__(self, client: MilterClient) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.client.inbox += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._paused = False
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Until something happens (data, close, room to write); TimeoutError after
+        `timeout` seconds of nothing."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def write(self, data: bytes, timeout: float) -> None:
+        if self.closed or self.transport is None:
+            raise _closed(self.client)
+        self.transport.write(data)
+        while self._paused and not self.closed:
+            await self.wait(timeout)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(encode_packet(b"Q"))
+            self.transport.close()
+        self.closed = True
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 async def _async_io(kind: str, client: MilterClient, arg: Any) -> Any:
     endpoint = client.endpoint
-    loop = asyncio.get_running_loop()
     try:
         if kind == "open":
+            loop = asyncio.get_running_loop()
             family, address = socket_address(endpoint.socket)
-            sock = new_socket(family)
-            sock.setblocking(False)
-            try:
-                async with asyncio.timeout(endpoint.connect_timeout):
-                    await loop.sock_connect(sock, address)
-            except BaseException:
-                sock.close()
-                raise
-            client.sock = sock
+            async with asyncio.timeout(endpoint.connect_timeout):
+                if family == socket.AF_UNIX:
+                    _, stream = await loop.create_unix_connection(
+                        lambda: MilterStream(client), address)
+                else:  # asyncio turns Nagle off on TCP transports
+                    _, stream = await loop.create_connection(
+                        lambda: MilterStream(client), *address)
+            client.stream = stream
+            client.sock = stream.transport.get_extra_info("socket")  # "connected" marker
             return None
-        assert client.sock is not None
+        stream = client.stream
+        if stream is None:
+            raise _closed(client)
         if kind == "send":
-            async with asyncio.timeout(endpoint.command_timeout):
-                await loop.sock_sendall(client.sock, arg)
+            await stream.write(arg, endpoint.command_timeout)
             return None
         while (packet := client.take_packet()) is None:  # "read"
-            async with asyncio.timeout(arg):
-                data = await loop.sock_recv(client.sock, 65536)
-            if not data:
+            if stream.closed:
                 raise _closed(client)
-            client.inbox += data
+            await stream.wait(arg)
         return packet
-    except (OSError, MilterProtocolError, asyncio.TimeoutError) as exc:
+    except (OSError, MilterProtocolError, TimeoutError) as exc:
         raise _failure(client, kind, arg, exc) from None
 
 
