@@ -7,8 +7,8 @@ Part 1: messages per second accepted by `smtp-source -> mailmoat serve -> smtp-s
 with the ratelimit milter in both (serve's own child; Postfix via smtpd_milters on a unix
 socket). Both queues are durable: Postfix fsyncs its queue file, serve fsyncs before its 250.
 Variants alternate over rounds; the table shows medians and the ratio mailmoat/Postfix.
-Part 2: peak RSS (VmHWM) of serve and of its milter child while one 25 MiB message goes
-through a fresh serve, against the message size. --profile: where serve's time goes
+Part 2: peak RSS (VmHWM) of serve, its delivery process and its milter child while one
+25 MiB message goes through a fresh serve, against the message size. --profile: where serve's time goes
 (py-spy) and syscalls per message on both sides (strace).
 
 Everything listens on 127.0.0.1 only; every loop is bounded in count and time; every process
@@ -133,6 +133,10 @@ class Serve:
     config: Path
     log: Path
     milter_pid: int = 0
+    delivery_pid: int = 0  # `mailmoat deliver`, serve's delivery process
+
+    def children(self) -> list[int]:
+        return [pid for pid in (self.milter_pid, self.delivery_pid) if pid]
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -193,6 +197,10 @@ def mailmoat_serve(workdir: Path, sink_port: int, with_milter: bool) -> Iterator
             raise BenchError(f"mailmoat serve exited {proc.returncode}:"
                              f" {log.read_text(errors='replace')}")
         serve = Serve(proc, port, config, log)
+        found = re.search(r"event=delivery_process_started pid=(\d+)", serve.log_text())
+        if not found:
+            raise BenchError(f"serve did not log its delivery process:\n{serve.log_text()}")
+        serve.delivery_pid = int(found.group(1))
         if with_milter:
             found = re.search(r"event=milter_process_started milter=ratelimit pid=(\d+)",
                               serve.log_text())
@@ -231,8 +239,8 @@ class Variant:
     def cpu_now(self) -> float:
         """CPU of everything on this side except smtp-source and smtp-sink."""
         if self.serve is not None:
-            total = cpu_seconds(self.serve.proc.pid)
-            return total + (cpu_seconds(self.serve.milter_pid) if self.serve.milter_pid else 0)
+            return sum(cpu_seconds(pid) for pid in [self.serve.proc.pid]
+                       + self.serve.children())
         assert self.postfix is not None
         total = postfix_cpu(self.postfix)
         if self.milter is not None and self.milter.proc is not None:
@@ -405,7 +413,8 @@ def print_part1(settings: Settings, result: Part1Result) -> bool:
         body.append(row)
     print(table(headers, body))
     print("  CPU ms/msg: user+system CPU of everything on that side but smtp-source and"
-          " smtp-sink (serve and its milter child; Postfix's daemons, reaped ones included,"
+          " smtp-sink (serve, its delivery process and its milter child; Postfix's daemons,"
+          " reaped ones included,"
           " and its milter), from the first connection until the sink had every message;"
           " in ratio rows mailmoat's CPU per message over Postfix's (lower is better)")
     print("  last 250 -> sink has all, median: "
@@ -484,7 +493,8 @@ def part2(tmp: Path, postfix_side: Variant | None) -> Part2Result:
     assert len(raw) == BIG_SIZE, len(raw)
     sink = Sink(tmp / "sink-memory.log")
     with sink.running(), mailmoat_serve(tmp / "memory", sink.port, True) as serve:
-        pids = {"serve": serve.proc.pid, "ratelimit milter": serve.milter_pid}
+        pids = {"serve": serve.proc.pid, "delivery process": serve.delivery_pid,
+                "ratelimit milter": serve.milter_pid}
 
         def peaks() -> dict[str, int]:
             return {name: status_kb(pid, "VmHWM") for name, pid in pids.items()}
@@ -557,18 +567,18 @@ CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     ("idle: executor thread waiting", re.compile(r"^_worker \(\S*concurrent/futures/thread")),
 ]
 STACK_CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
-    ("delivery pass (deliver_due: queue scan, smtplib, remove)", re.compile(r"^deliver_due ")),
-    ("enqueue (two files, fsyncs, renames, dir fsync)", re.compile(r"^Queue\.enqueue ")),
-    ("milter chain (client, socket I/O)", re.compile(r"mta/milter_(chain|client)\.py")),
-    ("connection set-up and tear-down (aiosmtpd's SMTP.__init__ ...)", re.compile(
-        r"^(GatewaySMTP\.__init__|\S*_accept_connection\S* |\S*connection_(made|lost) )")),
-    ("MAIL/RCPT address parsing (aiosmtpd's _getaddr)", re.compile(r"^SMTP\._getaddr ")),
+    ("enqueue (spool file with envelope trailer, fsyncs, rename, dir fsync)",
+     re.compile(r"^(Incoming\.\w+|Queue\.receive) ")),
+    ("milter chain (client, protocol steps)", re.compile(r"mta/milter_(chain|client)\.py")),
+    ("connection set-up and tear-down", re.compile(
+        r"^(\S*_accept_connection\S* |\S*connection_(made|lost) )")),
+    ("DATA stream (end of data, checks, dot-unstuffing)", re.compile(r"^DataStream\.")),
     ("SMTP replies (transport.write)", re.compile(r"^_SelectorSocketTransport\.write ")),
     ("log lines (log_event)", re.compile(r"^log_event ")),
     ("executor hand-offs (run_in_executor and back)", re.compile(
         r"^(\S*run_in_executor|\S*call_soon_threadsafe|\S*_write_to_self|_chain_future\S*"
         r"|ThreadPoolExecutor\.\S+|_WorkItem\.run) ")),
-    ("rest of the SMTP receive path", re.compile(r"aiosmtpd/smtp\.py|mta/smtpd\.py")),
+    ("rest of the SMTP receive path", re.compile(r"mta/smtp(d|_syntax|_data)\.py")),
 ]
 
 
@@ -675,7 +685,7 @@ def profile(settings: Settings, variants: list[Variant], tmp: Path) -> None:
     rows = []
     for v in variants:
         if v.serve is not None:
-            pids = [v.serve.proc.pid] + ([v.serve.milter_pid] if v.serve.milter_pid else [])
+            pids = [v.serve.proc.pid] + v.serve.children()
         else:
             assert v.postfix is not None
             pids = v.postfix.pids()  # -f follows the daemons master forks meanwhile
