@@ -370,6 +370,21 @@ class SmtpConnection(asyncio.Protocol):
                 self.early_verdict = verdict  # given at MAIL FROM, as Postfix does
         self._chain_opening = self.loop.create_task(connect())
 
+    def after_chain_opened(self, step: Callable[[ChainSession], Awaitable[None]]) -> None:
+        """Run `step` on the milter session once what is already under way is done, without
+        holding up the SMTP reply (HELO's reply need not wait for the milters: their verdict
+        is given at MAIL FROM anyway). chain_ready() waits for it all."""
+        chain = self.chain
+        if chain is None:
+            return
+        before = self._chain_opening
+
+        async def then() -> None:
+            if before is not None:
+                await before
+            await step(chain)
+        self._chain_opening = self.loop.create_task(then())
+
     async def chain_ready(self) -> ChainSession | None:
         """The milter session, once its connect step is done (None without milters)."""
         opening = self._chain_opening
@@ -403,12 +418,16 @@ async def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> bool:
         return conn.error(f"501 5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
     conn.transaction = None
     conn.helo, conn.esmtp = arg, esmtp
-    chain = await conn.chain_ready()
-    if chain is not None and conn.early_verdict is None:
-        verdict = await run_async(chain.g_helo(arg))
-        if verdict.ends_transaction:
-            conn.early_verdict = verdict
+    conn.after_chain_opened(lambda chain: _milter_helo(conn, chain, arg))
     return True
+
+
+async def _milter_helo(conn: SmtpConnection, chain: ChainSession, name: str) -> None:
+    """HELO to the milters; its verdict, like connect's, is given at MAIL FROM."""
+    if conn.early_verdict is None:
+        verdict = await run_async(chain.g_helo(name))
+        if verdict.ends_transaction and conn.chain is chain:
+            conn.early_verdict = verdict
 
 
 @command("EHLO")
