@@ -53,7 +53,10 @@ class DataStream:
             # Everything up to the last line end; the rest may be the start of a terminator.
             self._piece(bytes(buf[:cut + 2]))
             del buf[:cut + 2]
-        elif len(buf) > LONG_LINE:
+        # What is left has no line end. Not elif: a long partial line after the last CRLF
+        # must go on now too, or a client whose reading is paused (a full buffer) would
+        # wait for input that never comes.
+        if len(buf) > LONG_LINE:
             # Keep the last byte: it may be the CR of a CRLF still on its way.
             self._piece(bytes(buf[:-1]), ends_line=False)
             del buf[:-1]

@@ -43,21 +43,55 @@ def parse_path(arg: str, keyword: str) -> PathArgument:
             raise SyntaxProblem("501 5.1.7 Bad address syntax (no closing '>')")
         address, tail = rest[1:end], rest[end + 1:]
     else:
-        address, _, tail = rest.partition(" ")
+        # Without brackets the address ends at the first space, and the parameters follow.
+        address, space, tail = rest.partition(" ")
+        tail = space + tail
+        if not address:
+            usage = "MAIL FROM:<address>" if keyword == "FROM" else "RCPT TO:<address>"
+            raise SyntaxProblem(f"501 5.5.4 Syntax: {usage}")
     if tail and not tail.startswith(" "):
         raise SyntaxProblem("501 5.5.4 Bad parameters (a space must follow the address)")
-    if any(ch in address for ch in "\x00\r\n\t ") and not address.startswith('"'):
-        raise SyntaxProblem("501 5.1.7 Bad address syntax")
-    if any("\udc80" <= ch <= "\udcff" for ch in address):
-        raise SyntaxProblem("501 5.1.7 Bad address syntax (not UTF-8)")
+    problem = _address_problem(address)
+    if problem:
+        raise SyntaxProblem(f"501 5.1.7 Bad address syntax{problem}")
+    if not address and keyword == "TO":  # "<>" is the null sender, never a recipient
+        raise SyntaxProblem("501 5.1.3 Bad recipient address syntax")
     raw_params = tail.split()
     params: dict[str, str | None] = {}
     for param in raw_params:
         name, eq, value = param.partition("=")
-        if not name or not name.replace("-", "").isalnum():
+        if (not name or not name.isascii() or not name.replace("-", "").isalnum()
+                or _bad_characters(value)):
             raise SyntaxProblem(f"501 5.5.4 Bad parameter syntax: {param[:40]}")
         params[name.upper()] = value if eq else None
     return PathArgument(address, params, raw_params)
+
+
+def _bad_characters(text: str) -> bool:
+    """Control characters (NUL, CR, LF and the like: they would end a C string or a line
+    further on) or bytes that were not UTF-8."""
+    return any(ch < " " or ch == "\x7f" or "\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _address_problem(address: str) -> str:
+    """Why the address cannot be used ("" if it can): a space or tab only inside a quoted
+    local part, no other control characters anywhere, nothing that was not UTF-8."""
+    if any("\udc80" <= ch <= "\udcff" for ch in address):
+        return " (not UTF-8)"
+    quoted = escaped = False
+    for ch in address:
+        if ch in " \t":
+            if not quoted:
+                return " (white space outside quotes)"
+        elif ch < " " or ch == "\x7f":
+            return " (control character)"
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+    return ""
 
 
 def _closing_bracket(text: str) -> int:

@@ -510,6 +510,7 @@ async def _starttls(conn: SmtpConnection, arg: str) -> bool:
         log_event("tls_failed", ip=conn.client_ip, error=str(exc))
         return False
     conn.tls = True
+    conn.auth_user = None  # RFC 3207 4.2: forget what was learnt before TLS
     conn.reset_session()
     return True
 
@@ -586,6 +587,7 @@ async def _xclient(conn: SmtpConnection, arg: str) -> bool:
     attributes = dict(part.split("=", 1) for part in arg.split() if "=" in part)
     if "ADDR" in attributes:
         conn.client_ip = attributes["ADDR"].removeprefix("IPV6:")
+    conn.auth_user = None  # a new client as far as we are concerned: not authenticated
     conn.reset_session()
     if "HELO" in attributes:
         conn.helo = attributes["HELO"]
@@ -636,7 +638,7 @@ def _mail_params_problem(conn: SmtpConnection, path: PathArgument) -> str | None
         return f"555 5.5.4 Unsupported option: {unknown[0]}"
     size = path.params.get("SIZE")
     if size is not None:
-        if not size.isdigit():
+        if not (size.isascii() and size.isdigit()):
             return "501 5.5.4 Bad SIZE parameter"
         if int(size) > conn.settings.max_message_size:
             return "552 5.3.4 Message size exceeds fixed limit"
