@@ -11,10 +11,11 @@ import re
 import smtplib
 import socket
 import ssl
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from milters.core.config import GatewayConfig
 
@@ -34,6 +35,9 @@ class Agent(Protocol):
     def deliver(self, sender: str, recipients: list[str], message: StoredMessage
                 ) -> dict[str, Outcome]: ...
 
+    def close_idle(self, everything: bool = False) -> None:
+        """Close kept sessions idle too long (all of them with `everything`)."""
+
 
 def _reply_text(code: int, message: bytes | str) -> str:
     text = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
@@ -44,52 +48,142 @@ def _by_code(code: int, reply: str) -> Outcome:
     return Outcome(BOUNCED if code >= 500 else DEFERRED, reply)
 
 
+class SessionCache:
+    """Open sessions to one next hop, kept for the next message (Postfix's connection
+    cache): a message then costs MAIL, RCPT and DATA, not a connect, greeting, EHLO and
+    TLS handshake as well. Sessions idle longer than `idle_limit` are closed."""
+
+    def __init__(self, idle_limit: float = 2.0, reuse_limit: int = 100) -> None:
+        self.idle_limit, self.reuse_limit = idle_limit, reuse_limit
+        self._idle: list[tuple[smtplib.SMTP, float, int]] = []  # session, since, uses
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[smtplib.SMTP, int] | None:
+        now = time.monotonic()
+        with self._lock:
+            while self._idle:
+                client, since, uses = self._idle.pop()
+                if now - since <= self.idle_limit:
+                    return client, uses
+                _quit(client)
+        return None
+
+    def give_back(self, client: smtplib.SMTP, uses: int) -> None:
+        if uses >= self.reuse_limit:
+            _quit(client)
+            return
+        with self._lock:
+            self._idle.append((client, time.monotonic(), uses))
+
+    def close_idle(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            stale = [entry for entry in self._idle
+                     if everything or now - entry[1] > self.idle_limit]
+            self._idle = [entry for entry in self._idle if entry not in stale]
+        for client, _, _ in stale:
+            _quit(client)
+
+
+def _quit(client: smtplib.SMTP) -> None:
+    try:
+        client.quit()
+    except (OSError, smtplib.SMTPException):
+        client.close()
+
+
 @dataclass(frozen=True)
 class SmtpRelay:
     """Relay to host:port; STARTTLS when the next hop offers it (opportunistic, like
-    Postfix's smtp_tls_security_level=may: no certificate check)."""
+    Postfix's smtp_tls_security_level=may: no certificate check). Sessions are reused
+    for the next message while they are fresh (SessionCache)."""
 
     host: str
     port: int = 25
     helo: str = "localhost"
     timeout: float = 60.0
+    sessions: SessionCache = field(default_factory=SessionCache, compare=False, repr=False)
 
     def deliver(self, sender: str, recipients: list[str], message: StoredMessage
                 ) -> dict[str, Outcome]:
         """Send the stored message file, streamed in blocks (a 25 MB message never sits in
         memory whole)."""
         where = f"{self.host}:{self.port}"
+        cached = self.sessions.take()
+        if cached is not None:
+            client, uses = cached
+            try:
+                first = client.mail(sender)
+            except (OSError, smtplib.SMTPException):
+                client.close()  # the next hop closed it meanwhile: start afresh below
+            else:
+                return self._guarded(client, where, recipients, lambda: self._transaction(
+                    client, uses, first, recipients, message))
         try:
-            with smtplib.SMTP(self.host, self.port, local_hostname=self.helo,
-                              timeout=self.timeout) as client:
+            client = smtplib.SMTP(self.host, self.port, local_hostname=self.helo,
+                                  timeout=self.timeout)
+        except smtplib.SMTPResponseException as exc:
+            outcome = _by_code(exc.smtp_code, _reply_text(exc.smtp_code, exc.smtp_error))
+            return {rcpt: outcome for rcpt in recipients}
+        except (OSError, smtplib.SMTPException) as exc:
+            outcome = Outcome(DEFERRED, f"451 4.4.1 connect to {where} failed: {exc}")
+            return {rcpt: outcome for rcpt in recipients}
+
+        def fresh_session() -> dict[str, Outcome]:
+            client.ehlo()
+            if client.has_extn("starttls"):
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                client.starttls(context=context)
                 client.ehlo()
-                if client.has_extn("starttls"):
-                    context = ssl.create_default_context()
-                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-                    client.starttls(context=context)
-                    client.ehlo()
-                code, text = client.mail(sender)
-                if code != 250:
-                    return {r: _by_code(code, _reply_text(code, text)) for r in recipients}
-                outcomes: dict[str, Outcome] = {}
-                accepted = []
-                for rcpt in recipients:
-                    code, text = client.rcpt(rcpt)
-                    if code in (250, 251):
-                        accepted.append(rcpt)
-                    else:
-                        outcomes[rcpt] = _by_code(code, _reply_text(code, text))
-                if accepted:
-                    code, text = _send_data(client, message)
-                    result = (Outcome(DELIVERED, _reply_text(code, text)) if code == 250
-                              else _by_code(code, _reply_text(code, text)))
-                    outcomes.update({rcpt: result for rcpt in accepted})
-                return outcomes
+            return self._transaction(client, 0, client.mail(sender), recipients, message)
+        return self._guarded(client, where, recipients, fresh_session)
+
+    @staticmethod
+    def _guarded(client: smtplib.SMTP, where: str, recipients: list[str],
+                 run: Callable[[], dict[str, Outcome]]) -> dict[str, Outcome]:
+        """`run`'s outcomes; a failure midway defers (or bounces on a 5xx) every recipient
+        and drops the session."""
+        try:
+            return run()
         except smtplib.SMTPResponseException as exc:
             outcome = _by_code(exc.smtp_code, _reply_text(exc.smtp_code, exc.smtp_error))
         except (OSError, smtplib.SMTPException) as exc:
-            outcome = Outcome(DEFERRED, f"451 4.4.1 connect to {where} failed: {exc}")
+            outcome = Outcome(DEFERRED, f"451 4.4.1 delivery to {where} failed: {exc}")
+        client.close()
         return {rcpt: outcome for rcpt in recipients}
+
+    def _transaction(self, client: smtplib.SMTP, uses: int, mail_reply: tuple[int, bytes],
+                     recipients: list[str], message: StoredMessage) -> dict[str, Outcome]:
+        """RCPT and DATA after MAIL's reply; the session goes back to the cache if it ended
+        cleanly (a transaction cut short is reset first)."""
+        code, text = mail_reply
+        outcomes: dict[str, Outcome] = {}
+        if code != 250:
+            outcomes = {r: _by_code(code, _reply_text(code, text)) for r in recipients}
+        else:
+            accepted = []
+            for rcpt in recipients:
+                code, text = client.rcpt(rcpt)
+                if code in (250, 251):
+                    accepted.append(rcpt)
+                else:
+                    outcomes[rcpt] = _by_code(code, _reply_text(code, text))
+            if accepted:
+                code, text = _send_data(client, message)
+                result = (Outcome(DELIVERED, _reply_text(code, text)) if code == 250
+                          else _by_code(code, _reply_text(code, text)))
+                outcomes.update({rcpt: result for rcpt in accepted})
+        if code == 421:  # the next hop is closing the session
+            client.close()
+        elif code != 250 and client.rset()[0] != 250:
+            _quit(client)
+        else:
+            self.sessions.give_back(client, uses + 1)
+        return outcomes
+
+    def close_idle(self, everything: bool = False) -> None:
+        self.sessions.close_idle(everything)
 
 
 def _send_data(client: smtplib.SMTP, message: StoredMessage) -> tuple[int, bytes]:
@@ -119,6 +213,9 @@ class MaildirDelivery:
             except OSError as exc:
                 outcomes[rcpt] = Outcome(DEFERRED, f"451 4.3.0 maildir: {exc.strerror or exc}")
         return outcomes
+
+    def close_idle(self, everything: bool = False) -> None:
+        return None  # nothing is kept open
 
     def _store(self, rcpt: str, sender: str, message: StoredMessage) -> str:
         box = self.root / rcpt.lower().replace("/", "_")
@@ -153,6 +250,10 @@ class Router:
 
     default: Agent
     routes: dict[str, Agent]
+
+    def close_idle(self, everything: bool = False) -> None:
+        for agent in [self.default, *self.routes.values()]:
+            agent.close_idle(everything)
 
     def agent_for(self, recipient: str) -> Agent:
         domain = recipient.rpartition("@")[2].lower().rstrip(".")

@@ -114,6 +114,7 @@ def run_delivery(config: GatewayConfig, ids_fd: int = 0, metrics_fd: int = 1) ->
         now = time.monotonic()
         if now >= next_scan:
             scheduler.submit_due()
+            scheduler.router.close_idle()  # sessions to next hops idle too long
             next_scan = now + SCAN_EVERY
         readable, _, _ = select.select([ids_fd], [], [], max(0.0, next_scan - now))
         if not readable:
@@ -127,6 +128,7 @@ def run_delivery(config: GatewayConfig, ids_fd: int = 0, metrics_fd: int = 1) ->
             if line:
                 scheduler.submit(line.decode("ascii"))
     scheduler.stop()
+    scheduler.router.close_idle(everything=True)
     log_event("delivery_stopped", pid=os.getpid())
 
 

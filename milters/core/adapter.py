@@ -334,13 +334,15 @@ def run_milter(logic_class: type[MilterLogic], factory: Callable[[], MilterLogic
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        # smfi_stop() blocks until libmilter's listener wakes from its poll (about 5 s), so
-        # ask for it in the background; we need only wait for open sessions to finish, then
-        # the daemon threads die with the process.
-        threading.Thread(target=Milter.milter.stop, name="libmilter-stop", daemon=True).start()
+        # Open sessions finish first, while libmilter still runs its event loop: once
+        # smfi_stop() is called it no longer notices a peer that went away (the MTA was
+        # killed), and those sessions would hold us for the whole grace period.
         deadline = time.monotonic() + grace
         while MilterAdapter.active_sessions > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        # smfi_stop() blocks until libmilter's listener wakes from its poll (about 5 s), so
+        # ask for it in the background; the daemon threads die with the process.
+        threading.Thread(target=Milter.milter.stop, name="libmilter-stop", daemon=True).start()
         if MilterAdapter.active_sessions > 0:
             log_event("milter_stop_forced", milter=logic_class.name,
                       open_sessions=MilterAdapter.active_sessions)

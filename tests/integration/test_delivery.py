@@ -125,3 +125,32 @@ def test_maildir_delivery(tmp_path: Path) -> None:
     assert delivered.read_bytes().startswith(b"Return-Path: <a@outside.example>\r\n"
                                              b"Delivered-To: Taro@Example.jp\r\n")
     assert delivered.read_bytes().endswith(RAW)
+
+
+def test_sessions_to_the_next_hop_are_reused_then_closed_when_idle(tmp_path: Path,
+                                                                   sink: SmtpSink) -> None:
+    """Postfix's connection cache: consecutive messages share one session, also after a
+    refused recipient (the transaction is reset, not the session); idle ones are closed."""
+    queue = Queue(tmp_path)
+    relay = SmtpRelay("127.0.0.1", sink.port, helo="mx.mailmoat.test")
+    router = Router(relay, {})
+    for _ in range(3):
+        enqueue(queue, ["taro@example.jp"])
+    deliver_due(queue, router, SETTINGS, "mx", now=T0)
+    sink.set_reply("RCPT", "550 5.1.1 no such user")
+    refused = enqueue(queue, ["nobody@example.jp"])
+    deliver_due(queue, router, SETTINGS, "mx", now=T0)
+    sink.set_reply("RCPT", None)
+    enqueue(queue, ["hanako@example.jp"])
+    deliver_due(queue, router, SETTINGS, "mx", now=T0)
+    got = sink.wait_for(4, timeout=10)
+    assert len({message.peer for message in got}) == 1, [m.peer for m in got]
+    assert queue.entries() == [] and refused not in {e.queue_id for e in queue.entries()}
+    kept = relay.sessions.take()  # kept for the next message...
+    assert kept is not None
+    relay.sessions.give_back(*kept)
+    relay.close_idle()
+    assert relay.sessions.take() == kept  # ...while fresh...
+    relay.sessions.give_back(*kept)
+    relay.close_idle(everything=True)
+    assert relay.sessions.take() is None  # ...until closed
