@@ -130,6 +130,9 @@ class SmtpRelay:
             return {rcpt: outcome for rcpt in recipients}
 
         def fresh_session() -> dict[str, Outcome]:
+            if client.sock is not None and client.sock.family != socket.AF_UNIX:
+                # Commands and replies are small: no Nagle delay on any of them.
+                client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.ehlo()
             if client.has_extn("starttls"):
                 context = ssl.create_default_context()
@@ -191,9 +194,14 @@ def _send_data(client: smtplib.SMTP, message: StoredMessage) -> tuple[int, bytes
     code, text = client.docmd("DATA")
     if code != 354:
         return code, text
+    # The terminator goes out with the last block: sent alone right after it, Nagle would
+    # hold it until the next hop's delayed ACK (40 ms a message).
+    last = b""
     for block in dot_stuffed(message.path, message.size):
-        client.send(block)
-    client.send(b".\r\n")
+        if last:
+            client.send(last)
+        last = block
+    client.send(last + b".\r\n")
     return client.getreply()
 
 
