@@ -46,6 +46,12 @@ def ip_key(address: IPAddress) -> str:
 
 
 @lru_cache(maxsize=4096)
+def ip_text(address: IPAddress) -> str:
+    """The canonical text of an address (ipaddress builds it anew on every str())."""
+    return str(address)
+
+
+@lru_cache(maxsize=4096)
 def points_key(address: IPAddress) -> str:
     return ip_key(address) + "points"
 
@@ -181,7 +187,8 @@ class Session:
 
     def _key_value(self, limit: Limit, env: Envelope) -> str | None:
         if limit.key == "client_ip":
-            return str(env.client_address) if env.client_address else None
+            address = env.client_address
+            return ip_text(address) if address is not None else None
         if limit.key == "sender":
             return env.mail_from or None  # the null sender is limited by IP only
         return env.auth_user
