@@ -30,13 +30,23 @@ class Registry:
         self._counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
         self._histograms: dict[str, dict[Labels, list[float]]] = defaultdict(dict)
         self._gauges: dict[str, Callable[[], float]] = {}
+        self._keys: dict[Labels, Labels] = {}
+
+    def _key(self, labels: dict[str, str]) -> Labels:
+        # Label sets repeat (a handful per metric): sort each one once, not per event.
+        given = tuple(labels.items())
+        key = self._keys.get(given)
+        if key is None:
+            key = self._keys[given] = tuple(sorted(given))
+        return key
 
     def count(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = self._key(labels)
         with self._lock:
-            self._counters[name][tuple(sorted(labels.items()))] += amount
+            self._counters[name][key] += amount
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+        key = self._key(labels)
         with self._lock:
             # [count per bucket..., +Inf count, sum]
             cells = self._histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))

@@ -128,6 +128,8 @@ class MilterClient:
         self.inbox = bytearray()  # bytes read from the milter, not yet a whole packet
         self.stream: MilterStream | None = None  # set when driven by run_async
         self._protocol_bits = 0
+        self._wanted: dict[MacroStage, set[str]] = {}
+        self._held_macros = b""  # a macro packet waiting for its stage's command
 
     # -- blocking use (scan, tests) ----------------------------------------------------------
     def open(self) -> OptNeg:
@@ -196,6 +198,10 @@ class MilterClient:
                                       f"{int(answer.protocol):#x})")
         self.negotiated = answer
         self._protocol_bits = int(answer.protocol)
+        # Macro names as the milter asked for them, with and without braces.
+        self._wanted = {stage: {form for name in names for form in
+                                (name, name.strip("{}"), "{" + name.strip("{}") + "}")}
+                        for stage, names in answer.macros.items()}
         return answer
 
     def g_connect(self, hostname: str, address: str | None, port: int = 0,
@@ -272,9 +278,13 @@ class MilterClient:
 
     # -- internals -----------------------------------------------------------------------
     def _send(self, command: bytes, data: bytes | memoryview = b"") -> Steps[None]:
+        """Send one packet, with the macros held for it in the same write."""
         if self.sock is None:
             raise MilterProtocolError(f"milter {self.endpoint.name}: not connected")
-        yield ("send", self, encode_packet(command, bytes(data)))
+        packet = encode_packet(command, bytes(data))
+        if self._held_macros:
+            packet, self._held_macros = self._held_macros + packet, b""
+        yield ("send", self, packet)
 
     def _read(self, timeout: float) -> Steps[tuple[bytes, bytes]]:
         """The next packet other than `progress`, which restarts the timeout."""
@@ -297,21 +307,24 @@ class MilterClient:
         return packet[:1], packet[1:]
 
     def _macros(self, stage: MacroStage, values: dict[str, str] | None) -> Steps[None]:
+        """Hold the stage's macros; they go out in one write with the stage's command, or
+        not at all if the milter skips the stage."""
         if not values or self.negotiated is None:
             return
-        wanted = self.negotiated.macros.get(stage)
+        wanted = self._wanted.get(stage)
         if wanted is not None:  # the milter named the macros it wants at this stage
-            values = {name: value for name, value in values.items()
-                      if name in wanted or name.strip("{}") in wanted}
+            values = {name: value for name, value in values.items() if name in wanted}
         if values:
-            yield from self._send(b"D", _STAGE_COMMAND[stage]
-                                  + _z(*[x for kv in values.items() for x in kv]))
+            self._held_macros = encode_packet(b"D", _STAGE_COMMAND[stage] + _z(
+                *[x for kv in values.items() for x in kv]))
+        yield from ()
 
     def _stage(self, command: bytes, payload: bytes | memoryview, skip: int,
                no_reply: int) -> Steps[Verdict]:
         assert self.negotiated is not None, "open() first"
         protocol = self._protocol_bits
         if protocol & skip:
+            self._held_macros = b""
             return Verdict.cont()
         yield from self._send(command, payload)
         if protocol & no_reply:
