@@ -543,19 +543,27 @@ async def _async_io(kind: str, client: MilterClient, arg: Any) -> Any:
         raise _failure(client, kind, arg, exc) from None
 
 
+def _advance(steps: Steps[T], result: Any, error: BaseException | None
+             ) -> tuple[bool, Any]:
+    """Hand the last I/O result (or failure) to the steps: (True, their value) when they
+    are done, else (False, their next request)."""
+    try:
+        return False, (steps.throw(error) if error is not None else steps.send(result))
+    except StopIteration as done:
+        return True, done.value
+
+
 def run_sync(steps: Steps[T]) -> T:
     """Run protocol steps with blocking sockets."""
     result: Any = None
-    error: BaseException | None = None
+    error: MilterProtocolError | None = None
     while True:
+        finished, value = _advance(steps, result, error)
+        if finished:
+            return value  # type: ignore[no-any-return]
+        result, error = None, None
         try:
-            request = steps.throw(error) if error is not None else steps.send(result)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        error, result = None, None
-        kind, client, arg = request
-        try:
-            result = _sync_io(kind, client, arg)
+            result = _sync_io(*value)
         except MilterProtocolError as exc:
             error = exc  # into the steps: the chain applies the milter's on_failure
 
@@ -563,15 +571,13 @@ def run_sync(steps: Steps[T]) -> T:
 async def run_async(steps: Steps[T]) -> T:
     """Run protocol steps on the event loop (non-blocking sockets, no threads)."""
     result: Any = None
-    error: BaseException | None = None
+    error: MilterProtocolError | None = None
     while True:
+        finished, value = _advance(steps, result, error)
+        if finished:
+            return value  # type: ignore[no-any-return]
+        result, error = None, None
         try:
-            request = steps.throw(error) if error is not None else steps.send(result)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        error, result = None, None
-        kind, client, arg = request
-        try:
-            result = await _async_io(kind, client, arg)
+            result = await _async_io(*value)
         except MilterProtocolError as exc:
             error = exc

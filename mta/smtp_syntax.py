@@ -5,7 +5,7 @@ leniency would let an address mean two things. Every failure is an SMTP reply li
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 
 class PathArgument(NamedTuple):
@@ -73,38 +73,35 @@ def _bad_characters(text: str) -> bool:
     return any(ch < " " or ch == "\x7f" or "\udc80" <= ch <= "\udcff" for ch in text)
 
 
+def _with_quoting(text: str) -> Iterator[tuple[int, str, bool]]:
+    """Each character with whether it stands outside a quoted string, so that a backslash
+    escape or a quoted '>' or space is not taken for syntax."""
+    quoted = escaped = False
+    for index, ch in enumerate(text):
+        yield index, ch, not quoted and not escaped and ch != '"'
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+
+
 def _address_problem(address: str) -> str:
     """Why the address cannot be used ("" if it can): a space or tab only inside a quoted
     local part, no other control characters anywhere, nothing that was not UTF-8."""
     if any("\udc80" <= ch <= "\udcff" for ch in address):
         return " (not UTF-8)"
-    quoted = escaped = False
-    for ch in address:
+    for _, ch, outside in _with_quoting(address):
         if ch in " \t":
-            if not quoted:
+            if outside:
                 return " (white space outside quotes)"
         elif ch < " " or ch == "\x7f":
             return " (control character)"
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
     return ""
 
 
 def _closing_bracket(text: str) -> int:
     """Index of the '>' that closes the path, skipping '>' inside a quoted local part."""
-    quoted = False
-    escaped = False
-    for index, ch in enumerate(text[1:], start=1):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == ">" and not quoted:
-            return index
-    return -1
+    return next((index for index, ch, outside in _with_quoting(text)
+                 if index > 0 and ch == ">" and outside), -1)

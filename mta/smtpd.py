@@ -456,12 +456,6 @@ async def _helo(conn: SmtpConnection, arg: str) -> bool:
     return True
 
 
-@command("NOOP")
-async def _noop(conn: SmtpConnection, arg: str) -> bool:
-    conn.reply("250 2.0.0 Ok")
-    return True
-
-
 @command("RSET")
 async def _rset(conn: SmtpConnection, arg: str) -> bool:
     if conn.transaction is not None and conn.chain is not None:
@@ -471,22 +465,19 @@ async def _rset(conn: SmtpConnection, arg: str) -> bool:
     return True
 
 
-@command("QUIT")
-async def _quit(conn: SmtpConnection, arg: str) -> bool:
-    conn.reply("221 2.0.0 Bye")
-    return False
+def _fixed_reply(reply: str, keep_session: bool = True) -> Command:
+    """A command that always gets the same answer."""
+    async def answer(conn: SmtpConnection, arg: str) -> bool:
+        conn.reply(reply)
+        return keep_session
+    return answer
 
 
-@command("VRFY")
-async def _vrfy(conn: SmtpConnection, arg: str) -> bool:
-    conn.reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
-    return True
-
-
-@command("HELP")
-async def _help(conn: SmtpConnection, arg: str) -> bool:
-    conn.reply("214 2.0.0 See RFC 5321")
-    return True
+COMMANDS["QUIT"] = _fixed_reply("221 2.0.0 Bye", keep_session=False)
+COMMANDS["VRFY"] = _fixed_reply(
+    "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+COMMANDS["HELP"] = _fixed_reply("214 2.0.0 See RFC 5321")
+COMMANDS["NOOP"] = _fixed_reply("250 2.0.0 Ok")
 
 
 @command("STARTTLS")
@@ -530,36 +521,21 @@ async def _auth(conn: SmtpConnection, arg: str) -> bool:
         return conn.error("503 5.5.1 Error: MAIL transaction in progress")
     mechanism, _, initial = arg.partition(" ")
     mechanism, initial = mechanism.upper(), initial.strip()
+    if mechanism not in ("PLAIN", "LOGIN"):
+        return conn.error(sasl.AUTH_UNKNOWN_MECH)
     try:
+        first = await _sasl_response(conn, initial, "334 " if mechanism == "PLAIN"
+                                     else sasl.LOGIN_USER_PROMPT)
+        if first is None:
+            return False
         if mechanism == "PLAIN":
-            if not initial:
-                conn.reply("334 ")
-                answer = await _sasl_line(conn)
-                if answer is None:
-                    return False
-                initial = answer
-            if sasl.is_cancel(initial):
-                return conn.error(sasl.AUTH_CANCELLED)
-            user, password = sasl.decode_plain(initial)
-        elif mechanism == "LOGIN":
-            if not initial:
-                conn.reply(sasl.LOGIN_USER_PROMPT)
-                answer = await _sasl_line(conn)
-                if answer is None:
-                    return False
-                initial = answer
-            if sasl.is_cancel(initial):
-                return conn.error(sasl.AUTH_CANCELLED)
-            user = sasl.decode_login_step(initial)
-            conn.reply(sasl.LOGIN_PASSWORD_PROMPT)
-            answer = await _sasl_line(conn)
-            if answer is None:
-                return False
-            if sasl.is_cancel(answer):
-                return conn.error(sasl.AUTH_CANCELLED)
-            password = sasl.decode_login_step(answer)
+            user, password = sasl.decode_plain(first)
         else:
-            return conn.error(sasl.AUTH_UNKNOWN_MECH)
+            user = sasl.decode_login_step(first)
+            second = await _sasl_response(conn, "", sasl.LOGIN_PASSWORD_PROMPT)
+            if second is None:
+                return False
+            password = sasl.decode_login_step(second)
     except sasl.SaslError as problem:
         log_event("auth", level=logging.WARNING, ip=conn.client_ip, mechanism=mechanism,
                   result="refused", reason=problem.reason)
@@ -575,9 +551,17 @@ async def _auth(conn: SmtpConnection, arg: str) -> bool:
     return conn.error(sasl.AUTH_FAILED)
 
 
-async def _sasl_line(conn: SmtpConnection) -> str | None:
-    line = await conn.read_line()
-    return None if line is None else line.decode("ascii", "replace").strip()
+async def _sasl_response(conn: SmtpConnection, initial: str, prompt: str) -> str | None:
+    """The client's response: the initial one given with AUTH, or asked for with `prompt`.
+    None when the client went away; `*` (RFC 4954: cancel) raises."""
+    answer: str | None = initial
+    if not answer:
+        conn.reply(prompt)
+        line = await conn.read_line()
+        answer = None if line is None else line.decode("ascii", "replace").strip()
+    if answer is not None and sasl.is_cancel(answer):
+        raise sasl.SaslError("cancelled by the client", sasl.AUTH_CANCELLED)
+    return answer
 
 
 @command("XCLIENT")

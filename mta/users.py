@@ -24,6 +24,7 @@ from typing import Iterator
 
 from milters.core.errors import ConfigError
 from milters.core.eventlog import log_event
+from milters.core.files import file_signature
 
 # ~50 ms and 16 MiB per hash: slow enough to hurt offline guessing, fast enough per login.
 LOG2_N, BLOCK_SIZE, PARALLELISM = 14, 8, 1
@@ -183,21 +184,13 @@ def list_users(path: Path) -> list[str]:
     return [] if lines is None else list(_parse(lines, Path(path)))
 
 
-def _signature(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 class UserFile:
     """The users in force; `verify` is thread-safe and picks up edits of the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._signature = _signature(self.path)
+        self._signature = file_signature(self.path)
         lines = _read_lines(self.path)
         if lines is None:  # a configured file that is missing is a mistake: refuse to start
             raise ConfigError([f"{self.path}: cannot read: no such file "
@@ -209,10 +202,10 @@ class UserFile:
         return list(self._users)
 
     def _reload_if_changed(self) -> None:
-        if _signature(self.path) == self._signature:
+        if file_signature(self.path) == self._signature:
             return
         with self._lock:
-            signature = _signature(self.path)
+            signature = file_signature(self.path)
             if signature == self._signature:  # another thread got here first
                 return
             # Remember the new state even if it is broken, so it is reported once, not per login.

@@ -520,3 +520,20 @@ def test_a_milter_that_never_answers_does_not_hang_the_session(
                 if code == "451":
                     assert mail.startswith("451 4.7.1")
                 assert time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("exchange", [
+    ["AUTH LOGIN", "*"],                                        # cancel at the user prompt
+    ["AUTH LOGIN " + base64.b64encode(b"taro").decode(), "*"],  # cancel at the password
+    ["AUTH PLAIN", "*"],                                        # cancel after "334 "
+])
+def test_a_cancelled_authentication_gets_501_and_the_session_goes_on(
+        auth_gateway: tuple[int, Queue], exchange: list[str]) -> None:
+    port, _ = auth_gateway
+    with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
+        client.ehlo("client.example")
+        replies = [client.docmd(line) for line in exchange]
+        assert [code for code, _ in replies[:-1]] == [334] * (len(exchange) - 1)
+        assert replies[-1] == (501, b"5.7.0 Authentication cancelled")
+        assert client.noop()[0] == 250  # not authenticated, still connected
+        client.login("taro", PASSWORD)  # and a proper attempt still works

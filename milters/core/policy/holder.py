@@ -6,23 +6,15 @@ is logged, so a typo at 3 a.m. cannot open the gates.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
 from ..errors import ConfigError
 from ..eventlog import log_event
+from ..files import file_signature
 
 T = TypeVar("T")
-
-
-def _signature(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class PolicyHolder(Generic[T]):
@@ -32,7 +24,7 @@ class PolicyHolder(Generic[T]):
         self.path = Path(path)
         self._loader = loader
         self._lock = threading.Lock()
-        self._signature = _signature(self.path)
+        self._signature = file_signature(self.path)
         self._current: T = loader(self.path)  # a broken policy at start raises: refuse to start
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -44,7 +36,7 @@ class PolicyHolder(Generic[T]):
     def reload(self, reason: str = "request") -> bool:
         """Load the file again; keep the old value and log every problem if it is broken."""
         with self._lock:
-            self._signature = _signature(self.path)
+            self._signature = file_signature(self.path)
             try:
                 value = self._loader(self.path)
             except ConfigError as exc:
@@ -59,7 +51,7 @@ class PolicyHolder(Generic[T]):
         return True
 
     def reload_if_changed(self) -> bool:
-        if _signature(self.path) == self._signature:
+        if file_signature(self.path) == self._signature:
             return False
         return self.reload("file changed")
 
