@@ -9,8 +9,11 @@ everything, silently disabling every skip and no-reply flag (DESIGN.md section 1
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
+import signal
 import socket
 import threading
 import time
@@ -292,12 +295,17 @@ def run_milter(logic_class: type[MilterLogic], factory: Callable[[], MilterLogic
     signal handling: libmilter blocks SIGHUP/SIGTERM/SIGINT in the threads it owns, and a
     process-directed signal goes to the main thread when that thread does not block it.
     """
-    import signal
-
     Milter.factory = MilterAdapter.bind(logic_class, factory)
     stop = stop or threading.Event()
-    wake = threading.Event()  # set by signal handlers so the loop reacts at once
     failure: list[BaseException] = []
+    # Signal handlers only set plain flags: one that took a lock (Event.set) could find the
+    # main thread holding that very lock in Event.wait and deadlock the process (it did,
+    # under repeated SIGTERMs). The wakeup pipe makes the main loop's select() return at
+    # once when a signal arrives; the libmilter thread writes to it when it ends.
+    signalled = {"stop": False, "hangup": False}
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
 
     if socket_spec.startswith(("unix:", "local:")):
         # smtpd connects as the unprivileged postfix user: the socket must be writable by it
@@ -312,28 +320,33 @@ def run_milter(logic_class: type[MilterLogic], factory: Callable[[], MilterLogic
             failure.append(exc)
         finally:
             stop.set()
-            wake.set()
+            with contextlib.suppress(OSError):
+                os.write(wake_write, b"x")
 
-    hangup = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: (stop.set(), wake.set()))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: (hangup.set(), wake.set()))
+    def on_signal(signum: int, _frame: object) -> None:
+        signalled["hangup" if signum == signal.SIGHUP else "stop"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     worker = threading.Thread(target=serve, name="libmilter", daemon=True)
     worker.start()
     log_event("milter_started", milter=logic_class.name, listen=socket_spec)
     try:
-        while not stop.is_set():
-            wake.wait(tick)
-            wake.clear()
-            if hangup.is_set():
-                hangup.clear()
+        while not (stop.is_set() or signalled["stop"]):
+            select.select([wake_read], [], [], tick)
+            with contextlib.suppress(OSError):
+                os.read(wake_read, 4096)
+            if signalled["hangup"]:
+                signalled["hangup"] = False
                 if on_hangup is not None:
                     on_hangup()
-            if on_tick is not None and not stop.is_set():
+            if on_tick is not None and not (stop.is_set() or signalled["stop"]):
                 on_tick()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # The flag-only handlers and the wakeup pipe stay: a second SIGTERM during the
+        # orderly stop (sessions draining, counts being written) must not kill us halfway,
+        # and the libmilter thread may still write to the pipe as it ends.
         # Open sessions finish first, while libmilter still runs its event loop: once
         # smfi_stop() is called it no longer notices a peer that went away (the MTA was
         # killed), and those sessions would hold us for the whole grace period.

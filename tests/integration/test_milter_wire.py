@@ -146,3 +146,20 @@ def test_embedded_defaults_need_no_config(tmp_path: Path) -> None:
     with MilterProcess("ratelimit", None, tmp_path) as proc:
         assert optneg(proc.port or 0).version == 6
         assert (tmp_path / "var" / "state.db").exists()
+
+
+def test_a_storm_of_signals_never_deadlocks_the_milter(tmp_path: Path) -> None:
+    """Signal handlers used to set threading.Events: a SIGTERM arriving while the main
+    thread held that Event's lock hung the milter for good (found as orphans after a
+    killed serve sent SIGTERM through PR_SET_PDEATHSIG). Many at once must still stop it."""
+    config = write_config(tmp_path, "ratelimit: {}\n")
+    proc = MilterProcess("ratelimit", config, tmp_path).start()
+    assert proc.proc is not None
+    assert optneg(proc.port or 0).version == 6
+    for _ in range(200):
+        proc.signal(signal.SIGTERM)
+    try:
+        assert proc.proc.wait(timeout=20) == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
