@@ -27,6 +27,7 @@ from .edits_apply import Transit
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
 from .queue import new_queue_id
 from .serve import MilterSupervisor
+from .trace import protocol_name, received_header
 
 
 @dataclass
@@ -63,7 +64,12 @@ def run_scan(request: ScanRequest, chain: ChainSession, hostname: str = "localho
         else socket.AF_INET
     queue_id = new_queue_id()  # what the gateway would have named it
     recipients: dict[str, str] = {}
-    transit = Transit(request.raw, sender, [])
+    # The trace header the gateway adds at DATA, so that milters see what they would see.
+    trace = received_header(helo=request.helo, client_ip=request.client_ip, hostname=hostname,
+                            queue_id=queue_id,
+                            protocol=protocol_name(True, False, request.auth_user is not None),
+                            recipients=rcpts)
+    transit = Transit(trace + request.raw, sender, [])
     verdict = chain.connect(f"[{request.client_ip}]", request.client_ip, 25, family,
                             connect_macros(hostname, request.client_ip))
     if not verdict.ends_transaction:

@@ -45,6 +45,7 @@ from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
 from .smtp_data import DataStream
 from .smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
+from .trace import protocol_name, received_header
 from .users import UserFile
 
 _TRICKS = re.compile(r"[%!]|^@|:.*@|\.$|^\".*@.*\"@")
@@ -688,6 +689,18 @@ async def _data(conn: SmtpConnection, arg: str) -> bool:
     try:
         incoming = conn.gateway.queue.receive(transaction.queue_id)
     except OSError as exc:
+        log_event("spool_error", queue_id=transaction.queue_id, ip=conn.client_ip,
+                  error=str(exc))
+        conn.reply("452 4.3.1 Insufficient system storage")
+        return True
+    try:
+        incoming.write(received_header(
+            helo=conn.helo, client_ip=conn.client_ip, hostname=conn.settings.hostname,
+            queue_id=transaction.queue_id,
+            protocol=protocol_name(conn.esmtp, conn.tls, conn.auth_user is not None),
+            recipients=[address for address, _ in transaction.recipients]))
+    except OSError as exc:
+        incoming.discard()
         log_event("spool_error", queue_id=transaction.queue_id, ip=conn.client_ip,
                   error=str(exc))
         conn.reply("452 4.3.1 Insufficient system storage")

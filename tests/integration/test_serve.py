@@ -146,7 +146,8 @@ def test_scan_shows_exactly_what_the_gateway_queues(tmp_path: Path, action_milte
         out = tmp_path / "scanned.eml"
         scanned = subprocess.run(
             [sys.executable, "-m", "mta.cli", "scan", str(sample), "--client-ip", "192.0.2.60",
-             "--config", str(gateway.config), "--out", str(out), "--json"],
+             "--helo", "client.example", "--config", str(gateway.config), "--out", str(out),
+             "--json"],
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         shown = subprocess.run([sys.executable, "-m", "mta.cli", "queue", "show", queue_id,
                                 "--config", str(gateway.config)],
@@ -162,9 +163,19 @@ def test_scan_shows_exactly_what_the_gateway_queues(tmp_path: Path, action_milte
         "AddHeader", "AddHeader", "ChangeHeader"]
     from mta.queue import Queue
     queued = Queue(tmp_path / "var" / "spool")
-    # Byte for byte, but for the queue ID each run is given (the action milter echoes it).
-    assert out.read_bytes().replace(report["queue_id"].encode(), b"QID") == \
-        queued.message(queue_id).replace(queue_id.encode(), b"QID")
+    # Byte for byte, but for the queue ID each run is given (the action milter echoes it)
+    # and the time in our Received: header.
+    def same_run(raw: bytes, run_id: str) -> bytes:
+        return re.sub(rb"(for <taro@example.jp>; ).*\r\n", rb"\1DATE\r\n",
+                      raw.replace(run_id.encode(), b"QID"), count=1)
+    assert same_run(out.read_bytes(), report["queue_id"]) == \
+        same_run(queued.message(queue_id), queue_id)
+    # Our trace header, under the one the action milter inserted at the top (index 0).
+    assert queued.message(queue_id).startswith(
+        b"X-Inserted: inserted at the top\r\n"
+        b"Received: from client.example (unknown [192.0.2.60])\r\n"
+        b"\tby mx.mailmoat.test (mailmoat) with ESMTP id " + queue_id.encode() + b"\r\n"
+        b"\tfor <taro@example.jp>; ")
     assert b"X-Seen-Macros: i=QID" in queued.message(queue_id).replace(queue_id.encode(), b"QID")
     envelope = queued.envelope(queue_id)
     assert envelope.hold_reason == report["hold"]
