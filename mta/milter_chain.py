@@ -22,7 +22,8 @@ from milters.core.verdict import Action, SmtpReply, Verdict
 
 from .edits_apply import Transit, apply_edits, split_message
 from .metrics import METRICS
-from .milter_client import DEFAULT_TEMPFAIL, MilterClient, MilterEndpoint, Steps, run_sync
+from .milter_client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClient, MilterEndpoint,
+                            Steps, run_sync)
 
 ON_FAILURE = ("tempfail", "reject", "accept")
 FAILURE_REJECT = SmtpReply(550, "5.7.1", "Message content rejected")
@@ -77,7 +78,7 @@ class _Member:
         return not (self.out_for_session or self.out_for_message)
 
 
-class ChainSession:
+class ChainSession(BlockingEnvelopeStages):
     """The milter chain for one SMTP session. The g_* methods are protocol steps for a
     driver (milter_client.run_async in serve); the plain methods run them blocking."""
 
@@ -86,22 +87,7 @@ class ChainSession:
         self.members = [_Member(spec) for spec in members]
         self._queue_id = queue_id
 
-    # -- blocking use (scan, tests) ------------------------------------------------------------
-    def connect(self, hostname: str, address: str | None, port: int = 0,
-                family: int = socket.AF_INET, macros: dict[str, str] | None = None) -> Verdict:
-        return run_sync(self.g_connect(hostname, address, port, family, macros))
-
-    def helo(self, name: str, macros: dict[str, str] | None = None) -> Verdict:
-        return run_sync(self.g_helo(name, macros))
-
-    def mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
-             macros: dict[str, str] | None = None) -> Verdict:
-        return run_sync(self.g_mail(sender, params, macros))
-
-    def rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
-             macros: dict[str, str] | None = None) -> Verdict:
-        return run_sync(self.g_rcpt(recipient, params, macros))
-
+    # -- blocking use (scan, tests; connect/helo/mail/rcpt come from the base class) ------
     def message(self, transit: Transit, macros: dict[str, str] | None = None
                 ) -> tuple[Verdict, Transit]:
         return run_sync(self.g_message(transit, macros))

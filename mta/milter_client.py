@@ -115,7 +115,43 @@ Request = tuple[str, "MilterClient", Any]
 Steps = Generator[Request, Any, T]
 
 
-class MilterClient:
+class BlockingEnvelopeStages:
+    """connect/helo/mail/rcpt as plain blocking calls over the g_* protocol steps of the
+    same name: the one place both a milter client and the chain of them get them from."""
+
+    def g_connect(self, hostname: str, address: str | None, port: int = 0,
+                  family: int = socket.AF_INET, macros: dict[str, str] | None = None
+                  ) -> Steps[Verdict]:
+        raise NotImplementedError
+
+    def g_helo(self, name: str, macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        raise NotImplementedError
+
+    def g_mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
+               macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        raise NotImplementedError
+
+    def g_rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
+               macros: dict[str, str] | None = None) -> Steps[Verdict]:
+        raise NotImplementedError
+
+    def connect(self, hostname: str, address: str | None, port: int = 0,
+                family: int = socket.AF_INET, macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_connect(hostname, address, port, family, macros))
+
+    def helo(self, name: str, macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_helo(name, macros))
+
+    def mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
+             macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_mail(sender, params, macros))
+
+    def rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
+             macros: dict[str, str] | None = None) -> Verdict:
+        return run_sync(self.g_rcpt(recipient, params, macros))
+
+
+class MilterClient(BlockingEnvelopeStages):
     """One milter, one SMTP session. The g_* methods are the protocol steps (generators
     for a driver); the plain methods run them with blocking sockets. A stage the milter
     skipped or does not answer returns CONTINUE at once."""
@@ -134,21 +170,6 @@ class MilterClient:
     # -- blocking use (scan, tests) ----------------------------------------------------------
     def open(self) -> OptNeg:
         return run_sync(self.g_open())
-
-    def connect(self, hostname: str, address: str | None, port: int = 0,
-                family: int = socket.AF_INET, macros: dict[str, str] | None = None) -> Verdict:
-        return run_sync(self.g_connect(hostname, address, port, family, macros))
-
-    def helo(self, name: str, macros: dict[str, str] | None = None) -> Verdict:
-        return run_sync(self.g_helo(name, macros))
-
-    def mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
-             macros: dict[str, str] | None = None) -> Verdict:
-        return run_sync(self.g_mail(sender, params, macros))
-
-    def rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
-             macros: dict[str, str] | None = None) -> Verdict:
-        return run_sync(self.g_rcpt(recipient, params, macros))
 
     def data(self, macros: dict[str, str] | None = None) -> Verdict:
         return run_sync(self.g_data(macros))
