@@ -218,6 +218,7 @@ class SmtpConnection(asyncio.Protocol):
         self._counted_ip = self.peer_ip
         log_event("connect", ip=self.peer_ip)
         self._timer = self.loop.call_later(self.settings.idle_timeout, self._check_idle)
+        # Kept: the event loop holds tasks only weakly, and this one is the session.
         self._task = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
@@ -336,7 +337,7 @@ class SmtpConnection(asyncio.Protocol):
             logging.getLogger("mailmoat").debug("traceback", exc_info=True)
             self.reply("421 4.3.0 Error: internal problem, try again later")
         finally:
-            self._abort_transaction()
+            self.transaction = None
             self._close()
             self.close_chain()
 
@@ -348,9 +349,6 @@ class SmtpConnection(asyncio.Protocol):
             return False
         self.reply(reply)
         return True
-
-    def _abort_transaction(self) -> None:
-        self.transaction = None
 
     def start_chain(self) -> None:
         """Open the milter session now, in the background, as Postfix does at connect: the
@@ -440,7 +438,7 @@ async def _ehlo(conn: SmtpConnection, arg: str) -> bool:
     if settings.tls_context is not None and not conn.tls:
         lines.append("STARTTLS")
     if conn.may_authenticate():
-        lines.append("AUTH PLAIN LOGIN")
+        lines.append("AUTH " + " ".join(sasl.MECHANISMS))
     if conn.gateway.xclient_allowed(conn.peer_ip):
         lines.append("XCLIENT ADDR NAME HELO")
     lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
@@ -522,7 +520,7 @@ async def _auth(conn: SmtpConnection, arg: str) -> bool:
         return conn.error("503 5.5.1 Error: MAIL transaction in progress")
     mechanism, _, initial = arg.partition(" ")
     mechanism, initial = mechanism.upper(), initial.strip()
-    if mechanism not in ("PLAIN", "LOGIN"):
+    if mechanism not in sasl.MECHANISMS:
         return conn.error(sasl.AUTH_UNKNOWN_MECH)
     try:
         first = await _sasl_response(conn, initial, "334 " if mechanism == "PLAIN"
