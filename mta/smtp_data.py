@@ -9,8 +9,10 @@ so a terminator or a dot can never straddle two pieces.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Iterator
 
+_RECEIVED = re.compile(rb"\r\nreceived:", re.IGNORECASE)
 # A line longer than this is passed on in parts (memory stays bounded; the line is kept).
 LONG_LINE = 64 * 1024
 
@@ -26,6 +28,8 @@ class DataStream:
         self.max_header_bytes = max_header_bytes
         self.size = 0  # bytes of message after unstuffing (what would be stored)
         self.header_bytes = 0
+        self.received_headers = 0  # Received: fields in the header (mail loops show there)
+        self._header_carry = b"\r\n"  # the message starts at a line start
         self.too_big = False
         self.header_too_big = False
         self.bare_line_end = False
@@ -87,11 +91,15 @@ class DataStream:
             self._in_header = False
             return
         end = piece.find(b"\r\n\r\n")
+        header = piece[:end + 2] if end >= 0 else piece
+        self.header_bytes += len(header)
         if end >= 0:
-            self.header_bytes += end + 2
             self._in_header = False
-        else:
-            self.header_bytes += len(piece)
+        # A long line is passed on in parts: the end of the last part is kept so that a
+        # field name cut in two is still seen (10 bytes cannot hold a whole match again).
+        scan = self._header_carry + header
+        self.received_headers += len(_RECEIVED.findall(scan))
+        self._header_carry = b"\r\n" if header.endswith(b"\r\n") else scan[-10:]
         if self.header_bytes > self.max_header_bytes:
             self.header_too_big = True
 

@@ -65,6 +65,7 @@ class SmtpSettings:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     max_header_bytes: int = 1024 * 1024
+    max_hops: int = 50  # Received: headers that mean a mail loop (Postfix's hopcount_limit)
     idle_timeout: float = 300.0
     max_connections: int = 200
     max_connections_per_ip: int = 20
@@ -730,6 +731,8 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
                    "554 5.6.0 Message refused: bare LF or CR in the data; send CRLF line ends")
     elif stream.too_big:
         refusal = ("too big", "552 5.3.4 Message size exceeds fixed maximum message size")
+    elif stream.received_headers >= conn.settings.max_hops:
+        refusal = ("mail loop", "554 5.4.0 Error: too many hops (mail loop?)")
     elif stream.header_too_big:
         refusal = ("header too big", "552 5.3.4 Message header too large")
     elif stream.sink_error is not None:

@@ -551,3 +551,22 @@ def test_a_cancelled_authentication_gets_501_and_the_session_goes_on(
         assert replies[-1] == (501, b"5.7.0 Authentication cancelled")
         assert client.noop()[0] == 250  # not authenticated, still connected
         client.login("taro", PASSWORD)  # and a proper attempt still works
+
+
+@pytest.mark.parametrize("hops, reply", [(49, 250), (50, 554)])
+def test_a_mail_loop_is_refused_at_50_received_headers(gateway: tuple[int, Queue], hops: int,
+                                                       reply: int) -> None:
+    """Postfix's hopcount_limit: two gateways relaying to each other must not loop forever."""
+    port, queue = gateway
+    trace = b"".join(b"Received: from hop%d by relay%d\r\n" % (i, i) for i in range(hops))
+    with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
+        client.ehlo("client.example")
+        client.mail("a@example.jp")
+        client.rcpt("t@example.jp")
+        code, message = client.data(trace + b"Subject: loop\r\n\r\nbody\r\n")
+    assert code == reply, message
+    if reply == 554:
+        assert message == b"5.4.0 Error: too many hops (mail loop?)"
+        assert queue.entries() == []
+    else:
+        assert len(queue.entries()) == 1

@@ -309,3 +309,22 @@ def test_dot_stuffed_examples(tmp_path: Path, message: bytes, stuffed: bytes) ->
     path.write_bytes(message + JUNK)
     assert b"".join(dot_stuffed(path, len(message), block=2)) == stuffed
     assert b"".join(dot_stuffed(path, len(message))) == stuffed
+
+
+@settings(max_examples=200, deadline=None)
+@given(hops=st.integers(0, 8), other=st.integers(0, 4), data=st.data(),
+       long_line=st.sampled_from([5, 16, LONG_LINE]))
+def test_received_headers_are_counted_whatever_the_chunking(
+        hops: int, other: int, data: st.DataObject, long_line: int) -> None:
+    """The mail-loop check counts Received: fields of the header only, in any letter case,
+    also when a field or its name is cut between two chunks."""
+    header = [b"Subject: loop"] + [b"X-Other: received: not a field start"] * other
+    header += [b"received: from hop%d by relay" % i if i % 2 else
+               b"Received: from hop%d (unknown [192.0.2.%d])" % (i, i) for i in range(hops)]
+    lines = header + [b"", b"Received: in the body, not counted", b"body"]
+    text = data_of(lines)
+    chunks = data.draw(chunked(text), label="chunks")
+    with patch.object(smtp_data, "LONG_LINE", long_line):
+        run = Run().chunks(chunks)
+    assert run.done and run.stored == message_of(lines)
+    assert run.stream.received_headers == hops
