@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from abc import ABC, abstractmethod
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Generator, TypeVar
@@ -115,25 +116,25 @@ Request = tuple[str, "MilterClient", Any]
 Steps = Generator[Request, Any, T]
 
 
-class BlockingEnvelopeStages:
+class BlockingEnvelopeStages(ABC):
     """connect/helo/mail/rcpt as plain blocking calls over the g_* protocol steps of the
     same name: the one place both a milter client and the chain of them get them from."""
 
+    @abstractmethod
     def g_connect(self, hostname: str, address: str | None, port: int = 0,
                   family: int = socket.AF_INET, macros: dict[str, str] | None = None
-                  ) -> Steps[Verdict]:
-        raise NotImplementedError
+                  ) -> Steps[Verdict]: ...
 
-    def g_helo(self, name: str, macros: dict[str, str] | None = None) -> Steps[Verdict]:
-        raise NotImplementedError
+    @abstractmethod
+    def g_helo(self, name: str, macros: dict[str, str] | None = None) -> Steps[Verdict]: ...
 
+    @abstractmethod
     def g_mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
-               macros: dict[str, str] | None = None) -> Steps[Verdict]:
-        raise NotImplementedError
+               macros: dict[str, str] | None = None) -> Steps[Verdict]: ...
 
+    @abstractmethod
     def g_rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
-               macros: dict[str, str] | None = None) -> Steps[Verdict]:
-        raise NotImplementedError
+               macros: dict[str, str] | None = None) -> Steps[Verdict]: ...
 
     def connect(self, hostname: str, address: str | None, port: int = 0,
                 family: int = socket.AF_INET, macros: dict[str, str] | None = None) -> Verdict:

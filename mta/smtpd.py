@@ -115,18 +115,20 @@ class GatewayHandler:
         self.chain_factory = chain_factory
         self.on_queued = on_queued  # told each new queue ID (serve wakes delivery with it)
         self.connections: dict[str, int] = {}  # open connections per client IP
+        self.open_connections = 0  # their sum, asked for on every message
 
     def admit_connection(self, ip: str) -> str | None:
         """Count a new connection; the 421 reply when it is one too many."""
-        total = sum(self.connections.values())
-        if total >= self.settings.max_connections:
+        if self.open_connections >= self.settings.max_connections:
             return f"421 4.7.0 {self.settings.hostname} Error: too many connections"
         if self.connections.get(ip, 0) >= self.settings.max_connections_per_ip:
             return f"421 4.7.0 {self.settings.hostname} Error: too many connections from {ip}"
         self.connections[ip] = self.connections.get(ip, 0) + 1
+        self.open_connections += 1
         return None
 
     def release_connection(self, ip: str) -> None:
+        self.open_connections -= 1
         left = self.connections.get(ip, 0) - 1
         if left > 0:
             self.connections[ip] = left
@@ -779,7 +781,7 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
     try:
         # The fsyncs: inline when this is the only client (an executor hop costs more than
         # the fsync), in a thread when others are waiting, so their work goes on meanwhile.
-        if sum(conn.gateway.connections.values()) > 1:
+        if conn.gateway.open_connections > 1:
             queue_id = await conn.blocking(lambda: incoming.commit(envelope, replacement))
         else:
             queue_id = incoming.commit(envelope, replacement)
