@@ -17,6 +17,8 @@ from milters.core.errors import ConfigError, MailmoatError
 from milters.core.eventlog import setup_logging
 from milters.core.message import Envelope, Recipient
 from milters.core.policy.document import Policy, PolicyExtension, load_policy
+from milters.auth import milter as auth_milter
+from milters.auth.extension import EXTENSION as AUTH
 from milters.core.store import open_store
 from milters.ratelimit import admin as ratelimit_admin
 from milters.ratelimit import milter as ratelimit_milter
@@ -26,9 +28,10 @@ from . import delivery_process, queue_admin, scan, serve, users
 from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
-EXTENSIONS: list[PolicyExtension] = [RATELIMIT]
+EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH]
 MILTERS: dict[str, Callable[[GatewayConfig, str, Callable[[Path], Policy]], None]] = {
     "ratelimit": ratelimit_milter.serve,
+    "auth": auth_milter.serve,
 }
 
 

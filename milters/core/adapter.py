@@ -33,6 +33,7 @@ P = ProtocolFlag
 _NR_CONN, _NR_HELO, _NR_MAIL, _NR_RCPT = int(P.NR_CONN), int(P.NR_HELO), int(P.NR_MAIL), int(P.NR_RCPT)
 _NR_HDR, _NR_EOH, _NR_BODY = int(P.NR_HDR), int(P.NR_EOH), int(P.NR_BODY)
 _SETSYMLIST = int(ActionFlag.SETSYMLIST)
+_HDR_LEADSPC = int(P.HDR_LEADSPC)
 FAILURE_REPLY = SmtpReply(451, "4.3.0", "Temporary local problem, please try again later")
 
 
@@ -47,6 +48,9 @@ class MilterLogic:
     # Stages this logic observes but never decides at ("connect", "helo", "mail", "rcpt"):
     # the MTA is told not to wait for a reply there, which saves a round trip per stage.
     quiet_stages: ClassVar[frozenset[str]] = frozenset()
+    # Headers exactly as received (SMFIP_HDR_LEADSPC keeps the space after the colon):
+    # DKIM's "simple" header canonicalization hashes it.
+    exact_headers: ClassVar[bool] = False
 
     def on_connect(self, env: Envelope) -> Verdict:
         return Verdict.cont()
@@ -88,6 +92,8 @@ def wanted_protocol(cls: type[MilterLogic]) -> ProtocolFlag:
         flags |= P.NOHDRS | P.NOEOH | P.NOBODY
     if cls.rejected_recipients:
         flags |= P.RCPT_REJ
+    if cls.exact_headers:
+        flags |= P.HDR_LEADSPC
     return flags
 
 
@@ -224,7 +230,9 @@ class MilterAdapter(Milter.Base):
         self.env.queue_id = self._macro("i") or self.env.queue_id
 
         def run() -> Verdict:
-            message = Message.from_headers_and_body(self._headers, b"".join(self._body), self.env)
+            message = Message.from_headers_and_body(
+                self._headers, b"".join(self._body), self.env,
+                leading_space=bool(self._protocol & _HDR_LEADSPC))
             result = self.logic.on_message(message)
             for edit in result.edits:
                 self._apply(edit)

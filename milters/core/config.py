@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dns import DnsSettings, parse_nameserver
 from .policy.schema import Address, Duration, Field, ListOf, Network, Number, Str, Struct
 from .policy.matching import AddressPattern, NetworkPattern
 from .policy.yamlnodes import MappingNode, Problems, compose_file
@@ -65,6 +66,7 @@ class GatewayConfig:
     valid_recipients: tuple[AddressPattern, ...] = ()  # empty: no recipient validation
     # Clients allowed to use XCLIENT (present another client address): none by default.
     xclient_hosts: tuple[NetworkPattern, ...] = ()
+    dns: DnsSettings = DnsSettings()  # the milters' resolver (SPF, DKIM, DMARC)
 
 
 def default_policy_path() -> Path:
@@ -76,6 +78,13 @@ def _relay_target(text: str) -> str:
     if not (text.startswith("maildir:") or text.startswith("smtp:")):
         raise ValueError("a relay target is smtp:[host]:port or maildir:DIRECTORY")
     return text
+
+
+class _Nameserver(Str):
+    expected = "an IP address with an optional port, like 127.0.0.1:5353"
+
+    def parse(self, text: str) -> tuple[str, int]:
+        return parse_nameserver(text)
 
 
 class _Target(Str):
@@ -93,7 +102,7 @@ def _spec(base: Path, source: str) -> Struct:
         return f"maildir:{local(target[8:])}" if target.startswith("maildir:") else target
 
     def build(gateway: dict, store: str, store_timeout: float, policy: str | None,
-              milters: list[MilterSetting]) -> GatewayConfig:
+              milters: list[MilterSetting], dns: DnsSettings) -> GatewayConfig:
         if not store.startswith(STORE_SCHEMES):
             raise ValueError("store must be memory://, sqlite:///PATH or redis://HOST:PORT/DB")
         if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
@@ -117,7 +126,7 @@ def _spec(base: Path, source: str) -> Struct:
             auth_users_file=local(gateway["auth"]["users_file"]) if gateway["auth"] else None,
             run_dir=local(gateway["run_dir"]),
             milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]),
-            valid_recipients=tuple(gateway["valid_recipients"]))
+            valid_recipients=tuple(gateway["valid_recipients"]), dns=dns)
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -159,6 +168,11 @@ def _spec(base: Path, source: str) -> Struct:
         "store_timeout": Field(Duration(minimum=0.05), defaults.store_timeout),
         "policy": Field(Str(), None),
         "milters": Field(ListOf(milter), factory=lambda: list(defaults.milters)),
+        "dns": Field(Struct({
+            "nameservers": Field(ListOf(_Nameserver()), ()),
+            "timeout": Field(Duration(minimum=0.1), defaults.dns.timeout),
+        }, build=lambda nameservers, timeout: DnsSettings(tuple(nameservers), timeout),
+            expected="dns settings: nameservers, timeout"), DnsSettings()),
     }, build=build, expected="a mailmoat config mapping")
 
 

@@ -152,8 +152,15 @@ class Message:
 
     @classmethod
     def from_headers_and_body(cls, headers: list[tuple[str, str]], body: bytes,
-                              envelope: Envelope | None = None) -> "Message":
-        """Rebuild the raw message from milter header callbacks (CRLF line ends, as on the wire)."""
-        head = b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
-                        for name, value in headers)
+                              envelope: Envelope | None = None,
+                              leading_space: bool = False) -> "Message":
+        """Rebuild the raw message from milter header callbacks, CRLF line ends as on the
+        wire (MTAs differ: Postfix folds header values with a bare LF). With
+        `leading_space` (SMFIP_HDR_LEADSPC) each value keeps its own space after the colon."""
+        separator = ":" if leading_space else ": "
+        head = b"".join(_FOLD.sub("\r\n", f"{name}{separator}{value}").encode(
+            "utf-8", "surrogateescape") + b"\r\n" for name, value in headers)
         return cls(raw=head + b"\r\n" + body, envelope=envelope or Envelope())
+
+
+_FOLD = re.compile(r"\r?\n")

@@ -1,0 +1,1 @@
+"""The auth milter: SPF, DKIM, ARC and DMARC, one Authentication-Results header."""

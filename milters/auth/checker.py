@@ -1,0 +1,157 @@
+"""One message through SPF, DKIM, ARC and DMARC, and what the policy makes of the results:
+the Authentication-Results header, forged ones removed, and tag, quarantine, reject or
+tempfail. Plain logic over the message model; milter.py is the pymilter side."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from milters.core.dns import Resolver
+from milters.core.edits import AddHeader, ChangeHeader, Edit, EomResult, Quarantine
+from milters.core.eventlog import log_event
+from milters.core.message import Message
+from milters.core.policy.document import Policy
+from milters.core.policy.matching import network_matches
+from milters.core.policy.rules import Facts
+from milters.core.verdict import SmtpReply, Verdict
+
+from . import dmarc as dmarc_mod
+from .dkim_check import ArcResult, TxtLookup, verify_arc, verify_dkim
+from .results_header import HEADER, AuthResults, compose, forged_indexes
+from .settings import MILTER, AuthSettings
+from .spf import SpfLookup, SpfResult, check_helo, check_spf, resolver_lookup
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # enforce | tag | skip
+    why: str  # the rule, or "(internal)", "(authenticated)", "(defaults)"
+
+
+def decide(policy: Policy, message: Message) -> Decision:
+    settings: AuthSettings = policy.sections[MILTER]
+    env = message.envelope
+    if network_matches(env.client_address, policy.internal_networks):
+        return Decision(settings.internal, "(internal)")
+    if env.auth_user:
+        return Decision(settings.authenticated, "(authenticated)")
+    decision = policy.decide(MILTER, Facts.from_envelope(env, policy.internal_networks))
+    return Decision(decision.action, decision.rule_label)
+
+
+@dataclass
+class Outcome:
+    results: AuthResults | None
+    action: str  # what we did: skip, tag, quarantine, reject, tempfail
+    reason: str = ""
+    reply: SmtpReply | None = None  # for a reject other than the DMARC one
+
+
+class AuthChecker:
+    """Shared by every session of the milter process (its DNS cache is the point)."""
+
+    def __init__(self, hostname: str, resolver: Resolver,
+                 sample: Callable[[], float] = random.random) -> None:
+        self.hostname = hostname
+        self.resolver = resolver
+        self.spf_lookup: SpfLookup = resolver_lookup(resolver)
+        self.txt_lookup: TxtLookup = resolver.txt
+        self.sample = sample
+
+    def authserv_id(self, settings: AuthSettings) -> str:
+        return settings.authserv_id or self.hostname
+
+    def check(self, message: Message, policy: Policy) -> EomResult:
+        settings: AuthSettings = policy.sections[MILTER]
+        authserv_id = self.authserv_id(settings)
+        headers = [(name, str(value)) for name, value in message.email.raw_items()]
+        # Highest first: each removal shifts the positions of the ones below it.
+        edits: list[Edit] = [ChangeHeader(HEADER, index, "")
+                             for index in reversed(forged_indexes(headers, authserv_id))]
+        decision = decide(policy, message)
+        if decision.action == "skip":
+            self._log(message, None, "skip", decision.why, len(edits))
+            return EomResult(Verdict.cont(), edits)
+        results = self.evaluate(message, settings, [v for n, v in headers if n.lower() == "from"])
+        message.results[MILTER] = results
+        edits.append(AddHeader(HEADER, compose(authserv_id, results), index=0))
+        outcome = self.act(results, settings, decision)
+        self._log(message, results, outcome.action, decision.why, len(edits) - 1,
+                  outcome.reason)
+        if outcome.action == "reject":
+            return EomResult(Verdict.reject(outcome.reply or settings.reject_reply,
+                                            reason=outcome.reason), edits)
+        if outcome.action == "tempfail":
+            return EomResult(Verdict.tempfail(settings.temperror_reply, reason=outcome.reason),
+                             edits)
+        if outcome.action == "quarantine":
+            edits.append(Quarantine(f"DMARC: {outcome.reason}"))
+        return EomResult(Verdict.cont(), edits)
+
+    def evaluate(self, message: Message, settings: AuthSettings,
+                 from_values: list[str]) -> AuthResults:
+        env = message.envelope
+        spf: SpfResult | None
+        helo: SpfResult | None = None
+        mail_from = env.mail_from or ""
+        if env.client_ip is None or env.client_address is None:
+            spf = SpfResult("none", "mailfrom" if mail_from else "helo",
+                            mail_from.rpartition("@")[2] if mail_from else env.helo or "",
+                            "no client IP address")
+        else:
+            spf = check_spf(env.client_ip, mail_from, env.helo or "", self.spf_lookup,
+                            settings.spf, receiver=self.hostname)
+            if settings.check_helo and mail_from and env.helo:
+                helo = check_helo(env.client_ip, env.helo, self.spf_lookup, settings.spf,
+                                  receiver=self.hostname)
+        dkim = verify_dkim(message.raw, self.txt_lookup, settings.dkim,
+                           settings.max_signatures)
+        arc = (verify_arc(message.raw, self.txt_lookup, settings.dkim)
+               if any(name.lower() == "arc-seal" for name in message.email.keys())
+               else ArcResult("none"))
+        dmarc = dmarc_mod.evaluate(dmarc_mod.from_domain(from_values), spf, dkim,
+                                   self.txt_lookup, self.sample)
+        return AuthResults(spf, helo, dkim, arc, dmarc)
+
+    def act(self, results: AuthResults, settings: AuthSettings, decision: Decision) -> Outcome:
+        d = results.dmarc
+        if d is None or d.result in ("pass", "none"):
+            return Outcome(results, "tag", f"dmarc={d.result if d else 'none'}")
+        if decision.action == "tag":
+            return Outcome(results, "tag", f"dmarc={d.result}, policy says tag only")
+        if d.result == "temperror":
+            action = "tempfail" if settings.on_temperror == "tempfail" else "tag"
+            return Outcome(results, action, f"dmarc=temperror: {d.reason}")
+        if d.result == "permerror":
+            if d.domain:  # a broken DMARC record: the domain's problem, not a verdict
+                return Outcome(results, "tag", f"dmarc=permerror: {d.reason}")
+            return Outcome(results, "reject" if settings.on_bad_from == "reject" else "tag",
+                           f"bad From: {d.reason}", settings.bad_from_reply)
+        arc = results.arc
+        if arc is not None and arc.result == "pass" and arc.sealers \
+                and arc.sealers[0] in settings.trusted_arc_sealers:
+            # RFC 7489 7.2 local policy: a forwarder we trust vouches for the original.
+            return Outcome(results, "tag", f"dmarc=fail overridden: ARC sealed by trusted "
+                                           f"{arc.sealers[0]}")
+        disposition = d.disposition if settings.honour_pct else d.policy
+        action = settings.actions_for(d.domain).for_disposition(disposition)
+        return Outcome(results, action, f"dmarc=fail p={d.policy} dis={disposition} "
+                                        f"from={d.domain}")
+
+    def _log(self, message: Message, results: AuthResults | None, action: str, why: str,
+             removed: int, reason: str = "") -> None:
+        env = message.envelope
+        fields: dict[str, object] = {"queue_id": env.queue_id, "ip": env.client_ip,
+                                     "action": action, "decided_by": why}
+        if results is not None:
+            fields["spf"] = results.spf.result if results.spf else None
+            fields["dkim"] = ",".join(f"{s.result}:{s.domain}" for s in results.dkim) or "none"
+            fields["arc"] = results.arc.result if results.arc else None
+            fields["dmarc"] = results.dmarc.result if results.dmarc else None
+            fields["from_domain"] = results.dmarc.domain if results.dmarc else None
+        if removed:
+            fields["forged_removed"] = removed
+        if reason:
+            fields["reason"] = reason
+        log_event("auth", **fields)

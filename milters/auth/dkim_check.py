@@ -1,0 +1,187 @@
+"""DKIM (RFC 6376, ed25519 per RFC 8463) and ARC (RFC 8617) verification through dkimpy,
+with one result per signature in RFC 8601 terms.
+
+dkimpy answers a signature with True/False or an exception; the distinctions a report
+needs (no key = permerror, DNS timeout = temperror, a key below the policy's size =
+policy, an expired signature = fail) come from watching the key lookup ourselves and from
+the exception type.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import dkim
+
+from milters.core.dns import DnsTempError
+
+# name -> the TXT records at that name (character-strings joined); raises DnsTempError.
+TxtLookup = Callable[[str], list[bytes]]
+
+_quiet = logging.getLogger("mailmoat.dkimpy")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
+
+# Checking the expiry (x=) is dkimpy's; a policy that accepts expired signatures needs it
+# skipped for the check in progress only, hence a per-thread switch around dkimpy's own
+# field validation (the x= tag is only validated there, never hashed differently).
+_expiry = threading.local()
+_validate_fields = dkim.validate_signature_fields
+
+
+def _validate_maybe_expired(sig: dict[bytes, bytes], *args: Any, **kwargs: Any) -> Any:
+    if getattr(_expiry, "ignore", False) and b"x" in sig:
+        sig = {k: v for k, v in sig.items() if k != b"x"}
+    return _validate_fields(sig, *args, **kwargs)
+
+
+dkim.validate_signature_fields = _validate_maybe_expired
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    min_rsa_bits: int = 1024
+    allow_expired: bool = False
+    # A signature whose l= leaves part of the body unsigned lets anyone append text (or a
+    # whole new MIME part) below a valid signature: not a pass unless the policy says so.
+    allow_partial_body: bool = False
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    result: str  # pass, fail, policy, neutral, temperror, permerror
+    domain: str  # d=
+    selector: str  # s=
+    algorithm: str  # a=
+    header_b: str  # the first 8 characters of b= (RFC 6008), to tell signatures apart
+    identity: str = ""  # i=
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ArcResult:
+    result: str  # pass, fail, none (RFC 8617 cv)
+    sealers: tuple[str, ...] = ()  # d= of each ARC-Seal, newest first
+    reason: str = ""
+
+
+def _tags(value: bytes) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for part in value.split(b";"):
+        name, sep, text = part.partition(b"=")
+        if sep:
+            tags[name.strip().decode("ascii", "replace")] = re.sub(
+                r"\s+", "", text.decode("ascii", "replace"))
+    return tags
+
+
+def _signature_headers(raw: bytes) -> list[bytes]:
+    headers, _ = dkim.rfc822_parse(raw)
+    return [value for name, value in headers if name.lower() == b"dkim-signature"]
+
+
+class _KeyWatch:
+    """dkimpy's dnsfunc: fetches the key and remembers what happened to it."""
+
+    def __init__(self, lookup: TxtLookup) -> None:
+        self.lookup = lookup
+        self.missing = False
+        self.bad_key = ""
+
+    def __call__(self, name: bytes | str, timeout: float = 5) -> bytes | None:
+        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        records = self.lookup(text.rstrip("."))  # DnsTempError goes through dkimpy to us
+        keys = [r for r in records if not r.lstrip().startswith(b"v=") or
+                r.lstrip().startswith(b"v=DKIM1")]
+        if len(keys) != 1:
+            self.missing = True
+            return None
+        try:
+            dkim.evaluate_pk(text, keys[0])
+        except dkim.DKIMException as exc:
+            self.bad_key = str(exc)
+        return keys[0]
+
+
+def _unsigned_tail(raw: bytes, tags: dict[str, str]) -> int:
+    """How many canonical body bytes an l= tag leaves outside the signature."""
+    if "l" not in tags or not tags["l"].isdigit():
+        return 0
+    _, body = dkim.rfc822_parse(raw)
+    policy = dkim.CanonicalizationPolicy.from_c_value(tags.get("c", "simple/simple").encode())
+    return max(0, len(policy.canonicalize_body(body)) - int(tags["l"]))
+
+
+def verify_one(raw: bytes, index: int, signature: bytes, lookup: TxtLookup,
+               settings: DkimSettings) -> DkimResult:
+    tags = _tags(signature)
+    made = dict(domain=tags.get("d", "").lower(), selector=tags.get("s", ""),
+                algorithm=tags.get("a", ""), header_b=tags.get("b", "")[:8],
+                identity=tags.get("i", ""))
+    watch = _KeyWatch(lookup)
+    verifier = dkim.DKIM(raw, logger=_quiet, minkey=settings.min_rsa_bits)
+    _expiry.ignore = settings.allow_expired
+    try:
+        good = verifier.verify(idx=index, dnsfunc=watch)
+    except DnsTempError as exc:
+        return DkimResult("temperror", reason=str(exc), **made)
+    except dkim.KeyFormatError as exc:  # raised for a key below minkey
+        if "too small" in str(exc):
+            return DkimResult("policy", reason=f"{exc} (policy minimum "
+                              f"{settings.min_rsa_bits} bits)", **made)
+        return DkimResult("permerror", reason=str(exc), **made)
+    except dkim.ValidationError as exc:
+        text = str(exc)
+        if text.startswith("body hash mismatch"):
+            return DkimResult("fail", reason="body hash did not verify", **made)
+        if text.startswith("x= value is past"):
+            return DkimResult("fail", reason=f"signature expired ({text[17:].strip()})", **made)
+        return DkimResult("permerror", reason=text, **made)
+    except dkim.DKIMException as exc:
+        return DkimResult("permerror", reason=f"{type(exc).__name__}: {exc}", **made)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:  # dkimpy on mangled input
+        return DkimResult("permerror", reason=f"unparseable signature: {exc}", **made)
+    finally:
+        _expiry.ignore = False
+    if watch.missing:
+        return DkimResult("permerror", reason="no key for signature", **made)
+    if watch.bad_key:
+        return DkimResult("permerror", reason=f"key unusable: {watch.bad_key}", **made)
+    if not good:
+        return DkimResult("fail", reason="signature did not verify", **made)
+    unsigned = _unsigned_tail(raw, tags)
+    if unsigned and not settings.allow_partial_body:
+        return DkimResult("policy", reason=f"l= leaves {unsigned} body bytes unsigned", **made)
+    return DkimResult("pass", **made)
+
+
+def verify_dkim(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSettings(),
+                max_signatures: int = 10) -> list[DkimResult]:
+    """Every DKIM-Signature in the message, top to bottom ([] when there is none). Past
+    `max_signatures` the rest are not checked: each costs a key lookup and an RSA check."""
+    results = []
+    for index, signature in enumerate(_signature_headers(raw)[:max_signatures]):
+        results.append(verify_one(raw, index, signature, lookup, settings))
+    return results
+
+
+def verify_arc(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSettings()
+               ) -> ArcResult:
+    """The ARC chain's validation (RFC 8617 5.2)."""
+    watch = _KeyWatch(lookup)
+    try:
+        cv, instances, reason = dkim.arc_verify(raw, logger=_quiet, dnsfunc=watch,
+                                                minkey=settings.min_rsa_bits)
+    except DnsTempError as exc:
+        return ArcResult("temperror", reason=str(exc))
+    except (dkim.DKIMException, ValueError, TypeError, KeyError, IndexError) as exc:
+        return ArcResult("fail", reason=f"{type(exc).__name__}: {exc}")
+    result = (cv or b"fail").decode("ascii", "replace").lower()
+    sealers = tuple(item["as-domain"].decode("ascii", "replace").lower()
+                    for item in instances if item.get("as-domain"))
+    return ArcResult(result if result in ("pass", "fail", "none") else "fail", sealers,
+                     str(reason))
+

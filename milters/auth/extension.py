@@ -1,0 +1,58 @@
+"""How the auth milter plugs into the policy language: its section, its rule action,
+`policy explain` lines and the runner for `tests:` cases."""
+from __future__ import annotations
+
+from milters.core.message import Envelope, Message
+from milters.core.policy.document import Policy, PolicyExtension, PolicyTest
+from milters.core.policy.schema import Str
+
+from .checker import decide
+from .settings import ACTIONS, EXPECT_SPEC, MILTER, SETTINGS_SPEC, AuthExpectation, AuthSettings
+
+
+def _decision(policy: Policy, env: Envelope) -> tuple[str, str]:
+    decision = decide(policy, Message(raw=b"\r\n", envelope=env))
+    return decision.action, decision.why
+
+
+def explain(policy: Policy, env: Envelope) -> list[str]:
+    action, why = _decision(policy, env)
+    settings: AuthSettings = policy.sections[MILTER]
+    lines = [f"auth: {action}  (decided by {why if why.startswith('(') else repr(why)})"]
+    if action == "skip":
+        lines.append("  - no SPF/DKIM/DMARC checks and no Authentication-Results header; "
+                     "forged ones are still removed")
+        return lines
+    acts = settings.dmarc_actions
+    lines.append(f"  - DMARC failures: p=reject -> {acts.reject}, p=quarantine -> "
+                 f"{acts.quarantine}, p=none -> {acts.none}"
+                 + (" (policy says tag only)" if action == "tag" else ""))
+    if settings.dmarc_domains:
+        lines.append("  - per-domain overrides: " + ", ".join(sorted(settings.dmarc_domains)))
+    lines.append(f"  - DNS temporary errors: {settings.on_temperror} "
+                 f"({settings.temperror_reply})")
+    return lines
+
+
+def run_test(policy: Policy, test: PolicyTest, expected: AuthExpectation) -> list[str]:
+    msg = test.message
+    env = Envelope(client_ip=msg.client_ip, helo=msg.helo, mail_from=msg.mail_from,
+                   auth_user=msg.auth_user)
+    action, why = _decision(policy, env)
+    failures = []
+    if expected.action is not None and action != expected.action:
+        failures.append(f"auth action is {action} (by {why}), expected {expected.action}")
+    if expected.rule is not None and why != expected.rule:
+        failures.append(f"auth was decided by {why}, expected {expected.rule}")
+    return failures
+
+
+EXTENSION = PolicyExtension(
+    name=MILTER,
+    settings=SETTINGS_SPEC,
+    action=Str(ACTIONS),
+    default_action="enforce",
+    expect=EXPECT_SPEC,
+    run_test=run_test,
+    explain=explain,
+)

@@ -1,0 +1,165 @@
+"""The `auth:` section of a policy, its rule action and its test expectations."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from milters.core.policy.schema import (Bool, Field, ListOf, Number, Reply, Str, Struct)
+from milters.core.verdict import SmtpReply
+
+from .dkim_check import DkimSettings
+from .spf import SpfLimits
+
+MILTER = "auth"
+# enforce: check, write the header, act on the result; tag: check and write the header
+# only; skip: no checks, no header (forged headers are still removed).
+ACTIONS = ("enforce", "tag", "skip")
+# What to do with a message whose DMARC check failed, per the disposition its domain asks.
+OUTCOMES = ("reject", "quarantine", "tag")
+DISPOSITIONS = ("reject", "quarantine", "none")
+
+DEFAULT_REJECT = SmtpReply(550, "5.7.1", "Email rejected per DMARC policy of the From domain")
+DEFAULT_TEMPFAIL = SmtpReply(451, "4.4.3", "Temporary DNS failure checking the sender; "
+                                           "try again later")
+
+
+@dataclass(frozen=True)
+class DmarcActions:
+    """Our action for a failing message, by the disposition its domain publishes (after
+    pct=). Per-domain entries override single dispositions."""
+
+    reject: str = "reject"
+    quarantine: str = "quarantine"
+    none: str = "tag"
+
+    def for_disposition(self, disposition: str) -> str:
+        return str(getattr(self, disposition))
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    authserv_id: str = ""  # "" = the gateway's hostname
+    internal: str = "skip"  # what internal networks get: enforce | tag | skip
+    authenticated: str = "skip"  # what SMTP-authenticated clients get
+    spf: SpfLimits = field(default_factory=SpfLimits)
+    check_helo: bool = True  # also report smtp.helo (RFC 7208 2.3)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
+    max_signatures: int = 10
+    trusted_arc_sealers: tuple[str, ...] = ()
+    dmarc_actions: DmarcActions = field(default_factory=DmarcActions)
+    dmarc_domains: dict[str, DmarcActions] = field(default_factory=dict)
+    honour_pct: bool = True
+    reject_reply: SmtpReply = DEFAULT_REJECT
+    on_temperror: str = "tempfail"  # tempfail | tag
+    temperror_reply: SmtpReply = DEFAULT_TEMPFAIL
+    # A From header missing, doubled or without a domain (DMARC permerror): tag or reject.
+    on_bad_from: str = "tag"
+    bad_from_reply: SmtpReply = SmtpReply(550, "5.7.1", "Message has no single valid From "
+                                                        "address (RFC 5322 3.6.2)")
+
+    def actions_for(self, domain: str) -> DmarcActions:
+        """The From domain's own entry, else its nearest parent's, else the defaults."""
+        labels = domain.lower().split(".")
+        for start in range(len(labels)):
+            entry = self.dmarc_domains.get(".".join(labels[start:]))
+            if entry is not None:
+                return entry
+        return self.dmarc_actions
+
+
+def _outcomes(defaults: DmarcActions) -> Struct:
+    return Struct({name: Field(Str(OUTCOMES), getattr(defaults, name)) for name in DISPOSITIONS},
+                  build=DmarcActions,
+                  expected="what to do per disposition: reject, quarantine and none, each "
+                           "one of reject, quarantine, tag")
+
+
+class _DomainActions(Struct):
+    """domain -> outcomes for that domain (and its subdomains)."""
+
+    expected = "a mapping of domain: {reject: ..., quarantine: ..., none: ...}"
+
+    def __init__(self) -> None:
+        super().__init__({}, build=dict, expected=self.expected)
+
+    def read(self, node, path, problems):  # type: ignore[no-untyped-def]
+        from milters.core.policy.yamlnodes import MappingNode
+        if node is None:
+            return {}
+        if not isinstance(node, MappingNode):
+            problems.add(node, path, f"expected {self.expected}", node)
+            return None
+        entries = {}
+        for key_node, value_node in node.value:
+            domain = str(key_node.value).lower().lstrip("@").rstrip(".")
+            entries[domain] = _outcomes(DmarcActions()).read(value_node, f"{path}.{domain}",
+                                                             problems)
+        return entries
+
+
+SPF_SPEC = Struct({
+    "lookup_limit": Field(Number(1, 100, integer=True), 10),
+    "void_lookup_limit": Field(Number(0, 100, integer=True), 2),
+    "timeout": Field(Number(1, 120), 20.0),
+    "check_helo": Field(Bool(), True),
+}, build=lambda lookup_limit, void_lookup_limit, timeout, check_helo: (
+    SpfLimits(lookup_limit, void_lookup_limit, timeout), check_helo),
+    expected="SPF settings: lookup_limit, void_lookup_limit, timeout, check_helo")
+
+DKIM_SPEC = Struct({
+    "min_rsa_bits": Field(Number(512, 8192, integer=True), 1024),
+    "allow_expired": Field(Bool(), False),
+    "allow_partial_body": Field(Bool(), False),
+    "max_signatures": Field(Number(1, 50, integer=True), 10),
+}, build=lambda max_signatures, **kw: (DkimSettings(**kw), max_signatures),
+    expected="DKIM settings: min_rsa_bits, allow_expired, allow_partial_body, max_signatures")
+
+DMARC_SPEC = Struct({
+    "actions": Field(_outcomes(DmarcActions()), factory=DmarcActions),
+    "domains": Field(_DomainActions(), factory=dict),
+    "honour_pct": Field(Bool(), True),
+    "reject_reply": Field(Reply("5"), DEFAULT_REJECT),
+}, build=lambda **kw: kw, expected="DMARC settings: actions, domains, honour_pct, reject_reply")
+
+
+def _build(authserv_id: str, internal: str, authenticated: str, spf: tuple | None,
+           dkim: tuple | None, arc_trusted_sealers: list[str], dmarc: dict | None,
+           on_temperror: str, temperror_reply: SmtpReply, on_bad_from: str,
+           bad_from_reply: SmtpReply) -> AuthSettings:
+    limits, check_helo = spf if spf else (SpfLimits(), True)
+    dkim_settings, max_signatures = dkim if dkim else (DkimSettings(), 10)
+    dmarc = dmarc or {}
+    return AuthSettings(
+        authserv_id=authserv_id, internal=internal, authenticated=authenticated, spf=limits,
+        check_helo=check_helo, dkim=dkim_settings, max_signatures=max_signatures,
+        trusted_arc_sealers=tuple(s.lower().rstrip(".") for s in arc_trusted_sealers),
+        dmarc_actions=dmarc.get("actions", DmarcActions()),
+        dmarc_domains=dmarc.get("domains", {}), honour_pct=dmarc.get("honour_pct", True),
+        reject_reply=dmarc.get("reject_reply", DEFAULT_REJECT), on_temperror=on_temperror,
+        temperror_reply=temperror_reply, on_bad_from=on_bad_from, bad_from_reply=bad_from_reply)
+
+
+SETTINGS_SPEC = Struct({
+    "authserv_id": Field(Str(max_len=253), ""),
+    "internal": Field(Str(ACTIONS), "skip"),
+    "authenticated": Field(Str(ACTIONS), "skip"),
+    "spf": Field(SPF_SPEC, None),
+    "dkim": Field(DKIM_SPEC, None),
+    "arc_trusted_sealers": Field(ListOf(Str(max_len=253)), ()),
+    "dmarc": Field(DMARC_SPEC, None),
+    "on_temperror": Field(Str(("tempfail", "tag")), "tempfail"),
+    "temperror_reply": Field(Reply("4"), DEFAULT_TEMPFAIL),
+    "on_bad_from": Field(Str(("tag", "reject")), "tag"),
+    "bad_from_reply": Field(Reply("5"), AuthSettings().bad_from_reply),
+}, build=_build, expected="the auth settings")
+
+
+@dataclass(frozen=True)
+class AuthExpectation:
+    action: str | None = None
+    rule: str | None = None
+
+
+EXPECT_SPEC = Struct({
+    "action": Field(Str(ACTIONS), None),
+    "rule": Field(Str(), None),
+}, build=AuthExpectation, expected="expectations: action, rule")
