@@ -48,6 +48,8 @@ class DkimSettings:
     # A signature whose l= leaves part of the body unsigned lets anyone append text (or a
     # whole new MIME part) below a valid signature: not a pass unless the policy says so.
     allow_partial_body: bool = False
+    # RFC 8301 3.1: verifiers must not consider rsa-sha1 signatures valid.
+    allow_sha1: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ def verify_one(raw: bytes, index: int, signature: bytes, lookup: TxtLookup,
         return DkimResult("permerror", reason=f"key unusable: {watch.bad_key}", **made)
     if not good:
         return DkimResult("fail", reason="signature did not verify", **made)
+    if made["algorithm"].lower() == "rsa-sha1" and not settings.allow_sha1:
+        return DkimResult("policy", reason="rsa-sha1 is not accepted (RFC 8301)", **made)
     unsigned = _unsigned_tail(raw, tags)
     if unsigned and not settings.allow_partial_body:
         return DkimResult("policy", reason=f"l= leaves {unsigned} body bytes unsigned", **made)

@@ -109,9 +109,11 @@ DKIM_SPEC = Struct({
     "min_rsa_bits": Field(Number(512, 8192, integer=True), 1024),
     "allow_expired": Field(Bool(), False),
     "allow_partial_body": Field(Bool(), False),
+    "allow_sha1": Field(Bool(), False),
     "max_signatures": Field(Number(1, 50, integer=True), 10),
 }, build=lambda max_signatures, **kw: (DkimSettings(**kw), max_signatures),
-    expected="DKIM settings: min_rsa_bits, allow_expired, allow_partial_body, max_signatures")
+    expected="DKIM settings: min_rsa_bits, allow_expired, allow_partial_body, allow_sha1, "
+             "max_signatures")
 
 DMARC_SPEC = Struct({
     "actions": Field(_outcomes(DmarcActions()), factory=DmarcActions),

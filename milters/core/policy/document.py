@@ -163,7 +163,9 @@ def _semantic_checks(policy: Policy, root: Node | None, extensions: list[PolicyE
             problems.add(node, f"tests[{index}].expect", "states no expectation, so it cannot fail")
         for name, expectation in test.expect.items():
             rule_name = getattr(expectation, "rule", None)
-            if rule_name and rule_name != "(defaults)" and rule_name not in seen:
+            # "(defaults)", "(internal)"...: deciders other than rules; a typo there
+            # fails when the test runs.
+            if rule_name and not rule_name.startswith("(") and rule_name not in seen:
                 problems.add(node, f"tests[{index}].expect.{name}.rule",
                              "no rule has this name", rule_name)
 

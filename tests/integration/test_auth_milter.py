@@ -1,0 +1,299 @@
+"""The auth milter behind a private Postfix and behind our own MTA, against a real Knot DNS
+on loopback: SPF, DKIM (RSA from OpenDKIM's signer, ed25519 from dkimpy's), DMARC
+verdicts, the Authentication-Results header, forged headers, DNS failures and bad From
+headers. Postfix presents each client as a documentation address through XCLIENT."""
+from __future__ import annotations
+
+import email
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.harness.dns_server import GarbageDnsServer, KnotServer, SilentDnsServer
+from tests.harness.milter_proc import MilterProcess
+from tests.harness.postfix import PostfixInstance, postfix_instance
+from tests.harness.sink import SmtpSink
+from tests.harness.swaks import SwaksResult, run_swaks
+from tests.integration.auth_world import (AUTHSERV_ID, GOOD_IP, STRANGER_IP, Keys, make_keys,
+                                          message, sign_ed25519, sign_opendkim, sign_rsa,
+                                          zones)
+from tests.integration.test_serve import Serve
+
+pytestmark = pytest.mark.integration
+
+POLICY = f"""\
+internal_networks: [127.0.0.0/8]
+auth:
+  authserv_id: {AUTHSERV_ID}
+  dmarc:
+    reject_reply: "550 5.7.1 Rejected by DMARC policy (test)"
+"""
+
+
+def config_text(nameserver: str, timeout: str = "2s") -> str:
+    return (f"gateway: {{hostname: {AUTHSERV_ID}}}\nstore: memory://\npolicy: policy.yaml\n"
+            f"dns: {{nameservers: [\"{nameserver}\"], timeout: {timeout}}}\n")
+
+
+def start_milter(workdir: Path, nameserver: str) -> MilterProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "policy.yaml").write_text(POLICY)
+    config = workdir / "config.yaml"
+    config.write_text(config_text(nameserver))
+    return MilterProcess("auth", config, workdir).start()
+
+
+@dataclass
+class World:
+    keys: Keys
+    dns: KnotServer
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    workdir = tmp_path_factory.mktemp("auth")
+    keys = make_keys(workdir / "keys")
+    with KnotServer(zones(keys), workdir) as dns:
+        yield World(keys, dns, workdir)
+
+
+@dataclass
+class Gateway:
+    postfix: PostfixInstance
+    sink: SmtpSink
+    milter: MilterProcess
+    workdir: Path
+
+    def send(self, raw: bytes, client: str = GOOD_IP, mail_from: str = "ceo@pass.test",
+             helo: str = "mail.pass.test") -> SwaksResult:
+        path = self.workdir / "outgoing.eml"
+        path.write_bytes(raw)
+        return run_swaks(self.postfix.smtp_port, mail_from=mail_from, rcpt="taro@example.jp",
+                         xclient_addr=client, helo=helo, data_file=path)
+
+
+@pytest.fixture(scope="module")
+def gateway(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    workdir = tmp_path_factory.mktemp("auth-postfix")
+    milter = start_milter(workdir, world.dns.nameserver)
+    try:
+        # As for clients from the Internet: Postfix adds no missing From or Date header
+        # (it would for "local" clients, which the loopback peer is by default).
+        with SmtpSink() as sink, postfix_instance(
+                workdir, relay_port=sink.port, smtpd_milters=milter.socket_spec,
+                extra={"local_header_rewrite_clients": ""}) as postfix:
+            yield Gateway(postfix, sink, milter, workdir)
+    finally:
+        milter.stop()
+
+
+def send_and_get(gateway: Gateway, raw: bytes, **kw: str) -> email.message.Message:
+    before = len(gateway.sink.messages)
+    result = gateway.send(raw, **kw)
+    assert result.code("DATA_END") == 250, result.transcript
+    messages = gateway.sink.wait_for(before + 1, timeout=10)
+    return messages[before].message()
+
+
+def last_auth_event(gateway: Gateway) -> str:
+    """The milter's last `event=auth` log line: each check's result and what was done."""
+    return [ln for ln in gateway.milter.log_text().splitlines() if "event=auth " in ln][-1]
+
+
+def our_results(msg: email.message.Message) -> list[str]:
+    return [re.sub(r"\s+", " ", str(v)) for v in msg.get_all("Authentication-Results") or []
+            if str(v).strip().lower().startswith(AUTHSERV_ID)]
+
+
+# -- verdicts through Postfix -------------------------------------------------------------
+def test_rsa_signature_passes_dmarc_without_spf(world: World,
+                                                             gateway: Gateway) -> None:
+    signed = sign_rsa(message(subject="rsa"), "pass.test", world.keys, world.workdir)
+    msg = send_and_get(gateway, signed, client=STRANGER_IP)
+    (header,) = our_results(msg)
+    assert "spf=fail" in header and "smtp.mailfrom=pass.test" in header
+    assert re.search(r"dkim=pass \(rsa-sha256\) header\.d=pass\.test header\.s=rsa", header)
+    assert re.search(r"dmarc=pass \(p=reject dis=NONE\) header\.from=pass\.test", header)
+    # Ours is the first header of the message (inserted at the top, as OpenDKIM does).
+    assert next(iter(msg.keys())) == "Authentication-Results"
+
+
+def test_opendkim_rsa_sha1_signature_is_not_valid_rfc_8301(world: World,
+                                                           gateway: Gateway) -> None:
+    signed = sign_opendkim(message(subject="sha1"), "pass.test", world.keys, world.workdir)
+    assert b"a=rsa-sha1" in signed
+    result = gateway.send(signed, client=STRANGER_IP)
+    assert result.reply_by_stage["DATA_END"].startswith("550 5.7.1"), result.transcript
+    line = last_auth_event(gateway)
+    assert "dkim=policy:pass.test" in line, line
+
+
+def test_ed25519_signature_passes(world: World, gateway: Gateway) -> None:
+    signed = sign_ed25519(message(subject="ed"), "pass.test", world.keys)
+    (header,) = our_results(send_and_get(gateway, signed, client=STRANGER_IP))
+    assert re.search(r"dkim=pass \(ed25519-sha256\) header\.d=pass\.test header\.s=ed", header)
+    assert "dmarc=pass" in header
+
+
+def test_spf_alone_passes_dmarc(gateway: Gateway) -> None:
+    (header,) = our_results(send_and_get(gateway, message(subject="spf only")))
+    assert "spf=pass" in header and "dkim=none" in header and "dmarc=pass" in header
+    assert "smtp.helo=mail.pass.test" in header  # the HELO identity is reported too
+
+
+@pytest.mark.parametrize("alteration", ["body", "subject"])
+def test_altered_signed_message_is_rejected_per_p_reject(world: World, gateway: Gateway,
+                                                        alteration: str) -> None:
+    signed = sign_rsa(message(subject=f"to alter {alteration}"), "pass.test", world.keys,
+                      world.workdir)
+    altered = (signed.replace(b"figures below", b"figures changed") if alteration == "body"
+               else signed.replace(b"Subject: to alter", b"Subject: TO ALTER"))
+    assert altered != signed
+    result = gateway.send(altered, client=STRANGER_IP)
+    assert result.reply_by_stage["DATA_END"] == "550 5.7.1 Rejected by DMARC policy (test)", \
+        result.transcript
+    assert "action=reject" in gateway.milter.log_text()
+
+
+def test_replayed_signature_of_another_domain_does_not_pass_dmarc(world: World,
+                                                                 gateway: Gateway) -> None:
+    """A valid signature by attacker.test on mail whose From says pass.test: DKIM passes,
+    but it is not aligned with the From domain (RFC 7489 3.1.1), so p=reject applies."""
+    signed = sign_rsa(message(subject="replay"), "attacker.test", world.keys, world.workdir)
+    result = gateway.send(signed, client=STRANGER_IP, mail_from="bounce@attacker.test")
+    assert result.reply_by_stage["DATA_END"].startswith("550 5.7.1"), result.transcript
+    line = last_auth_event(gateway)
+    assert "dkim=pass:attacker.test" in line and "spf=pass" in line, line
+
+
+def test_length_tag_with_appended_content_is_not_a_pass(world: World,
+                                                        gateway: Gateway) -> None:
+    import dkim
+    raw = message(subject="l= trick")
+    header = dkim.sign(raw, b"ed", b"pass.test", world.keys.ed_private_b64,
+                       signature_algorithm=b"ed25519-sha256", length=True,
+                       include_headers=[b"from", b"subject"])
+    appended = header + raw + b"\r\nClick http://phish.example/ now\r\n"
+    result = gateway.send(appended, client=STRANGER_IP)
+    assert result.reply_by_stage["DATA_END"].startswith("550 5.7.1"), result.transcript
+
+
+def test_p_quarantine_failure_lands_in_postfix_hold_queue(gateway: Gateway) -> None:
+    result = gateway.send(message("boss@quar.test", subject="quarantine me"),
+                          client=STRANGER_IP, mail_from="boss@quar.test")
+    assert result.code("DATA_END") == 250, result.transcript
+    queue_id = re.search(r"queued as (\S+)", result.reply_by_stage["DATA_END"]).group(1)
+    gateway.postfix.wait_for_log(rf"{queue_id}: milter-hold", timeout=10)
+    held = [item for item in gateway.postfix.queue() if item.get("queue_id") == queue_id]
+    assert held and held[0]["queue_name"] == "hold", gateway.postfix.queue()
+
+
+def test_p_none_failure_is_delivered_tagged(gateway: Gateway) -> None:
+    msg = send_and_get(gateway, message("news@none.test", subject="none"),
+                       client=STRANGER_IP, mail_from="news@none.test")
+    (header,) = our_results(msg)
+    assert "dmarc=fail (p=none dis=NONE) header.from=none.test" in header
+
+
+def test_forged_results_are_removed_and_foreign_ones_kept(gateway: Gateway) -> None:
+    forged = message("news@none.test", subject="forged", extra=(
+        f"Authentication-Results: {AUTHSERV_ID}; dmarc=pass header.from=none.test\r\n"
+        f"Authentication-Results: MX.TEST (comment) 1; spf=pass\r\n"
+        "Authentication-Results: other.example; dkim=pass header.d=none.test\r\n"))
+    msg = send_and_get(gateway, forged, client=STRANGER_IP, mail_from="news@none.test")
+    ours = our_results(msg)
+    assert len(ours) == 1 and "dmarc=fail" in ours[0], ours
+    foreign = [v for v in msg.get_all("Authentication-Results") if "other.example" in v]
+    assert foreign == ["other.example; dkim=pass header.d=none.test"]
+    assert "forged_removed=2" in gateway.milter.log_text()
+
+
+@pytest.mark.parametrize("from_header,why", [
+    (None, "no From header"),
+    ("a@none.test\r\nFrom: b@pass.test", "2 From headers"),
+    ("undisclosed-recipients:;", "no usable domain|0 addresses"),
+])
+def test_bad_from_header_is_tagged_permerror(gateway: Gateway, from_header: str | None,
+                                             why: str) -> None:
+    msg = send_and_get(gateway, message(from_header, subject=f"bad from {why}"))
+    (header,) = our_results(msg)
+    assert "dmarc=permerror" in header
+    assert re.search(why, header), header
+
+
+def test_broken_dmarc_record_is_permerror_and_not_enforced(gateway: Gateway) -> None:
+    msg = send_and_get(gateway, message("x@broken.test", subject="broken record"),
+                       client=STRANGER_IP, mail_from="x@broken.test")
+    (header,) = our_results(msg)
+    assert "dmarc=permerror" in header and "header.from=broken.test" in header
+
+
+def test_internal_client_is_not_checked(gateway: Gateway) -> None:
+    forged = message(subject="internal", extra=f"Authentication-Results: {AUTHSERV_ID}; "
+                                               "dmarc=pass\r\n")
+    msg = send_and_get(gateway, forged, client="127.0.0.5")
+    assert our_results(msg) == []  # no header of ours, and the forged one is gone
+
+
+# -- DNS failures -------------------------------------------------------------------------
+@pytest.mark.parametrize("server_class", [SilentDnsServer, GarbageDnsServer])
+def test_dns_failure_is_tempfail_451_4_4_3(tmp_path: Path, server_class: type) -> None:
+    with server_class() as bad_dns:
+        milter = start_milter(tmp_path, bad_dns.nameserver)
+        try:
+            with SmtpSink() as sink, postfix_instance(tmp_path, relay_port=sink.port,
+                                                      smtpd_milters=milter.socket_spec) as pf:
+                path = tmp_path / "m.eml"
+                path.write_bytes(message(subject="dns down"))
+                result = run_swaks(pf.smtp_port, mail_from="ceo@pass.test",
+                                   rcpt="taro@example.jp", xclient_addr=STRANGER_IP,
+                                   data_file=path)
+        finally:
+            milter.stop()
+    assert result.reply_by_stage["DATA_END"].startswith("451 4.4.3"), result.transcript
+    assert bad_dns.queries, "the milter never asked the DNS server"
+
+
+# -- the same through our own MTA ---------------------------------------------------------
+def test_our_mta_gives_the_same_verdicts_and_header(world: World, gateway: Gateway,
+                                                    tmp_path: Path) -> None:
+    cases = [
+        (sign_rsa(message(subject="same rsa"), "pass.test", world.keys, world.workdir),
+         STRANGER_IP, "ceo@pass.test"),
+        (message("news@none.test", subject="same none"), STRANGER_IP, "news@none.test"),
+        (message(subject="same spf"), GOOD_IP, "ceo@pass.test"),
+    ]
+    rejected = sign_rsa(message(subject="same reject"), "pass.test", world.keys,
+                        world.workdir).replace(b"figures below", b"figures changed")
+    with SmtpSink() as sink:
+        serve = Serve(tmp_path, policy=POLICY, relay=f"smtp:[127.0.0.1]:{sink.port}",
+                      milters="milters: [{name: auth}]\n"
+                              + config_text(world.dns.nameserver).split("policy.yaml\n")[1])
+        serve.config.write_text(serve.config.read_text().replace(
+            "hostname: mx.mailmoat.test", f"hostname: {AUTHSERV_ID}"))
+        serve.start()
+        try:
+            for raw, client, mail_from in cases:
+                path = tmp_path / "case.eml"
+                path.write_bytes(raw)
+                before = len(sink.messages)
+                ours = run_swaks(serve.port, mail_from=mail_from, rcpt="taro@example.jp",
+                                 xclient_addr=client, helo="mail.pass.test", data_file=path)
+                assert ours.code("DATA_END") == 250, ours.transcript
+                via_mta = our_results(sink.wait_for(before + 1)[before].message())
+                via_postfix = our_results(send_and_get(gateway, raw, client=client,
+                                                       mail_from=mail_from))
+                assert via_mta == via_postfix
+            path = tmp_path / "case.eml"
+            path.write_bytes(rejected)
+            ours = run_swaks(serve.port, mail_from="ceo@pass.test", rcpt="taro@example.jp",
+                             xclient_addr=STRANGER_IP, data_file=path)
+            theirs = gateway.send(rejected, client=STRANGER_IP)
+            assert ours.reply_by_stage["DATA_END"] == theirs.reply_by_stage["DATA_END"] \
+                == "550 5.7.1 Rejected by DMARC policy (test)"
+        finally:
+            serve.stop()
