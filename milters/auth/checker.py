@@ -59,12 +59,9 @@ class AuthChecker:
         self.txt_lookup: TxtLookup = resolver.txt
         self.sample = sample
 
-    def authserv_id(self, settings: AuthSettings) -> str:
-        return settings.authserv_id or self.hostname
-
     def check(self, message: Message, policy: Policy) -> EomResult:
         settings: AuthSettings = policy.sections[MILTER]
-        authserv_id = self.authserv_id(settings)
+        authserv_id = self.hostname  # gateway.hostname: the id later milters trust
         headers = [(name, str(value)) for name, value in message.email.raw_items()]
         # Highest first: each removal shifts the positions of the ones below it.
         edits: list[Edit] = [ChangeHeader(HEADER, index, "")

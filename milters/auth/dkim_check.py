@@ -88,8 +88,9 @@ def _signature_headers(raw: bytes) -> list[bytes]:
 class _KeyWatch:
     """dkimpy's dnsfunc: fetches the key and remembers what happened to it."""
 
-    def __init__(self, lookup: TxtLookup) -> None:
+    def __init__(self, lookup: TxtLookup, signature_hash: str = "") -> None:
         self.lookup = lookup
+        self.signature_hash = signature_hash  # "sha256" from a=rsa-sha256
         self.missing = False
         self.bad_key = ""
 
@@ -105,6 +106,12 @@ class _KeyWatch:
             dkim.evaluate_pk(text, keys[0])
         except dkim.DKIMException as exc:
             self.bad_key = str(exc)
+        # RFC 6376 3.6.1: a key with h= may only verify signatures made with those hashes
+        # (dkimpy does not look at h=).
+        allowed = _tags(keys[0]).get("h")
+        if allowed and self.signature_hash and \
+                self.signature_hash not in allowed.lower().split(":"):
+            self.bad_key = f"key allows h={allowed}, signature uses {self.signature_hash}"
         return keys[0]
 
 
@@ -123,7 +130,7 @@ def verify_one(raw: bytes, index: int, signature: bytes, lookup: TxtLookup,
     made = dict(domain=tags.get("d", "").lower(), selector=tags.get("s", ""),
                 algorithm=tags.get("a", ""), header_b=tags.get("b", "")[:8],
                 identity=tags.get("i", ""))
-    watch = _KeyWatch(lookup)
+    watch = _KeyWatch(lookup, made["algorithm"].lower().rpartition("-")[2])
     verifier = dkim.DKIM(raw, logger=_quiet, minkey=settings.min_rsa_bits)
     _expiry.ignore = settings.allow_expired
     try:

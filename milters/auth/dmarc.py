@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Callable, Iterable
 
+import idna
 from publicsuffixlist import PublicSuffixList
 
 from milters.core.dns import DnsTempError
@@ -35,12 +36,12 @@ def aligned(a: str, b: str, strict: bool) -> bool:
 
 def to_ascii(domain: str) -> str:
     """An IDN From domain in its A-label form, which DNS holds (ValueError if impossible)."""
-    domain = domain.strip().rstrip(".").lower()
+    domain = domain.strip().rstrip(".")
     if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError as exc:
+        return domain.lower()
+    try:  # IDNA2008 with the UTS #46 mapping, as registries and browsers use (not IDNA2003)
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
         raise ValueError(f"domain {domain!r} cannot be written in ASCII: {exc}") from None
 
 

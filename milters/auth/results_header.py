@@ -9,15 +9,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from milters.core.auth_results import HEADER, authserv_id_of
+
 from .dkim_check import ArcResult, DkimResult
 from .dmarc import DmarcResult
 from .spf import SpfResult
 
-HEADER = "Authentication-Results"
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
-# RFC 8601 2.2: a property value is a token or a quoted string; domains and the base64 of
-# header.b are tokens, anything else is quoted.
-_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~/=@]+$")
+# RFC 8601 2.2: a property value is a token (RFC 2045: no "/" or "=", so base64 often is
+# not one), an address or a quoted string; anything that is not plainly one gets quoted.
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~@]+$")
 
 
 def _value(text: str) -> str:
@@ -29,18 +29,6 @@ def _value(text: str) -> str:
 def _comment(text: str) -> str:
     cleaned = re.sub(r"[()\\\r\n]", " ", text).strip()
     return f" ({cleaned[:120]})" if cleaned else ""
-
-
-def authserv_id_of(value: str) -> str:
-    """The authserv-id of an Authentication-Results value (comments and version dropped)."""
-    head = value.split(";", 1)[0]
-    while True:  # nested comments: strip the innermost first
-        stripped = _COMMENT.sub(" ", head)
-        if stripped == head:
-            break
-        head = stripped
-    words = head.split()
-    return words[0].strip('"').lower().rstrip(".") if words else ""
 
 
 def forged_indexes(headers: list[tuple[str, str]], authserv_id: str) -> list[int]:

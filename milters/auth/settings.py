@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from milters.core.policy.schema import (Bool, Field, ListOf, Number, Reply, Str, Struct)
+from milters.core.policy.schema import (Bool, Field, ListOf, MapOf, Number, Reply, Str,
+                                        Struct)
 from milters.core.verdict import SmtpReply
 
 from .dkim_check import DkimSettings
@@ -37,7 +38,6 @@ class DmarcActions:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    authserv_id: str = ""  # "" = the gateway's hostname
     internal: str = "skip"  # what internal networks get: enforce | tag | skip
     authenticated: str = "skip"  # what SMTP-authenticated clients get
     spf: SpfLimits = field(default_factory=SpfLimits)
@@ -73,27 +73,14 @@ def _outcomes(defaults: DmarcActions) -> Struct:
                            "one of reject, quarantine, tag")
 
 
-class _DomainActions(Struct):
-    """domain -> outcomes for that domain (and its subdomains)."""
+class _Domain(Str):
+    expected = "a domain like example.com"
 
-    expected = "a mapping of domain: {reject: ..., quarantine: ..., none: ...}"
-
-    def __init__(self) -> None:
-        super().__init__({}, build=dict, expected=self.expected)
-
-    def read(self, node, path, problems):  # type: ignore[no-untyped-def]
-        from milters.core.policy.yamlnodes import MappingNode
-        if node is None:
-            return {}
-        if not isinstance(node, MappingNode):
-            problems.add(node, path, f"expected {self.expected}", node)
-            return None
-        entries = {}
-        for key_node, value_node in node.value:
-            domain = str(key_node.value).lower().lstrip("@").rstrip(".")
-            entries[domain] = _outcomes(DmarcActions()).read(value_node, f"{path}.{domain}",
-                                                             problems)
-        return entries
+    def parse(self, text: str) -> str:
+        domain = text.strip().lower().lstrip("@").rstrip(".")
+        if not domain or " " in domain or "@" in domain or "." not in domain:
+            raise ValueError("expected a domain like example.com")
+        return domain
 
 
 SPF_SPEC = Struct({
@@ -117,13 +104,15 @@ DKIM_SPEC = Struct({
 
 DMARC_SPEC = Struct({
     "actions": Field(_outcomes(DmarcActions()), factory=DmarcActions),
-    "domains": Field(_DomainActions(), factory=dict),
+    "domains": Field(MapOf(_Domain(), _outcomes(DmarcActions()),
+                           "a mapping of domain: {reject: ..., quarantine: ..., none: ...}"),
+                     factory=dict),
     "honour_pct": Field(Bool(), True),
     "reject_reply": Field(Reply("5"), DEFAULT_REJECT),
 }, build=lambda **kw: kw, expected="DMARC settings: actions, domains, honour_pct, reject_reply")
 
 
-def _build(authserv_id: str, internal: str, authenticated: str, spf: tuple | None,
+def _build(internal: str, authenticated: str, spf: tuple | None,
            dkim: tuple | None, arc_trusted_sealers: list[str], dmarc: dict | None,
            on_temperror: str, temperror_reply: SmtpReply, on_bad_from: str,
            bad_from_reply: SmtpReply) -> AuthSettings:
@@ -131,7 +120,7 @@ def _build(authserv_id: str, internal: str, authenticated: str, spf: tuple | Non
     dkim_settings, max_signatures = dkim if dkim else (DkimSettings(), 10)
     dmarc = dmarc or {}
     return AuthSettings(
-        authserv_id=authserv_id, internal=internal, authenticated=authenticated, spf=limits,
+        internal=internal, authenticated=authenticated, spf=limits,
         check_helo=check_helo, dkim=dkim_settings, max_signatures=max_signatures,
         trusted_arc_sealers=tuple(s.lower().rstrip(".") for s in arc_trusted_sealers),
         dmarc_actions=dmarc.get("actions", DmarcActions()),
@@ -141,7 +130,6 @@ def _build(authserv_id: str, internal: str, authenticated: str, spf: tuple | Non
 
 
 SETTINGS_SPEC = Struct({
-    "authserv_id": Field(Str(max_len=253), ""),
     "internal": Field(Str(ACTIONS), "skip"),
     "authenticated": Field(Str(ACTIONS), "skip"),
     "spf": Field(SPF_SPEC, None),

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dns import DnsSettings, parse_nameserver
-from .policy.schema import Address, Duration, Field, ListOf, Network, Number, Str, Struct
+from .policy.schema import (Address, Duration, Field, ListOf, MapOf, Network, Number, Str,
+                            Struct)
 from .policy.matching import AddressPattern, NetworkPattern
-from .policy.yamlnodes import MappingNode, Problems, compose_file
+from .policy.yamlnodes import Problems, compose_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = Path("policies/default.yaml")
@@ -136,7 +137,8 @@ def _spec(base: Path, source: str) -> Struct:
     })
     relay = Struct({
         "default": Field(_Target(), defaults.relay_default),
-        "routes": Field(_Routes(), factory=dict),
+        "routes": Field(MapOf(Str(), _Target(), "a mapping of domain: smtp:[host]:port or "
+                                                "maildir:DIRECTORY"), factory=dict),
     })
     gateway = Struct({
         "hostname": Field(Str(max_len=253), defaults.hostname),
@@ -174,27 +176,6 @@ def _spec(base: Path, source: str) -> Struct:
         }, build=lambda nameservers, timeout: DnsSettings(tuple(nameservers), timeout),
             expected="dns settings: nameservers, timeout"), DnsSettings()),
     }, build=build, expected="a mailmoat config mapping")
-
-
-class _Routes(Struct):
-    """domain -> relay target, any domains."""
-
-    expected = "a mapping of domain: smtp:[host]:port or maildir:DIRECTORY"
-
-    def __init__(self) -> None:
-        super().__init__({}, build=dict, expected=self.expected)
-
-    def read(self, node, path, problems):  # type: ignore[no-untyped-def]
-        if node is None:
-            return {}
-        if not isinstance(node, MappingNode):
-            problems.add(node, path, f"expected {self.expected}", node)
-            return None
-        routes = {}
-        for key_node, value_node in node.value:
-            value = _Target().read(value_node, f"{path}.{key_node.value}", problems)
-            routes[str(key_node.value)] = value
-        return routes
 
 
 def load_config(path: str | Path | None) -> GatewayConfig:

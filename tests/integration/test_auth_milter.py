@@ -27,7 +27,6 @@ pytestmark = pytest.mark.integration
 POLICY = f"""\
 internal_networks: [127.0.0.0/8]
 auth:
-  authserv_id: {AUTHSERV_ID}
   dmarc:
     reject_reply: "550 5.7.1 Rejected by DMARC policy (test)"
 """

@@ -34,7 +34,6 @@ NO_VERDICT = "(no dmarc= header)"  # OpenDKIM's and OpenDMARC's authserv-id
 POLICY = f"""\
 internal_networks: [127.0.0.0/8]
 auth:
-  authserv_id: {AUTHSERV_ID}
   dmarc: {{actions: {{reject: tag, quarantine: tag, none: tag}}}}
   on_temperror: tag
 """

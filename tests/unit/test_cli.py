@@ -78,8 +78,10 @@ def test_explain_names_the_rule_and_why_earlier_ones_did_not_match() -> None:
     other = mailmoat("policy", "explain", "--policy", str(policy), "--client-ip", "198.51.100.9",
                      "--mail-from", "orders@partner.example", "--rcpt", "sales@example.jp")
     lines = other.stdout.splitlines()
+    rule_line = next(number for number, text in enumerate(policy.read_text().splitlines(), 1)
+                     if "- name: partner-batches" in text)
     assert "ratelimit: enforce  (decided by (defaults))" in lines
-    assert any("rule 'partner-batches' (line 42) does not match: client IP 198.51.100.9 is in "
+    assert any(f"rule 'partner-batches' (line {rule_line}) does not match: client IP 198.51.100.9 is in "
                "none of the listed networks" in line for line in lines)
     assert "  limit client-messages: 20/min, burst 20, counting each message by client_ip" in lines
 

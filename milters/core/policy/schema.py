@@ -294,3 +294,25 @@ class Struct(Spec):
         if near:
             return f"unknown key; did you mean '{near[0]}'?"
         return f"unknown key; allowed here: {', '.join(self.fields)}"
+
+
+class MapOf(Spec):
+    """A mapping whose keys are data (domains, result names), each key and value checked."""
+
+    def __init__(self, key: Scalar, value: Spec, expected: str) -> None:
+        self.key, self.value, self.expected = key, value, expected
+
+    def read(self, node: Node | None, path: str, problems: Problems) -> Any:
+        if node is None or (isinstance(node, ScalarNode) and node.style is None
+                            and node.value in _NULLS):
+            return {}
+        if not isinstance(node, MappingNode):
+            problems.add(node, path, f"expected {self.expected}", node)
+            return INVALID
+        values: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.key.read(key_node, f"{path}.{key_node.value}", problems)
+            values[key] = self.value.read(value_node, f"{path}.{key_node.value}", problems)
+        if any(k is INVALID or v is INVALID for k, v in values.items()):
+            return INVALID
+        return values
