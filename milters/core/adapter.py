@@ -51,6 +51,8 @@ class MilterLogic:
     # Headers exactly as received (SMFIP_HDR_LEADSPC keeps the space after the colon):
     # DKIM's "simple" header canonicalization hashes it.
     exact_headers: ClassVar[bool] = False
+    # False: on_message needs the headers only; the MTA is told not to send the body.
+    reads_body: ClassVar[bool] = True
 
     def on_connect(self, env: Envelope) -> Verdict:
         return Verdict.cont()
@@ -87,7 +89,8 @@ def wanted_protocol(cls: type[MilterLogic]) -> ProtocolFlag:
         if not _overrides(cls, f"on_{stage}") or stage in cls.quiet_stages:
             flags |= no_reply
     if _overrides(cls, "on_message"):
-        flags |= P.NR_HDR | P.NR_EOH | P.NR_BODY  # we only collect; the verdict comes at EOM
+        flags |= P.NR_HDR | P.NR_EOH  # we only collect; the verdict comes at EOM
+        flags |= P.NR_BODY if cls.reads_body else P.NOBODY
     else:
         flags |= P.NOHDRS | P.NOEOH | P.NOBODY
     if cls.rejected_recipients:

@@ -354,6 +354,22 @@ class Session:
         except StoreUnavailable as exc:
             return self._store_failed("rcpt", exc, env)
 
+    def on_auth_results(self, env: Envelope, results: list[tuple[str, str]]) -> None:
+        """Points for the auth failures the policy names, each outcome once per message
+        (three failing DKIM signatures are one dkim=fail)."""
+        table = self.settings.points.auth_results
+        if not table or self.exempt_reason or env.client_address is None:
+            return
+        try:
+            for method, result in dict.fromkeys(results):
+                points = table.get(f"{method}={result}")
+                if points:
+                    self._points(env.client_address, points, f"{method}={result}",
+                                 env.queue_id)
+        except StoreUnavailable as exc:
+            log_event("store_unavailable", level=logging.ERROR, milter=MILTER, stage="eom",
+                      error=str(exc), ip=env.client_ip)
+
     def on_close(self, env: Envelope) -> None:
         idle = self.settings.points.connection_without_mail
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from milters.core.policy.matching import NetworkPattern
-from milters.core.policy.schema import (Bool, Duration, Field, ListOf, Network, Number,
+from milters.core.policy.schema import (Bool, Duration, Field, ListOf, MapOf, Network, Number,
                                         PerSecond, Rate, Reply, Str, Struct)
 from milters.core.store.base import slowdown_factor
 from milters.core.verdict import SmtpReply
@@ -46,6 +46,8 @@ class PointsSettings:
     too_many_recipients: TooManyRecipients = field(default_factory=TooManyRecipients)
     connection_without_mail: float = 1.0
     bad_networks: BadNetworks = field(default_factory=BadNetworks)
+    # "method=result" from our Authentication-Results header (e.g. "dmarc=fail") -> points.
+    auth_results: dict[str, float] = field(default_factory=dict)
 
     def slowdown(self, points: float) -> float:
         """The share of the normal rate a source with these points gets (1.0 = full speed)."""
@@ -104,6 +106,27 @@ LIMIT_SPEC = Struct({
     "burst": Field(Number(1, 1_000_000, integer=True)),
 }, build=Limit, expected="a limit with name, key, per, rate and burst")
 
+AUTH_METHODS = {
+    "spf": ("fail", "softfail", "neutral", "none", "permerror", "temperror"),
+    "dkim": ("fail", "policy", "neutral", "none", "permerror", "temperror"),
+    "dmarc": ("fail", "none", "permerror", "temperror"),
+    "arc": ("fail", "none"),
+}
+
+
+class _AuthResult(Str):
+    """A result the auth milter reports, as RFC 8601 writes it: dmarc=fail."""
+
+    expected = "method=result, like dmarc=fail or spf=softfail"
+
+    def parse(self, text: str) -> str:
+        method, sep, result = text.strip().lower().partition("=")
+        if not sep or method not in AUTH_METHODS or result not in AUTH_METHODS[method]:
+            known = "; ".join(f"{m}={'|'.join(r)}" for m, r in AUTH_METHODS.items())
+            raise ValueError(f"expected method=result, one of: {known}")
+        return f"{method}={result}"
+
+
 POINTS_SPEC = Struct({
     "half_life": Field(Duration(minimum=1), 3600.0),
     "halve_rate_every": Field(Number(0.1, 1e6), 10.0),
@@ -119,6 +142,9 @@ POINTS_SPEC = Struct({
         "networks": Field(ListOf(Network()), ()),
     }, build=lambda points, networks: BadNetworks(points, tuple(networks))),
         factory=BadNetworks),
+    "auth_results": Field(MapOf(_AuthResult(), Number(0, 1e6),
+                                "a mapping of method=result: points, like dmarc=fail: 10"),
+                          factory=dict),
 }, build=PointsSettings)
 
 SETTINGS_SPEC = Struct({

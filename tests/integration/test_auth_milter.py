@@ -296,3 +296,51 @@ def test_our_mta_gives_the_same_verdicts_and_header(world: World, gateway: Gatew
                 == "550 5.7.1 Rejected by DMARC policy (test)"
         finally:
             serve.stop()
+
+
+# -- spam points for auth failures (ratelimit reads our header) ---------------------------
+def test_ratelimit_adds_spam_points_for_auth_failures(world: World, tmp_path: Path) -> None:
+    """auth first, ratelimit second: ratelimit reads the auth milter's header at end of
+    message and adds the points the policy gives dmarc=fail and spf=fail, once each."""
+    import subprocess
+    import sys
+
+    from tests.harness.milter_proc import ROOT
+    (tmp_path / "policy.yaml").write_text(POLICY + """\
+ratelimit:
+  points:
+    auth_results: {dmarc=fail: 10, spf=fail: 2.5, dkim=policy: 100}
+""")
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(world.dns.nameserver).replace(
+        "store: memory://", f"store: sqlite:///{tmp_path}/state.db"))
+    auth = MilterProcess("auth", config, tmp_path).start()
+    ratelimit = MilterProcess("ratelimit", config, tmp_path).start()
+    try:
+        with SmtpSink() as sink, postfix_instance(
+                tmp_path, relay_port=sink.port,
+                smtpd_milters=f"{auth.socket_spec} {ratelimit.socket_spec}",
+                extra={"local_header_rewrite_clients": ""}) as postfix:
+            gateway = Gateway(postfix, sink, auth, tmp_path)
+            failing = message("news@none.test", subject="points please",
+                              extra=f"Authentication-Results: {AUTHSERV_ID}; dkim=policy\r\n")
+            result = gateway.send(failing, client=STRANGER_IP, mail_from="news@none.test")
+            assert result.code("DATA_END") == 250, result.transcript
+            # A passing message from another client adds nothing.
+            assert gateway.send(message(subject="fine")).code("DATA_END") == 250
+            ratelimit.wait_for_log(r'event=points .*signal="dmarc=fail"', timeout=10)
+    finally:
+        ratelimit.stop()
+        auth.stop()
+    log = ratelimit.log_text()
+    assert 'signal="dmarc=fail" added=10' in log and 'signal="spf=fail" added=2.5' in log, log
+    # The forged dkim=policy in the incoming header was removed by auth, so it never counts.
+    assert "dkim=policy" not in log
+    shown = subprocess.run([sys.executable, "-m", "mta.cli", "ratelimit", "show", STRANGER_IP,
+                            "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout
+    assert re.search(r"points\s+12\.\d", shown), shown
+    clean = subprocess.run([sys.executable, "-m", "mta.cli", "ratelimit", "show", GOOD_IP,
+                            "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout
+    assert "points" not in clean, clean
