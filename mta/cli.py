@@ -9,6 +9,8 @@ import argparse
 import getpass
 import ipaddress
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,6 +20,7 @@ from milters.core.eventlog import setup_logging
 from milters.core.message import Envelope, Recipient
 from milters.core.policy.document import Policy, PolicyExtension, load_policy
 from milters.auth import milter as auth_milter
+from milters.auth import reports as dmarc_reports
 from milters.auth.extension import EXTENSION as AUTH
 from milters.core.store import open_store
 from milters.ratelimit import admin as ratelimit_admin
@@ -125,6 +128,31 @@ def cmd_ratelimit_show(args: argparse.Namespace) -> int:
     with store:
         for line in ratelimit_admin.show(store, settings, args.ip):
             print(line)
+    return 0
+
+
+def _utc_date(text: str) -> float:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a date like 2026-11-28") from None
+
+
+def cmd_dmarc_report(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    until = args.until + 86399 if args.until is not None else time.time()
+    with open_store(config.store, timeout=config.store_timeout) as store:
+        rows = dmarc_reports.counted(store, args.domain, args.since, until)
+    if not rows:
+        print(f"no DMARC results recorded for {args.domain} since "
+              f"{datetime.fromtimestamp(args.since, timezone.utc):%Y-%m-%d} (is "
+              f"auth.reports.record on in the policy?)", file=sys.stderr)
+        return 1
+    report_id = f"{config.hostname}-{args.domain}-{int(args.since)}-{int(until)}"
+    sys.stdout.buffer.write(dmarc_reports.aggregate_xml(
+        args.domain.lower(), rows, org_name=args.org_name or config.hostname,
+        email=args.email or f"postmaster@{config.hostname}", since=args.since, until=until,
+        report_id=report_id))
     return 0
 
 
@@ -336,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("ip", type=_ip)
     reset.add_argument("--config", metavar="FILE", help=config_help)
     reset.set_defaults(func=cmd_ratelimit_reset)
+    dmarc = sub.add_parser("dmarc", help="DMARC aggregate reports from recorded results")
+    dsub = dmarc.add_subparsers(dest="dmarc_command", required=True, parser_class=_Parser)
+    report = dsub.add_parser("report", help="RFC 7489 aggregate report XML for one domain")
+    report.add_argument("--domain", required=True)
+    report.add_argument("--since", required=True, type=_utc_date, metavar="YYYY-MM-DD")
+    report.add_argument("--until", type=_utc_date, metavar="YYYY-MM-DD",
+                        help="last day included (default: now)")
+    report.add_argument("--org-name", help="reporting organisation (default: the hostname)")
+    report.add_argument("--email", help="report contact (default: postmaster@hostname)")
+    report.add_argument("--config", metavar="FILE", help=config_help)
+    report.set_defaults(func=cmd_dmarc_report)
     queue = sub.add_parser("queue", help="inspect and manage the mail queue")
     qsub = queue.add_subparsers(dest="queue_command", required=True, parser_class=_Parser)
     for name, text, needs_id in (("list", "every queued message", False),

@@ -3,20 +3,24 @@ the Authentication-Results header, forged ones removed, and tag, quarantine, rej
 tempfail. Plain logic over the message model; milter.py is the pymilter side."""
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Callable
 
 from milters.core.dns import Resolver
 from milters.core.edits import AddHeader, ChangeHeader, Edit, EomResult, Quarantine
+from milters.core.errors import StoreError
 from milters.core.eventlog import log_event
 from milters.core.message import Message
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import network_matches
 from milters.core.policy.rules import Facts
+from milters.core.store.base import Store
 from milters.core.verdict import SmtpReply, Verdict
 
 from . import dmarc as dmarc_mod
+from . import reports
 from .dkim_check import ArcResult, TxtLookup, verify_arc, verify_dkim
 from .results_header import HEADER, AuthResults, compose, forged_indexes
 from .settings import MILTER, AuthSettings
@@ -52,8 +56,10 @@ class AuthChecker:
     """Shared by every session of the milter process (its DNS cache is the point)."""
 
     def __init__(self, hostname: str, resolver: Resolver,
-                 sample: Callable[[], float] = random.random) -> None:
+                 sample: Callable[[], float] = random.random,
+                 store: Store | None = None) -> None:
         self.hostname = hostname
+        self.store = store  # where DMARC evaluations are tallied, when the policy says so
         self.resolver = resolver
         self.spf_lookup: SpfLookup = resolver_lookup(resolver)
         self.txt_lookup: TxtLookup = resolver.txt
@@ -74,6 +80,8 @@ class AuthChecker:
         message.results[MILTER] = results
         edits.append(AddHeader(HEADER, compose(authserv_id, results), index=0))
         outcome = self.act(results, settings, decision)
+        if settings.record_results and self.store is not None:
+            self._record(results, message, outcome.action, settings)
         self._log(message, results, outcome.action, decision.why, len(edits) - 1,
                   outcome.reason)
         if outcome.action == "reject":
@@ -135,6 +143,20 @@ class AuthChecker:
         action = settings.actions_for(d.domain).for_disposition(disposition)
         return Outcome(results, action, f"dmarc=fail p={d.policy} dis={disposition} "
                                         f"from={d.domain}")
+
+    def _record(self, results: AuthResults, message: Message, action: str,
+                settings: AuthSettings) -> None:
+        env = message.envelope
+        disposition = {"reject": "reject", "quarantine": "quarantine"}.get(action, "none")
+        row = reports.row_for(results, env.client_ip or "", disposition,
+                              (env.mail_from or "").rpartition("@")[2].lower())
+        if row is None:
+            return
+        try:
+            reports.record(self.store, row, settings.keep_results)  # type: ignore[arg-type]
+        except StoreError as exc:  # a report tally never stops mail
+            log_event("store_unavailable", level=logging.WARNING, milter=MILTER,
+                      stage="eom", error=str(exc), queue_id=env.queue_id)
 
     def _log(self, message: Message, results: AuthResults | None, action: str, why: str,
              removed: int, reason: str = "") -> None:

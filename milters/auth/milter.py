@@ -12,6 +12,7 @@ from milters.core.message import Message
 from milters.core.milter_protocol import ActionFlag, MacroStage
 from milters.core.policy.document import Policy
 from milters.core.policy.holder import PolicyHolder
+from milters.core.store import open_store
 
 from .checker import AuthChecker
 
@@ -38,7 +39,9 @@ def serve(config: GatewayConfig, listen: str,
           load_policy: Callable[[Path], Policy]) -> None:
     """Run the milter until SIGTERM; SIGHUP or an edit of the policy file reloads it."""
     holder = PolicyHolder(config.policy, load_policy)  # raises ConfigError: refuse to start
-    checker = AuthChecker(config.hostname, Resolver(config.dns))
+    # The store only tallies DMARC results for reports; it is opened lazily by the backend.
+    checker = AuthChecker(config.hostname, Resolver(config.dns),
+                          store=open_store(config.store, timeout=config.store_timeout))
     run_milter(AuthLogic, lambda: AuthLogic(checker, holder), listen,
                on_tick=holder.reload_if_changed, on_hangup=lambda: holder.reload("SIGHUP"),
                tick=1.0)

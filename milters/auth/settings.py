@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from milters.core.policy.schema import (Bool, Field, ListOf, MapOf, Number, Reply, Str,
+from milters.core.policy.schema import (Bool, Duration, Field, ListOf, MapOf, Number, Reply, Str,
                                         Struct)
 from milters.core.verdict import SmtpReply
 
@@ -55,6 +55,9 @@ class AuthSettings:
     on_bad_from: str = "tag"
     bad_from_reply: SmtpReply = SmtpReply(550, "5.7.1", "Message has no single valid From "
                                                         "address (RFC 5322 3.6.2)")
+    # Tally each DMARC evaluation in the Store for `mailmoat dmarc report` (RFC 7489 7.2).
+    record_results: bool = False
+    keep_results: float = 31 * 86400.0
 
     def actions_for(self, domain: str) -> DmarcActions:
         """The From domain's own entry, else its nearest parent's, else the defaults."""
@@ -115,7 +118,7 @@ DMARC_SPEC = Struct({
 def _build(internal: str, authenticated: str, spf: tuple | None,
            dkim: tuple | None, arc_trusted_sealers: list[str], dmarc: dict | None,
            on_temperror: str, temperror_reply: SmtpReply, on_bad_from: str,
-           bad_from_reply: SmtpReply) -> AuthSettings:
+           bad_from_reply: SmtpReply, reports: dict | None) -> AuthSettings:
     limits, check_helo = spf if spf else (SpfLimits(), True)
     dkim_settings, max_signatures = dkim if dkim else (DkimSettings(), 10)
     dmarc = dmarc or {}
@@ -126,7 +129,9 @@ def _build(internal: str, authenticated: str, spf: tuple | None,
         dmarc_actions=dmarc.get("actions", DmarcActions()),
         dmarc_domains=dmarc.get("domains", {}), honour_pct=dmarc.get("honour_pct", True),
         reject_reply=dmarc.get("reject_reply", DEFAULT_REJECT), on_temperror=on_temperror,
-        temperror_reply=temperror_reply, on_bad_from=on_bad_from, bad_from_reply=bad_from_reply)
+        temperror_reply=temperror_reply, on_bad_from=on_bad_from, bad_from_reply=bad_from_reply,
+        record_results=(reports or {}).get("record", False),
+        keep_results=(reports or {}).get("keep", 31 * 86400.0))
 
 
 SETTINGS_SPEC = Struct({
@@ -140,6 +145,10 @@ SETTINGS_SPEC = Struct({
     "temperror_reply": Field(Reply("4"), DEFAULT_TEMPFAIL),
     "on_bad_from": Field(Str(("tag", "reject")), "tag"),
     "bad_from_reply": Field(Reply("5"), AuthSettings().bad_from_reply),
+    "reports": Field(Struct({
+        "record": Field(Bool(), False),
+        "keep": Field(Duration(minimum=86400), 31 * 86400.0),
+    }, expected="reports settings: record, keep"), None),
 }, build=_build, expected="the auth settings")
 
 

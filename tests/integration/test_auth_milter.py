@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import email
 import re
+import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -299,14 +301,18 @@ def test_our_mta_gives_the_same_verdicts_and_header(world: World, gateway: Gatew
 
 
 # -- spam points for auth failures (ratelimit reads our header) ---------------------------
-def test_ratelimit_adds_spam_points_for_auth_failures(world: World, tmp_path: Path) -> None:
+def test_spam_points_for_auth_failures_and_the_dmarc_report(world: World,
+                                                             tmp_path: Path) -> None:
     """auth first, ratelimit second: ratelimit reads the auth milter's header at end of
-    message and adds the points the policy gives dmarc=fail and spf=fail, once each."""
+    message and adds the points the policy gives dmarc=fail and spf=fail, once each. The
+    auth milter tallies each evaluation in the shared SQLite store, and `mailmoat dmarc
+    report` turns the tallies into RFC 7489 aggregate report XML."""
     import subprocess
     import sys
 
     from tests.harness.milter_proc import ROOT
     (tmp_path / "policy.yaml").write_text(POLICY + """\
+  reports: {record: true}
 ratelimit:
   points:
     auth_results: {dmarc=fail: 10, spf=fail: 2.5, dkim=policy: 100}
@@ -344,3 +350,25 @@ ratelimit:
                             "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout
     assert "points" not in clean, clean
+
+    def report(domain: str) -> ET.Element:
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        done = subprocess.run([sys.executable, "-m", "mta.cli", "dmarc", "report", "--domain",
+                               domain, "--since", today, "--config", str(config)], cwd=ROOT,
+                              capture_output=True, check=True)
+        return ET.fromstring(done.stdout)
+
+    failed = report("none.test")
+    assert failed.findtext("policy_published/p") == "none"
+    (row,) = failed.findall("record")
+    assert row.findtext("row/source_ip") == STRANGER_IP
+    assert row.findtext("row/count") == "1"
+    assert [row.findtext(f"row/policy_evaluated/{k}") for k in ("disposition", "dkim", "spf")] \
+        == ["none", "fail", "fail"]
+    assert row.findtext("identifiers/header_from") == "none.test"
+    assert row.findtext("auth_results/spf/result") == "fail"
+    passed = report("pass.test")
+    assert passed.findtext("policy_published/p") == "reject"
+    (row,) = passed.findall("record")
+    assert row.findtext("row/source_ip") == GOOD_IP
+    assert row.findtext("row/policy_evaluated/spf") == "pass"

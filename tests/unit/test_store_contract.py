@@ -162,6 +162,31 @@ def test_expired_records_are_not_listed(store: Store) -> None:
     assert [r.key for r in store.records("", now=T0 + 1e9)] == ["b:forever"]
 
 
+def test_counters_add_without_decay_and_expire_after_keep(store: Store) -> None:
+    assert store.counter_add("c:row", 1, keep=100, now=T0) == 1
+    assert store.counter_add("c:row", 2.5, keep=100, now=T0 + 50) == 3.5
+    # Counted again at T0 + 50: it lives until T0 + 150, whatever the value.
+    assert store.records("c:", now=T0 + 149) == [Record("c:row", 3.5, T0 + 50)]
+    assert store.records("c:", now=T0 + 151) == []
+    assert store.delete("c:") in (0, 1)  # Redis may have expired it already
+
+
+def test_two_threads_never_lose_a_count(store: Store) -> None:
+    barrier = threading.Barrier(2, timeout=10)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(300):
+            store.counter_add("c:t", 1, keep=1e6, now=T0)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert store.counter_add("c:t", 0, keep=1e6, now=T0) == 600
+
+
 def test_two_threads_never_lose_an_update(store: Store) -> None:
     barrier = threading.Barrier(2, timeout=10)
     errors: list[BaseException] = []

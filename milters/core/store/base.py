@@ -149,6 +149,14 @@ def decide_points(
     return new, Update(True, new, stamp, points_expiry(new, half_life, stamp))
 
 
+def decide_counter(stored: tuple[float, float] | None, amount: float, *, keep: float,
+                   now: float) -> tuple[float, Update]:
+    """Plain counter step (no decay): add `amount`; the record lives `keep` seconds past
+    its last count."""
+    value = (stored[0] if stored is not None else 0.0) + float(amount)
+    return value, Update(True, value, float(now), float(now) + float(keep))
+
+
 class Take(NamedTuple):
     """One bucket an admission must fit into, at its full-speed rate and burst.
 
@@ -252,6 +260,12 @@ class Store(ABC):
         amount 0 only reads. A result below POINTS_EPSILON counts as 0 and
         the record goes away.
         """
+
+    @abstractmethod
+    def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
+        """Add `amount` to the plain counter `key` (created at 0), atomically; return the
+        new value. The record expires `keep` seconds after this call (for tallies such as
+        DMARC aggregate-report rows)."""
 
     @abstractmethod
     def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,

@@ -15,6 +15,7 @@ from .base import (
     check_points_args,
     decide_admission,
     decide_bucket,
+    decide_counter,
     decide_points,
     is_live,
 )
@@ -50,6 +51,12 @@ class MemoryStore(Store):
         check_points_args(half_life)
         with self._lock:
             value, update = decide_points(self._load(key), amount, half_life=half_life, now=now)
+            self._apply(key, update, now)
+        return value
+
+    def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
+        with self._lock:
+            value, update = decide_counter(self._load(key), amount, keep=keep, now=now)
             self._apply(key, update, now)
         return value
 

@@ -93,6 +93,15 @@ store(new, math.max(now, updated), half * math.log(new / eps) / math.log(2))
 return fmt(new)
 """
 
+# ARGV: amount, keep, now. Returns the new value of a plain counter.
+_LUA_COUNTER = _LUA_COMMON + """
+local amount, keep, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local value = load(now)
+local new = value + amount
+store(new, now, keep)
+return fmt(new)
+"""
+
 # One rate-limit decision (Store.admit). KEYS[1]: points (read only), KEYS[2..]: buckets.
 # ARGV[1], one space-separated string (redis-py's per-argument packing costs more than the
 # script): now, half_life, halve_every, refuse_at ('-' for none), epsilon, has_points (0/1),
@@ -208,6 +217,7 @@ class RedisStore(Store):
         )
         self._bucket = self._client.register_script(_LUA_BUCKET)
         self._points = self._client.register_script(_LUA_POINTS)
+        self._counter = self._client.register_script(_LUA_COUNTER)
         self._admit = self._client.register_script(_LUA_ADMIT)
 
     # -- Store --------------------------------------------------------------
@@ -227,6 +237,10 @@ class RedisStore(Store):
         check_points_args(half_life)
         args = [repr(float(x)) for x in (amount, half_life, now, POINTS_EPSILON)]
         return float(self._call(lambda: self._points(keys=[self.namespace + key], args=args)))
+
+    def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
+        args = [repr(float(x)) for x in (amount, keep, now)]
+        return float(self._call(lambda: self._counter(keys=[self.namespace + key], args=args)))
 
     def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
               halve_every: float, refuse_at: float | None, now: float) -> Admission:

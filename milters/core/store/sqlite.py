@@ -33,6 +33,7 @@ from .base import (
     check_points_args,
     decide_admission,
     decide_bucket,
+    decide_counter,
     decide_points,
 )
 
@@ -140,6 +141,14 @@ class SqliteStore(Store):
 
         if amount == 0:  # a pure read needs no write lock
             return self._run(op)
+        return self._run(self._transaction(op), now=now)
+
+    def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
+        def op(db: sqlite3.Connection) -> float:
+            value, update = decide_counter(self._load(db, key), amount, keep=keep, now=now)
+            self._apply(db, key, update)
+            return value
+
         return self._run(self._transaction(op), now=now)
 
     def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
