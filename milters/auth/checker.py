@@ -68,7 +68,7 @@ class AuthChecker:
     def check(self, message: Message, policy: Policy) -> EomResult:
         settings: AuthSettings = policy.sections[MILTER]
         authserv_id = self.hostname  # gateway.hostname: the id later milters trust
-        headers = [(name, str(value)) for name, value in message.email.raw_items()]
+        headers = message.raw_headers()
         # Highest first: each removal shifts the positions of the ones below it.
         edits: list[Edit] = [ChangeHeader(HEADER, index, "")
                              for index in reversed(forged_indexes(headers, authserv_id))]

@@ -146,6 +146,11 @@ class Message:
                 return decode_words(str(raw))
         return None
 
+    def raw_headers(self) -> list[tuple[str, str]]:
+        """Every header as (name, value) in order, undecoded but for UTF-8 (RFC 6532), which
+        the stdlib parser leaves as surrogate escapes."""
+        return [(name, _utf8_text(str(value))) for name, value in self.email.raw_items()]
+
     @property
     def subject(self) -> str:
         return self.header_text("Subject") or ""
@@ -164,3 +169,9 @@ class Message:
 
 
 _FOLD = re.compile(r"\r?\n")
+
+
+def _utf8_text(value: str) -> str:
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

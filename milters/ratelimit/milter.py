@@ -58,7 +58,7 @@ class RatelimitAuthLogic(RatelimitLogic):
 
     def on_message(self, message: Message) -> EomResult:
         env = message.envelope
-        self.session.on_auth_results(env, trusted_results(message.email.raw_items(),
+        self.session.on_auth_results(env, trusted_results(message.raw_headers(),
                                                           self.authserv_id))
         return EomResult(Verdict.cont())
 

@@ -64,6 +64,9 @@ def zones(keys: Keys) -> dict[str, list[str]]:
                           '_dmarc 300 IN TXT "v=DMARC1; p=none"'],
         "broken.test": [f"@ 300 IN TXT {spf}", '_dmarc 300 IN TXT "v=DMARC1; p=bogus"'],
         "nodmarc.test": [f"@ 300 IN TXT {spf}"],
+        # 例え.test, as DNS holds it (IDNA2008 A-label)
+        "xn--r8jz45g.test": [f"@ 300 IN TXT {spf}",
+                             '_dmarc 300 IN TXT "v=DMARC1; p=reject"'],
     }
 
 

@@ -240,6 +240,37 @@ def test_internal_client_is_not_checked(gateway: Gateway) -> None:
     assert our_results(msg) == []  # no header of ours, and the forged one is gone
 
 
+def test_internationalised_from_domain_is_checked_as_its_a_label(gateway: Gateway) -> None:
+    # RFC 6532: the header carries the domain in UTF-8; the display name is RFC 2047.
+    raw = message("=?UTF-8?B?5ouF5b2T?= <tanto@例え.test>", subject="IDN")
+    (header,) = our_results(send_and_get(gateway, raw, mail_from="tanto@xn--r8jz45g.test"))
+    assert "dmarc=pass" in header and "header.from=xn--r8jz45g.test" in header, header
+
+
+@pytest.mark.parametrize("trick", [
+    # A folded From whose second line carries another address.
+    "From: ceo@pass.test\r\n <boss@none.test>",
+    # A display name that looks like an address of another domain.
+    'From: "ceo@pass.test" <x@none.test>',
+    # A comment holding an address, and a NUL-free control character.
+    "From: (ceo@pass.test) x@none.test\x0b",
+])
+def test_from_header_tricks_get_a_defined_verdict(gateway: Gateway, trick: str) -> None:
+    raw = message(None, subject="trick", extra=trick + "\r\n")
+    msg = send_and_get(gateway, raw, client=STRANGER_IP, mail_from="x@none.test")
+    (header,) = our_results(msg)
+    # Never a pass for pass.test on the strength of a display name or comment.
+    assert "dmarc=pass" not in header, header
+    assert re.search(r"dmarc=(fail|permerror)", header), header
+
+
+def test_a_huge_header_gets_a_defined_verdict(gateway: Gateway) -> None:
+    big = "X-Padding: " + "\r\n ".join(["a" * 900] * 1200)  # about 1 MB, folded
+    msg = send_and_get(gateway, message(subject="huge", extra=big + "\r\n"))
+    (header,) = our_results(msg)
+    assert "dmarc=pass" in header  # SPF still passes; nothing crashed or timed out
+
+
 # -- DNS failures -------------------------------------------------------------------------
 @pytest.mark.parametrize("server_class", [SilentDnsServer, GarbageDnsServer])
 def test_dns_failure_is_tempfail_451_4_4_3(tmp_path: Path, server_class: type) -> None:
