@@ -173,8 +173,12 @@ def verify_dkim(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSett
                 max_signatures: int = 10) -> list[DkimResult]:
     """Every DKIM-Signature in the message, top to bottom ([] when there is none). Past
     `max_signatures` the rest are not checked: each costs a key lookup and an RSA check."""
+    try:
+        signatures = _signature_headers(raw)
+    except dkim.DKIMException:  # a header section dkimpy cannot split: nothing to verify
+        return []
     results = []
-    for index, signature in enumerate(_signature_headers(raw)[:max_signatures]):
+    for index, signature in enumerate(signatures[:max_signatures]):
         results.append(verify_one(raw, index, signature, lookup, settings))
     return results
 

@@ -429,3 +429,9 @@ def test_no_arc_headers_is_none() -> None:
     """RFC 8617 4.2.1: no ARC sets: cv=none."""
     result = verify_arc(MESSAGE, lookup_from({}))
     assert result.result == "none" and result.sealers == ()
+
+
+def test_a_header_section_dkimpy_cannot_split_has_no_signatures_to_check() -> None:
+    """Text that is no message at all (a README fed to `mailmoat scan`): no verdict from
+    DKIM, and no exception for the milter to turn into an internal-error tempfail."""
+    assert verify_dkim(b"# Sample messages\n\nNot a header.\n", lambda name: []) == []
