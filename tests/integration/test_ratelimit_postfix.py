@@ -94,7 +94,9 @@ def test_burst_passes_then_policy_4xx_then_passes_after_drain(tmp_path: Path,
 
 def test_rejected_recipients_earn_points_that_block_then_decay(tmp_path: Path,
                                                                sink: SmtpSink) -> None:
-    extra = ("  points:\n    half_life: 2s\n    rejected_recipient: 10\n    tempfail_at: 15\n"
+    # 2 x 25 points, blocking at 15 with a 2 s half-life: blocked for 3.5 s (room for a
+    # slow `ratelimit show` on a loaded machine), free again after 4.5 s.
+    extra = ("  points:\n    half_life: 2s\n    rejected_recipient: 25\n    tempfail_at: 15\n"
              "    halve_rate_every: 100\n")
     milter, postfix_cm = start_gateway(
         tmp_path, sink, policy(burst=100, extra=extra), f"sqlite:///{tmp_path}/state.db",
@@ -104,8 +106,8 @@ def test_rejected_recipients_earn_points_that_block_then_decay(tmp_path: Path,
         probe = gateway.send(client="192.0.2.20", rcpt=["nobody@example.jp", "nobody@example.jp",
                                                          "taro@example.jp"])
         assert [r[:3] for r in probe.replies("RCPT")] == ["554", "554", "250"], probe.transcript
-        milter.wait_for_log(r"event=points .*ip=192.0.2.20 signal=rejected_recipient added=10 "
-                            r"points=(19\.9|20)")
+        milter.wait_for_log(r"event=points .*ip=192.0.2.20 signal=rejected_recipient added=25 "
+                            r"points=(49\.\d|50)")
         blocked = gateway.send(client="192.0.2.20")
         assert blocked.reply_by_stage["MAIL"] == BLOCKED, blocked.transcript
 
@@ -114,7 +116,7 @@ def test_rejected_recipients_earn_points_that_block_then_decay(tmp_path: Path,
                                capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert "BLOCKED" in shown.stdout, shown.stdout + shown.stderr
 
-        time.sleep(2.5)  # more than one half-life: 20 points fade below the 15 that block
+        time.sleep(4.5)  # 50 points fade below the 15 that block after 3.5 s
         recovered = gateway.send(client="192.0.2.20")
         assert recovered.code("DATA_END") == 250, recovered.transcript
 
