@@ -113,7 +113,7 @@ class AuthChecker:
         dkim = verify_dkim(message.raw, self.txt_lookup, settings.dkim,
                            settings.max_signatures)
         arc = (verify_arc(message.raw, self.txt_lookup, settings.dkim)
-               if any(name.lower() == "arc-seal" for name in message.email.keys())
+               if any(name.lower() == "arc-seal" for name, _ in message.raw_headers())
                else ArcResult("none"))
         dmarc = dmarc_mod.evaluate(dmarc_mod.from_domain(from_values), spf, dkim,
                                    self.txt_lookup, self.sample)

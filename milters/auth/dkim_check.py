@@ -8,6 +8,7 @@ the exception type.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import dkim
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from milters.core.dns import DnsTempError
 
@@ -39,6 +44,37 @@ def _validate_maybe_expired(sig: dict[bytes, bytes], *args: Any, **kwargs: Any) 
 
 
 dkim.validate_signature_fields = _validate_maybe_expired
+# The same few keys sign most mail: parse each published key once, not per message (dkimpy
+# parses the ASN.1 and the modulus on every verification). The parsed key is only read.
+dkim.evaluate_pk = functools.lru_cache(maxsize=1024)(dkim.evaluate_pk)
+
+# dkimpy checks RSA signatures in pure Python (a quarter of the milter's CPU in
+# bench/auth.py); OpenSSL, through `cryptography`, checks the same digest dkimpy computed.
+_HASHES = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
+_pure_python_verify = dkim.RSASSA_PKCS1_v1_5_verify
+
+
+@functools.lru_cache(maxsize=1024)
+def _rsa_key(modulus: int, exponent: int) -> rsa.RSAPublicKey:
+    return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+
+
+def _verify_rsa_with_openssl(digest: Any, signature: bytes, public_key: dict[str, int]) -> bool:
+    algorithm = _HASHES.get(getattr(digest, "name", ""))
+    try:
+        key = _rsa_key(public_key["modulus"], public_key["publicExponent"])
+    except (ValueError, TypeError, KeyError):  # a key OpenSSL will not load: dkimpy decides
+        return bool(_pure_python_verify(digest, signature, public_key))
+    if algorithm is None:
+        return bool(_pure_python_verify(digest, signature, public_key))
+    try:
+        key.verify(signature, digest.digest(), padding.PKCS1v15(), Prehashed(algorithm))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+dkim.RSASSA_PKCS1_v1_5_verify = _verify_rsa_with_openssl
 
 
 @dataclass(frozen=True)
@@ -103,7 +139,7 @@ class _KeyWatch:
             self.missing = True
             return None
         try:
-            dkim.evaluate_pk(text, keys[0])
+            dkim.evaluate_pk(name, keys[0])  # cached: dkimpy asks the same right after
         except dkim.DKIMException as exc:
             self.bad_key = str(exc)
         # RFC 6376 3.6.1: a key with h= may only verify signatures made with those hashes
@@ -124,14 +160,13 @@ def _unsigned_tail(raw: bytes, tags: dict[str, str]) -> int:
     return max(0, len(policy.canonicalize_body(body)) - int(tags["l"]))
 
 
-def verify_one(raw: bytes, index: int, signature: bytes, lookup: TxtLookup,
-               settings: DkimSettings) -> DkimResult:
+def verify_one(verifier: dkim.DKIM, raw: bytes, index: int, signature: bytes,
+               lookup: TxtLookup, settings: DkimSettings) -> DkimResult:
     tags = _tags(signature)
     made = dict(domain=tags.get("d", "").lower(), selector=tags.get("s", ""),
                 algorithm=tags.get("a", ""), header_b=tags.get("b", "")[:8],
                 identity=tags.get("i", ""))
     watch = _KeyWatch(lookup, made["algorithm"].lower().rpartition("-")[2])
-    verifier = dkim.DKIM(raw, logger=_quiet, minkey=settings.min_rsa_bits)
     _expiry.ignore = settings.allow_expired
     try:
         good = verifier.verify(idx=index, dnsfunc=watch)
@@ -177,10 +212,11 @@ def verify_dkim(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSett
         signatures = _signature_headers(raw)
     except dkim.DKIMException:  # a header section dkimpy cannot split: nothing to verify
         return []
-    results = []
-    for index, signature in enumerate(signatures[:max_signatures]):
-        results.append(verify_one(raw, index, signature, lookup, settings))
-    return results
+    if not signatures:
+        return []
+    verifier = dkim.DKIM(raw, logger=_quiet, minkey=settings.min_rsa_bits)  # parsed once
+    return [verify_one(verifier, raw, index, signature, lookup, settings)
+            for index, signature in enumerate(signatures[:max_signatures])]
 
 
 def verify_arc(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSettings()

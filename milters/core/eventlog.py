@@ -62,9 +62,34 @@ class _UtcFormatter(logging.Formatter):
         return line
 
 
+class _LineHandler(logging.Handler):
+    """Each line in one write(2) to a file descriptor, without logging's handler lock: a
+    line up to PIPE_BUF bytes is written whole to a pipe or an O_APPEND file, so threads
+    cannot interleave (the lock cost the auth milter an eighth of its CPU)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def createLock(self) -> None:  # noqa: N802 (logging's name)
+        self.lock = None  # type: ignore[assignment]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+            while data:
+                data = data[os.write(self.fd, data):]
+        except Exception:  # logging must never take a milter down
+            self.handleError(record)
+
+
 def setup_logging(program: str, *, verbose: bool = False) -> None:
     """Send mailmoat's event lines to stderr (systemd/journald or the caller collects them)."""
-    handler = logging.StreamHandler(sys.stderr)
+    sys.stderr.flush()
+    try:
+        handler: logging.Handler = _LineHandler(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor (tests)
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_UtcFormatter(program))
     _LOGGER.handlers[:] = [handler]
     _LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -13,7 +13,7 @@ from email import policy as email_policy
 from email.errors import HeaderParseError
 from email.header import decode_header
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser, BytesParser
 from functools import lru_cache
 from typing import Any
 
@@ -129,6 +129,7 @@ class Message:
     # Results from earlier milters (e.g. the auth milter's verdicts), keyed by milter name.
     results: dict[str, Any] = field(default_factory=dict)
     _parsed: EmailMessage | None = field(default=None, repr=False)
+    _headers: list[tuple[str, str]] | None = field(default=None, repr=False)
 
     @property
     def email(self) -> EmailMessage:
@@ -149,7 +150,13 @@ class Message:
     def raw_headers(self) -> list[tuple[str, str]]:
         """Every header as (name, value) in order, undecoded but for UTF-8 (RFC 6532), which
         the stdlib parser leaves as surrogate escapes."""
-        return [(name, _utf8_text(str(value))) for name, value in self.email.raw_items()]
+        if self._headers is None:
+            # The header section alone: milters that only read headers (auth, ratelimit)
+            # need not pay for parsing a large MIME body.
+            head = self._parsed if self._parsed is not None else BytesHeaderParser(
+                policy=email_policy.default).parsebytes(self.raw)
+            self._headers = [(name, _utf8_text(str(value))) for name, value in head.raw_items()]
+        return self._headers
 
     @property
     def subject(self) -> str:
