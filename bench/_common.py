@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # The project root goes first: a script runs with bench/ as sys.path[0], where bench/mta.py
@@ -141,12 +143,15 @@ def fmt_rate(value: float) -> str:
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 
 
-def smtp_source(port: int, count: int, concurrency: int, sender: str, recipient: str) -> float:
-    """Send `count` 1000-byte messages with Postfix's smtp-source, `concurrency` sessions at a
-    time, to 127.0.0.1:port; return the wall time. smtp-source exits non-zero on any
-    unexpected reply, so a refusal cannot go unnoticed."""
-    argv = [SMTP_SOURCE, "-c", "-l", "1000", "-m", str(count), "-s", str(concurrency),
-            "-f", sender, "-t", recipient, f"127.0.0.1:{port}"]
+def smtp_source(port: int, count: int, concurrency: int, sender: str, recipient: str,
+                message_file: Path | None = None, helo: str | None = None) -> float:
+    """Send `count` messages with Postfix's smtp-source, `concurrency` sessions at a time, one
+    session per message, to 127.0.0.1:port; return the wall time. The message is 1000 bytes
+    of smtp-source's own, or `message_file` (-F: LF line ends). smtp-source exits non-zero on
+    any unexpected reply, so a refusal or tempfail cannot go unnoticed."""
+    content = ["-F", str(message_file)] if message_file is not None else ["-l", "1000"]
+    argv = [SMTP_SOURCE, "-c", *content, *(["-M", helo] if helo else []), "-m", str(count),
+            "-s", str(concurrency), "-f", sender, "-t", recipient, f"127.0.0.1:{port}"]
     start = time.perf_counter()
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                           timeout=30 + count / 5)
@@ -156,6 +161,33 @@ def smtp_source(port: int, count: int, concurrency: int, sender: str, recipient:
                          f" {proc.stdout.decode(errors='replace')[-500:]}"
                          f" {proc.stderr.decode(errors='replace')[-500:]}")
     return wall
+
+
+def sink_messages(log: Path) -> int:
+    """smtp-sink -c rewrites 'sess=N quit=N mesg=N' with CRs; the last one is the total."""
+    found = re.findall(r"mesg=(\d+)", log.read_text(errors="replace"))
+    return int(found[-1]) if found else 0
+
+
+class LogCounter:
+    """Counts one Postfix instance's maillog lines from a byte offset on: deliveries, and the
+    lines `bad` matches (refusals, deferrals, milter trouble)."""
+
+    def __init__(self, postfix: Any, bad: re.Pattern[str]) -> None:
+        self.postfix = postfix
+        self.bad = bad
+        self.offset = postfix.log_offset()
+
+    def text(self) -> str:
+        with open(self.postfix.maillog, "rb") as fh:
+            fh.seek(self.offset)
+            return fh.read().decode("utf-8", "replace")
+
+    def sent(self) -> int:
+        return self.text().count(" status=sent ")
+
+    def problems(self) -> list[str]:
+        return [line for line in self.text().splitlines() if self.bad.search(line)]
 
 
 def proc_fields(pid: int) -> list[str]:

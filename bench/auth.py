@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _common import SMTP_SOURCE, cpu_seconds  # noqa: E402
+from _common import SMTP_SOURCE, LogCounter, cpu_seconds, sink_messages  # noqa: E402
+from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
 
@@ -277,39 +278,8 @@ class Variant:
 
 def smtp_source(port: int, count: int, concurrency: int, message_file: Path,
                 recipient: str = RECIPIENT) -> float:
-    """`count` copies of the signed message, `concurrency` sessions at a time, one session per
-    message; return the wall time. smtp-source exits non-zero on any unexpected reply, so a
-    refusal or tempfail cannot go unnoticed."""
-    argv = [SMTP_SOURCE, "-F", str(message_file), "-M", HELO, "-m", str(count),
-            "-s", str(concurrency), "-f", SENDER, "-t", recipient, f"{LOOPBACK}:{port}"]
-    start = time.perf_counter()
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                          timeout=30 + count / 5)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:"
-                         f" {proc.stdout.decode(errors='replace')[-500:]}"
-                         f" {proc.stderr.decode(errors='replace')[-500:]}")
-    return wall
-
-
-class LogCounter:
-    """Counts one Postfix instance's maillog lines from a byte offset on."""
-
-    def __init__(self, postfix: PostfixInstance) -> None:
-        self.postfix = postfix
-        self.offset = postfix.log_offset()
-
-    def text(self) -> str:
-        with open(self.postfix.maillog, "rb") as fh:
-            fh.seek(self.offset)
-            return fh.read().decode("utf-8", "replace")
-
-    def sent(self) -> int:
-        return self.text().count(" status=sent ")
-
-    def problems(self) -> list[str]:
-        return [line for line in self.text().splitlines() if MAILLOG_BAD.search(line)]
+    """`count` copies of the signed message, `concurrency` sessions at a time."""
+    return run_smtp_source(port, count, concurrency, SENDER, recipient, message_file, HELO)
 
 
 def send_and_wait(v: Variant, count: int, concurrency: int, message_file: Path,
@@ -317,7 +287,7 @@ def send_and_wait(v: Variant, count: int, concurrency: int, message_file: Path,
     """One run; then wait (bounded) until Postfix delivered all of it, so runs never overlap
     and the milters' CPU covers whole messages."""
     assert v.postfix is not None
-    counter = LogCounter(v.postfix)
+    counter = LogCounter(v.postfix, MAILLOG_BAD)
     try:
         wall = smtp_source(v.port, count, concurrency, message_file, recipient)
     except BenchError as exc:
@@ -337,12 +307,6 @@ def send_and_wait(v: Variant, count: int, concurrency: int, message_file: Path,
         raise BenchError(f"{v.label}: refused, held or deferred mail:\n"
                          + "\n".join(problems[:10]))
     return wall
-
-
-def sink_messages(log: Path) -> int:
-    """smtp-sink -c rewrites 'sess=N quit=N mesg=N' with CRs; the last one is the total."""
-    found = re.findall(r"mesg=(\d+)", log.read_text(errors="replace"))
-    return int(found[-1]) if found else 0
 
 
 # == correctness: both sides really verify ===================================================

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from _common import SMTP_SOURCE, cpu_seconds, ratelimit_show  # noqa: E402
+from _common import SMTP_SOURCE, LogCounter, cpu_seconds, ratelimit_show, sink_messages  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
                      fmt_rate, median, percentile, table, verdict, wait_until,
@@ -472,26 +472,8 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-class LogCounter:
-    """Counts maillog lines of one Postfix instance, from a byte offset on."""
-
-    SENT = re.compile(r" status=sent ")
-    BAD = re.compile(r"milter-reject|NOQUEUE: reject|status=(deferred|bounced)|warning: milter")
-
-    def __init__(self, postfix: PostfixInstance) -> None:
-        self.postfix = postfix
-        self.offset = postfix.log_offset()
-
-    def text(self) -> str:
-        with open(self.postfix.maillog, "rb") as fh:
-            fh.seek(self.offset)
-            return fh.read().decode("utf-8", "replace")
-
-    def sent(self) -> int:
-        return len(self.SENT.findall(self.text()))
-
-    def problems(self) -> list[str]:
-        return [line for line in self.text().splitlines() if self.BAD.search(line)]
+MAILLOG_BAD = re.compile(r"milter-reject|NOQUEUE: reject|status=(deferred|bounced)|"
+                         r"warning: milter")
 
 
 def smtp_source(port: int, count: int, concurrency: int) -> float:
@@ -499,7 +481,7 @@ def smtp_source(port: int, count: int, concurrency: int) -> float:
 
 def send_and_check(variant: Variant, count: int, concurrency: int) -> float:
     """One timed run; then wait until Postfix delivered all of it, so runs do not overlap."""
-    counter = LogCounter(variant.postfix) if variant.postfix else None
+    counter = LogCounter(variant.postfix, MAILLOG_BAD) if variant.postfix else None
     wall = smtp_source(variant.port, count, concurrency)
     variant.sent += count
     if counter is not None:
@@ -513,12 +495,6 @@ def send_and_check(variant: Variant, count: int, concurrency: int) -> float:
             raise BenchError(f"{variant.label}: refused or deferred mail:\n"
                              + "\n".join(problems[:10]))
     return wall
-
-
-def sink_messages(log: Path) -> int:
-    """smtp-sink -c rewrites 'sess=N quit=N mesg=N' with CRs; the last one is the total."""
-    found = re.findall(r"mesg=(\d+)", log.read_text(errors="replace"))
-    return int(found[-1]) if found else 0
 
 
 @dataclass

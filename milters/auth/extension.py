@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from milters.core.message import Envelope, Message
-from milters.core.policy.document import Policy, PolicyExtension, PolicyTest
+from milters.core.policy.document import (Policy, PolicyExtension, PolicyTest,
+                                          decision_failures)
 from milters.core.policy.schema import Str
 
 from .checker import decide
@@ -39,12 +40,7 @@ def run_test(policy: Policy, test: PolicyTest, expected: AuthExpectation) -> lis
     env = Envelope(client_ip=msg.client_ip, helo=msg.helo, mail_from=msg.mail_from,
                    auth_user=msg.auth_user)
     action, why = _decision(policy, env)
-    failures = []
-    if expected.action is not None and action != expected.action:
-        failures.append(f"auth action is {action} (by {why}), expected {expected.action}")
-    if expected.rule is not None and why != expected.rule:
-        failures.append(f"auth was decided by {why}, expected {expected.rule}")
-    return failures
+    return decision_failures(MILTER, action, why, expected)
 
 
 EXTENSION = PolicyExtension(

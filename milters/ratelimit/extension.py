@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from milters.core.message import Envelope, Recipient
-from milters.core.policy.document import Policy, PolicyExtension, PolicyTest
+from milters.core.policy.document import (Policy, PolicyExtension, PolicyTest,
+                                          decision_failures)
 from milters.core.policy.rules import Facts
 from milters.core.policy.schema import Str
 from milters.core.store import open_store
@@ -72,11 +73,7 @@ def run_test(policy: Policy, test: PolicyTest, expected: RatelimitExpectation) -
     msg = test.message
     env = Envelope(client_ip=msg.client_ip, mail_from=msg.mail_from, auth_user=msg.auth_user)
     action, who, _ = decide(policy, env)
-    failures = []
-    if expected.action is not None and action != expected.action:
-        failures.append(f"ratelimit action is {action} (by {who}), expected {expected.action}")
-    if expected.rule is not None and who != expected.rule:
-        failures.append(f"ratelimit was decided by {who}, expected {expected.rule}")
+    failures = decision_failures(MILTER, action, who, expected)
     if expected.reply is not None:
         reply = simulate(policy, test)
         if not reply.startswith(expected.reply):

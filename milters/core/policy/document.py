@@ -72,6 +72,18 @@ class PolicyExtension:
     explain: Callable[[Policy, Envelope], list[str]] | None = None
 
 
+def decision_failures(milter: str, action: Any, decided_by: str, expected: Any) -> list[str]:
+    """The failed `action:` and `rule:` expectations of a `tests:` case (the shared part of
+    every milter's test runner); `expected` has `action` and `rule`, None = not stated."""
+    failures = []
+    if expected.action is not None and action != expected.action:
+        failures.append(f"{milter} action is {action} (by {decided_by}), expected "
+                        f"{expected.action}")
+    if expected.rule is not None and decided_by != expected.rule:
+        failures.append(f"{milter} was decided by {decided_by}, expected {expected.rule}")
+    return failures
+
+
 class _Domain(Str):
     expected = "a domain like example.jp"
 
@@ -210,4 +222,5 @@ def load_policy_text(text: str, extensions: list[PolicyExtension],
 
 
 __all__ = ["ConfigError", "Policy", "PolicyExtension", "PolicyTest", "TestMessage",
+           "decision_failures",
            "load_policy", "load_policy_text", "parse_policy"]
