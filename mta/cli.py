@@ -21,6 +21,8 @@ from milters.core.message import Envelope, Recipient
 from milters.core.policy.document import Policy, PolicyExtension, load_policy
 from milters.auth import milter as auth_milter
 from milters.auth import reports as dmarc_reports
+from milters.attachments import milter as attachments_milter
+from milters.attachments.extension import EXTENSION as ATTACHMENTS
 from milters.auth.extension import EXTENSION as AUTH
 from milters.core.store import open_store
 from milters.ratelimit import admin as ratelimit_admin
@@ -31,10 +33,11 @@ from . import delivery_process, queue_admin, scan, serve, users
 from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
-EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH]
+EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, ATTACHMENTS]
 MILTERS: dict[str, Callable[[GatewayConfig, str, Callable[[Path], Policy]], None]] = {
     "ratelimit": ratelimit_milter.serve,
     "auth": auth_milter.serve,
+    "attachments": attachments_milter.serve,
 }
 
 
@@ -112,7 +115,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
           + (f", authenticated as {args.auth_user}" if args.auth_user else ""))
     for ext in EXTENSIONS:
         if ext.explain is not None:
-            for line in ext.explain(policy, env):
+            for line in ext.explain(policy, env, args.subject):
                 print(line)
     return 0
 

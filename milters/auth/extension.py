@@ -16,7 +16,7 @@ def _decision(policy: Policy, env: Envelope) -> tuple[str, str]:
     return decision.action, decision.why
 
 
-def explain(policy: Policy, env: Envelope) -> list[str]:
+def explain(policy: Policy, env: Envelope, subject: str = "") -> list[str]:
     action, why = _decision(policy, env)
     settings: AuthSettings = policy.sections[MILTER]
     lines = [f"auth: {action}  (decided by {why if why.startswith('(') else repr(why)})"]

@@ -23,6 +23,7 @@ import Milter
 
 from .edits import (AddHeader, AddRecipient, ChangeFrom, ChangeHeader, DeleteRecipient, Edit,
                     EomResult, Quarantine, ReplaceBody)
+from .errors import MessageError
 from .eventlog import log_event
 from .message import Envelope, Message, Recipient, strip_brackets
 from .milter_protocol import ActionFlag, MacroStage, ProtocolFlag
@@ -180,6 +181,12 @@ class MilterAdapter(Milter.Base):
     def _guarded(self, stage: str, call: Callable[[], Verdict], no_reply_flag: int) -> int:
         try:
             verdict = call()
+        except MessageError as exc:  # the message itself is unusable: a permanent answer
+            log_event("message_refused", level=logging.WARNING,
+                      milter=type(self).logic_class.name, stage=stage, error=str(exc),
+                      queue_id=self.env.queue_id, ip=self.env.client_ip)
+            verdict = Verdict.reject(SmtpReply(554, "5.6.0", f"Malformed message: {exc}"),
+                                     reason=str(exc))
         except Exception as exc:  # one broken message must never take the daemon down
             log_event("milter_error", level=logging.ERROR, milter=type(self).logic_class.name,
                       stage=stage, error=f"{type(exc).__name__}: {exc}",

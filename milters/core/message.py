@@ -17,6 +17,7 @@ from email.parser import BytesHeaderParser, BytesParser
 from functools import lru_cache
 from typing import Any
 
+from .errors import MessageError
 from .jis import decode_cp50220
 
 
@@ -98,8 +99,8 @@ def decode_charset(data: bytes, charset: str | None) -> str:
         name = "cp932"
     try:
         return data.decode(name, errors="replace")
-    except LookupError:  # an unknown charset label: show what can be shown
-        return data.decode("utf-8", errors="replace")
+    except (LookupError, UnicodeError):  # an unknown label, or a codec that cannot replace
+        return data.decode("utf-8", errors="replace")  # (idna, punycode): show what we can
 
 
 def decode_words(value: str) -> str:
@@ -120,6 +121,23 @@ def domain_of(address: str | None) -> str | None:
     return address.rsplit("@", 1)[1].rstrip(".").lower() or None
 
 
+def parse_bytes(raw: bytes, policy: Any) -> EmailMessage:
+    """The MIME tree of `raw`. The modern policy decodes header parameters while it builds
+    the tree and raises on some real mail (an RFC 2231 ISO-2022-JP file name holding ① or
+    ㈱, which Python's iso2022_jp codec lacks); such mail is parsed with compat32 rules,
+    which keep the raw text, into the same EmailMessage class."""
+    try:
+        try:
+            parsed = BytesParser(policy=policy).parsebytes(raw)
+        except (UnicodeError, LookupError, ValueError):
+            parsed = BytesParser(_class=EmailMessage,
+                                 policy=email_policy.compat32).parsebytes(raw)
+    except RecursionError:  # hundreds of nested multiparts: a parser bomb, not mail
+        raise MessageError("MIME parts nested too deeply to parse") from None
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
 @dataclass
 class Message:
     """One message as a milter sees it at end of data."""
@@ -134,9 +152,7 @@ class Message:
     @property
     def email(self) -> EmailMessage:
         if self._parsed is None:
-            parsed = BytesParser(policy=email_policy.default).parsebytes(self.raw)
-            assert isinstance(parsed, EmailMessage)
-            self._parsed = parsed
+            self._parsed = parse_bytes(self.raw, email_policy.default)
         return self._parsed
 
     def header_text(self, name: str) -> str | None:

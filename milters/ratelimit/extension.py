@@ -35,7 +35,7 @@ def _describe_limit(settings: RatelimitSettings) -> list[str]:
     return lines
 
 
-def explain(policy: Policy, env: Envelope) -> list[str]:
+def explain(policy: Policy, env: Envelope, subject: str = "") -> list[str]:
     action, who, trail = decide(policy, env)
     lines = [f"ratelimit: {action}  (decided by {who})" if who.startswith("(")
              else f"ratelimit: {action}  (decided by rule '{who}')"]

@@ -147,7 +147,8 @@ class PostfixInstance:
                  debug_peer_list: str = "",
                  base_dir: str | os.PathLike[str] | None = None,
                  save_logs_to: str | os.PathLike[str] | None = None,
-                 keep_dir: bool = False, start_timeout: float = 10.0) -> None:
+                 keep_dir: bool = False, start_timeout: float = 10.0,
+                 reinject_port: int | None = None) -> None:
         if os.geteuid() != 0:
             raise PermissionError("a private Postfix instance needs root (master starts as root)")
         self.host = LOOPBACK
@@ -161,6 +162,9 @@ class PostfixInstance:
         self.save_logs_to = Path(save_logs_to) if save_logs_to is not None else None
         self.keep_dir = keep_dir
         self.start_timeout = start_timeout
+        # A second smtpd without milters, where milters hand back copies and notices (as an
+        # admin adds one to master.cf with -o smtpd_milters=).
+        self.reinject_port = reinject_port
         self._own_base = base_dir is None
         self._base_arg = Path(base_dir) if base_dir is not None else None
         self.base_dir = Path()
@@ -254,8 +258,11 @@ class PostfixInstance:
         lines = ["# Private test instance written by tests/harness/postfix.py; not /etc/postfix."]
         lines += [f"{name} = {value}" for name, value in self.main_cf_params().items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
-        (self.config_dir / "master.cf").write_text(
-            _MASTER_CF.format(listen=f"{self.host}:{self.smtp_port}"))
+        master = _MASTER_CF.format(listen=f"{self.host}:{self.smtp_port}")
+        if self.reinject_port:
+            master += (f"{self.host}:{self.reinject_port} inet n - n - - smtpd"
+                       " -o smtpd_milters= -o non_smtpd_milters=\n")
+        (self.config_dir / "master.cf").write_text(master)
         self._cool_config()
 
     def _cool_config(self) -> None:

@@ -26,7 +26,7 @@ from tests.integration.test_serve import Serve
 
 pytestmark = pytest.mark.integration
 
-POLICY = f"""\
+POLICY = """\
 internal_networks: [127.0.0.0/8]
 auth:
   dmarc:

@@ -28,13 +28,13 @@ pytestmark = pytest.mark.integration
 
 # Both sides find organisational domains in the same list: the one our package ships.
 SUFFIX_LIST = Path(publicsuffixlist.__file__).with_name("public_suffix_list.dat")
-PEER_ID = "peer.test"
-NO_VERDICT = "(no dmarc= header)"  # OpenDKIM's and OpenDMARC's authserv-id
+PEER_ID = "peer.test"  # OpenDKIM's and OpenDMARC's authserv-id
+NO_VERDICT = "(no dmarc= header)"
 # Ours only tags here: every message reaches the sink with both verdicts in its header.
-POLICY = f"""\
+POLICY = """\
 internal_networks: [127.0.0.0/8]
 auth:
-  dmarc: {{actions: {{reject: tag, quarantine: tag, none: tag}}}}
+  dmarc: {actions: {reject: tag, quarantine: tag, none: tag}}
   on_temperror: tag
 """
 EXTRA_ZONES = {

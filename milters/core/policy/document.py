@@ -68,8 +68,9 @@ class PolicyExtension:
     # Conditions a rule setting this milter's action may not use, and why (shown as the fix).
     unusable_conditions: tuple[str, ...] = ()
     unusable_reason: str = ""
-    # Lines for `mailmoat policy explain`: what this milter would do with such a message.
-    explain: Callable[[Policy, Envelope], list[str]] | None = None
+    # Lines for `mailmoat policy explain`: what this milter would do with such a message
+    # (envelope and subject).
+    explain: Callable[[Policy, Envelope, str], list[str]] | None = None
 
 
 def decision_failures(milter: str, action: Any, decided_by: str, expected: Any) -> list[str]:

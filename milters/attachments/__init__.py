@@ -1,0 +1,1 @@
+"""The attachments milter: SaMMA-style PPAP countermeasure (encrypt, offload, delete)."""

@@ -1,0 +1,45 @@
+"""How the attachments milter plugs into the policy language: its section, its rule action
+(the treatment of one recipient's copy), `policy explain` lines and `tests:` cases."""
+from __future__ import annotations
+
+from milters.core.message import Envelope, Recipient
+from milters.core.policy.document import (Policy, PolicyExtension, PolicyTest,
+                                          decision_failures)
+from milters.core.policy.schema import Str
+
+from .decide import modes_for
+from .settings import (EXPECT_SPEC, MILTER, MODES, SETTINGS_SPEC, AttachmentsExpectation,
+                       AttachmentsSettings)
+
+
+def explain(policy: Policy, env: Envelope, subject: str = "") -> list[str]:
+    settings: AttachmentsSettings = policy.sections[MILTER]
+    lines = []
+    for address, mode in modes_for(policy, env, subject).items():
+        who = mode.why if mode.why.startswith("(") else f"rule '{mode.why}'"
+        lines.append(f"attachments for <{address}>: {mode.mode}  (decided by {who})")
+    encrypt = settings.encrypt
+    if any(line.split(": ", 1)[1].startswith("encrypt") for line in lines):
+        lines.append(f"  - one {encrypt.encryption} ZIP named {encrypt.zip_name}, entry names "
+                     f"in {encrypt.names}; the password goes to the {settings.notice.to} in a "
+                     f"separate mail ({settings.notice.language})")
+    return lines
+
+
+def run_test(policy: Policy, test: PolicyTest, expected: AttachmentsExpectation) -> list[str]:
+    msg = test.message
+    env = Envelope(client_ip=msg.client_ip, helo=msg.helo, mail_from=msg.mail_from,
+                   auth_user=msg.auth_user, recipients=[Recipient(r) for r in msg.rcpt])
+    first = modes_for(policy, env, msg.subject)[msg.rcpt[0]]
+    return decision_failures(MILTER, first.mode, first.why, expected)
+
+
+EXTENSION = PolicyExtension(
+    name=MILTER,
+    settings=SETTINGS_SPEC,
+    action=Str(MODES),
+    default_action="pass",
+    expect=EXPECT_SPEC,
+    run_test=run_test,
+    explain=explain,
+)

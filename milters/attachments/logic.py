@@ -1,0 +1,212 @@
+"""The attachments milter's decision at end of message: which recipients get which copy,
+the transformed copies re-injected for the recipients they belong to (and removed from the
+original with delrcpt), the original edited in place for the rest, and the password notice.
+
+Nothing is lost or doubled on failure: every re-injection happens before the original is
+let through; if one fails, the whole message is tempfailed and the sender's MTA retries.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from email.header import Header
+from pathlib import Path
+from typing import Callable
+
+from milters.core.edits import AddHeader, ChangeHeader, DeleteRecipient, Edit, EomResult
+from milters.core.eventlog import log_event
+from milters.core.message import Message, decode_words
+from milters.core.policy.document import Policy
+from milters.core.policy.matching import match_address, parse_network_pattern
+from milters.core.policy.matching import network_matches
+from milters.core.verdict import SmtpReply, Verdict
+
+from .decide import groups, has_keyword, modes_for, strip_keyword
+from .notice import build_notice, format_date, format_recipients, load_template
+from .password import fixed_password, generate_password
+from .rebuild import edits_between, parse, to_bytes
+from .reinject import ReinjectError, reinject
+from .settings import MILTER, AttachmentsSettings
+from .treat import Treated, delete, encrypt
+
+LOOP_HEADER = "X-Mailmoat-Attachments"
+LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
+TEMPFAIL = SmtpReply(451, "4.3.0", "Temporary problem handling the attachments; "
+                                   "try again later")
+Sender = Callable[[str, str, list[str], bytes, float], str]
+
+
+@dataclass
+class Context:
+    settings: AttachmentsSettings
+    message: Message
+    now: datetime
+    password: str = ""
+
+
+def _send(listen: str, mail_from: str, recipients: list[str], raw: bytes,
+          timeout: float) -> str:
+    return reinject(listen, mail_from, recipients, raw, timeout)
+
+
+def header_value(message: Message, name: str) -> str | None:
+    for key, value in message.raw_headers():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def encode_subject(text: str, like: str) -> str:
+    """A changed subject, encoded the way the original was (ISO-2022-JP stays ISO-2022-JP)."""
+    if text.isascii():
+        return text
+    charset = "iso-2022-jp" if "iso-2022-jp" in like.lower() else "utf-8"
+    try:
+        return Header(text, charset).encode()
+    except UnicodeError:  # characters outside JIS X 0208 (e.g. Windows extensions)
+        return Header(text, "utf-8").encode()
+
+
+class AttachmentsChecker:
+    def __init__(self, hostname: str, reinject_listen: str,
+                 clock: Callable[[], datetime] = lambda: datetime.now().astimezone(),
+                 send: Sender = _send) -> None:
+        self.hostname = hostname
+        self.listen = reinject_listen
+        self.clock = clock
+        self.send = send
+
+    def check(self, message: Message, policy: Policy) -> EomResult:
+        settings: AttachmentsSettings = policy.sections[MILTER]
+        env = message.envelope
+        if header_value(message, LOOP_HEADER) is not None and \
+                network_matches(env.client_address, LOOPBACK):
+            return EomResult(Verdict.cont("treated already (loop guard)"))
+        subject = header_value(message, "Subject") or ""
+        modes = modes_for(policy, env, subject)
+        grouped = groups(modes)
+        subject_edits = self._keyword_edits(subject, settings)
+        if set(grouped) <= {"pass"}:
+            return EomResult(Verdict.cont(), subject_edits)
+        ctx = Context(settings, message, self.clock())
+        treated = self._treat(ctx, grouped, env.mail_from or "")
+        if treated is None:  # no attachments: nothing to protect
+            return EomResult(Verdict.cont("no attachments"), subject_edits)
+        try:
+            return self._deliver(ctx, grouped, treated, subject_edits)
+        except ReinjectError as exc:
+            log_event("attachments_failed", level=logging.ERROR, milter=MILTER,
+                      queue_id=env.queue_id, error=str(exc))
+            return EomResult(Verdict.tempfail(TEMPFAIL, reason=str(exc)))
+
+    # -- steps -----------------------------------------------------------------------------
+    def _keyword_edits(self, subject: str, settings: AttachmentsSettings) -> list[Edit]:
+        if not has_keyword(subject, settings.subject_keyword):
+            return []
+        stripped = strip_keyword(subject, settings.subject_keyword)
+        return [ChangeHeader("Subject", 1, " " + encode_subject(stripped, subject))]
+
+    def _treat(self, ctx: Context, grouped: dict[str, list[str]],
+               sender: str) -> dict[str, Treated] | None:
+        treated: dict[str, Treated] = {}
+        for mode, recipients in grouped.items():
+            if mode == "encrypt":
+                ctx.password = self._password(ctx, recipients)
+                result = encrypt(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender)
+            elif mode == "delete":
+                result = delete(ctx.message.raw, ctx.settings, sender)
+            else:
+                continue
+            if result is None:
+                return None
+            treated[mode] = result
+        return treated
+
+    def _password(self, ctx: Context, recipients: list[str]) -> str:
+        """A partner's agreed password when every recipient of the copy has the same one;
+        otherwise a fresh random one for this message."""
+        pw = ctx.settings.encrypt.password
+        chosen = set()
+        for rcpt in recipients:
+            entry = next((f for f in pw.fixed if match_address(rcpt, f.recipients).matched),
+                         None)
+            chosen.add(entry.pattern if entry else None)
+        if len(chosen) == 1 and None not in chosen:
+            return fixed_password(chosen.pop(), ctx.now)  # type: ignore[arg-type]
+        return generate_password(pw.length, pw.alphabet or _default_alphabet(),
+                                 exclude_ambiguous=pw.exclude_ambiguous)
+
+    def _deliver(self, ctx: Context, grouped: dict[str, list[str]],
+                 treated: dict[str, Treated], subject_edits: list[Edit]) -> EomResult:
+        env = ctx.message.envelope
+        stay = "pass" if "pass" in grouped else next(iter(grouped))
+        edits: list[Edit] = list(subject_edits)
+        for mode, recipients in grouped.items():
+            if mode == stay:
+                continue
+            copy = treated[mode].message
+            self._finish_copy(copy, subject_edits)
+            self.send(self.listen, env.mail_from or "", recipients, to_bytes(copy),
+                      ctx.settings.reinject_timeout)
+            edits += [DeleteRecipient(r) for r in recipients]
+        if stay in treated:
+            edits += edits_between(parse(ctx.message.raw), treated[stay].message)
+            edits.append(AddHeader(LOOP_HEADER, f"{stay} by {self.hostname}"))
+        if "encrypt" in treated:
+            self._notify(ctx, grouped["encrypt"], treated["encrypt"])
+        for mode, recipients in grouped.items():
+            fields: dict[str, object] = {"queue_id": env.queue_id, "action": mode,
+                                         "rcpts": ",".join(recipients)}
+            if mode in treated:
+                fields["files"] = len(treated[mode].files)
+                fields["delivered"] = "in place" if mode == stay else "re-injected"
+            if mode == "encrypt":
+                fields["zip"] = treated[mode].zip_name
+                if ctx.settings.notice.log_password:
+                    fields["password"] = ctx.password
+            log_event("attachments", milter=MILTER, **fields)
+        return EomResult(Verdict.cont(), edits)
+
+    def _finish_copy(self, copy: object, subject_edits: list[Edit]) -> None:
+        """A re-injected copy: the subject as edited, and the loop guard."""
+        for edit in subject_edits:
+            if isinstance(edit, ChangeHeader):
+                del copy[edit.name]  # type: ignore[index]
+                copy[edit.name] = edit.value.strip()  # type: ignore[index]
+        copy[LOOP_HEADER] = f"copy by {self.hostname}"  # type: ignore[index]
+
+    def _notify(self, ctx: Context, recipients: list[str], treated: Treated) -> None:
+        settings, env = ctx.settings, ctx.message.envelope
+        notice = settings.notice
+        to: list[str] = []
+        if notice.to in ("sender", "both") and env.mail_from:
+            to.append(env.mail_from)
+        if notice.to in ("recipients", "both"):
+            to += recipients
+        if not to:
+            return
+        template = load_template("password", notice.language,
+                                 Path(notice.templates) if notice.templates else None)
+        subject = decode_words(header_value(ctx.message, "Subject") or "")
+        if has_keyword(subject, settings.subject_keyword):
+            subject = strip_keyword(subject, settings.subject_keyword)
+        values = {
+            "subject": subject,
+            "date": format_date(header_value(ctx.message, "Date"), notice.language),
+            "password": ctx.password, "recipients": format_recipients(recipients),
+            "filename": treated.zip_name, "sender": env.mail_from or "",
+        }
+        raw = build_notice(template=template, values=values,
+                           from_addr=notice.sender or f"postmaster@{self.hostname}",
+                           to_addrs=to,
+                           original_message_id=header_value(ctx.message, "Message-ID"),
+                           original_references=header_value(ctx.message, "References"),
+                           hostname=self.hostname, date=ctx.now,
+                           loop_header=(LOOP_HEADER, "password notice"))
+        self.send(self.listen, "", to, raw, settings.reinject_timeout)
+
+
+def _default_alphabet() -> str:
+    from .password import DEFAULT_ALPHABET
+    return DEFAULT_ALPHABET

@@ -1,0 +1,43 @@
+"""Handing a message back to the MTA: transformed copies for some recipients, and password
+notices, go to the re-injection listener (our MTA's, which skips the milters; behind
+Postfix, a port with `-o smtpd_milters=`)."""
+from __future__ import annotations
+
+import smtplib
+import socket
+
+from milters.core.errors import MailmoatError
+
+
+class ReinjectError(MailmoatError):
+    """The MTA did not take the message; the caller tempfails the original."""
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def reinject(listen: str, mail_from: str, recipients: list[str], raw: bytes,
+             timeout: float = 30.0, helo: str = "localhost") -> str:
+    """Send one message; returns the MTA's reply to the data ("250 ... queued as ID")."""
+    host, port = parse_listen(listen)
+    try:
+        with smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout) as client:
+            client.ehlo()
+            code, text = client.mail(mail_from)
+            if code != 250:
+                raise ReinjectError(f"re-injection to {listen}: MAIL FROM got {code} "
+                                    f"{text.decode(errors='replace')}")
+            for rcpt in recipients:
+                code, text = client.rcpt(rcpt)
+                if code not in (250, 251):
+                    raise ReinjectError(f"re-injection to {listen}: RCPT {rcpt} got {code} "
+                                        f"{text.decode(errors='replace')}")
+            code, text = client.data(raw)
+            if code != 250:
+                raise ReinjectError(f"re-injection to {listen}: DATA got {code} "
+                                    f"{text.decode(errors='replace')}")
+            return f"{code} {text.decode(errors='replace')}"
+    except (smtplib.SMTPException, OSError, socket.timeout) as exc:
+        raise ReinjectError(f"re-injection to {listen} failed: {exc}") from None

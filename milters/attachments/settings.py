@@ -1,0 +1,122 @@
+"""The `attachments:` section of a policy, its rule action and its test expectations.
+
+Which recipients get which treatment is decided by the policy's rules, once per recipient
+(`then: {attachments: encrypt}` with `when: {recipient: ["@partner.example",
+"!@ours.example"]}`: exact address, then @domain, then parent domains, `!` winning at the
+same level, as in SaMMA). This section says how each treatment is done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from milters.core.policy.matching import AddressPattern, NetworkPattern
+from milters.core.policy.schema import (Address, Bool, Duration, Field, ListOf, Network, Number,
+                                        Str, Struct)
+
+MILTER = "attachments"
+# offload (Nextcloud) comes with its client; until then a policy naming it is refused.
+MODES = ("encrypt", "delete", "pass")
+ENCRYPTIONS = ("zipcrypto", "aes256")
+CHARSETS = ("cp932", "utf-8")
+NOTICE_TO = ("sender", "recipients", "both")
+LANGUAGES = ("ja", "en")
+
+
+@dataclass(frozen=True)
+class FixedPassword:
+    """A password agreed with a partner instead of a random one (date patterns allowed)."""
+
+    recipients: tuple[AddressPattern, ...]
+    pattern: str  # e.g. "pass%Y%m"
+
+
+@dataclass(frozen=True)
+class PasswordSettings:
+    length: int = 12
+    alphabet: str = ""  # "" = letters and digits
+    exclude_ambiguous: bool = True  # no l, 1, O, 0 ... (read over the phone, typed by hand)
+    fixed: tuple[FixedPassword, ...] = ()
+
+
+@dataclass(frozen=True)
+class EncryptSettings:
+    encryption: str = "zipcrypto"  # Windows Explorer opens ZipCrypto, not AES
+    names: str = "cp932"  # what Japanese Windows shows right; "utf-8" sets the UTF-8 flag
+    zip_name: str = "AttachFile.%Y%m%d.zip"
+    alias: str = "attachment{n}{ext}"  # for a name the charset cannot hold
+    password: PasswordSettings = field(default_factory=PasswordSettings)
+
+
+@dataclass(frozen=True)
+class NoticeSettings:
+    to: str = "sender"  # who gets the password: sender | recipients | both
+    language: str = "ja"
+    templates: str = ""  # a directory whose files override the shipped templates
+    sender: str = ""  # From: of notices; "" = postmaster@<gateway hostname>
+    log_password: bool = False  # the password never reaches the logs unless this is on
+
+
+@dataclass(frozen=True)
+class AttachmentsSettings:
+    only_internal_senders: bool = True  # mail from outside is never transformed
+    pass_clients: tuple[NetworkPattern, ...] = ()  # clients whose mail passes untouched
+    subject_keyword: str = ""  # e.g. "[secure]": forces encrypt, removed from the subject
+    inline_images: bool = False  # inline images (cid:) count as attachments
+    encrypt: EncryptSettings = field(default_factory=EncryptSettings)
+    notice: NoticeSettings = field(default_factory=NoticeSettings)
+    max_total_size: int = 50 * 1024 * 1024  # attachments beyond this: tempfail, not a ZIP bomb
+    reinject_timeout: float = 30.0
+
+
+PASSWORD_SPEC = Struct({
+    "length": Field(Number(6, 128, integer=True), 12),
+    "alphabet": Field(Str(max_len=200), ""),
+    "exclude_ambiguous": Field(Bool(), True),
+    "fixed": Field(ListOf(Struct({
+        "recipients": Field(ListOf(Address(), min_items=1)),
+        "password": Field(Str(max_len=200)),
+    }, build=lambda recipients, password: FixedPassword(tuple(recipients), password),
+        expected="a fixed password: recipients and password")), ()),
+}, build=lambda fixed, **kw: PasswordSettings(fixed=tuple(fixed), **kw),
+    expected="password settings: length, alphabet, exclude_ambiguous, fixed")
+
+ENCRYPT_SPEC = Struct({
+    "encryption": Field(Str(ENCRYPTIONS), "zipcrypto"),
+    "names": Field(Str(CHARSETS), "cp932"),
+    "zip_name": Field(Str(max_len=200), "AttachFile.%Y%m%d.zip"),
+    "alias": Field(Str(max_len=200), "attachment{n}{ext}"),
+    "password": Field(PASSWORD_SPEC, factory=PasswordSettings),
+}, build=EncryptSettings, expected="encrypt settings")
+
+NOTICE_SPEC = Struct({
+    "to": Field(Str(NOTICE_TO), "sender"),
+    "language": Field(Str(LANGUAGES), "ja"),
+    "templates": Field(Str(), ""),
+    "sender": Field(Str(max_len=320), ""),
+    "log_password": Field(Bool(), False),
+}, build=NoticeSettings, expected="notice settings")
+
+SETTINGS_SPEC = Struct({
+    "only_internal_senders": Field(Bool(), True),
+    "pass_clients": Field(ListOf(Network()), ()),
+    "subject_keyword": Field(Str(max_len=100), ""),
+    "inline_images": Field(Bool(), False),
+    "encrypt": Field(ENCRYPT_SPEC, factory=EncryptSettings),
+    "notice": Field(NOTICE_SPEC, factory=NoticeSettings),
+    "max_total_size": Field(Number(1024, 2**31, integer=True), 50 * 1024 * 1024),
+    "reinject_timeout": Field(Duration(minimum=1), 30.0),
+}, build=lambda pass_clients, **kw: AttachmentsSettings(pass_clients=tuple(pass_clients),
+                                                        **kw),
+    expected="the attachments settings")
+
+
+@dataclass(frozen=True)
+class AttachmentsExpectation:
+    action: str | None = None  # the mode for the test message's (first) recipient
+    rule: str | None = None
+
+
+EXPECT_SPEC = Struct({
+    "action": Field(Str(MODES), None),
+    "rule": Field(Str(), None),
+}, build=AttachmentsExpectation, expected="expectations: action, rule")
