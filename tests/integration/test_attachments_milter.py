@@ -5,8 +5,10 @@ the internal one gets the original, the sender gets exactly one notice, nobody t
 from __future__ import annotations
 
 import email
+import os
 import re
 import subprocess
+import time
 import tempfile
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -153,3 +155,116 @@ def test_split_delivery_through_postfix(tmp_path: Path) -> None:
     finally:
         milter.stop()
     check_split_delivery(delivered)
+
+
+# -- more cases through our MTA -------------------------------------------------------------
+class Gateway:
+    """`mailmoat serve` with the attachments milter, relaying everything to a sink."""
+
+    def __init__(self, tmp_path: Path, policy: str) -> None:
+        self.sink = SmtpSink().start()
+        self.serve = Serve(tmp_path, policy=policy, relay=f"smtp:[127.0.0.1]:{self.sink.port}",
+                           milters="milters: [{name: attachments}]\n")
+        text = self.serve.config.read_text().replace(
+            "relay_domains: [example.jp]", "relay_domains: [example.jp, customer.example]")
+        self.serve.config.write_text(text)
+        self.serve.start()
+
+    def send(self, raw: bytes, rcpt: list[str], tmp_path: Path) -> str:
+        path = tmp_path / "outgoing.eml"
+        path.write_bytes(raw)
+        result = run_swaks(self.serve.port, mail_from=SENDER, rcpt=rcpt, data_file=path)
+        return result.reply_by_stage["DATA_END"]
+
+    def close(self) -> None:
+        self.serve.stop()
+        self.sink.stop()
+
+
+def make_message(files: list[tuple[str, bytes]], subject: str = "資料送付") -> bytes:
+    message = EmailMessage()
+    message["From"] = SENDER
+    message["To"] = EXTERNAL
+    message["Subject"] = subject
+    message["Message-ID"] = "<made.1@example.jp>"
+    message.set_content("資料をお送りします。\n")
+    for name, data in files:
+        message.add_attachment(data, maintype="application", subtype="octet-stream",
+                               filename=name)
+    return message.as_bytes(policy=email.policy.SMTP)
+
+
+def unzip_all(zip_data: bytes, password: str, tmp: Path) -> list[bytes]:
+    archive = tmp / "x.zip"
+    archive.write_bytes(zip_data)
+    done = subprocess.run(["7z", "x", f"-p{password}", f"-o{tmp}/out", str(archive)],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return sorted(p.read_bytes() for p in (tmp / "out").iterdir())
+
+
+def test_aes_utf8_many_files_large_file_and_a_keyword(tmp_path: Path) -> None:
+    """AES-256 with UTF-8 names; 100 files, a 0-byte one and a 20 MB one; the subject keyword
+    forces a ZIP even for a colleague, and is removed from the subject."""
+    policy = POLICY.replace("attachments:\n", "attachments:\n  subject_keyword: \"[secure]\"\n"
+                            "  encrypt: {encryption: aes256, names: utf-8}\n")
+    files = [(f"資料{n:03d}.txt", f"file {n}\n".encode()) for n in range(100)]
+    files += [("empty.bin", b""), ("大きなファイル.bin", os.urandom(20 * 1024 * 1024))]
+    gateway = Gateway(tmp_path, policy)
+    try:
+        reply = gateway.send(make_message(files, subject="[secure] 設計資料"), [INTERNAL],
+                             tmp_path)
+        assert reply.startswith("250"), reply
+        items = gateway.sink.wait_for(2, timeout=60)
+    finally:
+        gateway.close()
+    by_rcpt = {rcpt: parsed(item) for item in items for rcpt in item.rcpt_tos}
+    zipped, notice = by_rcpt[INTERNAL], by_rcpt[SENDER]
+    assert str(zipped["Subject"]) == "設計資料"
+    (archive,) = find_attachments(zipped)
+    assert archive.data[:4] == b"PK\x03\x04"
+    password = password_from(notice_text(notice))
+    assert unzip_all(archive.data, password, tmp_path) == sorted(data for _, data in files)
+
+
+def test_delete_mode_lists_what_was_removed(tmp_path: Path) -> None:
+    policy = POLICY.replace("then: {attachments: encrypt}", "then: {attachments: delete}")
+    gateway = Gateway(tmp_path, policy)
+    try:
+        raw = (ROOT / "samples" / "attach-hostile.eml").read_bytes()
+        assert gateway.send(raw, [EXTERNAL], tmp_path).startswith("250")
+        (item,) = gateway.sink.wait_for(1, timeout=20)
+        time.sleep(0.5)
+        assert len(gateway.sink.messages) == 1  # no notice: nothing to unlock
+    finally:
+        gateway.close()
+    message = parsed(item)
+    assert find_attachments(message) == []
+    text = "\n".join(part.get_content() for part in message.walk()
+                     if part.get_content_type() == "text/plain")
+    for name in ("passwd", "b.txt"):
+        assert name in text, text
+    assert "\x00" not in text
+
+
+def test_reinjection_failure_tempfails_the_whole_message(tmp_path: Path) -> None:
+    """Nothing is lost or doubled: with the re-injection port closed (behind Postfix), the
+    message is refused with 451, and no recipient gets anything."""
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
+                      f"127.0.0.1:{free_port()}}}\nstore: memory://\npolicy: policy.yaml\n")
+    milter = MilterProcess("attachments", config, tmp_path).start()
+    try:
+        with SmtpSink() as sink, postfix_instance(
+                tmp_path, relay_port=sink.port, smtpd_milters=milter.socket_spec,
+                relay_domains="example.jp, customer.example") as postfix:
+            result = run_swaks(postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL, INTERNAL],
+                               data_file=SAMPLE)
+            time.sleep(1.0)
+            delivered = len(sink.messages)
+    finally:
+        milter.stop()
+    assert result.reply_by_stage["DATA_END"].startswith("451 4.3.0"), result.transcript
+    assert delivered == 0
+    assert "event=attachments_failed" in milter.log_text()
