@@ -28,13 +28,18 @@ from .password import fixed_password, generate_password
 from .rebuild import edits_between, parse, to_bytes
 from .reinject import ReinjectError, reinject
 from .settings import MILTER, AttachmentsSettings
-from .treat import Treated, delete, encrypt
+from .nextcloud import NextcloudError
+from .treat import Treated, delete, encrypt, offload
 
 LOOP_HEADER = "X-Mailmoat-Attachments"
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
 TEMPFAIL = SmtpReply(451, "4.3.0", "Temporary problem handling the attachments; "
                                    "try again later")
 Sender = Callable[[str, str, list[str], bytes, float], str]
+
+
+class OffloadFailed(Exception):
+    """Nextcloud failed and the policy says tempfail."""
 
 
 @dataclass
@@ -90,12 +95,15 @@ class AttachmentsChecker:
         if set(grouped) <= {"pass"}:
             return EomResult(Verdict.cont(), subject_edits)
         ctx = Context(settings, message, self.clock())
-        treated = self._treat(ctx, grouped, env.mail_from or "")
+        try:
+            treated = self._treat(ctx, grouped, env.mail_from or "")
+        except OffloadFailed as exc:
+            return EomResult(Verdict.tempfail(TEMPFAIL, reason=str(exc)))
         if treated is None:  # no attachments: nothing to protect
             return EomResult(Verdict.cont("no attachments"), subject_edits)
         try:
             return self._deliver(ctx, grouped, treated, subject_edits)
-        except ReinjectError as exc:
+        except (ReinjectError, OffloadFailed) as exc:
             log_event("attachments_failed", level=logging.ERROR, milter=MILTER,
                       queue_id=env.queue_id, error=str(exc))
             return EomResult(Verdict.tempfail(TEMPFAIL, reason=str(exc)))
@@ -109,19 +117,46 @@ class AttachmentsChecker:
 
     def _treat(self, ctx: Context, grouped: dict[str, list[str]],
                sender: str) -> dict[str, Treated] | None:
+        """Each group's copy; None when the message has no attachments. An offload that
+        falls back to encrypt moves its recipients into the encrypt group (made last)."""
         treated: dict[str, Treated] = {}
-        for mode, recipients in grouped.items():
-            if mode == "encrypt":
-                ctx.password = self._password(ctx, recipients)
-                result = encrypt(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender)
-            elif mode == "delete":
-                result = delete(ctx.message.raw, ctx.settings, sender)
-            else:
+        for mode in [m for m in list(grouped) if m != "pass"] + ["encrypt"]:
+            if mode not in grouped or mode in treated:
                 continue
+            if mode in ("encrypt", "offload") and not ctx.password:
+                ctx.password = self._password(ctx, grouped[mode])
+            if mode == "encrypt":
+                result = encrypt(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender)
+            elif mode == "offload":
+                result = self._offload(ctx, grouped, sender)
+                if result is None and "offload" not in grouped:
+                    continue  # fell back: its recipients are in the encrypt group now
+            else:
+                result = delete(ctx.message.raw, ctx.settings, sender)
             if result is None:
                 return None
             treated[mode] = result
         return treated
+
+    def _offload(self, ctx: Context, grouped: dict[str, list[str]],
+                 sender: str) -> Treated | None:
+        """Nextcloud, or what offload.on_failure says when it fails: tempfail (raised as
+        ReinjectError's sibling below) or a ZIP for these recipients instead."""
+        try:
+            return offload(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender,
+                           header_value(ctx.message, "Message-ID") or "")
+        except NextcloudError as exc:
+            env = ctx.message.envelope
+            fallback = ctx.settings.offload.on_failure
+            log_event("offload_failed", level=logging.ERROR, milter=MILTER,
+                      queue_id=env.queue_id, error=str(exc), transient=exc.transient,
+                      then=fallback)
+            if fallback != "encrypt":
+                raise OffloadFailed(str(exc)) from None
+            # The ZIP goes to these recipients instead: they join the encrypt group.
+            grouped.setdefault("encrypt", [])
+            grouped["encrypt"] += grouped.pop("offload")
+            return None
 
     def _password(self, ctx: Context, recipients: list[str]) -> str:
         """A partner's agreed password when every recipient of the copy has the same one;
@@ -153,16 +188,17 @@ class AttachmentsChecker:
         if stay in treated:
             edits += edits_between(parse(ctx.message.raw), treated[stay].message)
             edits.append(AddHeader(LOOP_HEADER, f"{stay} by {self.hostname}"))
-        if "encrypt" in treated:
-            self._notify(ctx, grouped["encrypt"], treated["encrypt"])
+        for mode in ("encrypt", "offload"):
+            if mode in treated:
+                self._notify(ctx, grouped[mode], treated[mode])
         for mode, recipients in grouped.items():
             fields: dict[str, object] = {"queue_id": env.queue_id, "action": mode,
                                          "rcpts": ",".join(recipients)}
             if mode in treated:
                 fields["files"] = len(treated[mode].files)
                 fields["delivered"] = "in place" if mode == stay else "re-injected"
-            if mode == "encrypt":
-                fields["zip"] = treated[mode].zip_name
+            if mode in ("encrypt", "offload") and mode in treated:
+                fields["zip" if mode == "encrypt" else "offloaded"] = treated[mode].zip_name
                 if ctx.settings.notice.log_password:
                     fields["password"] = ctx.password
             log_event("attachments", milter=MILTER, **fields)
@@ -186,7 +222,8 @@ class AttachmentsChecker:
             to += recipients
         if not to:
             return
-        template = load_template("password", notice.language,
+        kind = "offload-password" if treated.expires else "password"
+        template = load_template(kind, notice.language,
                                  Path(notice.templates) if notice.templates else None)
         subject = decode_words(header_value(ctx.message, "Subject") or "")
         if has_keyword(subject, settings.subject_keyword):
@@ -196,6 +233,7 @@ class AttachmentsChecker:
             "date": format_date(header_value(ctx.message, "Date"), notice.language),
             "password": ctx.password, "recipients": format_recipients(recipients),
             "filename": treated.zip_name, "sender": env.mail_from or "",
+            "expires": treated.expires,
         }
         raw = build_notice(template=template, values=values,
                            from_addr=notice.sender or f"postmaster@{self.hostname}",

@@ -54,7 +54,6 @@ PERMISSION_SHARE = 16
 OCS_OK = (100, 200)  # OCS v1 said 100, v2 says 200
 OCS_NOT_LOGGED_IN = 997
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
-TRANSIENT_STATUSES = frozenset({423, 429})  # locked, rate limited: later, not in a second
 MAX_REASON = 200  # characters of a server's own explanation kept in a message
 FOLDER_PLACEHOLDERS = ("sender", "date", "id")
 
@@ -258,7 +257,11 @@ def _http_problem(status: int, name: str | None) -> tuple[str, bool]:
 # -- the client --------------------------------------------------------------------------------
 
 class NextcloudClient:
-    """Uploads one message's attachments and shares them; one client serves many threads."""
+    """Uploads one message's attachments and shares them.
+
+    It keeps no state between calls but its requests.Session (connection reuse), which
+    requests does not document as thread-safe: one client per milter thread.
+    """
 
     def __init__(self, settings: NextcloudSettings, password: str,
                  session: requests.Session | None = None, *, backoff: float = 0.5) -> None:

@@ -34,11 +34,15 @@ SHIPPED_DIR = Path(__file__).with_name("templates")
 # The placeholders each kind of template may use; anything else is a typo worth reporting.
 PLACEHOLDERS: dict[str, frozenset[str]] = {
     "password": frozenset({"subject", "date", "password", "recipients", "filename", "sender"}),
+    # The notice for offloaded files: the password opens the download link, not a ZIP.
+    "offload-password": frozenset({"subject", "date", "password", "recipients", "filename",
+                                   "sender", "expires"}),
     "encrypted-note": frozenset({"filename", "sender"}),
     "offload-note": frozenset({"links", "expires", "sender"}),
     "deleted-note": frozenset({"files"}),
 }
 KINDS = tuple(PLACEHOLDERS)
+NOTICE_KINDS = frozenset({"password", "offload-password"})  # whole mails: a Subject line
 JIS_LANGS = frozenset({"ja"})
 
 # The language is part of a file name, so it must not be able to climb out of the directory.
@@ -120,7 +124,7 @@ def parse_template(text: str, kind: str, lang: str, source: str) -> Template:
     its own, so only it has a `Subject:` first line (then a blank line, then the body)."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     subject, start = "", 0
-    if kind == "password":
+    if kind in NOTICE_KINDS:
         match = _SUBJECT_LINE.match(lines[0])
         if match:
             subject, start = match.group(1).strip(), 1
@@ -133,7 +137,7 @@ def parse_template(text: str, kind: str, lang: str, source: str) -> Template:
 def check_template(template: Template) -> list[str]:
     """Every problem of the template, each as 'FILE:LINE: what is wrong'."""
     problems: list[str] = []
-    if template.kind == "password" and not template.subject:
+    if template.kind in NOTICE_KINDS and not template.subject:
         problems.append(f"{template.source}:1: the password notice must start with a "
                         f"'Subject: ...' line, then a blank line, then the body")
     known = PLACEHOLDERS.get(template.kind, frozenset())

@@ -13,9 +13,10 @@ from milters.core.policy.matching import AddressPattern, NetworkPattern
 from milters.core.policy.schema import (Address, Bool, Duration, Field, ListOf, Network, Number,
                                         Str, Struct)
 
+from .nextcloud import NextcloudSettings, check_folder_template
+
 MILTER = "attachments"
-# offload (Nextcloud) comes with its client; until then a policy naming it is refused.
-MODES = ("encrypt", "delete", "pass")
+MODES = ("encrypt", "offload", "delete", "pass")
 ENCRYPTIONS = ("zipcrypto", "aes256")
 CHARSETS = ("cp932", "utf-8")
 NOTICE_TO = ("sender", "recipients", "both")
@@ -57,6 +58,15 @@ class NoticeSettings:
 
 
 @dataclass(frozen=True)
+class OffloadSettings:
+    """Nextcloud offload. The app password comes from password_env or password_file, never
+    from the YAML."""
+
+    nextcloud: NextcloudSettings | None = None  # None: a rule choosing offload is an error
+    on_failure: str = "tempfail"  # Nextcloud down or refusing: tempfail | encrypt
+
+
+@dataclass(frozen=True)
 class AttachmentsSettings:
     only_internal_senders: bool = True  # mail from outside is never transformed
     pass_clients: tuple[NetworkPattern, ...] = ()  # clients whose mail passes untouched
@@ -64,6 +74,7 @@ class AttachmentsSettings:
     inline_images: bool = False  # inline images (cid:) count as attachments
     encrypt: EncryptSettings = field(default_factory=EncryptSettings)
     notice: NoticeSettings = field(default_factory=NoticeSettings)
+    offload: OffloadSettings = field(default_factory=OffloadSettings)
     max_total_size: int = 50 * 1024 * 1024  # attachments beyond this: tempfail, not a ZIP bomb
     reinject_timeout: float = 30.0
 
@@ -96,6 +107,34 @@ NOTICE_SPEC = Struct({
     "log_password": Field(Bool(), False),
 }, build=NoticeSettings, expected="notice settings")
 
+def _nextcloud(folder: str, **kw: object) -> NextcloudSettings:
+    problem = check_folder_template(folder)
+    if problem:
+        raise ValueError(problem)
+    if not kw.get("password_env") and not kw.get("password_file"):
+        raise ValueError("name where the app password is: password_env (an environment "
+                         "variable) or password_file; never the password itself")
+    return NextcloudSettings(folder=folder, **kw)  # type: ignore[arg-type]
+
+
+NEXTCLOUD_SPEC = Struct({
+    "url": Field(Str(max_len=500)),
+    "user": Field(Str(max_len=200)),
+    "password_env": Field(Str(max_len=200), ""),
+    "password_file": Field(Str(max_len=1000), ""),
+    "ca_file": Field(Str(max_len=1000), ""),
+    "timeout": Field(Duration(minimum=1), 30.0),
+    "retries": Field(Number(0, 10, integer=True), 2),
+    "folder": Field(Str(max_len=500), "mailmoat/{sender}/{date}-{id}"),
+    "expire_days": Field(Number(1, 365, integer=True), 7),
+}, build=_nextcloud, expected="Nextcloud settings: url, user, password_env or password_file, "
+                              "ca_file, timeout, retries, folder, expire_days")
+
+OFFLOAD_SPEC = Struct({
+    "nextcloud": Field(NEXTCLOUD_SPEC, None),
+    "on_failure": Field(Str(("tempfail", "encrypt")), "tempfail"),
+}, build=OffloadSettings, expected="offload settings: nextcloud, on_failure")
+
 SETTINGS_SPEC = Struct({
     "only_internal_senders": Field(Bool(), True),
     "pass_clients": Field(ListOf(Network()), ()),
@@ -103,6 +142,7 @@ SETTINGS_SPEC = Struct({
     "inline_images": Field(Bool(), False),
     "encrypt": Field(ENCRYPT_SPEC, factory=EncryptSettings),
     "notice": Field(NOTICE_SPEC, factory=NoticeSettings),
+    "offload": Field(OFFLOAD_SPEC, factory=OffloadSettings),
     "max_total_size": Field(Number(1024, 2**31, integer=True), 50 * 1024 * 1024),
     "reinject_timeout": Field(Duration(minimum=1), 30.0),
 }, build=lambda pass_clients, **kw: AttachmentsSettings(pass_clients=tuple(pass_clients),

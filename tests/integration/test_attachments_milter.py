@@ -268,3 +268,77 @@ def test_reinjection_failure_tempfails_the_whole_message(tmp_path: Path) -> None
     assert result.reply_by_stage["DATA_END"].startswith("451 4.3.0"), result.transcript
     assert delivered == 0
     assert "event=attachments_failed" in milter.log_text()
+
+
+# -- offload to Nextcloud (a fake server that speaks its WebDAV and OCS share API) -----------
+def offload_policy(cloud_url: str, password_file: Path, on_failure: str) -> str:
+    return POLICY.replace("then: {attachments: encrypt}", "then: {attachments: offload}") \
+        .replace("attachments:\n", f"""attachments:
+  offload:
+    on_failure: {on_failure}
+    nextcloud: {{url: "{cloud_url}", user: mailmoat, password_file: "{password_file}",
+                 timeout: 5s, retries: 0, expire_days: 7}}
+""", 1)
+
+
+def test_offload_puts_the_files_on_nextcloud_behind_the_notice_password(
+        tmp_path: Path) -> None:
+    import requests
+
+    from tests.harness.nextcloud_fake import NextcloudFake
+    secret = tmp_path / "nextcloud-app-password"
+    secret.write_text("app-password-1234\n")
+    with NextcloudFake() as cloud:
+        gateway = Gateway(tmp_path, offload_policy(cloud.url, secret, "tempfail"))
+        try:
+            assert gateway.send(SAMPLE.read_bytes(), [EXTERNAL, INTERNAL],
+                                tmp_path).startswith("250")
+            delivered = sort_out(gateway.sink)
+        finally:
+            gateway.close()
+        assert find_attachments(delivered.zipped) == []  # the files are on Nextcloud
+        note = "\n".join(p.get_content() for p in delivered.zipped.walk()
+                         if p.get_content_type() == "text/plain")
+        link = re.search(r"<(http://[^>]+/s/\w+)>", note)
+        assert link, note
+        (share,) = cloud.shares
+        assert share.expiration.isoformat() in note  # an explicit expiry, shown to the reader
+        password = password_from(notice_text(delivered.notice))
+        assert share.password == password
+        original = email.message_from_bytes(SAMPLE.read_bytes(), policy=email.policy.default)
+        (pdf,) = find_attachments(original)
+        with requests.Session() as browser:
+            browser.trust_env = False
+            got = browser.get(f"{link.group(1)}/download", params={"path": "/",
+                              "files": pdf.filename}, auth=("anonymous", password), timeout=5)
+            assert got.status_code == 200 and got.content == pdf.data
+            refused = browser.get(link.group(1), auth=("anonymous", "wrong"), timeout=5)
+            assert refused.status_code in (401, 403)
+        # The internal colleague got the original with its attachment.
+        assert [a.data for a in find_attachments(delivered.original)] == [pdf.data]
+
+
+@pytest.mark.parametrize("on_failure", ["encrypt", "tempfail"])
+def test_nextcloud_down_falls_back_as_the_policy_says(tmp_path: Path, on_failure: str) -> None:
+    from tests.harness.nextcloud_fake import NextcloudFake
+    secret = tmp_path / "nextcloud-app-password"
+    secret.write_text("app-password-1234\n")
+    with NextcloudFake() as cloud:
+        cloud.fail_next(50, 503)
+        gateway = Gateway(tmp_path, offload_policy(cloud.url, secret, on_failure))
+        try:
+            reply = gateway.send(SAMPLE.read_bytes(), [EXTERNAL, INTERNAL], tmp_path)
+            if on_failure == "encrypt":
+                delivered = sort_out(gateway.sink)
+            else:
+                time.sleep(1.0)
+                count = len(gateway.sink.messages)
+        finally:
+            gateway.close()
+    if on_failure == "tempfail":
+        assert reply.startswith("451 4.3.0"), reply
+        assert count == 0
+        assert "event=offload_failed" in gateway.serve.text()
+        return
+    assert reply.startswith("250"), reply
+    check_split_delivery(delivered)  # the ZIP, the original, one notice
