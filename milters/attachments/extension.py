@@ -34,6 +34,14 @@ def run_test(policy: Policy, test: PolicyTest, expected: AttachmentsExpectation)
     return decision_failures(MILTER, first.mode, first.why, expected)
 
 
+def action_check(policy: Policy, action: str) -> str | None:
+    settings: AttachmentsSettings = policy.sections[MILTER]
+    if action == "offload" and settings.offload.nextcloud is None:
+        return ("offload needs attachments.offload.nextcloud (url, user, and password_file "
+                "or password_env); add it, or choose encrypt")
+    return None
+
+
 EXTENSION = PolicyExtension(
     name=MILTER,
     settings=SETTINGS_SPEC,
@@ -41,5 +49,6 @@ EXTENSION = PolicyExtension(
     default_action="pass",
     expect=EXPECT_SPEC,
     run_test=run_test,
+    action_check=action_check,
     explain=explain,
 )

@@ -162,3 +162,29 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run_cli("ratelimit", "show", "not-an-ip").returncode == 2
     result = run_cli("milter", "ratelimit", "--listen", "tcp:nowhere")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_offload_without_nextcloud_settings_is_refused_where_it_is_chosen(
+        tmp_path: Path) -> None:
+    """A rule (or the default) choosing offload with nowhere to offload to would fail every
+    such message at run time: the policy is refused up front, at the line that chooses it."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(textwrap.dedent("""\
+        rules:
+          - name: cloud-for-partners
+            when: {recipient: ["@partner.example"]}
+            then: {attachments: offload}
+        defaults: {attachments: offload}
+        """))
+    with pytest.raises(ConfigError) as refused:
+        load_policy(path, EXTENSIONS)
+    problems = refused.value.problems
+    assert any(p.startswith(f"{path}:2:") and "rules[0].then.attachments: offload needs "
+               "attachments.offload.nextcloud" in p for p in problems), problems
+    assert any(p.startswith(f"{path}:5:") and "defaults.attachments" in p for p in problems)
+    path.write_text(path.read_text() + textwrap.dedent("""\
+        attachments:
+          offload:
+            nextcloud: {url: "https://cloud.example.jp", user: mm, password_env: NC_PASSWORD}
+        """))
+    assert load_policy(path, EXTENSIONS).defaults["attachments"] == "offload"

@@ -68,6 +68,9 @@ class PolicyExtension:
     # Conditions a rule setting this milter's action may not use, and why (shown as the fix).
     unusable_conditions: tuple[str, ...] = ()
     unusable_reason: str = ""
+    # A problem with one action in its policy (a rule's or the default's), or None: e.g. an
+    # action that needs settings the policy does not have.
+    action_check: Callable[[Policy, Any], str | None] | None = None
     # Lines for `mailmoat policy explain`: what this milter would do with such a message
     # (envelope and subject).
     explain: Callable[[Policy, Envelope, str], list[str]] | None = None
@@ -164,11 +167,20 @@ def _semantic_checks(policy: Policy, root: Node | None, extensions: list[PolicyE
         for ext in extensions:
             if ext.name not in rule.then:
                 continue
+            problem = ext.action_check(policy, rule.then[ext.name]) if ext.action_check else None
+            if problem:
+                problems.add(node, f"rules[{index}].then.{ext.name}", problem,
+                             rule.then[ext.name])
             for condition in ext.unusable_conditions:
                 if getattr(rule.when, condition) is not None:
                     problems.add(node, f"rules[{index}].when.{condition}",
                                  f"a rule that sets {ext.name} cannot use '{condition}': "
                                  f"{ext.unusable_reason}")
+    for ext in extensions:
+        action = policy.defaults.get(ext.name)
+        problem = ext.action_check(policy, action) if ext.action_check else None
+        if problem:
+            problems.add(_key_node(root, "defaults"), f"defaults.{ext.name}", problem, action)
     test_nodes = _list_nodes(root, "tests")
     for index, test in enumerate(policy.tests):
         node = test_nodes[index] if index < len(test_nodes) else None
@@ -181,6 +193,14 @@ def _semantic_checks(policy: Policy, root: Node | None, extensions: list[PolicyE
             if rule_name and not rule_name.startswith("(") and rule_name not in seen:
                 problems.add(node, f"tests[{index}].expect.{name}.rule",
                              "no rule has this name", rule_name)
+
+
+def _key_node(root: Node | None, key: str) -> Node | None:
+    if isinstance(root, MappingNode):
+        for key_node, value_node in root.value:
+            if key_node.value == key:
+                return value_node
+    return None
 
 
 def _list_nodes(root: Node | None, key: str) -> list[Node]:
