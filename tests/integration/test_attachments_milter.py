@@ -342,3 +342,36 @@ def test_nextcloud_down_falls_back_as_the_policy_says(tmp_path: Path, on_failure
         return
     assert reply.startswith("250"), reply
     check_split_delivery(delivered)  # the ZIP, the original, one notice
+
+
+def zip_entry_names(data: bytes) -> list[tuple[bytes, int]]:
+    """(raw name bytes, general purpose flags) of each central directory entry."""
+    import struct
+    found, at = [], 0
+    while (at := data.find(b"PK\x01\x02", at)) >= 0:
+        flags = struct.unpack_from("<H", data, at + 8)[0]
+        name_len = struct.unpack_from("<H", data, at + 28)[0]
+        found.append((data[at + 46:at + 46 + name_len], flags))
+        at += 46 + name_len
+    return found
+
+
+@pytest.mark.parametrize("sample,names", [
+    ("attach-ja-rfc2231.eml", ["①御見積書_㈱髙山製作所様.pdf", "顧客リスト.csv"]),
+    # Two attachments with the same raw Shift_JIS name: the second becomes "(1)".
+    ("attach-ja-sjis-raw.eml", ["ソフト保守_予算表.csv", "ソフト保守_予算表(1).csv"]),
+])
+def test_japanese_names_reach_the_zip_in_cp932_without_the_utf8_flag(
+        tmp_path: Path, sample: str, names: list[str]) -> None:
+    gateway = Gateway(tmp_path, POLICY)
+    try:
+        raw = (ROOT / "samples" / sample).read_bytes()
+        assert gateway.send(raw, [EXTERNAL], tmp_path).startswith("250")
+        items = gateway.sink.wait_for(2, timeout=20)
+    finally:
+        gateway.close()
+    (copy,) = [parsed(i) for i in items if EXTERNAL in i.rcpt_tos]
+    (archive,) = find_attachments(copy)
+    entries = zip_entry_names(archive.data)
+    assert [name.decode("cp932") for name, _ in entries] == names
+    assert all(flags & 0x0800 == 0 and flags & 0x0001 for _, flags in entries)  # CP932, encrypted
