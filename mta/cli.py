@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import ipaddress
 import sys
 import time
@@ -19,14 +20,10 @@ from milters.core.errors import ConfigError, MailmoatError
 from milters.core.eventlog import setup_logging
 from milters.core.message import Envelope, Recipient
 from milters.core.policy.document import Policy, PolicyExtension, load_policy
-from milters.auth import milter as auth_milter
-from milters.auth import reports as dmarc_reports
-from milters.attachments import milter as attachments_milter
 from milters.attachments.extension import EXTENSION as ATTACHMENTS
 from milters.auth.extension import EXTENSION as AUTH
 from milters.core.store import open_store
 from milters.ratelimit import admin as ratelimit_admin
-from milters.ratelimit import milter as ratelimit_milter
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 
 from . import delivery_process, queue_admin, scan, serve, users
@@ -34,11 +31,17 @@ from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
 EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, ATTACHMENTS]
-MILTERS: dict[str, Callable[[GatewayConfig, str, Callable[[Path], Policy]], None]] = {
-    "ratelimit": ratelimit_milter.serve,
-    "auth": auth_milter.serve,
-    "attachments": attachments_milter.serve,
+# Each milter's daemon module, imported only by the process that runs it: a milter process
+# then carries its own libraries only (dkimpy and dnspython, libarchive, requests...).
+MILTERS: dict[str, str] = {
+    "ratelimit": "milters.ratelimit.milter",
+    "auth": "milters.auth.milter",
+    "attachments": "milters.attachments.milter",
 }
+
+
+def milter_serve(name: str) -> Callable[[GatewayConfig, str, Callable[[Path], Policy]], None]:
+    return importlib.import_module(MILTERS[name]).serve  # type: ignore[no-any-return]
 
 
 class UsageError(Exception):
@@ -59,7 +62,7 @@ def cmd_milter(args: argparse.Namespace) -> int:
     setup_logging(args.name, verbose=args.verbose)
     config = load_config(args.config)
     try:
-        MILTERS[args.name](config, args.listen, read_policy)
+        milter_serve(args.name)(config, args.listen, read_policy)
     except ValueError as exc:  # a bad --listen socket
         raise UsageError(str(exc)) from None
     return 0
@@ -145,6 +148,7 @@ def cmd_dmarc_report(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     until = args.until + 86399 if args.until is not None else time.time()
     with open_store(config.store, timeout=config.store_timeout) as store:
+        from milters.auth import reports as dmarc_reports  # only this command needs it
         rows = dmarc_reports.counted(store, args.domain, args.since, until)
     if not rows:
         print(f"no DMARC results recorded for {args.domain} since "

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.header import Header
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
-from milters.core.edits import AddHeader, ChangeHeader, DeleteRecipient, Edit, EomResult
+from milters.core.edits import (AddHeader, ChangeHeader, DeleteRecipient, Edit, EomResult,
+                                 ReplaceBody)
 from milters.core.eventlog import log_event
 from milters.core.message import Message, decode_words
 from milters.core.policy.document import Policy
@@ -25,7 +26,7 @@ from milters.core.verdict import SmtpReply, Verdict
 from .decide import groups, has_keyword, modes_for, strip_keyword
 from .notice import build_notice, format_date, format_recipients, load_template
 from .password import fixed_password, generate_password
-from .rebuild import edits_between, parse, to_bytes
+from .stream import copy_header
 from .reinject import ReinjectError, reinject
 from .settings import MILTER, AttachmentsSettings
 from .nextcloud import NextcloudError
@@ -113,7 +114,7 @@ class AttachmentsChecker:
         if not has_keyword(subject, settings.subject_keyword):
             return []
         stripped = strip_keyword(subject, settings.subject_keyword)
-        return [ChangeHeader("Subject", 1, " " + encode_subject(stripped, subject))]
+        return [ChangeHeader("Subject", 1, encode_subject(stripped, subject))]
 
     def _treat(self, ctx: Context, grouped: dict[str, list[str]],
                sender: str) -> dict[str, Treated] | None:
@@ -180,13 +181,25 @@ class AttachmentsChecker:
         for mode, recipients in grouped.items():
             if mode == stay:
                 continue
-            copy = treated[mode].message
-            self._finish_copy(copy, subject_edits)
-            self.send(self.listen, env.mail_from or "", recipients, to_bytes(copy),
-                      ctx.settings.reinject_timeout)
+            rebuilt = treated[mode].rebuilt
+            header = copy_header(ctx.message.raw, {**rebuilt.mime_headers,
+                                                  **self._subject_changes(subject_edits)},
+                                 [(LOOP_HEADER, f"copy by {self.hostname}")])
+            self.send(self.listen, env.mail_from or "", recipients,
+                      _pieces(header, rebuilt.body), ctx.settings.reinject_timeout)
             edits += [DeleteRecipient(r) for r in recipients]
         if stay in treated:
-            edits += edits_between(parse(ctx.message.raw), treated[stay].message)
+            rebuilt = treated[stay].rebuilt
+            present = {name.lower() for name, _ in ctx.message.raw_headers()}
+            for name, value in rebuilt.mime_headers.items():
+                if value is None:
+                    if name.lower() in present:
+                        edits.append(ChangeHeader(name, 1, ""))
+                elif name.lower() in present:
+                    edits.append(ChangeHeader(name, 1, value))
+                else:
+                    edits.append(AddHeader(name, value))
+            edits.append(ReplaceBody(rebuilt.body))
             edits.append(AddHeader(LOOP_HEADER, f"{stay} by {self.hostname}"))
         for mode in ("encrypt", "offload"):
             if mode in treated:
@@ -204,13 +217,10 @@ class AttachmentsChecker:
             log_event("attachments", milter=MILTER, **fields)
         return EomResult(Verdict.cont(), edits)
 
-    def _finish_copy(self, copy: object, subject_edits: list[Edit]) -> None:
-        """A re-injected copy: the subject as edited, and the loop guard."""
-        for edit in subject_edits:
-            if isinstance(edit, ChangeHeader):
-                del copy[edit.name]  # type: ignore[index]
-                copy[edit.name] = edit.value.strip()  # type: ignore[index]
-        copy[LOOP_HEADER] = f"copy by {self.hostname}"  # type: ignore[index]
+    @staticmethod
+    def _subject_changes(subject_edits: list[Edit]) -> dict[str, str | None]:
+        return {edit.name: edit.value.strip() for edit in subject_edits
+                if isinstance(edit, ChangeHeader)}
 
     def _notify(self, ctx: Context, recipients: list[str], treated: Treated) -> None:
         settings, env = ctx.settings, ctx.message.envelope
@@ -243,6 +253,12 @@ class AttachmentsChecker:
                            hostname=self.hostname, date=ctx.now,
                            loop_header=(LOOP_HEADER, "password notice"))
         self.send(self.listen, "", to, raw, settings.reinject_timeout)
+
+
+def _pieces(header: bytes, body: BinaryIO) -> Iterator[bytes]:
+    yield header
+    while piece := body.read(65536):
+        yield piece
 
 
 def _default_alphabet() -> str:

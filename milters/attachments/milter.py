@@ -20,6 +20,7 @@ class AttachmentsLogic(CheckerLogic):
     # and take the recipients whose copy was re-injected off the original.
     actions = (ActionFlag.ADDHDRS | ActionFlag.CHGHDRS | ActionFlag.CHGBODY
                | ActionFlag.DELRCPT)
+    spool_body = True  # a 20 MB attachment must not be held in memory several times
     macros = {
         MacroStage.ENVFROM: ("i", "{auth_authen}"),
         MacroStage.EOM: ("i",),

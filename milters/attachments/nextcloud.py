@@ -38,12 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
-
-import requests
 
 from milters.core.errors import ConfigError, MailmoatError
 from milters.core.eventlog import log_event
+
+if TYPE_CHECKING:
+    import requests
+
+# `requests` is imported by the client itself: the policy (settings, folder names) needs
+# this module in every process that reads a policy, and only offloading needs HTTP.
 
 SHARES_API = "/ocs/v2.php/apps/files_sharing/api/v1/shares"
 DAV_FILES = "/remote.php/dav/files/"
@@ -270,6 +275,7 @@ class NextcloudClient:
         self.settings = settings
         self._auth = (settings.user, password)
         self._own_session = session is None
+        import requests
         self._session = session if session is not None else requests.Session()
         self._backoff = backoff
         self._base = settings.url.rstrip("/")
@@ -503,6 +509,7 @@ class NextcloudClient:
         Read timeouts are not retried: the server is up but slow, and another full wait
         would blow the milter's time budget (a PUT may have landed anyway).
         """
+        import requests
         attempts = 1 + max(0, self.settings.retries)
         for attempt in range(1, attempts + 1):
             try:

@@ -1,32 +1,55 @@
 """One copy of a message, treated: attachments into one encrypted ZIP (with a note that a
 password follows), offloaded to Nextcloud (a note with the link in their place), or removed
-(with a list of what was removed)."""
+(with a list of what was removed).
+
+The message is read through mime_scan's byte ranges and written back with stream: the
+attachments are decoded into temporary files and the ZIP is written to one, so a large
+attachment is never held whole in memory, encoded or decoded.
+"""
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Iterator
 
+from .mime_scan import Part, Raw, parts_by_skeleton, scan
 from .names import cap_length, entry_names, safe_name, unique_names
 from .nextcloud import (NextcloudClient, NextcloudError, expiry_for, load_app_password,
                         message_folder)
 from .notice import format_files, format_links, load_template, note_part
 from .parts import Attachment, find_attachments
-from .rebuild import POLICY, append_parts, parse, remove_parts
+from .rebuild import POLICY, to_bytes
 from .settings import AttachmentsSettings
+from .stream import NewPart, Rebuilt, base64_lines, decode_to_file, decoded, rebuild, spool
 from .zipper import ZipEntry, write_zip
-
-SPOOL_IN_MEMORY = 1024 * 1024  # ZIPs above this go to a temporary file while written
 
 
 @dataclass
 class Treated:
-    message: EmailMessage
+    rebuilt: Rebuilt
     files: list[str] = field(default_factory=list)  # the attachments' names, as the user saw
     zip_name: str = ""  # the ZIP's name; for offload, the files' names
     expires: str = ""  # offload: the last day the link works
+
+
+@dataclass
+class Found:
+    """The attachments of one message, as find_attachments sees them and as byte ranges."""
+
+    root: Part
+    attachments: list[Attachment]
+    parts: list[Part]
+
+
+def find(raw: Raw, settings: AttachmentsSettings) -> Found | None:
+    root = scan(raw)
+    attachments = find_attachments(root.skeleton, inline_images=settings.inline_images)
+    if not attachments:
+        return None
+    by_skeleton = parts_by_skeleton(root)
+    return Found(root, attachments, [by_skeleton[id(a.part)] for a in attachments])
 
 
 def _templates(settings: AttachmentsSettings) -> Path | None:
@@ -38,54 +61,70 @@ def display_names(attachments: list[Attachment]) -> list[str]:
             for n, a in enumerate(attachments, 1)]
 
 
-def zip_part(data: bytes, zip_name: str) -> EmailMessage:
+def _note(settings: AttachmentsSettings, kind: str, values: dict[str, str]) -> NewPart:
+    part = note_part(load_template(kind, settings.notice.language, _templates(settings)),
+                     values)
+    return NewPart(to_bytes(part))
+
+
+def _zip_header(zip_name: str) -> bytes:
+    """The ZIP part's header section, its filename encoded as RFC 2231 asks when needed."""
     part = EmailMessage(policy=POLICY)
-    part.set_content(data, maintype="application", subtype="zip", filename=zip_name,
-                     disposition="attachment")
-    return part
+    part.add_header("Content-Type", "application/zip", name=zip_name)
+    part.add_header("Content-Disposition", "attachment", filename=zip_name)
+    part["Content-Transfer-Encoding"] = "base64"
+    head = to_bytes(part)
+    return head[:head.index(b"\r\n\r\n") + 4]
 
 
-def encrypt(raw: bytes, settings: AttachmentsSettings, password: str, now: datetime,
+def encrypt(raw: Raw, settings: AttachmentsSettings, password: str, now: datetime,
             sender: str) -> Treated | None:
     """All attachments into one ZIP; None when the message has none."""
-    message = parse(raw)
-    attachments = find_attachments(message, inline_images=settings.inline_images)
-    if not attachments:
+    found = find(raw, settings)
+    if found is None:
         return None
     enc = settings.encrypt
-    shown = display_names(attachments)
+    shown = display_names(found.attachments)
     names = entry_names(shown, enc.names, enc.alias)
-    mtime = now.timestamp()
     zip_name = now.strftime(enc.zip_name)
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as out:
-        write_zip(out, [ZipEntry(name, a.data, mtime) for name, a in zip(names, attachments)],
+    decoded = [decode_to_file(raw, part) for part in found.parts]
+    archive = spool()
+    try:
+        write_zip(archive, [ZipEntry(name, data, now.timestamp())  # type: ignore[arg-type]
+                            for name, data in zip(names, decoded)],
                   password=password, encryption=enc.encryption, charset=enc.names)
-        out.seek(0)
-        data = out.read()
-    note = note_part(load_template("encrypted-note", settings.notice.language,
-                                   _templates(settings)),
-                     {"filename": zip_name, "sender": sender})
-    remove_parts(message, [a.part for a in attachments])
-    append_parts(message, [note, zip_part(data, zip_name)])
-    return Treated(message, shown, zip_name)
+    finally:
+        for file in decoded:
+            file.close()
+    archive.seek(0)
+    note = _note(settings, "encrypted-note", {"filename": zip_name, "sender": sender})
+    rebuilt = rebuild(raw, found.root, found.parts,
+                      [note, NewPart(_zip_header(zip_name), _closing(archive))])
+    return Treated(rebuilt, shown, zip_name)
 
 
-def delete(raw: bytes, settings: AttachmentsSettings, sender: str) -> Treated | None:
+def _closing(archive: object) -> Iterator[bytes]:
+    """The ZIP's base64 lines; the temporary file goes once they are written."""
+    try:
+        yield from base64_lines(archive)  # type: ignore[arg-type]
+    finally:
+        archive.close()  # type: ignore[attr-defined]
+
+
+def delete(raw: Raw, settings: AttachmentsSettings, sender: str) -> Treated | None:
     """Attachments removed, with a note listing them; None when the message has none."""
-    message = parse(raw)
-    attachments = find_attachments(message, inline_images=settings.inline_images)
-    if not attachments:
+    found = find(raw, settings)
+    if found is None:
         return None
-    shown = display_names(attachments)
-    files = format_files((name, a.content_type, a.size) for name, a in zip(shown, attachments))
-    note = note_part(load_template("deleted-note", settings.notice.language,
-                                   _templates(settings)), {"files": files, "sender": sender})
-    remove_parts(message, [a.part for a in attachments])
-    append_parts(message, [note])
-    return Treated(message, shown)
+    shown = display_names(found.attachments)
+    sizes = [sum(len(chunk) for chunk in decoded(raw, part)) for part in found.parts]
+    files = format_files((name, a.content_type, size)
+                         for name, a, size in zip(shown, found.attachments, sizes))
+    note = _note(settings, "deleted-note", {"files": files, "sender": sender})
+    return Treated(rebuild(raw, found.root, found.parts, [note]), shown)
 
 
-def offload(raw: bytes, settings: AttachmentsSettings, password: str, now: datetime,
+def offload(raw: Raw, settings: AttachmentsSettings, password: str, now: datetime,
             sender: str, message_id: str) -> Treated | None:
     """Attachments uploaded to Nextcloud and shared with `password` until an explicit date;
     in the message, a note with the link in their place. None when there are none.
@@ -94,22 +133,23 @@ def offload(raw: bytes, settings: AttachmentsSettings, password: str, now: datet
     if nextcloud is None:
         raise NextcloudError("offload chosen, but the policy has no offload.nextcloud "
                              "settings", transient=False)
-    message = parse(raw)
-    attachments = find_attachments(message, inline_images=settings.inline_images)
-    if not attachments:
+    found = find(raw, settings)
+    if found is None:
         return None
-    shown = display_names(attachments)
+    shown = display_names(found.attachments)
     names = unique_names([cap_length(safe_name(name)) for name in shown])
     folder = message_folder(nextcloud.folder, sender, message_id or now.strftime("%H%M%S"),
                             now.date())
     expire = expiry_for(nextcloud, now.date())
+    files = []
+    for name, part in zip(names, found.parts):
+        with decode_to_file(raw, part) as data:
+            files.append((name, data.read()))  # requests sends bytes; one file at a time
     with NextcloudClient(nextcloud, load_app_password(nextcloud)) as client:
-        shares = client.upload_and_share([(n, a.data) for n, a in zip(names, attachments)],
-                                         folder, password, expire)
+        shares = client.upload_and_share(files, folder, password, expire)
+    del files
     links = format_links((share.name, share.url) for share in shares)
-    note = note_part(load_template("offload-note", settings.notice.language,
-                                   _templates(settings)),
-                     {"links": links, "expires": expire.isoformat(), "sender": sender})
-    remove_parts(message, [a.part for a in attachments])
-    append_parts(message, [note])
-    return Treated(message, shown, zip_name=", ".join(names), expires=expire.isoformat())
+    note = _note(settings, "offload-note", {"links": links, "expires": expire.isoformat(),
+                                            "sender": sender})
+    return Treated(rebuild(raw, found.root, found.parts, [note]), shown,
+                   zip_name=", ".join(names), expires=expire.isoformat())

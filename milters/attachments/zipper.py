@@ -50,7 +50,9 @@ class ZipError(MailmoatError):
 @dataclass(frozen=True)
 class ZipEntry:
     name: str  # final, from names.entry_names: write_zip does not clean it
-    data: bytes
+    # bytes, or a file (a decoded attachment spooled to disk) read in BLOCK_SIZE pieces from
+    # its start: a large attachment is never held in memory whole
+    data: bytes | BinaryIO
     mtime: float = field(default_factory=time.time)
 
 
@@ -107,12 +109,37 @@ def _options(encryption: str, charset: str, level: int) -> str:
             f"zip:compression-level={level}")
 
 
-def _worth_deflating(data: bytes) -> bool:
+def _size(data: bytes | BinaryIO) -> int:
+    if isinstance(data, bytes):
+        return len(data)
+    size = data.seek(0, 2)
+    data.seek(0)
+    return size
+
+
+def _sample(data: bytes | BinaryIO, at: int) -> bytes:
+    if isinstance(data, bytes):
+        return data[at:at + SAMPLE_SIZE]
+    data.seek(at)
+    sample = data.read(SAMPLE_SIZE)
+    data.seek(0)
+    return sample
+
+
+def _pieces(data: bytes | BinaryIO) -> Iterable[bytes]:
+    if isinstance(data, bytes):
+        return (data,)
+    data.seek(0)
+    return iter(lambda: data.read(BLOCK_SIZE), b"")
+
+
+def _worth_deflating(data: bytes | BinaryIO) -> bool:
     """Whether deflate shrinks `data`, judged from evenly spaced samples (all of a small one)."""
-    if len(data) <= SAMPLES * SAMPLE_SIZE:
+    size = _size(data)
+    if size <= SAMPLES * SAMPLE_SIZE:
         return True  # cheap enough to deflate whatever it is
-    step = (len(data) - SAMPLE_SIZE) // (SAMPLES - 1)
-    samples = [data[i * step:i * step + SAMPLE_SIZE] for i in range(SAMPLES)]
+    step = (size - SAMPLE_SIZE) // (SAMPLES - 1)
+    samples = [_sample(data, i * step) for i in range(SAMPLES)]
     packed = sum(len(zlib.compress(sample, 1)) for sample in samples)
     return packed < WORTH_IT * SAMPLES * SAMPLE_SIZE
 
@@ -173,8 +200,9 @@ def write_zip(out: BinaryIO, entries: Iterable[ZipEntry], *, password: str,
                     switch = deflate if _worth_deflating(entry.data) else store
                     if switch(archive._pointer) != 0:  # noqa: SLF001 -- not wrapped
                         raise ZipError("libarchive refused to switch the compression method")
-                archive.add_file_from_memory(entry.name, len(entry.data), entry.data,
-                                             permission=0o644, mtime=entry.mtime)
+                archive.add_file_from_memory(entry.name, _size(entry.data),
+                                             _pieces(entry.data), permission=0o644,
+                                             mtime=entry.mtime)
     except ArchiveError as exc:
         if failed:
             if not isinstance(failed[0], Exception):  # KeyboardInterrupt and the like

@@ -14,34 +14,18 @@ from milters.core.errors import StoreError
 from milters.core.eventlog import log_event
 from milters.core.message import Message
 from milters.core.policy.document import Policy
-from milters.core.policy.matching import network_matches
-from milters.core.policy.rules import Facts
 from milters.core.store.base import Store
 from milters.core.verdict import SmtpReply, Verdict
 
 from . import dmarc as dmarc_mod
 from . import reports
+from .decision import Decision, decide
 from .dkim_check import ArcResult, TxtLookup, verify_arc, verify_dkim
 from .results_header import HEADER, AuthResults, compose, forged_indexes
 from .settings import MILTER, AuthSettings
 from .spf import SpfLookup, SpfResult, check_helo, check_spf, resolver_lookup
 
 
-@dataclass(frozen=True)
-class Decision:
-    action: str  # enforce | tag | skip
-    why: str  # the rule, or "(internal)", "(authenticated)", "(defaults)"
-
-
-def decide(policy: Policy, message: Message) -> Decision:
-    settings: AuthSettings = policy.sections[MILTER]
-    env = message.envelope
-    if network_matches(env.client_address, policy.internal_networks):
-        return Decision(settings.internal, "(internal)")
-    if env.auth_user:
-        return Decision(settings.authenticated, "(authenticated)")
-    decision = policy.decide(MILTER, Facts.from_envelope(env, policy.internal_networks))
-    return Decision(decision.action, decision.rule_label)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from milters.core.dns import DnsTempError
 
+from .settings import DkimSettings
+
 # name -> the TXT records at that name (character-strings joined); raises DnsTempError.
 TxtLookup = Callable[[str], list[bytes]]
 
@@ -75,17 +77,6 @@ def _verify_rsa_with_openssl(digest: Any, signature: bytes, public_key: dict[str
 
 
 dkim.RSASSA_PKCS1_v1_5_verify = _verify_rsa_with_openssl
-
-
-@dataclass(frozen=True)
-class DkimSettings:
-    min_rsa_bits: int = 1024
-    allow_expired: bool = False
-    # A signature whose l= leaves part of the body unsigned lets anyone append text (or a
-    # whole new MIME part) below a valid signature: not a pass unless the policy says so.
-    allow_partial_body: bool = False
-    # RFC 8301 3.1: verifiers must not consider rsa-sha1 signatures valid.
-    allow_sha1: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from milters.core.policy.document import (Policy, PolicyExtension, PolicyTest,
                                           decision_failures)
 from milters.core.policy.schema import Str
 
-from .checker import decide
+from .decision import decide
 from .settings import ACTIONS, EXPECT_SPEC, MILTER, SETTINGS_SPEC, AuthExpectation, AuthSettings
 
 

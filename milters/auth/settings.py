@@ -7,8 +7,26 @@ from milters.core.policy.schema import (Bool, Duration, Field, ListOf, MapOf, Nu
                                         Struct)
 from milters.core.verdict import SmtpReply
 
-from .dkim_check import DkimSettings
-from .spf import SpfLimits
+
+@dataclass(frozen=True)
+class DkimSettings:
+    min_rsa_bits: int = 1024
+    allow_expired: bool = False
+    # A signature whose l= leaves part of the body unsigned lets anyone append text (or a
+    # whole new MIME part) below a valid signature: not a pass unless the policy says so.
+    allow_partial_body: bool = False
+    # RFC 8301 3.1: verifiers must not consider rsa-sha1 signatures valid.
+    allow_sha1: bool = False
+
+
+@dataclass(frozen=True)
+class SpfLimits:
+    """RFC 7208 4.6.4: at most 10 lookups causing terms, 2 void lookups."""
+
+    lookups: int = 10
+    void_lookups: int = 2
+    timeout: float = 20.0  # all lookups of one check together (RFC 7208 4.6.4: >= 20 s)
+
 
 MILTER = "auth"
 # enforce: check, write the header, act on the result; tag: check and write the header

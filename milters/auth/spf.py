@@ -15,20 +15,13 @@ import spf
 
 from milters.core.dns import DnsTempError, Resolver
 
+from .settings import SpfLimits
+
 # (name, qtype) -> pyspf's answer format: [((name, qtype), value), ...]; raises
 # spf.TempError for a temporary failure.
 SpfLookup = Callable[[str, str], list[tuple[tuple[str, str], Any]]]
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
-
-
-@dataclass(frozen=True)
-class SpfLimits:
-    """RFC 7208 4.6.4: at most 10 lookups causing terms, 2 void lookups."""
-
-    lookups: int = 10
-    void_lookups: int = 2
-    timeout: float = 20.0  # all lookups of one check together (RFC 7208 4.6.4: >= 20 s)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import tempfile
 import threading
 import time
 from typing import Callable, ClassVar
@@ -54,6 +55,9 @@ class MilterLogic:
     exact_headers: ClassVar[bool] = False
     # False: on_message needs the headers only; the MTA is told not to send the body.
     reads_body: ClassVar[bool] = True
+    # True: the body is spooled to a temporary file as it comes and the message handed over
+    # as an mmap, so a large message is never held in memory (attachments).
+    spool_body: ClassVar[bool] = False
 
     def on_connect(self, env: Envelope) -> Verdict:
         return Verdict.cont()
@@ -140,6 +144,7 @@ class MilterAdapter(Milter.Base):
         self.env = Envelope()
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
+        self._spool: tempfile.SpooledTemporaryFile[bytes] | None = None
         self._protocol = 0
 
     # -- negotiation -------------------------------------------------------------------
@@ -209,6 +214,7 @@ class MilterAdapter(Milter.Base):
     def envfrom(self, mail_from: str, *params: str) -> int:
         self.env.start_transaction()
         self._headers, self._body = [], []
+        self._drop_spool()
         self.env.mail_from = strip_brackets(mail_from)
         self.env.mail_params = Milter.param2dict(params) if params else {}
         self.env.auth_user = self._macro("{auth_authen}")
@@ -231,7 +237,12 @@ class MilterAdapter(Milter.Base):
         return Milter.NOREPLY if self._protocol & _NR_EOH else Milter.CONTINUE
 
     def body(self, chunk: bytes) -> int:
-        self._body.append(chunk)
+        if type(self).logic_class.spool_body:
+            if self._spool is None:
+                self._spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024)
+            self._spool.write(chunk)
+        else:
+            self._body.append(chunk)
         return Milter.NOREPLY if self._protocol & _NR_BODY else Milter.CONTINUE
 
     def eom(self) -> int:
@@ -240,14 +251,25 @@ class MilterAdapter(Milter.Base):
         self.env.queue_id = self._macro("i") or self.env.queue_id
 
         def run() -> Verdict:
-            message = Message.from_headers_and_body(
-                self._headers, b"".join(self._body), self.env,
-                leading_space=bool(self._protocol & _HDR_LEADSPC))
+            leading_space = bool(self._protocol & _HDR_LEADSPC)
+            if self._spool is not None:
+                message = Message.from_headers_and_file(self._headers, self._spool, self.env,
+                                                        leading_space=leading_space)
+                self._drop_spool()
+            else:
+                message = Message.from_headers_and_body(
+                    self._headers, b"".join(self._body), self.env, leading_space=leading_space)
+                self._body = []
             result = self.logic.on_message(message)
             for edit in result.edits:
                 self._apply(edit)
             return result.verdict
         return self._guarded("eom", run, 0)
+
+    def _drop_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     def abort(self) -> int:
         try:
@@ -257,6 +279,7 @@ class MilterAdapter(Milter.Base):
         return Milter.CONTINUE
 
     def close(self) -> int:
+        self._drop_spool()
         try:
             self.logic.on_close(self.env)
         except Exception as exc:
@@ -277,7 +300,11 @@ class MilterAdapter(Milter.Base):
         elif isinstance(edit, DeleteRecipient):
             self.delrcpt(f"<{edit.address}>")
         elif isinstance(edit, ReplaceBody):
-            self.replacebody(edit.body)
+            if isinstance(edit.body, bytes):
+                self.replacebody(edit.body)
+            else:  # libmilter takes the new body in pieces (several SMFIR_REPLBODY)
+                while piece := edit.body.read(65536):
+                    self.replacebody(piece)
         elif isinstance(edit, ChangeFrom):
             self.chgfrom(f"<{edit.address}>", edit.params)
         elif isinstance(edit, Quarantine):

@@ -15,13 +15,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import dns.exception
-import dns.message
-import dns.name
-import dns.rdatatype
-import dns.resolver
+from typing import TYPE_CHECKING
 
 from .errors import MailmoatError
+
+if TYPE_CHECKING:
+    import dns.message
+
+# dnspython is imported when a Resolver is made: only the auth milter asks DNS, and the
+# other processes (serve, ratelimit, attachments, the command line) need not carry it.
 
 
 class DnsTempError(MailmoatError):
@@ -87,6 +89,7 @@ class Resolver:
 
     def __init__(self, settings: DnsSettings = DnsSettings(),
                  clock: Any = time.monotonic) -> None:
+        import dns.resolver
         self.settings = settings
         self._clock = clock
         self._cache = _TtlCache(settings.cache_size)
@@ -120,6 +123,8 @@ class Resolver:
         return [b"".join(r.strings) for r in self.lookup(name, "TXT")]
 
     def _query(self, name: str, rdtype: str) -> tuple[list[Any], float]:
+        import dns.exception
+        import dns.resolver
         try:
             answer = self._resolver.resolve(name, rdtype, search=False,
                                             raise_on_no_answer=False)
@@ -141,6 +146,7 @@ class Resolver:
 
 def _negative_ttl(response: dns.message.Message | None, default: float) -> float:
     """RFC 2308: the SOA's minimum (capped by its TTL) says how long 'none' may be kept."""
+    import dns.rdatatype
     if response is not None:
         for rrset in response.authority:
             if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
@@ -148,7 +154,7 @@ def _negative_ttl(response: dns.message.Message | None, default: float) -> float
     return default
 
 
-def _first_error(exc: dns.resolver.NoNameservers) -> str:
+def _first_error(exc: Any) -> str:  # a dns.resolver.NoNameservers
     errors = exc.kwargs.get("errors") or []
     if errors:
         server, _tcp, _port, error, *_ = errors[0]
@@ -158,6 +164,8 @@ def _first_error(exc: dns.resolver.NoNameservers) -> str:
 
 def is_valid_domain(name: str) -> bool:
     """A name that can be asked for at all (labels 1..63 bytes, 253 in all)."""
+    import dns.exception
+    import dns.name
     try:
         dns.name.from_text(name)
     except (dns.exception.DNSException, UnicodeError, ValueError):

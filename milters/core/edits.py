@@ -3,6 +3,7 @@ behind Postfix/Sendmail, or by our own MTA's milter client)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from .verdict import Verdict
 
@@ -34,7 +35,9 @@ class DeleteRecipient:
 
 @dataclass(frozen=True)
 class ReplaceBody:
-    body: bytes
+    # bytes, or a file read in pieces from its current position (a large new body that a
+    # milter built on disk is never held whole in memory)
+    body: bytes | BinaryIO
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ because rate limiting and most envelope checks never look at the body.
 from __future__ import annotations
 
 import ipaddress
+import mmap
 import re
+import tempfile
 from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.errors import HeaderParseError
@@ -15,7 +17,7 @@ from email.header import decode_header
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
 from functools import lru_cache
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import MessageError
 from .jis import decode_cp50220
@@ -169,8 +171,10 @@ class Message:
         if self._headers is None:
             # The header section alone: milters that only read headers (auth, ratelimit)
             # need not pay for parsing a large MIME body.
+            end = self.raw.find(b"\r\n\r\n")
+            section = bytes(self.raw[:end + 4]) if end >= 0 else bytes(self.raw)
             head = self._parsed if self._parsed is not None else BytesHeaderParser(
-                policy=email_policy.default).parsebytes(self.raw)
+                policy=email_policy.default).parsebytes(section)
             self._headers = [(name, _utf8_text(str(value))) for name, value in head.raw_items()]
         return self._headers
 
@@ -185,10 +189,36 @@ class Message:
         """Rebuild the raw message from milter header callbacks, CRLF line ends as on the
         wire (MTAs differ: Postfix folds header values with a bare LF). With
         `leading_space` (SMFIP_HDR_LEADSPC) each value keeps its own space after the colon."""
-        separator = ":" if leading_space else ": "
-        head = b"".join(_FOLD.sub("\r\n", f"{name}{separator}{value}").encode(
-            "utf-8", "surrogateescape") + b"\r\n" for name, value in headers)
-        return cls(raw=head + b"\r\n" + body, envelope=envelope or Envelope())
+        return cls(raw=header_section(headers, leading_space) + body,
+                   envelope=envelope or Envelope())
+
+    @classmethod
+    def from_headers_and_file(cls, headers: list[tuple[str, str]], body: BinaryIO,
+                              envelope: Envelope | None = None,
+                              leading_space: bool = False) -> "Message":
+        """The same from a spooled body, for milters that must not hold a large message in
+        memory: `raw` is then an mmap of a temporary file (bytes while it is small)."""
+        whole = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+        whole.write(header_section(headers, leading_space))
+        body.seek(0)
+        while piece := body.read(1024 * 1024):
+            whole.write(piece)
+        whole.flush()
+        if not whole._rolled:  # noqa: SLF001 -- only SpooledTemporaryFile knows
+            whole.seek(0)
+            return cls(raw=whole.read(), envelope=envelope or Envelope())
+        mapped = mmap.mmap(whole.fileno(), whole.tell(), access=mmap.ACCESS_READ)
+        whole.close()  # the mapping keeps the (already unlinked) file's data
+        return cls(raw=mapped, envelope=envelope or Envelope())  # type: ignore[arg-type]
+
+
+SPOOL_IN_MEMORY = 1024 * 1024
+
+
+def header_section(headers: list[tuple[str, str]], leading_space: bool = False) -> bytes:
+    separator = ":" if leading_space else ": "
+    return b"".join(_FOLD.sub("\r\n", f"{name}{separator}{value}").encode(
+        "utf-8", "surrogateescape") + b"\r\n" for name, value in headers) + b"\r\n"
 
 
 _FOLD = re.compile(r"\r?\n")

@@ -26,11 +26,11 @@ from milters.core.store import (
     FallbackStore,
     MemoryStore,
     Record,
-    RedisStore,
     SqliteStore,
     Store,
     open_store,
 )
+from milters.core.store.redis_store import RedisStore
 from tests.harness.redis_server import RedisServer, free_port
 
 T0 = 1_700_000_000.0  # a realistic unix time, so float precision is tested too

@@ -16,7 +16,6 @@ from milters.core.errors import StoreError, StoreUnavailable
 from .base import POINTS_EPSILON, Admission, BucketResult, Record, Store, Take
 from .fallback import FallbackStore
 from .memory import MemoryStore
-from .redis_store import RedisStore
 from .sqlite import SqliteStore
 
 __all__ = [
@@ -26,7 +25,6 @@ __all__ = [
     "FallbackStore",
     "MemoryStore",
     "Record",
-    "RedisStore",
     "SqliteStore",
     "Store",
     "StoreError",
@@ -74,6 +72,7 @@ def _open_redis(url: str, timeout: float) -> Store:
     if not parts.hostname:
         raise StoreError(f"bad Redis URL {_redact(url)}: no host")
     password = unquote(parts.password) if parts.password else os.environ.get(PASSWORD_ENV)
+    from .redis_store import RedisStore  # redis-py is only loaded when Redis is configured
     return RedisStore(
         host=parts.hostname,
         port=port,

@@ -1,0 +1,208 @@
+"""Decoding parts and writing the new message body in pieces, from the ranges mime_scan
+found: a 20 MB attachment is never held whole in memory, encoded or decoded.
+
+The new body keeps every byte of the parts that stay; removed parts are cut out with the
+delimiter line before them; new parts go before the closing delimiter of a top-level
+multipart/mixed, or the old content is wrapped into a new multipart/mixed as its first part.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import quopri
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import BinaryIO, Iterator
+
+from .mime_scan import Part, Raw, header_end, release
+
+CHUNK = 1024 * 1024
+SPOOL = 1024 * 1024  # temporary files stay in memory up to this size
+_B64_JUNK = re.compile(rb"[^A-Za-z0-9+/=]")
+_B64_LINE = 57 * 1024  # 57 bytes make one 76-character base64 line
+# One header field with its continuation lines.
+_FIELD = re.compile(rb"(?ms)^([^ \t\r\n][^:\r\n]*):.*?\r\n(?=[^ \t]|\Z)")
+
+
+def spool() -> tempfile.SpooledTemporaryFile[bytes]:
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL)
+
+
+def _base64_chunks(raw: Raw, start: int, end: int) -> Iterator[bytes]:
+    carry = b""
+    for at in range(start, end, CHUNK):
+        text = carry + _B64_JUNK.sub(b"", raw[at:min(end, at + CHUNK)])
+        release(raw, at, min(end, at + CHUNK))
+        usable = len(text) - len(text) % 4
+        carry = text[usable:]
+        if usable:
+            yield _b64(text[:usable])
+    if carry:
+        yield _b64(carry + b"=" * (-len(carry) % 4))
+
+
+def _b64(text: bytes) -> bytes:
+    try:
+        return binascii.a2b_base64(text)
+    except binascii.Error:  # padding in the middle and the like: what can be read
+        return b"".join(_b64_lenient(text[i:i + 4]) for i in range(0, len(text), 4))
+
+
+def _b64_lenient(group: bytes) -> bytes:
+    try:
+        return binascii.a2b_base64(group)
+    except binascii.Error:
+        return b""
+
+
+def decoded(raw: Raw, part: Part) -> Iterator[bytes]:
+    """The part's body, transfer encoding undone, in pieces."""
+    cte = str(part.skeleton.get("Content-Transfer-Encoding", "")).strip().lower()
+    start, end = part.body_start, part.end
+    if cte == "base64":
+        yield from _base64_chunks(raw, start, end)
+    elif cte == "quoted-printable":
+        # Cut only at line ends, where a soft line break cannot be split.
+        at = start
+        while at < end:
+            stop = raw.rfind(b"\r\n", at, min(end, at + CHUNK))
+            stop = min(end, at + CHUNK) if stop <= at or at + CHUNK >= end else stop + 2
+            yield quopri.decodestring(bytes(raw[at:stop]))
+            at = stop
+    else:
+        for at in range(start, end, CHUNK):
+            yield bytes(raw[at:min(end, at + CHUNK)])
+
+
+def decode_to_file(raw: Raw, part: Part) -> tempfile.SpooledTemporaryFile[bytes]:
+    out = spool()
+    for chunk in decoded(raw, part):
+        out.write(chunk)
+    out.seek(0)
+    return out
+
+
+def base64_lines(source: BinaryIO) -> Iterator[bytes]:
+    """A file as base64 in 76-character CRLF lines (RFC 2045 6.8)."""
+    while block := source.read(_B64_LINE):
+        yield base64.encodebytes(block).replace(b"\n", b"\r\n")
+
+
+@dataclass
+class NewPart:
+    """A part to add: its header section (ending in CRLF CRLF) and body pieces."""
+
+    header: bytes
+    body: Iterator[bytes] | bytes = b""
+
+    def pieces(self) -> Iterator[bytes]:
+        yield self.header
+        if isinstance(self.body, bytes):
+            yield self.body
+        else:
+            yield from self.body
+
+
+def part_from_message(message: EmailMessage) -> NewPart:
+    """A small part built with the email package (a note), as bytes."""
+    from .rebuild import to_bytes
+    return NewPart(to_bytes(message))
+
+
+@dataclass
+class Rebuilt:
+    body: tempfile.SpooledTemporaryFile[bytes]
+    # The message's MIME headers after the change: name -> value, None = remove.
+    mime_headers: dict[str, str | None] = field(default_factory=dict)
+
+
+def _fields(raw: Raw, start: int, end: int) -> list[re.Match[bytes]]:
+    header = bytes(raw[start:end]).rstrip(b"\r\n") + b"\r\n"
+    return list(_FIELD.finditer(header))
+
+
+def _mime_lines(raw: Raw, root: Part) -> bytes:
+    """The root's own Content-* header fields, as they came (for a wrapped first part)."""
+    return b"".join(m.group(0) for m in _fields(raw, root.start, root.body_start)
+                    if m.group(1).lower().startswith(b"content-"))
+
+
+def copy_header(raw: Raw, changes: dict[str, str | None],
+                added: list[tuple[str, str]]) -> bytes:
+    """The message's header section for a re-injected copy: the fields in `changes` replaced
+    (None: removed), `added` appended, everything else as it came."""
+    lowered = {name.lower() for name in changes}
+    kept = b"".join(m.group(0) for m in _fields(raw, 0, header_end(raw, 0, len(raw)))
+                    if m.group(1).decode("ascii", "replace").strip().lower() not in lowered)
+    new = b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+                   for name, value in list(changes.items()) + added if value is not None)
+    return kept + new + b"\r\n"
+
+
+def _removal(raw: Raw, part: Part) -> tuple[int, int]:
+    """The bytes that take `part` out: its delimiter line with the CRLF before it."""
+    delimiter = part.delimiter_at
+    if raw[delimiter - 2:delimiter] == b"\r\n":
+        return delimiter - 2, part.end
+    return delimiter, min(part.end + 2, len(raw))
+
+
+def rebuild(raw: Raw, root: Part, removed: list[Part], added: list[NewPart]) -> Rebuilt:
+    out = spool()
+    cuts = sorted(_removal(raw, p) for p in removed if p is not root)
+    root_gone = any(p is root for p in removed)
+    ctype = root.skeleton.get_content_type()
+    if ctype == "multipart/mixed" and root.boundary and not root_gone:
+        insert_at = root.close_at if root.close_at is not None else len(raw)
+        _copy_except(raw, root.body_start, insert_at, cuts, out)
+        dash = b"--" + root.boundary
+        if root.close_at is None:
+            out.write(b"\r\n")
+        for new in added:
+            out.write(dash + b"\r\n")
+            for piece in new.pieces():
+                out.write(piece)
+            out.write(b"\r\n")
+        if root.close_at is not None:
+            _copy_except(raw, insert_at, len(raw), cuts, out)
+        else:
+            out.write(dash + b"--\r\n")
+        out.seek(0)
+        return Rebuilt(out)
+    # Wrap: the old content (if any is left) becomes the first part of a new mixed one.
+    boundary = b"=_mailmoat_" + secrets.token_hex(12).encode()
+    dash = b"--" + boundary
+    if not root_gone:
+        out.write(dash + b"\r\n" + _mime_lines(raw, root) + b"\r\n")
+        _copy_except(raw, root.body_start, len(raw), cuts, out)
+        out.write(b"\r\n")
+    for new in added:
+        out.write(dash + b"\r\n")
+        for piece in new.pieces():
+            out.write(piece)
+        out.write(b"\r\n")
+    out.write(dash + b"--\r\n")
+    out.seek(0)
+    return Rebuilt(out, {"MIME-Version": "1.0",
+                         "Content-Type": f'multipart/mixed; boundary="{boundary.decode()}"',
+                         "Content-Transfer-Encoding": None, "Content-Disposition": None})
+
+
+def _copy_except(raw: Raw, start: int, end: int, cuts: list[tuple[int, int]],
+                 out: BinaryIO) -> None:
+    at = start
+    for cut_start, cut_end in cuts:
+        if cut_end <= at or cut_start >= end:
+            continue
+        _copy(raw, at, max(at, cut_start), out)
+        at = max(at, cut_end)
+    _copy(raw, at, end, out)
+
+
+def _copy(raw: Raw, start: int, end: int, out: BinaryIO) -> None:
+    for at in range(start, end, CHUNK):
+        out.write(raw[at:min(end, at + CHUNK)])
+        release(raw, at, min(end, at + CHUNK))
