@@ -77,7 +77,7 @@ def _delimiters(raw: Raw, boundary: bytes, start: int, end: int) -> list[tuple[i
     found = []
     at = start
     while at < end:
-        hit = raw.find(dash, at, end)
+        hit = _find(raw, dash, at, end)
         if hit < 0:
             break
         line_end = raw.find(b"\r\n", hit, end)
@@ -91,6 +91,25 @@ def _delimiters(raw: Raw, boundary: bytes, start: int, end: int) -> list[tuple[i
                 break
         at = line_end
     return found
+
+
+WINDOW = 4 * 1024 * 1024
+
+
+def _find(raw: Raw, needle: bytes, start: int, end: int) -> int:
+    """raw.find(), in windows whose pages are let go of once searched (an mmap'd 30 MB
+    attachment would otherwise be resident all at once)."""
+    if not isinstance(raw, mmap.mmap):
+        return raw.find(needle, start, end)
+    at = start
+    while at < end:
+        stop = min(end, at + WINDOW + len(needle))
+        hit = raw.find(needle, at, stop)
+        if hit >= 0:
+            return hit
+        release(raw, at, min(end, at + WINDOW))
+        at += WINDOW
+    return -1
 
 
 def _fill(raw: Raw, part: Part, depth: int) -> None:
