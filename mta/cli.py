@@ -11,6 +11,7 @@ import importlib
 import ipaddress
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -61,6 +62,8 @@ def _print_problems(exc: ConfigError) -> None:
 def cmd_milter(args: argparse.Namespace) -> int:
     setup_logging(args.name, verbose=args.verbose)
     config = load_config(args.config)
+    if args.reinject:
+        config = replace(config, reinject_listen=args.reinject)
     try:
         milter_serve(args.name)(config, args.listen, read_policy)
     except ValueError as exc:  # a bad --listen socket
@@ -338,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     milter.add_argument("--listen", required=True, metavar="SOCKET",
                         help="inet:127.0.0.1:PORT, inet6:[::1]:PORT or unix:/path")
     milter.add_argument("--config", metavar="FILE", help=config_help)
+    milter.add_argument("--reinject", metavar="HOST:PORT",
+                        help="where copies and notices go (default: the config's "
+                             "gateway.reinject_listen)")
     milter.add_argument("--verbose", action="store_true", help="also log debug details")
     milter.set_defaults(func=cmd_milter)
 

@@ -25,8 +25,10 @@ from milters.core.verdict import Action, Verdict
 
 from .edits_apply import Transit
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
-from .queue import new_queue_id
-from .serve import MilterSupervisor
+from .listener import ThreadedListener
+from .queue import Queue, new_queue_id
+from .serve import LOOPBACK, MilterSupervisor
+from .smtpd import GatewayHandler, SmtpSettings
 from .trace import protocol_name, received_header
 
 
@@ -110,12 +112,40 @@ def scan(config: GatewayConfig, config_path: str | None, request: ScanRequest,
     load_policy(config.policy)  # a broken policy is reported before anything starts
     with tempfile.TemporaryDirectory(prefix="mailmoat-scan-") as run_dir:
         Path(run_dir).chmod(0o755)
-        supervisor = MilterSupervisor(replace(config, run_dir=Path(run_dir)), config_path)
-        try:
-            supervisor.start()
-            return run_scan(request, ChainSession(supervisor.members()), config.hostname)
-        finally:
-            supervisor.stop()
+        # What milters hand back (copies for some recipients, password notices) is caught
+        # by a re-injection listener of our own, into a queue in run_dir, and reported.
+        capture = Queue(Path(run_dir) / "reinjected")
+        settings = SmtpSettings(hostname=config.hostname, internal_networks=LOOPBACK,
+                                max_message_size=config.max_message_size,
+                                max_recipients=config.max_recipients, loopback_only=True)
+        port = _free_loopback_port()
+        with ThreadedListener(GatewayHandler(settings, capture, None, None), "127.0.0.1",
+                              port):
+            supervisor = MilterSupervisor(replace(config, run_dir=Path(run_dir),
+                                                  reinject_listen=f"127.0.0.1:{port}"),
+                                          config_path)
+            try:
+                supervisor.start()
+                report, transit = run_scan(request, ChainSession(supervisor.members()),
+                                           config.hostname)
+            finally:
+                supervisor.stop()
+        report["reinjected"] = [_reinjected(capture, entry)
+                                for entry in sorted(capture.entries(),
+                                                    key=lambda e: e.received_at)]
+        return report, transit
+
+
+def _reinjected(queue: Queue, entry: Any) -> dict[str, Any]:
+    message = Message(raw=queue.message(entry.queue_id))
+    return {"sender": entry.sender, "recipients": [r.address for r in entry.recipients],
+            "subject": message.subject, "bytes": entry.size}
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def print_report(report: dict[str, Any], as_json: bool) -> None:
@@ -135,5 +165,8 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
         print(line)
     for rcpt, state in report["recipients"].items():
         print(f"  rcpt {rcpt}: {state}")
+    for copy in report.get("reinjected", []):
+        print(f"  handed back for {', '.join(copy['recipients'])}: {copy['subject']!r} "
+              f"({copy['bytes']:,} bytes)")
     if report["hold"]:
         print(f"  would be held: {report['hold']}")

@@ -70,6 +70,8 @@ class MilterSupervisor:
                    "--listen", self.socket_of(milter)]
         if self.config_path:
             command += ["--config", self.config_path]
+        # Where the milters hand mail back: serve's own listener, or scan's catcher.
+        command += ["--reinject", self.config.reinject_listen]
         # Logs go to our stderr; the child gets SIGTERM if we die, even by SIGKILL.
         self.children[milter.name] = subprocess.Popen(command, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 15

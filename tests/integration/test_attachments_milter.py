@@ -375,3 +375,24 @@ def test_japanese_names_reach_the_zip_in_cp932_without_the_utf8_flag(
     entries = zip_entry_names(archive.data)
     assert [name.decode("cp932") for name, _ in entries] == names
     assert all(flags & 0x0800 == 0 and flags & 0x0001 for _, flags in entries)  # CP932, encrypted
+
+
+def test_scan_shows_the_copies_and_notices_the_milter_hands_back(tmp_path: Path) -> None:
+    """`mailmoat scan` catches what the milter re-injects instead of sending it anywhere."""
+    import json
+    import sys
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    config = tmp_path / "config.yaml"
+    config.write_text("gateway: {hostname: mx.example.jp}\nstore: memory://\n"
+                      "milters: [{name: attachments}]\npolicy: policy.yaml\n")
+    done = subprocess.run([sys.executable, "-m", "mta.cli", "scan", str(SAMPLE), "--config",
+                           str(config), "--client-ip", "127.0.0.1", "--mail-from", SENDER,
+                           "--rcpt", EXTERNAL, "--rcpt", INTERNAL, "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "accept"
+    assert report["envelope"]["recipients"] == [INTERNAL]  # the external one was taken off
+    handed_back = {tuple(item["recipients"]): item for item in report["reinjected"]}
+    assert set(handed_back) == {(EXTERNAL,), (SENDER,)}
+    assert "パスワード" in handed_back[(SENDER,)]["subject"]
