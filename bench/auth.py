@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,10 +46,8 @@ from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
 
 from tests.harness.dns_server import KnotServer  # noqa: E402  (after _common's sys.path)
-from tests.harness.isolated import isolated_argv  # noqa: E402
 from tests.harness.milter_proc import MilterProcess  # noqa: E402
-from tests.harness.opendmarc import (MilterDaemonError, OpenDkimVerifier,  # noqa: E402
-                                     OpenDmarc, _MilterDaemon)
+from tests.harness.opendmarc import OpenDkimVerifier, OpenDmarc  # noqa: E402
 from tests.harness.ports import LOOPBACK, free_port, is_listening  # noqa: E402
 from tests.harness.postfix import PostfixInstance  # noqa: E402
 from tests.harness.sink import SmtpSink  # noqa: E402
@@ -133,97 +130,7 @@ def signed_message_file(workdir: Path) -> tuple[Path, dict[str, list[str]], int]
 
 
 # == OpenDKIM and OpenDMARC on unix sockets ==================================================
-def unix_listener_pid_holds(pid: int, path: Path) -> bool:
-    """True if process `pid` holds a listening unix socket bound to `path` (/proc/net/unix:
-    flag 00010000 is __SO_ACCEPTCON), so a stale socket file cannot fool us."""
-    inodes = set()
-    with open("/proc/net/unix") as fh:
-        next(fh, None)  # header
-        for line in fh:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
-                inodes.add(f"socket:[{fields[6]}]")
-    if not inodes:
-        return False
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                    return True
-    return False
-
-
-class _UnixSocketDaemon(_MilterDaemon):
-    """The harness's libmilter daemons on a unix socket instead of 127.0.0.1:PORT.
-
-    The harness listens on TCP; the target is set for unix sockets on both sides (over TCP,
-    Nagle against delayed ACKs would cost each milter round trip up to 40 ms). Only the
-    Socket line, the socket's mode, readiness and the wake-up on stop differ. Comes first in
-    the subclasses' bases, so its methods win and super() reaches the daemon's own."""
-
-    unix_path: Path
-
-    @property
-    def socket_spec(self) -> str:
-        return f"unix:{self.unix_path}"
-
-    @property
-    def milter_socket(self) -> str:
-        return f"local:{self.unix_path}"
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None, "not started"
-        return self._proc.pid
-
-    def config_lines(self) -> dict[str, str]:
-        lines = super().config_lines()
-        # smtpd connects as user postfix; root's 022 would leave it no write permission.
-        # UMask 0, because whether the daemon reads the value as octal is not documented.
-        lines["UMask"] = "0"
-        return lines
-
-    def _launch(self) -> bool:
-        with contextlib.suppress(FileNotFoundError):
-            self.unix_path.unlink()  # a leftover would make libmilter's bind fail
-        with open(self.log_path, "ab") as log:
-            self._proc = proc = subprocess.Popen(
-                isolated_argv(self.command(), self.nameserver, self.workdir),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.start_timeout
-        while not unix_listener_pid_holds(proc.pid, self.unix_path):
-            if proc.poll() is not None or time.monotonic() >= deadline:
-                raise MilterDaemonError(f"{self.name} not listening on {self.unix_path}"
-                                        f" (exit {proc.poll()}); output tail:\n"
-                                        f"{self.log_tail()}")
-            time.sleep(0.02)
-        mode = self.unix_path.stat().st_mode & 0o777
-        if mode & 0o002 == 0:
-            raise MilterDaemonError(f"{self.unix_path} is mode {mode:o}: smtpd cannot write")
-        return True
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then wake libmilter's listener (it polls in 5 s steps) by connecting."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), \
-                    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
-                wake.settimeout(0.2)
-                wake.connect(str(self.unix_path))
-            try:
-                proc.wait(0.1)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        proc.kill()
-        proc.wait(5)
-
-
-class UnixOpenDkim(_UnixSocketDaemon, OpenDkimVerifier):
+class UnixOpenDkim(OpenDkimVerifier):
     """OpenDKIM reading DKIM keys from a TestDNSData file made from the zone's records.
 
     The harness points its libunbound at the test server with ResolverConfiguration; Debian's
@@ -235,8 +142,7 @@ class UnixOpenDkim(_UnixSocketDaemon, OpenDkimVerifier):
 
     def __init__(self, dns: KnotServer, workdir: Path, unix_path: Path,
                  keys: dict[str, str]) -> None:
-        super().__init__(dns, workdir, authserv_id=AUTHSERV_ID)
-        self.unix_path = unix_path
+        super().__init__(dns, workdir, authserv_id=AUTHSERV_ID, unix_path=unix_path)
         self.keys = keys  # DNS name -> TXT value
 
     def config_lines(self) -> dict[str, str]:
@@ -246,14 +152,6 @@ class UnixOpenDkim(_UnixSocketDaemon, OpenDkimVerifier):
         data.write_text("".join(f"{name} {value}\n" for name, value in self.keys.items()))
         lines["TestDNSData"] = f"file:{data}"
         return lines
-
-
-class UnixOpenDmarc(_UnixSocketDaemon, OpenDmarc):
-    def __init__(self, dns: KnotServer, workdir: Path, unix_path: Path) -> None:
-        # SPF checked by OpenDMARC itself (libspf2), as our milter does; it trusts OpenDKIM's
-        # Authentication-Results (same authserv-id) for the DKIM part of DMARC.
-        super().__init__(dns, workdir, authserv_id=AUTHSERV_ID, spf_self_validate=True)
-        self.unix_path = unix_path
 
 
 # == variants and runs =======================================================================
@@ -436,7 +334,10 @@ def run(settings: Settings, tmp: Path, with_profile: bool) -> RunResult:
         if null.poll() is not None:
             raise BenchError(f"null milter exited: {(tmp / 'null.log').read_text()}")
         dkim = stack.enter_context(UnixOpenDkim(dns, tmp, dkim_sock, domainkey_records(zone)))
-        dmarc = stack.enter_context(UnixOpenDmarc(dns, tmp, dmarc_sock))
+        # SPF checked by OpenDMARC itself (libspf2), as our milter does; it trusts OpenDKIM's
+        # Authentication-Results (same authserv-id) for the DKIM part of DMARC.
+        dmarc = stack.enter_context(OpenDmarc(dns, tmp, authserv_id=AUTHSERV_ID,
+                                              spf_self_validate=True, unix_path=dmarc_sock))
         auth = stack.enter_context(MilterProcess(
             "auth", write_auth_config(tmp / "auth", dns.nameserver), tmp / "auth",
             unix_path=auth_sock))
