@@ -8,6 +8,8 @@ attachment is never held whole in memory, encoded or decoded.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
@@ -24,6 +26,10 @@ from .rebuild import POLICY, to_bytes
 from .settings import AttachmentsSettings
 from .stream import NewPart, Rebuilt, base64_lines, decode_to_file, decoded, rebuild, spool
 from .zipper import ZipEntry, write_zip
+
+
+_ZIP_WRITERS = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                  thread_name_prefix="zip")
 
 
 @dataclass
@@ -89,10 +95,15 @@ def encrypt(raw: Raw, settings: AttachmentsSettings, password: str, now: datetim
     zip_name = now.strftime(enc.zip_name)
     decoded = [decode_to_file(raw, part) for part in found.parts]
     archive = spool()
+    entries = [ZipEntry(name, data, now.timestamp())  # type: ignore[arg-type]
+               for name, data in zip(names, decoded)]
     try:
-        write_zip(archive, [ZipEntry(name, data, now.timestamp())  # type: ignore[arg-type]
-                            for name, data in zip(names, decoded)],
-                  password=password, encryption=enc.encryption, charset=enc.names)
+        # libarchive calls back into Python (ctypes) to hand over the ZIP. Such callbacks
+        # take the GIL through PyGILState, which must not run on libmilter's threads:
+        # pymilter gives them thread states of its own, and the mix crashed the milter
+        # under concurrent sessions. A thread Python made writes the ZIP instead.
+        _ZIP_WRITERS.submit(write_zip, archive, entries, password=password,
+                            encryption=enc.encryption, charset=enc.names).result()
     finally:
         for file in decoded:
             file.close()

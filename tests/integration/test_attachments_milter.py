@@ -396,3 +396,33 @@ def test_scan_shows_the_copies_and_notices_the_milter_hands_back(tmp_path: Path)
     handed_back = {tuple(item["recipients"]): item for item in report["reinjected"]}
     assert set(handed_back) == {(EXTERNAL,), (SENDER,)}
     assert "パスワード" in handed_back[(SENDER,)]["subject"]
+
+
+def test_concurrent_sessions_behind_postfix_do_not_crash_the_milter(tmp_path: Path) -> None:
+    """Several SMTP sessions at once, each getting a ZIP: libarchive's callbacks into Python
+    must not run on libmilter's threads (that crashed the milter with SIGSEGV)."""
+    (tmp_path / "policy.yaml").write_text("internal_networks: [127.0.0.0/8]\n"
+                                          "defaults: {attachments: encrypt}\n")
+    reinject_port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
+                      f"127.0.0.1:{reinject_port}}}\nstore: memory://\npolicy: policy.yaml\n")
+    message = tmp_path / "typical.eml"
+    message.write_bytes(make_message([("見積書.pdf", os.urandom(1_200_000)),
+                                      ("顧客リスト.csv", "x,y\n".encode() * 80_000)])
+                        .replace(b"\r\n", b"\n"))  # smtp-source -F wants LF line ends
+    milter = MilterProcess("attachments", config, tmp_path).start()
+    try:
+        with SmtpSink() as sink, postfix_instance(
+                tmp_path, relay_port=sink.port, smtpd_milters=milter.socket_spec,
+                reinject_port=reinject_port,
+                relay_domains="example.jp, customer.example") as postfix:
+            done = subprocess.run(["/usr/sbin/smtp-source", "-c", "-F", str(message), "-m", "24",
+                                   "-s", "4", "-f", SENDER, "-t", EXTERNAL,
+                                   f"127.0.0.1:{postfix.smtp_port}"],
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr + milter.log_text()[-2000:]
+            sink.wait_for(48, timeout=60)  # each message: its ZIP copy and one notice
+        assert milter.proc is not None and milter.proc.poll() is None, milter.log_text()[-2000:]
+    finally:
+        milter.stop()
