@@ -14,7 +14,6 @@ import re
 import secrets
 import tempfile
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from typing import BinaryIO, Iterator
 
 from .mime_scan import Part, Raw, header_end, release
@@ -104,12 +103,6 @@ class NewPart:
             yield self.body
         else:
             yield from self.body
-
-
-def part_from_message(message: EmailMessage) -> NewPart:
-    """A small part built with the email package (a note), as bytes."""
-    from .rebuild import to_bytes
-    return NewPart(to_bytes(message))
 
 
 @dataclass

@@ -160,14 +160,3 @@ def _first_error(exc: Any) -> str:  # a dns.resolver.NoNameservers
         server, _tcp, _port, error, *_ = errors[0]
         return f"{server}: {error}"
     return str(exc)
-
-
-def is_valid_domain(name: str) -> bool:
-    """A name that can be asked for at all (labels 1..63 bytes, 253 in all)."""
-    import dns.exception
-    import dns.name
-    try:
-        dns.name.from_text(name)
-    except (dns.exception.DNSException, UnicodeError, ValueError):
-        return False
-    return bool(name) and len(name.rstrip(".")) <= 253
