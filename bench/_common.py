@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
 import shutil
 import signal
@@ -15,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -49,6 +52,42 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 def exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
+
+
+def machine_line(*tools: str) -> str:
+    """When and on what a run happened: the date, CPUs, load, Python and the tools given."""
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {os.cpu_count()} CPUs, load"
+            f" {load}; Python {platform.python_version()}"
+            + "".join(f", {tool}" for tool in tools))
+
+
+def postfix_version() -> str:
+    return subprocess.run(["/usr/sbin/postconf", "-dh", "mail_version"], capture_output=True,
+                          text=True, timeout=10).stdout.strip() or "?"
+
+
+def run_bench(name: str, flags: str, preflight: Callable[[], None],
+              describe: Callable[[], str], body: Callable[[], int],
+              errors: tuple[type[BaseException], ...] = ()) -> int:
+    """A benchmark's main: checks, the machine line, the body (its exit status); Ctrl-C or
+    SIGTERM ends it with 128+signal after everything is stopped, a failure to run with 1."""
+    exit_cleanly_on_sigterm()
+    try:
+        preflight()
+        print(f"bench/{name}{flags}: {describe()}")
+        print("Shared machine: absolute numbers are noisy; compare ratios within one run.\n")
+        return body()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"bench/{name}: {str(exc) or 'interrupted'}; everything it started is stopped"
+              " and its files are removed", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
+    except (BenchError, OSError, RuntimeError, subprocess.SubprocessError, *errors) as exc:
+        # RuntimeError covers the harnesses' PostfixError, DnsHarnessError, MilterDaemonError
+        # and MilterProcess's start failure; the traceback helps find the cause.
+        traceback.print_exc()
+        print(f"bench/{name}: could not run: {exc}", file=sys.stderr)
+        return 1
 
 
 @contextlib.contextmanager

@@ -27,22 +27,19 @@ import email
 import email.policy
 import importlib.metadata
 import os
-import platform
 import re
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from _common import SMTP_SOURCE, LogCounter, cpu_seconds, sink_messages  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
-from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
+from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
 
 from tests.harness.dns_server import KnotServer  # noqa: E402  (after _common's sys.path)
@@ -592,16 +589,13 @@ def first_line(argv: list[str]) -> str:
 
 
 def describe_machine() -> str:
-    postfix = first_line(["/usr/sbin/postconf", "-dh", "mail_version"])
     opendkim = first_line(["/usr/sbin/opendkim", "-V"]).split()[-1]
     opendmarc = first_line(["/usr/sbin/opendmarc", "-V"]).split()[-1]
     knot = first_line(["/usr/sbin/knotd", "-V"]).split()[-1]
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {os.cpu_count()} CPUs, load"
-            f" {load}; Python {platform.python_version()}, Postfix {postfix}, OpenDKIM"
-            f" {opendkim}, OpenDMARC {opendmarc}, Knot {knot}, pymilter"
-            f" {importlib.metadata.version('pymilter')}, dkimpy"
-            f" {importlib.metadata.version('dkimpy')}")
+    return machine_line(f"Postfix {postfix_version()}", f"OpenDKIM {opendkim}",
+                        f"OpenDMARC {opendmarc}", f"Knot {knot}",
+                        f"pymilter {importlib.metadata.version('pymilter')}",
+                        f"dkimpy {importlib.metadata.version('dkimpy')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -612,23 +606,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="then py-spy the auth milter during one more c=20 run")
     args = parser.parse_args(argv)
     settings = Settings.make(args.quick)
-    exit_cleanly_on_sigterm()
-    try:
-        preflight()
-        print(f"bench/auth.py{' --quick' if args.quick else ''}: {describe_machine()}")
-        print("Shared machine: absolute numbers are noisy; compare ratios within one run.\n")
+    def body() -> int:
         with world_readable_tmpdir("mailmoat-bench-auth-") as tmp:
             ok = print_result(settings, run(settings, tmp, args.profile))
         return 0 if ok else 1
-    except (Interrupted, KeyboardInterrupt) as exc:
-        print(f"bench/auth.py: {str(exc) or 'interrupted'}; everything it started is stopped",
-              file=sys.stderr)
-        return 128 + getattr(exc, "signum", 2)
-    except (BenchError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        # RuntimeError covers the harness's PostfixError, DnsHarnessError, MilterDaemonError.
-        traceback.print_exc()
-        print(f"bench/auth.py: could not run: {exc}", file=sys.stderr)
-        return 1
+    return run_bench("auth.py", " --quick" if args.quick else "", preflight, describe_machine, body)
 
 
 if __name__ == "__main__":

@@ -24,22 +24,19 @@ import argparse
 import base64
 import contextlib
 import os
-import platform
 import re
 import signal
 import smtplib
 import subprocess
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from _common import SMTP_SOURCE, cpu_seconds, ratelimit_show  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
-from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
+from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
 
 from tests.harness.milter_proc import MilterProcess  # noqa: E402  (after _common's sys.path)
@@ -719,11 +716,7 @@ def preflight() -> None:
 
 
 def describe_machine() -> str:
-    postfix = subprocess.run(["/usr/sbin/postconf", "-dh", "mail_version"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {os.cpu_count()} CPUs, load"
-            f" {load}; Python {platform.python_version()}, Postfix {postfix}")
+    return machine_line(f"Postfix {postfix_version()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -735,11 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                              " and count syscalls per message on both sides with strace")
     args = parser.parse_args(argv)
     settings = Settings.make(args.quick)
-    exit_cleanly_on_sigterm()
-    try:
-        preflight()
-        print(f"bench/mta.py{' --quick' if args.quick else ''}: {describe_machine()}")
-        print("Shared machine: absolute numbers are noisy; compare ratios within one run.\n")
+    def body() -> int:
         with world_readable_tmpdir("mailmoat-bench-mta-") as tmp, \
                 contextlib.ExitStack() as stack:
             result1 = part1(settings, tmp, stack)
@@ -751,16 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             pf_rl = next(v for v in result1.variants if v.key == "pf+rl")
             print_part2(part2(tmp, pf_rl))
         return 0 if ok else 1
-    except (Interrupted, KeyboardInterrupt) as exc:
-        print(f"bench/mta.py: {str(exc) or 'interrupted'}; everything it started is stopped",
-              file=sys.stderr)
-        return 128 + getattr(exc, "signum", 2)
-    except (BenchError, OSError, RuntimeError, subprocess.SubprocessError,
-            smtplib.SMTPException) as exc:
-        # RuntimeError covers the harness's PostfixError; the traceback helps find the cause.
-        traceback.print_exc()
-        print(f"bench/mta.py: could not run: {exc}", file=sys.stderr)
-        return 1
+    return run_bench("mta.py", " --quick" if args.quick else "", preflight, describe_machine, body, errors=(smtplib.SMTPException,))
 
 
 if __name__ == "__main__":

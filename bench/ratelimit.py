@@ -19,7 +19,6 @@ import cProfile
 import io
 import multiprocessing as mp
 import os
-import platform
 import pstats
 import random
 import re
@@ -32,14 +31,13 @@ import time
 import traceback
 from array import array
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from _common import SMTP_SOURCE, LogCounter, cpu_seconds, ratelimit_show, sink_messages  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
-from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
+from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
                      fmt_rate, median, percentile, table, verdict, wait_until,
                      world_readable_tmpdir)
 
@@ -680,15 +678,11 @@ def preflight() -> None:
 
 
 def describe_machine() -> str:
-    postfix = subprocess.run(["/usr/sbin/postconf", "-dh", "mail_version"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
     redis_v = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
                              timeout=10).stdout.split()
     redis_version = next((w.split("=", 1)[1] for w in redis_v if w.startswith("v=")), "?")
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {os.cpu_count()} CPUs, load"
-            f" {load}; Python {platform.python_version()}, Postfix {postfix},"
-            f" redis-server {redis_version}, SQLite {sqlite3.sqlite_version}")
+    return machine_line(f"Postfix {postfix_version()}", f"redis-server {redis_version}",
+                        f"SQLite {sqlite3.sqlite_version}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -701,11 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="which part to run (none: only --profile)")
     args = parser.parse_args(argv)
     settings = Settings.make(args.quick)
-    exit_cleanly_on_sigterm()
-    try:
-        preflight()
-        print(f"bench/ratelimit.py{' --quick' if args.quick else ''}: {describe_machine()}")
-        print("Shared machine: absolute numbers are noisy; compare ratios within one run.\n")
+    def body() -> int:
         ok = True
         with world_readable_tmpdir("mailmoat-bench-") as tmp:
             if args.part in ("1", "both") or args.profile:
@@ -722,15 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.part in ("2", "both"):
                 ok = print_part2(settings, part2(settings, tmp))
         return 0 if ok else 1
-    except (Interrupted, KeyboardInterrupt) as exc:
-        print(f"bench/ratelimit.py: {exc or 'interrupted'}; everything it started is stopped",
-              file=sys.stderr)
-        return 128 + getattr(exc, "signum", 2)
-    except (BenchError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        # RuntimeError covers the harness's PostfixError; the traceback helps find the cause.
-        traceback.print_exc()
-        print(f"bench/ratelimit.py: could not run: {exc}", file=sys.stderr)
-        return 1
+    return run_bench("ratelimit.py", " --quick" if args.quick else "", preflight, describe_machine, body)
 
 
 if __name__ == "__main__":

@@ -26,23 +26,21 @@ import email
 import email.policy
 import email.utils
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import time
-import traceback
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
 
 from _common import SMTP_SOURCE, LogCounter, cpu_seconds, sink_messages
 from _common import smtp_source as run_smtp_source
-from _common import (ROOT, BenchError, Interrupted, child_process, exit_cleanly_on_sigterm,
+from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
                      median, table, verdict, wait_until, world_readable_tmpdir)
 
 from libarchive import ffi  # noqa: E402  (after _common put the project on sys.path)
@@ -826,17 +824,13 @@ def preflight(settings: Settings) -> None:
 def describe_machine(settings: Settings) -> str:
     banner = subprocess.run(["7z"], capture_output=True, text=True, timeout=30).stdout
     versions = re.findall(r"(?:7-Zip \[64\]|p7zip Version) ([\d.]+)", banner)
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     libarchive = ffi.version_number()
-    postfix = ""
+    tools = [f"libarchive {libarchive // 1000000}.{libarchive // 1000 % 1000}."
+             f"{libarchive % 1000}", f"zlib {zlib.ZLIB_RUNTIME_VERSION}",
+             f"7z {' / p7zip '.join(versions) or '?'}"]
     if settings.milter:
-        version = subprocess.run(["/usr/sbin/postconf", "-dh", "mail_version"],
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
-        postfix = f", Postfix {version or '?'}"
-    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {os.cpu_count()} CPUs, load"
-            f" {load}; Python {platform.python_version()}, libarchive"
-            f" {libarchive // 1000000}.{libarchive // 1000 % 1000}.{libarchive % 1000},"
-            f" zlib {zlib.ZLIB_RUNTIME_VERSION}, 7z {' / p7zip '.join(versions) or '?'}{postfix}")
+        tools.append(f"Postfix {postfix_version()}")
+    return machine_line(*tools)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -847,13 +841,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out Part 3 (the milter behind Postfix; needs root)")
     args = parser.parse_args(argv)
     settings = Settings.make(args.quick, milter=not args.skip_milter)
-    exit_cleanly_on_sigterm()
-    try:
-        preflight(settings)
-        flags = "".join(f" --{f}" for f, on in (("quick", args.quick),
-                                                 ("skip-milter", args.skip_milter)) if on)
-        print(f"bench/zip.py{flags}: {describe_machine(settings)}")
-        print("Shared machine: absolute numbers are noisy; compare ratios within one run.\n")
+    def body() -> int:
         with world_readable_tmpdir("mailmoat-bench-zip-") as tmp:
             print_part1(settings, *part1(settings, tmp))
             print()
@@ -862,15 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         if failed:
             print(f"bench/zip.py: Part {' and '.join(failed)} could not run", file=sys.stderr)
         return 1 if failed else 0
-    except (Interrupted, KeyboardInterrupt) as exc:
-        print(f"bench/zip.py: {exc or 'interrupted'}; everything it started is stopped and its"
-              " files are removed", file=sys.stderr)
-        return 128 + getattr(exc, "signum", 2)
-    except (BenchError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        # RuntimeError covers the harness's PostfixError and MilterProcess's start failure.
-        traceback.print_exc()
-        print(f"bench/zip.py: could not run: {exc}", file=sys.stderr)
-        return 1
+    return run_bench("zip.py", "".join(f" --{f}" for f, on in (("quick", args.quick), ("skip-milter", args.skip_milter)) if on), lambda: preflight(settings), lambda: describe_machine(settings), body)
 
 
 if __name__ == "__main__":
