@@ -4,6 +4,7 @@ gets the attachments in a ZIP that 7z and unzip open with the password from the 
 the internal one gets the original, the sender gets exactly one notice, nobody two copies."""
 from __future__ import annotations
 
+import contextlib
 import email
 import os
 import re
@@ -13,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -20,7 +22,7 @@ from milters.attachments.parts import find_attachments
 from milters.core.jis import decode_cp50220
 from tests.harness.milter_proc import ROOT, MilterProcess
 from tests.harness.ports import free_port
-from tests.harness.postfix import postfix_instance
+from tests.harness.postfix import PostfixInstance, postfix_instance
 from tests.harness.sink import SinkMessage, SmtpSink
 from tests.harness.swaks import run_swaks
 from tests.integration.test_serve import Serve
@@ -136,8 +138,20 @@ def test_split_delivery_through_our_mta(tmp_path: Path) -> None:
     assert "password=" not in log  # never logged unless the policy says so
 
 
-def test_split_delivery_through_postfix(tmp_path: Path) -> None:
-    (tmp_path / "policy.yaml").write_text(POLICY)
+@dataclass
+class BehindPostfix:
+    milter: MilterProcess
+    sink: SmtpSink
+    postfix: PostfixInstance
+
+
+@contextlib.contextmanager
+def behind_postfix(tmp_path: Path, policy: str,
+                   reinject_open: bool = True) -> Iterator[BehindPostfix]:
+    """The attachments milter behind a private Postfix relaying to a sink; copies and
+    notices go back through Postfix's second smtpd without milters (or, with
+    `reinject_open` False, to a port where nothing listens)."""
+    (tmp_path / "policy.yaml").write_text(policy)
     reinject_port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
@@ -146,14 +160,19 @@ def test_split_delivery_through_postfix(tmp_path: Path) -> None:
     try:
         with SmtpSink() as sink, postfix_instance(
                 tmp_path, relay_port=sink.port, smtpd_milters=milter.socket_spec,
-                reinject_port=reinject_port,
+                reinject_port=reinject_port if reinject_open else None,
                 relay_domains="example.jp, customer.example") as postfix:
-            result = run_swaks(postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL, INTERNAL],
-                               data_file=SAMPLE)
-            assert result.code("DATA_END") == 250, result.transcript
-            delivered = sort_out(sink)
+            yield BehindPostfix(milter, sink, postfix)
     finally:
         milter.stop()
+
+
+def test_split_delivery_through_postfix(tmp_path: Path) -> None:
+    with behind_postfix(tmp_path, POLICY) as gw:
+        result = run_swaks(gw.postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL, INTERNAL],
+                           data_file=SAMPLE)
+        assert result.code("DATA_END") == 250, result.transcript
+        delivered = sort_out(gw.sink)
     check_split_delivery(delivered)
 
 
@@ -250,24 +269,14 @@ def test_delete_mode_lists_what_was_removed(tmp_path: Path) -> None:
 def test_reinjection_failure_tempfails_the_whole_message(tmp_path: Path) -> None:
     """Nothing is lost or doubled: with the re-injection port closed (behind Postfix), the
     message is refused with 451, and no recipient gets anything."""
-    (tmp_path / "policy.yaml").write_text(POLICY)
-    config = tmp_path / "config.yaml"
-    config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
-                      f"127.0.0.1:{free_port()}}}\nstore: memory://\npolicy: policy.yaml\n")
-    milter = MilterProcess("attachments", config, tmp_path).start()
-    try:
-        with SmtpSink() as sink, postfix_instance(
-                tmp_path, relay_port=sink.port, smtpd_milters=milter.socket_spec,
-                relay_domains="example.jp, customer.example") as postfix:
-            result = run_swaks(postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL, INTERNAL],
-                               data_file=SAMPLE)
-            time.sleep(1.0)
-            delivered = len(sink.messages)
-    finally:
-        milter.stop()
+    with behind_postfix(tmp_path, POLICY, reinject_open=False) as gw:
+        result = run_swaks(gw.postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL, INTERNAL],
+                           data_file=SAMPLE)
+        time.sleep(1.0)
+        delivered = len(gw.sink.messages)
     assert result.reply_by_stage["DATA_END"].startswith("451 4.3.0"), result.transcript
     assert delivered == 0
-    assert "event=attachments_failed" in milter.log_text()
+    assert "event=attachments_failed" in gw.milter.log_text()
 
 
 # -- offload to Nextcloud (a fake server that speaks its WebDAV and OCS share API) -----------
@@ -401,28 +410,17 @@ def test_scan_shows_the_copies_and_notices_the_milter_hands_back(tmp_path: Path)
 def test_concurrent_sessions_behind_postfix_do_not_crash_the_milter(tmp_path: Path) -> None:
     """Several SMTP sessions at once, each getting a ZIP: libarchive's callbacks into Python
     must not run on libmilter's threads (that crashed the milter with SIGSEGV)."""
-    (tmp_path / "policy.yaml").write_text("internal_networks: [127.0.0.0/8]\n"
-                                          "defaults: {attachments: encrypt}\n")
-    reinject_port = free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
-                      f"127.0.0.1:{reinject_port}}}\nstore: memory://\npolicy: policy.yaml\n")
     message = tmp_path / "typical.eml"
     message.write_bytes(make_message([("見積書.pdf", os.urandom(1_200_000)),
                                       ("顧客リスト.csv", "x,y\n".encode() * 80_000)])
                         .replace(b"\r\n", b"\n"))  # smtp-source -F wants LF line ends
-    milter = MilterProcess("attachments", config, tmp_path).start()
-    try:
-        with SmtpSink() as sink, postfix_instance(
-                tmp_path, relay_port=sink.port, smtpd_milters=milter.socket_spec,
-                reinject_port=reinject_port,
-                relay_domains="example.jp, customer.example") as postfix:
-            done = subprocess.run(["/usr/sbin/smtp-source", "-c", "-F", str(message), "-m", "24",
-                                   "-s", "4", "-f", SENDER, "-t", EXTERNAL,
-                                   f"127.0.0.1:{postfix.smtp_port}"],
-                                  capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stdout + done.stderr + milter.log_text()[-2000:]
-            sink.wait_for(48, timeout=60)  # each message: its ZIP copy and one notice
-        assert milter.proc is not None and milter.proc.poll() is None, milter.log_text()[-2000:]
-    finally:
-        milter.stop()
+    with behind_postfix(tmp_path, "internal_networks: [127.0.0.0/8]\n"
+                                  "defaults: {attachments: encrypt}\n") as gw:
+        done = subprocess.run(["/usr/sbin/smtp-source", "-c", "-F", str(message), "-m", "24",
+                               "-s", "4", "-f", SENDER, "-t", EXTERNAL,
+                               f"127.0.0.1:{gw.postfix.smtp_port}"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr + gw.milter.log_text()[-2000:]
+        gw.sink.wait_for(48, timeout=60)  # each message: its ZIP copy and one notice
+        assert gw.milter.proc is not None and gw.milter.proc.poll() is None, \
+            gw.milter.log_text()[-2000:]
