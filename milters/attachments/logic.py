@@ -26,7 +26,7 @@ from milters.core.verdict import SmtpReply, Verdict
 from .decide import groups, has_keyword, modes_for, strip_keyword
 from .notice import build_notice, format_date, format_recipients, load_template
 from .password import fixed_password, generate_password
-from .stream import copy_header
+from milters.core.mime.stream import copy_header
 from .reinject import ReinjectError, reinject
 from .settings import MILTER, AttachmentsSettings
 from .nextcloud import NextcloudError

@@ -2,7 +2,7 @@
 password follows), offloaded to Nextcloud (a note with the link in their place), or removed
 (with a list of what was removed).
 
-The message is read through mime_scan's byte ranges and written back with stream: the
+The message is read through core.mime's byte ranges and written back in pieces: the
 attachments are decoded into temporary files and the ZIP is written to one, so a large
 attachment is never held whole in memory, encoded or decoded.
 """
@@ -16,15 +16,17 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Iterator
 
-from .mime_scan import Part, Raw, parts_by_skeleton, scan
-from .names import cap_length, entry_names, safe_name, unique_names
+from milters.core.mime.locate import Found, locate_attachments
+from milters.core.mime.names import cap_length, entry_names, safe_name, unique_names
+from milters.core.mime.parts import Attachment
+from milters.core.mime.scan import Raw
+from milters.core.mime.stream import (NewPart, Rebuilt, base64_lines, decode_to_file, decoded,
+                                      rebuild, spool)
+from milters.core.mime.write import POLICY, to_bytes
 from .nextcloud import (NextcloudClient, NextcloudError, expiry_for, load_app_password,
                         message_folder)
 from .notice import format_files, format_links, load_template, note_part
-from .parts import Attachment, find_attachments
-from .rebuild import POLICY, to_bytes
 from .settings import AttachmentsSettings
-from .stream import NewPart, Rebuilt, base64_lines, decode_to_file, decoded, rebuild, spool
 from .zipper import ZipEntry, write_zip
 
 
@@ -40,22 +42,9 @@ class Treated:
     expires: str = ""  # offload: the last day the link works
 
 
-@dataclass
-class Found:
-    """The attachments of one message, as find_attachments sees them and as byte ranges."""
-
-    root: Part
-    attachments: list[Attachment]
-    parts: list[Part]
-
-
 def find(raw: Raw, settings: AttachmentsSettings) -> Found | None:
-    root = scan(raw)
-    attachments = find_attachments(root.skeleton, inline_images=settings.inline_images)
-    if not attachments:
-        return None
-    by_skeleton = parts_by_skeleton(root)
-    return Found(root, attachments, [by_skeleton[id(a.part)] for a in attachments])
+    found = locate_attachments(raw, inline_images=settings.inline_images)
+    return found if found.attachments else None
 
 
 def _templates(settings: AttachmentsSettings) -> Path | None:

@@ -31,7 +31,7 @@ from libarchive.exception import ArchiveError
 
 from milters.core.errors import MailmoatError
 
-from .names import encodable
+from milters.core.mime.names import encodable
 
 ENCRYPTIONS = {"zipcrypto": "zipcrypt", "aes256": "aes256"}  # ours -> libarchive's
 CHARSETS = {"cp932": "CP932", "utf-8": "UTF-8"}

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from milters.attachments.parts import find_attachments
+from milters.core.mime.parts import find_attachments
 from milters.core.jis import decode_cp50220
 from tests.harness.milter_proc import ROOT, MilterProcess
 from tests.harness.ports import free_port

@@ -9,7 +9,7 @@ from email import policy as email_policy
 from pathlib import Path
 
 from milters.attachments.logic import LOOP_HEADER, AttachmentsChecker
-from milters.attachments.parts import find_attachments
+from milters.core.mime.parts import find_attachments
 from milters.core.edits import DeleteRecipient, ReplaceBody
 from milters.core.message import Envelope, Message, Recipient
 from milters.core.policy.document import load_policy_text

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from milters.attachments.names import (cap_length, encodable, entry_names, safe_name,
+from milters.core.mime.names import (cap_length, encodable, entry_names, safe_name,
                                        unique_names)
 from milters.attachments.password import (AMBIGUOUS, DEFAULT_ALPHABET, fixed_password,
                                           generate_password)

@@ -1,4 +1,4 @@
-"""Decoding parts and writing the new message body in pieces, from the ranges mime_scan
+"""Decoding parts and writing the new message body in pieces, from the ranges scan
 found: a 20 MB attachment is never held whole in memory, encoded or decoded.
 
 The new body keeps every byte of the parts that stay; removed parts are cut out with the
@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from .mime_scan import Part, Raw, header_end, release
+from .scan import Part, Raw, header_end, release
 
 CHUNK = 1024 * 1024
 SPOOL = 1024 * 1024  # temporary files stay in memory up to this size

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from milters.attachments.mime_scan import parts_by_skeleton, scan
-from milters.attachments.parts import find_attachments
-from milters.attachments.stream import NewPart, copy_header, decoded, rebuild
+from milters.core.mime.scan import parts_by_skeleton, scan
+from milters.core.mime.parts import find_attachments
+from milters.core.mime.stream import NewPart, copy_header, decoded, rebuild
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = sorted(p.name for p in (ROOT / "samples").glob("*.eml"))

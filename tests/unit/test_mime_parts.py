@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from milters.attachments.parts import Attachment, find_attachments
+from milters.core.mime.parts import Attachment, find_attachments
 from milters.core.jis import encode_cp50220
 from tests.conftest import ROOT
 
