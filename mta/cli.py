@@ -25,18 +25,20 @@ from milters.attachments.extension import EXTENSION as ATTACHMENTS
 from milters.auth.extension import EXTENSION as AUTH
 from milters.core.store import open_store
 from milters.ratelimit import admin as ratelimit_admin
+from milters.neutralize.extension import EXTENSION as NEUTRALIZE
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 
 from . import delivery_process, queue_admin, scan, serve, users
 from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
-EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, ATTACHMENTS]
+EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, NEUTRALIZE, ATTACHMENTS]
 # Each milter's daemon module, imported only by the process that runs it: a milter process
 # then carries its own libraries only (dkimpy and dnspython, libarchive, requests...).
 MILTERS: dict[str, str] = {
     "ratelimit": "milters.ratelimit.milter",
     "auth": "milters.auth.milter",
+    "neutralize": "milters.neutralize.milter",
     "attachments": "milters.attachments.milter",
 }
 
@@ -118,10 +120,12 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     print(f"message: client {args.client_ip}, sender <{args.mail_from}>, recipients "
           f"{', '.join('<' + r + '>' for r in args.rcpt)}"
           + (f", subject {args.subject!r}" if args.subject else "")
-          + (f", authenticated as {args.auth_user}" if args.auth_user else ""))
+          + (f", authenticated as {args.auth_user}" if args.auth_user else "")
+          + (", auth " + ", ".join(f"{m}={r}" for m, r in args.auth.items())
+             if args.auth else ""))
     for ext in EXTENSIONS:
         if ext.explain is not None:
-            for line in ext.explain(policy, env, args.subject):
+            for line in ext.explain(policy, env, args.subject, args.auth):
                 print(line)
     return 0
 
@@ -291,6 +295,22 @@ def _ip(text: str) -> str:
         raise argparse.ArgumentTypeError(f"'{text}' is not an IP address") from None
 
 
+def _auth_results(text: str) -> dict[str, str]:
+    """"dmarc=fail,spf=pass" -> {"dmarc": "fail", "spf": "pass"}, checked against the names
+    policies use."""
+    from milters.core.policy.document import AUTH_METHODS, AUTH_RESULTS
+    found = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        method, _, result = item.partition("=")
+        method, result = method.strip().lower(), result.strip().lower()
+        if method not in AUTH_METHODS or result not in AUTH_RESULTS:
+            raise argparse.ArgumentTypeError(
+                f"'{item}' is not METHOD=RESULT (methods: {', '.join(AUTH_METHODS)}; results: "
+                f"{', '.join(AUTH_RESULTS)})")
+        found[method] = result
+    return found
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -361,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--client-ip", default="192.0.2.1", type=_ip, metavar="IP")
     explain.add_argument("--helo", default="client.example")
     explain.add_argument("--subject", default="")
+    explain.add_argument("--auth", type=_auth_results, metavar="METHOD=RESULT,...",
+                         help="what the auth milter found, e.g. dmarc=fail,spf=softfail")
     explain.add_argument("--auth-user", metavar="USER")
     source = explain.add_mutually_exclusive_group()
     source.add_argument("--policy", metavar="FILE", help="policy file (default: the config's)")

@@ -37,6 +37,7 @@ def modes_for(policy: Policy, env: Envelope, subject: str = "") -> dict[str, Mod
     if network_matches(env.client_address, settings.pass_clients):
         return {r: Mode("pass", "(pass_clients)") for r in recipients}
     facts = Facts.from_envelope(env, policy.internal_networks, with_recipients=False)
+    facts.subject = decode_words(subject)
     if settings.only_internal_senders and facts.direction != OUTBOUND:
         return {r: Mode("pass", "(inbound)") for r in recipients}
     if has_keyword(subject, settings.subject_keyword):

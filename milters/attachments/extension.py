@@ -12,7 +12,8 @@ from .settings import (EXPECT_SPEC, MILTER, MODES, SETTINGS_SPEC, AttachmentsExp
                        AttachmentsSettings)
 
 
-def explain(policy: Policy, env: Envelope, subject: str = "") -> list[str]:
+def explain(policy: Policy, env: Envelope, subject: str = "",
+            auth: dict[str, str] | None = None) -> list[str]:
     settings: AttachmentsSettings = policy.sections[MILTER]
     lines = []
     for address, mode in modes_for(policy, env, subject).items():
@@ -50,5 +51,7 @@ EXTENSION = PolicyExtension(
     expect=EXPECT_SPEC,
     run_test=run_test,
     action_check=action_check,
+    unusable_conditions={"auth": "attachments are treated by sender and recipient (outbound "
+                                 "mail); use auth conditions in neutralize rules"},
     explain=explain,
 )

@@ -14,8 +14,7 @@ from email.header import Header
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-from milters.core.edits import (AddHeader, ChangeHeader, DeleteRecipient, Edit, EomResult,
-                                 ReplaceBody)
+from milters.core.edits import AddHeader, ChangeHeader, DeleteRecipient, Edit, EomResult
 from milters.core.eventlog import log_event
 from milters.core.message import Message, decode_words
 from milters.core.policy.document import Policy
@@ -56,13 +55,6 @@ def _send(listen: str, mail_from: str, recipients: list[str], raw: bytes,
     return reinject(listen, mail_from, recipients, raw, timeout)
 
 
-def header_value(message: Message, name: str) -> str | None:
-    for key, value in message.raw_headers():
-        if key.lower() == name.lower():
-            return value
-    return None
-
-
 def encode_subject(text: str, like: str) -> str:
     """A changed subject, encoded the way the original was (ISO-2022-JP stays ISO-2022-JP)."""
     if text.isascii():
@@ -86,10 +78,10 @@ class AttachmentsChecker:
     def check(self, message: Message, policy: Policy) -> EomResult:
         settings: AttachmentsSettings = policy.sections[MILTER]
         env = message.envelope
-        if header_value(message, LOOP_HEADER) is not None and \
+        if message.raw_header(LOOP_HEADER) is not None and \
                 network_matches(env.client_address, LOOPBACK):
             return EomResult(Verdict.cont("treated already (loop guard)"))
-        subject = header_value(message, "Subject") or ""
+        subject = message.raw_header("Subject") or ""
         modes = modes_for(policy, env, subject)
         grouped = groups(modes)
         subject_edits = self._keyword_edits(subject, settings)
@@ -145,7 +137,7 @@ class AttachmentsChecker:
         ReinjectError's sibling below) or a ZIP for these recipients instead."""
         try:
             return offload(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender,
-                           header_value(ctx.message, "Message-ID") or "")
+                           ctx.message.raw_header("Message-ID") or "")
         except NextcloudError as exc:
             env = ctx.message.envelope
             fallback = ctx.settings.offload.on_failure
@@ -189,17 +181,8 @@ class AttachmentsChecker:
                       _pieces(header, rebuilt.body), ctx.settings.reinject_timeout)
             edits += [DeleteRecipient(r) for r in recipients]
         if stay in treated:
-            rebuilt = treated[stay].rebuilt
             present = {name.lower() for name, _ in ctx.message.raw_headers()}
-            for name, value in rebuilt.mime_headers.items():
-                if value is None:
-                    if name.lower() in present:
-                        edits.append(ChangeHeader(name, 1, ""))
-                elif name.lower() in present:
-                    edits.append(ChangeHeader(name, 1, value))
-                else:
-                    edits.append(AddHeader(name, value))
-            edits.append(ReplaceBody(rebuilt.body))
+            edits += treated[stay].rebuilt.edits(present)
             edits.append(AddHeader(LOOP_HEADER, f"{stay} by {self.hostname}"))
         for mode in ("encrypt", "offload"):
             if mode in treated:
@@ -235,12 +218,12 @@ class AttachmentsChecker:
         kind = "offload-password" if treated.expires else "password"
         template = load_template(kind, notice.language,
                                  Path(notice.templates) if notice.templates else None)
-        subject = decode_words(header_value(ctx.message, "Subject") or "")
+        subject = decode_words(ctx.message.raw_header("Subject") or "")
         if has_keyword(subject, settings.subject_keyword):
             subject = strip_keyword(subject, settings.subject_keyword)
         values = {
             "subject": subject,
-            "date": format_date(header_value(ctx.message, "Date"), notice.language),
+            "date": format_date(ctx.message.raw_header("Date"), notice.language),
             "password": ctx.password, "recipients": format_recipients(recipients),
             "filename": treated.zip_name, "sender": env.mail_from or "",
             "expires": treated.expires,
@@ -248,8 +231,8 @@ class AttachmentsChecker:
         raw = build_notice(template=template, values=values,
                            from_addr=notice.sender or f"postmaster@{self.hostname}",
                            to_addrs=to,
-                           original_message_id=header_value(ctx.message, "Message-ID"),
-                           original_references=header_value(ctx.message, "References"),
+                           original_message_id=ctx.message.raw_header("Message-ID"),
+                           original_references=ctx.message.raw_header("References"),
                            hostname=self.hostname, date=ctx.now,
                            loop_header=(LOOP_HEADER, "password notice"))
         self.send(self.listen, "", to, raw, settings.reinject_timeout)

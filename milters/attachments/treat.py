@@ -12,7 +12,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +21,7 @@ from milters.core.mime.parts import Attachment
 from milters.core.mime.scan import Raw
 from milters.core.mime.stream import (NewPart, Rebuilt, base64_lines, decode_to_file, decoded,
                                       rebuild, spool)
-from milters.core.mime.write import POLICY, to_bytes
+from milters.core.mime.write import file_part_header, to_bytes
 from .nextcloud import (NextcloudClient, NextcloudError, expiry_for, load_app_password,
                         message_folder)
 from .notice import format_files, format_links, load_template, note_part
@@ -62,16 +61,6 @@ def _note(settings: AttachmentsSettings, kind: str, values: dict[str, str]) -> N
     return NewPart(to_bytes(part))
 
 
-def _zip_header(zip_name: str) -> bytes:
-    """The ZIP part's header section, its filename encoded as RFC 2231 asks when needed."""
-    part = EmailMessage(policy=POLICY)
-    part.add_header("Content-Type", "application/zip", name=zip_name)
-    part.add_header("Content-Disposition", "attachment", filename=zip_name)
-    part["Content-Transfer-Encoding"] = "base64"
-    head = to_bytes(part)
-    return head[:head.index(b"\r\n\r\n") + 4]
-
-
 def encrypt(raw: Raw, settings: AttachmentsSettings, password: str, now: datetime,
             sender: str) -> Treated | None:
     """All attachments into one ZIP; None when the message has none."""
@@ -99,7 +88,7 @@ def encrypt(raw: Raw, settings: AttachmentsSettings, password: str, now: datetim
     archive.seek(0)
     note = _note(settings, "encrypted-note", {"filename": zip_name, "sender": sender})
     rebuilt = rebuild(raw, found.root, found.parts,
-                      [note, NewPart(_zip_header(zip_name), _closing(archive))])
+                      [note, NewPart(file_part_header(zip_name, "application/zip"), _closing(archive))])
     return Treated(rebuilt, shown, zip_name)
 
 

@@ -19,12 +19,15 @@ class Decision:
     why: str  # the rule, or "(internal)", "(authenticated)", "(defaults)"
 
 
-def decide(policy: Policy, message: Message) -> Decision:
+def decide(policy: Policy, message: Message, subject: str | None = None) -> Decision:
+    """`subject` (decoded) stands in for the message's own when given (policy explain)."""
     settings: AuthSettings = policy.sections[MILTER]
     env = message.envelope
     if network_matches(env.client_address, policy.internal_networks):
         return Decision(settings.internal, "(internal)")
     if env.auth_user:
         return Decision(settings.authenticated, "(authenticated)")
-    decision = policy.decide(MILTER, Facts.from_envelope(env, policy.internal_networks))
+    facts = Facts.from_envelope(env, policy.internal_networks)
+    facts.subject = message.decoded_subject if subject is None else subject
+    decision = policy.decide(MILTER, facts)
     return Decision(decision.action, decision.rule_label)

@@ -11,13 +11,14 @@ from .decision import decide
 from .settings import ACTIONS, EXPECT_SPEC, MILTER, SETTINGS_SPEC, AuthExpectation, AuthSettings
 
 
-def _decision(policy: Policy, env: Envelope) -> tuple[str, str]:
-    decision = decide(policy, Message(raw=b"\r\n", envelope=env))
+def _decision(policy: Policy, env: Envelope, subject: str) -> tuple[str, str]:
+    decision = decide(policy, Message(raw=b"\r\n", envelope=env), subject)
     return decision.action, decision.why
 
 
-def explain(policy: Policy, env: Envelope, subject: str = "") -> list[str]:
-    action, why = _decision(policy, env)
+def explain(policy: Policy, env: Envelope, subject: str = "",
+            auth: dict[str, str] | None = None) -> list[str]:
+    action, why = _decision(policy, env, subject)
     settings: AuthSettings = policy.sections[MILTER]
     lines = [f"auth: {action}  (decided by {why if why.startswith('(') else repr(why)})"]
     if action == "skip":
@@ -39,7 +40,7 @@ def run_test(policy: Policy, test: PolicyTest, expected: AuthExpectation) -> lis
     msg = test.message
     env = Envelope(client_ip=msg.client_ip, helo=msg.helo, mail_from=msg.mail_from,
                    auth_user=msg.auth_user)
-    action, why = _decision(policy, env)
+    action, why = _decision(policy, env, msg.subject)
     return decision_failures(MILTER, action, why, expected)
 
 
@@ -50,5 +51,7 @@ EXTENSION = PolicyExtension(
     default_action="enforce",
     expect=EXPECT_SPEC,
     run_test=run_test,
+    unusable_conditions={"auth": "the auth milter makes the authentication results; its own "
+                                 "rules cannot depend on them"},
     explain=explain,
 )

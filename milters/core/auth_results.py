@@ -50,3 +50,39 @@ def trusted_results(headers: Iterable[tuple[str, str]], authserv_id: str
         if name.lower() == HEADER.lower() and authserv_id_of(value) == ours:
             found.extend(results_of(value))
     return found
+
+
+# Results a method can give, best first: a message with one passing DKIM signature and one
+# failing one "passes" DKIM for the purposes of a policy condition.
+_RANK = ("pass", "policy", "neutral", "none", "softfail", "fail", "temperror", "permerror")
+
+
+def verdicts(headers: Iterable[tuple[str, str]], authserv_id: str) -> dict[str, str] | None:
+    """method -> its best result in our own headers; None when there is no header of ours
+    (the auth milter did not run, or skipped the message)."""
+    headers = list(headers)
+    ours = authserv_id.lower().rstrip(".")
+    if not any(name.lower() == HEADER.lower() and authserv_id_of(value) == ours
+               for name, value in headers):
+        return None
+    best: dict[str, str] = {}
+    for method, result in trusted_results(headers, authserv_id):
+        known = best.get(method)
+        rank = _RANK.index(result) if result in _RANK else len(_RANK)
+        if known is None or rank < (_RANK.index(known) if known in _RANK else len(_RANK)):
+            best[method] = result
+    return best
+
+
+def dmarc_domain(headers: Iterable[tuple[str, str]], authserv_id: str) -> str | None:
+    """The From domain our DMARC result is about (its header.from property)."""
+    ours = authserv_id.lower().rstrip(".")
+    for name, value in headers:
+        if name.lower() != HEADER.lower() or authserv_id_of(value) != ours:
+            continue
+        for part in strip_comments(value).split(";")[1:]:
+            if _RESULT.match(part) and part.strip().lower().startswith("dmarc"):
+                found = re.search(r"header\.from\s*=\s*([^\s;]+)", part, re.IGNORECASE)
+                if found:
+                    return found.group(1).strip('"').lower().rstrip(".")
+    return None

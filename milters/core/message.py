@@ -178,9 +178,20 @@ class Message:
             self._headers = [(name, _utf8_text(str(value))) for name, value in head.raw_items()]
         return self._headers
 
+    def raw_header(self, name: str) -> str | None:
+        """The first header `name` as it came (undecoded), from the header section alone."""
+        lowered = name.lower()
+        return next((value for key, value in self.raw_headers() if key.lower() == lowered),
+                    None)
+
     @property
     def subject(self) -> str:
         return self.header_text("Subject") or ""
+
+    @property
+    def decoded_subject(self) -> str:
+        """The subject, decoded, without parsing the body (header_text parses it all)."""
+        return decode_words(self.raw_header("Subject") or "")
 
     @classmethod
     def from_headers_and_body(cls, headers: list[tuple[str, str]], body: bytes,

@@ -35,7 +35,8 @@ def _describe_limit(settings: RatelimitSettings) -> list[str]:
     return lines
 
 
-def explain(policy: Policy, env: Envelope, subject: str = "") -> list[str]:
+def explain(policy: Policy, env: Envelope, subject: str = "",
+            auth: dict[str, str] | None = None) -> list[str]:
     action, who, trail = decide(policy, env)
     lines = [f"ratelimit: {action}  (decided by {who})" if who.startswith("(")
              else f"ratelimit: {action}  (decided by rule '{who}')"]
@@ -88,8 +89,10 @@ EXTENSION = PolicyExtension(
     default_action="enforce",
     expect=EXPECT_SPEC,
     run_test=run_test,
-    unusable_conditions=("recipient",),
-    unusable_reason="rate limits are decided at MAIL FROM, before any recipient is known; "
-                    "move the recipient condition to another rule",
+    unusable_conditions={
+        condition: f"rate limits are decided at MAIL FROM, before {what} is known; move the "
+                   f"{condition} condition to another rule"
+        for condition, what in (("recipient", "any recipient"), ("subject", "the subject"),
+                                ("auth", "the message's authentication results"))},
     explain=explain,
 )

@@ -15,8 +15,10 @@ class Found:
     parts: list[Part]  # parts[i] is the range of attachments[i]
 
 
-def locate_attachments(raw: Raw, *, inline_images: bool = False) -> Found:
-    root = scan(raw)
+def locate_attachments(raw: Raw, *, inline_images: bool = False,
+                       root: Part | None = None) -> Found:
+    """`root`: the message scanned already."""
+    root = root if root is not None else scan(raw)
     attachments = find_attachments(root.skeleton, inline_images=inline_images)
     by_skeleton = parts_by_skeleton(root)
     return Found(root, attachments, [by_skeleton[id(a.part)] for a in attachments])

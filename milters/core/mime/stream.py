@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+from ..edits import AddHeader, ChangeHeader, Edit, ReplaceBody
 from .scan import Part, Raw, header_end, release
 
 CHUNK = 1024 * 1024
@@ -111,6 +112,18 @@ class Rebuilt:
     # The message's MIME headers after the change: name -> value, None = remove.
     mime_headers: dict[str, str | None] = field(default_factory=dict)
 
+    def edits(self, present: set[str]) -> list[Edit]:
+        """The milter edits that turn the message into this one, given the lowercased
+        names of the header fields it has now."""
+        edits: list[Edit] = []
+        for name, value in self.mime_headers.items():
+            if name.lower() in present:
+                edits.append(ChangeHeader(name, 1, value or ""))  # "" deletes it
+            elif value is not None:
+                edits.append(AddHeader(name, value))
+        edits.append(ReplaceBody(self.body))
+        return edits
+
 
 def _fields(raw: Raw, start: int, end: int) -> list[re.Match[bytes]]:
     header = bytes(raw[start:end]).rstrip(b"\r\n") + b"\r\n"
@@ -143,40 +156,59 @@ def _removal(raw: Raw, part: Part) -> tuple[int, int]:
     return delimiter, min(part.end + 2, len(raw))
 
 
-def rebuild(raw: Raw, root: Part, removed: list[Part], added: list[NewPart]) -> Rebuilt:
+Cut = tuple[int, int, "NewPart | None"]  # bytes [start, end) left out, or written over
+
+
+def header_fields(header: bytes) -> dict[str, str]:
+    """A part's header section as name -> unfolded value (the last of a repeated name)."""
+    return {m.group(1).decode("ascii", "replace").strip():
+            m.group(0).split(b":", 1)[1].decode("utf-8", "surrogateescape").strip()
+            .replace("\r\n", "")
+            for m in _FIELD.finditer(header.rstrip(b"\r\n") + b"\r\n")}
+
+
+def rebuild(raw: Raw, root: Part, removed: list[Part], added: list[NewPart],
+            replaced: list[tuple[Part, NewPart]] = ()) -> Rebuilt:  # type: ignore[assignment]
+    """The new body: `removed` parts cut out, `replaced` parts written over in place (their
+    header section too), `added` parts appended. A replaced root is the new content itself:
+    its header fields become the message's MIME headers."""
     out = spool()
-    cuts = sorted(_removal(raw, p) for p in removed if p is not root)
+    root_new = next((new for part, new in replaced if part is root), None)
+    cuts: list[Cut] = sorted([(*_removal(raw, p), None) for p in removed if p is not root]
+                             + [(p.start, p.end, new) for p, new in replaced if p is not root],
+                             key=lambda cut: cut[:2])
     root_gone = any(p is root for p in removed)
     ctype = root.skeleton.get_content_type()
-    if ctype == "multipart/mixed" and root.boundary and not root_gone:
+    if root_new is None and ctype == "multipart/mixed" and root.boundary and not root_gone:
         insert_at = root.close_at if root.close_at is not None else len(raw)
         _copy_except(raw, root.body_start, insert_at, cuts, out)
         dash = b"--" + root.boundary
         if root.close_at is None:
             out.write(b"\r\n")
-        for new in added:
-            out.write(dash + b"\r\n")
-            for piece in new.pieces():
-                out.write(piece)
-            out.write(b"\r\n")
+        _write_parts(dash, added, out)
         if root.close_at is not None:
             _copy_except(raw, insert_at, len(raw), cuts, out)
         else:
             out.write(dash + b"--\r\n")
         out.seek(0)
         return Rebuilt(out)
+    if root_new is not None and not added:
+        for piece in root_new.pieces():
+            out.write(piece)
+        out.seek(0)
+        fields = header_fields(root_new.header)
+        return Rebuilt(out, {"MIME-Version": "1.0",
+                             **{name: fields.get(name) for name in _ROOT_MIME}})
     # Wrap: the old content (if any is left) becomes the first part of a new mixed one.
     boundary = b"=_mailmoat_" + secrets.token_hex(12).encode()
     dash = b"--" + boundary
-    if not root_gone:
+    if root_new is not None:
+        _write_parts(dash, [root_new], out)
+    elif not root_gone:
         out.write(dash + b"\r\n" + _mime_lines(raw, root) + b"\r\n")
         _copy_except(raw, root.body_start, len(raw), cuts, out)
         out.write(b"\r\n")
-    for new in added:
-        out.write(dash + b"\r\n")
-        for piece in new.pieces():
-            out.write(piece)
-        out.write(b"\r\n")
+    _write_parts(dash, added, out)
     out.write(dash + b"--\r\n")
     out.seek(0)
     return Rebuilt(out, {"MIME-Version": "1.0",
@@ -184,13 +216,27 @@ def rebuild(raw: Raw, root: Part, removed: list[Part], added: list[NewPart]) -> 
                          "Content-Transfer-Encoding": None, "Content-Disposition": None})
 
 
-def _copy_except(raw: Raw, start: int, end: int, cuts: list[tuple[int, int]],
-                 out: BinaryIO) -> None:
+# The root's MIME header fields that a replaced root brings with it (absent = removed).
+_ROOT_MIME = ("Content-Type", "Content-Transfer-Encoding", "Content-Disposition")
+
+
+def _write_parts(dash: bytes, parts: list[NewPart], out: BinaryIO) -> None:
+    for new in parts:
+        out.write(dash + b"\r\n")
+        for piece in new.pieces():
+            out.write(piece)
+        out.write(b"\r\n")
+
+
+def _copy_except(raw: Raw, start: int, end: int, cuts: list[Cut], out: BinaryIO) -> None:
     at = start
-    for cut_start, cut_end in cuts:
+    for cut_start, cut_end, replacement in cuts:
         if cut_end <= at or cut_start >= end:
             continue
         _copy(raw, at, max(at, cut_start), out)
+        if replacement is not None:
+            for piece in replacement.pieces():
+                out.write(piece)
         at = max(at, cut_end)
     _copy(raw, at, end, out)
 

@@ -13,8 +13,9 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from ..message import Envelope
 from .matching import NetworkPattern, normalize_domain, parse_network_pattern
-from .rules import Conditions, Decision, Facts, Rule, decide
-from .schema import (Address, Bool, Field, ListOf, Network, Number, Spec, Str, Struct)
+from .rules import CONDITIONS, Conditions, Decision, Facts, Rule, decide
+from .schema import (Address, Bool, Field, ListOf, MapOf, Network, Number, Pattern, Spec, Str,
+                     Struct)
 from .yamlnodes import MappingNode, Node, Problems, compose_file, compose_text
 
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
@@ -29,6 +30,7 @@ class TestMessage:
     rcpt: tuple[str, ...] = ()
     auth_user: str | None = None
     subject: str = ""
+    auth: dict[str, str] | None = None  # what our auth milter found: {"dmarc": "fail"}
 
 
 @dataclass(frozen=True)
@@ -65,15 +67,15 @@ class PolicyExtension:
     expect: Spec
     # Runs one `tests:` case; returns the list of failed expectations ('' when none).
     run_test: Callable[[Policy, PolicyTest, Any], list[str]]
-    # Conditions a rule setting this milter's action may not use, and why (shown as the fix).
-    unusable_conditions: tuple[str, ...] = ()
-    unusable_reason: str = ""
+    # Conditions a rule setting this milter's action may not use -> why (shown as the fix):
+    # the milter decides before that fact exists.
+    unusable_conditions: dict[str, str] = field(default_factory=dict)
     # A problem with one action in its policy (a rule's or the default's), or None: e.g. an
     # action that needs settings the policy does not have.
     action_check: Callable[[Policy, Any], str | None] | None = None
     # Lines for `mailmoat policy explain`: what this milter would do with such a message
-    # (envelope and subject).
-    explain: Callable[[Policy, Envelope, str], list[str]] | None = None
+    # (envelope, decoded subject, and auth results as method -> result when given).
+    explain: Callable[[Policy, Envelope, str, dict[str, str] | None], list[str]] | None = None
 
 
 def decision_failures(milter: str, action: Any, decided_by: str, expected: Any) -> list[str]:
@@ -98,6 +100,12 @@ class _Domain(Str):
         return domain
 
 
+# The results RFC 8601 registers for the methods our auth milter writes.
+AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror",
+                "policy")
+AUTH_METHODS = ("spf", "dkim", "dmarc", "arc")
+
+
 def _conditions_spec() -> Struct:
     return Struct({
         "direction": Field(Str(("inbound", "outbound")), None),
@@ -105,9 +113,20 @@ def _conditions_spec() -> Struct:
         "sender": Field(ListOf(Address(), min_items=1), None),
         "recipient": Field(ListOf(Address(), min_items=1), None),
         "authenticated": Field(Bool(), None),
-    }, build=lambda **kw: Conditions(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in kw.items()}),
-        expected="a mapping of conditions (direction, client_ip, sender, recipient, authenticated)")
+        "auth": Field(MapOf(Str(AUTH_METHODS), ListOf(Str(AUTH_RESULTS), min_items=1),
+                            "a mapping of method to results, e.g. {dmarc: [fail, none]}"),
+                      None),
+        "subject": Field(ListOf(Pattern(), min_items=1), None),
+    }, build=lambda **kw: Conditions(**{k: _frozen(v) for k, v in kw.items()}),
+        expected="a mapping of conditions (" + ", ".join(CONDITIONS) + ")")
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return {key: tuple(items) for key, items in value.items()}
+    return value
 
 
 def _build_spec(extensions: list[PolicyExtension]) -> Struct:
@@ -127,6 +146,9 @@ def _build_spec(extensions: list[PolicyExtension]) -> Struct:
         "rcpt": Field(ListOf(Str(), min_items=1)),
         "auth_user": Field(Str(), None),
         "subject": Field(Str(), ""),
+        "auth": Field(MapOf(Str(AUTH_METHODS), Str(AUTH_RESULTS),
+                            "a mapping of method to result, e.g. {dmarc: fail, spf: pass}"),
+                      None),
     }, build=lambda **kw: TestMessage(**{**kw, "rcpt": tuple(kw["rcpt"])}))
     expect = Struct({ext.name: Field(ext.expect, None) for ext in extensions},
                     build=lambda **kw: {k: v for k, v in kw.items() if v is not None})
@@ -171,11 +193,11 @@ def _semantic_checks(policy: Policy, root: Node | None, extensions: list[PolicyE
             if problem:
                 problems.add(node, f"rules[{index}].then.{ext.name}", problem,
                              rule.then[ext.name])
-            for condition in ext.unusable_conditions:
+            for condition, reason in ext.unusable_conditions.items():
                 if getattr(rule.when, condition) is not None:
                     problems.add(node, f"rules[{index}].when.{condition}",
                                  f"a rule that sets {ext.name} cannot use '{condition}': "
-                                 f"{ext.unusable_reason}")
+                                 f"{reason}")
     for ext in extensions:
         action = policy.defaults.get(ext.name)
         problem = ext.action_check(policy, action) if ext.action_check else None

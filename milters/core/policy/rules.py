@@ -6,6 +6,7 @@ earlier rule did not match, which `mailmoat policy explain` prints.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,17 @@ class Conditions:
     sender: tuple[AddressPattern, ...] | None = None
     recipient: tuple[AddressPattern, ...] | None = None
     authenticated: bool | None = None
+    # method -> results that match, e.g. {"dmarc": ("fail", "none")}: every listed method's
+    # result must be one of its list (known only at end of message, from our own
+    # Authentication-Results header).
+    auth: dict[str, tuple[str, ...]] | None = None
+    subject: tuple[re.Pattern[str], ...] | None = None  # any pattern found in the subject
 
     def named(self) -> list[str]:
-        return [name for name in ("direction", "client_ip", "sender", "recipient", "authenticated")
-                if getattr(self, name) is not None]
+        return [name for name in CONDITIONS if getattr(self, name) is not None]
+
+
+CONDITIONS = ("direction", "client_ip", "sender", "recipient", "authenticated", "auth", "subject")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,8 @@ class Facts:
     recipients: list[str] | None = None
     auth_user: str | None = None
     direction: str = INBOUND
+    auth: dict[str, str] | None = None  # method -> result (a method not checked: "none")
+    subject: str | None = None  # decoded
 
     @classmethod
     def from_envelope(cls, env: Envelope, internal: tuple[NetworkPattern, ...],
@@ -96,6 +106,18 @@ def _check(conditions: Conditions, facts: Facts) -> str | None:
         hits = [match_address(rcpt, conditions.recipient) for rcpt in facts.recipients]
         if not any(hit.matched for hit in hits):
             return f"no recipient matches ({', '.join(facts.recipients) or 'none'})"
+    if conditions.auth is not None:
+        if facts.auth is None:
+            return "authentication results are not known (at this stage, or no auth milter ran)"
+        for method, wanted in conditions.auth.items():
+            got = facts.auth.get(method, "none")
+            if got not in wanted:
+                return f"{method}={got}, rule wants {method}={'|'.join(wanted)}"
+    if conditions.subject is not None:
+        if facts.subject is None:
+            return "the subject is not known at this stage"
+        if not any(p.search(facts.subject) for p in conditions.subject):
+            return f"subject matches none of the {len(conditions.subject)} pattern(s)"
     return None
 
 

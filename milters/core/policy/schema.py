@@ -316,3 +316,34 @@ class MapOf(Spec):
         if any(k is INVALID or v is INVALID for k, v in values.items()):
             return INVALID
         return values
+
+
+class Pattern(Scalar):
+    """A regular expression (Python syntax), searched case-insensitively."""
+
+    expected = "a regular expression"
+
+    def parse(self, text: str) -> re.Pattern[str]:
+        if len(text) > 500:
+            raise ValueError("longer than 500 characters")
+        try:
+            return re.compile(text, re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+
+
+class Either(Spec):
+    """A word (a Scalar spec) or a mapping (a Struct spec): `neutralize: pass` or
+    `neutralize: {links: defang, attachments: drop}`."""
+
+    def __init__(self, word: Scalar, mapping: Struct) -> None:
+        self.word, self.mapping = word, mapping
+        self.expected = f"{word.expected}, or {mapping.expected}"
+
+    def read(self, node: Node | None, path: str, problems: Problems) -> Any:
+        if isinstance(node, MappingNode):
+            return self.mapping.read(node, path, problems)
+        if isinstance(node, ScalarNode):
+            return self.word.read(node, path, problems)
+        problems.add(node, path, f"expected {self.expected}", node)
+        return INVALID

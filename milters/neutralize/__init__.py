@@ -1,0 +1,1 @@
+"""SaMMA's harmless mode: mail from suspicious senders made inert (links, HTML, attachments)."""

@@ -1,0 +1,124 @@
+"""The conversions themselves, run inside the sandboxed worker (worker.py), never in the
+milter: documents to PDF by LibreOffice, PDF pages to pixels by pdfium and back into an
+image-only PDF one page at a time, pictures decoded and re-encoded by Pillow without their
+metadata.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConversionFailed(Exception):
+    """The file cannot be made safe (broken, over a limit, or the converter failed)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    dpi: int = 100
+    page_format: str = "jpeg"
+    jpeg_quality: int = 85
+    image_format: str = "png"
+    pages: int = 50
+    page_pixels: int = 4_000_000
+    image_pixels: int = 40_000_000
+    soffice: str = "soffice"
+    wall: float = 120.0
+
+
+def flatten_pdf(source: Path, target: Path, options: Options) -> int:
+    """Every page rendered and written as an image into a new PDF; the page count."""
+    import pypdfium2 as pdfium
+
+    from .pdfwriter import ImagePdfWriter
+    try:
+        document = pdfium.PdfDocument(str(source))
+    except pdfium.PdfiumError as exc:
+        raise ConversionFailed(f"not a PDF pdfium can open ({exc})") from None
+    try:
+        count = len(document)
+        if count > options.pages:
+            raise ConversionFailed(f"{count} pages; the limit is {options.pages}")
+        if count == 0:
+            raise ConversionFailed("a PDF without pages")
+        with open(target, "wb") as out:
+            writer = ImagePdfWriter(out)
+            for index in range(count):
+                _render_page(document[index], writer, options)
+            writer.close()
+        return count
+    finally:
+        document.close()
+
+
+def _render_page(page, writer, options: Options) -> None:  # type: ignore[no-untyped-def]
+    width, height = page.get_size()  # points, 1/72 inch
+    scale = options.dpi / 72
+    if width * height * scale * scale > options.page_pixels:
+        # A page the size of a wall (a PDF bomb) renders at a lower resolution instead.
+        scale = math.sqrt(options.page_pixels / max(width * height, 1.0))
+    bitmap = page.render(scale=scale, rotation=0, may_draw_forms=True)
+    image = bitmap.to_pil().convert("RGB")
+    bitmap.close()
+    page.close()
+    points = (image.width / scale, image.height / scale)  # the page's size, kept
+    if options.page_format == "jpeg":
+        encoded = io.BytesIO()
+        image.save(encoded, "JPEG", quality=options.jpeg_quality, optimize=False)
+        writer.add_jpeg(encoded.getvalue(), image.width, image.height, points)
+    else:
+        writer.add_raw(image.tobytes(), image.width, image.height, points)
+
+
+def office_to_pdf(source: Path, workdir: Path, options: Options) -> Path:
+    """LibreOffice headless, with a profile of its own in the private directory (so that
+    conversions can run side by side) and no macros run."""
+    outdir = workdir / "lo-out"
+    outdir.mkdir()
+    command = [options.soffice, "--headless", "--norestore", "--nolockcheck", "--nodefault",
+               "--nologo", f"-env:UserInstallation=file://{workdir / 'lo-profile'}",
+               "--convert-to", "pdf", "--outdir", str(outdir), str(source)]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=options.wall,
+                              stdin=subprocess.DEVNULL, check=False,
+                              env={**os.environ, "HOME": str(workdir)})
+    except FileNotFoundError:
+        raise ConversionFailed(f"LibreOffice is not installed ({options.soffice})") from None
+    except subprocess.TimeoutExpired:
+        raise ConversionFailed("LibreOffice took too long") from None
+    produced = outdir / (source.stem + ".pdf")
+    if done.returncode != 0 or not produced.exists():
+        said = (done.stderr or done.stdout).decode("utf-8", "replace").strip()[-300:]
+        raise ConversionFailed(f"LibreOffice could not convert it (exit {done.returncode}"
+                               + (f": {said}" if said else "") + ")")
+    return produced
+
+
+def reencode_image(source: Path, target: Path, options: Options) -> None:
+    """The picture's pixels only: EXIF (GPS, camera), comments, ICC profiles and text chunks
+    are left behind; EXIF rotation is applied first so the picture still looks right."""
+    from PIL import Image, ImageOps
+    Image.MAX_IMAGE_PIXELS = options.image_pixels  # Pillow's own bomb check, as a backstop
+    try:
+        with Image.open(source) as image:
+            if image.width * image.height > options.image_pixels:
+                raise ConversionFailed(f"a picture of {image.width} x {image.height} pixels; "
+                                       f"the limit is {options.image_pixels} pixels")
+            image.seek(0)  # an animation keeps its first frame
+            upright = ImageOps.exif_transpose(image)
+            mode = "RGB" if options.image_format == "jpeg" else (
+                "RGBA" if "A" in upright.getbands() or "transparency" in image.info else "RGB")
+            pixels = upright.convert(mode)
+    except ConversionFailed:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ConversionFailed(f"not a picture Pillow can read ({exc})") from None
+    clean = Image.frombytes(pixels.mode, pixels.size, pixels.tobytes())
+    if options.image_format == "jpeg":
+        clean.save(target, "JPEG", quality=options.jpeg_quality)
+    else:
+        clean.save(target, "PNG", compress_level=3)
