@@ -102,7 +102,9 @@ def reencode_image(source: Path, target: Path, options: Options) -> None:
     """The picture's pixels only: EXIF (GPS, camera), comments, ICC profiles and text chunks
     are left behind; EXIF rotation is applied first so the picture still looks right."""
     from PIL import Image, ImageOps
-    Image.MAX_IMAGE_PIXELS = options.image_pixels  # Pillow's own bomb check, as a backstop
+    # Our own check below reads the size from the header and says what it found; Pillow's
+    # would raise first with its own limit. The worker's memory limit is the backstop.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(source) as image:
             if image.width * image.height > options.image_pixels:

@@ -148,7 +148,7 @@ class _TextMaker(HTMLParser):
             self.skip = max(0, self.skip - 1)
         elif tag == "a" and self.anchors:
             href, text = self.anchors.pop()
-            if href and not href.lower().startswith(("cid:", "#", "javascript:")):
+            if href.lower().startswith(("http://", "https://", "ftp://", "mailto:")):
                 for warning in url_warnings(href, "".join(text)):
                     self.report.warn(warning)
                 self.out.append(f" [{href}]")

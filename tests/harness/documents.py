@@ -6,6 +6,9 @@ images from Pillow, archives from the real `7z` binary or from our own ZIP write
 (APPNOTE 6.3: headers, ZipCrypto, Zip64 sizes). Builders are deterministic except where
 a tool insists on random salts (7z encryption, AES PDFs, msoffcrypto). They never need
 the network; the bombs build in about a second without holding their expanded size.
+docx/docm/odt spread `paragraphs` over `pages` pages in order (a page left without one reads
+"Page N"); keep each page's text short enough to fit. PDF text is Helvetica (WinAnsi), so
+non-Latin characters in `pdf(text=...)` come out as "?"; use the office builders for Japanese.
 
     docx(tmp / "a.docx", ["見積書", "Total: 12,000 JPY"], pages=3)
     zip_zipcrypto_python(tmp / "ppap.zip", {"請求書.txt": b"..."}, "pass")
@@ -101,15 +104,23 @@ def _document_xml(paragraphs: list[str], pages: int) -> str:
     return _XML + f'<w:document xmlns:w="{_W}"><w:body>{"".join(body)}{sect}</w:body></w:document>'
 
 
-def _word(paragraphs: list[str], pages: int, macro: str | None = None) -> bytes:
-    """A WordprocessingML package: .docx, or .docm carrying `macro` in word/vbaProject.bin."""
+def _word(paragraphs: list[str], pages: int, macro: str | None = None, thumbnail: bool = False) -> bytes:
+    """A WordprocessingML package: .docx, or .docm carrying `macro`; optionally a PNG thumbnail."""
     main = ("application/vnd.ms-word.document.macroEnabled.main+xml" if macro is not None else
             "application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml")
-    bin_type = {"bin": "application/vnd.ms-office.vbaProject"} if macro is not None else {}
+    types = {"bin": "application/vnd.ms-office.vbaProject"} if macro is not None else {}
+    rels = [(f"{_DOC_REL}/officeDocument", "word/document.xml")]
+    if thumbnail:
+        types["png"] = "image/png"
+        rels.append((f"{_PKG_RELS}/metadata/thumbnail", "docProps/thumbnail.png"))
     parts: dict[str, bytes | str] = {
-        "[Content_Types].xml": _content_types({"/word/document.xml": main}, bin_type),
-        "_rels/.rels": _rels([(f"{_DOC_REL}/officeDocument", "word/document.xml")]),
-        "word/document.xml": _document_xml(paragraphs, pages)}
+        "[Content_Types].xml": _content_types({"/word/document.xml": main}, types),
+        "_rels/.rels": _rels(rels), "word/document.xml": _document_xml(paragraphs, pages)}
+    if thumbnail:   # incompressible noise: ~9 KB, like the thumbnails Word saves
+        noise = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(96 * 96 // 32))
+        buf = io.BytesIO()
+        Image.frombytes("L", (96, 96), noise).save(buf, "PNG")
+        parts["docProps/thumbnail.png"] = buf.getvalue()
     if macro is not None:
         parts["word/_rels/document.xml.rels"] = _rels([(_VBA_REL, "vbaProject.bin")])
         parts["word/vbaProject.bin"] = vba_project_bin(macro)
@@ -177,10 +188,14 @@ def odt(path: Path | str, paragraphs: list[str], pages: int = 1) -> Path:
 
 
 def encrypted_docx(path: Path | str, password: str = "secret") -> Path:
-    """A password-protected .docx: our docx in an ECMA-376 Agile (AES) CFB envelope, as Word writes it."""
-    out = io.BytesIO()
-    plain = io.BytesIO(_word(["Confidential / 社外秘", "Quarterly figures"], 1))
-    msoffcrypto.format.ooxml.OOXMLFile(plain).encrypt(password, out)
+    """A password-protected .docx: our docx in an ECMA-376 Agile (AES) CFB envelope, as Word writes it.
+
+    The package carries a thumbnail so it exceeds 4 KiB: msoffcrypto 6.x writes a corrupt
+    container when EncryptedPackage fits in the CFB mini stream (nolze/msoffcrypto-tool#105).
+    """
+    out, plain = io.BytesIO(), _word(["Confidential / 社外秘", "Quarterly figures"], 1, thumbnail=True)
+    assert len(plain) > 4096 + 64, "msoffcrypto needs a package larger than the mini-stream cutoff"
+    msoffcrypto.format.ooxml.OOXMLFile(io.BytesIO(plain)).encrypt(password, out)
     return _write(path, out.getvalue())
 
 

@@ -1,0 +1,409 @@
+"""The neutralize milter's work on real documents, through its real sandboxed workers,
+LibreOffice and pdfium (no sockets: the checker is called the way the milter calls it).
+
+Each output is checked the way a security team would: the PDF objects are read (no
+JavaScript, annotations, links, embedded files, fonts or text), page counts compared,
+EXIF looked for, and encrypted content refused or dropped as the policy says."""
+from __future__ import annotations
+
+import email
+import io
+import os
+import subprocess
+import sys
+import time
+from email import policy as email_policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from milters.core.edits import ChangeHeader, EomResult, ReplaceBody
+from milters.core.message import Envelope, Message, Recipient
+from milters.core.policy.document import load_policy_text
+from milters.core.verdict import Action
+from milters.neutralize.logic import MARK_HEADER, NeutralizeChecker
+from mta.cli import EXTENSIONS
+from mta.edits_apply import Transit, apply_edits
+from tests.harness import documents as docs
+from tests.harness.pdf_inspect import image_metadata, inspect_pdf
+
+pytestmark = pytest.mark.integration
+
+STRANGER = "198.51.100.7"
+BASE = """\
+internal_networks: [127.0.0.0/8]
+neutralize:
+  encrypted_reply: "550 5.7.1 Password-protected files are refused here; use our upload portal"
+  on_failure: drop
+{extra}
+rules:
+  - name: strangers
+    when: {{direction: inbound}}
+    then: {{neutralize: {action}}}
+"""
+
+
+def policy(extra: str = "", action: str = "neutralize"):  # type: ignore[no-untyped-def]
+    return load_policy_text(BASE.format(extra=extra, action=action), EXTENSIONS)
+
+
+def mail(files: list[tuple[str, bytes, str]], body: str = "See the attached files.\n",
+         html: str | None = None) -> bytes:
+    message = EmailMessage()
+    message["From"] = "Sender <sender@outside.example>"
+    message["To"] = "taro@example.jp"
+    message["Subject"] = "Documents"
+    message["Message-ID"] = "<docs@outside.example>"
+    message.set_content(body)
+    if html is not None:
+        message.add_alternative(html, subtype="html")
+    for name, data, ctype in files:
+        major, minor = ctype.split("/")
+        message.add_attachment(data, maintype=major, subtype=minor, filename=name)
+    return bytes(message).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+CHECKER = NeutralizeChecker("mx.example.jp")
+
+
+def run(raw: bytes, pol=None, client: str = STRANGER) -> tuple[EomResult, bytes]:  # type: ignore[no-untyped-def]
+    env = Envelope(client_ip=client, mail_from="sender@outside.example", queue_id="Q1",
+                   recipients=[Recipient("taro@example.jp")])
+    result = CHECKER.check(Message(raw=raw, envelope=env), pol or policy())
+    edits = [ReplaceBody(e.body if isinstance(e.body, bytes) else e.body.read())
+             if isinstance(e, ReplaceBody) else e for e in result.edits]
+    out = apply_edits(Transit(raw, "sender@outside.example"), edits).raw
+    return result, out
+
+
+def parsed(raw: bytes) -> EmailMessage:
+    message = email.message_from_bytes(raw, policy=email_policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def files_of(raw: bytes) -> dict[str, bytes]:
+    return {part.get_filename(): part.get_content() for part in parsed(raw).iter_attachments()
+            if part.get_filename() != "mailmoat-note.txt"}
+
+
+def note_of(raw: bytes) -> str:
+    for part in parsed(raw).iter_attachments():
+        if part.get_filename() == "mailmoat-note.txt":
+            return part.get_content()
+    raise AssertionError("no note part")
+
+
+def pdf_facts(data: bytes, tmp_path: Path, name: str = "out.pdf"):  # type: ignore[no-untyped-def]
+    path = tmp_path / name
+    path.write_bytes(data)
+    return inspect_pdf(path)
+
+
+# -- documents become flat PDFs -----------------------------------------------------------
+def test_office_and_odf_documents_become_flat_pdfs_with_their_pages(tmp_path: Path) -> None:
+    made = {
+        "報告書.docx": docs.docx(tmp_path / "a.docx", ["第一章", "本文"] * 3, pages=3),
+        "invoice.docm": docs.docm(tmp_path / "b.docm", ["Enable macros to see the invoice"]),
+        "figures.xlsx": docs.xlsx(tmp_path / "c.xlsx", [["item", "price"], ["apple", 120]]),
+        "minutes.odt": docs.odt(tmp_path / "d.odt", ["one", "two"], pages=2),
+    }
+    raw = mail([(name, path.read_bytes(), "application/octet-stream")
+                for name, path in made.items()])
+    result, out = run(raw)
+    assert result.verdict.action is Action.CONTINUE
+    got = files_of(out)
+    assert sorted(got) == ["figures.pdf", "invoice.pdf", "minutes.pdf", "報告書.pdf"]
+    pages = {"報告書.pdf": 3, "invoice.pdf": 1, "figures.pdf": 1, "minutes.pdf": 2}
+    for name, data in got.items():
+        facts = pdf_facts(data, tmp_path)
+        assert facts.is_flat, (name, facts.details)
+        assert facts.pages == pages[name], name
+    assert "報告書.docx was converted to 報告書.pdf" in note_of(out)
+    assert parsed(out)[MARK_HEADER].startswith("links=0; converted=4; dropped=0")
+
+
+def test_pdf_with_javascript_embedded_file_and_link_is_flattened(tmp_path: Path) -> None:
+    source = docs.pdf(tmp_path / "in.pdf", 4, javascript=True, embedded_file=True, link=True)
+    before = inspect_pdf(source)
+    assert before.has_javascript and before.has_embedded_files and before.has_links
+    _, out = run(mail([("contract.pdf", source.read_bytes(), "application/pdf")]))
+    facts = pdf_facts(files_of(out)["contract.pdf"], tmp_path)
+    assert facts.pages == 4 and facts.is_flat, facts.details
+    assert not (facts.has_javascript or facts.has_embedded_files or facts.has_links
+                or facts.has_annotations or facts.fonts_or_text)
+    import pypdfium2 as pdfium
+    rendered = pdfium.PdfDocument(str(tmp_path / "out.pdf"))
+    assert len(rendered) == 4  # pdfium opens what we wrote
+
+
+def test_jpeg_loses_exif_and_gps_and_png_its_text_chunks(tmp_path: Path) -> None:
+    photo = docs.jpeg_with_gps(tmp_path / "photo.jpg")
+    assert image_metadata(photo).get("gps")
+    picture = docs.png(tmp_path / "p.png", text={"Author": "someone", "Comment": "secret"})
+    _, out = run(mail([("IMG_0001.JPG", photo.read_bytes(), "image/jpeg"),
+                       ("chart.png", picture.read_bytes(), "image/png")]))
+    got = files_of(out)
+    assert sorted(got) == ["IMG_0001.png", "chart.png"]
+    for name, data in got.items():
+        (tmp_path / name).write_bytes(data)
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG" and not image.getexif() and not image.text
+            assert "icc_profile" not in image.info
+        meta = image_metadata(tmp_path / name)
+        assert not meta.get("exif") and not meta.get("gps"), meta
+    with Image.open(io.BytesIO(got["IMG_0001.png"])) as image:
+        assert image.size == (320, 240)
+
+
+def test_jpeg_output_when_the_policy_asks(tmp_path: Path) -> None:
+    photo = docs.jpeg_with_gps(tmp_path / "photo.jpg")
+    _, out = run(mail([("photo.jpeg", photo.read_bytes(), "image/jpeg")]),
+                 policy("  image_format: jpeg"))
+    data = files_of(out)["photo.jpg"]
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG" and not image.getexif()
+        assert "comment" not in image.info
+
+
+def test_unknown_kinds_are_dropped_and_text_kept_by_the_default_table() -> None:
+    raw = mail([("setup.exe", b"MZ\x90\x00" + bytes(200), "application/octet-stream"),
+                ("invoice.pdf.exe", b"MZ" + bytes(50), "application/pdf"),
+                ("readme.txt", b"plain words\n", "text/plain")])
+    _, out = run(raw)
+    assert sorted(files_of(out)) == ["readme.txt"]
+    note = note_of(out)
+    assert "setup.exe was removed" in note and "invoice.pdf.exe was removed" in note
+
+
+def test_a_renamed_executable_is_judged_by_its_bytes(tmp_path: Path) -> None:
+    raw = mail([("scan.pdf", b"MZ\x90\x00" + bytes(300), "application/pdf")])
+    _, out = run(raw)
+    assert files_of(out) == {}
+    assert "scan.pdf was removed: files of this kind (other)" in note_of(out)
+
+
+def test_hostile_file_names_give_safe_names(tmp_path: Path) -> None:
+    photo = docs.png(tmp_path / "p.png")
+    raw = mail([("../../etc/cron.d/evil\u202egnp.png", photo.read_bytes(), "image/png")])
+    _, out = run(raw)
+    (name,) = files_of(out)
+    assert "/" not in name and "\u202e" not in name and name.endswith(".png")
+
+
+# -- encrypted content: the PPAP pattern ------------------------------------------------
+SECRET = {"見積書.docx": b"confidential figures" * 50}
+
+
+def locked_files(tmp_path: Path) -> dict[str, Path]:
+    inner = docs.zip_aes_7z(tmp_path / "inner.zip", SECRET, "pw")
+    return {
+        "zipcrypto-7z.zip": docs.zip_zipcrypto_7z(tmp_path / "z1.zip", SECRET, "pw"),
+        "aes-7z.zip": docs.zip_aes_7z(tmp_path / "z2.zip", SECRET, "pw"),
+        "zipcrypto-python.zip": docs.zip_zipcrypto_python(tmp_path / "z3.zip", SECRET, "pw"),
+        "nested.zip": docs.nested_zip(tmp_path / "z4.zip", inner, 2),
+        "locked.7z": docs.sevenz_encrypted(tmp_path / "s.7z", SECRET, "pw", False),
+        "hidden-names.7z": docs.sevenz_encrypted(tmp_path / "h.7z", SECRET, "pw", True),
+        "protected.docx": docs.encrypted_docx(tmp_path / "e.docx", "pw"),
+        "protected.pdf": docs.encrypted_pdf(tmp_path / "e.pdf", "pw"),
+    }
+
+
+def test_every_kind_of_locked_file_is_refused_with_the_teams_reply(tmp_path: Path) -> None:
+    for name, path in locked_files(tmp_path).items():
+        result, _ = run(mail([(name, path.read_bytes(), "application/octet-stream")]))
+        assert result.verdict.action is Action.REJECT, name
+        assert str(result.verdict.reply) == ("550 5.7.1 Password-protected files are refused "
+                                             "here; use our upload portal"), name
+
+
+def test_locked_files_are_dropped_with_a_note_when_a_rule_says_so(tmp_path: Path) -> None:
+    files = locked_files(tmp_path)
+    raw = mail([(name, path.read_bytes(), "application/octet-stream")
+                for name, path in files.items()])
+    result, out = run(raw, policy(action="{encrypted: drop}"))
+    assert result.verdict.action is Action.CONTINUE
+    assert files_of(out) == {}
+    note = note_of(out)
+    for name in files:
+        assert f"{name} was removed" in note
+    assert "locked files cannot be checked" in note
+
+
+def test_plain_archives_and_owner_only_pdfs_are_not_locked(tmp_path: Path) -> None:
+    plain = docs.zip_plain(tmp_path / "plain.zip", {"a.txt": b"hello"})
+    seven = docs.sevenz_plain(tmp_path / "plain.7z", {"a.txt": b"hello"})
+    owner = docs.owner_only_pdf(tmp_path / "owner.pdf")
+    raw = mail([("plain.zip", plain.read_bytes(), "application/zip"),
+                ("plain.7z", seven.read_bytes(), "application/x-7z-compressed"),
+                ("owner.pdf", owner.read_bytes(), "application/pdf")])
+    result, out = run(raw, policy("  convert:\n    - {match: [archive], action: keep}\n"
+                                  "    - {match: [pdf], action: flatten}"))
+    assert result.verdict.action is Action.CONTINUE
+    got = files_of(out)
+    assert got["plain.zip"] == plain.read_bytes() and got["plain.7z"] == seven.read_bytes()
+    assert pdf_facts(got["owner.pdf"], tmp_path).is_flat
+
+
+# -- bombs and limits: bounded time, defined verdict --------------------------------------
+def test_zip_bomb_and_nested_bombs_get_a_defined_verdict_quickly(tmp_path: Path) -> None:
+    """A bomb is never inflated: only central directories and nested archives (within the
+    byte budget and depth) are read."""
+    bomb = docs.zip_bomb(tmp_path / "bomb.zip")
+    nested = docs.nested_zip_bomb(tmp_path / "nested.zip", count=3)
+    deep = docs.nested_zip(tmp_path / "deep.zip", docs.zip_plain(tmp_path / "x.zip",
+                                                                 {"a.txt": b"a"}), 5)
+    keep = "  convert:\n    - {match: [archive], action: keep}\n"
+    started = time.monotonic()
+    result, out = run(mail([("bomb.zip", bomb.read_bytes(), "application/zip"),
+                            ("nested.zip", nested.read_bytes(), "application/zip"),
+                            ("deep.zip", deep.read_bytes(), "application/zip")]),
+                      policy(keep))
+    assert time.monotonic() - started < 60
+    assert result.verdict.action is Action.CONTINUE
+    assert sorted(files_of(out)) == ["bomb.zip", "nested.zip"]
+    assert "deep.zip was removed: it could not be made safe (archives nested deeper than 3)" \
+        in note_of(out)
+    _, out = run(mail([("nested.zip", nested.read_bytes(), "application/zip")]),
+                 policy(keep + "  limits: {archive_bytes: 1000000}"))
+    assert "nested.zip was removed: it could not be made safe (nested archives larger " \
+           "than the decompression limit)" in note_of(out)
+
+
+def test_ten_thousand_pages_is_over_the_page_limit(tmp_path: Path) -> None:
+    many = docs.pdf_many_pages(tmp_path / "many.pdf", 10_000)
+    started = time.monotonic()
+    result, out = run(mail([("many.pdf", many.read_bytes(), "application/pdf")]))
+    assert time.monotonic() - started < 60
+    assert files_of(out) == {}
+    assert "10000 pages; the limit is 50" in note_of(out)
+
+
+def test_a_pixel_bomb_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    huge = docs.huge_image_header(tmp_path / "huge.png")
+    started = time.monotonic()
+    _, out = run(mail([("huge.png", huge.read_bytes(), "image/png")]))
+    assert time.monotonic() - started < 30
+    assert "a picture of 50000 x 50000 pixels" in note_of(out)
+
+
+def test_tempfail_is_the_default_for_a_failed_conversion(tmp_path: Path) -> None:
+    huge = docs.huge_image_header(tmp_path / "huge.png")
+    pol = load_policy_text("internal_networks: [127.0.0.0/8]\nrules:\n  - name: all\n"
+                           "    when: {direction: inbound}\n    then: {neutralize: neutralize}\n",
+                           EXTENSIONS)
+    result, _ = run(mail([("huge.png", huge.read_bytes(), "image/png")]), pol)
+    assert result.verdict.action is Action.TEMPFAIL
+    assert str(result.verdict.reply).startswith("451 4.7.0")
+
+
+# -- the sandbox: crashes, hangs, limits, no network --------------------------------------
+def fake_office(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "fake-soffice"
+    script.write_text(f"#!{sys.executable}\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def office_policy(soffice: Path, wall: str = "60s") -> object:
+    return policy(f"  soffice: {soffice}\n  limits: {{wall: {wall}}}")
+
+
+def test_a_hanging_converter_is_killed_with_everything_it_started(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    script = fake_office(tmp_path, "import os, subprocess, time\n"
+                         f"child = subprocess.Popen(['sleep', '300'])\n"
+                         f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+                         "time.sleep(300)")
+    document = docs.docx(tmp_path / "a.docx", ["x"])
+    started = time.monotonic()
+    _, out = run(mail([("a.docx", document.read_bytes(), "application/octet-stream")]),
+                 office_policy(script, "3s"))
+    assert time.monotonic() - started < 20
+    assert "took longer than 3 s" in note_of(out)
+    for pid in pids.read_text().split():
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", pid
+
+
+def test_a_crashing_converter_gives_the_failure_action(tmp_path: Path) -> None:
+    script = fake_office(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
+    document = docs.docx(tmp_path / "a.docx", ["x"])
+    _, out = run(mail([("a.docx", document.read_bytes(), "application/octet-stream")]),
+                 office_policy(script))
+    assert "LibreOffice could not convert it (exit -11" in note_of(out)
+
+
+def test_the_converter_has_no_network(tmp_path: Path) -> None:
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    seen = tmp_path / "seen"
+    script = fake_office(tmp_path, "import socket\ntry:\n"
+                         f"    socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+                         "    said = 'connected'\nexcept OSError as exc:\n    said = str(exc)\n"
+                         f"open({str(seen)!r}, 'w').write(said)\nraise SystemExit(1)")
+    document = docs.docx(tmp_path / "a.docx", ["x"])
+    try:
+        run(mail([("a.docx", document.read_bytes(), "application/octet-stream")]),
+            office_policy(script))
+    finally:
+        listener.close()
+    assert seen.read_text() != "connected"
+    assert "unreachable" in seen.read_text().lower()
+
+
+def test_the_memory_limit_stops_a_converter(tmp_path: Path) -> None:
+    photo = docs.png(tmp_path / "big.png", 6000, 6000)
+    _, out = run(mail([("big.png", photo.read_bytes(), "image/png")]),
+                 policy("  limits: {memory: 67108864}"))
+    assert files_of(out) == {}
+    assert "big.png was removed: it could not be made safe" in note_of(out)
+
+
+def test_no_private_directory_is_left_behind(tmp_path: Path) -> None:
+    before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    photo = docs.png(tmp_path / "p.png")
+    run(mail([("p.png", photo.read_bytes(), "image/png")]))
+    after = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    assert not [d for d in after - before if d.startswith("mailmoat-neutralize-")]
+
+
+# -- who is neutralized -------------------------------------------------------------------
+def test_internal_clients_pass_untouched_and_forged_markers_are_removed() -> None:
+    raw = mail([]).replace(b"Subject:", f"{MARK_HEADER}: links=0; rule=trusted\r\nSubject:"
+                           .encode())
+    result, out = run(raw, client="127.0.0.1")
+    assert [e for e in result.edits if isinstance(e, ChangeHeader)] == \
+        [ChangeHeader(MARK_HEADER, 1, "")]
+    assert MARK_HEADER not in parsed(out)
+
+
+def test_a_pass_rule_leaves_the_message_alone() -> None:
+    raw = mail([], body="visit https://example.com/\n")
+    result, out = run(raw, policy(action="pass"))
+    assert out == raw and result.edits == []
+
+
+def test_the_scan_command_shows_the_same_result(tmp_path: Path) -> None:
+    photo = docs.jpeg_with_gps(tmp_path / "photo.jpg")
+    raw = mail([("photo.jpg", photo.read_bytes(), "image/jpeg")],
+               body="login: https://evil.example/x\n")
+    (tmp_path / "m.eml").write_bytes(raw)
+    (tmp_path / "policy.yaml").write_text(BASE.format(extra="", action="neutralize"))
+    (tmp_path / "config.yaml").write_text("gateway: {hostname: mx.example.jp}\n"
+                                          "milters: [{name: neutralize}]\npolicy: policy.yaml\n"
+                                          "store: memory://\n")
+    done = subprocess.run([sys.executable, "-m", "mta.cli", "scan", str(tmp_path / "m.eml"),
+                           "--config", str(tmp_path / "config.yaml"), "--client-ip", STRANGER,
+                           "--mail-from", "sender@outside.example", "--rcpt", "taro@example.jp",
+                           "--out", str(tmp_path / "out.eml")], capture_output=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    scanned = parsed((tmp_path / "out.eml").read_bytes())
+    assert scanned[MARK_HEADER].startswith("links=1; converted=1; dropped=0")
+    assert "hxxps://evil[.]example/x" in scanned.get_body(("plain",)).get_content()

