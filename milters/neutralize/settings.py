@@ -103,7 +103,10 @@ DEFAULT_CONVERT = (
 
 
 class _Match(Str):
-    expected = "a kind (" + ", ".join(KINDS) + "), an extension like .docx, a MIME type, or *"
+    def __init__(self) -> None:
+        super().__init__(max_len=200)
+        self.expected = ("a kind (" + ", ".join(KINDS) + "), an extension like .docx, a MIME "
+                         "type, or *")
 
     def parse(self, text: str) -> str:
         text = text.strip().lower()

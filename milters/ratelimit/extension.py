@@ -90,9 +90,10 @@ EXTENSION = PolicyExtension(
     expect=EXPECT_SPEC,
     run_test=run_test,
     unusable_conditions={
-        condition: f"rate limits are decided at MAIL FROM, before {what} is known; move the "
+        condition: f"rate limits are decided at MAIL FROM, before {what}; move the "
                    f"{condition} condition to another rule"
-        for condition, what in (("recipient", "any recipient"), ("subject", "the subject"),
-                                ("auth", "the message's authentication results"))},
+        for condition, what in (("recipient", "any recipient is known"),
+                                ("subject", "the subject is known"),
+                                ("auth", "the message is authenticated"))},
     explain=explain,
 )

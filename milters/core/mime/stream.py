@@ -100,6 +100,9 @@ class NewPart:
 
     def pieces(self) -> Iterator[bytes]:
         yield self.header
+        yield from self.body_pieces()
+
+    def body_pieces(self) -> Iterator[bytes]:
         if isinstance(self.body, bytes):
             yield self.body
         else:
@@ -193,7 +196,7 @@ def rebuild(raw: Raw, root: Part, removed: list[Part], added: list[NewPart],
         out.seek(0)
         return Rebuilt(out)
     if root_new is not None and not added:
-        for piece in root_new.pieces():
+        for piece in root_new.body_pieces():
             out.write(piece)
         out.seek(0)
         fields = header_fields(root_new.header)
