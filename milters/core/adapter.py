@@ -18,7 +18,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import Milter
 
@@ -58,6 +58,10 @@ class MilterLogic:
     # True: the body is spooled to a temporary file as it comes and the message handed over
     # as an mmap, so a large message is never held in memory (attachments).
     spool_body: ClassVar[bool] = False
+    # Seconds between `progress` packets while on_message runs (0: none). The MTA waits for
+    # the end-of-message reply only so long (Postfix: milter_content_timeout, 300 s); a
+    # milter that converts documents tells it that it is still working.
+    progress_every: ClassVar[float] = 0.0
 
     def on_connect(self, env: Envelope) -> Verdict:
         return Verdict.cont()
@@ -260,11 +264,36 @@ class MilterAdapter(Milter.Base):
                 message = Message.from_headers_and_body(
                     self._headers, b"".join(self._body), self.env, leading_space=leading_space)
                 self._body = []
-            result = self.logic.on_message(message)
+            with self._progress(type(self).logic_class.progress_every):
+                result = self.logic.on_message(message)
             for edit in result.edits:
                 self._apply(edit)
             return result.verdict
         return self._guarded("eom", run, 0)
+
+    @contextlib.contextmanager
+    def _progress(self, every: float) -> Iterator[None]:
+        """Send `progress` every `every` seconds from a helper thread until the block ends.
+        libmilter writes nothing else on this connection meanwhile: the callback thread is
+        inside the block, and the helper is stopped before it returns."""
+        if every <= 0:
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(every):
+                try:
+                    self.progress()
+                except Exception:  # the MTA went away: the eom reply will fail the same way
+                    return
+        helper = threading.Thread(target=beat, name="milter-progress", daemon=True)
+        helper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            helper.join()
 
     def _drop_spool(self) -> None:
         if self._spool is not None:

@@ -19,6 +19,7 @@ class NeutralizeLogic(CheckerLogic):
     # Replace the body and its MIME headers, add the marker, delete forged markers.
     actions = ActionFlag.ADDHDRS | ActionFlag.CHGHDRS | ActionFlag.CHGBODY
     spool_body = True  # a large attachment is decoded from a file, never held whole
+    progress_every = 10.0  # LibreOffice may take a while: keep the MTA waiting for us
     macros = {
         MacroStage.ENVFROM: ("i", "{auth_authen}"),
         MacroStage.EOM: ("i",),

@@ -407,3 +407,53 @@ def test_the_scan_command_shows_the_same_result(tmp_path: Path) -> None:
     scanned = parsed((tmp_path / "out.eml").read_bytes())
     assert scanned[MARK_HEADER].startswith("links=1; converted=1; dropped=0")
     assert "hxxps://evil[.]example/x" in scanned.get_body(("plain",)).get_content()
+
+
+# -- HTML modes ---------------------------------------------------------------------------
+LURE = '<p>Pay <a href="https://evil.example/pay">here</a><script>x()</script></p>'
+
+
+def test_prefer_text_drops_html_that_has_a_text_version() -> None:
+    raw = mail([], body="Pay at https://evil.example/pay\n", html=LURE)
+    _, out = run(raw, policy(action="{html: prefer_text}"))
+    message = parsed(out)
+    assert message.get_body(("html",)) is None
+    assert "hxxps://evil[.]example/pay" in message.get_body(("plain",)).get_content()
+    assert "html=text_kept" in message[MARK_HEADER]
+
+
+def test_html_without_a_text_version_is_turned_into_text() -> None:
+    raw = (b"From: a@outside.example\r\nTo: taro@example.jp\r\nSubject: pay\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           + LURE.encode() + b"\r\n")
+    _, out = run(raw, policy(action="{html: prefer_text}"))
+    message = parsed(out)
+    assert message.get_content_type() == "multipart/mixed"  # the text, then the note
+    (text,) = [p.get_content() for p in message.walk()
+               if p.get_content_type() == "text/plain" and not p.get_filename()]
+    assert text.strip() == "Pay here [hxxps://evil[.]example/pay]"
+    assert not [p for p in message.walk() if p.get_content_type() == "text/html"]
+
+
+def test_japanese_text_keeps_its_words_when_its_links_are_defanged() -> None:
+    body = "ご確認ください: https://例え.jp/確認 ①㈱髙\n"
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "a@x.example", "t@example.jp", "確認"
+    message.set_content(body.encode("cp932").decode("cp932"))
+    raw = bytes(message).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    _, out = run(raw)
+    texts = [p.get_content().replace("\r\n", "\n") for p in parsed(out).walk()
+             if p.get_content_type() == "text/plain" and not p.get_filename()]
+    assert texts == ["ご確認ください: hxxps://例え[.]jp/確認 ①㈱髙\n"]
+
+
+def test_iso_2022_jp_text_with_windows_characters_is_read_right() -> None:
+    from milters.core.jis import encode_cp50220
+    raw = (b"From: a@x.example\r\nTo: t@example.jp\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/plain; charset=ISO-2022-JP\r\n"
+           b"Content-Transfer-Encoding: 7bit\r\n\r\n"
+           + encode_cp50220("㈱髙山: https://evil.example/x\r\n"))
+    _, out = run(raw)
+    texts = [p.get_content().replace("\r\n", "\n") for p in parsed(out).walk()
+             if p.get_content_type() == "text/plain" and not p.get_filename()]
+    assert texts == ["㈱髙山: hxxps://evil[.]example/x\n"]

@@ -227,3 +227,31 @@ def test_our_mta_neutralizes_the_same_way(world: World, gateway: Gateway,
             assert refused.reply_by_stage["DATA_END"] == ENCRYPTED_REPLY
         finally:
             serve.stop()
+
+
+def test_a_slow_conversion_keeps_postfix_waiting_with_progress(world: World,
+                                                              tmp_path: Path) -> None:
+    """Postfix gives a milter milter_content_timeout per reply; the milter sends `progress`
+    every 10 s while it converts, so a 25 s conversion outlasts a 15 s timeout."""
+    slow = tmp_path / "slow-soffice"
+    slow.write_text("#!/bin/sh\nsleep 25\nexec soffice \"$@\"\n")
+    slow.chmod(0o755)
+    (tmp_path / "policy.yaml").write_text(
+        f"internal_networks: [127.0.0.0/8]\nneutralize: {{soffice: {slow}, on_failure: drop}}\n"
+        "rules:\n  - {name: all, when: {direction: inbound}, then: {neutralize: neutralize}}\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(world.dns.nameserver))
+    milter = MilterProcess("neutralize", config, tmp_path).start()
+    try:
+        with SmtpSink() as sink, postfix_instance(
+                tmp_path, relay_port=sink.port, smtpd_milters=milter.socket_spec,
+                extra={"milter_content_timeout": "15s",
+                       "milter_default_action": "tempfail"}) as postfix:
+            gateway = Gateway(postfix, sink, tmp_path)
+            raw = phishing(world, "support@none.test", [("見積書.docx", world.docx)])
+            result = gateway.send(raw, STRANGER_IP, "support@none.test")
+            assert result.code("DATA_END") == 250, result.transcript
+            files = named_parts(delivered(sink, 0))
+            assert "見積書.pdf" in files
+    finally:
+        milter.stop()
