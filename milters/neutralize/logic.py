@@ -9,6 +9,7 @@ sandbox (sandbox.py), which bounds how many run at once across all connections.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
@@ -52,13 +53,21 @@ class Context:
     message: Message
     settings: NeutralizeSettings
     treatment: Treatment
-    changes: Changes
 
 
 @dataclass
 class FileResult:
     replacement: NewPart | None = None  # converted
+    new_name: str = ""
     dropped: str = ""  # why it was removed ("" = kept or converted)
+    output: BinaryIO | None = None
+
+    def close(self) -> None:
+        if self.output is not None:
+            self.output.close()
+
+
+_FILES = ThreadPoolExecutor(max_workers=8, thread_name_prefix="neutralize-file")
 
 
 class NeutralizeChecker:
@@ -102,18 +111,32 @@ class NeutralizeChecker:
 
     def _neutralize(self, message: Message, settings: NeutralizeSettings,
                     treatment: Treatment, why: str, changes: Changes) -> list[Edit]:
-        ctx = Context(message, settings, treatment, changes)
+        ctx = Context(message, settings, treatment)
         raw = message.raw
         root = scan(raw)
         found = locate_attachments(raw, root=root)
         removed: list[Part] = []
         replaced: list[tuple[Part, NewPart]] = []
-        for attachment, part in zip(found.attachments, found.parts):
-            name = attachment.filename or ("message.eml" if attachment.is_message
-                                           else "attachment")
-            result = self._file(ctx, raw, attachment, part, name)
+        names = [a.filename or ("message.eml" if a.is_message else "attachment")
+                 for a in found.attachments]
+        # The files of one message are converted side by side; the sandbox's slots bound
+        # how many conversions run at once across all connections.
+        futures = [_FILES.submit(self._file, ctx, raw, attachment, part, name)
+                   for attachment, part, name in zip(found.attachments, found.parts, names)]
+        wait(futures)
+        results = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except Refused:
+                for other in futures:  # the message is refused: let go of converted files
+                    if other.exception() is None and other.result().replacement is not None:
+                        other.result().close()
+                raise
+        for part, name, result in zip(found.parts, names, results):
             if result.replacement is not None:
                 replaced.append((part, result.replacement))
+                changes.converted.append((name, result.new_name))
             elif result.dropped:
                 removed.append(part)
                 changes.dropped.append((name, result.dropped))
@@ -177,8 +200,7 @@ class NeutralizeChecker:
             header = file_part_header(new_name, _NEW_TYPES[split_ext(new_name)[1]])
             log_event("converted", milter=MILTER, queue_id=ctx.message.envelope.queue_id,
                       file=name, to=new_name, pages=outcome.pages or "-")
-            ctx.changes.converted.append((name, new_name))
-            return FileResult(NewPart(header, _closing(output)))
+            return FileResult(NewPart(header, _closing(output)), new_name, output=output)
         if action == "keep":
             return FileResult()
         return FileResult(dropped=_drop_reason(action, kind))
