@@ -9,8 +9,13 @@ import io
 import math
 import os
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+
+# page_format auto keeps a page lossless when deflate brings it to this share of its size.
+AUTO_LOSSLESS = 0.15
 
 
 class ConversionFailed(Exception):
@@ -20,7 +25,7 @@ class ConversionFailed(Exception):
 @dataclass(frozen=True)
 class Options:
     dpi: int = 100
-    page_format: str = "jpeg"
+    page_format: str = "auto"
     jpeg_quality: int = 85
     image_format: str = "png"
     pages: int = 50
@@ -61,17 +66,25 @@ def _render_page(page, writer, options: Options) -> None:  # type: ignore[no-unt
     if width * height * scale * scale > options.page_pixels:
         # A page the size of a wall (a PDF bomb) renders at a lower resolution instead.
         scale = math.sqrt(options.page_pixels / max(width * height, 1.0))
-    bitmap = page.render(scale=scale, rotation=0, may_draw_forms=True)
-    image = bitmap.to_pil().convert("RGB")
+    # RGB straight from pdfium: no byte-order swap and no conversion copy afterwards.
+    bitmap = page.render(scale=scale, rotation=0, may_draw_forms=True, rev_byteorder=True)
+    image = bitmap.to_pil()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     bitmap.close()
     page.close()
     points = (image.width / scale, image.height / scale)  # the page's size, kept
-    if options.page_format == "jpeg":
-        encoded = io.BytesIO()
-        image.save(encoded, "JPEG", quality=options.jpeg_quality, optimize=False)
-        writer.add_jpeg(encoded.getvalue(), image.width, image.height, points)
-    else:
-        writer.add_raw(image.tobytes(), image.width, image.height, points)
+    if options.page_format != "jpeg":
+        samples = image.tobytes()
+        deflated = zlib.compress(samples, 1)
+        # "auto": text and drawings deflate to a few per cent and stay exact; a page that
+        # does not (photos, scans) is much smaller as JPEG.
+        if options.page_format == "lossless" or len(deflated) <= len(samples) * AUTO_LOSSLESS:
+            writer.add_deflated(deflated, image.width, image.height, points)
+            return
+    encoded = io.BytesIO()
+    image.save(encoded, "JPEG", quality=options.jpeg_quality, optimize=False)
+    writer.add_jpeg(encoded.getvalue(), image.width, image.height, points)
 
 
 def office_to_pdf(source: Path, workdir: Path, options: Options) -> Path:

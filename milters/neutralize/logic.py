@@ -9,7 +9,8 @@ sandbox (sandbox.py), which bounds how many run at once across all connections.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, wait
+import os
+import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
@@ -67,7 +68,27 @@ class FileResult:
             self.output.close()
 
 
-_FILES = ThreadPoolExecutor(max_workers=8, thread_name_prefix="neutralize-file")
+def _side_by_side(calls: list[Callable[[], FileResult]],
+                  width: int) -> list[FileResult | BaseException]:
+    """Each call's result (or exception), in order, `width` at a time (each decodes its
+    file before it waits for a sandbox slot: a message of 500 files must not decode them
+    all at once). Daemon threads rather than a pool: at SIGTERM the milter must not wait
+    for conversions; the sandbox kills them at exit."""
+    outcomes: list[FileResult | BaseException] = [RuntimeError("not run")] * len(calls)
+
+    def one(index: int) -> None:
+        try:
+            outcomes[index] = calls[index]()
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            outcomes[index] = exc
+    for start in range(0, len(calls), width):
+        threads = [threading.Thread(target=one, args=(i,), name="neutralize-file", daemon=True)
+                   for i in range(start, min(start + width, len(calls)))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return outcomes
 
 
 class NeutralizeChecker:
@@ -121,18 +142,18 @@ class NeutralizeChecker:
                  for a in found.attachments]
         # The files of one message are converted side by side; the sandbox's slots bound
         # how many conversions run at once across all connections.
-        futures = [_FILES.submit(self._file, ctx, raw, attachment, part, name)
-                   for attachment, part, name in zip(found.attachments, found.parts, names)]
-        wait(futures)
+        outcomes = _side_by_side([
+            (lambda a=attachment, p=part, n=name: self._file(ctx, raw, a, p, n))
+            for attachment, part, name in zip(found.attachments, found.parts, names)],
+            settings.workers or os.cpu_count() or 1)
         results = []
-        for future in futures:
-            try:
-                results.append(future.result())
-            except Refused:
-                for other in futures:  # the message is refused: let go of converted files
-                    if other.exception() is None and other.result().replacement is not None:
-                        other.result().close()
-                raise
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                for other in outcomes:  # the message is refused: let go of converted files
+                    if isinstance(other, FileResult):
+                        other.close()
+                raise outcome
+            results.append(outcome)
         for part, name, result in zip(found.parts, names, results):
             if result.replacement is not None:
                 replaced.append((part, result.replacement))

@@ -1,6 +1,6 @@
 """A PDF made only of page images, written one page at a time (PDF 1.7, ISO 32000-1).
 
-Pillow's multi-page PDF save holds every page in memory (370 MB for 20 pages at 100 dpi);
+Pillow's multi-page PDF save holds every page in memory (bench/neutralize.py shows it);
 here each page's image goes to the file as soon as it is encoded, so memory stays at one
 page whatever the page count. The file has nothing but images: no fonts, text, links,
 annotations, scripts, forms or attachments. Pages are JPEG (DCTDecode, stored as encoded)
@@ -43,8 +43,12 @@ class ImagePdfWriter:
                 gray: bool = False, level: int = 1) -> None:
         """Raw 8-bit RGB (or gray) samples, deflated at `level` (1: fast, still small for
         pages that are mostly white)."""
-        self._add_image(zlib.compress(samples, level), b"/FlateDecode", width, height, points,
-                        gray)
+        self.add_deflated(zlib.compress(samples, level), width, height, points, gray)
+
+    def add_deflated(self, deflated: bytes, width: int, height: int,
+                     points: tuple[float, float], gray: bool = False) -> None:
+        """Samples the caller deflated already (zlib format, as FlateDecode wants)."""
+        self._add_image(deflated, b"/FlateDecode", width, height, points, gray)
 
     def _add_image(self, data: bytes, codec: bytes, width: int, height: int,
                    points: tuple[float, float], gray: bool) -> None:

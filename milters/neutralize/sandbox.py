@@ -9,6 +9,8 @@ included, can be killed at once.
 """
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import shutil
 import signal
@@ -20,24 +22,73 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from milters.core.eventlog import log_event
+
 from .worker import Job, Outcome, read_outcome, write_job
 
 # Builds the job once the sandbox knows where the input and the output live.
 JobMaker = Callable[[str, str], Job]
 STDERR_KEPT = 2000  # characters of a converter's complaint kept for the log
+PREFIX = "mailmoat-neutralize-"  # + the milter's pid + "-": whose directory it is
+
+
+class _Running:
+    """The conversions in progress in this process, so that none outlives the milter: at
+    exit (SIGTERM included) their process groups are killed and their directories removed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.jobs: dict[Path, int | None] = {}  # private directory -> process group
+
+    def stop_all(self) -> None:
+        with self.lock:
+            jobs = list(self.jobs.items())
+        for workdir, group in jobs:
+            _kill_group(group)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+_RUNNING = _Running()
+atexit.register(_RUNNING.stop_all)
+
+
+def remove_stale(tmp: Path | None = None) -> list[Path]:
+    """Directories left by a milter that died without cleaning up (SIGKILL, a crash): those
+    whose owner pid no longer runs."""
+    removed = []
+    for path in Path(tmp or tempfile.gettempdir()).glob(PREFIX + "*-*"):
+        owner = path.name[len(PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Sandbox:
     def __init__(self, workers: int = 0, wall: float = 120.0) -> None:
         self.slots = threading.BoundedSemaphore(workers or os.cpu_count() or 1)
         self.wall = wall
+        for path in remove_stale():
+            log_event("sandbox_stale_removed", level=logging.WARNING, dir=str(path))
 
     def convert(self, job_for: JobMaker, data: BinaryIO,
                 suffix: str) -> tuple[Outcome, BinaryIO | None]:
         """Copy the attachment into a private directory, run the job on it, and hand back
         the outcome and (when converted) the result, read before the directory goes."""
         with self.slots:
-            workdir = Path(tempfile.mkdtemp(prefix="mailmoat-neutralize-"))
+            workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+            with _RUNNING.lock:
+                _RUNNING.jobs[workdir] = None
             try:
                 source = workdir / f"input{suffix}"
                 with open(source, "wb") as out:
@@ -52,6 +103,8 @@ class Sandbox:
                 result.seek(0)
                 return outcome, result
             finally:
+                with _RUNNING.lock:
+                    _RUNNING.jobs.pop(workdir, None)
                 shutil.rmtree(workdir, ignore_errors=True)
 
     def _run(self, job: Job, workdir: Path) -> Outcome:
@@ -62,6 +115,8 @@ class Sandbox:
                                         str(workdir)], stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=errors,
                                        start_new_session=True, close_fds=True)
+        with _RUNNING.lock:
+            _RUNNING.jobs[workdir] = process.pid
         try:
             code = process.wait(self.wall)
         except subprocess.TimeoutExpired:
@@ -70,6 +125,8 @@ class Sandbox:
             return Outcome("failed", f"took longer than {self.wall:g} s")
         _kill_group(process.pid)  # anything it left behind (a stuck LibreOffice)
         outcome = read_outcome(workdir)
+        if outcome is None or outcome.status == "failed":
+            _log_stderr(workdir, code)
         if outcome is not None:
             return outcome
         if code < 0:
@@ -79,6 +136,17 @@ class Sandbox:
                 return Outcome("failed", f"over the CPU or memory limit ({name})")
             return Outcome("failed", f"the converter crashed ({name})")
         return Outcome("failed", f"the converter ended without an answer (exit {code})")
+
+
+def _log_stderr(workdir: Path, code: int) -> None:
+    """What a failed converter said, for the admin (tracebacks, LibreOffice's complaints)."""
+    try:
+        said = (workdir / "stderr").read_bytes()[-STDERR_KEPT:].decode("utf-8", "replace")
+    except OSError:
+        return
+    if said.strip():
+        log_event("converter_output", level=logging.WARNING, exit=code,
+                  stderr=" | ".join(line for line in said.splitlines() if line.strip()))
 
 
 def _kill_group(pid: int | None) -> None:

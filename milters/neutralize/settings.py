@@ -24,7 +24,7 @@ ON_FAILURE = ("tempfail", "drop", "reject")
 # What the `convert` table can do with one attachment.
 CONVERSIONS = ("flatten", "image", "keep", "drop")
 KINDS = ("office", "pdf", "image", "archive", "text", "other")
-PAGE_FORMATS = ("jpeg", "lossless")
+PAGE_FORMATS = ("auto", "jpeg", "lossless")
 IMAGE_FORMATS = ("png", "jpeg")
 LANGUAGES = ("ja", "en")
 
@@ -69,7 +69,7 @@ class NeutralizeSettings:
     treatment: Treatment = field(default_factory=Treatment)
     convert: tuple[Conversion, ...] = ()
     dpi: int = 100
-    page_format: str = "jpeg"
+    page_format: str = "auto"  # lossless for text pages, JPEG for photo-like ones
     jpeg_quality: int = 85
     image_format: str = "png"
     limits: Limits = field(default_factory=Limits)
@@ -169,7 +169,7 @@ SETTINGS_SPEC = Struct({
     **TREATMENT_FIELDS,
     "convert": Field(ListOf(CONVERSION_SPEC), ()),
     "dpi": Field(Number(36, 300, integer=True), 100),
-    "page_format": Field(Str(PAGE_FORMATS), "jpeg"),
+    "page_format": Field(Str(PAGE_FORMATS), "auto"),
     "jpeg_quality": Field(Number(20, 95, integer=True), 85),
     "image_format": Field(Str(IMAGE_FORMATS), "png"),
     "limits": Field(LIMITS_SPEC, factory=Limits),

@@ -457,3 +457,47 @@ def test_iso_2022_jp_text_with_windows_characters_is_read_right() -> None:
     texts = [p.get_content().replace("\r\n", "\n") for p in parsed(out).walk()
              if p.get_content_type() == "text/plain" and not p.get_filename()]
     assert texts == ["㈱髙山: hxxps://evil[.]example/x\n"]
+
+
+def test_a_dead_milters_directories_are_removed_by_the_next_one(tmp_path: Path) -> None:
+    from milters.neutralize.sandbox import PREFIX, remove_stale
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{PREFIX}{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "input.docx").write_bytes(b"x")
+    alive = tmp_path / f"{PREFIX}{os.getpid()}-def"
+    alive.mkdir()
+    assert remove_stale(tmp_path) == [stale]
+    assert not stale.exists() and alive.exists()
+
+
+STOPPED_MID_CONVERSION = """
+import sys, threading, time
+from pathlib import Path
+from milters.neutralize.sandbox import Sandbox
+from milters.neutralize.worker import Job
+from milters.neutralize.convert import Options
+options = Options(soffice=sys.argv[2])
+sandbox = Sandbox(1, wall=300)
+threading.Thread(target=sandbox.convert, daemon=True, args=(
+    lambda s, t: Job("flatten-office", s, t, options), open(sys.argv[1], "rb"), ".docx")).start()
+time.sleep(3)
+sys.exit(0)  # the milter stopping (SIGTERM ends run_milter, then the interpreter exits)
+"""
+
+
+def test_conversions_do_not_outlive_the_milter(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    script = fake_office(tmp_path, f"import os, time\nopen({str(pids)!r}, 'w')"
+                         ".write(str(os.getpid()))\ntime.sleep(300)")
+    document = docs.docx(tmp_path / "a.docx", ["x"])
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", STOPPED_MID_CONVERSION, str(document),
+                           str(script)], env=env, timeout=60, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    pid = int(pids.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists() or \
+        Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    assert not list(tmp_path.glob("mailmoat-neutralize-*"))
