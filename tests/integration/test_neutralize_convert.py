@@ -501,3 +501,24 @@ def test_conversions_do_not_outlive_the_milter(tmp_path: Path) -> None:
     assert not Path(f"/proc/{pid}").exists() or \
         Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     assert not list(tmp_path.glob("mailmoat-neutralize-*"))
+
+
+RARS = Path(__file__).resolve().parents[2] / ".venv" / "share" / "mailmoat-testdata" / "rar"
+
+
+@pytest.mark.parametrize("name, locked", [
+    ("rar3-comment-psw.rar", True), ("rar3-comment-hpsw.rar", True),
+    ("rar5-psw.rar", True), ("rar5-hpsw.rar", True),
+    ("rar5-blake.rar", False), ("rar3-old.rar", False),
+])
+def test_rar_archives_made_by_rar_itself(name: str, locked: bool) -> None:
+    """RAR 3 and RAR 5 archives with passwords on the files or on the whole archive (names
+    hidden), fetched by scripts/fetch-test-data from rarfile's test files."""
+    data = (RARS / name).read_bytes()
+    keep = "  convert:\n    - {match: [archive], action: keep}"
+    result, out = run(mail([(name, data, "application/vnd.rar")]), policy(keep))
+    if locked:
+        assert result.verdict.action is Action.REJECT
+    else:
+        assert result.verdict.action is Action.CONTINUE
+        assert files_of(out) == {name: data}
