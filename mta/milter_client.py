@@ -29,6 +29,8 @@ from milters.core.milter_protocol import (ALL_ACTIONS, BODY_CHUNK, MAX_PACKET, P
                                           MacroStage, OptNeg, ProtocolFlag, encode_packet)
 from milters.core.verdict import SmtpReply, Verdict
 
+from .reads import ReadIntoShared
+
 P = ProtocolFlag
 # What our MTA can do: skip any stage, not wait on any, pass rejected recipients, keep
 # header leading space. (libmilter refuses to ask for more than the MTA offers.)
@@ -463,7 +465,7 @@ def _sync_io(kind: str, client: MilterClient, arg: Any) -> Any:
         raise _failure(client, kind, arg, exc) from None
 
 
-class MilterStream(asyncio.Protocol):
+class MilterStream(ReadIntoShared):
     """The event-loop side of one milter connection: a transport that stays registered
     for the whole session (no epoll change per read), replies buffered in the client's
     inbox, writes that never wait unless the milter stops reading (big bodies)."""
@@ -478,7 +480,7 @@ class MilterStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def bytes_received(self, data: memoryview) -> None:
         self.client.inbox += data
         self._wake()
 

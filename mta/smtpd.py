@@ -43,6 +43,7 @@ from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
 from .milter_client import run_async
 from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
+from .reads import ReadIntoShared
 from .smtp_data import DataStream
 from .smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
 from .trace import protocol_name, received_header
@@ -175,7 +176,7 @@ def command(verb: str) -> Callable[[Command], Command]:
     return register
 
 
-class SmtpConnection(asyncio.Protocol):
+class SmtpConnection(ReadIntoShared):
     """One client connection. The protocol callbacks fill a buffer; one task per connection
     reads commands from it in order, so pipelined commands are answered in order."""
 
@@ -205,7 +206,7 @@ class SmtpConnection(asyncio.Protocol):
         self.transaction: Transaction | None = None
         self.errors = 0
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
+    # -- asyncio.BufferedProtocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -224,7 +225,7 @@ class SmtpConnection(asyncio.Protocol):
         # Kept: the event loop holds tasks only weakly, and this one is the session.
         self._task = self.loop.create_task(self._serve())
 
-    def data_received(self, data: bytes) -> None:
+    def bytes_received(self, data: memoryview) -> None:
         self.buf += data
         self._last_input = self.loop.time()
         if len(self.buf) > MAX_BUFFERED and not self._paused:
