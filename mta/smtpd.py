@@ -28,6 +28,7 @@ import re
 import socket
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -40,7 +41,8 @@ from . import sasl
 from .edits_apply import Transit
 from .metrics import METRICS
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
-from .milter_client import run_async
+from .milter_async import drive
+from .milter_client import Steps
 from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
 from .reads import ReadIntoShared
@@ -201,7 +203,8 @@ class SmtpConnection(ReadIntoShared):
         self.tls = False
         self.auth_user: str | None = None
         self.chain: ChainSession | None = None
-        self._chain_opening: asyncio.Task[None] | None = None
+        self._chain_opening: asyncio.Future[None] | None = None  # connect, HELO under way
+        self._background: deque[Callable[[], Steps[Verdict]]] = deque()
         self.early_verdict: Verdict | None = None
         self.transaction: Transaction | None = None
         self.errors = 0
@@ -364,29 +367,29 @@ class SmtpConnection(ReadIntoShared):
         chain = self.chain = self.gateway.chain_factory()
         client = self.client_ip
         family = socket.AF_INET6 if ":" in client else socket.AF_INET
+        self.after_chain_opened(lambda: chain.g_connect(
+            f"[{client}]", client, self.peer_port, family,
+            connect_macros(self.settings.hostname, client)))
 
-        async def connect() -> None:
-            verdict = await run_async(chain.g_connect(
-                f"[{client}]", client, self.peer_port, family,
-                connect_macros(self.settings.hostname, client)))
-            if verdict.ends_transaction and self.chain is chain:
-                self.early_verdict = verdict  # given at MAIL FROM, as Postfix does
-        self._chain_opening = self.loop.create_task(connect())
-
-    def after_chain_opened(self, step: Callable[[ChainSession], Awaitable[None]]) -> None:
-        """Run `step` on the milter session once what is already under way is done, without
-        holding up the SMTP reply (HELO's reply need not wait for the milters: their verdict
-        is given at MAIL FROM anyway). chain_ready() waits for it all."""
-        chain = self.chain
-        if chain is None:
+    def after_chain_opened(self, stage: Callable[[], Steps[Verdict]]) -> None:
+        """Run a milter stage once those already under way are done, without holding up
+        the SMTP reply (connect and HELO: their verdicts are given at MAIL FROM, as Postfix
+        does). chain_ready() waits for them all."""
+        if self.chain is None:
             return
-        before = self._chain_opening
+        self._background.append(stage)
+        if self._chain_opening is None or self._chain_opening.done():
+            self._chain_opening = drive(self._background_stages(self.chain))
 
-        async def then() -> None:
-            if before is not None:
-                await before
-            await step(chain)
-        self._chain_opening = self.loop.create_task(then())
+    def _background_stages(self, chain: ChainSession) -> Steps[None]:
+        """The queued stages one after the other, in one run; the first refusal is kept."""
+        while self._background:
+            stage = self._background.popleft()
+            if self.early_verdict is not None:
+                continue  # refused already: the milters need not hear more
+            verdict = yield from stage()
+            if verdict.ends_transaction and self.chain is chain:
+                self.early_verdict = verdict
 
     async def chain_ready(self) -> ChainSession | None:
         """The milter session, once its connect step is done (None without milters)."""
@@ -397,6 +400,7 @@ class SmtpConnection(ReadIntoShared):
         return self.chain
 
     def close_chain(self) -> None:
+        self._background.clear()
         if self._chain_opening is not None:
             self._chain_opening.cancel()
             self._chain_opening = None
@@ -421,16 +425,10 @@ async def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> bool:
         return conn.error(f"501 5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
     conn.transaction = None
     conn.helo, conn.esmtp = arg, esmtp
-    conn.after_chain_opened(lambda chain: _milter_helo(conn, chain, arg))
+    chain = conn.chain
+    if chain is not None:
+        conn.after_chain_opened(lambda: chain.g_helo(arg))
     return True
-
-
-async def _milter_helo(conn: SmtpConnection, chain: ChainSession, name: str) -> None:
-    """HELO to the milters; its verdict, like connect's, is given at MAIL FROM."""
-    if conn.early_verdict is None:
-        verdict = await run_async(chain.g_helo(name))
-        if verdict.ends_transaction and conn.chain is chain:
-            conn.early_verdict = verdict
 
 
 @command("EHLO")
@@ -462,7 +460,7 @@ async def _helo(conn: SmtpConnection, arg: str) -> bool:
 @command("RSET")
 async def _rset(conn: SmtpConnection, arg: str) -> bool:
     if conn.transaction is not None and conn.chain is not None:
-        await run_async(conn.chain.g_abort())
+        await drive(conn.chain.g_abort())
     conn.transaction = None
     conn.reply("250 2.0.0 Ok")
     return True
@@ -608,7 +606,7 @@ async def _mail(conn: SmtpConnection, arg: str) -> bool:
         conn.reply(_reply(conn.early_verdict))
         return True
     if chain is not None:
-        verdict = await run_async(chain.g_mail(path.address, path.raw_params,
+        verdict = await drive(chain.g_mail(path.address, path.raw_params,
                                                mail_macros(queue_id, path.address,
                                                            conn.auth_user)))
         if verdict.ends_transaction:
@@ -669,7 +667,7 @@ async def _rcpt(conn: SmtpConnection, arg: str) -> bool:
         conn.reply("452 4.5.3 Too many recipients")
         return True
     if conn.chain is not None:
-        verdict = await run_async(conn.chain.g_rcpt(
+        verdict = await drive(conn.chain.g_rcpt(
             address, path.raw_params, rcpt_macros(transaction.queue_id, address)))
         if verdict.ends_transaction:
             conn.reply(_reply(verdict))
@@ -758,7 +756,7 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         # A large file is read in a thread so other clients are not held up meanwhile.
         received = (await conn.blocking(incoming.read) if incoming.size > LARGE_MESSAGE
                     else incoming.read())
-        verdict, transit = await run_async(chain.g_message(Transit(received, sender, recipients),
+        verdict, transit = await drive(chain.g_message(Transit(received, sender, recipients),
                                                            {"i": transaction.queue_id}))
         if verdict.action is Action.DISCARD:
             incoming.discard()
