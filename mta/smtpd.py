@@ -223,6 +223,8 @@ class SmtpConnection(ReadIntoShared):
             self._closed = True
             return
         self._counted_ip = self.peer_ip
+        # The greeting first, from here: the session task starts one loop turn later.
+        self.transport.write(f"220 {self.settings.hostname} ESMTP mailmoat\r\n".encode())
         log_event("connect", ip=self.peer_ip)
         self._timer = self.loop.call_later(self.settings.idle_timeout, self._check_idle)
         # Kept: the event loop holds tasks only weakly, and this one is the session.
@@ -324,8 +326,7 @@ class SmtpConnection(ReadIntoShared):
     # -- the session -------------------------------------------------------------------------
     async def _serve(self) -> None:
         try:
-            self.start_chain()
-            self.reply(f"220 {self.settings.hostname} ESMTP mailmoat")
+            self.start_chain()  # after the greeting: the milters need not delay it
             while True:
                 line = await self.read_line()
                 if line is None:
@@ -420,21 +421,25 @@ class SmtpConnection(ReadIntoShared):
 
 
 # -- commands -----------------------------------------------------------------------------------
-async def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> bool:
-    if not arg:
-        return conn.error(f"501 5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> None:
     conn.transaction = None
     conn.helo, conn.esmtp = arg, esmtp
+
+
+def _milter_helo(conn: SmtpConnection, name: str) -> None:
+    """HELO to the milters after our reply went out: their verdict, like connect's, is
+    given at MAIL FROM, so the client need not wait for them."""
     chain = conn.chain
     if chain is not None:
-        conn.after_chain_opened(lambda: chain.g_helo(arg))
-    return True
+        conn.flush()
+        conn.after_chain_opened(lambda: chain.g_helo(name))
 
 
 @command("EHLO")
 async def _ehlo(conn: SmtpConnection, arg: str) -> bool:
-    if not await _greet(conn, arg, esmtp=True) or conn.helo is None:
-        return True
+    if not arg:
+        return conn.error("501 5.5.4 Syntax: EHLO hostname")
+    _greet(conn, arg, esmtp=True)
     settings = conn.settings
     lines = [settings.hostname, "PIPELINING", f"SIZE {settings.max_message_size}"]
     if settings.tls_context is not None and not conn.tls:
@@ -447,13 +452,17 @@ async def _ehlo(conn: SmtpConnection, arg: str) -> bool:
     for line in lines[:-1]:
         conn.reply(f"250-{line}")
     conn.reply(f"250 {lines[-1]}")
+    _milter_helo(conn, arg)
     return True
 
 
 @command("HELO")
 async def _helo(conn: SmtpConnection, arg: str) -> bool:
-    if await _greet(conn, arg, esmtp=False) and conn.helo is not None:
-        conn.reply(f"250 {conn.settings.hostname}")
+    if not arg:
+        return conn.error("501 5.5.4 Syntax: HELO hostname")
+    _greet(conn, arg, esmtp=False)
+    conn.reply(f"250 {conn.settings.hostname}")
+    _milter_helo(conn, arg)
     return True
 
 
@@ -714,16 +723,19 @@ async def _data(conn: SmtpConnection, arg: str) -> bool:
             return False
     conn.transaction = None
     try:
-        conn.reply(await _finish(conn, transaction, incoming, stream))
+        answer = await _finish(conn, transaction, incoming, stream)
     except BaseException:
         incoming.discard()
         raise
+    if answer is not None:
+        conn.reply(answer)
     return True
 
 
 async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Incoming,
-                  stream: DataStream) -> str:
-    """What to answer at the end of DATA, with the message queued if the answer is 250."""
+                  stream: DataStream) -> str | None:
+    """What to answer at the end of DATA; None when the message is queued and its 250
+    already sent."""
     client = conn.client_ip
     METRICS.count("mailmoat_messages_received_total")
     refusal = None
@@ -787,9 +799,12 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
     except SpoolError as exc:
         log_event("spool_error", queue_id=transaction.queue_id, ip=client, error=str(exc))
         return "452 4.3.1 Insufficient system storage"
+    # The client waits for this reply and nothing else: it goes out before the rest.
+    conn.reply(f"250 2.0.0 Ok: queued as {queue_id}")
+    conn.flush()
+    if conn.gateway.on_queued is not None:
+        conn.gateway.on_queued(queue_id)
     METRICS.count("mailmoat_messages_queued_total")
     log_event("queued", queue_id=queue_id, ip=client, sender=sender, nrcpt=len(recipients),
               size=envelope.size, held=quarantine)
-    if conn.gateway.on_queued is not None:
-        conn.gateway.on_queued(queue_id)
-    return f"250 2.0.0 Ok: queued as {queue_id}"
+    return None
