@@ -76,7 +76,10 @@ def _cstr(data: bytes) -> list[str]:
 
 
 def _z(*parts: str) -> bytes:
-    return b"".join(part.encode("utf-8", "surrogateescape") + b"\0" for part in parts)
+    """Each part NUL-terminated (one encode for all: this runs for every packet)."""
+    if not parts:
+        return b""
+    return ("\0".join(parts) + "\0").encode("utf-8", "surrogateescape")
 
 
 def socket_address(spec: str) -> tuple[int, Any]:
