@@ -46,6 +46,7 @@ from .milter_client import Steps
 from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
 from .reads import ReadIntoShared
+from .session_runner import INPUT, SessionRunner
 from .smtp_data import DataStream
 from .smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
 from .trace import protocol_name, received_header
@@ -179,8 +180,9 @@ def command(verb: str) -> Callable[[Command], Command]:
 
 
 class SmtpConnection(ReadIntoShared):
-    """One client connection. The protocol callbacks fill a buffer; one task per connection
-    reads commands from it in order, so pipelined commands are answered in order."""
+    """One client connection. The protocol callbacks fill a buffer; one session coroutine
+    per connection reads commands from it in order, so pipelined commands are answered in
+    order. It runs in a SessionRunner: new input resumes it from the read callback."""
 
     def __init__(self, gateway: GatewayHandler) -> None:
         self.gateway = gateway
@@ -188,13 +190,12 @@ class SmtpConnection(ReadIntoShared):
         self.loop = asyncio.get_running_loop()
         self.buf = bytearray()
         self._out: list[bytes] = []
-        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._paused = False
         self._counted_ip: str | None = None
         self._last_input = self.loop.time()
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._session: SessionRunner | None = None
         self.peer_ip = ""
         self.peer_port = 0
         self.client_ip = ""  # the peer, or what an authorized XCLIENT said
@@ -223,12 +224,11 @@ class SmtpConnection(ReadIntoShared):
             self._closed = True
             return
         self._counted_ip = self.peer_ip
-        # The greeting first, from here: the session task starts one loop turn later.
         self.transport.write(f"220 {self.settings.hostname} ESMTP mailmoat\r\n".encode())
         log_event("connect", ip=self.peer_ip)
         self._timer = self.loop.call_later(self.settings.idle_timeout, self._check_idle)
-        # Kept: the event loop holds tasks only weakly, and this one is the session.
-        self._task = self.loop.create_task(self._serve())
+        self._session = SessionRunner(self.loop, self._serve())
+        self._session.start()
 
     def bytes_received(self, data: memoryview) -> None:
         self.buf += data
@@ -254,19 +254,22 @@ class SmtpConnection(ReadIntoShared):
 
     # -- input and output --------------------------------------------------------------------
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._session is not None:
+            self._session.input_changed()
+
+    def _waiting_for_input(self) -> bool:
+        return self._session is not None and self._session.waiting_for_input
 
     def _check_idle(self) -> None:
         idle = self.loop.time() - self._last_input
         if self._closed:
             return
-        if self._waiter is not None and idle >= self.settings.idle_timeout:
+        if self._waiting_for_input() and idle >= self.settings.idle_timeout:
             log_event("timeout", ip=self.client_ip, idle=round(idle))
             self.reply(f"421 4.4.2 {self.settings.hostname} Error: timeout exceeded")
             self._close()
             return
-        wait = self.settings.idle_timeout - idle if self._waiter is not None else \
+        wait = self.settings.idle_timeout - idle if self._waiting_for_input() else \
             self.settings.idle_timeout
         self._timer = self.loop.call_later(max(wait, 0.1), self._check_idle)
 
@@ -278,11 +281,7 @@ class SmtpConnection(ReadIntoShared):
         if self._paused and len(self.buf) < MAX_BUFFERED // 4:
             self._paused = False
             self.transport.resume_reading()
-        self._waiter = self.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        await INPUT  # the session runner goes on when input_changed() says so
         return not self._closed or bool(self.buf)
 
     async def read_line(self) -> bytes | None:
