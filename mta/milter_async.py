@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 from milters.core.errors import MilterProtocolError
@@ -20,6 +21,7 @@ from milters.core.milter_protocol import encode_packet
 
 from .milter_client import MilterClient, Steps, closed_error, failure, new_socket, socket_address
 from .reads import shared_buffer
+from .session_runner import ResumesDirectly
 
 T = TypeVar("T")
 HIGH_WATER = 64 * 1024  # unsent bytes above this make a step wait (big bodies, slow milter)
@@ -167,10 +169,10 @@ class MilterSocket:
         self._wake()
 
 
-class Run(Generic[T]):
+class Run(ResumesDirectly, Generic[T]):
     """One run of protocol steps; `future` gets their value, or the exception of a bug.
     Milter failures (MilterProtocolError) go into the steps, where the chain applies the
-    milter's on_failure."""
+    milter's on_failure. An SMTP session awaits the run itself (see begin())."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, steps: Steps[T]) -> None:
         self.loop, self.steps = loop, steps
@@ -178,6 +180,21 @@ class Run(Generic[T]):
         self._waiting: Request | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._then: Callable[[], None] | None = None
+
+    def __await__(self) -> Generator[Any, None, T]:
+        if not self.future.done():
+            yield self  # to the SessionRunner, which calls resume_with()
+        return self.future.result()
+
+    def resume_with(self, callback: Callable[[], None]) -> None:
+        self._then = callback
+
+    def _done(self) -> None:
+        self._stop()
+        then, self._then = self._then, None
+        if then is not None:
+            then()
 
     def resume(self, result: Any = None, error: BaseException | None = None) -> None:
         """Advance the steps until one has to wait, or they are done."""
@@ -190,12 +207,12 @@ class Run(Generic[T]):
             try:
                 request = steps.throw(error) if error is not None else steps.send(result)
             except StopIteration as done:
-                self._stop()
                 self.future.set_result(done.value)
+                self._done()
                 return
             except Exception as exc:  # a bug: to whoever awaits the stage
-                self._stop()
                 self.future.set_exception(exc)
+                self._done()
                 return
             result, error = None, None
             kind, client, arg = request
@@ -310,9 +327,15 @@ def _forget(client: MilterClient) -> None:
     client.stream, client.sock = None, None
 
 
-def drive(steps: Steps[T]) -> asyncio.Future[T]:
-    """Start protocol steps on the running loop now; the future gets their value. Steps
-    that need no reply are done before this returns (awaiting the future costs nothing)."""
+def begin(steps: Steps[T]) -> Run[T]:
+    """Start protocol steps on the running loop now. Steps that need no reply are done
+    before this returns. An SMTP session (SessionRunner) awaits the run itself and goes on
+    in the callback that finishes it; anyone else awaits run.future."""
     run = Run(asyncio.get_running_loop(), steps)
     run.resume()
-    return run.future
+    return run
+
+
+def drive(steps: Steps[T]) -> asyncio.Future[T]:
+    """begin(steps).future: for awaiting outside an SMTP session, and for keeping."""
+    return begin(steps).future

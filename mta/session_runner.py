@@ -4,14 +4,24 @@ An asyncio Task would do, but every wake-up through it costs a loop turn: the re
 sets a future and the task runs on the next turn. A session mostly waits for its client's
 next line, so here the read callback resumes it there and then (one loop turn per command
 instead of two). Whatever else the session awaits (a milter stage, work in a thread, TLS)
-is an ordinary future and resumes it from its done callback, as a Task does.
+is an ordinary future and resumes it from its done callback, as a Task does; a milter
+stage (ResumesDirectly) resumes it from the read callback that brought the milter's reply.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
+
+
+class ResumesDirectly:
+    """An awaitable that can resume a SessionRunner from the callback that completes it,
+    rather than through a future's callback a loop turn later. Awaited elsewhere, it must
+    not be: it yields itself, which only a SessionRunner understands."""
+
+    def resume_with(self, callback: Callable[[], None]) -> None:
+        raise NotImplementedError
 
 
 class _Input:
@@ -62,6 +72,8 @@ class SessionRunner:
             self._running = False
         if awaited is INPUT:
             self.waiting_for_input = True
+        elif isinstance(awaited, ResumesDirectly):
+            awaited.resume_with(self._step)
         elif asyncio.isfuture(awaited):
             awaited._asyncio_future_blocking = False  # as a Task does: we wait for it
             awaited.add_done_callback(self._step)

@@ -41,7 +41,7 @@ from . import sasl
 from .edits_apply import Transit
 from .metrics import METRICS
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
-from .milter_async import drive
+from .milter_async import begin, drive
 from .milter_client import Steps
 from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
@@ -468,7 +468,7 @@ async def _helo(conn: SmtpConnection, arg: str) -> bool:
 @command("RSET")
 async def _rset(conn: SmtpConnection, arg: str) -> bool:
     if conn.transaction is not None and conn.chain is not None:
-        await drive(conn.chain.g_abort())
+        await begin(conn.chain.g_abort())
     conn.transaction = None
     conn.reply("250 2.0.0 Ok")
     return True
@@ -614,7 +614,7 @@ async def _mail(conn: SmtpConnection, arg: str) -> bool:
         conn.reply(_reply(conn.early_verdict))
         return True
     if chain is not None:
-        verdict = await drive(chain.g_mail(path.address, path.raw_params,
+        verdict = await begin(chain.g_mail(path.address, path.raw_params,
                                                mail_macros(queue_id, path.address,
                                                            conn.auth_user)))
         if verdict.ends_transaction:
@@ -675,7 +675,7 @@ async def _rcpt(conn: SmtpConnection, arg: str) -> bool:
         conn.reply("452 4.5.3 Too many recipients")
         return True
     if conn.chain is not None:
-        verdict = await drive(conn.chain.g_rcpt(
+        verdict = await begin(conn.chain.g_rcpt(
             address, path.raw_params, rcpt_macros(transaction.queue_id, address)))
         if verdict.ends_transaction:
             conn.reply(_reply(verdict))
@@ -767,7 +767,7 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         # A large file is read in a thread so other clients are not held up meanwhile.
         received = (await conn.blocking(incoming.read) if incoming.size > LARGE_MESSAGE
                     else incoming.read())
-        verdict, transit = await drive(chain.g_message(Transit(received, sender, recipients),
+        verdict, transit = await begin(chain.g_message(Transit(received, sender, recipients),
                                                            {"i": transaction.queue_id}))
         if verdict.action is Action.DISCARD:
             incoming.discard()

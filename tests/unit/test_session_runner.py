@@ -1,12 +1,15 @@
-"""The runner of SMTP sessions: input resumes the session at once, from the caller (no loop
-turn); futures and bare yields resume it from the loop, as a Task would."""
+"""The runner of SMTP sessions: input and direct awaitables (milter stages) resume the
+session at once, from the caller (no loop turn); futures and bare yields resume it from the
+loop, as a Task would."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Generator
+from typing import Any
 
 import pytest
 
-from mta.session_runner import INPUT, SessionRunner
+from mta.session_runner import INPUT, ResumesDirectly, SessionRunner
 
 
 def test_input_resumes_the_session_in_the_call_and_futures_from_the_loop() -> None:
@@ -74,3 +77,38 @@ def test_an_exception_ends_the_session_and_is_logged(caplog: pytest.LogCaptureFi
 
     assert asyncio.run(main()).done
     assert "SMTP session ended by an exception" in caplog.text
+
+
+def test_a_direct_awaitable_resumes_the_session_in_the_callback_that_completes_it() -> None:
+    class Stage(ResumesDirectly):
+        def __init__(self) -> None:
+            self.value: int | None = None
+            self.then: Callable[[], None] | None = None
+
+        def resume_with(self, callback: Callable[[], None]) -> None:
+            self.then = callback
+
+        def complete(self, value: int) -> None:
+            self.value = value
+            assert self.then is not None
+            self.then()
+
+        def __await__(self) -> Generator[Any, None, int]:
+            if self.value is None:
+                yield self
+            assert self.value is not None
+            return self.value
+
+    async def main() -> list[str]:
+        seen: list[str] = []
+        stage = Stage()
+
+        async def session() -> None:
+            seen.append(f"got {await stage}")
+
+        SessionRunner(asyncio.get_running_loop(), session()).start()
+        stage.complete(7)
+        seen.append("after complete")  # the session ran inside complete(), not later
+        return seen
+
+    assert asyncio.run(main()) == ["got 7", "after complete"]
