@@ -155,7 +155,7 @@ def _write_durably(path: str | Path, data: bytes) -> None:
 class StoredMessage:
     """A queued message's text: the first `size` bytes of the spool file at `path`."""
 
-    path: Path
+    path: str  # not a Path: made for every delivery, and Path() cost more than the rest
     size: int
 
 
@@ -274,7 +274,7 @@ class Queue:
         """The envelope and where the text is, from one read of the spool file (delivery
         needs both for every message)."""
         envelope, size = self._stored(queue_id)
-        return envelope, StoredMessage(Path(self._message_path(queue_id)), size)
+        return envelope, StoredMessage(self._message_path(queue_id), size)
 
     def entries(self) -> list[Envelope]:
         """Every complete entry, oldest first."""

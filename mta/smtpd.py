@@ -22,6 +22,7 @@ command costs one dictionary lookup.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -100,9 +101,13 @@ def recipient_problem(address: str) -> str | None:
     return None
 
 
+# Parsed once per address, not three or four times per session (EHLO's offers, relay checks).
+_ip = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
+
+
 def _is_loopback(ip: str) -> bool:
     try:
-        return ipaddress.ip_address(ip).is_loopback
+        return _ip(ip).is_loopback
     except ValueError:
         return False
 
@@ -145,14 +150,14 @@ class GatewayHandler:
 
     def internal(self, ip: str) -> bool:
         try:
-            address = ipaddress.ip_address(ip)
+            address = _ip(ip)
         except ValueError:
             return False
         return network_matches(address, self.settings.internal_networks)
 
     def xclient_allowed(self, peer_ip: str) -> bool:
         try:
-            peer = ipaddress.ip_address(peer_ip)
+            peer = _ip(peer_ip)
         except ValueError:
             return False
         return network_matches(peer, self.settings.xclient_networks)
