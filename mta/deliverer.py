@@ -12,7 +12,7 @@ from milters.core.eventlog import log_event
 from .bounce import build_bounce
 from .delivery import BOUNCED, DELIVERED, Agent, Router
 from .metrics import METRICS
-from .queue import Envelope, Queue, RecipientState, SpoolError, new_queue_id
+from .queue import Envelope, Queue, RecipientState, SpoolError, StoredMessage, new_queue_id
 
 
 def next_wait(settings: QueueSettings, attempts: int) -> float:
@@ -33,8 +33,11 @@ def _bounce(queue: Queue, envelope: Envelope, raw: bytes, failed: list[Recipient
 
 
 def deliver_one(queue: Queue, envelope: Envelope, router: Router, settings: QueueSettings,
-                hostname: str, now: float) -> None:
-    message = queue.stored(envelope.queue_id)
+                hostname: str, now: float, message: StoredMessage | None = None) -> None:
+    """Try `envelope`'s pending recipients; `message` saves a second read of the spool file
+    when the caller has it from Queue.load."""
+    if message is None:
+        message = queue.stored(envelope.queue_id)
     by_agent: dict[int, tuple[Agent, list[RecipientState]]] = {}
     for rcpt in envelope.pending():
         agent = router.agent_for(rcpt.address)

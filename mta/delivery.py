@@ -23,6 +23,8 @@ from .queue import StoredMessage
 from .smtp_data import dot_stuffed
 
 DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
+Reply = tuple[int, bytes]
+Begun = tuple[Reply, bool]  # MAIL's reply; whether RCPT and DATA went out with it
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class SmtpRelay:
         if cached is not None:
             client, uses = cached
             try:
-                first = client.mail(sender)
+                first = _begin(client, sender, recipients)
             except (OSError, smtplib.SMTPException):
                 client.close()  # the next hop closed it meanwhile: start afresh below
             else:
@@ -139,7 +141,8 @@ class SmtpRelay:
                 context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
                 client.starttls(context=context)
                 client.ehlo()
-            return self._transaction(client, 0, client.mail(sender), recipients, message)
+            return self._transaction(client, 0, _begin(client, sender, recipients),
+                                     recipients, message)
         return self._guarded(client, where, recipients, fresh_session)
 
     @staticmethod
@@ -156,27 +159,37 @@ class SmtpRelay:
         client.close()
         return {rcpt: outcome for rcpt in recipients}
 
-    def _transaction(self, client: smtplib.SMTP, uses: int, mail_reply: tuple[int, bytes],
+    def _transaction(self, client: smtplib.SMTP, uses: int, begun: Begun,
                      recipients: list[str], message: StoredMessage) -> dict[str, Outcome]:
-        """RCPT and DATA after MAIL's reply; the session goes back to the cache if it ended
-        cleanly (a transaction cut short is reset first)."""
-        code, text = mail_reply
+        """RCPT and DATA after MAIL's reply (or their replies, when they went out with
+        MAIL); the session goes back to the cache if it ended cleanly (a transaction cut
+        short is reset first)."""
+        (code, text), pipelined = begun
         outcomes: dict[str, Outcome] = {}
+        if pipelined and code != 421:  # after a 421 the next hop says nothing more
+            rcpt_replies = [client.getreply() for _ in recipients]
+            data_reply = client.getreply()
+        else:
+            rcpt_replies = (client.rcpt(rcpt) for rcpt in recipients)
+            data_reply = None
         if code != 250:
             outcomes = {r: _by_code(code, _reply_text(code, text)) for r in recipients}
+            if data_reply is not None and data_reply[0] == 354:
+                _empty_data(client)  # a next hop that took DATA anyway: end it
         else:
             accepted = []
-            for rcpt in recipients:
-                code, text = client.rcpt(rcpt)
+            for rcpt, (code, text) in zip(recipients, rcpt_replies):
                 if code in (250, 251):
                     accepted.append(rcpt)
                 else:
                     outcomes[rcpt] = _by_code(code, _reply_text(code, text))
             if accepted:
-                code, text = _send_data(client, message)
+                code, text = _send_data(client, message, data_reply)
                 result = (Outcome(DELIVERED, _reply_text(code, text)) if code == 250
                           else _by_code(code, _reply_text(code, text)))
                 outcomes.update({rcpt: result for rcpt in accepted})
+            elif data_reply is not None and data_reply[0] == 354:
+                _empty_data(client)
         if code == 421:  # the next hop is closing the session
             client.close()
         elif code != 250 and client.rset()[0] != 250:
@@ -189,9 +202,29 @@ class SmtpRelay:
         self.sessions.close_idle(everything)
 
 
-def _send_data(client: smtplib.SMTP, message: StoredMessage) -> tuple[int, bytes]:
-    """DATA with the message streamed from its file (smtplib's data() wants it whole)."""
-    code, text = client.docmd("DATA")
+def _begin(client: smtplib.SMTP, sender: str, recipients: list[str]) -> Begun:
+    """Send MAIL and read its reply. When the next hop offers PIPELINING (RFC 2920), the
+    RCPTs and DATA go out in the same write: one round trip for the envelope instead of
+    one per command; _transaction reads their replies."""
+    if not client.has_extn("pipelining"):
+        return client.mail(sender), False
+    commands = [f"MAIL FROM:<{sender}>"] + [f"RCPT TO:<{rcpt}>" for rcpt in recipients]
+    client.send("".join(f"{command}\r\n" for command in commands) + "DATA\r\n")
+    return client.getreply(), True
+
+
+def _empty_data(client: smtplib.SMTP) -> None:
+    """End a DATA the next hop accepted although no recipient was (RFC 2920 section 3.1:
+    the client must send the terminating dot); its reply does not matter."""
+    client.send(".\r\n")
+    client.getreply()
+
+
+def _send_data(client: smtplib.SMTP, message: StoredMessage,
+               data_reply: Reply | None = None) -> Reply:
+    """DATA with the message streamed from its file (smtplib's data() wants it whole);
+    `data_reply` is DATA's reply when DATA went out pipelined."""
+    code, text = client.docmd("DATA") if data_reply is None else data_reply
     if code != 354:
         return code, text
     # The terminator goes out with the last block: sent alone right after it, Nagle would

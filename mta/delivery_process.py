@@ -70,10 +70,10 @@ class DeliveryScheduler:
     def _work(self) -> None:
         while (queue_id := self._todo.get()) is not None:
             try:
-                envelope = self.queue.envelope(queue_id)
+                envelope, message = self.queue.load(queue_id)
                 if envelope.hold_reason is None and envelope.next_attempt <= time.time():
                     deliver_one(self.queue, envelope, self.router, self.config.queue,
-                                self.config.hostname, time.time())
+                                self.config.hostname, time.time(), message)
             except NoSuchMessage:
                 pass  # delivered by an earlier pass, or deleted by the administrator
             except SpoolError as exc:

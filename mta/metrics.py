@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from bisect import bisect_left
 from collections import defaultdict
 from typing import Callable
 
@@ -48,12 +49,9 @@ class Registry:
     def observe(self, name: str, value: float, **labels: str) -> None:
         key = self._key(labels)
         with self._lock:
-            # [count per bucket..., +Inf count, sum]
+            # [count per bucket (le the bound, above the one before)..., above all, sum]
             cells = self._histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))
-            for i, bound in enumerate(BUCKETS):
-                if value <= bound:
-                    cells[i] += 1
-            cells[len(BUCKETS)] += 1
+            cells[bisect_left(BUCKETS, value)] += 1  # its own bucket; render() sums up
             cells[-1] += value
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
@@ -68,13 +66,15 @@ class Registry:
             for name, series in sorted(self._histograms.items()):
                 lines.append(f"# TYPE {name} histogram")
                 for key, cells in sorted(series.items()):
+                    running = 0.0  # Prometheus buckets are cumulative
                     for bound, cell in zip(BUCKETS, cells):
+                        running += cell
                         lines.append(f"{name}_bucket{_labels(key + (('le', f'{bound:g}'),))} "
-                                     f"{cell:g}")
-                    lines.append(f"{name}_bucket{_labels(key + (('le', '+Inf'),))} "
-                                 f"{cells[len(BUCKETS)]:g}")
+                                     f"{running:g}")
+                    total = running + cells[len(BUCKETS)]
+                    lines.append(f"{name}_bucket{_labels(key + (('le', '+Inf'),))} {total:g}")
                     lines.append(f"{name}_sum{_labels(key)} {cells[-1]:.6f}")
-                    lines.append(f"{name}_count{_labels(key)} {cells[len(BUCKETS)]:g}")
+                    lines.append(f"{name}_count{_labels(key)} {total:g}")
         for name, read in sorted(self._gauges.items()):
             lines += [f"# TYPE {name} gauge", f"{name} {read():g}"]
         return "\n".join(lines) + "\n"

@@ -80,7 +80,7 @@ class _Member:
 
 class ChainSession(BlockingEnvelopeStages):
     """The milter chain for one SMTP session. The g_* methods are protocol steps for a
-    driver (milter_client.run_async in serve); the plain methods run them blocking."""
+    driver (milter_async.drive in serve); the plain methods run them blocking."""
 
     def __init__(self, members: list[ChainMember], queue_id: Callable[[], str | None] = lambda: None
                  ) -> None:

@@ -9,18 +9,17 @@ milters.core.edits values for the caller to apply.
 
 The protocol logic does no I/O of its own: each stage is a generator that yields what it
 needs done (open the socket, send these bytes, read one packet) and gets the result back.
-`run_sync` does that with blocking sockets (scan, tests); `run_async` does it on the event
-loop, so `serve` talks to its milters with no thread hand-off per stage. One logic, two
+`run_sync` does that with blocking sockets (scan, tests); milter_async.drive does it on the
+event loop, so `serve` talks to its milters with no thread hand-off per stage. One logic, two
 drivers: the chain above (milter_chain) is written the same way.
 """
 from __future__ import annotations
 
-import asyncio
 import socket
 from abc import ABC, abstractmethod
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Generator, TypeVar
+from typing import TYPE_CHECKING, Any, Generator, TypeVar
 
 from milters.core.edits import (AddHeader, AddRecipient, ChangeFrom, ChangeHeader,
                                 DeleteRecipient, Edit, Quarantine, ReplaceBody)
@@ -28,6 +27,9 @@ from milters.core.errors import MilterProtocolError
 from milters.core.milter_protocol import (ALL_ACTIONS, BODY_CHUNK, MAX_PACKET, PROTOCOL_VERSION,
                                           MacroStage, OptNeg, ProtocolFlag, encode_packet)
 from milters.core.verdict import SmtpReply, Verdict
+
+if TYPE_CHECKING:
+    from .milter_async import MilterSocket
 
 P = ProtocolFlag
 # What our MTA can do: skip any stage, not wait on any, pass rejected recipients, keep
@@ -74,7 +76,10 @@ def _cstr(data: bytes) -> list[str]:
 
 
 def _z(*parts: str) -> bytes:
-    return b"".join(part.encode("utf-8", "surrogateescape") + b"\0" for part in parts)
+    """Each part NUL-terminated (one encode for all: this runs for every packet)."""
+    if not parts:
+        return b""
+    return ("\0".join(parts) + "\0").encode("utf-8", "surrogateescape")
 
 
 def socket_address(spec: str) -> tuple[int, Any]:
@@ -163,7 +168,7 @@ class MilterClient(BlockingEnvelopeStages):
         self.negotiated: OptNeg | None = None
         self.body_skipped = False
         self.inbox = bytearray()  # bytes read from the milter, not yet a whole packet
-        self.stream: MilterStream | None = None  # set when driven by run_async
+        self.stream: MilterSocket | None = None  # set when driven by milter_async
         self._protocol_bits = 0
         self._wanted: dict[MacroStage, set[str]] = {}
         self._held_macros = b""  # a macro packet waiting for its stage's command
@@ -423,7 +428,7 @@ def strip_angle(address: str) -> str:
 
 
 # -- drivers ----------------------------------------------------------------------------------
-def _failure(client: MilterClient, what: str, arg: Any, exc: BaseException
+def failure(client: MilterClient, what: str, arg: Any, exc: BaseException
              ) -> MilterProtocolError:
     if isinstance(exc, MilterProtocolError):
         return exc
@@ -437,7 +442,7 @@ def _failure(client: MilterClient, what: str, arg: Any, exc: BaseException
                                f"{what}: {reason}")
 
 
-def _closed(client: MilterClient) -> MilterProtocolError:
+def closed_error(client: MilterClient) -> MilterProtocolError:
     return MilterProtocolError(f"milter {client.endpoint.name}: the milter closed the connection")
 
 
@@ -456,113 +461,11 @@ def _sync_io(kind: str, client: MilterClient, arg: Any) -> Any:
             client.sock.settimeout(arg)
             data = client.sock.recv(65536)
             if not data:
-                raise _closed(client)
+                raise closed_error(client)
             client.inbox += data
         return packet
     except (OSError, MilterProtocolError) as exc:
-        raise _failure(client, kind, arg, exc) from None
-
-
-class MilterStream(asyncio.Protocol):
-    """The event-loop side of one milter connection: a transport that stays registered
-    for the whole session (no epoll change per read), replies buffered in the client's
-    inbox, writes that never wait unless the milter stops reading (big bodies)."""
-
-    def __init__(self, client: MilterClient) -> None:
-        self.client = client
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.client.inbox += data
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.closed = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._paused = False
-        self._wake()
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def wait(self, timeout: float) -> None:
-        """Until something happens (data, close, room to write); TimeoutError after
-        `timeout` seconds of nothing."""
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-
-    async def write(self, data: bytes, timeout: float) -> None:
-        if self.closed or self.transport is None:
-            raise _closed(self.client)
-        self.transport.write(data)
-        while self._paused and not self.closed:
-            await self.wait(timeout)
-
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(encode_packet(b"Q"))
-            self.transport.close()
-        self.closed = True
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
-async def _async_io(kind: str, client: MilterClient, arg: Any) -> Any:
-    endpoint = client.endpoint
-    try:
-        if kind == "open":
-            loop = asyncio.get_running_loop()
-            family, address = socket_address(endpoint.socket)
-            async with asyncio.timeout(endpoint.connect_timeout):
-                if family == socket.AF_UNIX:
-                    _, stream = await loop.create_unix_connection(
-                        lambda: MilterStream(client), address)
-                else:  # asyncio turns Nagle off on TCP transports
-                    _, stream = await loop.create_connection(
-                        lambda: MilterStream(client), *address)
-            client.stream = stream
-            client.sock = stream.transport.get_extra_info("socket")  # "connected" marker
-            return None
-        stream = client.stream
-        if stream is None:
-            raise _closed(client)
-        if kind == "send":
-            await stream.write(arg, endpoint.command_timeout)
-            return None
-        while (packet := client.take_packet()) is None:  # "read"
-            if stream.closed:
-                raise _closed(client)
-            await stream.wait(arg)
-        return packet
-    except (OSError, MilterProtocolError, TimeoutError) as exc:
-        raise _failure(client, kind, arg, exc) from None
+        raise failure(client, kind, arg, exc) from None
 
 
 def _advance(steps: Steps[T], result: Any, error: BaseException | None
@@ -588,18 +491,3 @@ def run_sync(steps: Steps[T]) -> T:
             result = _sync_io(*value)
         except MilterProtocolError as exc:
             error = exc  # into the steps: the chain applies the milter's on_failure
-
-
-async def run_async(steps: Steps[T]) -> T:
-    """Run protocol steps on the event loop (non-blocking sockets, no threads)."""
-    result: Any = None
-    error: MilterProtocolError | None = None
-    while True:
-        finished, value = _advance(steps, result, error)
-        if finished:
-            return value  # type: ignore[no-any-return]
-        result, error = None, None
-        try:
-            result = await _async_io(*value)
-        except MilterProtocolError as exc:
-            error = exc

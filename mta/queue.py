@@ -155,7 +155,7 @@ def _write_durably(path: str | Path, data: bytes) -> None:
 class StoredMessage:
     """A queued message's text: the first `size` bytes of the spool file at `path`."""
 
-    path: Path
+    path: str  # not a Path: made for every delivery, and Path() cost more than the rest
     size: int
 
 
@@ -268,8 +268,13 @@ class Queue:
 
     def stored(self, queue_id: str) -> "StoredMessage":
         """Where the message text is: the first `size` bytes of `path`."""
+        return self.load(queue_id)[1]
+
+    def load(self, queue_id: str) -> tuple[Envelope, "StoredMessage"]:
+        """The envelope and where the text is, from one read of the spool file (delivery
+        needs both for every message)."""
         envelope, size = self._stored(queue_id)
-        return StoredMessage(self._locate(queue_id) / f"{queue_id}.msg", size)
+        return envelope, StoredMessage(self._message_path(queue_id), size)
 
     def entries(self) -> list[Envelope]:
         """Every complete entry, oldest first."""
@@ -292,11 +297,14 @@ class Queue:
     def remove(self, queue_id: str) -> None:
         """Forget a delivered message. No directory fsync: if power fails before the
         unlink reaches the disk, the message is delivered once more, never lost (as Postfix)."""
-        where = self._locate(queue_id)
+        path = self._message_path(queue_id)
         # The message first: a crash in between leaves a stray envelope (recovery drops it),
         # never a message with an out-of-date trailer that would be delivered again.
-        (where / f"{queue_id}.msg").unlink()
-        (where / f"{queue_id}.env").unlink(missing_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            raise NoSuchMessage(f"no queued message {queue_id}") from None
+        _unlink_quietly(path[:-4] + ".env")
 
     def hold(self, queue_id: str, reason: str = "held by the administrator") -> None:
         envelope = self.envelope(queue_id)
@@ -336,26 +344,30 @@ class Queue:
         return removed
 
     # -- internals -------------------------------------------------------------------------
-    def _locate(self, queue_id: str) -> Path:
+    def _message_path(self, queue_id: str) -> str:
+        """Where the message would be (plain strings: this runs for every delivery)."""
         if not queue_id.isalnum():
             raise NoSuchMessage(f"'{queue_id}' is not a queue ID")
-        if os.path.exists(f"{self.active_dir}/{queue_id}.msg"):
+        return f"{self.active_dir}/{queue_id}.msg"
+
+    def _locate(self, queue_id: str) -> Path:
+        if os.path.exists(self._message_path(queue_id)):
             return self.spool / ACTIVE
         raise NoSuchMessage(f"no queued message {queue_id}")
 
     def _stored(self, queue_id: str) -> tuple[Envelope, int]:
         """The current envelope (the .env file if it was rewritten, else the trailer) and
         the message length."""
-        where = self._locate(queue_id)
+        path = self._message_path(queue_id)
         try:
-            found = _read_trailer(f"{where}/{queue_id}.msg")
+            found = _read_trailer(path)
         except FileNotFoundError:
             raise NoSuchMessage(f"no queued message {queue_id}") from None
         if found is None:
             raise NoSuchMessage(f"queued message {queue_id} has no envelope (incomplete)")
         envelope, size = found
         try:
-            with open(f"{where}/{queue_id}.env", "rb") as rewritten:
+            with open(path[:-4] + ".env", "rb") as rewritten:
                 envelope = Envelope.from_json(rewritten.read())
         except FileNotFoundError:
             pass

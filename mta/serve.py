@@ -126,6 +126,11 @@ async def _listen(address: str, setting: str, opening: Awaitable[asyncio.Server]
 
 async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervisor,
                queue: Queue, delivery: DeliveryProcess, users: UserFile | None) -> None:
+    # First: a SIGTERM that comes while the listeners open must stop us cleanly too.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     tls = (server_tls_context(str(config.tls_cert), str(config.tls_key))
            if config.tls_cert and config.tls_key else None)
     settings = SmtpSettings(hostname=config.hostname, internal_networks=policy.internal_networks,
@@ -158,10 +163,6 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
               metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",
               relay=config.relay_default)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     delivery.watch_metrics(loop)
     while not stop.is_set():
         supervisor.check()

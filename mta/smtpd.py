@@ -22,12 +22,14 @@ command costs one dictionary lookup.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
 import socket
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -40,9 +42,12 @@ from . import sasl
 from .edits_apply import Transit
 from .metrics import METRICS
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
-from .milter_client import run_async
+from .milter_async import begin, drive
+from .milter_client import Steps
 from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
+from .reads import ReadIntoShared
+from .session_runner import INPUT, SessionRunner
 from .smtp_data import DataStream
 from .smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
 from .trace import protocol_name, received_header
@@ -96,9 +101,13 @@ def recipient_problem(address: str) -> str | None:
     return None
 
 
+# Parsed once per address, not three or four times per session (EHLO's offers, relay checks).
+_ip = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
+
+
 def _is_loopback(ip: str) -> bool:
     try:
-        return ipaddress.ip_address(ip).is_loopback
+        return _ip(ip).is_loopback
     except ValueError:
         return False
 
@@ -141,14 +150,14 @@ class GatewayHandler:
 
     def internal(self, ip: str) -> bool:
         try:
-            address = ipaddress.ip_address(ip)
+            address = _ip(ip)
         except ValueError:
             return False
         return network_matches(address, self.settings.internal_networks)
 
     def xclient_allowed(self, peer_ip: str) -> bool:
         try:
-            peer = ipaddress.ip_address(peer_ip)
+            peer = _ip(peer_ip)
         except ValueError:
             return False
         return network_matches(peer, self.settings.xclient_networks)
@@ -175,9 +184,10 @@ def command(verb: str) -> Callable[[Command], Command]:
     return register
 
 
-class SmtpConnection(asyncio.Protocol):
-    """One client connection. The protocol callbacks fill a buffer; one task per connection
-    reads commands from it in order, so pipelined commands are answered in order."""
+class SmtpConnection(ReadIntoShared):
+    """One client connection. The protocol callbacks fill a buffer; one session coroutine
+    per connection reads commands from it in order, so pipelined commands are answered in
+    order. It runs in a SessionRunner: new input resumes it from the read callback."""
 
     def __init__(self, gateway: GatewayHandler) -> None:
         self.gateway = gateway
@@ -185,13 +195,12 @@ class SmtpConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.buf = bytearray()
         self._out: list[bytes] = []
-        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._paused = False
         self._counted_ip: str | None = None
         self._last_input = self.loop.time()
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._session: SessionRunner | None = None
         self.peer_ip = ""
         self.peer_port = 0
         self.client_ip = ""  # the peer, or what an authorized XCLIENT said
@@ -200,12 +209,13 @@ class SmtpConnection(asyncio.Protocol):
         self.tls = False
         self.auth_user: str | None = None
         self.chain: ChainSession | None = None
-        self._chain_opening: asyncio.Task[None] | None = None
+        self._chain_opening: asyncio.Future[None] | None = None  # connect, HELO under way
+        self._background: deque[Callable[[], Steps[Verdict]]] = deque()
         self.early_verdict: Verdict | None = None
         self.transaction: Transaction | None = None
         self.errors = 0
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
+    # -- asyncio.BufferedProtocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -219,12 +229,13 @@ class SmtpConnection(asyncio.Protocol):
             self._closed = True
             return
         self._counted_ip = self.peer_ip
+        self.transport.write(f"220 {self.settings.hostname} ESMTP mailmoat\r\n".encode())
         log_event("connect", ip=self.peer_ip)
         self._timer = self.loop.call_later(self.settings.idle_timeout, self._check_idle)
-        # Kept: the event loop holds tasks only weakly, and this one is the session.
-        self._task = self.loop.create_task(self._serve())
+        self._session = SessionRunner(self.loop, self._serve())
+        self._session.start()
 
-    def data_received(self, data: bytes) -> None:
+    def bytes_received(self, data: memoryview) -> None:
         self.buf += data
         self._last_input = self.loop.time()
         if len(self.buf) > MAX_BUFFERED and not self._paused:
@@ -248,19 +259,22 @@ class SmtpConnection(asyncio.Protocol):
 
     # -- input and output --------------------------------------------------------------------
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._session is not None:
+            self._session.input_changed()
+
+    def _waiting_for_input(self) -> bool:
+        return self._session is not None and self._session.waiting_for_input
 
     def _check_idle(self) -> None:
         idle = self.loop.time() - self._last_input
         if self._closed:
             return
-        if self._waiter is not None and idle >= self.settings.idle_timeout:
+        if self._waiting_for_input() and idle >= self.settings.idle_timeout:
             log_event("timeout", ip=self.client_ip, idle=round(idle))
             self.reply(f"421 4.4.2 {self.settings.hostname} Error: timeout exceeded")
             self._close()
             return
-        wait = self.settings.idle_timeout - idle if self._waiter is not None else \
+        wait = self.settings.idle_timeout - idle if self._waiting_for_input() else \
             self.settings.idle_timeout
         self._timer = self.loop.call_later(max(wait, 0.1), self._check_idle)
 
@@ -272,11 +286,7 @@ class SmtpConnection(asyncio.Protocol):
         if self._paused and len(self.buf) < MAX_BUFFERED // 4:
             self._paused = False
             self.transport.resume_reading()
-        self._waiter = self.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        await INPUT  # the session runner goes on when input_changed() says so
         return not self._closed or bool(self.buf)
 
     async def read_line(self) -> bytes | None:
@@ -320,8 +330,7 @@ class SmtpConnection(asyncio.Protocol):
     # -- the session -------------------------------------------------------------------------
     async def _serve(self) -> None:
         try:
-            self.start_chain()
-            self.reply(f"220 {self.settings.hostname} ESMTP mailmoat")
+            self.start_chain()  # after the greeting: the milters need not delay it
             while True:
                 line = await self.read_line()
                 if line is None:
@@ -363,29 +372,29 @@ class SmtpConnection(asyncio.Protocol):
         chain = self.chain = self.gateway.chain_factory()
         client = self.client_ip
         family = socket.AF_INET6 if ":" in client else socket.AF_INET
+        self.after_chain_opened(lambda: chain.g_connect(
+            f"[{client}]", client, self.peer_port, family,
+            connect_macros(self.settings.hostname, client)))
 
-        async def connect() -> None:
-            verdict = await run_async(chain.g_connect(
-                f"[{client}]", client, self.peer_port, family,
-                connect_macros(self.settings.hostname, client)))
-            if verdict.ends_transaction and self.chain is chain:
-                self.early_verdict = verdict  # given at MAIL FROM, as Postfix does
-        self._chain_opening = self.loop.create_task(connect())
-
-    def after_chain_opened(self, step: Callable[[ChainSession], Awaitable[None]]) -> None:
-        """Run `step` on the milter session once what is already under way is done, without
-        holding up the SMTP reply (HELO's reply need not wait for the milters: their verdict
-        is given at MAIL FROM anyway). chain_ready() waits for it all."""
-        chain = self.chain
-        if chain is None:
+    def after_chain_opened(self, stage: Callable[[], Steps[Verdict]]) -> None:
+        """Run a milter stage once those already under way are done, without holding up
+        the SMTP reply (connect and HELO: their verdicts are given at MAIL FROM, as Postfix
+        does). chain_ready() waits for them all."""
+        if self.chain is None:
             return
-        before = self._chain_opening
+        self._background.append(stage)
+        if self._chain_opening is None or self._chain_opening.done():
+            self._chain_opening = drive(self._background_stages(self.chain))
 
-        async def then() -> None:
-            if before is not None:
-                await before
-            await step(chain)
-        self._chain_opening = self.loop.create_task(then())
+    def _background_stages(self, chain: ChainSession) -> Steps[None]:
+        """The queued stages one after the other, in one run; the first refusal is kept."""
+        while self._background:
+            stage = self._background.popleft()
+            if self.early_verdict is not None:
+                continue  # refused already: the milters need not hear more
+            verdict = yield from stage()
+            if verdict.ends_transaction and self.chain is chain:
+                self.early_verdict = verdict
 
     async def chain_ready(self) -> ChainSession | None:
         """The milter session, once its connect step is done (None without milters)."""
@@ -396,6 +405,7 @@ class SmtpConnection(asyncio.Protocol):
         return self.chain
 
     def close_chain(self) -> None:
+        self._background.clear()
         if self._chain_opening is not None:
             self._chain_opening.cancel()
             self._chain_opening = None
@@ -415,27 +425,25 @@ class SmtpConnection(asyncio.Protocol):
 
 
 # -- commands -----------------------------------------------------------------------------------
-async def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> bool:
-    if not arg:
-        return conn.error(f"501 5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> None:
     conn.transaction = None
     conn.helo, conn.esmtp = arg, esmtp
-    conn.after_chain_opened(lambda chain: _milter_helo(conn, chain, arg))
-    return True
 
 
-async def _milter_helo(conn: SmtpConnection, chain: ChainSession, name: str) -> None:
-    """HELO to the milters; its verdict, like connect's, is given at MAIL FROM."""
-    if conn.early_verdict is None:
-        verdict = await run_async(chain.g_helo(name))
-        if verdict.ends_transaction and conn.chain is chain:
-            conn.early_verdict = verdict
+def _milter_helo(conn: SmtpConnection, name: str) -> None:
+    """HELO to the milters after our reply went out: their verdict, like connect's, is
+    given at MAIL FROM, so the client need not wait for them."""
+    chain = conn.chain
+    if chain is not None:
+        conn.flush()
+        conn.after_chain_opened(lambda: chain.g_helo(name))
 
 
 @command("EHLO")
 async def _ehlo(conn: SmtpConnection, arg: str) -> bool:
-    if not await _greet(conn, arg, esmtp=True) or conn.helo is None:
-        return True
+    if not arg:
+        return conn.error("501 5.5.4 Syntax: EHLO hostname")
+    _greet(conn, arg, esmtp=True)
     settings = conn.settings
     lines = [settings.hostname, "PIPELINING", f"SIZE {settings.max_message_size}"]
     if settings.tls_context is not None and not conn.tls:
@@ -448,20 +456,24 @@ async def _ehlo(conn: SmtpConnection, arg: str) -> bool:
     for line in lines[:-1]:
         conn.reply(f"250-{line}")
     conn.reply(f"250 {lines[-1]}")
+    _milter_helo(conn, arg)
     return True
 
 
 @command("HELO")
 async def _helo(conn: SmtpConnection, arg: str) -> bool:
-    if await _greet(conn, arg, esmtp=False) and conn.helo is not None:
-        conn.reply(f"250 {conn.settings.hostname}")
+    if not arg:
+        return conn.error("501 5.5.4 Syntax: HELO hostname")
+    _greet(conn, arg, esmtp=False)
+    conn.reply(f"250 {conn.settings.hostname}")
+    _milter_helo(conn, arg)
     return True
 
 
 @command("RSET")
 async def _rset(conn: SmtpConnection, arg: str) -> bool:
     if conn.transaction is not None and conn.chain is not None:
-        await run_async(conn.chain.g_abort())
+        await begin(conn.chain.g_abort())
     conn.transaction = None
     conn.reply("250 2.0.0 Ok")
     return True
@@ -607,7 +619,7 @@ async def _mail(conn: SmtpConnection, arg: str) -> bool:
         conn.reply(_reply(conn.early_verdict))
         return True
     if chain is not None:
-        verdict = await run_async(chain.g_mail(path.address, path.raw_params,
+        verdict = await begin(chain.g_mail(path.address, path.raw_params,
                                                mail_macros(queue_id, path.address,
                                                            conn.auth_user)))
         if verdict.ends_transaction:
@@ -668,7 +680,7 @@ async def _rcpt(conn: SmtpConnection, arg: str) -> bool:
         conn.reply("452 4.5.3 Too many recipients")
         return True
     if conn.chain is not None:
-        verdict = await run_async(conn.chain.g_rcpt(
+        verdict = await begin(conn.chain.g_rcpt(
             address, path.raw_params, rcpt_macros(transaction.queue_id, address)))
         if verdict.ends_transaction:
             conn.reply(_reply(verdict))
@@ -715,16 +727,19 @@ async def _data(conn: SmtpConnection, arg: str) -> bool:
             return False
     conn.transaction = None
     try:
-        conn.reply(await _finish(conn, transaction, incoming, stream))
+        answer = await _finish(conn, transaction, incoming, stream)
     except BaseException:
         incoming.discard()
         raise
+    if answer is not None:
+        conn.reply(answer)
     return True
 
 
 async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Incoming,
-                  stream: DataStream) -> str:
-    """What to answer at the end of DATA, with the message queued if the answer is 250."""
+                  stream: DataStream) -> str | None:
+    """What to answer at the end of DATA; None when the message is queued and its 250
+    already sent."""
     client = conn.client_ip
     METRICS.count("mailmoat_messages_received_total")
     refusal = None
@@ -757,7 +772,7 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         # A large file is read in a thread so other clients are not held up meanwhile.
         received = (await conn.blocking(incoming.read) if incoming.size > LARGE_MESSAGE
                     else incoming.read())
-        verdict, transit = await run_async(chain.g_message(Transit(received, sender, recipients),
+        verdict, transit = await begin(chain.g_message(Transit(received, sender, recipients),
                                                            {"i": transaction.queue_id}))
         if verdict.action is Action.DISCARD:
             incoming.discard()
@@ -788,9 +803,12 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
     except SpoolError as exc:
         log_event("spool_error", queue_id=transaction.queue_id, ip=client, error=str(exc))
         return "452 4.3.1 Insufficient system storage"
+    # The client waits for this reply and nothing else: it goes out before the rest.
+    conn.reply(f"250 2.0.0 Ok: queued as {queue_id}")
+    conn.flush()
+    if conn.gateway.on_queued is not None:
+        conn.gateway.on_queued(queue_id)
     METRICS.count("mailmoat_messages_queued_total")
     log_event("queued", queue_id=queue_id, ip=client, sender=sender, nrcpt=len(recipients),
               size=envelope.size, held=quarantine)
-    if conn.gateway.on_queued is not None:
-        conn.gateway.on_queued(queue_id)
-    return f"250 2.0.0 Ok: queued as {queue_id}"
+    return None

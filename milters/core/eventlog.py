@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
 
 _LOGGER = logging.getLogger("mailmoat")
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-                  "._-:/@[]+,<>")
+_SAFE = re.compile(r"[a-zA-Z0-9._\-:/@\[\]+,<>]+")  # values written without quotes
 
 
 def format_value(value: Any) -> str:
@@ -23,7 +23,7 @@ def format_value(value: Any) -> str:
         text = f"{value:.3f}".rstrip("0").rstrip(".") or "0"
     else:
         text = str(value)
-    if text and all(ch in _SAFE for ch in text):
+    if _SAFE.fullmatch(text):
         return text
     escaped = (text.replace("\\", "\\\\").replace('"', '\\"')
                .replace("\n", "\\n").replace("\r", "\\r"))

@@ -76,6 +76,8 @@ class Verdict:
 
     @classmethod
     def cont(cls, reason: str = "") -> "Verdict":
+        if not reason and cls is Verdict:
+            return _CONTINUE  # immutable, and asked for at every milter stage
         return cls(Action.CONTINUE, None, reason)
 
     @classmethod
@@ -97,3 +99,6 @@ class Verdict:
     @property
     def ends_transaction(self) -> bool:
         return self.action is not Action.CONTINUE
+
+
+_CONTINUE = Verdict(Action.CONTINUE)

@@ -3,6 +3,8 @@ bounces for 5xx and for mail past its maximum age, none for the null sender."""
 from __future__ import annotations
 
 import email
+import socket
+import threading
 from email import policy
 from pathlib import Path
 from typing import Iterator
@@ -154,3 +156,94 @@ def test_sessions_to_the_next_hop_are_reused_then_closed_when_idle(tmp_path: Pat
     relay.sessions.give_back(*kept)
     relay.close_idle(everything=True)
     assert relay.sessions.take() is None  # ...until closed
+
+
+# -- PIPELINING ----------------------------------------------------------------------------------
+def scripted_next_hop(pipelining: bool, replies: dict[str, str]) -> tuple[int, list[bytes],
+                                                                          threading.Thread]:
+    """A next hop on a raw socket for one session. With `pipelining` it reads MAIL, RCPT
+    and DATA before answering any of them (a client that waited for MAIL's reply would
+    hang: the test fails on the timeout). Without, it answers each command alone and
+    records an error if the next one came before its reply. `replies` overrides MAIL/RCPT."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        reader = conn.makefile("rb")
+        conn.sendall(b"220 hop ESMTP\r\n")
+        assert reader.readline().upper().startswith(b"EHLO")  # smtplib writes "ehlo"
+        conn.sendall(b"250-hop\r\n" + (b"250-PIPELINING\r\n" if pipelining else b"")
+                     + b"250 8BITMIME\r\n")
+        commands = [reader.readline().upper() for _ in range(3)] if pipelining else []
+        answers = []
+        for verb in ("MAIL", "RCPT", "DATA"):
+            if not pipelining:
+                commands.append(reader.readline().upper())
+                conn.settimeout(0.2)
+                try:
+                    early = conn.recv(1, socket.MSG_PEEK)
+                except TimeoutError:
+                    early = b""
+                conn.settimeout(10)
+                if early:
+                    seen.append(b"ERROR: pipelined to a next hop without PIPELINING")
+            answers.append(replies.get(verb, "354 go ahead" if verb == "DATA" else "250 ok"))
+            if not pipelining:
+                conn.sendall(answers[-1].encode() + b"\r\n")
+        if pipelining:
+            conn.sendall("".join(f"{a}\r\n" for a in answers).encode())
+        seen.extend(commands)
+        if answers[-1].startswith("354"):
+            while (line := reader.readline()) not in (b".\r\n", b""):
+                seen.append(line)
+            conn.sendall(b"250 queued\r\n")
+        while (line := reader.readline().upper()) not in (b"", b"QUIT\r\n"):
+            seen.append(line)
+            conn.sendall(b"250 ok\r\n")
+        conn.sendall(b"221 bye\r\n")
+        conn.close()
+        listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], seen, thread
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_the_envelope_is_pipelined_only_to_a_next_hop_that_offers_it(
+        tmp_path: Path, pipelining: bool) -> None:
+    queue = Queue(tmp_path)
+    enqueue(queue, ["taro@example.jp"])
+    port, seen, thread = scripted_next_hop(pipelining, {})
+    relay = SmtpRelay("127.0.0.1", port, helo="mx.mailmoat.test", timeout=10)
+    deliver_due(queue, Router(relay, {}), SETTINGS, "mx", now=T0)
+    relay.close_idle(everything=True)
+    thread.join(10)
+    assert seen[:3] == [b"MAIL FROM:<A@OUTSIDE.EXAMPLE>\r\n", b"RCPT TO:<TARO@EXAMPLE.JP>\r\n",
+                        b"DATA\r\n"], seen
+    assert b"Subject: hello\r\n" in seen
+    assert queue.entries() == []
+
+
+@pytest.mark.parametrize("refused, status", [("MAIL", "deferred"), ("RCPT", "bounced")])
+def test_a_pipelined_refusal_is_recorded_and_the_session_reset(
+        tmp_path: Path, refused: str, status: str) -> None:
+    """MAIL or the only RCPT refused: DATA's reply (an error, or a 354 from a sloppy next
+    hop, which gets the terminating dot and nothing else) is read, the transaction reset."""
+    queue = Queue(tmp_path)
+    queue_id = enqueue(queue, ["taro@example.jp"])
+    reply = {"MAIL": "451 4.3.0 busy", "RCPT": "550 5.1.1 no such user"}[refused]
+    port, seen, thread = scripted_next_hop(True, {refused: reply})
+    relay = SmtpRelay("127.0.0.1", port, helo="mx.mailmoat.test", timeout=10)
+    deliver_due(queue, Router(relay, {}), SETTINGS, "mx", now=T0)
+    relay.close_idle(everything=True)
+    thread.join(10)
+    assert seen[3:] == [b"RSET\r\n"], seen  # no content went out: the dot alone, then RSET
+    if status == "deferred":
+        assert queue.envelope(queue_id).recipients[0].last_reply == reply
+    else:
+        assert queue_id not in {e.queue_id for e in queue.entries()}  # bounced, removed

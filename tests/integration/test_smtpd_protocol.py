@@ -278,6 +278,18 @@ def test_data_with_an_argument_is_refused(gateway: tuple[int, Queue]) -> None:
     assert queue.entries() == []
 
 
+@pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+def test_a_greeting_without_a_name_gets_only_its_501(gateway: tuple[int, Queue],
+                                                     verb: bytes) -> None:
+    """Even after a good one: the earlier name does not turn the error into a greeting."""
+    port, _ = gateway
+    with greeted(port) as client:
+        client.send(b"EHLO c.example\r\n" + verb + b"\r\nNOOP\r\n")
+        assert client.last().startswith("250 ")
+        assert client.reply() == [f"501 5.5.4 Syntax: {verb.decode()} hostname"]
+        assert client.last().startswith("250 2.0.0")
+
+
 # -- STARTTLS ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
