@@ -7,6 +7,7 @@ connection reads into one buffer per thread instead, and copies out only what ar
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import threading
 
@@ -25,7 +26,7 @@ def shared_buffer() -> bytearray:
     return buffer
 
 
-class ReadIntoShared(asyncio.BufferedProtocol):
+class ReadIntoShared(asyncio.BufferedProtocol, abc.ABC):
     """Subclasses implement bytes_received(data), called with a view that is valid only
     during the call (copy what you keep)."""
 
@@ -36,5 +37,6 @@ class ReadIntoShared(asyncio.BufferedProtocol):
         with memoryview(shared_buffer()) as view, view[:nbytes] as data:
             self.bytes_received(data)
 
+    @abc.abstractmethod
     def bytes_received(self, data: memoryview) -> None:
-        raise NotImplementedError
+        """The bytes that arrived (a view into the shared buffer)."""

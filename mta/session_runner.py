@@ -9,19 +9,21 @@ stage (ResumesDirectly) resumes it from the read callback that brought the milte
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 
-class ResumesDirectly:
+class ResumesDirectly(abc.ABC):
     """An awaitable that can resume a SessionRunner from the callback that completes it,
     rather than through a future's callback a loop turn later. Awaited elsewhere, it must
     not be: it yields itself, which only a SessionRunner understands."""
 
+    @abc.abstractmethod
     def resume_with(self, callback: Callable[[], None]) -> None:
-        raise NotImplementedError
+        """Call `callback` (once) when the awaited result is there."""
 
 
 class _Input:

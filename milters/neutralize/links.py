@@ -33,11 +33,6 @@ class LinkReport:
         if text not in self.warnings and len(self.warnings) < 50:
             self.warnings.append(text)
 
-    def merge(self, other: "LinkReport") -> None:
-        self.defanged += other.defanged
-        for warning in other.warnings:
-            self.warn(warning)
-
 
 def _split_trailing(url: str) -> tuple[str, str]:
     """A URL without the sentence punctuation after it; a ")" stays when "(" is inside."""

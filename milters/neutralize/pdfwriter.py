@@ -8,7 +8,6 @@ or lossless (FlateDecode of the raw RGB samples).
 """
 from __future__ import annotations
 
-import zlib
 from typing import BinaryIO
 
 
@@ -35,28 +34,22 @@ class ImagePdfWriter:
         self.next_id += count
         return ids
 
-    def add_jpeg(self, jpeg: bytes, width: int, height: int, points: tuple[float, float],
-                 gray: bool = False) -> None:
-        self._add_image(jpeg, b"/DCTDecode", width, height, points, gray)
-
-    def add_raw(self, samples: bytes, width: int, height: int, points: tuple[float, float],
-                gray: bool = False, level: int = 1) -> None:
-        """Raw 8-bit RGB (or gray) samples, deflated at `level` (1: fast, still small for
-        pages that are mostly white)."""
-        self.add_deflated(zlib.compress(samples, level), width, height, points, gray)
+    def add_jpeg(self, jpeg: bytes, width: int, height: int,
+                 points: tuple[float, float]) -> None:
+        """An RGB JPEG, stored as it was encoded."""
+        self._add_image(jpeg, b"/DCTDecode", width, height, points)
 
     def add_deflated(self, deflated: bytes, width: int, height: int,
-                     points: tuple[float, float], gray: bool = False) -> None:
-        """Samples the caller deflated already (zlib format, as FlateDecode wants)."""
-        self._add_image(deflated, b"/FlateDecode", width, height, points, gray)
+                     points: tuple[float, float]) -> None:
+        """8-bit RGB samples the caller deflated (zlib format, as FlateDecode wants)."""
+        self._add_image(deflated, b"/FlateDecode", width, height, points)
 
     def _add_image(self, data: bytes, codec: bytes, width: int, height: int,
-                   points: tuple[float, float], gray: bool) -> None:
+                   points: tuple[float, float]) -> None:
         image, content, page = self._ids(3)
-        space = b"/DeviceGray" if gray else b"/DeviceRGB"
         self._object(image, b"<< /Type /XObject /Subtype /Image /Width %d /Height %d "
-                            b"/ColorSpace %s /BitsPerComponent 8 /Filter %s /Length %d >>"
-                     % (width, height, space, codec, len(data)), data)
+                            b"/ColorSpace /DeviceRGB /BitsPerComponent 8 /Filter %s "
+                            b"/Length %d >>" % (width, height, codec, len(data)), data)
         w, h = (b"%.2f" % points[0]), (b"%.2f" % points[1])
         drawing = b"q " + w + b" 0 0 " + h + b" 0 0 cm /Im0 Do Q"
         self._object(content, b"<< /Length %d >>" % len(drawing), drawing)

@@ -8,6 +8,7 @@ import email
 import io
 import subprocess
 import sys
+import zlib
 from email import policy as email_policy
 from pathlib import Path
 
@@ -188,7 +189,8 @@ def test_the_page_image_pdf_opens_with_the_right_pages_and_sizes() -> None:
     jpeg = io.BytesIO()
     page.save(jpeg, "JPEG")
     writer.add_jpeg(jpeg.getvalue(), 85, 110, (612.0, 792.0))
-    writer.add_raw(Image.new("RGB", (110, 85), "red").tobytes(), 110, 85, (792.0, 612.0))
+    writer.add_deflated(zlib.compress(Image.new("RGB", (110, 85), "red").tobytes()), 110, 85,
+                        (792.0, 612.0))
     writer.close()
     document = pdfium.PdfDocument(out.getvalue())
     assert len(document) == 2
