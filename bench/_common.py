@@ -202,6 +202,25 @@ def smtp_source(port: int, count: int, concurrency: int, sender: str, recipient:
     return wall
 
 
+SMTP_SINK = "/usr/sbin/smtp-sink"
+
+
+@contextlib.contextmanager
+def smtp_sink(log: Path, port: int = 0, user: str = "nobody") -> Iterator[int]:
+    """Postfix's smtp-sink on 127.0.0.1 for the block (a free port unless `port` is given,
+    picked just before it binds); yields the port. Its counts go to `log` (sink_messages)."""
+    from tests.harness.ports import LOOPBACK, free_port, is_listening
+    port = port or free_port()
+    # As root smtp-sink refuses to run without -u; it drops to that user after bind.
+    with child_process([SMTP_SINK, "-u", user, "-c", f"{LOOPBACK}:{port}", "1000"],
+                       log=log) as sink:
+        wait_until(lambda: is_listening(LOOPBACK, port) or sink.poll() is not None, 10,
+                   f"smtp-sink on port {port}")
+        if sink.poll() is not None:
+            raise BenchError(f"smtp-sink exited: {log.read_text(errors='replace')}")
+        yield port
+
+
 def sink_messages(log: Path) -> int:
     """smtp-sink -c rewrites 'sess=N quit=N mesg=N' with CRs; the last one is the total."""
     found = re.findall(r"mesg=(\d+)", log.read_text(errors="replace"))

@@ -33,11 +33,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import SMTP_SOURCE, LogCounter, cpu_seconds, sink_messages  # noqa: E402
+from _common import SMTP_SINK, SMTP_SOURCE, smtp_sink, LogCounter, cpu_seconds, sink_messages  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
@@ -45,13 +44,12 @@ from _common import (ROOT, machine_line, postfix_version, BenchError, child_proc
 from tests.harness.dns_server import KnotServer  # noqa: E402  (after _common's sys.path)
 from tests.harness.milter_proc import MilterProcess  # noqa: E402
 from tests.harness.opendmarc import OpenDkimVerifier, OpenDmarc  # noqa: E402
-from tests.harness.ports import LOOPBACK, free_port, is_listening  # noqa: E402
+from tests.harness.ports import LOOPBACK  # noqa: E402
 from tests.harness.postfix import PostfixInstance  # noqa: E402
 from tests.harness.sink import SmtpSink  # noqa: E402
 from tests.integration.auth_world import (AUTHSERV_ID, make_keys, message,  # noqa: E402
                                           sign_rsa, zones)
 
-SMTP_SINK = "/usr/sbin/smtp-sink"
 PY_SPY = Path(sys.executable).parent / "py-spy"
 DOMAIN = "pass.test"
 SENDER = f"ceo@{DOMAIN}"
@@ -279,19 +277,6 @@ class RunResult:
     auth_other: Counter[str]
     message_size: int
     profile: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def smtp_sink(log: Path) -> Iterator[int]:
-    port = free_port()
-    # smtp-sink refuses to run as root without -u; it drops to nobody after bind.
-    with child_process([SMTP_SINK, "-u", "nobody", "-c", f"{LOOPBACK}:{port}", "1000"],
-                       log=log) as sink:
-        wait_until(lambda: is_listening(LOOPBACK, port) or sink.poll() is not None, 10,
-                   "smtp-sink")
-        if sink.poll() is not None:
-            raise BenchError(f"smtp-sink exited: {log.read_text(errors='replace')}")
-        yield port
 
 
 def write_auth_config(workdir: Path, nameserver: str) -> Path:

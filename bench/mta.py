@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import SMTP_SOURCE, cpu_seconds, ratelimit_show  # noqa: E402
+from _common import SMTP_SINK, SMTP_SOURCE, smtp_sink, cpu_seconds, ratelimit_show  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
@@ -43,7 +43,6 @@ from tests.harness.milter_proc import MilterProcess  # noqa: E402  (after _commo
 from tests.harness.ports import LOOPBACK, free_port, is_listening  # noqa: E402
 from tests.harness.postfix import PostfixInstance  # noqa: E402
 
-SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "from@outside.example"
 RECIPIENT = "to@example.jp"
 BIG_SIZE = 25 * 1024 * 1024  # the 25 MB message of DESIGN.md section 10
@@ -107,14 +106,8 @@ class Sink:
 
     @contextlib.contextmanager
     def running(self) -> Iterator["Sink"]:
-        self.port = free_port()  # picked just before binding, so no one else takes it first
-        # As root smtp-sink refuses to run without -u; it drops to that user after bind.
-        with child_process([SMTP_SINK, "-u", "postfix", "-c", f"{LOOPBACK}:{self.port}", "1000"],
-                           log=self.log) as proc:
-            wait_until(lambda: is_listening(LOOPBACK, self.port) or proc.poll() is not None,
-                       10, f"smtp-sink on port {self.port}")
-            if proc.poll() is not None:
-                raise BenchError(f"smtp-sink exited: {self.log.read_text(errors='replace')}")
+        with smtp_sink(self.log, user="postfix") as port:
+            self.port = port
             yield self
 
     def count(self) -> int:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from _common import SMTP_SOURCE, LogCounter, cpu_seconds, ratelimit_show, sink_messages  # noqa: E402
+from _common import SMTP_SINK, SMTP_SOURCE, smtp_sink, LogCounter, cpu_seconds, ratelimit_show, sink_messages  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
 from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
                      fmt_rate, median, percentile, table, verdict, wait_until,
@@ -49,11 +49,10 @@ from milters.core.store import Take, Store, open_store  # noqa: E402
 from milters.ratelimit.limiter import RateLimiter  # noqa: E402
 from mta.cli import EXTENSIONS  # noqa: E402
 from tests.harness.milter_proc import MilterProcess, write_config  # noqa: E402
-from tests.harness.ports import LOOPBACK, free_port, is_listening  # noqa: E402
+from tests.harness.ports import LOOPBACK, free_port  # noqa: E402
 from tests.harness.postfix import PostfixInstance  # noqa: E402
 from tests.harness.redis_server import RedisServer  # noqa: E402
 
-SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "from@outside.example"
 RECIPIENT = "to@example.jp"
 
@@ -529,13 +528,7 @@ def part2(settings: Settings, tmp: Path) -> Part2Result:
     sink_port = free_port()
     null_script = str(Path(__file__).resolve().parent / "null_milter.py")
     with contextlib.ExitStack() as stack:
-        # smtp-sink refuses to run as root without -u; it drops to nobody after bind.
-        sink = stack.enter_context(child_process(
-            [SMTP_SINK, "-u", "nobody", "-c", f"{LOOPBACK}:{sink_port}", "1000"], log=sink_log))
-        wait_until(lambda: is_listening(LOOPBACK, sink_port) or sink.poll() is not None, 10,
-                   "smtp-sink")
-        if sink.poll() is not None:
-            raise BenchError(f"smtp-sink exited: {sink_log.read_text(errors='replace')}")
+        stack.enter_context(smtp_sink(sink_log, sink_port))
         pids: dict[str, int] = {}
         for key, sock, steps in (("b", null_all, "all"), ("b'", null_same, "ratelimit")):
             proc = stack.enter_context(child_process(

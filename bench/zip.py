@@ -32,13 +32,12 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
 
-from _common import SMTP_SOURCE, LogCounter, cpu_seconds, sink_messages
+from _common import SMTP_SINK, SMTP_SOURCE, smtp_sink, LogCounter, cpu_seconds, sink_messages
 from _common import smtp_source as run_smtp_source
 from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
                      median, table, verdict, wait_until, world_readable_tmpdir)
@@ -48,7 +47,7 @@ from libarchive import ffi  # noqa: E402  (after _common put the project on sys.
 from milters.attachments import zipper  # noqa: E402
 from milters.attachments.zipper import ZipEntry, write_zip  # noqa: E402
 from tests.harness.milter_proc import MilterProcess  # noqa: E402
-from tests.harness.ports import LOOPBACK, free_port, is_listening  # noqa: E402
+from tests.harness.ports import LOOPBACK, free_port  # noqa: E402
 from tests.harness.postfix import PostfixInstance  # noqa: E402
 from tests.harness.sink import SmtpSink  # noqa: E402
 
@@ -298,7 +297,6 @@ def print_part2(rows: list[PeakRow]) -> None:
 
 
 # == Part 3: the attachments milter behind Postfix =========================================
-SMTP_SINK = "/usr/sbin/smtp-sink"
 POSTFIX = "/usr/sbin/postfix"
 SENDER, RECIPIENT = "hanako@example.jp", "buyer@customer.example"
 # The warm-up's check message and its notice (to the envelope sender) go to a Python sink
@@ -402,19 +400,6 @@ def private_postfix(relay_port: int, milters: str, base_dir: Path,
                            # Postfix's default connection cache (the harness turns it off):
                            # fewer sessions to the sink, less CPU taken from what we time.
                            extra={"smtp_connection_cache_on_demand": "yes", **(extra or {})})
-
-
-@contextlib.contextmanager
-def smtp_sink(log: Path) -> Iterator[int]:
-    port = free_port()
-    # smtp-sink refuses to run as root without -u; it drops to nobody after bind.
-    with child_process([SMTP_SINK, "-u", "nobody", "-c", f"{LOOPBACK}:{port}", "1000"],
-                       log=log) as sink:
-        wait_until(lambda: is_listening(LOOPBACK, port) or sink.poll() is not None, 10,
-                   "smtp-sink")
-        if sink.poll() is not None:
-            raise BenchError(f"smtp-sink exited: {log.read_text(errors='replace')}")
-        yield port
 
 
 @dataclass

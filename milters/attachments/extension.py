@@ -2,7 +2,7 @@
 (the treatment of one recipient's copy), `policy explain` lines and `tests:` cases."""
 from __future__ import annotations
 
-from milters.core.message import Envelope, Recipient
+from milters.core.message import Envelope
 from milters.core.policy.document import (Policy, PolicyExtension, PolicyTest,
                                           decision_failures)
 from milters.core.policy.schema import Str
@@ -29,9 +29,7 @@ def explain(policy: Policy, env: Envelope, subject: str = "",
 
 def run_test(policy: Policy, test: PolicyTest, expected: AttachmentsExpectation) -> list[str]:
     msg = test.message
-    env = Envelope(client_ip=msg.client_ip, helo=msg.helo, mail_from=msg.mail_from,
-                   auth_user=msg.auth_user, recipients=[Recipient(r) for r in msg.rcpt])
-    first = modes_for(policy, env, msg.subject)[msg.rcpt[0]]
+    first = modes_for(policy, msg.envelope(), msg.subject)[msg.rcpt[0]]
     return decision_failures(MILTER, first.mode, first.why, expected)
 
 

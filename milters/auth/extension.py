@@ -38,9 +38,7 @@ def explain(policy: Policy, env: Envelope, subject: str = "",
 
 def run_test(policy: Policy, test: PolicyTest, expected: AuthExpectation) -> list[str]:
     msg = test.message
-    env = Envelope(client_ip=msg.client_ip, helo=msg.helo, mail_from=msg.mail_from,
-                   auth_user=msg.auth_user)
-    action, why = _decision(policy, env, msg.subject)
+    action, why = _decision(policy, msg.envelope(), msg.subject)
     return decision_failures(MILTER, action, why, expected)
 
 

@@ -34,9 +34,8 @@ def explain(policy: Policy, env: Envelope, subject: str = "",
 
 def run_test(policy: Policy, test: PolicyTest, expected: NeutralizeExpectation) -> list[str]:
     msg = test.message
-    env = Envelope(client_ip=msg.client_ip, helo=msg.helo, mail_from=msg.mail_from,
-                   auth_user=msg.auth_user)
-    decision = decide_envelope(policy, env, msg.subject, msg.auth, domain_of(msg.mail_from))
+    decision = decide_envelope(policy, msg.envelope(), msg.subject, msg.auth,
+                               domain_of(msg.mail_from))
     return decision_failures(MILTER, decision.action, decision.why, expected)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..message import Envelope
+from ..message import Envelope, Recipient
 from .matching import NetworkPattern, normalize_domain, parse_network_pattern
 from .rules import CONDITIONS, Conditions, Decision, Facts, Rule, decide
 from .schema import (Address, Bool, Field, ListOf, MapOf, Network, Number, Pattern, Spec, Str,
@@ -31,6 +31,12 @@ class TestMessage:
     auth_user: str | None = None
     subject: str = ""
     auth: dict[str, str] | None = None  # what our auth milter found: {"dmarc": "fail"}
+
+    def envelope(self) -> Envelope:
+        """The test message's envelope, as a milter would have it at end of message."""
+        return Envelope(client_ip=self.client_ip, client_name=self.client_name,
+                        helo=self.helo, mail_from=self.mail_from, auth_user=self.auth_user,
+                        recipients=[Recipient(r) for r in self.rcpt])
 
 
 @dataclass(frozen=True)
