@@ -143,6 +143,8 @@ class DeliveryProcess:
         self._preexec = preexec
         self._buffer = b""
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The same few lines come again and again ("delivered", 1): parse each once.
+        self._parsed: dict[bytes, tuple[str, float, dict[str, str]]] = {}
         self.process = self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
@@ -182,10 +184,22 @@ class DeliveryProcess:
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             try:
-                name, amount, labels = json.loads(line)
+                parsed = self._parsed.get(line)
+                if parsed is None:
+                    parsed = self._parse(line)
+                name, amount, labels = parsed
                 METRICS.count(name, amount, **labels)
             except (ValueError, TypeError):
                 log_event("delivery_process_noise", level=logging.WARNING, line=line[:200])
+
+    def _parse(self, line: bytes) -> tuple[str, float, dict[str, str]]:
+        name, amount, labels = json.loads(line)
+        if not (isinstance(name, str) and isinstance(amount, (int, float))
+                and isinstance(labels, dict)):
+            raise ValueError("not [name, amount, labels]")
+        if len(self._parsed) < 256:  # a bound, should the labels ever vary freely
+            self._parsed[line] = (name, float(amount), labels)
+        return name, float(amount), labels
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from .event_loop import new_event_loop
 from .smtpd import GatewayHandler, SmtpConnection
 
 
@@ -18,7 +19,7 @@ class ThreadedListener:
 
     def __init__(self, handler: GatewayHandler, host: str, port: int) -> None:
         self.handler, self.host, self.port = handler, host, port
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # the same loop as serve's
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="smtpd", daemon=True)
 

@@ -25,6 +25,7 @@ from milters.core.policy.document import Policy
 from milters.core.policy.matching import parse_network_pattern
 
 from .delivery_process import DeliveryProcess
+from .event_loop import loop_factory
 from .listener import start_listener
 from .metrics import METRICS, serve_metrics
 from .milter_chain import ChainMember, ChainSession
@@ -125,7 +126,8 @@ async def _listen(address: str, setting: str, opening: Awaitable[asyncio.Server]
 
 
 async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervisor,
-               queue: Queue, delivery: DeliveryProcess, users: UserFile | None) -> None:
+               queue: Queue, delivery: DeliveryProcess, users: UserFile | None,
+               loop_name: str) -> None:
     # First: a SIGTERM that comes while the listeners open must stop us cleanly too.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -162,7 +164,7 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
     log_event("serve_started", listen=config.listen, reinject=config.reinject_listen,
               metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",
-              relay=config.relay_default)
+              relay=config.relay_default, loop=loop_name)
     delivery.watch_metrics(loop)
     while not stop.is_set():
         supervisor.check()
@@ -183,6 +185,10 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
 def serve(config: GatewayConfig, config_path: str | None,
           load_policy: Callable[[Path], Policy]) -> int:
     policy = load_policy(config.policy)  # a broken policy stops us here, with its errors
+    try:
+        loop_name, new_loop = loop_factory()
+    except ValueError as exc:
+        raise MailmoatError(str(exc)) from None
     queue = Queue(config.queue.dir)
     for queue_id in queue.recover():
         log_event("recovered_incomplete", queue_id=queue_id, action="removed (never accepted)")
@@ -191,7 +197,8 @@ def serve(config: GatewayConfig, config_path: str | None,
     delivery = DeliveryProcess(config_path, preexec=_die_with_parent)
     try:
         supervisor.start()
-        asyncio.run(_run(config, policy, supervisor, queue, delivery, users))
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(_run(config, policy, supervisor, queue, delivery, users, loop_name))
     finally:
         delivery.stop()
         supervisor.stop()

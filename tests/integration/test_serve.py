@@ -45,13 +45,18 @@ class Serve:
             f"store: sqlite:///state.db\npolicy: policy.yaml\n{milters}")
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.event_loop = "uvloop"  # what serve runs on unless MAILMOAT_EVENT_LOOP says
 
-    def start(self, log_name: str = "serve.log") -> "Serve":
+    def start(self, log_name: str = "serve.log", event_loop: str | None = None) -> "Serve":
         self.log = self.dir / log_name
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("MAILMOAT_EVENT_LOOP", None)
+        if event_loop is not None:
+            env["MAILMOAT_EVENT_LOOP"] = self.event_loop = event_loop
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "mta.cli", "serve", "--config",
                                           str(self.config)], cwd=ROOT, stdout=log, stderr=log,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                         env=env)
         wait_for_port("127.0.0.1", self.port, timeout=20)
         return self
 
@@ -73,8 +78,8 @@ class Serve:
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    gateway = Serve(tmp_path).start()
+def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Serve]:
+    gateway = Serve(tmp_path).start(event_loop=getattr(request, "param", None))
     try:
         yield gateway
     finally:
@@ -88,7 +93,11 @@ def outside(port: int, rcpt: str = "taro@example.jp",  # type: ignore[no-untyped
                      header=["Subject: through serve"])
 
 
+# uvloop is the default; the standard library's loop is the fallback and must work the same.
+@pytest.mark.parametrize("serve", [None, "asyncio"], indirect=True, ids=["default", "asyncio"])
 def test_mail_goes_through_the_milter_chain_to_the_maildir(serve: Serve) -> None:
+    started = serve.wait_log(r"event=serve_started .*\bloop=(\S+)")
+    assert started.group(1) == serve.event_loop
     first = outside(serve.port)
     assert first.code("DATA_END") == 250, first.transcript
     second = outside(serve.port)
@@ -200,6 +209,17 @@ def test_prometheus_metrics(serve: Serve) -> None:
     assert "mailmoat_queue_messages 0" in lines
     assert any(line.startswith('mailmoat_milter_latency_seconds_count{milter="ratelimit",'
                                'stage="mail"} ') for line in lines)
+
+
+def test_an_unknown_event_loop_is_a_clear_error(tmp_path: Path) -> None:
+    gateway = Serve(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "mta.cli", "serve", "--config",
+                             str(gateway.config)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                             "MAILMOAT_EVENT_LOOP": "tokio"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "MAILMOAT_EVENT_LOOP='tokio': use one of uvloop, asyncio" in result.stderr
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
