@@ -6,6 +6,9 @@
     mailmoat_deliveries_total{status="delivered|deferred|bounced"}
     mailmoat_queue_messages                           messages in the queue now
     mailmoat_milter_latency_seconds{milter,stage}     histogram of milter round trips
+    mailmoat_milter_sessions_total{milter,connection="new|reused"}
+                                                      SMTP sessions per milter, and whether
+                                                      they opened a connection or reused one
 """
 from __future__ import annotations
 

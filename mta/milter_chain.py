@@ -22,6 +22,7 @@ from milters.core.verdict import Action, SmtpReply, Verdict
 
 from .edits_apply import Transit, apply_edits, split_message
 from .metrics import METRICS
+from .milter_pool import MilterPool
 from .milter_client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClient, MilterEndpoint,
                             Steps, run_sync)
 
@@ -50,6 +51,7 @@ def rcpt_macros(queue_id: str, recipient: str) -> dict[str, str]:
 class ChainMember:
     endpoint: MilterEndpoint
     on_failure: str = "tempfail"
+    reuse_connection: bool = False  # QUIT_NC between SMTP sessions (milter_pool)
 
 
 @dataclass
@@ -72,6 +74,9 @@ class _Member:
         self.open = False
         self.out_for_session = False  # failed with on_failure accept, or accepted at connect
         self.out_for_message = False  # accepted this transaction
+        # Its last exchange was end of message answered with continue: the one state in
+        # which libmilter takes QUIT_NC (in any other it ignores it, and the next CONNECT).
+        self.at_end_of_message = False
 
     @property
     def active(self) -> bool:
@@ -82,10 +87,11 @@ class ChainSession(BlockingEnvelopeStages):
     """The milter chain for one SMTP session. The g_* methods are protocol steps for a
     driver (milter_async.drive in serve); the plain methods run them blocking."""
 
-    def __init__(self, members: list[ChainMember], queue_id: Callable[[], str | None] = lambda: None
-                 ) -> None:
+    def __init__(self, members: list[ChainMember], queue_id: Callable[[], str | None] = lambda: None,
+                 pool: MilterPool | None = None) -> None:
         self.members = [_Member(spec) for spec in members]
         self._queue_id = queue_id
+        self._pool = pool  # idle connections from earlier sessions (serve's event loop only)
 
     # -- blocking use (scan, tests; connect/helo/mail/rcpt come from the base class) ------
     def message(self, transit: Transit, macros: dict[str, str] | None = None
@@ -100,9 +106,18 @@ class ChainSession(BlockingEnvelopeStages):
                   family: int = socket.AF_INET, macros: dict[str, str] | None = None
                   ) -> Steps[Verdict]:
         for member in self.members:
+            reused = (self._pool.take(member.spec.endpoint)
+                      if self._pool is not None and member.spec.reuse_connection else None)
+            if reused is not None:
+                member.client, member.open = reused, True
+                METRICS.count("mailmoat_milter_sessions_total",
+                              milter=member.spec.endpoint.name, connection="reused")
+                continue
             try:
                 yield from member.client.g_open()
                 member.open = True
+                METRICS.count("mailmoat_milter_sessions_total",
+                              milter=member.spec.endpoint.name, connection="new")
             except MilterProtocolError as exc:
                 verdict = self._failed(member, "connect", exc)
                 if verdict.ends_transaction:
@@ -118,7 +133,7 @@ class ChainSession(BlockingEnvelopeStages):
     def g_mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
                macros: dict[str, str] | None = None) -> Steps[Verdict]:
         for member in self.members:
-            member.out_for_message = False
+            member.out_for_message = member.at_end_of_message = False
         return (yield from self._each("mail", lambda c: c.g_mail(sender, params, macros)))
 
     def g_rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
@@ -147,6 +162,7 @@ class ChainSession(BlockingEnvelopeStages):
 
     def g_abort(self) -> Steps[None]:
         for member in self.members:
+            member.at_end_of_message = False
             if member.open and member.active:
                 try:
                     yield from member.client.g_abort()
@@ -154,7 +170,13 @@ class ChainSession(BlockingEnvelopeStages):
                     pass  # the next stage will find out and apply on_failure
 
     def close(self) -> None:
+        """End the milters' session: QUIT, or QUIT_NC for a connection the pool keeps."""
+        pool = self._pool
         for member in self.members:
+            if (pool is not None and member.spec.reuse_connection and member.open
+                    and member.at_end_of_message and pool.give_back(member.client)):
+                member.open = False
+                continue
             member.client.close()
 
     @property
@@ -190,6 +212,7 @@ class ChainSession(BlockingEnvelopeStages):
         outcome = yield from client.g_end_of_message(macros)
         member.result.actions += outcome.edits
         transit = apply_edits(transit, outcome.edits, leading_space=leading_space)
+        member.at_end_of_message = outcome.verdict.action is Action.CONTINUE
         self._note(member, "eom", outcome.verdict)
         return outcome.verdict, transit
 

@@ -210,6 +210,20 @@ class MilterClient(BlockingEnvelopeStages):
         self.sock = None
         self.inbox.clear()
 
+    # -- connection reuse (milter_pool) ------------------------------------------------------
+    def reusable(self) -> bool:
+        """Negotiated, connected on the event loop, and between stages: nothing unsent,
+        nothing unread, no step waiting for a reply."""
+        stream = self.stream
+        return (self.negotiated is not None and stream is not None and not stream.closed
+                and stream.connected and not stream.backlog and stream.waiter is None
+                and not self.inbox)
+
+    def next_session(self) -> None:
+        """Forget the ended session's per-message state (the negotiation stays)."""
+        self.body_skipped = False
+        self._held_macros = b""
+
     # -- protocol steps ----------------------------------------------------------------------
     def g_open(self) -> Steps[OptNeg]:
         yield ("open", self, None)

@@ -30,6 +30,7 @@ from .listener import start_listener
 from .metrics import METRICS, serve_metrics
 from .milter_chain import ChainMember, ChainSession
 from .milter_client import MilterEndpoint
+from .milter_pool import MilterPool
 from .queue import Queue
 from .smtpd import GatewayHandler, SmtpSettings, server_tls_context
 from .users import UserFile
@@ -61,8 +62,8 @@ class MilterSupervisor:
         return milter.socket or f"unix:{(self.config.run_dir / f'{milter.name}.sock').resolve()}"
 
     def members(self) -> list[ChainMember]:
-        return [ChainMember(MilterEndpoint(m.name, self.socket_of(m)), m.on_failure)
-                for m in self.config.milters]
+        return [ChainMember(MilterEndpoint(m.name, self.socket_of(m)), m.on_failure,
+                            m.reuses_connection) for m in self.config.milters]
 
     def _spawn(self, milter: MilterSetting) -> None:
         path = self.config.run_dir / f"{milter.name}.sock"
@@ -145,7 +146,9 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
                             tls_context=tls, valid_recipients=config.valid_recipients,
                             users=users)
     members = supervisor.members()
-    chain: Callable[[], ChainSession] | None = (lambda: ChainSession(members)) if members else None
+    pool = MilterPool()  # milter connections kept between SMTP sessions
+    chain: Callable[[], ChainSession] | None = (
+        (lambda: ChainSession(members, pool=pool)) if members else None)
     main = await _listen(config.listen, "listen",
                          start_listener(GatewayHandler(settings, queue, chain, delivery.notify),
                                         *split_hostport(config.listen)))
@@ -179,6 +182,7 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
         if server is not None:
             server.close()
             await server.wait_closed()
+    pool.close_all()
     delivery.stop()  # lets the deliveries in flight finish
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dns import DnsSettings, parse_nameserver
-from .policy.schema import (Address, Duration, Field, ListOf, MapOf, Network, Number, Str,
+from .policy.schema import (Address, Bool, Duration, Field, ListOf, MapOf, Network, Number, Str,
                             Struct)
 from .policy.matching import AddressPattern, NetworkPattern
 from .policy.yamlnodes import Problems, compose_file
@@ -38,6 +38,13 @@ class MilterSetting:
     name: str
     socket: str | None = None  # None: serve starts `mailmoat milter NAME` on a unix socket
     on_failure: str = "tempfail"
+    # Keep the connection for the next SMTP session (QUIT_NC). None: yes for the milters
+    # serve starts (tested with them), no for external ones unless the admin says so.
+    reuse_connection: bool | None = None
+
+    @property
+    def reuses_connection(self) -> bool:
+        return self.socket is None if self.reuse_connection is None else self.reuse_connection
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,7 @@ def _spec(base: Path, source: str) -> Struct:
         "name": Field(Str(max_len=64)),
         "socket": Field(Str(), None),
         "on_failure": Field(Str(("tempfail", "reject", "accept")), "tempfail"),
+        "reuse_connection": Field(Bool(), None),
     }, build=MilterSetting)
     return Struct({
         "gateway": Field(gateway, factory=lambda: gateway.read(None, "", Problems(source))),

@@ -222,6 +222,28 @@ def test_an_unknown_event_loop_is_a_clear_error(tmp_path: Path) -> None:
     assert "MAILMOAT_EVENT_LOOP='tokio': use one of uvloop, asyncio" in result.stderr
 
 
+def test_milter_connections_are_kept_between_sessions(tmp_path: Path) -> None:
+    """Three SMTP sessions one after the other: the ratelimit milter's connection is opened
+    once and reused twice (QUIT_NC), and each message still goes through it."""
+    policy = ("ratelimit:\n  exempt_internal: false\n  limits:\n"
+              "    - {name: per-ip, key: client_ip, per: message, rate: 10/hour, burst: 10}\n")
+    gateway = Serve(tmp_path, policy=policy).start()
+    try:
+        for _ in range(3):
+            result = run_swaks(gateway.port, mail_from="a@outside.example", rcpt="taro@example.jp")
+            assert result.code("DATA_END") == 250, result.transcript
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics}/metrics",
+                                    timeout=10) as page:
+            lines = set(page.read().decode().splitlines())
+        assert 'mailmoat_milter_sessions_total{connection="new",milter="ratelimit"} 1' in lines
+        assert 'mailmoat_milter_sessions_total{connection="reused",milter="ratelimit"} 2' in lines
+        assert any(line.startswith('mailmoat_milter_latency_seconds_count{milter="ratelimit",'
+                                   'stage="message"} 3') for line in lines)
+    finally:
+        gateway.stop()
+
+
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     import socket
     taken = socket.socket()
