@@ -157,11 +157,12 @@ class MilterSocket:
             self._connecting.cancel()
             self._connecting = None
 
-    def close(self) -> None:
-        """Say goodbye (QUIT) if the socket takes it at once, and close. Never blocks."""
+    def close(self, unsent: bytes = b"") -> None:
+        """Say goodbye (QUIT, after the `unsent` no-reply packets) if the socket takes it
+        at once, and close. Never blocks."""
         if not self.closed and self.connected and not self.backlog:
             try:
-                self.sock.send(encode_packet(b"Q"))
+                self.sock.send(unsent + encode_packet(b"Q"))
             except OSError:
                 pass  # gone already, or no room: nothing more to tell it
         self._stop_io()

@@ -59,7 +59,7 @@ class MilterPool:
         stream = client.stream
         assert stream is not None  # reusable() says so
         try:
-            sent = stream.send(_QUIT_NEW_CONNECTION)
+            sent = stream.send(client.take_unsent() + _QUIT_NEW_CONNECTION)
         except OSError:
             return False
         if not sent or stream.backlog:  # no room for 10 bytes: not a connection to keep

@@ -236,8 +236,11 @@ def test_milter_connections_are_kept_between_sessions(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics}/metrics",
                                     timeout=10) as page:
             lines = set(page.read().decode().splitlines())
-        assert 'mailmoat_milter_sessions_total{connection="new",milter="ratelimit"} 1' in lines
-        assert 'mailmoat_milter_sessions_total{connection="reused",milter="ratelimit"} 2' in lines
+        sessions = sorted(line for line in lines
+                          if line.startswith("mailmoat_milter_sessions_total{"))
+        assert sessions == [
+            'mailmoat_milter_sessions_total{connection="new",milter="ratelimit"} 1',
+            'mailmoat_milter_sessions_total{connection="reused",milter="ratelimit"} 2'], sessions
         assert any(line.startswith('mailmoat_milter_latency_seconds_count{milter="ratelimit",'
                                    'stage="message"} 3') for line in lines)
     finally:
