@@ -363,10 +363,11 @@ class SmtpConnection(ReadIntoShared):
         return True
 
     def start_chain(self) -> None:
-        """Open the milter session now, in the background, as Postfix does at connect: the
-        milters' set-up (socket, option negotiation, their connect step) overlaps the
-        client's greeting and EHLO instead of delaying MAIL FROM, and a client that
-        never sends MAIL is still seen by them (ratelimit counts those)."""
+        """Open the milter session now, in the background, as Postfix does at connect: a
+        new connection's set-up (socket, option negotiation) overlaps the client's greeting
+        and EHLO instead of delaying MAIL FROM. A connect step the milter does not answer
+        goes out with the next packet that needs an answer, or with QUIT: a client that
+        never sends MAIL is still seen by the milters (ratelimit counts those)."""
         if self.gateway.chain_factory is None:
             return
         chain = self.chain = self.gateway.chain_factory()
