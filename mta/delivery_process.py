@@ -104,10 +104,14 @@ def _forward_metrics(registry: Registry, out_fd: int) -> None:
 def run_delivery(config: GatewayConfig, ids_fd: int = 0, metrics_fd: int = 1) -> None:
     """The body of `mailmoat deliver`: queue IDs in on `ids_fd`, counts out on `metrics_fd`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # serve decides when we stop
+    # Below serve and the milters: under load the CPU goes to the clients waiting for a
+    # reply first; deliveries still get their share (nice never starves a process).
+    os.nice(config.queue.delivery_nice)
     _forward_metrics(METRICS, metrics_fd)
     queue = Queue(config.queue.dir)
     scheduler = DeliveryScheduler(queue, build_router(config), config)
-    log_event("delivery_started", pid=os.getpid(), threads=DELIVERY_THREADS)
+    log_event("delivery_started", pid=os.getpid(), threads=DELIVERY_THREADS,
+              nice=os.getpriority(os.PRIO_PROCESS, 0))
     pending = b""
     next_scan = 0.0
     while True:

@@ -171,6 +171,7 @@ class Transaction:
     sender: str
     params: list[str]
     recipients: list[tuple[str, list[str]]] = field(default_factory=list)
+    spool: Incoming | None = None  # opened while the milters worked on MAIL (see _mail)
 
 
 Command = Callable[["SmtpConnection", str], Awaitable[bool]]
@@ -212,8 +213,21 @@ class SmtpConnection(ReadIntoShared):
         self._chain_opening: asyncio.Future[None] | None = None  # connect, HELO under way
         self._background: deque[Callable[[], Steps[Verdict]]] = deque()
         self.early_verdict: Verdict | None = None
-        self.transaction: Transaction | None = None
+        self._transaction: Transaction | None = None
         self.errors = 0
+
+    @property
+    def transaction(self) -> Transaction | None:
+        return self._transaction
+
+    @transaction.setter
+    def transaction(self, new: Transaction | None) -> None:
+        """A transaction that ends before DATA took its spool file leaves nothing behind."""
+        old = self._transaction
+        if old is not None and old is not new and old.spool is not None:
+            old.spool.discard()
+            old.spool = None
+        self._transaction = new
 
     # -- asyncio.BufferedProtocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -619,16 +633,36 @@ async def _mail(conn: SmtpConnection, arg: str) -> bool:
     if conn.early_verdict is not None:
         conn.reply(_reply(conn.early_verdict))
         return True
+    spool = None
     if chain is not None:
-        verdict = await begin(chain.g_mail(path.address, path.raw_params,
-                                               mail_macros(queue_id, path.address,
-                                                           conn.auth_user)))
+        stage = begin(chain.g_mail(path.address, path.raw_params,
+                                   mail_macros(queue_id, path.address, conn.auth_user)))
+        # While the milters work on MAIL, create the spool file (an inode and a directory
+        # entry: the slow part of starting DATA), so that DATA does not wait for it.
+        spool = _open_spool(conn, queue_id)
+        try:
+            verdict = await stage
+        except BaseException:  # the session went away meanwhile
+            if spool is not None:
+                spool.discard()
+            raise
         if verdict.ends_transaction:
+            if spool is not None:
+                spool.discard()
             conn.reply(_reply(verdict))
             return True
-    conn.transaction = Transaction(queue_id, path.address, path.raw_params)
+    conn.transaction = Transaction(queue_id, path.address, path.raw_params, spool=spool)
     conn.reply("250 2.1.0 Ok")
     return True
+
+
+def _open_spool(conn: SmtpConnection, queue_id: str) -> Incoming | None:
+    """The message's spool file, opened ahead of DATA; None if the spool refuses now
+    (DATA tries again and answers 452 if it still cannot)."""
+    try:
+        return conn.gateway.queue.receive(queue_id)
+    except OSError:
+        return None
 
 
 def _mail_params_problem(conn: SmtpConnection, path: PathArgument) -> str | None:
@@ -700,13 +734,15 @@ async def _data(conn: SmtpConnection, arg: str) -> bool:
         return conn.error("554 5.5.1 Error: no valid recipients")
     if arg:
         return conn.error("501 5.5.4 Syntax: DATA")
-    try:
-        incoming = conn.gateway.queue.receive(transaction.queue_id)
-    except OSError as exc:
-        log_event("spool_error", queue_id=transaction.queue_id, ip=conn.client_ip,
-                  error=str(exc))
-        conn.reply("452 4.3.1 Insufficient system storage")
-        return True
+    incoming, transaction.spool = transaction.spool, None
+    if incoming is None:
+        try:
+            incoming = conn.gateway.queue.receive(transaction.queue_id)
+        except OSError as exc:
+            log_event("spool_error", queue_id=transaction.queue_id, ip=conn.client_ip,
+                      error=str(exc))
+            conn.reply("452 4.3.1 Insufficient system storage")
+            return True
     try:
         incoming.write(received_header(
             helo=conn.helo, client_ip=conn.client_ip, hostname=conn.settings.hostname,

@@ -29,6 +29,9 @@ class QueueSettings:
     dir: Path = Path("var/spool")
     max_age: float = 5 * 86400.0  # then the message bounces
     retry: tuple[float, ...] = DEFAULT_RETRY  # waits between attempts; the last one repeats
+    # The delivery process's nice value: queued mail is safe on disk and can wait a moment,
+    # a client waiting for its reply (and its milters) should not. 0 = same as serve.
+    delivery_nice: int = 5
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,8 @@ def _spec(base: Path, source: str) -> Struct:
         return GatewayConfig(
             hostname=gateway["hostname"], store=store, store_timeout=store_timeout,
             policy=local(policy) if policy else default_policy_path(), source=source,
-            queue=QueueSettings(local(queue["dir"]), queue["max_age"], tuple(queue["retry"])),
+            queue=QueueSettings(local(queue["dir"]), queue["max_age"], tuple(queue["retry"]),
+                                queue["delivery_nice"]),
             listen=gateway["listen"], reinject_listen=gateway["reinject_listen"],
             metrics_listen=gateway["metrics_listen"],
             relay_domains=tuple(d.lower() for d in gateway["relay_domains"]),
@@ -141,6 +145,7 @@ def _spec(base: Path, source: str) -> Struct:
         "dir": Field(Str(), "var/spool"),
         "max_age": Field(Duration(minimum=60), defaults.queue.max_age),
         "retry": Field(ListOf(Duration(minimum=1), min_items=1), DEFAULT_RETRY),
+        "delivery_nice": Field(Number(0, 19, integer=True), defaults.queue.delivery_nice),
     })
     relay = Struct({
         "default": Field(_Target(), defaults.relay_default),

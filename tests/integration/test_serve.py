@@ -247,6 +247,17 @@ def test_milter_connections_are_kept_between_sessions(tmp_path: Path) -> None:
         gateway.stop()
 
 
+def test_the_delivery_process_runs_below_serve(serve: Serve) -> None:
+    """Deliveries yield the CPU to clients waiting for a reply: queue.delivery_nice (5)."""
+    assert serve.proc is not None
+    pid = int(serve.wait_log(r"event=delivery_process_started pid=(\d+)").group(1))
+    serve.wait_log(rf"event=delivery_started pid={pid} .*nice=")
+    assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(
+        os.PRIO_PROCESS, serve.proc.pid) + 5
+    assert outside(serve.port).code("DATA_END") == 250  # and still delivers
+    serve.wait_log(r"event=delivered ")
+
+
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     import socket
     taken = socket.socket()

@@ -582,3 +582,59 @@ def test_a_mail_loop_is_refused_at_50_received_headers(gateway: tuple[int, Queue
         assert queue.entries() == []
     else:
         assert len(queue.entries()) == 1
+
+
+# -- the spool file opened while the milters work on MAIL ---------------------------------------
+def waits_for(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def actions_chain(port: int):  # type: ignore[no-untyped-def]
+    return chain_of(MilterEndpoint("actions", f"inet:{LOOPBACK}:{port}"), "tempfail")
+
+
+@pytest.mark.parametrize("ending", [
+    b"RSET\r\n", b"QUIT\r\n", b"", b"EHLO again.example\r\n",
+    b"RCPT TO:<reject-me@example.jp>\r\nRSET\r\n"])
+def test_a_transaction_that_ends_before_data_leaves_no_spool_file(
+        tmp_path: Path, action_milter: int, ending: bytes) -> None:
+    """With milters, MAIL opens the message's spool file while they work (DATA then starts
+    at once); every way a transaction can end before DATA removes it again, a client that
+    just hangs up included."""
+    with server(tmp_path / "spool", actions_chain(action_milter)) as (port, queue):
+        tmp = tmp_path / "spool" / "tmp"
+        with greeted(port) as client:
+            client.send(b"EHLO client.example\r\n")
+            client.reply()
+            client.send(b"MAIL FROM:<a@outside.example>\r\nRCPT TO:<taro@example.jp>\r\n")
+            assert client.replies(2) == ["250 2.1.0 Ok", "250 2.1.5 Ok"]
+            assert len(list(tmp.iterdir())) == 1  # opened at MAIL, before any DATA
+            client.send(ending)
+            if ending:
+                client.reply()
+        assert waits_for(lambda: not list(tmp.iterdir())), list(tmp.iterdir())
+        assert queue.entries() == []
+
+
+def test_a_message_through_the_early_spool_file_is_queued_whole(tmp_path: Path,
+                                                                 action_milter: int) -> None:
+    with server(tmp_path / "spool", actions_chain(action_milter)) as (port, queue):
+        with greeted(port) as client:
+            client.send(b"EHLO client.example\r\nMAIL FROM:<a@outside.example>\r\n"
+                        b"RCPT TO:<taro@example.jp>\r\nDATA\r\n")
+            assert client.replies(4)[1:] == ["250 2.1.0 Ok", "250 2.1.5 Ok",
+                                             "354 End data with <CR><LF>.<CR><LF>"]
+            client.send(b"Subject: early spool\r\n\r\nbody line\r\n.\r\nQUIT\r\n")
+            assert client.last().startswith("250 2.0.0 Ok: queued as ")
+        [envelope] = queue.entries()
+        stored = queue.message(envelope.queue_id)
+        # Our trace header and the client's 11-byte body reached the milter through the
+        # file (it reports the body chunks it saw, then edits the message as always).
+        assert b"\r\nReceived: from client.example (unknown [127.0.0.1])\r\n" in stored
+        assert b"X-Seen-Chunks: 11\r\n" in stored
+        assert not list((tmp_path / "spool" / "tmp").iterdir())

@@ -1,5 +1,6 @@
-"""The `milters:` list of serve's config: whose connections are kept between SMTP sessions
-(reuse_connection), and what a wrong value says."""
+"""serve's config where it decides how the MTA runs: whose milter connections are kept
+between SMTP sessions (reuse_connection), the delivery process's priority, and what a wrong
+value says."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,3 +39,15 @@ def test_a_wrong_value_names_file_line_and_what_is_expected(tmp_path: Path) -> N
     message = str(raised.value)
     assert f"{tmp_path / 'gateway.yaml'}:3" in message
     assert "true or false" in message
+
+
+def test_delivery_nice_defaults_to_5_and_stays_within_0_to_19(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("gateway: {hostname: mx.example.jp}\n")
+    assert load_config(path).queue.delivery_nice == 5
+    path.write_text("gateway:\n  queue: {delivery_nice: 0}\n")
+    assert load_config(path).queue.delivery_nice == 0
+    path.write_text("gateway:\n  queue: {delivery_nice: 25}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert f"{path}:2" in str(raised.value)
