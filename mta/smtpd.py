@@ -171,7 +171,7 @@ class Transaction:
     sender: str
     params: list[str]
     recipients: list[tuple[str, list[str]]] = field(default_factory=list)
-    spool: Incoming | None = None  # opened while the milters worked on MAIL (see _mail)
+    spool: Incoming | None = None  # opened at MAIL, ahead of DATA (see _mail)
 
 
 Command = Callable[["SmtpConnection", str], Awaitable[bool]]
@@ -651,8 +651,13 @@ async def _mail(conn: SmtpConnection, arg: str) -> bool:
                 spool.discard()
             conn.reply(_reply(verdict))
             return True
-    conn.transaction = Transaction(queue_id, path.address, path.raw_params, spool=spool)
     conn.reply("250 2.1.0 Ok")
+    if spool is None:
+        # No milter to wait for: the reply goes out first, and the file is made while the
+        # client answers it with RCPT.
+        conn.flush()
+        spool = _open_spool(conn, queue_id)
+    conn.transaction = Transaction(queue_id, path.address, path.raw_params, spool=spool)
     return True
 
 

@@ -621,6 +621,27 @@ def test_a_transaction_that_ends_before_data_leaves_no_spool_file(
         assert queue.entries() == []
 
 
+def test_without_milters_the_spool_file_is_opened_after_the_mail_reply_too(
+        gateway: tuple[int, Queue], tmp_path: Path) -> None:
+    port, queue = gateway
+    tmp = tmp_path / "spool" / "tmp"
+    with greeted(port) as client:
+        client.send(b"EHLO client.example\r\nMAIL FROM:<a@outside.example>\r\n"
+                    b"RCPT TO:<taro@example.jp>\r\n")
+        assert client.replies(3)[1:] == ["250 2.1.0 Ok", "250 2.1.5 Ok"]
+        assert len(list(tmp.iterdir())) == 1
+        client.send(b"RSET\r\n")
+        assert client.last() == "250 2.0.0 Ok"
+        assert not list(tmp.iterdir())
+        client.send(b"MAIL FROM:<a@outside.example>\r\nRCPT TO:<taro@example.jp>\r\nDATA\r\n")
+        assert client.replies(3)[2].startswith("354 ")
+        client.send(b"Subject: plain\r\n\r\nhello\r\n.\r\n")
+        assert client.last().startswith("250 2.0.0 Ok: queued as ")
+    [envelope] = queue.entries()
+    assert without_trace(queue.message(envelope.queue_id)) == b"Subject: plain\r\n\r\nhello\r\n"
+    assert not list(tmp.iterdir())
+
+
 def test_a_message_through_the_early_spool_file_is_queued_whole(tmp_path: Path,
                                                                  action_milter: int) -> None:
     with server(tmp_path / "spool", actions_chain(action_milter)) as (port, queue):
