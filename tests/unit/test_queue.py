@@ -100,3 +100,21 @@ def test_envelope_json_keeps_every_field() -> None:
     assert envelope.to_dict() == asdict(envelope)
     assert {f.name for f in fields(Envelope)} == set(envelope.to_dict())
     assert Envelope.from_json(envelope.to_json()) == envelope
+
+
+def test_a_message_being_received_reads_back_exactly_small_or_large(tmp_path: Path) -> None:
+    """read() (what the milters get) equals the file, whether it comes from the copy kept
+    in memory for small messages or from the file once the message outgrew it."""
+    queue = Queue(tmp_path / "spool")
+    small = queue.receive("0000000000000A000001")
+    small.write(b"Received: x\r\n")
+    small.write(b"Subject: small\r\n\r\nbody\r\n")
+    assert small.read() == Path(small.path).read_bytes() == (
+        b"Received: x\r\nSubject: small\r\n\r\nbody\r\n")
+    small.discard()
+    large = queue.receive("0000000000000A000002")
+    chunk = b"x" * 1000 + b"\r\n"
+    for _ in range(100):  # 100 KB: past what is kept in memory
+        large.write(chunk)
+    assert large.read() == Path(large.path).read_bytes() == chunk * 100
+    large.discard()
