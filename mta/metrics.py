@@ -57,6 +57,19 @@ class Registry:
             cells[bisect_left(BUCKETS, value)] += 1  # its own bucket; render() sums up
             cells[-1] += value
 
+    def observer(self, name: str, **labels: str) -> Callable[[float], None]:
+        """observe() for one set of labels, looked up once: for the per-stage hot paths."""
+        key = self._key(labels)
+        with self._lock:
+            cells = self._histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))
+        lock = self._lock
+
+        def observe(value: float) -> None:
+            with lock:
+                cells[bisect_left(BUCKETS, value)] += 1
+                cells[-1] += value
+        return observe
+
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         self._gauges[name] = read
 

@@ -47,6 +47,18 @@ def rcpt_macros(queue_id: str, recipient: str) -> dict[str, str]:
     return {"i": queue_id, "{rcpt_addr}": recipient, "{rcpt_mailer}": "smtp"}
 
 
+_LATENCY: dict[tuple[str, str], Callable[[float], None]] = {}
+
+
+def _latency(milter: str, stage: str) -> Callable[[float], None]:
+    """The latency histogram of one milter's stage (resolved once per pair)."""
+    observe = _LATENCY.get((milter, stage))
+    if observe is None:
+        observe = _LATENCY[(milter, stage)] = METRICS.observer(
+            "mailmoat_milter_latency_seconds", milter=milter, stage=stage)
+    return observe
+
+
 @dataclass(frozen=True)
 class ChainMember:
     endpoint: MilterEndpoint
@@ -152,8 +164,7 @@ class ChainSession(BlockingEnvelopeStages):
                 verdict, transit = yield from self._content(member, transit, macros)
             except MilterProtocolError as exc:
                 verdict = self._failed(member, "eom", exc)
-            METRICS.observe("mailmoat_milter_latency_seconds", time.monotonic() - started,
-                            milter=member.spec.endpoint.name, stage="message")
+            _latency(member.spec.endpoint.name, "message")(time.monotonic() - started)
             if verdict.action is Action.ACCEPT:
                 member.out_for_message = True
             elif verdict.ends_transaction:
@@ -226,8 +237,7 @@ class ChainSession(BlockingEnvelopeStages):
                 verdict = yield from call(member.client)
             except MilterProtocolError as exc:
                 verdict = self._failed(member, stage, exc)
-            METRICS.observe("mailmoat_milter_latency_seconds", time.monotonic() - started,
-                            milter=member.spec.endpoint.name, stage=stage)
+            _latency(member.spec.endpoint.name, stage)(time.monotonic() - started)
             self._note(member, stage, verdict)
             if verdict.action is Action.ACCEPT:
                 if whole_session:
