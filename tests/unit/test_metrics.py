@@ -23,3 +23,19 @@ def test_histogram_buckets_are_cumulative_and_count_every_observation() -> None:
     assert 'latency_seconds_count{milter="m",stage="mail"} 6' in lines
     assert 'latency_seconds_sum{milter="m",stage="mail"} 7.207500' in lines
     assert 'things_total{by="x"} 2' in lines
+
+
+def test_an_observer_and_observe_fill_the_same_histogram() -> None:
+    registry = Registry()
+    fast = registry.observer("latency_seconds", milter="ratelimit", stage="mail")
+    fast(0.0004)
+    fast(0.02)
+    registry.observe("latency_seconds", 3.0, stage="mail", milter="ratelimit")
+    lines = registry.render().splitlines()
+    labels = 'milter="ratelimit",stage="mail"'
+    assert f'latency_seconds_bucket{{{labels},le="0.001"}} 1' in lines
+    assert f'latency_seconds_bucket{{{labels},le="0.025"}} 2' in lines
+    assert f'latency_seconds_bucket{{{labels},le="2.5"}} 2' in lines
+    assert f'latency_seconds_bucket{{{labels},le="+Inf"}} 3' in lines
+    assert f"latency_seconds_count{{{labels}}} 3" in lines
+    assert f"latency_seconds_sum{{{labels}}} 3.020400" in lines
