@@ -214,6 +214,11 @@ class MilterClient(BlockingEnvelopeStages):
         self.sock = None
         self.inbox.clear()
 
+    @property
+    def protocol_bits(self) -> int:
+        """The negotiated protocol flags as an int (0 before negotiation)."""
+        return self._protocol_bits
+
     # -- connection reuse (milter_pool) ------------------------------------------------------
     def reusable(self) -> bool:
         """Negotiated, connected on the event loop, and between stages: nothing unsent,
@@ -257,7 +262,7 @@ class MilterClient(BlockingEnvelopeStages):
     def g_connect(self, hostname: str, address: str | None, port: int = 0,
                   family: int = socket.AF_INET, macros: dict[str, str] | None = None
                   ) -> Steps[Verdict]:
-        yield from self._macros(MacroStage.CONNECT, macros)
+        self._hold_macros(MacroStage.CONNECT, macros, _I["NOCONNECT"])
         if address is None or family not in _FAMILY:
             payload = _z(hostname) + b"U"
         else:
@@ -265,31 +270,31 @@ class MilterClient(BlockingEnvelopeStages):
         return (yield from self._stage(b"C", payload, _I["NOCONNECT"], _I["NR_CONN"]))
 
     def g_helo(self, name: str, macros: dict[str, str] | None = None) -> Steps[Verdict]:
-        yield from self._macros(MacroStage.HELO, macros)
+        self._hold_macros(MacroStage.HELO, macros, _I["NOHELO"])
         return (yield from self._stage(b"H", _z(name), _I["NOHELO"], _I["NR_HELO"]))
 
     def g_mail(self, sender: str, params: list[str] = (),  # type: ignore[assignment]
                macros: dict[str, str] | None = None) -> Steps[Verdict]:
-        yield from self._macros(MacroStage.ENVFROM, macros)
+        self._hold_macros(MacroStage.ENVFROM, macros, _I["NOMAIL"])
         self.body_skipped = False
         return (yield from self._stage(b"M", _z(f"<{sender}>", *params),
                                        _I["NOMAIL"], _I["NR_MAIL"]))
 
     def g_rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
                macros: dict[str, str] | None = None) -> Steps[Verdict]:
-        yield from self._macros(MacroStage.ENVRCPT, macros)
+        self._hold_macros(MacroStage.ENVRCPT, macros, _I["NORCPT"])
         return (yield from self._stage(b"R", _z(f"<{recipient}>", *params), _I["NORCPT"],
                                        _I["NR_RCPT"]))
 
     def g_data(self, macros: dict[str, str] | None = None) -> Steps[Verdict]:
-        yield from self._macros(MacroStage.DATA, macros)
+        self._hold_macros(MacroStage.DATA, macros, _I["NODATA"])
         return (yield from self._stage(b"T", b"", _I["NODATA"], _I["NR_DATA"]))
 
     def g_header(self, name: str, value: str) -> Steps[Verdict]:
         return (yield from self._stage(b"L", _z(name, value), _I["NOHDRS"], _I["NR_HDR"]))
 
     def g_end_of_headers(self, macros: dict[str, str] | None = None) -> Steps[Verdict]:
-        yield from self._macros(MacroStage.EOH, macros)
+        self._hold_macros(MacroStage.EOH, macros, _I["NOEOH"])
         return (yield from self._stage(b"N", b"", _I["NOEOH"], _I["NR_EOH"]))
 
     def g_body(self, body: bytes) -> Steps[Verdict]:
@@ -306,7 +311,7 @@ class MilterClient(BlockingEnvelopeStages):
         return Verdict.cont()
 
     def g_end_of_message(self, macros: dict[str, str] | None = None) -> Steps[EomOutcome]:
-        yield from self._macros(MacroStage.EOM, macros)
+        self._hold_macros(MacroStage.EOM, macros, 0)
         yield from self._send(b"E")
         edits: list[Edit] = []
         body_parts: list[bytes] = []
@@ -358,10 +363,11 @@ class MilterClient(BlockingEnvelopeStages):
         del self.inbox[:4 + length]
         return packet[:1], packet[1:]
 
-    def _macros(self, stage: MacroStage, values: dict[str, str] | None) -> Steps[None]:
+    def _hold_macros(self, stage: MacroStage, values: dict[str, str] | None,
+                     skip: int) -> None:
         """Hold the stage's macros; they go out in one write with the stage's command, or
-        not at all if the milter skips the stage."""
-        if not values or self.negotiated is None:
+        not at all (nor made) if the milter skips the stage (its `skip` protocol bit)."""
+        if not values or self.negotiated is None or self._protocol_bits & skip:
             return
         wanted = self._wanted.get(stage)
         if wanted is not None:  # the milter named the macros it wants at this stage
@@ -369,7 +375,6 @@ class MilterClient(BlockingEnvelopeStages):
         if values:
             self._held_macros = encode_packet(b"D", _STAGE_COMMAND[stage] + _z(
                 *[x for kv in values.items() for x in kv]))
-        yield from ()
 
     def _stage(self, command: bytes, payload: bytes | memoryview, skip: int,
                no_reply: int) -> Steps[Verdict]:
