@@ -247,6 +247,25 @@ def test_milter_connections_are_kept_between_sessions(tmp_path: Path) -> None:
         gateway.stop()
 
 
+def test_a_client_that_never_sends_mail_is_still_counted_by_the_milter(tmp_path: Path
+                                                                        ) -> None:
+    """The connect step the milter does not answer is held back for the next packet; a
+    session that ends before MAIL sends it with QUIT, so a connection limit still counts
+    clients that only say EHLO and leave."""
+    policy = ("ratelimit:\n  exempt_internal: false\n  limits:\n"
+              "    - {name: per-ip, key: client_ip, per: connection, rate: 1/hour, burst: 1}\n"
+              "  reply: \"451 4.7.1 Too many connections\"\n")
+    gateway = Serve(tmp_path, policy=policy).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
+            client.ehlo("only-says-hello.example")  # and QUIT
+        result = run_swaks(gateway.port, mail_from="a@outside.example", rcpt="taro@example.jp")
+        assert result.reply_by_stage["MAIL"] == "451 4.7.1 Too many connections", \
+            result.transcript
+    finally:
+        gateway.stop()
+
+
 def test_the_delivery_process_runs_below_serve(serve: Serve) -> None:
     """Deliveries yield the CPU to clients waiting for a reply: queue.delivery_nice (5)."""
     assert serve.proc is not None
