@@ -206,7 +206,7 @@ class ChainSession(BlockingEnvelopeStages):
         steps: list[Callable[[], Steps[Verdict]]] = [lambda: client.g_data(macros)]
         # A milter that skips headers and body (ours for rate limits) costs no copy of the
         # message: a 25 MB message stays one 25 MB object.
-        if protocol & _NO_CONTENT != _NO_CONTENT:
+        if (protocol & _NO_CONTENT) != _NO_CONTENT:
             fields, body = split_message(transit.raw)
             for raw_field in fields:
                 name, _, value = raw_field.decode("utf-8", "surrogateescape").partition(":")
