@@ -50,23 +50,19 @@ class Registry:
             self._counters[name][key] += amount
 
     def observe(self, name: str, value: float, **labels: str) -> None:
+        self.observer(name, **labels)(value)
+
+    def observer(self, name: str, **labels: str) -> Callable[[float], None]:
+        """observe() for one set of labels, looked up once: the per-stage hot paths keep it."""
         key = self._key(labels)
         with self._lock:
             # [count per bucket (le the bound, above the one before)..., above all, sum]
-            cells = self._histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))
-            cells[bisect_left(BUCKETS, value)] += 1  # its own bucket; render() sums up
-            cells[-1] += value
-
-    def observer(self, name: str, **labels: str) -> Callable[[float], None]:
-        """observe() for one set of labels, looked up once: for the per-stage hot paths."""
-        key = self._key(labels)
-        with self._lock:
             cells = self._histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))
         lock = self._lock
 
         def observe(value: float) -> None:
             with lock:
-                cells[bisect_left(BUCKETS, value)] += 1
+                cells[bisect_left(BUCKETS, value)] += 1  # its own bucket; render() sums up
                 cells[-1] += value
         return observe
 

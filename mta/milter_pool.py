@@ -62,7 +62,7 @@ class MilterPool:
             sent = stream.send(client.take_unsent() + _QUIT_NEW_CONNECTION)
         except OSError:
             return False
-        if not sent or stream.backlog:  # no room for 10 bytes: not a connection to keep
+        if not sent or stream.backlog:  # not taken at once: not a connection to keep
             return False
         client.next_session()
         idle.append((client, time.monotonic()))
