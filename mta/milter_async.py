@@ -26,6 +26,7 @@ from .session_runner import ResumesDirectly
 T = TypeVar("T")
 HIGH_WATER = 64 * 1024  # unsent bytes above this make a step wait (big bodies, slow milter)
 UNIX_RETRY = 0.01  # s: a unix socket with a full backlog refuses at once; try again soon
+LINGER = 5.0  # s: the longest a half-closed socket waits for the milter to close its end
 Request = tuple[str, MilterClient, Any]
 
 
@@ -159,15 +160,47 @@ class MilterSocket:
 
     def close(self, unsent: bytes = b"") -> None:
         """Say goodbye (QUIT, after the `unsent` no-reply packets) if the socket takes it
-        at once, and close. Never blocks."""
+        at once, and close. Never blocks. libmilter drops what it has not read yet once
+        the other end is closed, so with `unsent` packets the socket is only half-closed,
+        and closed when the milter has closed its end (or after LINGER seconds)."""
+        said = False
         if not self.closed and self.connected and not self.backlog:
             try:
                 self.sock.send(unsent + encode_packet(b"Q"))
+                said = True
             except OSError:
                 pass  # gone already, or no room: nothing more to tell it
         self._stop_io()
-        self.sock.close()
+        if said and unsent:
+            self._linger()
+        else:
+            self.sock.close()
         self._wake()
+
+    def _linger(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.sock.close()
+            return
+        timer = self.loop.call_later(LINGER, self._end_linger)
+
+        def drain() -> None:
+            try:
+                if self.sock.recv(4096):
+                    return  # nothing is expected after QUIT; read and forget it
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass
+            timer.cancel()
+            self._end_linger()
+        self.loop.add_reader(self.fd, drain)
+
+    def _end_linger(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.fd)
+            self.sock.close()
 
 
 class Run(ResumesDirectly, Generic[T]):

@@ -206,8 +206,14 @@ class MilterClient(BlockingEnvelopeStages):
             self.stream, self.sock = None, None
         if self.sock is None:
             return
+        unsent = self.take_unsent()
         try:
-            self.sock.send(self.take_unsent() + encode_packet(b"Q"))
+            self.sock.send(unsent + encode_packet(b"Q"))
+            if unsent:  # let the milter read it before it sees us gone (see MilterSocket)
+                self.sock.shutdown(socket.SHUT_WR)
+                self.sock.settimeout(1.0)
+                while self.sock.recv(4096):
+                    pass
         except OSError:
             pass  # the milter went away first, or its buffer is full: nothing to tell it
         self.sock.close()

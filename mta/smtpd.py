@@ -385,6 +385,7 @@ class SmtpConnection(ReadIntoShared):
         if self.gateway.chain_factory is None:
             return
         chain = self.chain = self.gateway.chain_factory()
+        self._background = deque()  # this chain's own: an ended one may still be finishing
         client = self.client_ip
         family = socket.AF_INET6 if ":" in client else socket.AF_INET
         self.after_chain_opened(lambda: chain.g_connect(
@@ -399,12 +400,13 @@ class SmtpConnection(ReadIntoShared):
             return
         self._background.append(stage)
         if self._chain_opening is None or self._chain_opening.done():
-            self._chain_opening = drive(self._background_stages(self.chain))
+            self._chain_opening = drive(self._background_stages(self.chain, self._background))
 
-    def _background_stages(self, chain: ChainSession) -> Steps[None]:
+    def _background_stages(self, chain: ChainSession,
+                           stages: deque[Callable[[], Steps[Verdict]]]) -> Steps[None]:
         """The queued stages one after the other, in one run; the first refusal is kept."""
-        while self._background:
-            stage = self._background.popleft()
+        while stages:
+            stage = stages.popleft()
             if self.early_verdict is not None:
                 continue  # refused already: the milters need not hear more
             verdict = yield from stage()
@@ -420,13 +422,17 @@ class SmtpConnection(ReadIntoShared):
         return self.chain
 
     def close_chain(self) -> None:
-        self._background.clear()
-        if self._chain_opening is not None:
-            self._chain_opening.cancel()
-            self._chain_opening = None
-        if self.chain is not None:
-            chain, self.chain = self.chain, None
-            chain.close()  # never blocks: one small packet and a close
+        """End the milters' session (never blocks: one small packet and a close). If their
+        set-up is still under way, as for a client that quits right after EHLO, it is let
+        finish first, within its timeouts: the milters still see the connection and HELO."""
+        chain, opening = self.chain, self._chain_opening
+        self.chain, self._chain_opening = None, None
+        if chain is None:
+            return
+        if opening is not None and not opening.done():
+            opening.add_done_callback(lambda _: chain.close())
+        else:
+            chain.close()
 
     def reset_session(self) -> None:
         """A new client as far as SMTP and the milters are concerned (STARTTLS, XCLIENT)."""

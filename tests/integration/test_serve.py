@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from tests.harness.milter_proc import ROOT
-from tests.harness.ports import free_port, wait_for_port
+from tests.harness.ports import free_port, is_listening
 from tests.harness.swaks import run_swaks
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,14 @@ class Serve:
             self.proc = subprocess.Popen([sys.executable, "-m", "mta.cli", "serve", "--config",
                                           str(self.config)], cwd=ROOT, stdout=log, stderr=log,
                                          env=env)
-        wait_for_port("127.0.0.1", self.port, timeout=20)
+        # The log line, not a connect probe: a probe would be an SMTP session of its own
+        # (and a milter session) in every count a test makes.
+        deadline = time.monotonic() + 20
+        while "event=serve_started" not in self.text():
+            assert self.proc.poll() is None, f"serve exited:\n{self.text()}"
+            assert time.monotonic() < deadline, f"serve did not start:\n{self.text()}"
+            time.sleep(0.05)
+        assert is_listening("127.0.0.1", self.port)
         return self
 
     def text(self) -> str:
