@@ -3,6 +3,7 @@ backend; and the SQLite connection pool that libmilter's thread-per-session need
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from milters.core.store import Admission, MemoryStore, SqliteStore, Store, Take, open_store
+from milters.core.store.base import POINTS_EPSILON
 from milters.core.store.sqlite import POOL_SIZE
 from tests.harness.redis_server import RedisServer
 from tests.unit.test_store_contract import T0, _open
@@ -68,6 +70,14 @@ def test_no_points_key_and_no_takes(store: Store) -> None:
     store.points_add("p:ip", 10, half_life=100.0, now=T0)
     only_points = admit(store, [])
     assert only_points.points == pytest.approx(10) and only_points.allowed
+
+
+def test_points_at_the_threshold_still_count(store: Store) -> None:
+    """Exactly POINTS_EPSILON is worth something at the instant it is written, whatever the
+    wall clock does meanwhile (Redis once expired it 1 ms later, on its own clock)."""
+    store.points_add("p:ip", POINTS_EPSILON, half_life=100.0, now=T0)
+    time.sleep(0.01)
+    assert admit(store, []).points == pytest.approx(POINTS_EPSILON)
 
 
 steps = st.lists(st.tuples(st.floats(0, 30), st.floats(0, 15), st.integers(0, 3)),

@@ -152,9 +152,12 @@ def decide_points(
 def decide_counter(stored: tuple[float, float] | None, amount: float, *, keep: float,
                    now: float) -> tuple[float, Update]:
     """Plain counter step (no decay): add `amount`; the record lives `keep` seconds past
-    its last count."""
-    value = (stored[0] if stored is not None else 0.0) + float(amount)
-    return value, Update(True, value, float(now), float(now) + float(keep))
+    its last count, and a count after that starts again from zero (whether or not the
+    backend has purged the record yet: purging is housekeeping, not meaning)."""
+    now, keep = float(now), float(keep)
+    alive = stored is not None and now < stored[1] + keep
+    value = (stored[0] if alive else 0.0) + float(amount)
+    return value, Update(True, value, now, now + keep)
 
 
 class Take(NamedTuple):

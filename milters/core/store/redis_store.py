@@ -2,7 +2,7 @@
 
 Every operation is one Lua script, so it is atomic across gateways. A record
 is a hash {v: value, u: updated, e: expires} under `namespace + key`, with a
-PEXPIRE so Redis forgets it once it is worth nothing. The scripts repeat the
+PEXPIRE so Redis forgets it EXPIRY_GRACE after it is worth nothing. The scripts repeat the
 formulas of base.py; numbers travel as "%.17g" strings because Redis turns a
 Lua number reply into an integer.
 """
@@ -41,8 +41,16 @@ from .base import (
 
 T = TypeVar("T")
 
-# Shared by both scripts: read the hash, store a value with its expiry.
-_LUA_COMMON = """
+# Redis forgets a record this long after it is worth nothing. Values are computed from the
+# caller's `now`, expiry runs on Redis's clock: the grace keeps a record readable across the
+# round trip and a small clock skew between gateways, so no backend drops a value another
+# would still count. A record read in the grace is worth nothing anyway: points and buckets
+# have decayed, and a counter past its `keep` starts again from zero.
+EXPIRY_GRACE = 2.0
+_LUA_GRACE = f"local GRACE_MS = {int(EXPIRY_GRACE * 1000)}\n"
+
+# Shared by the single-record scripts: read the hash, store a value with its expiry.
+_LUA_COMMON = _LUA_GRACE + """
 local function fmt(x) return string.format('%.17g', x) end
 local function load(now)
   local f = redis.call('HMGET', KEYS[1], 'v', 'u')
@@ -53,7 +61,7 @@ end
 local function store(v, u, ttl)
   redis.call('HSET', KEYS[1], 'v', fmt(v), 'u', fmt(u), 'e', ttl and fmt(u + ttl) or '')
   if ttl then
-    redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil(ttl * 1000)))
+    redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + GRACE_MS)
   else
     redis.call('PERSIST', KEYS[1])
   end
@@ -96,7 +104,8 @@ return fmt(new)
 # ARGV: amount, keep, now. Returns the new value of a plain counter.
 _LUA_COUNTER = _LUA_COMMON + """
 local amount, keep, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local value = load(now)
+local value, updated = load(now)
+if now >= updated + keep then value = 0 end
 local new = value + amount
 store(new, now, keep)
 return fmt(new)
@@ -108,7 +117,7 @@ return fmt(new)
 # then cost, rate, burst, force (0/1) per bucket. Returns one string: points, refused, then
 # fits, level, capacity per bucket. Writes only if every bucket fits and the points are
 # below refuse_at, except forced buckets, which are always written and always fit.
-_LUA_ADMIT = """
+_LUA_ADMIT = _LUA_GRACE + """
 local function fmt(x) return string.format('%.17g', x) end
 local A = {}
 for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
@@ -161,7 +170,7 @@ do
     if rate > 0 then
       local ttl = new / rate
       redis.call('HSET', key, 'v', fmt(new), 'u', fmt(stamp), 'e', fmt(stamp + ttl))
-      redis.call('PEXPIRE', key, math.max(1, math.ceil(ttl * 1000)))
+      redis.call('PEXPIRE', key, math.ceil(ttl * 1000) + GRACE_MS)
     else
       redis.call('HSET', key, 'v', fmt(new), 'u', fmt(stamp), 'e', '')
       redis.call('PERSIST', key)
