@@ -365,6 +365,23 @@ def test_sqlite_file_shared_by_two_processes(tmp_path: Path) -> None:
         assert take(store, "ip:shared", 0, T0, rate=0, cap=HUGE).level == 1000
 
 
+def test_sqlite_opens_while_another_connection_locks_the_new_file(tmp_path: Path) -> None:
+    """On a fresh install, several milters open the same new file at once; while one
+    switches it to WAL (an exclusive lock), the others wait instead of failing."""
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE other(x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        with SqliteStore(str(path), timeout=5) as store:
+            assert take(store, "ip:a", 1, T0, rate=0).allowed
+    finally:
+        release.join()
+        holder.close()
+
+
 def test_redis_shared_by_two_processes(redis_server: RedisServer) -> None:
     key = f"ip:shared:{next(_keys)}"
     _two_processes_take(redis_server.url, key)
@@ -489,7 +506,7 @@ def test_redis_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
 def test_sqlite_locked_too_long_raises_store_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "locked.db"
     store = SqliteStore(str(path), timeout=0.2)
-    holder = sqlite3.connect(path, isolation_level=None)
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
     try:
         with pytest.raises(StoreUnavailable, match="locked"):

@@ -75,6 +75,14 @@ _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 _INHERITED: list[sqlite3.Connection] = []
 
 
+class _PooledConnection(sqlite3.Connection):
+    """A connection of the pool; `ready` once its own settings are made. They are made
+    under the busy retry, not at connect: on a new file, another process may be switching
+    it to WAL, which locks even the schema read that any PRAGMA starts with."""
+
+    ready = False
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -99,8 +107,8 @@ class SqliteStore(Store):
         self.path = os.path.abspath(path)
         self._timeout = timeout
         self._purge_every = purge_every
-        self._idle: list[sqlite3.Connection] = []  # connections free for the next operation
-        self._conns: list[sqlite3.Connection] = []  # every open connection, for close()
+        self._idle: list[_PooledConnection] = []  # connections free for the next operation
+        self._conns: list[_PooledConnection] = []  # every open connection, for close()
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writes = 0
@@ -220,7 +228,7 @@ class SqliteStore(Store):
 
     # -- internals ------------------------------------------------------------
 
-    def _acquire(self) -> sqlite3.Connection:
+    def _acquire(self) -> _PooledConnection:
         """An idle connection, or a new one; give it back with _release()."""
         with self._conns_lock:
             if self._pid != os.getpid():
@@ -235,17 +243,15 @@ class SqliteStore(Store):
                 return self._idle.pop()
         try:
             # timeout=0: busy waits are ours (see module docstring).
-            db = sqlite3.connect(
-                self.path, timeout=0, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA synchronous=NORMAL")
+            db = sqlite3.connect(self.path, timeout=0, isolation_level=None,
+                                 check_same_thread=False, factory=_PooledConnection)
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite {self.path}: cannot open: {exc}") from exc
         with self._conns_lock:
             self._conns.append(db)
         return db
 
-    def _release(self, db: sqlite3.Connection) -> None:
+    def _release(self, db: _PooledConnection) -> None:
         with self._conns_lock:
             if db not in self._conns:  # closed or inherited meanwhile
                 return
@@ -295,6 +301,9 @@ class SqliteStore(Store):
             pause = PAUSE_FIRST
             while True:
                 try:
+                    if not db.ready:
+                        db.execute("PRAGMA synchronous=NORMAL")
+                        db.ready = True
                     result = op(db)
                     break
                 except sqlite3.Error as exc:
