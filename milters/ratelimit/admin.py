@@ -12,11 +12,16 @@ from .limiter import ip_key
 from .settings import RatelimitSettings
 
 
-def _describe(record: Record, settings: RatelimitSettings, now: float) -> tuple[str, str, str]:
-    """(who, what, state) for one stored record."""
+def _who_and_what(record: Record) -> tuple[str, str]:
     head, _, tail = record.key.partition(":[")
     subject, _, what = tail.rpartition("]:")
-    who = f"{head.split(':', 1)[1]} {subject}"
+    return f"{head.split(':', 1)[1]} {subject}", what
+
+
+def _describe(record: Record, settings: RatelimitSettings, now: float,
+              slowdown: dict[str, float]) -> tuple[str, str, str] | None:
+    """(who, what, state) for one stored record; None for a bucket that has drained."""
+    who, what = _who_and_what(record)
     age = f"updated {now - record.updated:.0f}s ago"
     if what == "points":
         points = decayed_points(record.value, record.updated, settings.points.half_life, now)
@@ -27,14 +32,26 @@ def _describe(record: Record, settings: RatelimitSettings, now: float) -> tuple[
     limit = settings.limit(name)
     if limit is None:
         return who, name, f"{record.value:.1f} used (limit no longer in the policy); {age}"
-    level = drained_level(record.value, record.updated, limit.rate, now)
+    # The store keeps a bucket until it would have drained at a fraction of its rate
+    # (store.base.SLOWEST_DRAIN); it drains at the speed its owner's points allow now.
+    level = drained_level(record.value, record.updated, limit.rate * slowdown.get(who, 1.0), now)
+    if level <= 0.0:
+        return None
     return who, name, f"{level:.1f} of {limit.burst} used; {age}"
 
 
 def show(store: Store, settings: RatelimitSettings, ip: str | None = None) -> list[str]:
     now = time.time()
     prefix = ip_key(ipaddress.ip_address(ip)) if ip else "rl:"
-    rows = [_describe(record, settings, now) for record in store.records(prefix, now=now)]
+    records = store.records(prefix, now=now)
+    slowdown = {}
+    for record in records:
+        who, what = _who_and_what(record)
+        if what == "points":
+            slowdown[who] = settings.points.slowdown(decayed_points(
+                record.value, record.updated, settings.points.half_life, now))
+    rows = [row for row in (_describe(record, settings, now, slowdown) for record in records)
+            if row is not None]
     if not rows:
         return [f"nothing recorded for {ip}" if ip else "nothing recorded"]
     width = max(len(who) for who, _, _ in rows)

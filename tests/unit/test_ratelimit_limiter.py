@@ -371,3 +371,26 @@ def test_memory_and_redis_like_stores_count_messages_exactly_at_mail_from(
     assert send(limiter, policy, ip="198.51.100.80", write=False).action is Action.CONTINUE
     [record] = limiter.store.records("rl:ip:[198.51.100.80]:bucket:", now=clock())
     assert record.value == pytest.approx(1)
+
+
+def test_show_drains_buckets_at_the_points_speed_and_hides_empty_ones() -> None:
+    """`ratelimit show` lists what still counts: a bucket drains at the speed its client's
+    points allow, and one that has drained is not listed (the store keeps it a while)."""
+    from milters.core.store import Take
+    from milters.ratelimit import admin
+    settings = make_policy("ratelimit:\n  limits: [{name: m, rate: 1/min, burst: 5},"
+                           " {name: n, rate: 1/min, burst: 5}]\n").sections["ratelimit"]
+    store, now = MemoryStore(), time.time()
+    ip = "198.51.100.9"
+    slowed, drained = f"rl:ip:[{ip}]:bucket:m", f"rl:ip:[{ip}]:bucket:n"
+    store.admit(None, [Take(slowed, 1 / 60, 5, cost=4)], half_life=3600.0, halve_every=10.0,
+                refuse_at=None, now=now - 120)
+    store.admit(None, [Take(drained, 1 / 60, 5, cost=1)], half_life=3600.0, halve_every=10.0,
+                refuse_at=None, now=now - 600)  # empty after 240 s even at a quarter
+    assert len(store.records(f"rl:ip:[{ip}]:", now=now)) == 2
+    store.points_add(points_key(ipaddress.ip_address(ip)), 20, half_life=3600.0, now=now)
+    lines = admin.show(store, settings, ip)
+    # Points slow it to about a quarter: 4 - 120 s x 1/min x 0.25 ~ 3.5, not 4 - 2 = 2.0.
+    assert [line.split("; ")[0] for line in lines] == [
+        f"ip {ip}  m       3.5 of 5 used",
+        f"ip {ip}  points  20.0 (limits at 25% speed)"]

@@ -72,6 +72,24 @@ def test_no_points_key_and_no_takes(store: Store) -> None:
     assert only_points.points == pytest.approx(10) and only_points.allowed
 
 
+def test_points_earned_after_a_burst_slow_its_drain_even_after_a_purge(store: Store) -> None:
+    """A client fills its bucket at full speed, then earns points: the rest drains at the
+    slower rate, and the record is not forgotten (nor purged) at the full-speed drain time."""
+    takes = [Take("b:burst", 1.0, 4)]
+    for _ in range(4):
+        assert admit(store, takes).allowed
+    store.points_add("p:ip", 20, half_life=100.0, now=T0)
+    later = T0 + 5  # at the full rate, the four would have drained at T0 + 4
+    assert [r.key for r in store.records("b:", now=later)] == ["b:burst"]
+    purge = getattr(store, "purge", None)  # memory and SQLite sweep; Redis expires by itself
+    if purge is not None:
+        purge(later)
+    slow = 0.5 ** (20 * 0.5 ** (5 / 100) / 10)
+    denied = admit(store, takes, at=later)
+    assert not denied.allowed
+    assert denied.results[0].level == pytest.approx(4 - 5 * slow)
+
+
 def test_points_at_the_threshold_still_count(store: Store) -> None:
     """Exactly POINTS_EPSILON is worth something at the instant it is written, whatever the
     wall clock does meanwhile (Redis once expired it 1 ms later, on its own clock)."""

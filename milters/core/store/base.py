@@ -3,10 +3,16 @@
 Value types are NamedTuples: a decision builds several per call, and frozen dataclasses
 cost three times as much to create.
 
-Two kinds of record live in a store, both as (value, updated, expires):
+Three kinds of record live in a store, each as (value, updated, expires):
 
 - a leaky bucket: the level drains linearly at `rate` units per second;
-- a points score: the value halves every `half_life` seconds.
+- a points score: the value halves every `half_life` seconds;
+- a plain counter, kept `keep` seconds after its last count.
+
+A bucket or counter past its `expires` is absent to every read, whether or not the
+backend has purged it yet: purging (a sweep in memory and SQLite, PEXPIRE in Redis) is
+housekeeping and never changes a decision. A points score expires when it has decayed
+below POINTS_EPSILON, so reading it past that time gives nothing either.
 
 The caller always passes `now`, so tests drive a controlled clock and
 several gateways sharing one Redis agree on what "now" means per call.
@@ -21,6 +27,12 @@ from typing import NamedTuple
 
 # A points value below this counts as zero, so decayed scores can be forgotten.
 POINTS_EPSILON = 0.01
+# A bucket counted by `admit` drains at its rate times the slowdown of the points read then,
+# and points earned after the write slow it further. Its record lasts until it would have
+# drained at this share of its full rate (six halvings: a policy's tempfail_at normally
+# refuses the client before that), so a client that fills its bucket and then earns points
+# waits out the slower drain instead of finding the record forgotten.
+SLOWEST_DRAIN = 1 / 64
 
 
 class BucketResult(NamedTuple):
@@ -89,8 +101,10 @@ def decide_bucket(
     rate: float,
     capacity: float,
     now: float,
+    expiry_rate: float | None = None,
 ) -> tuple[BucketResult, Update]:
-    """Leaky-bucket step for a record `stored` = (level, updated) or None."""
+    """Leaky-bucket step for a record `stored` = (level, updated) or None. A written record
+    expires once drained at `expiry_rate` (default: `rate`)."""
     # Hot path (several calls per message): arithmetic inline, no helper calls.
     if stored is None:
         drained, updated = 0.0, now
@@ -106,7 +120,8 @@ def decide_bucket(
     if new <= capacity:
         result = BucketResult(True, new, capacity, 0.0)
         if cost > 0:
-            expires = stamp + new / rate if rate > 0 else None
+            lasts = rate if expiry_rate is None else expiry_rate
+            expires = stamp + new / lasts if lasts > 0 else None
             return result, Update(True, new, stamp, expires)
         return result, Update(False, new, stamp, None)
     result = BucketResult(False, drained, capacity, retry_after(drained, cost, capacity, rate))
@@ -217,10 +232,12 @@ def decide_admission(
     if points_stored is not None:
         points = decayed_points(points_stored[0], points_stored[1], half_life, now)
     slow = slowdown_factor(points, halve_every)
-    decided = [decide_bucket(stored, cost=take.cost, rate=take.rate, capacity=math.inf, now=now)
+    decided = [decide_bucket(stored, cost=take.cost, rate=take.rate, capacity=math.inf, now=now,
+                             expiry_rate=take.rate * SLOWEST_DRAIN)
                if take.force else
                decide_bucket(stored, cost=take.cost, rate=take.rate * slow,
-                             capacity=scaled_capacity(take.burst, slow), now=now)
+                             capacity=scaled_capacity(take.burst, slow), now=now,
+                             expiry_rate=take.rate * SLOWEST_DRAIN)
                for take, stored in zip(takes, buckets_stored)]
     results = tuple(result for result, _ in decided)
     refused = refuse_at is not None and points >= refuse_at
@@ -233,6 +250,21 @@ def decide_admission(
 
 def is_live(expires: float | None, now: float) -> bool:
     return expires is None or expires > now
+
+
+def is_forgotten(expires: float | None, now: float) -> bool:
+    """Past its expiry: reads treat the record as absent, purging may delete it. Strictly
+    past: a tiny cost's expiry can round to its own write time, and is still there then."""
+    return expires is not None and expires < now
+
+
+def live_row(row: tuple[float, float, float | None] | None,
+             now: float) -> tuple[float, float] | None:
+    """(value, updated) of a stored (value, updated, expires) row, None if absent or
+    forgotten."""
+    if row is None or is_forgotten(row[2], now):
+        return None
+    return row[0], row[1]
 
 
 class Store(ABC):

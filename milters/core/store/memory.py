@@ -17,7 +17,9 @@ from .base import (
     decide_bucket,
     decide_counter,
     decide_points,
+    is_forgotten,
     is_live,
+    live_row,
 )
 
 # Sweep expired records after at least this many writes (and at least as
@@ -42,7 +44,7 @@ class MemoryStore(Store):
         check_bucket_args(cost, rate, capacity)
         with self._lock:
             result, update = decide_bucket(
-                self._load(key), cost=cost, rate=rate, capacity=capacity, now=now
+                self._load(key, now), cost=cost, rate=rate, capacity=capacity, now=now
             )
             self._apply(key, update, now)
         return result
@@ -50,13 +52,13 @@ class MemoryStore(Store):
     def points_add(self, key: str, amount: float, *, half_life: float, now: float) -> float:
         check_points_args(half_life)
         with self._lock:
-            value, update = decide_points(self._load(key), amount, half_life=half_life, now=now)
+            value, update = decide_points(self._value(key), amount, half_life=half_life, now=now)
             self._apply(key, update, now)
         return value
 
     def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
         with self._lock:
-            value, update = decide_counter(self._load(key), amount, keep=keep, now=now)
+            value, update = decide_counter(self._load(key, now), amount, keep=keep, now=now)
             self._apply(key, update, now)
         return value
 
@@ -67,8 +69,8 @@ class MemoryStore(Store):
             check_bucket_args(take.cost, take.rate, take.burst)
         with self._lock:
             admission, updates = decide_admission(
-                self._load(points_key) if points_key else None,
-                [self._load(take.key) for take in takes], takes, half_life=half_life,
+                self._value(points_key) if points_key else None,
+                [self._load(take.key, now) for take in takes], takes, half_life=half_life,
                 halve_every=halve_every, refuse_at=refuse_at, now=now)
             for take, update in zip(takes, updates):
                 self._apply(take.key, update, now)
@@ -105,7 +107,12 @@ class MemoryStore(Store):
 
     # -- internals (caller holds the lock) --------------------------------
 
-    def _load(self, key: str) -> tuple[float, float] | None:
+    def _load(self, key: str, now: float) -> tuple[float, float] | None:
+        """A bucket or counter: absent once expired."""
+        return live_row(self._data.get(key), now)
+
+    def _value(self, key: str) -> tuple[float, float] | None:
+        """A points score, expired or not: it decays to nothing by itself."""
         row = self._data.get(key)
         return None if row is None else (row[0], row[1])
 
@@ -119,7 +126,13 @@ class MemoryStore(Store):
                 self._writes = 0
                 self._purge(now)
 
-    def _purge(self, now: float) -> None:
-        dead = [k for k, (_, _, exp) in self._data.items() if not is_live(exp, now)]
+    def purge(self, now: float) -> int:
+        """Delete records forgotten at `now` (base.is_forgotten); return how many."""
+        with self._lock:
+            return self._purge(now)
+
+    def _purge(self, now: float) -> int:
+        dead = [k for k, (_, _, exp) in self._data.items() if is_forgotten(exp, now)]
         for key in dead:
             del self._data[key]
+        return len(dead)

@@ -28,6 +28,7 @@ from milters.core.errors import StoreError, StoreUnavailable
 
 from .base import (
     POINTS_EPSILON,
+    SLOWEST_DRAIN,
     Admission,
     BucketResult,
     Record,
@@ -47,15 +48,17 @@ T = TypeVar("T")
 # would still count. A record read in the grace is worth nothing anyway: points and buckets
 # have decayed, and a counter past its `keep` starts again from zero.
 EXPIRY_GRACE = 2.0
-_LUA_GRACE = f"local GRACE_MS = {int(EXPIRY_GRACE * 1000)}\n"
+_LUA_CONSTANTS = (f"local GRACE_MS = {int(EXPIRY_GRACE * 1000)}\n"
+                  f"local SLOWEST_DRAIN = {SLOWEST_DRAIN!r}\n")
 
 # Shared by the single-record scripts: read the hash, store a value with its expiry.
-_LUA_COMMON = _LUA_GRACE + """
+_LUA_COMMON = _LUA_CONSTANTS + """
 local function fmt(x) return string.format('%.17g', x) end
-local function load(now)
-  local f = redis.call('HMGET', KEYS[1], 'v', 'u')
-  local v = tonumber(f[1])
-  if v == nil then return 0, now end
+-- expiring: a bucket or counter is absent once expired; a points score decays by itself
+local function load(now, expiring)
+  local f = redis.call('HMGET', KEYS[1], 'v', 'u', 'e')
+  local v, e = tonumber(f[1]), tonumber(f[3])
+  if v == nil or (expiring and e ~= nil and e < now) then return 0, now end
   return v, tonumber(f[2])
 end
 local function store(v, u, ttl)
@@ -72,7 +75,7 @@ end
 _LUA_BUCKET = _LUA_COMMON + """
 local cost, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local cap, now = tonumber(ARGV[3]), tonumber(ARGV[4])
-local level, updated = load(now)
+local level, updated = load(now, true)
 local drained = level - rate * math.max(0, now - updated)
 if drained < 0 then drained = 0 end
 if drained + cost > cap then return {0, fmt(drained)} end
@@ -89,7 +92,7 @@ return {1, fmt(new)}
 _LUA_POINTS = _LUA_COMMON + """
 local amount, half = tonumber(ARGV[1]), tonumber(ARGV[2])
 local now, eps = tonumber(ARGV[3]), tonumber(ARGV[4])
-local value, updated = load(now)
+local value, updated = load(now, false)
 local new = value * math.pow(0.5, math.max(0, now - updated) / half) + amount
 if new < eps then new = 0 end
 if amount == 0 then return fmt(new) end
@@ -104,7 +107,7 @@ return fmt(new)
 # ARGV: amount, keep, now. Returns the new value of a plain counter.
 _LUA_COUNTER = _LUA_COMMON + """
 local amount, keep, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local value, updated = load(now)
+local value, updated = load(now, true)
 if now >= updated + keep then value = 0 end
 local new = value + amount
 store(new, now, keep)
@@ -117,18 +120,24 @@ return fmt(new)
 # then cost, rate, burst, force (0/1) per bucket. Returns one string: points, refused, then
 # fits, level, capacity per bucket. Writes only if every bucket fits and the points are
 # below refuse_at, except forced buckets, which are always written and always fit.
-_LUA_ADMIT = _LUA_GRACE + """
+_LUA_ADMIT = _LUA_CONSTANTS + """
 local function fmt(x) return string.format('%.17g', x) end
 local A = {}
 for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
 local now, half, halve = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
 local refuse_at, eps, has_points = tonumber(A[4]), tonumber(A[5]), A[6] == '1'
+-- (value, updated) of a record, nil when absent or (expiring) past its expiry
+local function read(key, expiring)
+  local f = redis.call('HMGET', key, 'v', 'u', 'e')
+  local v, e = tonumber(f[1]), tonumber(f[3])
+  if v == nil or (expiring and e ~= nil and e < now) then return nil, nil end
+  return v, tonumber(f[2])
+end
 local points = 0
 if has_points then
-  local f = redis.call('HMGET', KEYS[1], 'v', 'u')
-  local v = tonumber(f[1])
+  local v, u = read(KEYS[1], false)
   if v ~= nil then
-    points = v * math.pow(0.5, math.max(0, now - tonumber(f[2])) / half)
+    points = v * math.pow(0.5, math.max(0, now - u) / half)
     if points < eps then points = 0 end
   end
 end
@@ -144,15 +153,15 @@ for i = 2, #KEYS do
   local force = A[at + 3] == '1'
   local cap = math.max(1, math.floor(tonumber(A[at + 2]) * slow + 0.5))
   if force then cap, rate = math.huge, tonumber(A[at + 1]) end
-  local f = redis.call('HMGET', KEYS[i], 'v', 'u')
-  local level, updated = tonumber(f[1]), tonumber(f[2])
+  local level, updated = read(KEYS[i], true)
   if level == nil then level, updated = 0, now end
   local drained = level - rate * math.max(0, now - updated)
   if drained < 0 then drained = 0 end
   if drained + cost <= cap then
     table.insert(out, 1); table.insert(out, fmt(drained + cost))
     if cost > 0 then
-      local w = {KEYS[i], drained + cost, math.max(now, updated), rate}
+      local w = {KEYS[i], drained + cost, math.max(now, updated),
+                 tonumber(A[at + 1]) * SLOWEST_DRAIN}
       table.insert(force and apply or writes, w)
     end
   else
@@ -166,9 +175,9 @@ if ok then
 end
 do
   for _, w in ipairs(apply) do
-    local key, new, stamp, rate = w[1], w[2], w[3], w[4]
-    if rate > 0 then
-      local ttl = new / rate
+    local key, new, stamp, lasts = w[1], w[2], w[3], w[4]
+    if lasts > 0 then
+      local ttl = new / lasts
       redis.call('HSET', key, 'v', fmt(new), 'u', fmt(stamp), 'e', fmt(stamp + ttl))
       redis.call('PEXPIRE', key, math.ceil(ttl * 1000) + GRACE_MS)
     else

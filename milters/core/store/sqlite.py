@@ -35,6 +35,7 @@ from .base import (
     decide_bucket,
     decide_counter,
     decide_points,
+    live_row,
 )
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ _SCHEMA = (
     ") WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS state_expires ON state(expires)",
 )
-_SELECT = "SELECT value, updated FROM state WHERE key = ?"
+_SELECT = "SELECT value, updated, expires FROM state WHERE key = ?"
 _UPSERT = (
     "INSERT INTO state(key, value, updated, expires) VALUES (?, ?, ?, ?)"
     " ON CONFLICT(key) DO UPDATE SET"
@@ -130,7 +131,7 @@ class SqliteStore(Store):
 
         def op(db: sqlite3.Connection) -> BucketResult:
             result, update = decide_bucket(
-                self._load(db, key), cost=cost, rate=rate, capacity=capacity, now=now
+                self._load(db, key, now), cost=cost, rate=rate, capacity=capacity, now=now
             )
             self._apply(db, key, update)
             return result
@@ -143,7 +144,7 @@ class SqliteStore(Store):
         check_points_args(half_life)
 
         def op(db: sqlite3.Connection) -> float:
-            value, update = decide_points(self._load(db, key), amount, half_life=half_life, now=now)
+            value, update = decide_points(self._value(db, key), amount, half_life=half_life, now=now)
             self._apply(db, key, update)
             return value
 
@@ -153,7 +154,7 @@ class SqliteStore(Store):
 
     def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
         def op(db: sqlite3.Connection) -> float:
-            value, update = decide_counter(self._load(db, key), amount, keep=keep, now=now)
+            value, update = decide_counter(self._load(db, key, now), amount, keep=keep, now=now)
             self._apply(db, key, update)
             return value
 
@@ -166,14 +167,17 @@ class SqliteStore(Store):
             check_bucket_args(take.cost, take.rate, take.burst)
 
         keys = [take.key for take in takes] + ([points_key] if points_key else [])
-        select = f"SELECT key, value, updated FROM state WHERE key IN ({','.join('?' * len(keys))})"
+        select = ("SELECT key, value, updated, expires FROM state"
+                  f" WHERE key IN ({','.join('?' * len(keys))})")
 
         def op(db: sqlite3.Connection) -> Admission:
             # One SELECT and at most one multi-row UPSERT: statements, not rows, are the cost.
-            rows = {key: (value, updated) for key, value, updated in db.execute(select, keys)}
+            rows = {key: (value, updated, expires)
+                    for key, value, updated, expires in db.execute(select, keys)}
+            points = rows.get(points_key) if points_key else None
             admission, updates = decide_admission(
-                rows.get(points_key) if points_key else None,
-                [rows.get(take.key) for take in takes], takes, half_life=half_life,
+                None if points is None else (points[0], points[1]),
+                [live_row(rows.get(take.key), now) for take in takes], takes, half_life=half_life,
                 halve_every=halve_every, refuse_at=refuse_at, now=now)
             writes = [(take.key, u.value, u.updated, u.expires)
                       for take, u in zip(takes, updates) if u.write]
@@ -219,10 +223,10 @@ class SqliteStore(Store):
                 pass  # closing is best effort; the file stays consistent
 
     def purge(self, now: float) -> int:
-        """Delete rows expired at `now`; return how many."""
+        """Delete rows forgotten at `now` (base.is_forgotten); return how many."""
         return self._run(
             lambda db: db.execute(
-                "DELETE FROM state WHERE expires IS NOT NULL AND expires <= ?", (now,)
+                "DELETE FROM state WHERE expires IS NOT NULL AND expires < ?", (now,)
             ).rowcount
         )
 
@@ -335,7 +339,13 @@ class SqliteStore(Store):
                 pass  # busy: the next round will purge
 
     @staticmethod
-    def _load(db: sqlite3.Connection, key: str) -> tuple[float, float] | None:
+    def _load(db: sqlite3.Connection, key: str, now: float) -> tuple[float, float] | None:
+        """A bucket or counter: absent once expired."""
+        return live_row(db.execute(_SELECT, (key,)).fetchone(), now)
+
+    @staticmethod
+    def _value(db: sqlite3.Connection, key: str) -> tuple[float, float] | None:
+        """A points score, expired or not: it decays to nothing by itself."""
         row = db.execute(_SELECT, (key,)).fetchone()
         return None if row is None else (row[0], row[1])
 
