@@ -248,10 +248,6 @@ def decide_admission(
     return admission, [update for _, update in decided]
 
 
-def is_live(expires: float | None, now: float) -> bool:
-    return expires is None or expires > now
-
-
 def is_forgotten(expires: float | None, now: float) -> bool:
     """Past its expiry: reads treat the record as absent, purging may delete it. Strictly
     past: a tiny cost's expiry can round to its own write time, and is still there then."""

@@ -18,7 +18,6 @@ from .base import (
     decide_counter,
     decide_points,
     is_forgotten,
-    is_live,
     live_row,
 )
 
@@ -82,7 +81,7 @@ class MemoryStore(Store):
             found = [
                 Record(key, value, updated)
                 for key, (value, updated, expires) in self._data.items()
-                if key.startswith(prefix) and is_live(expires, at)
+                if key.startswith(prefix) and not is_forgotten(expires, at)
             ]
         return sorted(found, key=lambda r: r.key)
 

@@ -51,22 +51,28 @@ EXPIRY_GRACE = 2.0
 _LUA_CONSTANTS = (f"local GRACE_MS = {int(EXPIRY_GRACE * 1000)}\n"
                   f"local SLOWEST_DRAIN = {SLOWEST_DRAIN!r}\n")
 
-# Shared by the single-record scripts: read the hash, store a value with its expiry.
+# Shared by every script: read a record's hash, store a value with its expiry.
 _LUA_COMMON = _LUA_CONSTANTS + """
 local function fmt(x) return string.format('%.17g', x) end
--- expiring: a bucket or counter is absent once expired; a points score decays by itself
-local function load(now, expiring)
-  local f = redis.call('HMGET', KEYS[1], 'v', 'u', 'e')
+-- (value, updated), nil when absent; `expiring`: a bucket or counter is also absent once
+-- past its expiry (a points score decays to nothing by itself)
+local function read(key, now, expiring)
+  local f = redis.call('HMGET', key, 'v', 'u', 'e')
   local v, e = tonumber(f[1]), tonumber(f[3])
-  if v == nil or (expiring and e ~= nil and e < now) then return 0, now end
+  if v == nil or (expiring and e ~= nil and e < now) then return nil, nil end
   return v, tonumber(f[2])
 end
-local function store(v, u, ttl)
-  redis.call('HSET', KEYS[1], 'v', fmt(v), 'u', fmt(u), 'e', ttl and fmt(u + ttl) or '')
+local function load(now, expiring)
+  local v, u = read(KEYS[1], now, expiring)
+  if v == nil then return 0, now end
+  return v, u
+end
+local function store(key, v, u, ttl)
+  redis.call('HSET', key, 'v', fmt(v), 'u', fmt(u), 'e', ttl and fmt(u + ttl) or '')
   if ttl then
-    redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + GRACE_MS)
+    redis.call('PEXPIRE', key, math.ceil(ttl * 1000) + GRACE_MS)
   else
-    redis.call('PERSIST', KEYS[1])
+    redis.call('PERSIST', key)
   end
 end
 """
@@ -83,7 +89,7 @@ local new = drained + cost
 if cost > 0 then
   local ttl = nil
   if rate > 0 then ttl = new / rate end
-  store(new, math.max(now, updated), ttl)
+  store(KEYS[1], new, math.max(now, updated), ttl)
 end
 return {1, fmt(new)}
 """
@@ -100,7 +106,7 @@ if new == 0 then
   redis.call('DEL', KEYS[1])
   return '0'
 end
-store(new, math.max(now, updated), half * math.log(new / eps) / math.log(2))
+store(KEYS[1], new, math.max(now, updated), half * math.log(new / eps) / math.log(2))
 return fmt(new)
 """
 
@@ -110,7 +116,7 @@ local amount, keep, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]
 local value, updated = load(now, true)
 if now >= updated + keep then value = 0 end
 local new = value + amount
-store(new, now, keep)
+store(KEYS[1], new, now, keep)
 return fmt(new)
 """
 
@@ -120,22 +126,14 @@ return fmt(new)
 # then cost, rate, burst, force (0/1) per bucket. Returns one string: points, refused, then
 # fits, level, capacity per bucket. Writes only if every bucket fits and the points are
 # below refuse_at, except forced buckets, which are always written and always fit.
-_LUA_ADMIT = _LUA_CONSTANTS + """
-local function fmt(x) return string.format('%.17g', x) end
+_LUA_ADMIT = _LUA_COMMON + """
 local A = {}
 for word in string.gmatch(ARGV[1], '%S+') do A[#A + 1] = word end
 local now, half, halve = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
 local refuse_at, eps, has_points = tonumber(A[4]), tonumber(A[5]), A[6] == '1'
--- (value, updated) of a record, nil when absent or (expiring) past its expiry
-local function read(key, expiring)
-  local f = redis.call('HMGET', key, 'v', 'u', 'e')
-  local v, e = tonumber(f[1]), tonumber(f[3])
-  if v == nil or (expiring and e ~= nil and e < now) then return nil, nil end
-  return v, tonumber(f[2])
-end
 local points = 0
 if has_points then
-  local v, u = read(KEYS[1], false)
+  local v, u = read(KEYS[1], now, false)
   if v ~= nil then
     points = v * math.pow(0.5, math.max(0, now - u) / half)
     if points < eps then points = 0 end
@@ -153,7 +151,7 @@ for i = 2, #KEYS do
   local force = A[at + 3] == '1'
   local cap = math.max(1, math.floor(tonumber(A[at + 2]) * slow + 0.5))
   if force then cap, rate = math.huge, tonumber(A[at + 1]) end
-  local level, updated = read(KEYS[i], true)
+  local level, updated = read(KEYS[i], now, true)
   if level == nil then level, updated = 0, now end
   local drained = level - rate * math.max(0, now - updated)
   if drained < 0 then drained = 0 end
@@ -173,18 +171,9 @@ end
 if ok then
   for _, w in ipairs(writes) do table.insert(apply, w) end
 end
-do
-  for _, w in ipairs(apply) do
-    local key, new, stamp, lasts = w[1], w[2], w[3], w[4]
-    if lasts > 0 then
-      local ttl = new / lasts
-      redis.call('HSET', key, 'v', fmt(new), 'u', fmt(stamp), 'e', fmt(stamp + ttl))
-      redis.call('PEXPIRE', key, math.ceil(ttl * 1000) + GRACE_MS)
-    else
-      redis.call('HSET', key, 'v', fmt(new), 'u', fmt(stamp), 'e', '')
-      redis.call('PERSIST', key)
-    end
-  end
+for _, w in ipairs(apply) do
+  local new, lasts = w[2], w[4]
+  store(w[1], new, w[3], lasts > 0 and new / lasts or nil)
 end
 return table.concat(out, ' ')
 """
@@ -301,7 +290,7 @@ class RedisStore(Store):
         for key, (v, u, e) in zip(keys, self._call(fetch)):
             if v is None:
                 continue  # expired or deleted since the scan
-            if e and float(e) <= at:
+            if e and float(e) < at:  # base.is_forgotten
                 continue
             found.append(Record(key[cut:], float(v), float(u)))
         return sorted(found, key=lambda r: r.key)

@@ -196,7 +196,7 @@ class SqliteStore(Store):
         def op(db: sqlite3.Connection) -> list[Record]:
             rows = db.execute(
                 f"SELECT key, value, updated FROM state WHERE {_PREFIX}"
-                " AND (expires IS NULL OR expires > ?3) ORDER BY key",
+                " AND (expires IS NULL OR expires >= ?3) ORDER BY key",  # not forgotten
                 (prefix, len(prefix), at),
             ).fetchall()
             return [Record(k, v, u) for k, v, u in rows]
