@@ -38,20 +38,24 @@ _BLOCKS = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "ta
            "blockquote", "pre", "hr", "dt", "dd"}
 
 
-def _attribute_filter(tag: str, attribute: str, value: str) -> str | None:
+def _keeps(tag: str, attribute: str, value: str) -> bool:
+    """The value checks nh3's tables cannot express, applied as the HTML is re-emitted."""
     if attribute == "style":
-        return None if _CSS_FETCH.search(value) else value
+        return not _CSS_FETCH.search(value)
     if tag == "img" and attribute == "src":
-        return value if value.lower().startswith("cid:") else None  # no remote images
-    return value
+        return value.lower().startswith("cid:")  # no remote images
+    return True
 
 
 def sanitize(markup: str) -> str:
-    """Safe HTML with anchors still in it (made inert by inert_links)."""
+    """Safe HTML with anchors still in it (made inert by inert_links), before the checks of
+    `_keeps`. nh3 gets no `attribute_filter` callback: it would call into Python from the
+    Rust side through PyGILState_Ensure, which picks the wrong thread state in a libmilter
+    worker thread (pymilter makes its own per connection, and libmilter moves a connection
+    between threads) and corrupted the interpreter under load."""
     import nh3  # loaded where used: only this milter needs it
     return nh3.clean(markup, tags=SAFE_TAGS, clean_content_tags=DROP_WITH_CONTENT,
-                     attributes=SAFE_ATTRIBUTES, attribute_filter=_attribute_filter,
-                     strip_comments=True, link_rel=None,
+                     attributes=SAFE_ATTRIBUTES, strip_comments=True, link_rel=None,
                      url_schemes={"http", "https", "mailto", "ftp", "cid"})
 
 
@@ -111,7 +115,8 @@ class _Rewriter(HTMLParser):
 
 
 def _tag(tag: str, attrs: list[tuple[str, str | None]]) -> str:
-    rendered = "".join(f' {name}="{html.escape(value or "")}"' for name, value in attrs)
+    rendered = "".join(f' {name}="{html.escape(value or "")}"' for name, value in attrs
+                       if _keeps(tag, name, value or ""))
     return f"<{tag}{rendered}>"
 
 
