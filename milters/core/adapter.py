@@ -6,6 +6,12 @@ MTA; stages kept only to learn the envelope are answered with NOREPLY), and it w
 around pymilter 1.0.5's setsymlist bug: Milter.Base.setsymlist hands bytes to the C module,
 which wants str; Base.negotiate swallows the TypeError and falls back to negotiating
 everything, silently disabling every skip and no-reply flag (DESIGN.md section 11).
+
+Logic runs in libmilter's worker threads, under a thread state pymilter makes per
+connection while libmilter moves connections between threads. Native code that calls back
+into Python with the GIL released (nh3's attribute_filter, sqlite3.create_function, ctypes
+callbacks) finds its thread state through PyGILState_Ensure, which there can be another
+thread's: the interpreter is corrupted under load. Logic must not hand such callbacks out.
 """
 from __future__ import annotations
 
