@@ -19,12 +19,13 @@ def _who_and_what(record: Record) -> tuple[str, str]:
 
 
 def _describe(record: Record, settings: RatelimitSettings, now: float,
-              slowdown: dict[str, float]) -> tuple[str, str, str] | None:
-    """(who, what, state) for one stored record; None for a bucket that has drained."""
+              points_of: dict[str, float]) -> tuple[str, str, str] | None:
+    """(who, what, state) for one stored record; None for a bucket that has drained.
+    `points_of`: each subject's points now."""
     who, what = _who_and_what(record)
     age = f"updated {now - record.updated:.0f}s ago"
+    points = points_of.get(who, 0.0)
     if what == "points":
-        points = decayed_points(record.value, record.updated, settings.points.half_life, now)
         share = settings.points.slowdown(points) * 100
         blocked = "  BLOCKED (new mail tempfailed)" if points >= settings.points.tempfail_at else ""
         return who, "points", f"{points:.1f} (limits at {share:.0f}% speed){blocked}; {age}"
@@ -34,7 +35,8 @@ def _describe(record: Record, settings: RatelimitSettings, now: float,
         return who, name, f"{record.value:.1f} used (limit no longer in the policy); {age}"
     # The store keeps a bucket until it would have drained at a fraction of its rate
     # (store.base.SLOWEST_DRAIN); it drains at the speed its owner's points allow now.
-    level = drained_level(record.value, record.updated, limit.rate * slowdown.get(who, 1.0), now)
+    rate = limit.rate * settings.points.slowdown(points)
+    level = drained_level(record.value, record.updated, rate, now)
     if level <= 0.0:
         return None
     return who, name, f"{level:.1f} of {limit.burst} used; {age}"
@@ -44,13 +46,11 @@ def show(store: Store, settings: RatelimitSettings, ip: str | None = None) -> li
     now = time.time()
     prefix = ip_key(ipaddress.ip_address(ip)) if ip else "rl:"
     records = store.records(prefix, now=now)
-    slowdown = {}
-    for record in records:
-        who, what = _who_and_what(record)
-        if what == "points":
-            slowdown[who] = settings.points.slowdown(decayed_points(
-                record.value, record.updated, settings.points.half_life, now))
-    rows = [row for row in (_describe(record, settings, now, slowdown) for record in records)
+    points_of = {who: decayed_points(record.value, record.updated,
+                                     settings.points.half_life, now)
+                 for record in records
+                 for who, what in [_who_and_what(record)] if what == "points"}
+    rows = [row for row in (_describe(record, settings, now, points_of) for record in records)
             if row is not None]
     if not rows:
         return [f"nothing recorded for {ip}" if ip else "nothing recorded"]

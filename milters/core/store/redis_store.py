@@ -147,10 +147,11 @@ local writes = {}
 local apply = {}  -- forced writes now, the others only if all fit
 for i = 2, #KEYS do
   local at = 7 + (i - 2) * 4
-  local cost, rate = tonumber(A[at]), tonumber(A[at + 1]) * slow
+  local cost, full = tonumber(A[at]), tonumber(A[at + 1])
+  local rate = full * slow
   local force = A[at + 3] == '1'
   local cap = math.max(1, math.floor(tonumber(A[at + 2]) * slow + 0.5))
-  if force then cap, rate = math.huge, tonumber(A[at + 1]) end
+  if force then cap, rate = math.huge, full end
   local level, updated = read(KEYS[i], now, true)
   if level == nil then level, updated = 0, now end
   local drained = level - rate * math.max(0, now - updated)
@@ -158,8 +159,7 @@ for i = 2, #KEYS do
   if drained + cost <= cap then
     table.insert(out, 1); table.insert(out, fmt(drained + cost))
     if cost > 0 then
-      local w = {KEYS[i], drained + cost, math.max(now, updated),
-                 tonumber(A[at + 1]) * SLOWEST_DRAIN}
+      local w = {KEYS[i], drained + cost, math.max(now, updated), full * SLOWEST_DRAIN}
       table.insert(force and apply or writes, w)
     end
   else
