@@ -92,17 +92,17 @@ class BadMilter:
                     command, _ = read_packet(conn)
                 except socket.timeout:
                     continue  # (a partial packet is not expected from our client)
-                if command == b"O":
-                    conn.sendall(encode_packet(b"O", OptNeg(
-                        6, ALL_ACTIONS, ProtocolFlag.NR_CONN | ProtocolFlag.NR_HELO).encode()))
-                elif command in (b"Q", b"K"):
-                    return
-                elif command == self.at:
+                if command == self.at:
                     self.broke.set()
                     if self.how == "hang-up":
                         return
                     if self.how != "stall":
                         conn.sendall(GARBAGE[self.how])
+                elif command == b"O":
+                    conn.sendall(encode_packet(b"O", OptNeg(
+                        6, ALL_ACTIONS, ProtocolFlag.NR_CONN | ProtocolFlag.NR_HELO).encode()))
+                elif command in (b"Q", b"K"):
+                    return
                 elif command[0] in _NEEDS_REPLY:
                     conn.sendall(encode_packet(b"c"))
         except (EOFError, OSError):
