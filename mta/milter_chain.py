@@ -4,7 +4,10 @@ Every stage goes to each milter in turn; the first reject, tempfail or discard e
 stage for all; a milter that accepts is left out for the rest of the transaction. At end of
 data each milter gets the message as the earlier ones left it (their edits applied). A
 milter that cannot be reached, breaks the protocol or times out gets its `on_failure`:
-tempfail (the default), reject, or accept (go on without it). Everything is logged.
+tempfail (the default), reject, or accept (go on without it). A tempfail or reject holds
+for the rest of the SMTP session, as Postfix's milter default action does: every later
+stage that reaches that milter's place in the chain gets the same reply, so a session never
+goes on without a milter it started with. Everything is logged.
 """
 from __future__ import annotations
 
@@ -87,6 +90,8 @@ class _Member:
         self.result = MilterResult(spec.endpoint.name)
         self.open = False
         self.out_for_session = False  # failed with on_failure accept, or accepted at connect
+        # Failed with on_failure tempfail or reject: the reply every later stage gets.
+        self.failure: Verdict | None = None
         self.out_for_message = False  # accepted this transaction
         # Its last exchange was end of message answered with continue: the one state in
         # which libmilter takes QUIT_NC (in any other it ignores it, and the next CONNECT).
@@ -159,6 +164,8 @@ class ChainSession(BlockingEnvelopeStages):
         """Headers, body and end of message to each milter in turn, applying its edits
         before the next one sees the message."""
         for member in self.members:
+            if member.failure is not None:
+                return self._failed_earlier(member, "eom"), transit
             if not member.active or not member.open:
                 continue
             started = time.monotonic()
@@ -179,8 +186,8 @@ class ChainSession(BlockingEnvelopeStages):
             if member.open and member.active:
                 try:
                     yield from member.client.g_abort()
-                except MilterProtocolError:
-                    pass  # the next stage will find out and apply on_failure
+                except MilterProtocolError as exc:
+                    self._failed(member, "abort", exc)  # its reply goes to the next stage
 
     def close(self) -> None:
         """End the milters' session: QUIT, or QUIT_NC for a connection the pool keeps."""
@@ -232,6 +239,8 @@ class ChainSession(BlockingEnvelopeStages):
     def _each(self, stage: str, call: Callable[[MilterClient], Steps[Verdict]],
               whole_session: bool = False) -> Steps[Verdict]:
         for member in self.members:
+            if member.failure is not None:
+                return self._failed_earlier(member, stage)
             if not member.active or not member.open:
                 continue
             started = time.monotonic()
@@ -263,15 +272,33 @@ class ChainSession(BlockingEnvelopeStages):
                   queue_id=self._queue_id())
 
     def _failed(self, member: _Member, stage: str, exc: MilterProtocolError) -> Verdict:
+        """The milter broke: close it for the rest of the session and return its on_failure
+        reply, which tempfail and reject keep for every later stage (Postfix does the same
+        with milter_default_action: a milter in error answers each later event with it)."""
         action = member.spec.on_failure
         member.result.error = str(exc)
         log_event("milter_failed", level=logging.ERROR, milter=member.spec.endpoint.name,
                   stage=stage, error=str(exc), action=action, queue_id=self._queue_id())
-        member.client.close()
-        member.open = False
+        member.client.close()  # never offered to the pool: only an open member is (close())
+        member.open = member.at_end_of_message = False
         member.out_for_session = True
         if action == "accept":
+            # What the admin chose: the rest of the session goes on without this milter.
             return Verdict.cont(f"milter {member.spec.endpoint.name} failed; on_failure accept")
         if action == "reject":
-            return Verdict.reject(FAILURE_REJECT, reason=str(exc))
-        return Verdict.tempfail(DEFAULT_TEMPFAIL, reason=str(exc))
+            member.failure = Verdict.reject(FAILURE_REJECT, reason=str(exc))
+        else:
+            member.failure = Verdict.tempfail(DEFAULT_TEMPFAIL, reason=str(exc))
+        return member.failure
+
+    def _failed_earlier(self, member: _Member, stage: str) -> Verdict:
+        """A later stage reached a milter that failed earlier in this session: its
+        on_failure reply again, never a pass without it."""
+        verdict = member.failure
+        assert verdict is not None
+        member.result.stage = stage
+        METRICS.count("mailmoat_messages_rejected_total", by=member.spec.endpoint.name)
+        log_event("milter_failed_earlier", level=logging.WARNING,
+                  milter=member.spec.endpoint.name, stage=stage, action=verdict.action.value,
+                  reply=str(verdict.reply), queue_id=self._queue_id())
+        return verdict

@@ -21,6 +21,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generator, TypeVar
 
+from milters.core.config import (MILTER_COMMAND_TIMEOUT, MILTER_CONNECT_TIMEOUT,
+                                 MILTER_CONTENT_TIMEOUT)
 from milters.core.edits import (AddHeader, AddRecipient, ChangeFrom, ChangeHeader,
                                 DeleteRecipient, Edit, Quarantine, ReplaceBody)
 from milters.core.errors import MilterProtocolError
@@ -54,17 +56,22 @@ _STAGE_COMMAND = {MacroStage.CONNECT: b"C", MacroStage.HELO: b"H", MacroStage.EN
                   MacroStage.ENVRCPT: b"R", MacroStage.DATA: b"T", MacroStage.EOH: b"N",
                   MacroStage.EOM: b"E"}
 _FAMILY = {socket.AF_INET: b"4", socket.AF_INET6: b"6", socket.AF_UNIX: b"L"}
+# The message content: their replies are waited for up to content_timeout, as in Postfix.
+_CONTENT = frozenset((b"L", b"N", b"B"))
 
 
 @dataclass(frozen=True)
 class MilterEndpoint:
-    """Where a milter listens, as Postfix writes it, and how long each wait may take."""
+    """Where a milter listens, as Postfix writes it, and how long each wait may take
+    (Postfix's milter_connect_timeout, milter_command_timeout, milter_content_timeout)."""
 
     name: str
     socket: str  # inet:127.0.0.1:8891, inet6:[::1]:8891 or unix:/path
-    connect_timeout: float = 5.0
-    command_timeout: float = 30.0
-    eom_timeout: float = 300.0  # content checks (DKIM, conversions) may take a while
+    connect_timeout: float = MILTER_CONNECT_TIMEOUT
+    command_timeout: float = MILTER_COMMAND_TIMEOUT  # negotiation, connect ... RCPT, DATA
+    # Headers, body and end of message, as in Postfix: content checks (DKIM, document
+    # conversions) may take a while.
+    content_timeout: float = MILTER_CONTENT_TIMEOUT
 
 
 @dataclass
@@ -322,7 +329,7 @@ class MilterClient(BlockingEnvelopeStages):
         edits: list[Edit] = []
         body_parts: list[bytes] = []
         while True:
-            command, data = yield from self._read(self.endpoint.eom_timeout)
+            command, data = yield from self._read(self.endpoint.content_timeout)
             edit = self._edit(command, data, body_parts)
             if edit is not None:
                 edits.append(edit)
@@ -399,7 +406,9 @@ class MilterClient(BlockingEnvelopeStages):
         yield from self._send(command, payload)
         if protocol & no_reply:
             return Verdict.cont()
-        reply, data = yield from self._read(self.endpoint.command_timeout)
+        endpoint = self.endpoint
+        reply, data = yield from self._read(
+            endpoint.content_timeout if command in _CONTENT else endpoint.command_timeout)
         return self._verdict(reply, data, command.decode())
 
     def _verdict(self, command: bytes, data: bytes, stage: str) -> Verdict:

@@ -51,23 +51,37 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# Restarts never wait on the event loop: a restarted milter makes its socket in its own time
+# while SMTP sessions go on (and get its on_failure meanwhile: nothing listens there yet).
+RESTART_WAIT = 15.0  # s: a restarted milter with no socket by then is killed and tried again
+STABLE_AFTER = 30.0  # s: dying after this long is bad luck; sooner, a milter that cannot run
+MAX_THROTTLE = 60.0  # s: the longest wait between restarts (Postfix's service_throttle_time)
+SOCKET_POLL = 0.05  # s: how often a starting milter's socket is looked for
+
+
 class MilterSupervisor:
-    """One child process per built-in milter; a dead one is restarted and logged."""
+    """One child process per built-in milter; a dead one is restarted and logged. Like
+    Postfix's master, a milter that keeps dying soon after it starts is throttled: its
+    restarts wait 1, 2, 4 ... up to 60 seconds."""
 
     def __init__(self, config: GatewayConfig, config_path: str | None) -> None:
         self.config, self.config_path = config, config_path
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self._started_at: dict[str, float] = {}
+        self._quick_deaths: dict[str, int] = {}  # deaths in a row, each soon after a start
+        self._restarting: dict[str, asyncio.Task[None]] = {}
 
     def socket_of(self, milter: MilterSetting) -> str:
         return milter.socket or f"unix:{(self.config.run_dir / f'{milter.name}.sock').resolve()}"
 
     def members(self) -> list[ChainMember]:
-        return [ChainMember(MilterEndpoint(m.name, self.socket_of(m)), m.on_failure,
-                            m.reuses_connection) for m in self.config.milters]
+        return [ChainMember(MilterEndpoint(m.name, self.socket_of(m), m.connect_timeout,
+                                           m.command_timeout, m.content_timeout),
+                            m.on_failure, m.reuses_connection) for m in self.config.milters]
 
-    def _spawn(self, milter: MilterSetting) -> None:
-        path = self.config.run_dir / f"{milter.name}.sock"
-        path.unlink(missing_ok=True)
+    def _launch(self, milter: MilterSetting) -> subprocess.Popen[bytes]:
+        """Start the milter's process (without waiting for its socket)."""
+        (self.config.run_dir / f"{milter.name}.sock").unlink(missing_ok=True)
         command = [sys.executable, "-m", "mta.cli", "milter", milter.name,
                    "--listen", self.socket_of(milter)]
         if self.config_path:
@@ -75,14 +89,22 @@ class MilterSupervisor:
         # Where the milters hand mail back: serve's own listener, or scan's catcher.
         command += ["--reinject", self.config.reinject_listen]
         # Logs go to our stderr; the child gets SIGTERM if we die, even by SIGKILL.
-        self.children[milter.name] = subprocess.Popen(command, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 15
+        child = self.children[milter.name] = subprocess.Popen(command,
+                                                              preexec_fn=_die_with_parent)
+        self._started_at[milter.name] = time.monotonic()
+        return child
+
+    def _spawn(self, milter: MilterSetting) -> None:
+        """Start a milter and wait for its socket: at start, before any client is served."""
+        child = self._launch(milter)
+        path = self.config.run_dir / f"{milter.name}.sock"
+        deadline = time.monotonic() + RESTART_WAIT
         while not path.exists():
-            if self.children[milter.name].poll() is not None or time.monotonic() > deadline:
+            if child.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"milter {milter.name} did not start")
-            time.sleep(0.05)
-        log_event("milter_process_started", milter=milter.name,
-                  pid=self.children[milter.name].pid, listen=self.socket_of(milter))
+            time.sleep(SOCKET_POLL)
+        log_event("milter_process_started", milter=milter.name, pid=child.pid,
+                  listen=self.socket_of(milter))
 
     def start(self) -> None:
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,16 +113,50 @@ class MilterSupervisor:
                 self._spawn(milter)
 
     def check(self) -> None:
+        """Restart the milters that died. Runs on the event loop: it only looks and
+        schedules, the restarts run as tasks of their own."""
+        loop = asyncio.get_running_loop()
         for milter in self.config.milters:
             child = self.children.get(milter.name)
-            if child is not None and child.poll() is not None:
-                log_event("milter_process_died", level=logging.ERROR, milter=milter.name,
-                          status=child.returncode, action="restarting")
-                try:
-                    self._spawn(milter)
-                except RuntimeError as exc:
-                    log_event("milter_restart_failed", level=logging.ERROR,
-                              milter=milter.name, error=str(exc))
+            if child is None or milter.name in self._restarting or child.poll() is None:
+                continue
+            delay = self._throttle(milter.name)
+            log_event("milter_process_died", level=logging.ERROR, milter=milter.name,
+                      status=child.returncode, action="restarting", delay=f"{delay:g}s")
+            task = self._restarting[milter.name] = loop.create_task(
+                self._restart(milter, delay))
+            task.add_done_callback(lambda _, name=milter.name: self._restarting.pop(name, None))
+
+    def _throttle(self, name: str) -> float:
+        """Seconds to wait before restarting `name`: none after a milter that ran a while;
+        after each death soon after a start, twice as long as the last time."""
+        if time.monotonic() - self._started_at.get(name, 0.0) >= STABLE_AFTER:
+            self._quick_deaths[name] = 0
+        deaths = self._quick_deaths[name] = self._quick_deaths.get(name, 0) + 1
+        return 0.0 if deaths == 1 else min(2.0 ** (deaths - 2), MAX_THROTTLE)
+
+    async def _restart(self, milter: MilterSetting, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        child = self._launch(milter)
+        path = self.config.run_dir / f"{milter.name}.sock"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESTART_WAIT
+        while not path.exists():
+            if child.poll() is not None:
+                error = f"exited with status {child.returncode} before making its socket"
+                break
+            if loop.time() > deadline:
+                child.kill()  # stuck: the next check() finds it dead and tries again
+                error = f"no socket within {RESTART_WAIT:g}s; killed"
+                break
+            await asyncio.sleep(SOCKET_POLL)
+        else:
+            log_event("milter_process_started", milter=milter.name, pid=child.pid,
+                      listen=self.socket_of(milter))
+            return
+        log_event("milter_restart_failed", level=logging.ERROR, milter=milter.name,
+                  pid=child.pid, error=error)
 
     def stop(self) -> None:
         for child in self.children.values():

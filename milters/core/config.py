@@ -34,6 +34,14 @@ class QueueSettings:
     delivery_nice: int = 5
 
 
+# How long serve waits on a milter (Postfix's milter_connect_timeout, milter_command_timeout,
+# milter_content_timeout). Connect is shorter than Postfix's 30s: the client waits on it at
+# MAIL FROM, and a milter on loopback or a unix socket that does not answer in 5s is down.
+MILTER_CONNECT_TIMEOUT = 5.0
+MILTER_COMMAND_TIMEOUT = 30.0
+MILTER_CONTENT_TIMEOUT = 300.0
+
+
 @dataclass(frozen=True)
 class MilterSetting:
     """A milter in `serve`'s chain: one of ours (started by serve) or an external socket."""
@@ -44,6 +52,12 @@ class MilterSetting:
     # Keep the connection for the next SMTP session (QUIT_NC). None: yes for the milters
     # serve starts (tested with them), no for external ones unless the admin says so.
     reuse_connection: bool | None = None
+    # Per milter, not gateway-wide as in Postfix: our milters differ by orders of magnitude
+    # (ratelimit answers in milliseconds, neutralize converts documents for seconds), and
+    # one value would be too loose for the one or too tight for the other.
+    connect_timeout: float = MILTER_CONNECT_TIMEOUT
+    command_timeout: float = MILTER_COMMAND_TIMEOUT
+    content_timeout: float = MILTER_CONTENT_TIMEOUT
 
     @property
     def reuses_connection(self) -> bool:
@@ -176,6 +190,9 @@ def _spec(base: Path, source: str) -> Struct:
         "socket": Field(Str(), None),
         "on_failure": Field(Str(("tempfail", "reject", "accept")), "tempfail"),
         "reuse_connection": Field(Bool(), None),
+        "connect_timeout": Field(Duration(minimum=0.1), MILTER_CONNECT_TIMEOUT),
+        "command_timeout": Field(Duration(minimum=0.1), MILTER_COMMAND_TIMEOUT),
+        "content_timeout": Field(Duration(minimum=0.1), MILTER_CONTENT_TIMEOUT),
     }, build=MilterSetting)
     return Struct({
         "gateway": Field(gateway, factory=lambda: gateway.read(None, "", Problems(source))),

@@ -47,9 +47,10 @@ class Serve:
         self.proc: subprocess.Popen[bytes] | None = None
         self.event_loop = "uvloop"  # what serve runs on unless MAILMOAT_EVENT_LOOP says
 
-    def start(self, log_name: str = "serve.log", event_loop: str | None = None) -> "Serve":
+    def start(self, log_name: str = "serve.log", event_loop: str | None = None,
+              env: dict[str, str] | None = None) -> "Serve":
         self.log = self.dir / log_name
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         env.pop("MAILMOAT_EVENT_LOOP", None)
         if event_loop is not None:
             env["MAILMOAT_EVENT_LOOP"] = self.event_loop = event_loop

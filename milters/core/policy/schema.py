@@ -97,18 +97,22 @@ class Number(Scalar):
         return value
 
 
-_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
+_UNITS = {"ms": 0.001, "msec": 0.001, "millisecond": 0.001,
+          "s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
           "hour": 3600, "d": 86400, "day": 86400, "w": 604800, "week": 604800}
-_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*?)s?\s*$")
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*$")
 
 
 def parse_duration(text: str) -> float:
-    """'30s', '5m', '1h', '2d', '1w' or plain seconds -> seconds."""
+    """'500ms', '30s', '5m', '1h', '2d', '1w' (or 'mins', 'hours' ...) or plain seconds ->
+    seconds. The whole unit is looked up first, so '500ms' is never read as 500 minutes."""
     match = _DURATION_RE.match(text.lower())
-    if not match or (match.group(2) and match.group(2) not in _UNITS):
+    unit = match.group(2) if match else ""
+    if unit not in _UNITS and unit.endswith("s"):
+        unit = unit[:-1]  # a plural
+    if not match or (unit and unit not in _UNITS):
         raise ValueError("expected a duration like 30s, 5m, 1h or 2d")
-    number, unit = match.groups()
-    return float(number) * _UNITS.get(unit or "s", 1)
+    return float(match.group(1)) * _UNITS.get(unit or "s", 1)
 
 
 class Duration(Scalar):
