@@ -9,6 +9,7 @@ import hashlib
 import random
 import re
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -17,8 +18,13 @@ from typing import Iterator
 
 import pytest
 
+from milters.core.verdict import Action
+from mta.edits_apply import Transit
+from mta.message_text import MessageText
+from mta.milter_chain import ChainMember, ChainSession, connect_macros
+from mta.milter_client import MilterEndpoint
 from tests.harness.body_milter import replacement_body
-from tests.harness.milter_proc import ROOT
+from tests.harness.milter_proc import ROOT, MilterProcess
 from tests.harness.ports import LOOPBACK, free_port, wait_for_port
 from tests.integration.test_serve import Serve
 
@@ -118,7 +124,6 @@ def test_a_big_message_streams_through_the_chain_and_serve_stays_small(
     finally:
         gateway.stop()
     growth = (after - before) * 1024
-    print(f"serve VmHWM {before} kB -> {after} kB")
     # Before streaming serve read the message whole and copied its body (2x the message);
     # now only chunks and the connection's input buffer (1 MiB) are in memory.
     assert growth < BIG / 5, f"serve's peak RSS grew by {growth / 2**20:.1f} MiB"
@@ -138,3 +143,29 @@ def test_a_big_message_streams_through_the_chain_and_serve_stays_small(
                                             + b"\r\n\r\n" + new_body)
     # Nothing the chain wrote is left behind in the spool's tmp/.
     assert list((tmp_path / "var" / "spool" / "tmp").iterdir()) == []
+
+
+def test_a_milter_that_skips_headers_and_body_costs_no_read_of_the_message(
+        tmp_path: Path) -> None:
+    """ratelimit negotiates NOHDRS|NOBODY: the chain must not even open the message's file
+    for it. The text here names a file that does not exist: any read would raise."""
+    (tmp_path / "policy.yaml").write_text(
+        "ratelimit:\n  exempt_internal: false\n  limits:\n"
+        "    - {name: m, key: client_ip, per: message, rate: 100/min, burst: 100}\n")
+    config = tmp_path / "milter.yaml"
+    config.write_text("store: sqlite:///state.db\npolicy: policy.yaml\n")
+    missing = MessageText(path=str(tmp_path / "no-such-file.msg"), size=45_000_000)
+    with MilterProcess("ratelimit", config, tmp_path, unix_path=tmp_path / "rl.sock") as milter:
+        chain = ChainSession([ChainMember(MilterEndpoint("ratelimit", milter.socket_spec))])
+        try:
+            chain.connect("[192.0.2.9]", "192.0.2.9", 40000, socket.AF_INET,
+                          connect_macros("mx.mailmoat.test", "192.0.2.9"))
+            chain.helo("client.example")
+            assert not chain.mail("a@outside.example", macros={"i": "Q1"}).ends_transaction
+            assert not chain.rcpt("taro@example.jp", macros={"i": "Q1"}).ends_transaction
+            transit = Transit(missing, "a@outside.example", [("taro@example.jp", None)])
+            verdict, out = chain.message(transit, {"i": "Q1"})
+        finally:
+            chain.close()
+    assert verdict.action is Action.CONTINUE and chain.results[0].error is None
+    assert out.text is missing
