@@ -15,15 +15,16 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Callable
 
-from milters.core.edits import Edit
+from milters.core.edits import Edit, ReplaceBody
 from milters.core.errors import MilterProtocolError
 from milters.core.eventlog import log_event
 from milters.core.milter_protocol import ProtocolFlag
 from milters.core.verdict import Action, SmtpReply, Verdict
 
-from .edits_apply import Transit, apply_edits, split_message
+from .edits_apply import Transit, apply_edits
 from .metrics import METRICS
 from .milter_pool import MilterPool
 from .milter_client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClient, MilterEndpoint,
@@ -32,6 +33,7 @@ from .milter_client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClie
 ON_FAILURE = ("tempfail", "reject", "accept")
 _HDR_LEADSPC = int(ProtocolFlag.HDR_LEADSPC)
 _NO_CONTENT = int(ProtocolFlag.NOHDRS | ProtocolFlag.NOBODY)
+_NO_BODY = int(ProtocolFlag.NOBODY)
 FAILURE_REJECT = SmtpReply(550, "5.7.1", "Message content rejected")
 
 
@@ -206,35 +208,53 @@ class ChainSession(BlockingEnvelopeStages):
     # -- internals -----------------------------------------------------------------------
     def _content(self, member: _Member, transit: Transit, macros: dict[str, str] | None
                  ) -> Steps[tuple[Verdict, Transit]]:
+        """One milter's DATA, headers, body and end of message. The body goes out a chunk
+        at a time as it is read from the message's file; edits are written to a new text,
+        which the next milter reads (the one it replaced is removed)."""
         client = member.client
         assert client.negotiated is not None
         protocol = client.protocol_bits  # an int: enum.Flag tests cost microseconds each
         leading_space = bool(protocol & _HDR_LEADSPC)
         steps: list[Callable[[], Steps[Verdict]]] = [lambda: client.g_data(macros)]
-        # A milter that skips headers and body (ours for rate limits) costs no copy of the
-        # message: a 25 MB message stays one 25 MB object.
+        body: memoryview | Iterator[bytes] | None = None
+        # A milter that skips headers and body (ours for rate limits) costs no read of the
+        # message at all: its text is neither opened nor copied.
         if (protocol & _NO_CONTENT) != _NO_CONTENT:
-            fields, body = split_message(transit.raw)
+            fields, body_start = transit.text.head()
             for raw_field in fields:
                 name, _, value = raw_field.decode("utf-8", "surrogateescape").partition(":")
                 value = value[:-2] if value.endswith("\r\n") else value
                 if not leading_space:
                     value = value.lstrip(" \t")
                 steps.append(lambda n=name, v=value: client.g_header(n, v))
-            steps += [lambda: client.g_end_of_headers(macros), lambda: client.g_body(body)]
+            steps.append(lambda: client.g_end_of_headers(macros))
+            if not protocol & _NO_BODY:
+                body = transit.text.body(body_start)
+                steps.append(lambda: client.g_body(body))  # type: ignore[arg-type]
         else:
             steps.append(lambda: client.g_end_of_headers(macros))
-        for step in steps:
-            verdict = yield from step()
-            if verdict.ends_transaction:
-                self._note(member, "content", verdict)
-                return verdict, transit
-        outcome = yield from client.g_end_of_message(macros)
+        try:
+            for step in steps:
+                verdict = yield from step()
+                if verdict.ends_transaction:
+                    self._note(member, "content", verdict)
+                    return verdict, transit
+        finally:
+            if isinstance(body, Iterator):
+                body.close()  # its file, also when the milter skipped the rest
+        outcome = yield from client.g_end_of_message(macros, spill_dir=transit.workdir)
         member.result.actions += outcome.edits
-        transit = apply_edits(transit, outcome.edits, leading_space=leading_space)
+        try:
+            edited = apply_edits(transit, outcome.edits, leading_space=leading_space)
+        finally:
+            for edit in outcome.edits:
+                if isinstance(edit, ReplaceBody) and not isinstance(edit.body, bytes):
+                    edit.body.close()  # a new body spilled to a file: copied, not needed
+        if edited.text is not transit.text and transit.text.path in transit.scratch:
+            transit.remove_scratch(keep=edited.text.path)  # the text it replaced
         member.at_end_of_message = outcome.verdict.action is Action.CONTINUE
         self._note(member, "eom", outcome.verdict)
-        return outcome.verdict, transit
+        return outcome.verdict, edited
 
     def _each(self, stage: str, call: Callable[[MilterClient], Steps[Verdict]],
               whole_session: bool = False) -> Steps[Verdict]:

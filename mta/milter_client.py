@@ -19,7 +19,7 @@ import socket
 from abc import ABC, abstractmethod
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generator, TypeVar
+from typing import TYPE_CHECKING, Any, Generator, Iterable, TypeVar
 
 from milters.core.config import (MILTER_COMMAND_TIMEOUT, MILTER_CONNECT_TIMEOUT,
                                  MILTER_CONTENT_TIMEOUT)
@@ -29,6 +29,8 @@ from milters.core.errors import MilterProtocolError
 from milters.core.milter_protocol import (ALL_ACTIONS, BODY_CHUNK, MAX_PACKET, PROTOCOL_VERSION,
                                           MacroStage, OptNeg, ProtocolFlag, encode_packet)
 from milters.core.verdict import SmtpReply, Verdict
+
+from .message_text import NewBody
 
 if TYPE_CHECKING:
     from .milter_async import MilterSocket
@@ -310,35 +312,53 @@ class MilterClient(BlockingEnvelopeStages):
         self._hold_macros(MacroStage.EOH, macros, _I["NOEOH"])
         return (yield from self._stage(b"N", b"", _I["NOEOH"], _I["NR_EOH"]))
 
-    def g_body(self, body: bytes) -> Steps[Verdict]:
-        """Send the body (CRLF line ends) in 65535-byte chunks, until the milter says skip."""
-        view = memoryview(body)
-        for start in range(0, len(body), BODY_CHUNK):
+    def g_body(self, body: bytes | memoryview | Iterable[bytes]) -> Steps[Verdict]:
+        """Send the body (CRLF line ends) in 65535-byte chunks, until the milter says skip.
+        `body` is the bytes, or its chunks as they are read from a file: only the chunk
+        on its way is in memory (the socket's backlog makes each send wait for room)."""
+        if self._protocol_bits & _I["NOBODY"]:
+            return Verdict.cont()  # not even read
+        if isinstance(body, (bytes, memoryview)):
+            view = memoryview(body)
+            pieces: Iterable[bytes | memoryview] = (
+                view[start:start + BODY_CHUNK] for start in range(0, len(view), BODY_CHUNK))
+        else:
+            pieces = body
+        for piece in pieces:
             if self.body_skipped:
                 break
-            verdict = yield from self._stage(b"B", view[start:start + BODY_CHUNK],
-                                             _I["NOBODY"],
-                                             _I["NR_BODY"])
+            assert len(piece) <= BODY_CHUNK, "body pieces are at most one chunk"
+            verdict = yield from self._stage(b"B", piece, _I["NOBODY"], _I["NR_BODY"])
             if verdict.ends_transaction:
                 return verdict
         return Verdict.cont()
 
-    def g_end_of_message(self, macros: dict[str, str] | None = None) -> Steps[EomOutcome]:
+    def g_end_of_message(self, macros: dict[str, str] | None = None,
+                         spill_dir: str | None = None) -> Steps[EomOutcome]:
+        """End of message: the milter's edits and verdict. A new body (replbody) goes to
+        an unnamed file in `spill_dir` once it is past a chunk or so (message_text.NewBody);
+        the ReplaceBody edit then holds that file, for the caller to apply and close."""
         self._hold_macros(MacroStage.EOM, macros, 0)
         yield from self._send(b"E")
         edits: list[Edit] = []
-        body_parts: list[bytes] = []
-        while True:
-            command, data = yield from self._read(self.endpoint.content_timeout)
-            edit = self._edit(command, data, body_parts)
-            if edit is not None:
-                edits.append(edit)
-                continue
-            if command == b"b":
-                continue
-            if body_parts:
-                edits.append(ReplaceBody(b"".join(body_parts)))
-            return EomOutcome(self._verdict(command, data, "eom"), edits)
+        new_body = NewBody(spill_dir)
+        try:
+            while True:
+                command, data = yield from self._read(self.endpoint.content_timeout)
+                edit = self._edit(command, data, new_body)
+                if edit is not None:
+                    edits.append(edit)
+                    continue
+                if command == b"b":
+                    continue
+                verdict = self._verdict(command, data, "eom")
+                break
+        except BaseException:
+            new_body.close()
+            raise
+        if new_body.received:
+            edits.append(ReplaceBody(new_body.result()))
+        return EomOutcome(verdict, edits)
 
     def g_abort(self) -> Steps[None]:
         """End the transaction (RSET, a rejected message); the session goes on."""
@@ -446,10 +466,10 @@ class MilterClient(BlockingEnvelopeStages):
         raise MilterProtocolError(f"milter {self.endpoint.name}: reply code {reply.code} is "
                                   "neither 4xx nor 5xx")
 
-    def _edit(self, command: bytes, data: bytes, body_parts: list[bytes]) -> Edit | None:
+    def _edit(self, command: bytes, data: bytes, new_body: NewBody) -> Edit | None:
         """Decode one end-of-message action; None when `command` is not one."""
         if command == b"b":
-            body_parts.append(data)
+            new_body.append(data)
             return None
         if command == b"h":
             name, value = _cstr(data)[:2]

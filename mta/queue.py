@@ -199,14 +199,28 @@ class Incoming:
         with open(self.path, "rb") as stored:
             return stored.read()
 
-    def commit(self, envelope: Envelope, replacement: bytes | None = None) -> str:
-        """fsync the message (or write `replacement` instead of what was streamed), write
-        and fsync its envelope, rename both into active/ and fsync the directory: only
-        then may the SMTP server answer 250. Raises SpoolError and leaves nothing behind."""
+    def kept(self) -> bytes | None:
+        """The message as written so far if it is small enough to be kept in memory; None
+        for a larger one (the first `size` bytes of `path`: read it from there)."""
+        return None if self._copy is None else bytes(self._copy)
+
+    def commit(self, envelope: Envelope, replacement: bytes | None = None, *,
+               adopt: str | None = None) -> str:
+        """fsync the message (or write `replacement` instead of what was streamed, or take
+        the complete file `adopt` in tmp/ instead: the milter chain's edited text, never
+        copied), write and fsync its envelope, rename both into active/ and fsync the
+        directory: only then may the SMTP server answer 250. Raises SpoolError and leaves
+        nothing behind."""
         assert self._fd is not None
         stored = f"{self.queue.active_dir}/{self.queue_id}.msg"
         try:
-            if replacement is not None:
+            if adopt is not None:
+                fd = os.open(adopt, os.O_WRONLY | os.O_APPEND)
+                self._close()
+                _unlink_quietly(self.path)
+                self._fd, self.path, self._copy = fd, adopt, None
+                self.size = os.fstat(fd).st_size
+            elif replacement is not None:
                 os.ftruncate(self._fd, 0)
                 os.lseek(self._fd, 0, os.SEEK_SET)
                 self.size, self._copy = 0, None

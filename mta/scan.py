@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from milters.core.config import GatewayConfig
-from milters.core.edits import Edit
+from milters.core.edits import Edit, ReplaceBody
 from milters.core.message import Message
 from milters.core.verdict import Action, Verdict
 
@@ -48,6 +48,9 @@ def to_crlf(raw: bytes) -> bytes:
 
 
 def _describe(edit: Edit) -> dict[str, Any]:
+    if isinstance(edit, ReplaceBody) and not isinstance(edit.body, bytes):
+        # A new body past 64 KiB went through a file (closed once applied): not shown.
+        return {"action": "ReplaceBody", "body": "(a large new body, not shown)"}
     fields = {key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
               for key, value in asdict(edit).items()}
     return {"action": type(edit).__name__, **fields}
@@ -128,6 +131,7 @@ def scan(config: GatewayConfig, config_path: str | None, request: ScanRequest,
                 supervisor.start()
                 report, transit = run_scan(request, ChainSession(supervisor.members()),
                                            config.hostname)
+                transit = transit.in_memory()  # for --out; its temporary files removed
             finally:
                 supervisor.stop()
         report["reinjected"] = [_reinjected(capture, entry)

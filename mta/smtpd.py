@@ -40,6 +40,7 @@ from milters.core.verdict import Action, Verdict
 
 from . import sasl
 from .edits_apply import Transit
+from .message_text import MessageText
 from .metrics import METRICS
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
 from .milter_async import begin, drive
@@ -58,7 +59,6 @@ MAX_COMMAND_LINE = 4096  # bytes; RFC 5321 asks for 512, extensions need more
 MAX_BUFFERED = 1 << 20  # stop reading from a client that sends this much ahead of us
 MAX_ERRORS = 20  # then 421, as Postfix's smtpd_hard_error_limit
 MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
-LARGE_MESSAGE = 1 << 20  # bytes; bigger messages are read back for milters in a thread
 
 
 @dataclass(frozen=True)
@@ -813,27 +813,20 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         return refusal[1]
     recipients = [(address, " ".join(params) or None)
                   for address, params in transaction.recipients]
-    replacement: bytes | None = None
+    replacement: MessageText | None = None
     sender, quarantine = transaction.sender, None
-    chain = conn.chain
-    if chain is not None:
-        # A large file is read in a thread so other clients are not held up meanwhile.
-        received = (await conn.blocking(incoming.read) if incoming.size > LARGE_MESSAGE
-                    else incoming.read())
-        verdict, transit = await begin(chain.g_message(Transit(received, sender, recipients),
-                                                           {"i": transaction.queue_id}))
-        if verdict.action is Action.DISCARD:
-            incoming.discard()
-            log_event("discarded", queue_id=transaction.queue_id, ip=client, sender=sender)
-            return "250 2.0.0 Ok: discarded"
-        if verdict.ends_transaction and verdict.action is not Action.ACCEPT:
-            incoming.discard()
-            return _reply(verdict)
-        if transit.raw is not received:  # a milter changed the content
-            replacement = transit.raw
+    transit: Transit | None = None
+    if conn.chain is not None:
+        answer, transit, replacement = await _through_chain(conn, conn.chain, transaction,
+                                                            incoming, recipients)
+        if answer is not None:
+            return answer
+        assert transit is not None
         sender, recipients, quarantine = transit.sender, transit.recipients, transit.quarantine
     if not recipients:
         incoming.discard()
+        if transit is not None:
+            transit.remove_scratch()
         return "250 2.0.0 Ok: no recipients left"
     envelope = QueueEnvelope(
         transaction.queue_id, sender,
@@ -841,16 +834,23 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         received_at=time.time(), client_ip=client, helo=conn.helo, hold_reason=quarantine)
     if conn.auth_user:
         envelope.extra["auth_user"] = conn.auth_user
+    # The chain's edited text: small ones as bytes, else its file, taken as it is.
+    new_text = None if replacement is None else replacement.data
+    adopt = None if replacement is None else replacement.path
     try:
         # The fsyncs: inline when this is the only client (an executor hop costs more than
         # the fsync), in a thread when others are waiting, so their work goes on meanwhile.
         if conn.gateway.open_connections > 1:
-            queue_id = await conn.blocking(lambda: incoming.commit(envelope, replacement))
+            queue_id = await conn.blocking(
+                lambda: incoming.commit(envelope, new_text, adopt=adopt))
         else:
-            queue_id = incoming.commit(envelope, replacement)
+            queue_id = incoming.commit(envelope, new_text, adopt=adopt)
     except SpoolError as exc:
         log_event("spool_error", queue_id=transaction.queue_id, ip=client, error=str(exc))
         return "452 4.3.1 Insufficient system storage"
+    finally:
+        if transit is not None:
+            transit.remove_scratch(keep=adopt)  # the adopted file is in active/ by now
     # The client waits for this reply and nothing else: it goes out before the rest.
     conn.reply(f"250 2.0.0 Ok: queued as {queue_id}")
     conn.flush()
@@ -860,3 +860,40 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
     log_event("queued", queue_id=queue_id, ip=client, sender=sender, nrcpt=len(recipients),
               size=envelope.size, held=quarantine)
     return None
+
+
+async def _through_chain(conn: SmtpConnection, chain: ChainSession, transaction: Transaction,
+                         incoming: Incoming, recipients: list[tuple[str, str | None]]
+                         ) -> tuple[str | None, Transit | None, MessageText | None]:
+    """The message through the milters: (the reply that ends the transaction, None, None)
+    or (None, the message as they left it, its new text if they changed it). The milters read the spool file a chunk at a
+    time (a small message from the copy kept in memory); edits go to new files in tmp/."""
+    kept = incoming.kept()
+    received = (MessageText.of(kept) if kept is not None
+                else MessageText(path=incoming.path, size=incoming.size))
+    start = Transit(received, transaction.sender, recipients,
+                    workdir=conn.gateway.queue.tmp_dir)
+    queue_id, client = transaction.queue_id, conn.client_ip
+    try:
+        verdict, transit = await begin(chain.g_message(start, {"i": queue_id}))
+    except OSError as exc:
+        # Reading the message or writing an edited one failed (disk full, I/O error): the
+        # milters are told the message is off, the client to try again later.
+        start.remove_scratch()
+        incoming.discard()
+        log_event("spool_error", queue_id=queue_id, ip=client, error=str(exc))
+        await begin(chain.g_abort())
+        return "452 4.3.1 Insufficient system storage", None, None
+    except BaseException:
+        start.remove_scratch()
+        raise
+    if verdict.action is Action.DISCARD:
+        incoming.discard()
+        transit.remove_scratch()
+        log_event("discarded", queue_id=queue_id, ip=client, sender=transaction.sender)
+        return "250 2.0.0 Ok: discarded", None, None
+    if verdict.ends_transaction and verdict.action is not Action.ACCEPT:
+        incoming.discard()
+        transit.remove_scratch()
+        return _reply(verdict), None, None
+    return None, transit, (None if transit.text is received else transit.text)
