@@ -91,6 +91,11 @@ class ClientConnection(ReadIntoShared, abc.ABC):
     def timeout_now(self) -> tuple[float, bool]:
         """(the timeout that applies now, whether that is the stress value)."""
 
+    @abc.abstractmethod
+    def recheck_interval(self) -> float:
+        """How often a wait is checked again, so that pressure that starts during a long
+        wait shortens it too (the stress timeout)."""
+
     # -- asyncio.BufferedProtocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -106,7 +111,7 @@ class ClientConnection(ReadIntoShared, abc.ABC):
         self._admitted = True
         self.set_write_limits()
         self.transport.write(self.greeting().encode() + b"\r\n")
-        self._arm(self.timeout_now()[0])
+        self._arm(min(self.timeout_now()[0], self.recheck_interval()))
         self._session = SessionRunner(self.loop, self.session())
         self._session.start()
 
@@ -196,7 +201,7 @@ class ClientConnection(ReadIntoShared, abc.ABC):
             return
         timeout, stressed = self.timeout_now()
         if self._waiting is None:  # our own work (milters, the disk): not the client's time
-            self._arm(timeout)
+            self._arm(self.recheck_interval())
             return
         now = self.loop.time()
         # Idle: since the last byte, or since we began to wait if that came later.
@@ -207,9 +212,7 @@ class ClientConnection(ReadIntoShared, abc.ABC):
             ends = min(ends, self._wait_started + timeout
                        + self._data_bytes / self.min_data_rate)
         if now < ends:
-            # Checked again at least once per stress timeout's worth, so that pressure
-            # that starts meanwhile shortens this wait too.
-            self._arm(min(ends - now, timeout))
+            self._arm(min(ends - now, self.recheck_interval()))
             return
         log_event("timeout", ip=self.client_ip, stage=self._waiting,
                   waited=round(now - self._wait_started, 1), limit=timeout, stress=stressed)

@@ -291,6 +291,9 @@ class SmtpConnection(ClientConnection):
             return self.settings.stress_timeout, True
         return self.settings.timeout, False
 
+    def recheck_interval(self) -> float:
+        return self.settings.stress_timeout
+
     def line_limit(self) -> int:
         return LINE_LIMITS.get(bytes(self.buf[:5]).upper(), COMMAND_LINE)
 
