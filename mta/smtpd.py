@@ -1,5 +1,7 @@
 """SMTP in: the gateway's own asyncio SMTP server, the milter chain at each stage, and the
-durable queue behind the final 250.
+durable queue behind the final 250. This module holds the command table and what all
+connections share; the bytes, flow control and deadlines are mta/smtp_connection.py's,
+the DATA path mta/smtp_message.py's.
 
 Our own protocol rather than aiosmtpd's: aiosmtpd introspects its classes for every
 connection, builds a parser class for every MAIL and RCPT and keeps DATA as one object per
@@ -11,8 +13,9 @@ command costs one dictionary lookup.
   certificate), AUTH PLAIN LOGIN (with a users file, over TLS or from loopback), XCLIENT (for
   authorized hosts). Replies to pipelined commands go out together when the input runs dry.
 - Relay control: a recipient is accepted from internal networks and authenticated clients,
-  or for a relay domain; address tricks (`%`, `!`, source routes, quoted local parts with
-  `@`, trailing dots) are refused from everyone else.
+  or for a relay domain (compared as IDNA 2008 A-labels); sender-specified routing (`%`,
+  `!`, a second `@`, source routes, quoted local parts hiding them) is relay access denied
+  from everyone else. Non-ASCII addresses need SMTPUTF8 on MAIL (553 5.6.7).
 - Only CRLF ends a line: a bare LF in a command ends the session (521, as Postfix's
   smtpd_forbid_bare_newline), one in DATA refuses the message (SMTP smuggling).
 - Milter verdicts from connect and HELO are given at MAIL FROM, as Postfix does by default.
@@ -27,7 +30,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Coroutine
@@ -36,20 +38,19 @@ from milters.core.config import SmtpdLimits
 from milters.core.eventlog import log_event
 from milters.core.policy.matching import (AddressPattern, NetworkPattern, match_address,
                                           network_matches, normalize_domain)
-from milters.core.verdict import Action, Verdict
+from milters.core.verdict import Verdict
 
 from . import sasl
-from .edits_apply import Transit
 from .metrics import METRICS
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
 from .milter_async import begin, drive
 from .milter_client import Steps
-from .queue import Envelope as QueueEnvelope
-from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
+from .queue import Incoming, Queue, new_queue_id
 from .smtp_connection import COMMAND_LINE, ClientConnection
-from .smtp_data import DataStream
+from .smtp_message import reply_for as _reply
+from .smtp_message import receive_message
 from .smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
-from .trace import header_hostname, protocol_name, received_header
+from .trace import header_hostname
 from .users import UserFile
 
 # Longer command lines than RFC 5321's 512 octets only where an extension allows them:
@@ -58,7 +59,6 @@ from .users import UserFile
 SASL_LINE = 12288
 LINE_LIMITS = {b"MAIL ": COMMAND_LINE + 26 + 500 + 10, b"AUTH ": SASL_LINE}
 MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
-LARGE_MESSAGE = 1 << 20  # bytes; bigger messages are read back for milters in a thread
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,6 @@ class SmtpSettings:
 
 
 SMTPUTF8_NEEDED = "553 5.6.7 Must declare SMTPUTF8 to send Unicode addresses"
-
-
-def _reply(verdict: Verdict) -> str:
-    return str(verdict.reply) if verdict.reply else {
-        Action.REJECT: "550 5.7.1 Rejected", Action.TEMPFAIL: "451 4.7.1 Try again later",
-    }.get(verdict.action, "250 2.0.0 Ok")
 
 
 def smtpd_limits(limits: SmtpdLimits) -> dict[str, float]:
@@ -715,122 +709,4 @@ async def _data(conn: SmtpConnection, arg: str) -> bool:
         return conn.error("554 5.5.1 Error: no valid recipients")
     if arg:
         return conn.error("501 5.5.4 Syntax: DATA")
-    incoming, transaction.spool = transaction.spool, None
-    if incoming is None:
-        try:
-            incoming = conn.gateway.queue.receive(transaction.queue_id)
-        except OSError as exc:
-            log_event("spool_error", queue_id=transaction.queue_id, ip=conn.client_ip,
-                      error=str(exc))
-            conn.reply("452 4.3.1 Insufficient system storage")
-            return True
-    try:
-        incoming.write(received_header(
-            helo=conn.helo, client_ip=conn.client_ip, hostname=conn.settings.hostname,
-            queue_id=transaction.queue_id,
-            protocol=protocol_name(conn.esmtp, conn.tls, conn.auth_user is not None),
-            recipients=[address for address, _ in transaction.recipients]))
-    except OSError as exc:
-        incoming.discard()
-        log_event("spool_error", queue_id=transaction.queue_id, ip=conn.client_ip,
-                  error=str(exc))
-        conn.reply("452 4.3.1 Insufficient system storage")
-        return True
-    conn.reply("354 End data with <CR><LF>.<CR><LF>")
-    stream = DataStream(incoming.write, max_size=conn.settings.max_message_size,
-                        max_header_bytes=conn.settings.max_header_bytes)
-    conn.expect("data")  # the whole DATA has a deadline, not only each read
-    try:
-        while not stream.feed(conn.buf):
-            if not await conn.more():
-                incoming.discard()
-                return False
-    finally:
-        conn.expect(None)
-    conn.transaction = None
-    try:
-        answer = await _finish(conn, transaction, incoming, stream)
-    except BaseException:
-        incoming.discard()
-        raise
-    if answer is not None:
-        conn.reply(answer)
-    return True
-
-
-async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Incoming,
-                  stream: DataStream) -> str | None:
-    """What to answer at the end of DATA; None when the message is queued and its 250
-    already sent."""
-    client = conn.client_ip
-    METRICS.count("mailmoat_messages_received_total")
-    refusal = None
-    if stream.bare_line_end:
-        refusal = ("bare LF or CR",
-                   "554 5.6.0 Message refused: bare LF or CR in the data; send CRLF line ends")
-    elif stream.too_big:
-        refusal = ("too big", "552 5.3.4 Message size exceeds fixed maximum message size")
-    elif stream.received_headers >= conn.settings.max_hops:
-        refusal = ("mail loop", "554 5.4.0 Error: too many hops (mail loop?)")
-    elif stream.header_too_big:
-        refusal = ("header too big", "552 5.3.4 Message header too large")
-    elif stream.sink_error is not None:
-        incoming.discard()
-        log_event("spool_error", queue_id=transaction.queue_id, ip=client,
-                  error=str(stream.sink_error))
-        return "452 4.3.1 Insufficient system storage"
-    if refusal is not None:
-        incoming.discard()
-        METRICS.count("mailmoat_messages_rejected_total", by="smtpd")
-        log_event("reject", stage="data", queue_id=transaction.queue_id, ip=client,
-                  reason=refusal[0])
-        return refusal[1]
-    recipients = [(address, " ".join(params) or None)
-                  for address, params in transaction.recipients]
-    replacement: bytes | None = None
-    sender, quarantine = transaction.sender, None
-    chain = conn.chain
-    if chain is not None:
-        # A large file is read in a thread so other clients are not held up meanwhile.
-        received = (await conn.blocking(incoming.read) if incoming.size > LARGE_MESSAGE
-                    else incoming.read())
-        verdict, transit = await begin(chain.g_message(Transit(received, sender, recipients),
-                                                           {"i": transaction.queue_id}))
-        if verdict.action is Action.DISCARD:
-            incoming.discard()
-            log_event("discarded", queue_id=transaction.queue_id, ip=client, sender=sender)
-            return "250 2.0.0 Ok: discarded"
-        if verdict.ends_transaction and verdict.action is not Action.ACCEPT:
-            incoming.discard()
-            return _reply(verdict)
-        if transit.raw is not received:  # a milter changed the content
-            replacement = transit.raw
-        sender, recipients, quarantine = transit.sender, transit.recipients, transit.quarantine
-    if not recipients:
-        incoming.discard()
-        return "250 2.0.0 Ok: no recipients left"
-    envelope = QueueEnvelope(
-        transaction.queue_id, sender,
-        [RecipientState(address, params) for address, params in recipients],
-        received_at=time.time(), client_ip=client, helo=conn.helo, hold_reason=quarantine)
-    if conn.auth_user:
-        envelope.extra["auth_user"] = conn.auth_user
-    try:
-        # The fsyncs: inline when this is the only client (an executor hop costs more than
-        # the fsync), in a thread when others are waiting, so their work goes on meanwhile.
-        if conn.gateway.open_connections > 1:
-            queue_id = await conn.blocking(lambda: incoming.commit(envelope, replacement))
-        else:
-            queue_id = incoming.commit(envelope, replacement)
-    except SpoolError as exc:
-        log_event("spool_error", queue_id=transaction.queue_id, ip=client, error=str(exc))
-        return "452 4.3.1 Insufficient system storage"
-    # The client waits for this reply and nothing else: it goes out before the rest.
-    conn.reply(f"250 2.0.0 Ok: queued as {queue_id}")
-    conn.flush()
-    if conn.gateway.on_queued is not None:
-        conn.gateway.on_queued(queue_id)
-    METRICS.count("mailmoat_messages_queued_total")
-    log_event("queued", queue_id=queue_id, ip=client, sender=sender, nrcpt=len(recipients),
-              size=envelope.size, held=quarantine)
-    return None
+    return await receive_message(conn, transaction)
