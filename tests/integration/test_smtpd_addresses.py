@@ -259,3 +259,23 @@ def test_a_unicode_helo_is_written_as_its_a_label(gateway: tuple[int, Queue]) ->
     [envelope] = queue.entries()
     received = assert_header_safe(queue.message(envelope.queue_id))
     assert received.startswith(b"Received: from mail.xn--r8jz45g.jp (unknown [127.0.0.1])")
+
+
+@pytest.mark.parametrize("control", ["\u0085", "\u009b", "\u2028", "\u2029"],
+                         ids=["NEL", "CSI", "LINE-SEPARATOR", "PARAGRAPH-SEPARATOR"])
+@pytest.mark.parametrize("quoted", [False, True], ids=["plain", "quoted"])
+def test_unicode_controls_in_an_smtputf8_address_are_refused(
+        gateway: tuple[int, Queue], control: str, quoted: bool) -> None:
+    """Valid UTF-8, still controls: they would reach our Received header and the milters'
+    {rcpt_addr} and {mail_addr} macros."""
+    port, queue = gateway
+    local = f'"a{control}b"' if quoted else f"a{control}b"
+    with greeted(port) as client:
+        client.send(b"EHLO c.example\r\n")
+        client.reply()
+        replies = answers(client, f"MAIL FROM:<{local}@example.jp> SMTPUTF8",
+                          "MAIL FROM:<a@example.jp> SMTPUTF8", f"RCPT TO:<{local}@example.jp>")
+    assert replies[0].startswith("501 5.1.7 Bad address syntax (control character)"), replies
+    assert replies[1] == "250 2.1.0 Ok"
+    assert replies[2].startswith("501 5.1.7 Bad address syntax (control character)"), replies
+    assert queue.entries() == []
