@@ -69,6 +69,7 @@ class ClientConnection(ReadIntoShared, abc.ABC):
         self.peer_port = 0
         self.client_ip = ""
         self.errors = 0
+        self._admitted = False  # counted by admit(): released() is owed once
 
     # -- what subclasses provide -------------------------------------------------------------
     @abc.abstractmethod
@@ -141,7 +142,7 @@ class ClientConnection(ReadIntoShared, abc.ABC):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if getattr(self, "_admitted", False):
+        if self._admitted:
             self._admitted = False
             self.released()
 
