@@ -32,7 +32,7 @@ from .milter_chain import ChainMember, ChainSession
 from .milter_client import MilterEndpoint
 from .milter_pool import MilterPool
 from .queue import Queue
-from .smtpd import GatewayHandler, SmtpSettings, server_tls_context
+from .smtpd import GatewayHandler, SmtpSettings, server_tls_context, smtpd_limits
 from .users import UserFile
 
 PR_SET_PDEATHSIG = 1
@@ -200,7 +200,7 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
                             max_connections=config.max_connections,
                             max_connections_per_ip=config.max_connections_per_ip,
                             tls_context=tls, valid_recipients=config.valid_recipients,
-                            users=users)
+                            users=users, **smtpd_limits(config.smtpd))
     members = supervisor.members()
     pool = MilterPool()  # milter connections kept between SMTP sessions
     chain: Callable[[], ChainSession] | None = (

@@ -10,7 +10,12 @@ from typing import Iterator, NamedTuple
 
 # Without a quote in the text, nothing is quoted or escaped: plain searches will do (the
 # usual case; the character-by-character walk below cost a tenth of the MTA's Python).
-_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+# Controls: C0, DEL, C1 (valid UTF-8 in an SMTPUTF8 address, still a control: U+0085 is
+# a line end to some) and the Unicode line and paragraph separators. An address goes into
+# headers and milter macros; none of these may.
+_CONTROL = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+_SPACE_OR_CONTROL = re.compile(f"[ {_CONTROL}]")
+_IS_CONTROL = re.compile(f"[{_CONTROL}]")
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 
@@ -108,7 +113,7 @@ def _address_problem(address: str) -> str:
         if ch in " \t":
             if outside:
                 return " (white space outside quotes)"
-        elif ch < " " or ch == "\x7f":
+        elif _IS_CONTROL.match(ch):
             return " (control character)"
     return ""
 

@@ -1,5 +1,7 @@
 """SMTP in: the gateway's own asyncio SMTP server, the milter chain at each stage, and the
-durable queue behind the final 250.
+durable queue behind the final 250. This module holds the command table and what all
+connections share; the bytes, flow control and deadlines are mta/smtp_connection.py's,
+the DATA path mta/smtp_message.py's.
 
 Our own protocol rather than aiosmtpd's: aiosmtpd introspects its classes for every
 connection, builds a parser class for every MAIL and RCPT and keeps DATA as one object per
@@ -11,8 +13,9 @@ command costs one dictionary lookup.
   certificate), AUTH PLAIN LOGIN (with a users file, over TLS or from loopback), XCLIENT (for
   authorized hosts). Replies to pipelined commands go out together when the input runs dry.
 - Relay control: a recipient is accepted from internal networks and authenticated clients,
-  or for a relay domain; address tricks (`%`, `!`, source routes, quoted local parts with
-  `@`, trailing dots) are refused from everyone else.
+  or for a relay domain (compared as IDNA 2008 A-labels); sender-specified routing (`%`,
+  `!`, a second `@`, source routes, quoted local parts hiding them) is relay access denied
+  from everyone else. Non-ASCII addresses need SMTPUTF8 on MAIL (553 5.6.7).
 - Only CRLF ends a line: a bare LF in a command ends the session (521, as Postfix's
   smtpd_forbid_bare_newline), one in DATA refuses the message (SMTP smuggling).
 - Milter verdicts from connect and HELO are given at MAIL FROM, as Postfix does by default.
@@ -25,39 +28,36 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import re
 import socket
 import ssl
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
+from milters.core.config import SmtpdLimits
 from milters.core.eventlog import log_event
 from milters.core.policy.matching import (AddressPattern, NetworkPattern, match_address,
                                           network_matches, normalize_domain)
-from milters.core.verdict import Action, Verdict
+from milters.core.verdict import Verdict
 
 from . import sasl
-from .edits_apply import Transit
-from .message_text import MessageText
 from .metrics import METRICS
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
 from .milter_async import begin, drive
 from .milter_client import Steps
-from .queue import Envelope as QueueEnvelope
-from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
-from .reads import ReadIntoShared
-from .session_runner import INPUT, SessionRunner
-from .smtp_data import DataStream
+from .queue import Incoming, Queue, new_queue_id
+from .smtp_connection import COMMAND_LINE, ClientConnection
+from .smtp_message import reply_for as _reply
+from .smtp_message import receive_message
 from .smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
-from .trace import protocol_name, received_header
+from .trace import header_hostname
 from .users import UserFile
 
-_TRICKS = re.compile(r"[%!]|^@|:.*@|\.$|^\".*@.*\"@")
-MAX_COMMAND_LINE = 4096  # bytes; RFC 5321 asks for 512, extensions need more
-MAX_BUFFERED = 1 << 20  # stop reading from a client that sends this much ahead of us
-MAX_ERRORS = 20  # then 421, as Postfix's smtpd_hard_error_limit
+# Longer command lines than RFC 5321's 512 octets only where an extension allows them:
+# MAIL gains 26 for SIZE (RFC 1870), 500 for AUTH= (RFC 4954 5) and 10 for SMTPUTF8
+# (RFC 6531 3.4); AUTH and its responses may take 12288 (RFC 4954 4).
+SASL_LINE = 12288
+LINE_LIMITS = {b"MAIL ": COMMAND_LINE + 26 + 500 + 10, b"AUTH ": SASL_LINE}
 MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
 
 
@@ -71,7 +71,14 @@ class SmtpSettings:
     max_recipients: int = 100
     max_header_bytes: int = 1024 * 1024
     max_hops: int = 50  # Received: headers that mean a mail loop (Postfix's hopcount_limit)
-    idle_timeout: float = 300.0
+    # Postfix's smtpd_timeout: the idle limit between reads, and the deadline for a whole
+    # command line; for DATA the deadline grows by a second per min_data_rate bytes
+    # (smtpd_min_data_rate). Under stress (open connections at stress_share of
+    # max_connections) stress_timeout applies instead, as Postfix's ${stress?{10}:{300}}s.
+    timeout: float = 300.0
+    stress_timeout: float = 10.0
+    min_data_rate: float = 500.0
+    stress_share: float = 0.8
     max_connections: int = 200
     max_connections_per_ip: int = 20
     tls_context: ssl.SSLContext | None = None  # STARTTLS is offered when set
@@ -81,10 +88,13 @@ class SmtpSettings:
     users: UserFile | None = None  # SMTP AUTH is offered when set
 
 
-def _reply(verdict: Verdict) -> str:
-    return str(verdict.reply) if verdict.reply else {
-        Action.REJECT: "550 5.7.1 Rejected", Action.TEMPFAIL: "451 4.7.1 Try again later",
-    }.get(verdict.action, "250 2.0.0 Ok")
+SMTPUTF8_NEEDED = "553 5.6.7 Must declare SMTPUTF8 to send Unicode addresses"
+
+
+def smtpd_limits(limits: SmtpdLimits) -> dict[str, float]:
+    """The SmtpSettings fields that come from the config's smtpd_* keys."""
+    return {"timeout": limits.timeout, "stress_timeout": limits.stress_timeout,
+            "min_data_rate": float(limits.min_data_rate), "stress_share": limits.stress_share}
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -94,11 +104,32 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 def recipient_problem(address: str) -> str | None:
-    """Why an address is refused on syntax alone (the classic open-relay tricks), or None."""
+    """Why a recipient from a client that may not relay is refused on syntax alone, or
+    None: it must be local@domain, the domain without a trailing dot."""
     local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or _TRICKS.search(address):
+    if not at or not local or not domain or domain.endswith("."):
         return "501 5.1.3 Bad recipient address syntax"
     return None
+
+
+def sender_routed(address: str) -> bool:
+    """Does the address name its own route, beyond its domain? A source route
+    (`@a,@b:user@c`), or a local part holding another destination: `user@a@b`,
+    `user%b@a` (the percent hack), `b!user@a` (a UUCP bang path), and the same hidden in
+    a quoted local part (`"user@b"@a`). Everything before the last '@' is the local
+    part: quoted or not, '@', '%' and '!' there are routing to a mail server that honours
+    them (Postfix's allow_untrusted_routing = no refuses them all)."""
+    if address.startswith("@"):
+        return True
+    local = address.rpartition("@")[0]
+    return "@" in local or "%" in local or "!" in local
+
+
+def domain_problem(address: str) -> bool:
+    """A non-ASCII domain that is no IDNA 2008 name has no A-label: it can be neither
+    compared nor routed (RFC 6531 3.2: domains in U-labels must be valid)."""
+    domain = address.rpartition("@")[2]
+    return not domain.isascii() and not normalize_domain(domain).isascii()
 
 
 # Parsed once per address, not three or four times per session (EHLO's offers, relay checks).
@@ -125,6 +156,13 @@ class GatewayHandler:
         self.on_queued = on_queued  # told each new queue ID (serve wakes delivery with it)
         self.connections: dict[str, int] = {}  # open connections per client IP
         self.open_connections = 0  # their sum, asked for on every message
+        # Compared in one form, IDNA 2008 A-labels, so that a Unicode spelling of an IDN
+        # relay domain is that domain and a look-alike is not.
+        self.relay_domains = tuple(normalize_domain(d) for d in settings.relay_domains)
+        # Postfix is stressed when every smtpd process is busy and clients wait in the
+        # queue; we refuse at max_connections instead of queueing, so stress must start
+        # before that: at a share of the limit.
+        self._stress_at = max(1, int(settings.max_connections * settings.stress_share))
 
     def admit_connection(self, ip: str) -> str | None:
         """Count a new connection; the 421 reply when it is one too many."""
@@ -144,9 +182,12 @@ class GatewayHandler:
         else:
             self.connections.pop(ip, None)
 
+    def under_stress(self) -> bool:
+        return self.open_connections >= self._stress_at
+
     def relay_domain(self, address: str) -> bool:
         domain = normalize_domain(address.rpartition("@")[2])
-        return any(domain == d or domain.endswith("." + d) for d in self.settings.relay_domains)
+        return any(domain == d or domain.endswith("." + d) for d in self.relay_domains)
 
     def internal(self, ip: str) -> bool:
         try:
@@ -170,6 +211,7 @@ class Transaction:
     queue_id: str
     sender: str
     params: list[str]
+    smtputf8: bool = False  # MAIL said SMTPUTF8: non-ASCII addresses are allowed
     recipients: list[tuple[str, list[str]]] = field(default_factory=list)
     spool: Incoming | None = None  # opened at MAIL, ahead of DATA (see _mail)
 
@@ -185,26 +227,16 @@ def command(verb: str) -> Callable[[Command], Command]:
     return register
 
 
-class SmtpConnection(ReadIntoShared):
+class SmtpConnection(ClientConnection):
     """One client connection. The protocol callbacks fill a buffer; one session coroutine
     per connection reads commands from it in order, so pipelined commands are answered in
     order. It runs in a SessionRunner: new input resumes it from the read callback."""
 
     def __init__(self, gateway: GatewayHandler) -> None:
+        super().__init__(gateway.settings.min_data_rate)
         self.gateway = gateway
         self.settings = gateway.settings
-        self.loop = asyncio.get_running_loop()
-        self.buf = bytearray()
-        self._out: list[bytes] = []
-        self._closed = False
-        self._paused = False
-        self._counted_ip: str | None = None
-        self._last_input = self.loop.time()
-        self._timer: asyncio.TimerHandle | None = None
-        self._session: SessionRunner | None = None
-        self.peer_ip = ""
-        self.peer_port = 0
-        self.client_ip = ""  # the peer, or what an authorized XCLIENT said
+        self.hostname = self.settings.hostname
         self.helo: str | None = None
         self.esmtp = False
         self.tls = False
@@ -214,7 +246,7 @@ class SmtpConnection(ReadIntoShared):
         self._background: deque[Callable[[], Steps[Verdict]]] = deque()
         self.early_verdict: Verdict | None = None
         self._transaction: Transaction | None = None
-        self.errors = 0
+        self._counted_ip = ""
 
     @property
     def transaction(self) -> Transaction | None:
@@ -229,117 +261,35 @@ class SmtpConnection(ReadIntoShared):
             old.spool = None
         self._transaction = new
 
-    # -- asyncio.BufferedProtocol ------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.peer_ip, self.peer_port = str(peer[0]), int(peer[1])
-        self.client_ip = self.peer_ip
+    # -- ClientConnection --------------------------------------------------------------------
+    def admit(self) -> str | None:
         refusal = self.gateway.admit_connection(self.peer_ip)
         if refusal is not None:
             log_event("reject", stage="connect", ip=self.peer_ip, reason="too many connections")
-            self.transport.write(refusal.encode() + b"\r\n")
-            self.transport.close()
-            self._closed = True
-            return
+            return refusal
         self._counted_ip = self.peer_ip
-        self.transport.write(f"220 {self.settings.hostname} ESMTP mailmoat\r\n".encode())
         log_event("connect", ip=self.peer_ip)
-        self._timer = self.loop.call_later(self.settings.idle_timeout, self._check_idle)
-        self._session = SessionRunner(self.loop, self._serve())
-        self._session.start()
+        return None
 
-    def bytes_received(self, data: memoryview) -> None:
-        self.buf += data
-        self._last_input = self.loop.time()
-        if len(self.buf) > MAX_BUFFERED and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
+    def greeting(self) -> str:
+        return f"220 {self.settings.hostname} ESMTP mailmoat"
 
-    def eof_received(self) -> bool:
-        self._closed = True
-        self._wake()
-        return False
+    def session(self) -> Coroutine[Any, Any, None]:
+        return self._serve()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._wake()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._counted_ip is not None:
-            self.gateway.release_connection(self._counted_ip)
-            self._counted_ip = None
+    def released(self) -> None:
+        self.gateway.release_connection(self._counted_ip)
 
-    # -- input and output --------------------------------------------------------------------
-    def _wake(self) -> None:
-        if self._session is not None:
-            self._session.input_changed()
+    def timeout_now(self) -> tuple[float, bool]:
+        if self.gateway.under_stress():
+            return self.settings.stress_timeout, True
+        return self.settings.timeout, False
 
-    def _waiting_for_input(self) -> bool:
-        return self._session is not None and self._session.waiting_for_input
+    def recheck_interval(self) -> float:
+        return self.settings.stress_timeout
 
-    def _check_idle(self) -> None:
-        idle = self.loop.time() - self._last_input
-        if self._closed:
-            return
-        if self._waiting_for_input() and idle >= self.settings.idle_timeout:
-            log_event("timeout", ip=self.client_ip, idle=round(idle))
-            self.reply(f"421 4.4.2 {self.settings.hostname} Error: timeout exceeded")
-            self._close()
-            return
-        wait = self.settings.idle_timeout - idle if self._waiting_for_input() else \
-            self.settings.idle_timeout
-        self._timer = self.loop.call_later(max(wait, 0.1), self._check_idle)
-
-    async def _more(self) -> bool:
-        """Wait for input; False when the client is gone. Pending replies go out first."""
-        if self._closed:
-            return False
-        self.flush()
-        if self._paused and len(self.buf) < MAX_BUFFERED // 4:
-            self._paused = False
-            self.transport.resume_reading()
-        await INPUT  # the session runner goes on when input_changed() says so
-        return not self._closed or bool(self.buf)
-
-    async def read_line(self) -> bytes | None:
-        """The next command line without its CRLF; None when the session is over."""
-        while True:
-            end = self.buf.find(b"\n")
-            if end >= 0:
-                if end == 0 or self.buf[end - 1] != 13:
-                    self.reply("521 5.5.2 Error: bare <LF> received; use CRLF line ends")
-                    log_event("reject", stage="command", ip=self.client_ip, reason="bare LF")
-                    return None
-                line = bytes(self.buf[:end - 1])
-                del self.buf[:end + 1]
-                if len(line) > MAX_COMMAND_LINE:
-                    self.reply("500 5.5.2 Error: command line too long")
-                    continue
-                return line
-            if len(self.buf) > MAX_COMMAND_LINE:
-                self.reply("500 5.5.2 Error: command line too long")
-                self.buf.clear()
-            if not await self._more():
-                return None
-
-    def reply(self, line: str) -> None:
-        self._out.append(line.encode("utf-8", "surrogateescape") + b"\r\n")
-
-    def flush(self) -> None:
-        if self._out and not self.transport.is_closing():
-            self.transport.write(b"".join(self._out))
-        self._out.clear()
-
-    def _close(self) -> None:
-        self.flush()
-        self._closed = True
-        self.transport.close()
-
-    async def blocking(self, call: Callable[[], Any]) -> Any:
-        """Run slow blocking work (fsync under load, big reads, scrypt) off the event loop."""
-        return await self.loop.run_in_executor(None, call)
+    def line_limit(self) -> int:
+        return LINE_LIMITS.get(bytes(self.buf[:5]).upper(), COMMAND_LINE)
 
     # -- the session -------------------------------------------------------------------------
     async def _serve(self) -> None:
@@ -364,17 +314,8 @@ class SmtpConnection(ReadIntoShared):
             self.reply("421 4.3.0 Error: internal problem, try again later")
         finally:
             self.transaction = None
-            self._close()
+            self.close()
             self.close_chain()
-
-    def error(self, reply: str) -> bool:
-        """Answer a client error; after too many, end the session (False)."""
-        self.errors += 1
-        if self.errors >= MAX_ERRORS:
-            self.reply(f"421 4.7.0 {self.settings.hostname} Error: too many errors")
-            return False
-        self.reply(reply)
-        return True
 
     def start_chain(self) -> None:
         """Open the milter session now, in the background, as Postfix does at connect: a
@@ -446,9 +387,12 @@ class SmtpConnection(ReadIntoShared):
 
 
 # -- commands -----------------------------------------------------------------------------------
-def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> None:
+def _greet(conn: SmtpConnection, arg: str, esmtp: bool) -> str:
+    """Remember the client's name, made safe once for every header and milter that will
+    carry it (Received, the milters' HELO, Authentication-Results), and return it."""
     conn.transaction = None
-    conn.helo, conn.esmtp = arg, esmtp
+    conn.helo, conn.esmtp = header_hostname(arg), esmtp
+    return conn.helo
 
 
 def _milter_helo(conn: SmtpConnection, name: str) -> None:
@@ -464,7 +408,7 @@ def _milter_helo(conn: SmtpConnection, name: str) -> None:
 async def _ehlo(conn: SmtpConnection, arg: str) -> bool:
     if not arg:
         return conn.error("501 5.5.4 Syntax: EHLO hostname")
-    _greet(conn, arg, esmtp=True)
+    name = _greet(conn, arg, esmtp=True)
     settings = conn.settings
     lines = [settings.hostname, "PIPELINING", f"SIZE {settings.max_message_size}"]
     if settings.tls_context is not None and not conn.tls:
@@ -477,7 +421,7 @@ async def _ehlo(conn: SmtpConnection, arg: str) -> bool:
     for line in lines[:-1]:
         conn.reply(f"250-{line}")
     conn.reply(f"250 {lines[-1]}")
-    _milter_helo(conn, arg)
+    _milter_helo(conn, name)
     return True
 
 
@@ -485,9 +429,9 @@ async def _ehlo(conn: SmtpConnection, arg: str) -> bool:
 async def _helo(conn: SmtpConnection, arg: str) -> bool:
     if not arg:
         return conn.error("501 5.5.4 Syntax: HELO hostname")
-    _greet(conn, arg, esmtp=False)
+    name = _greet(conn, arg, esmtp=False)
     conn.reply(f"250 {conn.settings.hostname}")
-    _milter_helo(conn, arg)
+    _milter_helo(conn, name)
     return True
 
 
@@ -535,6 +479,7 @@ async def _starttls(conn: SmtpConnection, arg: str) -> bool:
     except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
         log_event("tls_failed", ip=conn.client_ip, error=str(exc))
         return False
+    conn.set_write_limits()
     conn.tls = True
     conn.auth_user = None  # RFC 3207 4.2: forget what was learnt before TLS
     conn.reset_session()
@@ -592,7 +537,7 @@ async def _sasl_response(conn: SmtpConnection, initial: str, prompt: str) -> str
     answer: str | None = initial
     if not answer:
         conn.reply(prompt)
-        line = await conn.read_line()
+        line = await conn.read_line(SASL_LINE)
         answer = None if line is None else line.decode("ascii", "replace").strip()
     if answer is not None and sasl.is_cancel(answer):
         raise sasl.SaslError("cancelled by the client", sasl.AUTH_CANCELLED)
@@ -605,11 +550,17 @@ async def _xclient(conn: SmtpConnection, arg: str) -> bool:
         return conn.error("550 5.7.0 Error: insufficient authorization")
     attributes = dict(part.split("=", 1) for part in arg.split() if "=" in part)
     if "ADDR" in attributes:
-        conn.client_ip = attributes["ADDR"].removeprefix("IPV6:")
+        # Only an address: it goes into our Received header and the milters' macros.
+        address = attributes["ADDR"].removeprefix("IPV6:")
+        try:
+            _ip(address)
+        except ValueError:
+            return conn.error("501 5.5.4 Bad ADDR syntax")
+        conn.client_ip = address
     conn.auth_user = None  # a new client as far as we are concerned: not authenticated
     conn.reset_session()
     if "HELO" in attributes:
-        conn.helo = attributes["HELO"]
+        conn.helo = header_hostname(attributes["HELO"])
     conn.reply(f"220 {conn.settings.hostname} ESMTP mailmoat")
     return True
 
@@ -663,7 +614,8 @@ async def _mail(conn: SmtpConnection, arg: str) -> bool:
         # client answers it with RCPT.
         conn.flush()
         spool = _open_spool(conn, queue_id)
-    conn.transaction = Transaction(queue_id, path.address, path.raw_params, spool=spool)
+    conn.transaction = Transaction(queue_id, path.address, path.raw_params,
+                                   smtputf8="SMTPUTF8" in path.params, spool=spool)
     return True
 
 
@@ -690,7 +642,9 @@ def _mail_params_problem(conn: SmtpConnection, path: PathArgument) -> str | None
     if body not in ("7BIT", "8BITMIME"):
         return "501 5.5.4 Bad BODY parameter"
     if not path.address.isascii() and "SMTPUTF8" not in path.params:
-        return "553 5.6.7 Must declare SMTPUTF8 to send Unicode addresses"
+        return SMTPUTF8_NEEDED
+    if domain_problem(path.address):
+        return "553 5.1.7 Bad sender address syntax (not an IDNA 2008 domain)"
     return None
 
 
@@ -706,15 +660,25 @@ async def _rcpt(conn: SmtpConnection, arg: str) -> bool:
     if path.params:
         return conn.error(f"555 5.5.4 Unsupported option: {next(iter(path.params))}")
     address = path.address
+    if not address.isascii() and not transaction.smtputf8:
+        return conn.error(SMTPUTF8_NEEDED)  # RFC 6531 3.4: only in an SMTPUTF8 transaction
+    if domain_problem(address):
+        return conn.error("553 5.1.3 Bad recipient address syntax (not an IDNA 2008 domain)")
     trusted = conn.auth_user is not None or gateway.internal(conn.client_ip)
     if not trusted:
         problem = recipient_problem(address)
         if problem:
             return conn.error(problem)
-        if not gateway.relay_domain(address):
+        # Sender-specified routing from a client that may not relay is a relay attempt
+        # through our relay domain's server, and answered as Postfix answers it with
+        # allow_untrusted_routing = no: 554 5.7.1 Relay access denied (permanent: no retry
+        # will ever change it; 5.7.1, delivery not authorized). Trusted clients may still
+        # route, as in Postfix, where the setting concerns untrusted clients only.
+        routed = sender_routed(address)
+        if routed or not gateway.relay_domain(address):
             METRICS.count("mailmoat_messages_rejected_total", by="smtpd")
             log_event("reject", stage="rcpt", ip=conn.client_ip, rcpt=address,
-                      reason="relay access denied")
+                      reason="sender-specified routing" if routed else "relay access denied")
             return conn.error(f"554 5.7.1 <{address}>: Relay access denied")
     if (conn.settings.valid_recipients and gateway.relay_domain(address)
             and not match_address(address, conn.settings.valid_recipients).matched):
@@ -745,155 +709,4 @@ async def _data(conn: SmtpConnection, arg: str) -> bool:
         return conn.error("554 5.5.1 Error: no valid recipients")
     if arg:
         return conn.error("501 5.5.4 Syntax: DATA")
-    incoming, transaction.spool = transaction.spool, None
-    if incoming is None:
-        try:
-            incoming = conn.gateway.queue.receive(transaction.queue_id)
-        except OSError as exc:
-            log_event("spool_error", queue_id=transaction.queue_id, ip=conn.client_ip,
-                      error=str(exc))
-            conn.reply("452 4.3.1 Insufficient system storage")
-            return True
-    try:
-        incoming.write(received_header(
-            helo=conn.helo, client_ip=conn.client_ip, hostname=conn.settings.hostname,
-            queue_id=transaction.queue_id,
-            protocol=protocol_name(conn.esmtp, conn.tls, conn.auth_user is not None),
-            recipients=[address for address, _ in transaction.recipients]))
-    except OSError as exc:
-        incoming.discard()
-        log_event("spool_error", queue_id=transaction.queue_id, ip=conn.client_ip,
-                  error=str(exc))
-        conn.reply("452 4.3.1 Insufficient system storage")
-        return True
-    conn.reply("354 End data with <CR><LF>.<CR><LF>")
-    stream = DataStream(incoming.write, max_size=conn.settings.max_message_size,
-                        max_header_bytes=conn.settings.max_header_bytes)
-    while not stream.feed(conn.buf):
-        if not await conn._more():
-            incoming.discard()
-            return False
-    conn.transaction = None
-    try:
-        answer = await _finish(conn, transaction, incoming, stream)
-    except BaseException:
-        incoming.discard()
-        raise
-    if answer is not None:
-        conn.reply(answer)
-    return True
-
-
-async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Incoming,
-                  stream: DataStream) -> str | None:
-    """What to answer at the end of DATA; None when the message is queued and its 250
-    already sent."""
-    client = conn.client_ip
-    METRICS.count("mailmoat_messages_received_total")
-    refusal = None
-    if stream.bare_line_end:
-        refusal = ("bare LF or CR",
-                   "554 5.6.0 Message refused: bare LF or CR in the data; send CRLF line ends")
-    elif stream.too_big:
-        refusal = ("too big", "552 5.3.4 Message size exceeds fixed maximum message size")
-    elif stream.received_headers >= conn.settings.max_hops:
-        refusal = ("mail loop", "554 5.4.0 Error: too many hops (mail loop?)")
-    elif stream.header_too_big:
-        refusal = ("header too big", "552 5.3.4 Message header too large")
-    elif stream.sink_error is not None:
-        incoming.discard()
-        log_event("spool_error", queue_id=transaction.queue_id, ip=client,
-                  error=str(stream.sink_error))
-        return "452 4.3.1 Insufficient system storage"
-    if refusal is not None:
-        incoming.discard()
-        METRICS.count("mailmoat_messages_rejected_total", by="smtpd")
-        log_event("reject", stage="data", queue_id=transaction.queue_id, ip=client,
-                  reason=refusal[0])
-        return refusal[1]
-    recipients = [(address, " ".join(params) or None)
-                  for address, params in transaction.recipients]
-    replacement: MessageText | None = None
-    sender, quarantine = transaction.sender, None
-    transit: Transit | None = None
-    if conn.chain is not None:
-        answer, transit, replacement = await _through_chain(conn, conn.chain, transaction,
-                                                            incoming, recipients)
-        if answer is not None:
-            return answer
-        assert transit is not None
-        sender, recipients, quarantine = transit.sender, transit.recipients, transit.quarantine
-    if not recipients:
-        incoming.discard()
-        if transit is not None:
-            transit.remove_scratch()
-        return "250 2.0.0 Ok: no recipients left"
-    envelope = QueueEnvelope(
-        transaction.queue_id, sender,
-        [RecipientState(address, params) for address, params in recipients],
-        received_at=time.time(), client_ip=client, helo=conn.helo, hold_reason=quarantine)
-    if conn.auth_user:
-        envelope.extra["auth_user"] = conn.auth_user
-    # The chain's edited text: small ones as bytes, else its file, taken as it is.
-    new_text = None if replacement is None else replacement.data
-    adopt = None if replacement is None else replacement.path
-    try:
-        # The fsyncs: inline when this is the only client (an executor hop costs more than
-        # the fsync), in a thread when others are waiting, so their work goes on meanwhile.
-        if conn.gateway.open_connections > 1:
-            queue_id = await conn.blocking(
-                lambda: incoming.commit(envelope, new_text, adopt=adopt))
-        else:
-            queue_id = incoming.commit(envelope, new_text, adopt=adopt)
-    except SpoolError as exc:
-        log_event("spool_error", queue_id=transaction.queue_id, ip=client, error=str(exc))
-        return "452 4.3.1 Insufficient system storage"
-    finally:
-        if transit is not None:
-            transit.remove_scratch(keep=adopt)  # the adopted file is in active/ by now
-    # The client waits for this reply and nothing else: it goes out before the rest.
-    conn.reply(f"250 2.0.0 Ok: queued as {queue_id}")
-    conn.flush()
-    if conn.gateway.on_queued is not None:
-        conn.gateway.on_queued(queue_id)
-    METRICS.count("mailmoat_messages_queued_total")
-    log_event("queued", queue_id=queue_id, ip=client, sender=sender, nrcpt=len(recipients),
-              size=envelope.size, held=quarantine)
-    return None
-
-
-async def _through_chain(conn: SmtpConnection, chain: ChainSession, transaction: Transaction,
-                         incoming: Incoming, recipients: list[tuple[str, str | None]]
-                         ) -> tuple[str | None, Transit | None, MessageText | None]:
-    """The message through the milters: (the reply that ends the transaction, None, None)
-    or (None, the message as they left it, its new text if they changed it). The milters read the spool file a chunk at a
-    time (a small message from the copy kept in memory); edits go to new files in tmp/."""
-    kept = incoming.kept()
-    received = (MessageText.of(kept) if kept is not None
-                else MessageText(path=incoming.path, size=incoming.size))
-    start = Transit(received, transaction.sender, recipients,
-                    workdir=conn.gateway.queue.tmp_dir)
-    queue_id, client = transaction.queue_id, conn.client_ip
-    try:
-        verdict, transit = await begin(chain.g_message(start, {"i": queue_id}))
-    except OSError as exc:
-        # Reading the message or writing an edited one failed (disk full, I/O error): the
-        # milters are told the message is off, the client to try again later.
-        start.remove_scratch()
-        incoming.discard()
-        log_event("spool_error", queue_id=queue_id, ip=client, error=str(exc))
-        await begin(chain.g_abort())
-        return "452 4.3.1 Insufficient system storage", None, None
-    except BaseException:
-        start.remove_scratch()
-        raise
-    if verdict.action is Action.DISCARD:
-        incoming.discard()
-        transit.remove_scratch()
-        log_event("discarded", queue_id=queue_id, ip=client, sender=transaction.sender)
-        return "250 2.0.0 Ok: discarded", None, None
-    if verdict.ends_transaction and verdict.action is not Action.ACCEPT:
-        incoming.discard()
-        transit.remove_scratch()
-        return _reply(verdict), None, None
-    return None, transit, (None if transit.text is received else transit.text)
+    return await receive_message(conn, transaction)

@@ -3,8 +3,17 @@ written as Postfix writes it, so that the hop can be followed and milters see it
 from __future__ import annotations
 
 import time
+import unicodedata
 from email.utils import format_datetime
 from datetime import datetime, timezone
+
+from milters.core.policy.matching import normalize_domain
+
+HOSTNAME_LIMIT = 255  # octets of a host name we repeat (Postfix's VALID_HOSTNAME_LEN)
+# Characters that must never reach a header: C0 and C1 controls with DEL (Cc), the
+# surrogates that stand for bytes that were not UTF-8 (Cs), Unicode line and paragraph
+# separators (Zl, Zp), and invisible format characters such as bidi overrides (Cf).
+_UNSAFE = frozenset({"Cc", "Cs", "Zl", "Zp", "Cf"})
 
 _date_cache: tuple[int, str] = (-1, "")  # (second, its RFC 5322 date): one per second
 
@@ -23,7 +32,7 @@ def received_header(*, helo: str | None, client_ip: str, hostname: str, queue_id
     each recipient who else got the message)."""
     date = format_datetime(when) if when is not None else _date_now()
     address = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    helo_text = _printable(helo or "unknown")
+    helo_text = header_hostname(helo or "unknown")
     lines = [f"Received: from {helo_text} (unknown [{address}])",
              f"\tby {hostname} (mailmoat) with {protocol} id {queue_id}"]
     if len(recipients) == 1:
@@ -45,5 +54,20 @@ def _date_now() -> str:
 
 
 def _printable(text: str) -> str:
-    """What a client chose (HELO, address) never breaks the header: no control characters."""
-    return "".join(ch if ch >= " " and ch != "\x7f" else "?" for ch in text)[:255]
+    """What a client chose (an address) never breaks the header: anything unsafe is '?'.
+    Valid UTF-8 stays: an SMTPUTF8 message may carry it in its header (RFC 6532)."""
+    return "".join("?" if unicodedata.category(ch) in _UNSAFE else ch
+                   for ch in text[:HOSTNAME_LIMIT])
+
+
+def header_hostname(name: str) -> str:
+    """A client's HELO name as we repeat it (Received, the milters, our logs): one word of
+    printable ASCII, at most 255 characters. A valid internationalised name becomes its
+    A-label; anything else outside '!'..'~' (controls, bytes that were not UTF-8, spaces
+    that would split it into two words) becomes '?', as Postfix's printable() does."""
+    name = name[:HOSTNAME_LIMIT]
+    if not name.isascii():
+        encoded = normalize_domain(name)
+        if encoded.isascii() and encoded:
+            name = encoded
+    return "".join(ch if "!" <= ch <= "~" else "?" for ch in name)[:HOSTNAME_LIMIT] or "?"

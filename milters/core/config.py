@@ -92,6 +92,19 @@ class GatewayConfig:
     # Clients allowed to use XCLIENT (present another client address): none by default.
     xclient_hosts: tuple[NetworkPattern, ...] = ()
     dns: DnsSettings = DnsSettings()  # the milters' resolver (SPF, DKIM, DMARC)
+    smtpd: "SmtpdLimits" = field(default_factory=lambda: SmtpdLimits())
+
+
+@dataclass(frozen=True)
+class SmtpdLimits:
+    """How long an SMTP client may take, with Postfix's defaults: smtpd_timeout 300s
+    (idle limit and deadline per command line), 10s under stress (${stress?{10}:{300}}s),
+    DATA's deadline growing by a second per smtpd_min_data_rate bytes (500)."""
+
+    timeout: float = 300.0
+    stress_timeout: float = 10.0
+    min_data_rate: int = 500
+    stress_share: float = 0.8  # stress once open connections reach this share of the limit
 
 
 def default_policy_path() -> Path:
@@ -152,7 +165,9 @@ def _spec(base: Path, source: str) -> Struct:
             auth_users_file=local(gateway["auth"]["users_file"]) if gateway["auth"] else None,
             run_dir=local(gateway["run_dir"]),
             milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]),
-            valid_recipients=tuple(gateway["valid_recipients"]), dns=dns)
+            valid_recipients=tuple(gateway["valid_recipients"]), dns=dns,
+            smtpd=SmtpdLimits(gateway["smtpd_timeout"], gateway["smtpd_stress_timeout"],
+                              gateway["smtpd_min_data_rate"], gateway["smtpd_stress_share"]))
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -184,6 +199,12 @@ def _spec(base: Path, source: str) -> Struct:
         "run_dir": Field(Str(), "var/run"),
         "xclient_hosts": Field(ListOf(Network()), ()),
         "valid_recipients": Field(ListOf(Address()), ()),
+        # SMTP client deadlines (SmtpdLimits, Postfix's smtpd_timeout and friends)
+        "smtpd_timeout": Field(Duration(minimum=1), defaults.smtpd.timeout),
+        "smtpd_stress_timeout": Field(Duration(minimum=1), defaults.smtpd.stress_timeout),
+        "smtpd_min_data_rate": Field(Number(1, 2**31, integer=True),
+                                     defaults.smtpd.min_data_rate),
+        "smtpd_stress_share": Field(Number(0.05, 1.0), defaults.smtpd.stress_share),
     })
     milter = Struct({
         "name": Field(Str(max_len=64)),

@@ -190,7 +190,7 @@ def test_a_long_line_pipelined_behind_a_slow_command_is_not_stalled(tmp_path: Pa
     set_password(users, "taro", PASSWORD)
     long_line = b"x" * (3 << 20)
     credentials = base64.b64encode(b"\0taro\0" + PASSWORD.encode())
-    with server(tmp_path / "spool", users=UserFile(users), idle_timeout=3.0,
+    with server(tmp_path / "spool", users=UserFile(users), timeout=3.0,
                 max_message_size=8 << 20) as (port, queue):
         with greeted(port) as client:
             started = time.monotonic()
@@ -371,7 +371,7 @@ def test_too_many_errors_end_the_session(gateway: tuple[int, Queue]) -> None:
 @pytest.mark.parametrize("silent_after", [b"", b"EHLO c\r\nMAIL FROM:<a@example.jp>\r\n"
                                           b"RCPT TO:<t@example.jp>\r\nDATA\r\nSubject: half\r\n"])
 def test_an_idle_client_is_dropped(tmp_path: Path, silent_after: bytes) -> None:
-    with server(tmp_path / "spool", idle_timeout=1.0) as (port, queue):
+    with server(tmp_path / "spool", timeout=1.0) as (port, queue):
         with greeted(port) as client:
             client.sock.settimeout(4)
             started = time.monotonic()

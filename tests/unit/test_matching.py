@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from milters.core.policy.matching import (match_address, match_network, network_matches,
-                                          normalize_address, parse_address_pattern,
+                                          normalize_address, normalize_domain,
+                                          parse_address_pattern,
                                           parse_network_pattern)
 
 
@@ -104,3 +105,19 @@ def test_pattern_parser_never_crashes(text: str) -> None:
             parse(text)
         except ValueError:
             pass
+
+
+@pytest.mark.parametrize("domain, canonical", [
+    ("例え.jp", "xn--r8jz45g.jp"),
+    ("XN--R8JZ45G.JP.", "xn--r8jz45g.jp"),
+    ("Example.JP.", "example.jp"),
+    ("straße.de", "xn--strae-oqa.de"),  # IDNA 2008; Python's IDNA 2003 codec said strasse.de
+    ("exаmple.jp", "xn--exmple-4nf.jp"),  # a Cyrillic а: a domain of its own
+    ("ＥＸＡＭＰＬＥ．ｊｐ", "example.jp"),  # UTS 46 maps full-width forms, as mail clients do
+])
+def test_domains_are_compared_as_idna_2008_a_labels(domain: str, canonical: str) -> None:
+    assert normalize_domain(domain) == canonical
+
+
+def test_a_name_idna_2008_refuses_matches_no_ascii_domain() -> None:
+    assert not normalize_domain("snow☃.example.jp").isascii()

@@ -13,18 +13,25 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
 
+import idna
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def normalize_domain(domain: str) -> str:
-    """Lower-case, drop a trailing dot, IDNA-encode non-ASCII labels (so 例え.jp matches xn--r8jz45g.jp)."""
+    """Lower-case, drop a trailing dot, and turn a non-ASCII name into its IDNA 2008
+    A-labels (UTS 46 mapping first, as mail clients type names): 例え.jp is xn--r8jz45g.jp,
+    and a look-alike such as ex\u0430mple.jp (a Cyrillic а) gets an A-label of its own, never
+    example.jp's. A name IDNA 2008 refuses stays non-ASCII: it matches nothing ASCII
+    (callers that must route it refuse it instead). Not Python's "idna" codec: that is
+    IDNA 2003, which maps ß to ss and so calls straße.de strasse.de."""
     domain = domain.strip().rstrip(".").lower()
     if domain and not domain.isascii():
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass  # leave it; it can still match itself literally
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            pass  # not a name IDNA 2008 allows; it can still match itself literally
     return domain
 
 
