@@ -48,6 +48,7 @@ from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, Queue, RecipientState, SpoolError, new_queue_id
 from .reads import ReadIntoShared
 from .session_runner import INPUT, SessionRunner
+from .smtputf8 import REQUESTED as SMTPUTF8_REQUESTED
 from .smtp_data import DataStream
 from .smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
 from .trace import protocol_name, received_header
@@ -841,6 +842,8 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         received_at=time.time(), client_ip=client, helo=conn.helo, hold_reason=quarantine)
     if conn.auth_user:
         envelope.extra["auth_user"] = conn.auth_user
+    if any(param.upper() == "SMTPUTF8" for param in transaction.params):
+        envelope.extra[SMTPUTF8_REQUESTED] = "yes"  # delivery passes it on (mta/smtputf8.py)
     try:
         # The fsyncs: inline when this is the only client (an executor hop costs more than
         # the fsync), in a thread when others are waiting, so their work goes on meanwhile.
