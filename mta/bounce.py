@@ -1,7 +1,10 @@
 """RFC 3464 delivery status notifications (bounces): multipart/report with a human part,
-a message/delivery-status part and the original headers."""
+a message/delivery-status part and the original headers. When an address in it is not
+ASCII (SMTPUTF8 mail), RFC 6533's forms: message/global-delivery-status with `utf-8;`
+addresses and message/global-headers, written in UTF-8."""
 from __future__ import annotations
 
+from email import message_from_bytes
 from email.message import EmailMessage, Message
 from datetime import datetime, timezone
 from email.utils import format_datetime, make_msgid
@@ -18,9 +21,23 @@ def _status_code(reply: str | None) -> str:
     return "5.0.0"
 
 
+def _global_part(content_type: str, fields: Message, rest: bytes = b"") -> EmailMessage:
+    """A message/global-* part in 8bit: `fields`, an empty line, then `rest` as it is. The
+    email package writes a message/* part as the one message it holds; `rest` is that
+    message's body, in the surrogate form its generator writes back as the bytes."""
+    fields.set_payload(rest.decode("ascii", "surrogateescape"))
+    part = EmailMessage()
+    part["Content-Type"] = content_type
+    part["Content-Transfer-Encoding"] = "8bit"
+    part.set_payload([fields])
+    return part
+
+
 def build_bounce(envelope: Envelope, original: bytes, failed: list[RecipientState],
                  hostname: str, reason: str) -> bytes:
     """The bounce for `failed` recipients of a message, to its sender."""
+    utf8 = not all(address.isascii() for address in
+                   [envelope.sender, *(rcpt.address for rcpt in failed)])
     report = EmailMessage()
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = envelope.sender
@@ -49,14 +66,25 @@ def build_bounce(envelope: Envelope, original: bytes, failed: list[RecipientStat
         block["Status"] = _status_code(rcpt.last_reply)
         block["Diagnostic-Code"] = f"smtp; {rcpt.last_reply or reason}"
         blocks.append(block)
-    status = EmailMessage()
-    status["Content-Type"] = "message/delivery-status"
-    status.set_payload(blocks)
-    headers = EmailMessage()
     fields, _ = split_message(original)
-    headers.set_content(b"".join(fields), maintype="text", subtype="rfc822-headers", cte="8bit")
+    if utf8:
+        for block in blocks[1:]:
+            block.replace_header("Final-Recipient", block["Final-Recipient"].replace(
+                "rfc822; ", "utf-8; ", 1))
+        status = _global_part("message/global-delivery-status", per_message, b"\r\n".join(
+            "".join(f"{name}: {value}\r\n" for name, value in block.items()).encode()
+            for block in blocks[1:]))
+        headers = _global_part("message/global-headers",
+                               message_from_bytes(b"".join(fields) + b"\r\n"))
+    else:
+        status = EmailMessage()
+        status["Content-Type"] = "message/delivery-status"
+        status.set_payload(blocks)
+        headers = EmailMessage()
+        headers.set_content(b"".join(fields), maintype="text", subtype="rfc822-headers",
+                            cte="8bit")
     report.attach(human)
     report.attach(status)
     report.attach(headers)
-    return report.as_bytes(policy=report.policy.clone(linesep="\r\n"))
+    return report.as_bytes(policy=report.policy.clone(linesep="\r\n", utf8=utf8))
 

@@ -6,19 +6,25 @@ status (delivered, deferred, bounced) and the remote reply, as Postfix's deliver
 """
 from __future__ import annotations
 
+import encodings.punycode
+import logging
 import os
 import re
 import smtplib
 import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from milters.core.config import GatewayConfig
+from milters.core.config import GatewayConfig, RelayTarget
+from milters.core.eventlog import log_event
+from milters.core.policy.matching import normalize_domain
 
+from . import smtputf8
+from .maildir_names import header_text, mailbox_name
+from .outbound_tls import RETRY_PLAIN, TlsPolicy, TlsRefused, secure
 from .queue import StoredMessage
 from .smtp_data import dot_stuffed
 
@@ -33,9 +39,20 @@ class Outcome:
     reply: str
 
 
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """What an agent needs to know about the message beyond its addresses and text."""
+
+    queue_id: str = ""  # for the agent's own log lines
+    smtputf8: bool = False  # SMTPUTF8 was asked for on MAIL (mta/smtputf8.py)
+
+
+NO_OPTIONS = DeliveryOptions()
+
+
 class Agent(Protocol):
-    def deliver(self, sender: str, recipients: list[str], message: StoredMessage
-                ) -> dict[str, Outcome]: ...
+    def deliver(self, sender: str, recipients: list[str], message: StoredMessage,
+                options: DeliveryOptions = NO_OPTIONS) -> dict[str, Outcome]: ...
 
     def close_idle(self, everything: bool = False) -> None:
         """Close kept sessions idle too long (all of them with `everything`)."""
@@ -96,54 +113,94 @@ def _quit(client: smtplib.SMTP) -> None:
 
 @dataclass(frozen=True)
 class SmtpRelay:
-    """Relay to host:port; STARTTLS when the next hop offers it (opportunistic, like
-    Postfix's smtp_tls_security_level=may: no certificate check). Sessions are reused
-    for the next message while they are fresh (SessionCache)."""
+    """Relay to host:port with STARTTLS as the route's TLS policy says (mta/outbound_tls.py;
+    `may` by default, as Postfix). Sessions are reused for the next message while they are
+    fresh (SessionCache)."""
 
     host: str
     port: int = 25
     helo: str = "localhost"
     timeout: float = 60.0
+    tls: TlsPolicy = TlsPolicy()
     sessions: SessionCache = field(default_factory=SessionCache, compare=False, repr=False)
 
-    def deliver(self, sender: str, recipients: list[str], message: StoredMessage
-                ) -> dict[str, Outcome]:
+    def deliver(self, sender: str, recipients: list[str], message: StoredMessage,
+                options: DeliveryOptions = NO_OPTIONS) -> dict[str, Outcome]:
         """Send the stored message file, streamed in blocks (a 25 MB message never sits in
         memory whole)."""
         where = f"{self.host}:{self.port}"
+        utf8 = options.smtputf8 or not smtputf8.all_ascii(sender, *recipients)
         cached = self.sessions.take()
         if cached is not None:
             client, uses = cached
+            refused = self._without_smtputf8(client, uses, utf8, sender, recipients, message)
+            if refused is not None:
+                return refused
             try:
-                first = _begin(client, sender, recipients)
+                first = _begin(client, sender, recipients, utf8)
             except (OSError, smtplib.SMTPException):
                 client.close()  # the next hop closed it meanwhile: start afresh below
             else:
                 return self._guarded(client, where, recipients, lambda: self._transaction(
                     client, uses, first, recipients, message))
         try:
-            client = smtplib.SMTP(self.host, self.port, local_hostname=self.helo,
-                                  timeout=self.timeout)
+            client = self._open(where, options.queue_id)
+        except TlsRefused as exc:
+            return {rcpt: Outcome(DEFERRED, exc.reply) for rcpt in recipients}
         except smtplib.SMTPResponseException as exc:
             outcome = _by_code(exc.smtp_code, _reply_text(exc.smtp_code, exc.smtp_error))
             return {rcpt: outcome for rcpt in recipients}
         except (OSError, smtplib.SMTPException) as exc:
             outcome = Outcome(DEFERRED, f"451 4.4.1 connect to {where} failed: {exc}")
             return {rcpt: outcome for rcpt in recipients}
+        refused = self._without_smtputf8(client, 0, utf8, sender, recipients, message)
+        if refused is not None:
+            return refused
+        return self._guarded(client, where, recipients, lambda: self._transaction(
+            client, 0, _begin(client, sender, recipients, utf8), recipients, message))
 
-        def fresh_session() -> dict[str, Outcome]:
+    def _open(self, where: str, queue_id: str) -> smtplib.SMTP:
+        """A new session through EHLO and STARTTLS as the TLS policy says; raises TlsRefused
+        when the policy requires TLS and this next hop cannot give it."""
+        client = self._connect()
+        try:
+            state, why = secure(client, self.tls, where)
+        except TlsRefused as exc:
+            log_event("tls_refused", level=logging.WARNING, queue_id=queue_id, host=where,
+                      tls=self.tls.level, reply=exc.reply)
+            raise
+        if state == RETRY_PLAIN:  # opportunistic TLS failed: plain text, as Postfix does
+            log_event("tls_fallback", level=logging.WARNING, queue_id=queue_id, host=where,
+                      reason=why)
+            client = self._connect()
+        return client
+
+    def _connect(self) -> smtplib.SMTP:
+        client = smtplib.SMTP(self.host, self.port, local_hostname=self.helo,
+                              timeout=self.timeout)
+        try:
             if client.sock is not None and client.sock.family != socket.AF_UNIX:
                 # Commands and replies are small: no Nagle delay on any of them.
                 client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.ehlo()
-            if client.has_extn("starttls"):
-                context = ssl.create_default_context()
-                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-                client.starttls(context=context)
-                client.ehlo()
-            return self._transaction(client, 0, _begin(client, sender, recipients),
-                                     recipients, message)
-        return self._guarded(client, where, recipients, fresh_session)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _without_smtputf8(self, client: smtplib.SMTP, uses: int, utf8: bool, sender: str,
+                          recipients: list[str], message: StoredMessage
+                          ) -> dict[str, Outcome] | None:
+        """The bounce when the message needs SMTPUTF8 and this next hop does not offer it
+        (RFC 6531 section 3.2: never downgraded, never retried); None to go on."""
+        if not utf8 or client.has_extn("smtputf8"):
+            return None
+        if not smtputf8.needed(sender, recipients, message):
+            return None  # asked for, but all ASCII: it goes out without (Postfix does too)
+        self.sessions.give_back(client, uses)  # nothing was sent on it
+        reply = (f"554 5.6.7 SMTPUTF8 is required, but was not offered by host "
+                 f"{self.host}:{self.port}")
+        return {rcpt: Outcome(BOUNCED, reply) for rcpt in recipients}
 
     @staticmethod
     def _guarded(client: smtplib.SMTP, where: str, recipients: list[str],
@@ -202,14 +259,20 @@ class SmtpRelay:
         self.sessions.close_idle(everything)
 
 
-def _begin(client: smtplib.SMTP, sender: str, recipients: list[str]) -> Begun:
-    """Send MAIL and read its reply. When the next hop offers PIPELINING (RFC 2920), the
-    RCPTs and DATA go out in the same write: one round trip for the envelope instead of
-    one per command; _transaction reads their replies."""
+def _begin(client: smtplib.SMTP, sender: str, recipients: list[str], utf8: bool = False
+           ) -> Begun:
+    """Send MAIL (with SMTPUTF8 when `utf8` and the next hop offers it) and read its reply.
+    When the next hop offers PIPELINING (RFC 2920), the RCPTs and DATA go out in the same
+    write: one round trip for the envelope instead of one per command; _transaction reads
+    their replies."""
+    utf8 = utf8 and client.has_extn("smtputf8")
     if not client.has_extn("pipelining"):
-        return client.mail(sender), False
-    commands = [f"MAIL FROM:<{sender}>"] + [f"RCPT TO:<{rcpt}>" for rcpt in recipients]
-    client.send("".join(f"{command}\r\n" for command in commands) + "DATA\r\n")
+        # smtplib sends this and the RCPTs as UTF-8 after an SMTPUTF8 MAIL.
+        return client.mail(sender, ["SMTPUTF8"] if utf8 else []), False
+    commands = [f"MAIL FROM:<{sender}>" + (" SMTPUTF8" if utf8 else "")]
+    commands += [f"RCPT TO:<{rcpt}>" for rcpt in recipients]
+    text = "".join(f"{command}\r\n" for command in commands) + "DATA\r\n"
+    client.send(text.encode("utf-8" if utf8 else "ascii"))
     return client.getreply(), True
 
 
@@ -240,12 +303,13 @@ def _send_data(client: smtplib.SMTP, message: StoredMessage,
 
 @dataclass(frozen=True)
 class MaildirDelivery:
-    """One Maildir per recipient address under `root` (local use and tests)."""
+    """One Maildir per recipient address under `root` (local use and tests), named by
+    mta/maildir_names.py so that no address can reach outside `root`."""
 
     root: Path
 
-    def deliver(self, sender: str, recipients: list[str], message: StoredMessage
-                ) -> dict[str, Outcome]:
+    def deliver(self, sender: str, recipients: list[str], message: StoredMessage,
+                options: DeliveryOptions = NO_OPTIONS) -> dict[str, Outcome]:
         outcomes = {}
         for rcpt in recipients:
             try:
@@ -259,7 +323,9 @@ class MaildirDelivery:
         return None  # nothing is kept open
 
     def _store(self, rcpt: str, sender: str, message: StoredMessage) -> str:
-        box = self.root / rcpt.lower().replace("/", "_")
+        box = self.root / mailbox_name(rcpt)
+        if box.parent != self.root:  # mailbox_name makes one component; fail closed anyway
+            raise OSError(f"mailbox name for {rcpt!r} is not one path component")
         for sub in ("tmp", "new", "cur"):
             (box / sub).mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns()}.P{os.getpid()}.{socket.gethostname()}"
@@ -267,7 +333,9 @@ class MaildirDelivery:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb", closefd=False) as out, open(message.path, "rb") as source:
-                out.write(f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode())
+                out.write(f"Return-Path: <{header_text(sender)}>\r\n"
+                          f"Delivered-To: {header_text(rcpt)}\r\n".encode("utf-8",
+                                                                          "surrogateescape"))
                 left = message.size
                 while left > 0:
                     block = source.read(min(left, 1 << 20))
@@ -285,20 +353,51 @@ class MaildirDelivery:
         return name
 
 
+def canonical_domain(domain: str) -> str | None:
+    """A domain's one routing form, its A-labels (IDNA 2008 via normalize_domain); None when
+    it has none, or when its Unicode form is not the U-label its A-label stands for: a
+    look-alike that only a mapping (full-width letters, IDNA 2003's NFKC) turns into another
+    name is not that name."""
+    canonical = normalize_domain(domain)
+    if not canonical or not canonical.isascii():
+        return None
+    written = domain.strip().rstrip(".").lower()
+    if not written.isascii():
+        try:
+            labels = [encodings.punycode.punycode_decode(label[4:], "strict")
+                      if label.startswith("xn--") else label
+                      for label in canonical.split(".")]
+        except UnicodeError:
+            return None
+        if ".".join(labels) != written:
+            return None
+    return canonical
+
+
 @dataclass(frozen=True)
 class Router:
-    """The agent for a recipient: a per-domain route, else the default."""
+    """The agent for a recipient: a per-domain route (parent domains too), else the default.
+    Route keys and recipient domains are compared in their A-label form only."""
 
     default: Agent
     routes: dict[str, Agent]
+
+    def __post_init__(self) -> None:
+        canonical = {}
+        for domain, agent in self.routes.items():
+            key = canonical_domain(domain)
+            if key is None:
+                raise ValueError(f"route domain '{domain}' is not a valid domain name")
+            canonical[key] = agent
+        object.__setattr__(self, "routes", canonical)
 
     def close_idle(self, everything: bool = False) -> None:
         for agent in [self.default, *self.routes.values()]:
             agent.close_idle(everything)
 
     def agent_for(self, recipient: str) -> Agent:
-        domain = recipient.rpartition("@")[2].lower().rstrip(".")
-        while domain:
+        domain = canonical_domain(recipient.rpartition("@")[2])
+        while domain:  # None (no canonical form) matches no route
             if domain in self.routes:
                 return self.routes[domain]
             domain = domain.partition(".")[2]
@@ -308,17 +407,21 @@ class Router:
 _SMTP_TARGET = re.compile(r"^smtp:\[?([^\]]+?)\]?(?::(\d+))?$")
 
 
-def agent_for(target: str, helo: str) -> Agent:
-    """The agent for a relay target from the config: maildir:DIR or smtp:[host]:port."""
-    if target.startswith("maildir:"):
-        return MaildirDelivery(Path(target[len("maildir:"):]))
-    match = _SMTP_TARGET.match(target)
+def agent_for(route: RelayTarget | str, helo: str) -> Agent:
+    """The agent for a relay route from the config: maildir:DIR or smtp:[host]:port, with
+    the route's outbound TLS policy."""
+    route = RelayTarget(route) if isinstance(route, str) else route
+    if route.target.startswith("maildir:"):
+        return MaildirDelivery(Path(route.target[len("maildir:"):]))
+    match = _SMTP_TARGET.match(route.target)
     if not match:
-        raise ValueError(f"relay target '{target}' is not smtp:[host]:port or maildir:DIR")
-    return SmtpRelay(match.group(1), int(match.group(2) or 25), helo=helo)
+        raise ValueError(f"relay target '{route.target}' is not smtp:[host]:port or "
+                         f"maildir:DIR")
+    return SmtpRelay(match.group(1), int(match.group(2) or 25), helo=helo,
+                     tls=TlsPolicy(route.tls, route.ca_file))
 
 
 def build_router(config: GatewayConfig) -> Router:
     return Router(agent_for(config.relay_default, config.hostname),
-                  {domain: agent_for(target, config.hostname)
-                   for domain, target in config.relay_routes.items()})
+                  {domain: agent_for(route, config.hostname)
+                   for domain, route in config.relay_routes.items()})

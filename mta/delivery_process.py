@@ -27,7 +27,7 @@ from typing import Callable
 from milters.core.config import GatewayConfig
 from milters.core.eventlog import log_event
 
-from .deliverer import deliver_one
+from .deliverer import deliver_safely, next_wait
 from .delivery import Router, build_router
 from .metrics import METRICS, Registry
 from .queue import NoSuchMessage, Queue, SpoolError
@@ -37,13 +37,16 @@ SCAN_EVERY = 1.0  # seconds between looks for retries that are due
 
 
 class DeliveryScheduler:
-    """Runs deliveries on a few threads, never the same message twice at once."""
+    """Runs deliveries on a few threads, never the same message twice at once. A message
+    whose attempt could not even be recorded (the spool failing) waits in memory for the
+    next step of the retry schedule: no error repeats at every scan."""
 
     def __init__(self, queue: Queue, router: Router, config: GatewayConfig,
                  threads: int = DELIVERY_THREADS) -> None:
         self.queue, self.router, self.config = queue, router, config
         self._todo: queue_module.Queue[str | None] = queue_module.Queue()
         self._busy: set[str] = set()
+        self._failures: dict[str, tuple[int, float]] = {}  # ID: failures, not before (monotonic)
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._work, name=f"delivery-{i}", daemon=True)
                          for i in range(threads)]
@@ -58,8 +61,11 @@ class DeliveryScheduler:
         self._todo.put(queue_id)
 
     def submit_due(self) -> None:
+        now = time.monotonic()
         for envelope in self.queue.due(time.time()):
-            self.submit(envelope.queue_id)
+            failed = self._failures.get(envelope.queue_id)
+            if failed is None or failed[1] <= now:
+                self.submit(envelope.queue_id)
 
     def stop(self) -> None:
         for _ in self._threads:
@@ -72,18 +78,26 @@ class DeliveryScheduler:
             try:
                 envelope, message = self.queue.load(queue_id)
                 if envelope.hold_reason is None and envelope.next_attempt <= time.time():
-                    deliver_one(self.queue, envelope, self.router, self.config.queue,
-                                self.config.hostname, time.time(), message)
+                    deliver_safely(self.queue, envelope, self.router, self.config.queue,
+                                   self.config.hostname, time.time(), message)
+                self._failures.pop(queue_id, None)
             except NoSuchMessage:
-                pass  # delivered by an earlier pass, or deleted by the administrator
-            except SpoolError as exc:
-                log_event("spool_error", level=logging.ERROR, queue_id=queue_id, error=str(exc))
+                self._failures.pop(queue_id, None)  # delivered, or deleted by the admin
             except Exception as exc:  # one bad message must not stop delivery
-                log_event("delivery_error", level=logging.ERROR, queue_id=queue_id,
-                          error=f"{type(exc).__name__}: {exc}")
+                self._back_off(queue_id, exc)
             finally:
                 with self._lock:
                     self._busy.discard(queue_id)
+
+
+    def _back_off(self, queue_id: str, exc: Exception) -> None:
+        """The failed attempt is not on disk: keep its retry time here instead."""
+        count = self._failures.get(queue_id, (0, 0.0))[0] + 1
+        wait = next_wait(self.config.queue, count)
+        self._failures[queue_id] = (count, time.monotonic() + wait)
+        log_event("spool_error" if isinstance(exc, SpoolError) else "delivery_error",
+                  level=logging.ERROR, queue_id=queue_id, error=f"{type(exc).__name__}: {exc}",
+                  retry_in=round(wait))
 
 
 def _forward_metrics(registry: Registry, out_fd: int) -> None:

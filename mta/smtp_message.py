@@ -16,6 +16,7 @@ from .milter_async import begin
 from .queue import Envelope as QueueEnvelope
 from .queue import Incoming, RecipientState, SpoolError
 from .smtp_data import DataStream
+from .smtputf8 import REQUESTED as SMTPUTF8_REQUESTED
 from .trace import protocol_name, received_header
 
 if TYPE_CHECKING:  # smtpd imports this module: the types only, never at run time
@@ -124,6 +125,8 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         received_at=time.time(), client_ip=client, helo=conn.helo, hold_reason=quarantine)
     if conn.auth_user:
         envelope.extra["auth_user"] = conn.auth_user
+    if any(param.upper() == "SMTPUTF8" for param in transaction.params):
+        envelope.extra[SMTPUTF8_REQUESTED] = "yes"  # delivery passes it on (mta/smtputf8.py)
     # The chain's edited text: small ones as bytes, else its file, taken as it is.
     new_text = None if replacement is None else replacement.data
     adopt = None if replacement is None else replacement.path

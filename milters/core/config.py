@@ -9,13 +9,14 @@ current directory is; the embedded defaults are relative to the current director
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ssl
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .dns import DnsSettings, parse_nameserver
-from .policy.schema import (Address, Bool, Duration, Field, ListOf, MapOf, Network, Number, Str,
-                            Struct)
-from .policy.matching import AddressPattern, NetworkPattern
+from .policy.schema import (Address, Bool, Duration, Either, Field, ListOf, MapOf, Network,
+                            Number, Str, Struct)
+from .policy.matching import AddressPattern, NetworkPattern, normalize_domain
 from .policy.yamlnodes import Problems, compose_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,23 @@ class QueueSettings:
 MILTER_CONNECT_TIMEOUT = 5.0
 MILTER_COMMAND_TIMEOUT = 30.0
 MILTER_CONTENT_TIMEOUT = 300.0
+
+# Outbound TLS per route, Postfix's smtp_tls_security_level: none (never STARTTLS), may
+# (STARTTLS when offered, no certificate check, plain if it fails), encrypt (TLS required, no
+# certificate check), verify (TLS required, certificate and host name checked).
+TLS_LEVELS = ("none", "may", "encrypt", "verify")
+
+
+@dataclass(frozen=True)
+class RelayTarget:
+    """Where a route's mail goes (smtp:[host]:port or maildir:DIR) and its outbound TLS."""
+
+    target: str
+    tls: str = "may"
+    ca_file: Path | None = None  # verify: the CAs to trust; None = the system's
+
+    def __str__(self) -> str:  # logs show the target, as when a route was a plain string
+        return self.target
 
 
 @dataclass(frozen=True)
@@ -76,8 +94,8 @@ class GatewayConfig:
     reinject_listen: str = "127.0.0.1:10026"
     metrics_listen: str = "127.0.0.1:9781"  # Prometheus text format; "" turns it off
     relay_domains: tuple[str, ...] = ()
-    relay_default: str = "maildir:var/maildir"  # or smtp:[host]:port
-    relay_routes: dict[str, str] = field(default_factory=dict)
+    relay_default: RelayTarget = RelayTarget("maildir:var/maildir")  # or smtp:[host]:port
+    relay_routes: dict[str, RelayTarget] = field(default_factory=dict)  # A-label domain keys
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     max_connections: int = 200
@@ -132,12 +150,54 @@ class _Target(Str):
         return _relay_target(text)
 
 
+class _RouteDomain(Str):
+    """A route's domain, kept as its A-label form: routing compares canonical names only."""
+
+    expected = "a domain name"
+
+    def parse(self, text: str) -> str:
+        domain = normalize_domain(text)
+        if not domain or not domain.isascii():
+            raise ValueError("not a valid domain name (IDNA 2008)")
+        return domain
+
+
+class _CaFile(Str):
+    """A PEM file of CA certificates, read now so a typo fails at start, not at delivery."""
+
+    expected = "a PEM file of CA certificates"
+
+    def __init__(self, base: Path) -> None:
+        super().__init__()
+        self.base = base
+
+    def parse(self, text: str) -> Path:
+        path = self.base / text
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load CA certificates from {path}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        return path
+
+
+def _route(target: str, tls: str | None, ca_file: Path | None) -> RelayTarget:
+    if target.startswith("maildir:") and (tls is not None or ca_file is not None):
+        raise ValueError("tls and ca_file apply to smtp: targets only")
+    if ca_file is not None and tls != "verify":
+        raise ValueError("ca_file is used only with tls: verify")
+    return RelayTarget(target, tls or "may", ca_file)
+
+
 def _spec(base: Path, source: str) -> Struct:
     def local(path: str) -> Path:
         return base / path
 
-    def relay_path(target: str) -> str:
-        return f"maildir:{local(target[8:])}" if target.startswith("maildir:") else target
+    def relay_path(route: str | RelayTarget) -> RelayTarget:
+        route = RelayTarget(route) if isinstance(route, str) else route  # the string form
+        if not route.target.startswith("maildir:"):
+            return route
+        return replace(route, target=f"maildir:{local(route.target[8:])}")
 
     def build(gateway: dict, store: str, store_timeout: float, policy: str | None,
               milters: list[MilterSetting], dns: DnsSettings) -> GatewayConfig:
@@ -155,7 +215,7 @@ def _spec(base: Path, source: str) -> Struct:
             metrics_listen=gateway["metrics_listen"],
             relay_domains=tuple(d.lower() for d in gateway["relay_domains"]),
             relay_default=relay_path(relay["default"]),
-            relay_routes={d.lower(): relay_path(t) for d, t in relay["routes"].items()},
+            relay_routes={d: relay_path(t) for d, t in relay["routes"].items()},
             max_message_size=gateway["max_message_size"],
             max_recipients=gateway["max_recipients"],
             max_connections=gateway["max_connections"],
@@ -176,10 +236,18 @@ def _spec(base: Path, source: str) -> Struct:
         "retry": Field(ListOf(Duration(minimum=1), min_items=1), DEFAULT_RETRY),
         "delivery_nice": Field(Number(0, 19, integer=True), defaults.queue.delivery_nice),
     })
+    # A route is a target string, or a mapping that adds its outbound TLS:
+    # {target: "smtp:[mx.example]:25", tls: verify, ca_file: ca.pem}
+    route = Either(_Target(), Struct({
+        "target": Field(_Target()),
+        "tls": Field(Str(TLS_LEVELS), None),
+        "ca_file": Field(_CaFile(base), None),
+    }, build=_route, expected="a route mapping: target, tls, ca_file"))
     relay = Struct({
-        "default": Field(_Target(), defaults.relay_default),
-        "routes": Field(MapOf(Str(), _Target(), "a mapping of domain: smtp:[host]:port or "
-                                                "maildir:DIRECTORY"), factory=dict),
+        "default": Field(route, defaults.relay_default),
+        "routes": Field(MapOf(_RouteDomain(), route, "a mapping of domain: smtp:[host]:port, "
+                                                     "maildir:DIRECTORY or a route mapping"),
+                        factory=dict),
     })
     gateway = Struct({
         "hostname": Field(Str(max_len=253), defaults.hostname),

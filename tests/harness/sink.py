@@ -8,6 +8,10 @@
 `reply={"RCPT": "451 4.3.0 try later"}` (or `set_reply`) makes the sink
 refuse at that stage, to play a failing next hop. Stages: MAIL, RCPT, DATA
 (DATA answers the end of the message, after the content was read).
+
+`smtputf8=False` plays a next hop without SMTPUTF8 in its EHLO; `tls_context=` one that
+offers STARTTLS with that context's certificate (each message records whether it came
+over TLS).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import email
 import email.message
 import email.policy
 import errno
+import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -42,6 +47,7 @@ class SinkMessage:
     mail_options: tuple[str, ...] = ()
     rcpt_options: tuple[str, ...] = ()
     received_at: float = field(default_factory=time.time)
+    tls: bool = False  # the session had done STARTTLS
 
     def message(self) -> email.message.EmailMessage:
         """The content parsed with the modern email policy (decodes RFC 2047 headers)."""
@@ -107,6 +113,7 @@ class _Handler:
             helo=session.host_name,
             mail_options=tuple(envelope.mail_options),
             rcpt_options=tuple(envelope.rcpt_options),
+            tls=session.ssl is not None,
         ))
         return "250 2.0.0 OK: stored"
 
@@ -116,11 +123,13 @@ class SmtpSink:
 
     def __init__(self, reply: Mapping[str, str] | None = None, *,
                  data_size_limit: int = 64 * 1024 * 1024,
-                 server_hostname: str = "sink.mailmoat.test") -> None:
+                 server_hostname: str = "sink.mailmoat.test", smtputf8: bool = True,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.host = LOOPBACK
         self.port = 0
         self.data_size_limit = data_size_limit
         self.server_hostname = server_hostname
+        self.smtputf8, self.tls_context = smtputf8, tls_context
         self._cond = threading.Condition()
         self._messages: list[SinkMessage] = []
         self._refusals: list[SinkRefusal] = []
@@ -158,7 +167,8 @@ class SmtpSink:
             controller = Controller(
                 _Handler(self), hostname=self.host, port=self.port,
                 server_hostname=self.server_hostname, ready_timeout=5.0,
-                enable_SMTPUTF8=True, data_size_limit=self.data_size_limit,
+                enable_SMTPUTF8=self.smtputf8, data_size_limit=self.data_size_limit,
+                tls_context=self.tls_context,
             )
             try:
                 controller.start()
