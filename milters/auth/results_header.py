@@ -13,21 +13,20 @@ from dataclasses import dataclass
 
 from milters.core.auth_results import HEADER, encode_value, is_ours
 
-from .dkim_check import ArcResult, DkimResult
+from .dkim_check import ArcResult, DkimResult, plain
 from .dmarc import DmarcResult
 from .spf import SpfResult
 
 COMMENT_LIMIT = 160  # characters of a comment; it is for humans, the results say the rest
 _VALUE_LIMIT = 800  # characters of one encoded value: a header line must stay under 998
 _FOLD_AT = 76
-_BYTES_REPR = re.compile(r"""\bb(['"])(.*?)\1""")  # b'...' from a str() of bytes
 
 
 def comment(text: str, limit: int = COMMENT_LIMIT) -> str:
     """` (text)` for an RFC 5322 comment, or "" for no text: one line of printable ASCII
     (other characters become "?"), Python byte reprs unwrapped, "(", ")" and "\\" escaped
     as quoted-pairs, and a long text shortened at a word boundary with "..."."""
-    text = _BYTES_REPR.sub(r"\2", text)
+    text = plain(text)
     text = re.sub(r"[\x00-\x20\x7f]+", " ", text)
     text = "".join(c if c.isascii() else "?" for c in text).strip()
     if len(text) > limit:
