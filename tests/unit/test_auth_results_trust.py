@@ -19,7 +19,7 @@ from milters.auth.dkim_check import ArcResult, DkimResult
 from milters.auth.dmarc import DmarcRecord, DmarcResult
 from milters.auth.results_header import AuthResults, comment, compose, forged_indexes
 from milters.auth.spf import SpfResult
-from milters.core.auth_results import (HEADER, authserv_id_of, decode_value, dmarc_domain,
+from milters.core.auth_results import (HEADER, authserv_id_of, dmarc_domain,
                                        encode_value, parse, read, trusted_results, verdicts)
 from milters.core.message import Envelope, Message
 from milters.core.policy.document import load_policy_text
@@ -106,7 +106,6 @@ def test_every_value_round_trips(text: str) -> None:
     assert encoded.isascii()
     _, infos = parse(f"{OURS}; dmarc=fail header.from={encoded}")
     assert infos[0].values("header.from") == [text]
-    assert decode_value(encoded.strip('"').replace('\\"', '"').replace("\\\\", "\\")) == text
 
 
 # --- the attacks of issue 13, one by one -----------------------------------------------------
