@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from milters.core.dns import Resolver
@@ -19,13 +19,24 @@ from milters.core.verdict import SmtpReply, Verdict
 
 from . import dmarc as dmarc_mod
 from . import reports
+from .dmarc import DmarcResult
 from .decision import Decision, decide
 from .dkim_check import ArcResult, TxtLookup, verify_arc, verify_dkim
 from .results_header import HEADER, AuthResults, compose, forged_indexes
 from .settings import MILTER, AuthSettings
 from .spf import SpfLookup, SpfResult, check_helo, check_spf, resolver_lookup
 
+# Several author domains (RFC 7489 6.6.1): the strictest outcome wins. A reject is final; a
+# tempfail comes before a quarantine, as the retry may still end in a reject.
+_SEVERITY = ("tag", "quarantine", "tempfail", "reject")
+_DMARC_WORST_FIRST = ("fail", "permerror", "temperror", "none", "pass")
 
+
+def _strictness(outcome: "Outcome") -> tuple[int, int]:
+    """The action first, then the DMARC result (fail before permerror ... before pass)."""
+    result = outcome.dmarc.result if outcome.dmarc else "none"
+    return (_SEVERITY.index(outcome.action),
+            -(_DMARC_WORST_FIRST.index(result) if result in _DMARC_WORST_FIRST else 9))
 
 
 @dataclass
@@ -34,6 +45,7 @@ class Outcome:
     action: str  # what we did: skip, tag, quarantine, reject, tempfail
     reason: str = ""
     reply: SmtpReply | None = None  # for a reject other than the DMARC one
+    dmarc: DmarcResult | None = None  # the author domain's result that decided
 
 
 class AuthChecker:
@@ -61,9 +73,10 @@ class AuthChecker:
             self._log(message, None, "skip", decision.why, len(edits))
             return EomResult(Verdict.cont(), edits)
         results = self.evaluate(message, settings, [v for n, v in headers if n.lower() == "from"])
+        outcome = self.act(results, settings, decision)
+        results = outcome.results = replace(results, dmarc=outcome.dmarc)
         message.results[MILTER] = results
         edits.append(AddHeader(HEADER, compose(authserv_id, results), index=0))
-        outcome = self.act(results, settings, decision)
         if settings.record_results and self.store is not None:
             self._record(results, message, outcome.action, settings)
         self._log(message, results, outcome.action, decision.why, len(edits) - 1,
@@ -99,14 +112,30 @@ class AuthChecker:
         arc = (verify_arc(message.raw, self.txt_lookup, settings.dkim)
                if any(name.lower() == "arc-seal" for name, _ in message.raw_headers())
                else ArcResult("none"))
-        dmarc = dmarc_mod.evaluate(dmarc_mod.from_domain(from_values), spf, dkim,
-                                   self.txt_lookup, self.sample)
-        return AuthResults(spf, helo, dkim, arc, dmarc)
+        each = tuple(dmarc_mod.evaluate(author, spf, dkim, self.txt_lookup, self.sample)
+                     for author in dmarc_mod.author_domains(from_values))
+        # act() picks the one that decides; until then, the first.
+        return AuthResults(spf, helo, dkim, arc, each[0], each if len(each) > 1 else ())
 
     def act(self, results: AuthResults, settings: AuthSettings, decision: Decision) -> Outcome:
-        d = results.dmarc
-        if d is None or d.result in ("pass", "none"):
-            return Outcome(results, "tag", f"dmarc={d.result if d else 'none'}")
+        """What the DMARC results ask for; with several author domains (RFC 7489 6.6.1),
+        each is judged on its own and the strictest outcome is taken."""
+        outcomes = []
+        for d in results.dmarc_results:
+            outcome = self._outcome(d, results, settings, decision)
+            outcome.dmarc = d
+            outcomes.append(outcome)
+        if not outcomes:
+            return Outcome(results, "tag", "dmarc=none")
+        worst = max(outcomes, key=_strictness)
+        if len(outcomes) > 1:
+            worst.reason += f" (strictest of {len(outcomes)} author domains)"
+        return worst
+
+    def _outcome(self, d: DmarcResult, results: AuthResults, settings: AuthSettings,
+                 decision: Decision) -> Outcome:
+        if d.result in ("pass", "none"):
+            return Outcome(results, "tag", f"dmarc={d.result}")
         if decision.action == "tag":
             return Outcome(results, "tag", f"dmarc={d.result}, policy says tag only")
         if d.result == "temperror":
@@ -153,6 +182,9 @@ class AuthChecker:
             fields["arc"] = results.arc.result if results.arc else None
             fields["dmarc"] = results.dmarc.result if results.dmarc else None
             fields["from_domain"] = results.dmarc.domain if results.dmarc else None
+            if results.dmarc_each:  # several authors: each domain's verdict
+                fields["dmarc_each"] = ",".join(f"{d.result}:{d.domain or '(none)'}"
+                                                for d in results.dmarc_each)
         if removed:
             fields["forged_removed"] = removed
         if reason:

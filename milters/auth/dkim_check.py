@@ -12,6 +12,7 @@ import functools
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -119,6 +120,7 @@ class _KeyWatch:
         self.lookup = lookup
         self.signature_hash = signature_hash  # "sha256" from a=rsa-sha256
         self.missing = False
+        self.revoked = False
         self.bad_key = ""
 
     def __call__(self, name: bytes | str, timeout: float = 5) -> bytes | None:
@@ -129,10 +131,13 @@ class _KeyWatch:
         if len(keys) != 1:
             self.missing = True
             return None
+        if _tags(keys[0]).get("p") == "":  # RFC 6376 3.6.1: an empty p= revokes the key
+            self.revoked = True
+            return keys[0]
         try:
             dkim.evaluate_pk(name, keys[0])  # cached: dkimpy asks the same right after
         except dkim.DKIMException as exc:
-            self.bad_key = str(exc)
+            self.bad_key = plain(str(exc))
         # RFC 6376 3.6.1: a key with h= may only verify signatures made with those hashes
         # (dkimpy does not look at h=).
         allowed = _tags(keys[0]).get("h")
@@ -151,44 +156,77 @@ def _unsigned_tail(raw: bytes, tags: dict[str, str]) -> int:
     return max(0, len(policy.canonicalize_body(body)) - int(tags["l"]))
 
 
+def plain(text: str | bytes) -> str:
+    """Text for a human: dkimpy formats bytes into its messages as Python reprs (b'...');
+    take the quotes and the b off."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return _BYTES_REPR.sub(r"\2", text)
+
+
+_BYTES_REPR = re.compile(r"""\bb(['"])(.*?)\1""")
+
+
+def _expired(tags: dict[str, str]) -> str:
+    x = tags.get("x", "")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(int(x))) if x.isdigit() \
+        and int(x) < 2 ** 40 else x
+    return f"signature expired at {when}"
+
+
+def _small_key(exc: Exception, settings: DkimSettings) -> str:
+    bits = re.search(r"\d+", str(exc))
+    size = f"RSA key of {bits.group()} bits" if bits else "RSA key"
+    if bits and int(bits.group()) < 1024:
+        return f"{size} refused: RFC 8301 requires at least 1024 bits"
+    return f"{size} refused: below the policy minimum of {settings.min_rsa_bits} bits"
+
+
 def verify_one(verifier: dkim.DKIM, raw: bytes, index: int, signature: bytes,
                lookup: TxtLookup, settings: DkimSettings) -> DkimResult:
     tags = _tags(signature)
     made = dict(domain=tags.get("d", "").lower(), selector=tags.get("s", ""),
                 algorithm=tags.get("a", ""), header_b=tags.get("b", "")[:8],
                 identity=tags.get("i", ""))
+    key_name = f"{made['selector']}._domainkey.{made['domain']}"
     watch = _KeyWatch(lookup, made["algorithm"].lower().rpartition("-")[2])
     _expiry.ignore = settings.allow_expired
     try:
         good = verifier.verify(idx=index, dnsfunc=watch)
     except DnsTempError as exc:
-        return DkimResult("temperror", reason=str(exc), **made)
-    except dkim.KeyFormatError as exc:  # raised for a key below minkey
+        return DkimResult("temperror", reason=f"key lookup failed: {exc}", **made)
+    except dkim.KeyFormatError as exc:  # also raised for a key below minkey
+        if watch.revoked:
+            return DkimResult("permerror", reason="key revoked (empty p=)", **made)
+        if watch.missing:
+            return DkimResult("permerror", reason=f"no key published at {key_name}", **made)
         if "too small" in str(exc):
-            return DkimResult("policy", reason=f"{exc} (policy minimum "
-                              f"{settings.min_rsa_bits} bits)", **made)
-        return DkimResult("permerror", reason=str(exc), **made)
+            return DkimResult("policy", reason=_small_key(exc, settings), **made)
+        return DkimResult("permerror", reason=f"key unusable: {plain(str(exc))}", **made)
     except dkim.ValidationError as exc:
         text = str(exc)
         if text.startswith("body hash mismatch"):
             return DkimResult("fail", reason="body hash did not verify", **made)
         if text.startswith("x= value is past"):
-            return DkimResult("fail", reason=f"signature expired ({text[17:].strip()})", **made)
-        return DkimResult("permerror", reason=text, **made)
+            return DkimResult("fail", reason=_expired(tags), **made)
+        return DkimResult("permerror", reason=f"signature unusable: {plain(text)}", **made)
     except dkim.DKIMException as exc:
-        return DkimResult("permerror", reason=f"{type(exc).__name__}: {exc}", **made)
+        return DkimResult("permerror", reason=f"signature unusable: {plain(str(exc))}", **made)
     except (ValueError, TypeError, KeyError, IndexError) as exc:  # dkimpy on mangled input
-        return DkimResult("permerror", reason=f"unparseable signature: {exc}", **made)
+        return DkimResult("permerror", reason=f"signature unparseable: {plain(str(exc))}",
+                          **made)
     finally:
         _expiry.ignore = False
+    if watch.revoked:
+        return DkimResult("permerror", reason="key revoked (empty p=)", **made)
     if watch.missing:
-        return DkimResult("permerror", reason="no key for signature", **made)
+        return DkimResult("permerror", reason=f"no key published at {key_name}", **made)
     if watch.bad_key:
         return DkimResult("permerror", reason=f"key unusable: {watch.bad_key}", **made)
     if not good:
         return DkimResult("fail", reason="signature did not verify", **made)
     if made["algorithm"].lower() == "rsa-sha1" and not settings.allow_sha1:
-        return DkimResult("policy", reason="rsa-sha1 is not accepted (RFC 8301)", **made)
+        return DkimResult("policy", reason="rsa-sha1 refused (RFC 8301)", **made)
     unsigned = _unsigned_tail(raw, tags)
     if unsigned and not settings.allow_partial_body:
         return DkimResult("policy", reason=f"l= leaves {unsigned} body bytes unsigned", **made)
@@ -220,10 +258,10 @@ def verify_arc(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSetti
     except DnsTempError as exc:
         return ArcResult("temperror", reason=str(exc))
     except (dkim.DKIMException, ValueError, TypeError, KeyError, IndexError) as exc:
-        return ArcResult("fail", reason=f"{type(exc).__name__}: {exc}")
+        return ArcResult("fail", reason=f"chain unusable: {plain(str(exc))}")
     result = (cv or b"fail").decode("ascii", "replace").lower()
     sealers = tuple(item["as-domain"].decode("ascii", "replace").lower()
                     for item in instances if item.get("as-domain"))
     return ArcResult(result if result in ("pass", "fail", "none") else "fail", sealers,
-                     str(reason))
+                     plain(reason or ""))
 

@@ -42,7 +42,7 @@ def to_ascii(domain: str) -> str:
     try:  # IDNA2008 with the UTS #46 mapping, as registries and browsers use (not IDNA2003)
         return idna.encode(domain, uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError) as exc:
-        raise ValueError(f"domain {domain!r} cannot be written in ASCII: {exc}") from None
+        raise ValueError(f"domain {domain} cannot be written in ASCII ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -98,20 +98,30 @@ class FromDomain:
     problem: str = ""  # why there is none (6.6.1: permerror)
 
 
-def from_domain(from_values: Iterable[str]) -> FromDomain:
-    """6.6.1: exactly one From header field with one address that has a domain."""
+def author_domains(from_values: Iterable[str]) -> list[FromDomain]:
+    """6.6.1: the author domain of every address in every From header field, each once.
+    RFC 5322 allows one From field (several addresses only with a Sender), but a message
+    breaking that is judged domain by domain and the strictest policy applies (the choice
+    6.6.1 leaves to receivers besides rejecting): a forged From prepended over another
+    domain's signed message is then judged by the forged domain's own policy. A field or
+    address without a usable domain is one author with none (a permerror)."""
     values = list(from_values)
     if not values:
-        return FromDomain(None, "no From header")
-    if len(values) > 1:
-        return FromDomain(None, f"{len(values)} From headers")
-    addresses = [a for _, a in getaddresses([values[0].replace("\r\n", "").replace("\n", "")])
-                 if a]
-    if len(addresses) != 1:
-        return FromDomain(None, f"From holds {len(addresses)} addresses")
-    local, at, domain = addresses[0].rpartition("@")
+        return [FromDomain(None, "no From header")]
+    found: list[FromDomain] = []
+    for value in values:
+        addresses = [a for _, a in getaddresses([value.replace("\r\n", "").replace("\n", "")])
+                     if a]
+        if not addresses:
+            found.append(FromDomain(None, "From holds 0 addresses"))
+        found.extend(_author(address) for address in addresses)
+    return list(dict.fromkeys(found))
+
+
+def _author(address: str) -> FromDomain:
+    local, at, domain = address.rpartition("@")
     if not at or not local or not domain or "." not in domain.strip("."):
-        return FromDomain(None, f"From address {addresses[0]!r} has no usable domain")
+        return FromDomain(None, f"From address <{address}> has no usable domain")
     try:
         return FromDomain(to_ascii(domain))
     except ValueError as exc:

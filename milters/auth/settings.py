@@ -69,7 +69,8 @@ class AuthSettings:
     reject_reply: SmtpReply = DEFAULT_REJECT
     on_temperror: str = "tempfail"  # tempfail | tag
     temperror_reply: SmtpReply = DEFAULT_TEMPFAIL
-    # A From header missing, doubled or without a domain (DMARC permerror): tag or reject.
+    # A From header missing, or an author address without a domain (DMARC permerror): tag
+    # or reject. Several From authors are each judged by DMARC (checker.act).
     on_bad_from: str = "tag"
     bad_from_reply: SmtpReply = SmtpReply(550, "5.7.1", "Message has no single valid From "
                                                         "address (RFC 5322 3.6.2)")

@@ -9,6 +9,7 @@ instead of a traceback:
     ├── StoreError           the state store (memory, SQLite, Redis) failed
     │   └── StoreUnavailable the store cannot be reached right now (retry or fall back)
     ├── MessageError         a message cannot be parsed or is over a limit
+    │   └── AuthResultsError an Authentication-Results header cannot be read (RFC 8601)
     └── MilterProtocolError  a milter peer broke the Sendmail milter protocol
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ class StoreUnavailable(StoreError):
 
 class MessageError(MailmoatError):
     """A message cannot be parsed or breaks a configured limit."""
+
+
+class AuthResultsError(MessageError):
+    """An Authentication-Results header does not follow RFC 8601 (or not as we write it)."""
 
 
 class MilterProtocolError(MailmoatError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from milters.core.auth_results import dmarc_domain, verdicts
+from milters.core.auth_results import read
 from milters.core.message import Envelope, Message
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import network_matches
@@ -47,6 +47,7 @@ def decide_envelope(policy: Policy, env: Envelope, subject: str,
 
 
 def decide(policy: Policy, message: Message, authserv_id: str) -> Decision:
-    headers = message.raw_headers()
+    found = read(message.raw_headers(), authserv_id)  # once: an unreadable one is logged once
     return decide_envelope(policy, message.envelope, message.decoded_subject,
-                           verdicts(headers, authserv_id), dmarc_domain(headers, authserv_id))
+                           None if found is None else found.methods,
+                           None if found is None else found.dmarc_domain)

@@ -108,6 +108,7 @@ LIMIT_SPEC = Struct({
 
 AUTH_METHODS = {
     "spf": ("fail", "softfail", "neutral", "none", "permerror", "temperror"),
+    "spf_helo": ("fail", "softfail", "neutral", "none", "permerror", "temperror"),
     "dkim": ("fail", "policy", "neutral", "none", "permerror", "temperror"),
     "dmarc": ("fail", "none", "permerror", "temperror"),
     "arc": ("fail", "none"),

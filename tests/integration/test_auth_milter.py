@@ -215,7 +215,6 @@ def test_forged_results_are_removed_and_foreign_ones_kept(gateway: Gateway) -> N
 
 @pytest.mark.parametrize("from_header,why", [
     (None, "no From header"),
-    ("a@none.test\r\nFrom: b@pass.test", "2 From headers"),
     ("undisclosed-recipients:;", "no usable domain|0 addresses"),
 ])
 def test_bad_from_header_is_tagged_permerror(gateway: Gateway, from_header: str | None,
@@ -224,6 +223,31 @@ def test_bad_from_header_is_tagged_permerror(gateway: Gateway, from_header: str 
     (header,) = our_results(msg)
     assert "dmarc=permerror" in header
     assert re.search(why, header), header
+
+
+def test_forged_from_prepended_over_a_signed_message_is_rejected(world: World,
+                                                                 gateway: Gateway) -> None:
+    """RFC 7489 6.6.1, issue 13: attacker.test signs its own message (and passes SPF), then
+    a From of pass.test (p=reject, unsigned) is put on top. Each author domain is judged and
+    the strictest policy applies: rejected, and the log names the domain that failed."""
+    signed = sign_rsa(message("news@attacker.test", subject="two authors"), "attacker.test",
+                      world.keys, world.workdir)
+    forged = b"From: CEO <ceo@pass.test>\r\n" + signed
+    result = gateway.send(forged, client=STRANGER_IP, mail_from="bounce@attacker.test")
+    assert result.reply_by_stage["DATA_END"] == "550 5.7.1 Rejected by DMARC policy (test)", \
+        result.transcript
+    line = last_auth_event(gateway)
+    assert "action=reject" in line and "from=pass.test" in line, line
+    assert re.search(r"dmarc_each=fail:pass\.test,\w+:attacker\.test", line), line
+
+
+def test_two_from_headers_are_each_evaluated(gateway: Gateway) -> None:
+    """RFC 7489 6.6.1: a p=none failure and a pass: tagged, one DMARC result per author."""
+    msg = send_and_get(gateway, message("a@none.test\r\nFrom: b@pass.test",
+                                        subject="two from"))
+    (header,) = our_results(msg)
+    assert "dmarc=fail (p=none dis=NONE) header.from=none.test" in header, header
+    assert "dmarc=pass (p=reject dis=NONE) header.from=pass.test" in header, header
 
 
 def test_broken_dmarc_record_is_permerror_and_not_enforced(gateway: Gateway) -> None:
@@ -247,16 +271,23 @@ def test_internationalised_from_domain_is_checked_as_its_a_label(gateway: Gatewa
     assert "dmarc=pass" in header and "header.from=xn--r8jz45g.test" in header, header
 
 
-@pytest.mark.parametrize("trick", [
-    # A folded From whose second line carries another address.
-    "From: ceo@pass.test\r\n <boss@none.test>",
+@pytest.mark.parametrize("trick,rejected", [
+    # A folded From whose second line carries another address: two authors (RFC 7489
+    # 6.6.1), pass.test's p=reject applies to the unaligned one: rejected (issue 13).
+    ("From: ceo@pass.test\r\n <boss@none.test>", True),
     # A display name that looks like an address of another domain.
-    'From: "ceo@pass.test" <x@none.test>',
+    ('From: "ceo@pass.test" <x@none.test>', False),
     # A comment holding an address, and a NUL-free control character.
-    "From: (ceo@pass.test) x@none.test\x0b",
+    ("From: (ceo@pass.test) x@none.test\x0b", False),
 ])
-def test_from_header_tricks_get_a_defined_verdict(gateway: Gateway, trick: str) -> None:
+def test_from_header_tricks_get_a_defined_verdict(gateway: Gateway, trick: str,
+                                                  rejected: bool) -> None:
     raw = message(None, subject="trick", extra=trick + "\r\n")
+    if rejected:
+        result = gateway.send(raw, client=STRANGER_IP, mail_from="x@none.test")
+        assert result.reply_by_stage["DATA_END"].startswith("550 5.7.1"), result.transcript
+        assert "from=pass.test" in last_auth_event(gateway)
+        return
     msg = send_and_get(gateway, raw, client=STRANGER_IP, mail_from="x@none.test")
     (header,) = our_results(msg)
     # Never a pass for pass.test on the strength of a display name or comment.
@@ -403,3 +434,74 @@ ratelimit:
     (row,) = passed.findall("record")
     assert row.findtext("row/source_ip") == GOOD_IP
     assert row.findtext("row/policy_evaluated/spf") == "pass"
+
+
+# -- a later milter trusts the auth milter's verdict, never the client's text (issue 13) ---
+NEUTRALIZE_POLICY = """\
+internal_networks: [127.0.0.0/8]
+auth:
+  dmarc:
+    actions: {reject: tag, quarantine: tag, none: tag}
+neutralize:
+  trusted_domains: [pass.test]
+  on_failure: drop
+rules:
+  - name: dmarc-not-passing
+    when: {auth: {dmarc: [fail, none, permerror, temperror]}}
+    then: {neutralize: neutralize}
+defaults:
+  neutralize: pass
+"""
+
+
+@pytest.fixture(scope="module")
+def chain(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Postfix with auth, then neutralize: neutralize trusts pass.test when our header
+    says dmarc=pass for it, so a forged pass would let its mail through untouched."""
+    workdir = tmp_path_factory.mktemp("auth-chain")
+    (workdir / "policy.yaml").write_text(NEUTRALIZE_POLICY)
+    config = workdir / "config.yaml"
+    config.write_text(config_text(world.dns.nameserver))
+    milters = [MilterProcess(name, config, workdir).start() for name in ("auth", "neutralize")]
+    try:
+        with SmtpSink() as sink, postfix_instance(
+                workdir, relay_port=sink.port,
+                smtpd_milters=" ".join(m.socket_spec for m in milters),
+                extra={"local_header_rewrite_clients": ""}) as postfix:
+            yield Gateway(postfix, sink, milters[0], workdir)
+    finally:
+        for milter in milters:
+            milter.stop()
+
+
+@pytest.mark.parametrize("helo,mail_from,from_header", [
+    ("x;dmarc=pass;header.from=pass.test", "ceo@pass.test", "ceo@pass.test"),
+    ('x";dmarc=pass;x="', "ceo@pass.test", "ceo@pass.test"),
+    ("(dmarc=pass)", "ceo@pass.test", "ceo@pass.test"),
+    ("mail.example.test", "ceo@pass.test(x;dmarc=pass;header.from=pass.test)",
+     "ceo@pass.test"),
+    ("mail.example.test", 'ceo@pass.test(";dmarc=pass;x=")', "ceo@pass.test"),
+    ("mail.example.test", "ceo@pass.test", "ceo@pass.test (dmarc=pass)"),
+    ("mail.example.test", "ceo@pass.test", '"x; dmarc=pass" <ceo@pass.test>'),
+    ("x\\;dmarc=pass", "ceo@pass.test(dmarc=pass)", "ceo@pass.test"),
+])
+def test_client_text_cannot_forge_a_verdict_for_a_later_milter(
+        chain: Gateway, helo: str, mail_from: str, from_header: str) -> None:
+    """A stranger sends as pass.test (DMARC fails: not in its SPF, unsigned) with a HELO,
+    MAIL FROM or From crafted to put 'dmarc=pass' into our Authentication-Results. The
+    neutralize milter after auth must still see the failing verdict and neutralize the
+    message (before issue 13 a HELO of 'x;dmarc=pass;header.from=pass.test' read as a pass
+    for the trusted pass.test, and the message went through untouched)."""
+    from milters.neutralize.logic import MARK_HEADER
+    before = len(chain.sink.messages)
+    result = chain.send(message(from_header, subject=f"forge {helo} {mail_from}",
+                                body="Log in at https://login.attacker.test/ now\r\n"),
+                        client=STRANGER_IP, mail_from=mail_from, helo=helo)
+    assert result.code("DATA_END") == 250, result.transcript
+    delivered = chain.sink.wait_for(before + 1, timeout=30)[before].message()
+    (header,) = our_results(delivered)
+    assert "dmarc=fail" in header, header
+    assert "rule=dmarc-not-passing" in str(delivered[MARK_HEADER]), delivered.as_string()
+    texts = [part.get_payload(decode=True) or b"" for part in delivered.walk()
+             if part.get_content_type() == "text/plain"]
+    assert any(b"login[.]attacker[.]test" in text for text in texts), texts

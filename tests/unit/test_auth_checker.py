@@ -413,3 +413,44 @@ def test_bad_outcome_in_domain_override_is_reported_with_line() -> None:
     assert len(caught.value.problems) == 1
     problem = caught.value.problems[0]
     assert problem.startswith("auth.yaml:4:") and "quarantne" in problem
+
+
+# --- several authors (RFC 7489 6.6.1, issue 13) ----------------------------------------------
+def test_forged_from_prepended_over_another_domain_is_judged_by_its_own_policy() -> None:
+    """A From of a p=reject domain prepended over mail of a domain that passes (or has no
+    DMARC): each author domain is evaluated and the strictest policy applies, so the
+    message is rejected by default (it used to be a permerror, only tagged)."""
+    msg = message("Alice <a@attacker.test>", extra=b"From: CEO <ceo@reject.test>\r\n")
+    result = check(msg)
+    assert result.verdict.action is Action.REJECT
+    value = our_header(result)
+    from milters.core.auth_results import parse
+    _, infos = parse(value)
+    assert [(i.method, i.result, i.values("header.from")) for i in infos
+            if i.method == "dmarc"] == [("dmarc", "fail", ["reject.test"]),
+                                        ("dmarc", "none", ["attacker.test"])]
+    assert "from=reject.test" in (result.verdict.reason or "")
+
+
+def test_two_addresses_in_one_from_take_the_strictest_policy() -> None:
+    result = check(message("a@none.test, b@quarantine.test"))
+    assert result.verdict.action is Action.CONTINUE
+    assert [e for e in result.edits if isinstance(e, Quarantine)]
+    assert "header.from=quarantine.test" in our_header(result)
+
+
+def test_several_passing_authors_pass() -> None:
+    zone = dict(ZONE)
+    zone[("_dmarc.attacker.test", "TXT")] = [txt("v=DMARC1; p=reject")]
+    result = check(message("a@attacker.test", mail_from="x@attacker.test",
+                           extra=b"From: b@attacker.test\r\n"), zone=zone)
+    assert result.verdict.action is Action.CONTINUE
+    assert our_header(result).count("dmarc=pass") == 1  # one domain, evaluated once
+
+
+def test_an_author_without_domain_beside_a_passing_one_is_a_bad_from() -> None:
+    msg = message("a@attacker.test, nobody")
+    assert check(msg).verdict.action is Action.CONTINUE  # on_bad_from: tag (the default)
+    result = check(msg, policy("auth: {on_bad_from: reject}\n"))
+    assert result.verdict.action is Action.REJECT
+    assert "dmarc=permerror" in our_header(result)

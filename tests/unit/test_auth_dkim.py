@@ -435,3 +435,84 @@ def test_a_header_section_dkimpy_cannot_split_has_no_signatures_to_check() -> No
     """Text that is no message at all (a README fed to `mailmoat scan`): no verdict from
     DKIM, and no exception for the milter to turn into an internal-error tempfail."""
     assert verify_dkim(b"# Sample messages\n\nNot a header.\n", lambda name: []) == []
+
+
+# --- reasons a human reads in our Authentication-Results (issue 13) --------------------------
+# Each reason names what happened in words, never a Python repr such as b'...'.
+NO_REPR = re.compile(r"""\bb['"]""")
+
+
+def test_revoked_key_reason_says_revoked(signed: bytes) -> None:
+    """RFC 6376 3.6.1: an empty p= is a revoked key, and the reason says so."""
+    result = only(verify_dkim(signed, lookup_from({KEY_NAME: [b"v=DKIM1; k=rsa; p="]})))
+    assert (result.result, result.reason) == ("permerror", "key revoked (empty p=)")
+
+
+def test_missing_key_reason_names_the_key(signed: bytes) -> None:
+    """RFC 6376 6.1.2: no key record; the reason names where the key was looked for."""
+    result = only(verify_dkim(signed, lookup_from({})))
+    assert result.reason == f"no key published at {KEY_NAME}"
+
+
+def test_expired_reason_gives_the_expiry_time(rsa_key: OpenDkimKey) -> None:
+    """RFC 6376 3.5 x=: the reason says expired and when, in UTC, not dkimpy's b'...'."""
+    message = rsa_key.sign(MESSAGE, when=1_700_000_000, ttl=3600)
+    result = only(verify_dkim(message, lookup_from(published(rsa_key))))
+    assert result.reason == "signature expired at 2023-11-14 23:13 UTC"
+
+
+def test_rsa_sha1_reason_names_rfc_8301(rsa_key: OpenDkimKey) -> None:
+    """RFC 8301 3.1: the reason names the refused algorithm and the RFC."""
+    message = rsa_key.sign_testmsg(MESSAGE)
+    unrestricted = re.sub(rb"h=sha256;\s*", b"", rsa_key.record)
+    result = only(verify_dkim(message, lookup_from({KEY_NAME: [unrestricted]})))
+    assert (result.result, result.reason) == ("policy", "rsa-sha1 refused (RFC 8301)")
+
+
+def test_small_key_reason_gives_the_size_and_rfc_8301(tmp_path: Path) -> None:
+    """RFC 8301 3.2: a 512-bit key; the reason gives its size and the 1024-bit floor."""
+    pem = subprocess.run(["openssl", "genrsa", "512"], capture_output=True, check=True,
+                         timeout=60).stdout
+    public = subprocess.run(["openssl", "rsa", "-pubout", "-outform", "DER"], input=pem,
+                            capture_output=True, check=True, timeout=60).stdout
+    message = dkim.sign(MESSAGE, b"weak", DOMAIN.encode(), pem) + MESSAGE
+    zone: Zone = {f"weak._domainkey.{DOMAIN}": [b"v=DKIM1; k=rsa; p="
+                                               + base64.b64encode(public)]}
+    result = only(verify_dkim(message, lookup_from(zone), DkimSettings(min_rsa_bits=1024)))
+    assert result.reason == "RSA key of 512 bits refused: RFC 8301 requires at least 1024 bits"
+
+def test_key_below_a_stricter_policy_names_the_policy_minimum() -> None:
+    """A 1024-bit key meets RFC 8301 but not a policy asking 2048: the reason says whose
+    rule it broke."""
+    pem = subprocess.run(["openssl", "genrsa", "1024"], capture_output=True, check=True,
+                         timeout=60).stdout
+    public = subprocess.run(["openssl", "rsa", "-pubout", "-outform", "DER"], input=pem,
+                            capture_output=True, check=True, timeout=60).stdout
+    message = dkim.sign(MESSAGE, b"mid", DOMAIN.encode(), pem) + MESSAGE
+    zone: Zone = {f"mid._domainkey.{DOMAIN}": [b"v=DKIM1; k=rsa; p="
+                                              + base64.b64encode(public)]}
+    result = only(verify_dkim(message, lookup_from(zone), DkimSettings(min_rsa_bits=2048)))
+    assert (result.result, result.reason) == (
+        "policy", "RSA key of 1024 bits refused: below the policy minimum of 2048 bits")
+
+
+@pytest.mark.parametrize("key", [b"v=DKIM1; k=rsa; p=AAAA", b"v=DKIM1; k=ed25519; p=AAAA",
+                                 b"v=DKIM1; k=rsa; p=!!!"])
+def test_unusable_key_reason_has_no_python_repr(signed: bytes, key: bytes) -> None:
+    """A key dkimpy cannot parse: its messages format bytes as b'...'; ours never do."""
+    result = only(verify_dkim(signed, lookup_from({KEY_NAME: [key]})))
+    assert result.result == "permerror" and result.reason.startswith("key unusable")
+    assert not NO_REPR.search(result.reason), result.reason
+
+
+@pytest.mark.parametrize("tags", [b"a=rsa-sha512", b"x=abc", b"v=2"])
+def test_bad_tag_reason_has_no_python_repr(signed: bytes, tags: bytes) -> None:
+    """A signature dkimpy refuses (unknown algorithm, bad x=, wrong version): the reason
+    quotes the value as text."""
+    name, _, rest = tags.partition(b"=")
+    mangled = re.sub(rb"(DKIM-Signature: )", rb"\1" + tags + b"; ", signed, count=1)
+    if name == b"a":
+        mangled = re.sub(rb"\ba=rsa-sha256;\s*", b"", mangled, count=1)
+    result = only(verify_dkim(mangled, lookup_from({})))
+    assert result.result == "permerror", result
+    assert not NO_REPR.search(result.reason), result.reason

@@ -12,7 +12,7 @@ import pytest
 
 from milters.auth.dkim_check import DkimResult
 from milters.auth.dmarc import (DmarcRecord, FromDomain, RecordError, aligned, evaluate,
-                                from_domain, organizational_domain, parse_record)
+                                author_domains, organizational_domain, parse_record)
 from milters.auth.spf import SpfResult
 from milters.core.dns import DnsTempError
 
@@ -176,70 +176,77 @@ def test_pct_zero_is_kept() -> None:
 
 def test_from_domain_of_one_from() -> None:
     """RFC 7489 6.6.1: the domain of the single From address."""
-    assert from_domain(["Alice <alice@Example.JP>"]) == FromDomain("example.jp")
+    assert author_domains(["Alice <alice@Example.JP>"]) == [FromDomain("example.jp")]
 
 
 def test_no_from_header_has_no_domain() -> None:
     """RFC 7489 6.6.1: no From field: no identifier to evaluate (a problem to report)."""
-    result = from_domain([])
+    (result,) = author_domains([])
     assert result.domain is None and "no From" in result.problem
 
 
-def test_two_from_headers_have_no_domain() -> None:
-    """RFC 7489 6.6.1: messages with multiple RFC5322.From fields are rejected or ignored
-    (and RFC 5322 3.6 allows exactly one From)."""
-    result = from_domain(["a@example.jp", "b@example.org"])
-    assert result.domain is None and result.problem
+def test_two_from_headers_give_each_author_domain() -> None:
+    """RFC 7489 6.6.1: RFC 5322 3.6 allows one From, but a receiver may apply DMARC to each
+    author domain of a message that has more; both domains are evaluated, each once."""
+    assert author_domains(["a@example.jp", "b@example.org", "c@Example.JP"]) == [
+        FromDomain("example.jp"), FromDomain("example.org")]
 
 
-def test_two_addresses_in_one_from_have_no_domain() -> None:
-    """RFC 7489 6.6.1: a From with several addresses (RFC 5322 3.6.2) has no single
-    author domain; a group syntax hiding two addresses counts the same."""
+def test_two_addresses_in_one_from_give_each_author_domain() -> None:
+    """RFC 7489 6.6.1: a From with several addresses (RFC 5322 3.6.2), or a group syntax
+    hiding two, is judged per author domain too."""
     for value in ("a@example.jp, b@example.org", "Team: a@example.jp, b@example.org;"):
-        result = from_domain([value])
-        assert result.domain is None and result.problem
+        assert author_domains([value]) == [FromDomain("example.jp"), FromDomain("example.org")]
+
+
+def test_an_author_without_domain_beside_one_with_is_kept() -> None:
+    """RFC 7489 6.6.1: an address with no usable domain among others is a bad author of its
+    own (a permerror), not silently dropped in favour of the good one."""
+    found = author_domains(["ceo@example.jp, nobody"])
+    assert found[0] == FromDomain("example.jp")
+    assert found[1].domain is None and "nobody" in found[1].problem
 
 
 @pytest.mark.parametrize("value", ["alice", "Alice <alice>", "<>", "Undisclosed:;"])
 def test_from_without_domain_has_no_domain(value: str) -> None:
     """RFC 7489 6.6.1: an address without a domain gives nothing to look up."""
-    result = from_domain([value])
+    (result,) = author_domains([value])
     assert result.domain is None and result.problem
 
 
 def test_from_with_rfc2047_display_name() -> None:
     """RFC 7489 6.6.1 with RFC 2047 display names (as Japanese mailers send them): the
     encoded words are only the phrase; the address after them decides."""
-    assert from_domain(["=?ISO-2022-JP?B?GyRCOzNFRBsoQg==?= <yamada@example.jp>"]) \
-        == FromDomain("example.jp")
-    assert from_domain(["=?utf-8?q?Doe=2C_John?= <john@example.org>"]) \
-        == FromDomain("example.org")
+    assert author_domains(["=?ISO-2022-JP?B?GyRCOzNFRBsoQg==?= <yamada@example.jp>"]) \
+        == [FromDomain("example.jp")]
+    assert author_domains(["=?utf-8?q?Doe=2C_John?= <john@example.org>"]) \
+        == [FromDomain("example.org")]
 
 
 def test_from_display_name_that_looks_like_an_address_is_not_the_domain() -> None:
     """RFC 7489 6.6.1: the address, not a display name made to look like one, is the
     author; otherwise anyone could claim a bank's domain."""
-    assert from_domain(['"ceo@bank.example" <a@evil.test>']) == FromDomain("evil.test")
+    assert author_domains(['"ceo@bank.example" <a@evil.test>']) == [FromDomain("evil.test")]
 
 
 def test_from_idn_domain_becomes_a_label() -> None:
     """RFC 7489 6.6.1 with RFC 6532 (UTF-8 headers): the DMARC record of 例え.jp is at
     _dmarc.xn--r8jz45g.jp, so the domain is given as its A-label."""
     assert "例え.jp".encode("idna") == b"xn--r8jz45g.jp"
-    assert from_domain(["ユーザー@例え.jp"]) == FromDomain("xn--r8jz45g.jp")
+    assert author_domains(["ユーザー@例え.jp"]) == [FromDomain("xn--r8jz45g.jp")]
 
 
 def test_from_idn_domain_uses_idna2008_a_label() -> None:
     """RFC 7489 6.6.1 with RFC 5890/5891 (IDNA2008, what registries and DNS use): straße.de
     is xn--strae-oqa.de, a different domain from strasse.de (IDNA2003 mapped ß to ss).
     The From domain must be the name whose DMARC record DNS holds (to_ascii's docstring)."""
-    assert from_domain(["user@straße.de"]) == FromDomain("xn--strae-oqa.de")
+    assert author_domains(["user@straße.de"]) == [FromDomain("xn--strae-oqa.de")]
 
 
 def test_folded_from_header() -> None:
     """RFC 7489 6.6.1 on RFC 5322 2.2.3 folding: the unfolded value is what counts."""
-    assert from_domain(["Alice Example\r\n <alice@example.jp>"]) == FromDomain("example.jp")
-    assert from_domain(["\"Alice\"\n\t<alice@example.org>"]) == FromDomain("example.org")
+    assert author_domains(["Alice Example\r\n <alice@example.jp>"]) == [FromDomain("example.jp")]
+    assert author_domains(["\"Alice\"\n\t<alice@example.org>"]) == [FromDomain("example.org")]
 
 
 # --- 6.6.2 / 6.6.3 / 6.6.4 evaluation --------------------------------------------------------

@@ -143,6 +143,29 @@ def test_policy_test_and_explain_with_auth_results(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "'dmarc=maybe' is not METHOD=RESULT" in bad.stderr
 
 
+def test_policy_explain_and_test_keep_spf_and_spf_helo_apart(tmp_path: Path) -> None:
+    """Issue 13: `spf` is the MAIL FROM result (RFC 7489), `spf_helo` the HELO check; a
+    passing HELO given beside a failing MAIL FROM still matches a rule on spf: [fail]."""
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY + """  - name: helo passing does not hide a failing MAIL FROM
+    message: {client_ip: 198.51.100.1, mail_from: a@bank.example, rcpt: [u@example.jp],
+              auth: {dmarc: pass, spf: fail, spf_helo: pass}}
+    expect: {neutralize: {action: neutralize, rule: spf-fail-links-only}}
+""")
+    result = mailmoat("policy", "test", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed, 0 failed" in result.stdout
+    result = mailmoat("policy", "explain", "--policy", str(path), "--client-ip",
+                      "198.51.100.9", "--mail-from", "x@bank.example", "--rcpt",
+                      "u@example.jp", "--auth", "dmarc=pass,spf=fail,spf_helo=pass")
+    assert result.returncode == 0, result.stderr
+    assert "neutralize: neutralize  (decided by rule 'spf-fail-links-only')" in result.stdout
+    result = mailmoat("policy", "explain", "--policy", str(path), "--client-ip",
+                      "198.51.100.9", "--mail-from", "x@bank.example", "--rcpt",
+                      "u@example.jp", "--auth", "dmarc=pass,spf=pass,spf_helo=fail")
+    assert "neutralize: pass  (decided by (defaults))" in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("head, name, ctype, expected", [
     (b"%PDF-1.7\n", "x.bin", "application/octet-stream", "pdf"),
     (b"\xff\xd8\xff\xe0", "photo.pdf", "application/pdf", "image"),

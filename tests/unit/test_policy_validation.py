@@ -82,7 +82,7 @@ CASES = [
     ('rules:\n  - name: r\n    when: {auth: {dmarc: [fial]}}\n    then: {neutralize: neutralize}\n',
      3, 'fial', "rules[0].when.auth.dmarc[0]: must be one of pass, fail, softfail, neutral, none, temperror, permerror, policy; did you mean 'fail'? (got fial)"),
     ('rules:\n  - name: r\n    when: {auth: {dmark: [fail]}}\n    then: {neutralize: neutralize}\n',
-     3, 'dmark', "rules[0].when.auth.dmark: must be one of spf, dkim, dmarc, arc; did you mean 'dmarc'? (got dmark)"),
+     3, 'dmark', "rules[0].when.auth.dmark: must be one of spf, spf_helo, dkim, dmarc, arc; did you mean 'dmarc'? (got dmark)"),
     ('rules:\n  - name: r\n    when: {subject: ["(unclosed"]}\n    then: {neutralize: neutralize}\n',
      3, '"(unclosed"', 'rules[0].when.subject[0]: not a valid regular expression: missing ), unterminated subpattern at position 0 (got (unclosed)'),
     ('rules:\n  - name: r\n    when: {auth: {dmarc: [fail]}}\n    then: {ratelimit: exempt}\n',

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..auth_results import POLICY_METHODS
 from ..errors import ConfigError
 from ..message import Envelope, Recipient
 from .matching import NetworkPattern, normalize_domain, parse_network_pattern
@@ -109,7 +110,8 @@ class _Domain(Str):
 # The results RFC 8601 registers for the methods our auth milter writes.
 AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror",
                 "policy")
-AUTH_METHODS = ("spf", "dkim", "dmarc", "arc")
+# spf is the MAIL FROM result (RFC 7489's use), spf_helo the HELO check on its own.
+AUTH_METHODS = POLICY_METHODS
 
 
 def _conditions_spec() -> Struct:
