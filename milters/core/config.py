@@ -78,6 +78,10 @@ class GatewayConfig:
     # Clients allowed to use XCLIENT (present another client address): none by default.
     xclient_hosts: tuple[NetworkPattern, ...] = ()
     dns: DnsSettings = DnsSettings()  # the milters' resolver (SPF, DKIM, DMARC)
+    # Whom `serve` started as root becomes once its ports are bound (mta/privileges.py);
+    # group: that user's primary group unless named.
+    user: str | None = None
+    group: str | None = None
 
 
 def default_policy_path() -> Path:
@@ -138,7 +142,8 @@ def _spec(base: Path, source: str) -> Struct:
             auth_users_file=local(gateway["auth"]["users_file"]) if gateway["auth"] else None,
             run_dir=local(gateway["run_dir"]),
             milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]),
-            valid_recipients=tuple(gateway["valid_recipients"]), dns=dns)
+            valid_recipients=tuple(gateway["valid_recipients"]), dns=dns,
+            user=gateway["user"], group=gateway["group"])
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -170,6 +175,8 @@ def _spec(base: Path, source: str) -> Struct:
         "run_dir": Field(Str(), "var/run"),
         "xclient_hosts": Field(ListOf(Network()), ()),
         "valid_recipients": Field(ListOf(Address()), ()),
+        "user": Field(Str(max_len=32), None),
+        "group": Field(Str(max_len=32), None),
     })
     milter = Struct({
         "name": Field(Str(max_len=64)),

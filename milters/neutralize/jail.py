@@ -152,6 +152,7 @@ def become(who: Converter) -> None:
 def hand_over(workdir: Path, who: Converter) -> None:
     """The private directory (and what the milter put in it) becomes the converter's,
     with modes set here rather than left to the milter's umask."""
+    workdir.chmod(0o700)  # mkdtemp's 0700 less the milter's umask (0111) lacks x
     (workdir / PIPE_DIR).mkdir(exist_ok=True)
     for path in [workdir, *workdir.iterdir()]:
         path.chmod(0o700 if path.is_dir() else 0o600)

@@ -91,6 +91,7 @@ class Sandbox:
         the outcome and (when converted) the result, read before the directory goes."""
         with self.slots:
             workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+            workdir.chmod(0o700)  # mkdtemp's 0700 less the milter's umask (0111) lacks x
             with _RUNNING.lock:
                 _RUNNING.jobs[workdir] = None
             try:
