@@ -5,11 +5,15 @@ import asyncio
 import threading
 
 from .event_loop import new_event_loop
+from .privileges import take_bound
 from .smtpd import GatewayHandler, SmtpConnection
 
 
 async def start_listener(handler: GatewayHandler, host: str, port: int) -> asyncio.Server:
     loop = asyncio.get_running_loop()
+    bound = take_bound(host, port)  # bound by serve as root, before it dropped to its user
+    if bound is not None:
+        return await loop.create_server(lambda: SmtpConnection(handler), sock=bound)
     return await loop.create_server(lambda: SmtpConnection(handler), host, port,
                                     reuse_address=True)
 

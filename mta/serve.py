@@ -24,6 +24,7 @@ from milters.core.eventlog import log_event
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import parse_network_pattern
 
+from . import privileges
 from .delivery_process import DeliveryProcess
 from .event_loop import loop_factory
 from .listener import start_listener
@@ -249,6 +250,10 @@ def serve(config: GatewayConfig, config_path: str | None,
         loop_name, new_loop = loop_factory()
     except ValueError as exc:
         raise MailmoatError(str(exc)) from None
+    # Root: bind the privileged ports, then become gateway.user before the queue, the
+    # milters or delivery exist (mta/privileges.py).
+    privileges.become_user(config, [split_hostport(config.listen),
+                                    split_hostport(config.reinject_listen)])
     queue = Queue(config.queue.dir)
     for queue_id in queue.recover():
         log_event("recovered_incomplete", queue_id=queue_id, action="removed (never accepted)")

@@ -110,6 +110,10 @@ class GatewayConfig:
     # Clients allowed to use XCLIENT (present another client address): none by default.
     xclient_hosts: tuple[NetworkPattern, ...] = ()
     dns: DnsSettings = DnsSettings()  # the milters' resolver (SPF, DKIM, DMARC)
+    # Whom `serve` started as root becomes once its ports are bound (mta/privileges.py);
+    # group: that user's primary group unless named.
+    user: str | None = None
+    group: str | None = None
     smtpd: "SmtpdLimits" = field(default_factory=lambda: SmtpdLimits())
 
 
@@ -227,7 +231,8 @@ def _spec(base: Path, source: str) -> Struct:
             milters=tuple(milters), xclient_hosts=tuple(gateway["xclient_hosts"]),
             valid_recipients=tuple(gateway["valid_recipients"]), dns=dns,
             smtpd=SmtpdLimits(gateway["smtpd_timeout"], gateway["smtpd_stress_timeout"],
-                              gateway["smtpd_min_data_rate"], gateway["smtpd_stress_share"]))
+                              gateway["smtpd_min_data_rate"], gateway["smtpd_stress_share"]),
+            user=gateway["user"], group=gateway["group"])
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -273,6 +278,8 @@ def _spec(base: Path, source: str) -> Struct:
         "smtpd_min_data_rate": Field(Number(1, 2**31, integer=True),
                                      defaults.smtpd.min_data_rate),
         "smtpd_stress_share": Field(Number(0.05, 1.0), defaults.smtpd.stress_share),
+        "user": Field(Str(max_len=32), None),
+        "group": Field(Str(max_len=32), None),
     })
     milter = Struct({
         "name": Field(Str(max_len=64)),

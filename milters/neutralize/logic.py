@@ -271,7 +271,8 @@ def _job(operation: str, source: str, target: str, settings: NeutralizeSettings,
                       wall=limits.wall)
     return Job(operation, source, target, options, check_locked=check_locked,
                archive_depth=limits.archive_depth, archive_bytes=limits.archive_bytes,
-               cpu=limits.cpu, memory=limits.memory, require_sandbox=settings.require_sandbox)
+               cpu=limits.cpu, memory=limits.memory, processes=limits.processes,
+               require_sandbox=settings.require_sandbox)
 
 
 def _closing(output: BinaryIO) -> Iterator[bytes]:

@@ -3,9 +3,11 @@ everything it started when it runs past its wall time.
 
 Each job gets a fresh Python process (`python -m milters.neutralize.worker DIR`, about
 0.1 s to start with pdfium and Pillow loaded): nothing one hostile document does can touch
-the next one or the milter. The process locks itself in before it reads the file (see
-worker.py); it is started in a session of its own so that the whole group, LibreOffice
-included, can be killed at once.
+the next one or the milter. It runs inside bubblewrap (jail.py: its own file system view,
+user, network, pid and IPC namespaces, an empty environment) and locks itself in further
+before it reads the file (worker.py: rlimits, a process count); bwrap is started in a
+session of its own with --die-with-parent, so that the whole group, LibreOffice included,
+can be killed at once.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from milters.core.eventlog import log_event
 
+from . import jail
 from .worker import Job, Outcome, read_outcome, write_job
 
 # Builds the job once the sandbox knows where the input and the output live.
@@ -87,6 +91,7 @@ class Sandbox:
         the outcome and (when converted) the result, read before the directory goes."""
         with self.slots:
             workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+            workdir.chmod(0o700)  # mkdtemp's 0700 less the milter's umask (0111) lacks x
             with _RUNNING.lock:
                 _RUNNING.jobs[workdir] = None
             try:
@@ -108,13 +113,31 @@ class Sandbox:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     def _run(self, job: Job, workdir: Path) -> Outcome:
+        who = jail.converter()
+        problem = jail.probe()
+        if problem is not None:
+            log_event("sandbox_unavailable", level=logging.ERROR, error=problem,
+                      action="refused" if job.require_sandbox else "converted without it")
+            if job.require_sandbox:
+                return Outcome("failed", f"no sandbox for the converter ({problem})")
+        # LibreOffice by its full path: the jail's PATH is not the milter's.
+        program = shutil.which(job.options.soffice)
+        options = replace(job.options, soffice=program or job.options.soffice)
+        job = replace(job, options=options, jailed=problem is None)
         write_job(job, workdir)
+        worker = [sys.executable, "-P", "-m", "milters.neutralize.worker", str(workdir)]
+        jail.hand_over(workdir, who)
+        if problem is None:
+            command, become = jail.command(worker, workdir, _program_files(program), who), None
+        else:  # require_sandbox: false and no bwrap here: rlimits, a network namespace
+            command, become = worker, (lambda: jail.become(who))  # and never root
         started = time.monotonic()
         with open(workdir / "stderr", "wb") as errors:
-            process = subprocess.Popen([sys.executable, "-m", "milters.neutralize.worker",
-                                        str(workdir)], stdin=subprocess.DEVNULL,
+            # env={}: even bwrap itself (pid 1 of the sandbox) holds none of our secrets.
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=errors,
-                                       start_new_session=True, close_fds=True)
+                                       start_new_session=True, close_fds=True,
+                                       env={} if problem is None else None, preexec_fn=become)
         with _RUNNING.lock:
             _RUNNING.jobs[workdir] = process.pid
         try:
@@ -124,6 +147,8 @@ class Sandbox:
             process.wait()
             return Outcome("failed", f"took longer than {self.wall:g} s")
         _kill_group(process.pid)  # anything it left behind (a stuck LibreOffice)
+        if problem is None and code > 128:
+            code = 128 - code  # bwrap reports a worker killed by signal N as exit 128+N
         outcome = read_outcome(workdir)
         if outcome is None or outcome.status == "failed":
             _log_stderr(workdir, code)
@@ -136,6 +161,18 @@ class Sandbox:
                 return Outcome("failed", f"over the CPU or memory limit ({name})")
             return Outcome("failed", f"the converter crashed ({name})")
         return Outcome("failed", f"the converter ended without an answer (exit {code})")
+
+
+def _program_files(found: str | None) -> list[Path]:
+    """What of LibreOffice must be visible besides /usr: nothing for Debian's package; a
+    LibreOffice installed elsewhere (<dir>/program/soffice) brings its whole <dir>; any
+    other program (a wrapper) only its own file, never its directory's neighbours."""
+    if found is None:
+        return []
+    program = Path(found).resolve()
+    if program.parent.name == "program":
+        return [Path(found), program.parent.parent]
+    return [Path(found), program]
 
 
 def _log_stderr(workdir: Path, code: int) -> None:

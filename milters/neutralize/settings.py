@@ -58,6 +58,7 @@ class Limits:
     cpu: float = 60.0  # seconds of CPU for one conversion
     wall: float = 120.0  # seconds of wall time for one conversion
     memory: int = 2 * 1024 * 1024 * 1024  # address space of one conversion (LibreOffice too)
+    processes: int = 256  # processes and threads of one conversion (RLIMIT_NPROC)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class NeutralizeSettings:
         451, "4.7.0", "Could not make the attachments safe; please try again later")
     language: str = "en"  # of the note telling the recipient what was changed
     soffice: str = "soffice"  # LibreOffice's program (found on PATH)
-    require_sandbox: bool = True  # refuse to convert when no private network can be made
+    require_sandbox: bool = True  # refuse to convert when bubblewrap cannot jail the converter
 
     def treatment_for(self, action: Any) -> Treatment | None:
         """The treatment a rule's action asks for; None for pass."""
@@ -146,8 +147,9 @@ LIMITS_SPEC = Struct({
     "cpu": Field(Duration(minimum=1), 60.0),
     "wall": Field(Duration(minimum=1), 120.0),
     "memory": Field(Number(64 * 1024 * 1024, 2**40, integer=True), 2 * 1024 * 1024 * 1024),
+    "processes": Field(Number(8, 100_000, integer=True), 256),
 }, build=Limits, expected="limits: pages, page_pixels, image_pixels, attachment_size, "
-                          "archive_depth, archive_bytes, cpu, wall, memory")
+                          "archive_depth, archive_bytes, cpu, wall, memory, processes")
 
 
 def _settings(trusted_domains: list[str], convert: list[Conversion], links: str | None,

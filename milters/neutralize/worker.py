@@ -1,10 +1,11 @@
 """One conversion in a process of its own: `python -m milters.neutralize.worker DIR` runs
 the job written to DIR/job.json and writes the outcome to DIR/result.json.
 
-The process first locks itself in: a new session (so the milter can kill it with everything
-it started, LibreOffice included), limits on CPU time, address space, file size and core
-dumps, a network namespace of its own with nothing in it, and its private directory as home
-and working directory. Then it does one job and writes the outcome to result.json.
+It starts inside the jail (jail.py: bubblewrap) and first locks itself in further: a new
+session (so the milter can kill it with everything it started, LibreOffice included), limits
+on CPU time, address space, file size, processes and core dumps, a check that its network
+namespace holds nothing but loopback, and its private directory as home and working
+directory. Then it does one job and writes the outcome to result.json.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import ctypes
 import json
 import os
 import resource
+import socket
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -38,7 +40,11 @@ class Job:
     cpu: float = 60.0
     memory: int = 2 * 1024 * 1024 * 1024
     file_size: int = 512 * 1024 * 1024
+    # Processes and threads (the kernel counts both) of this conversion: LibreOffice runs
+    # some dozens of threads; a fork bomb stops here.
+    processes: int = 256
     require_sandbox: bool = True
+    jailed: bool = True  # started by the sandbox inside bubblewrap (jail.py)
 
 
 @dataclass
@@ -59,6 +65,13 @@ def _private_network() -> str | None:
     return os.strerror(ctypes.get_errno())
 
 
+def _network_is_private() -> str | None:
+    """Inside the jail the network namespace is bwrap's: say so only if it really has
+    nothing but loopback (a jail misbuilt must not convert). None when it holds."""
+    names = sorted(name for _, name in socket.if_nameindex())
+    return None if names == ["lo"] else f"network interfaces {', '.join(names)} are visible"
+
+
 def _lock_in(job: Job, workdir: Path) -> list[str]:
     if os.getsid(0) != os.getpid():
         os.setsid()
@@ -68,12 +81,15 @@ def _lock_in(job: Job, workdir: Path) -> list[str]:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
     resource.setrlimit(resource.RLIMIT_AS, (job.memory, job.memory))
     resource.setrlimit(resource.RLIMIT_FSIZE, (job.file_size, job.file_size))
+    # Counted per user (per user namespace inside the jail): never root here, where the
+    # kernel would not enforce it.
+    resource.setrlimit(resource.RLIMIT_NPROC, (job.processes, job.processes))
     os.chdir(workdir)
     os.environ.update(HOME=str(workdir), TMPDIR=str(workdir))
-    problem = _private_network()
+    problem = _network_is_private() if job.jailed else _private_network()
     if problem is None:
         return []
-    if job.require_sandbox:
+    if job.require_sandbox or job.jailed:
         raise ConversionFailed(f"no private network namespace could be made ({problem})")
     return [f"converted without a private network namespace ({problem})"]
 

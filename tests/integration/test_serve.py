@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import signal
 import smtplib
@@ -20,6 +21,7 @@ from tests.harness.ports import free_port, is_listening
 from tests.harness.swaks import run_swaks
 
 pytestmark = pytest.mark.integration
+RUN_AS = "root" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 
 POLICY = """\
 ratelimit:
@@ -38,6 +40,9 @@ class Serve:
         self.config = tmp_path / "gateway.yaml"
         self.config.write_text(
             f"gateway:\n  hostname: mx.mailmoat.test\n  listen: 127.0.0.1:{self.port}\n"
+            # The tests run as root, whose Python (/root/.pyenv) no other user can reach;
+            # the drop itself is tested in test_privileges.py.
+            f"  user: {RUN_AS}\n"
             f"  reinject_listen: 127.0.0.1:{self.reinject}\n  relay_domains: [example.jp]\n"
             f"  metrics_listen: 127.0.0.1:{self.metrics}\n"
             f"  xclient_hosts: [127.0.0.0/8]\n"
