@@ -297,6 +297,7 @@ def test_offload_puts_the_files_on_nextcloud_behind_the_notice_password(
     from tests.harness.nextcloud_fake import NextcloudFake
     secret = tmp_path / "nextcloud-app-password"
     secret.write_text("app-password-1234\n")
+    secret.chmod(0o600)  # a secret file readable by every user is refused
     with NextcloudFake() as cloud:
         gateway = Gateway(tmp_path, offload_policy(cloud.url, secret, "tempfail"))
         try:
@@ -332,6 +333,7 @@ def test_nextcloud_down_falls_back_as_the_policy_says(tmp_path: Path, on_failure
     from tests.harness.nextcloud_fake import NextcloudFake
     secret = tmp_path / "nextcloud-app-password"
     secret.write_text("app-password-1234\n")
+    secret.chmod(0o600)  # a secret file readable by every user is refused
     with NextcloudFake() as cloud:
         cloud.fail_next(50, 503)
         gateway = Gateway(tmp_path, offload_policy(cloud.url, secret, on_failure))

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..secrets import secret_key_hint
 from ..verdict import SmtpReply
 from .matching import AddressPattern, parse_address_pattern, parse_network_pattern
 from .yamlnodes import MappingNode, Node, Problems, ScalarNode, SequenceNode
@@ -290,6 +291,9 @@ class Struct(Spec):
             return INVALID
 
     def _unknown_key_hint(self, key: str) -> str:
+        secret = secret_key_hint(key, list(self.fields))
+        if secret:
+            return secret
         near = difflib.get_close_matches(key, list(self.fields), n=1, cutoff=0.6)
         if near:
             return f"unknown key; did you mean '{near[0]}'?"
