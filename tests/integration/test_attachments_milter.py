@@ -33,7 +33,6 @@ SAMPLE = ROOT / "samples" / "ppap-attachment-ja.eml"
 SENDER, EXTERNAL, INTERNAL = "hanako@example.jp", "buyer@customer.example", "taro@example.jp"
 POLICY = """\
 internal_networks: [127.0.0.0/8]
-internal_domains: [example.jp]
 attachments:
   notice: {to: sender, language: ja}
 rules:

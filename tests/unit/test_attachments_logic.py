@@ -23,7 +23,6 @@ RAW = (ROOT / "samples" / "ppap-attachment-ja.eml").read_bytes().replace(
 NOW = datetime(2026, 11, 28, 10, 30, tzinfo=timezone.utc)
 BASE = """\
 internal_networks: [127.0.0.0/8, 10.0.0.0/8]
-internal_domains: [example.jp]
 rules:
   - name: outside
     when: {direction: outbound, recipient: ["*", "!@example.jp"]}

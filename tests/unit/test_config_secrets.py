@@ -139,3 +139,14 @@ def test_a_fixed_password_needs_exactly_one_source() -> None:
     with pytest.raises(ConfigError, match="exactly one"):
         load_policy_text("attachments: {encrypt: {password: {fixed: [{recipients: "
                          "['@partner.example']}]}}}\n", EXTENSIONS)
+
+
+def test_internal_domains_is_refused_with_what_to_write_instead() -> None:
+    """A sender domain is forged at will: the key that suggested it makes mail internal is
+    refused at its position, never accepted and ignored."""
+    with pytest.raises(ConfigError) as info:
+        load_policy_text("internal_networks: [10.0.0.0/8]\ninternal_domains: [example.jp]\n",
+                         EXTENSIONS, source="p.yaml")
+    [problem] = info.value.problems
+    assert problem.startswith("p.yaml:2:1: internal_domains: internal_domains is not a setting")
+    assert "internal_networks and SMTP AUTH" in problem and 'recipient: ["@example.jp"]' in problem

@@ -247,9 +247,13 @@ class Struct(Spec):
     """A mapping with known keys; builds `build(**values)` when every key checks out."""
 
     def __init__(self, fields: dict[str, Field], build: Callable[..., Any] = dict,
-                 expected: str = "a mapping of settings", pass_line: bool = False) -> None:
+                 expected: str = "a mapping of settings", pass_line: bool = False,
+                 removed: dict[str, str] | None = None) -> None:
         self.fields, self.build, self.expected = fields, build, expected
         self.pass_line = pass_line  # give build() the mapping's line, for messages that cite it
+        # Keys that used to exist -> what to write instead: refused with that text, never
+        # accepted and ignored.
+        self.removed = removed or {}
 
     def read(self, node: Node | None, path: str, problems: Problems) -> Any:
         if node is None or (isinstance(node, ScalarNode) and node.style is None
@@ -291,6 +295,8 @@ class Struct(Spec):
             return INVALID
 
     def _unknown_key_hint(self, key: str) -> str:
+        if key in self.removed:
+            return self.removed[key]
         secret = secret_key_hint(key, list(self.fields))
         if secret:
             return secret
