@@ -153,6 +153,8 @@ class AttachmentsChecker:
         try:
             return offload(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender,
                            ctx.message.raw_header("Message-ID") or "")
+        except ConfigError as exc:  # the app password cannot be read: never pass in clear
+            raise CannotTreat(f"offload: {exc}") from None
         except NextcloudError as exc:
             env = ctx.message.envelope
             fallback = ctx.settings.offload.on_failure

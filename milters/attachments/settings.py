@@ -15,6 +15,7 @@ from milters.core.policy.schema import (Address, Bool, Duration, Field, ListOf, 
                                         Str, Struct)
 
 from .nextcloud import NextcloudSettings, check_folder_template
+from .password import DEFAULT_ALPHABET, generate_password
 
 MILTER = "attachments"
 MODES = ("encrypt", "offload", "delete", "pass")
@@ -92,6 +93,16 @@ def _fixed(recipients: list[AddressPattern], password_env: str,
     return FixedPassword(tuple(recipients), SecretSource(password_env, password_file))
 
 
+def _password_settings(fixed: list[FixedPassword], **kw: object) -> PasswordSettings:
+    settings = PasswordSettings(fixed=tuple(fixed), **kw)  # type: ignore[arg-type]
+    try:  # refused here, at its line, rather than when the first ZIP is made
+        generate_password(settings.length, settings.alphabet or DEFAULT_ALPHABET,
+                          exclude_ambiguous=settings.exclude_ambiguous)
+    except ValueError as exc:
+        raise ValueError(f"no password can be made: {exc}") from None
+    return settings
+
+
 PASSWORD_SPEC = Struct({
     "length": Field(Number(6, 128, integer=True), 12),
     "alphabet": Field(Str(max_len=200), ""),
@@ -102,7 +113,7 @@ PASSWORD_SPEC = Struct({
         "password_file": Field(Str(max_len=1000), ""),
     }, build=_fixed, expected="a fixed password: recipients, and password_env or "
                               "password_file")), ()),
-}, build=lambda fixed, **kw: PasswordSettings(fixed=tuple(fixed), **kw),
+}, build=lambda fixed, **kw: _password_settings(fixed, **kw),
     expected="password settings: length, alphabet, exclude_ambiguous, fixed")
 
 ENCRYPT_SPEC = Struct({
