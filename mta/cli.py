@@ -23,7 +23,7 @@ from milters.core.message import Envelope, Recipient
 from milters.core.policy.document import Policy, PolicyExtension, load_policy
 from milters.attachments.extension import EXTENSION as ATTACHMENTS
 from milters.auth.extension import EXTENSION as AUTH
-from milters.core.store import open_store
+from milters.core.store import open_gateway_store
 from milters.ratelimit import admin as ratelimit_admin
 from milters.neutralize.extension import EXTENSION as NEUTRALIZE
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
@@ -133,7 +133,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 def _ratelimit_context(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     config = load_config(args.config)
     policy = read_policy(config.policy)
-    return open_store(config.store, timeout=config.store_timeout), policy.sections["ratelimit"]
+    return open_gateway_store(config), policy.sections["ratelimit"]
 
 
 def cmd_ratelimit_show(args: argparse.Namespace) -> int:
@@ -154,7 +154,7 @@ def _utc_date(text: str) -> float:
 def cmd_dmarc_report(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     until = args.until + 86399 if args.until is not None else time.time()
-    with open_store(config.store, timeout=config.store_timeout) as store:
+    with open_gateway_store(config) as store:
         from milters.auth import reports as dmarc_reports  # only this command needs it
         rows = dmarc_reports.counted(store, args.domain, args.since, until)
     if not rows:

@@ -25,6 +25,7 @@ from typing import Iterator
 from milters.core.errors import ConfigError
 from milters.core.eventlog import log_event
 from milters.core.files import file_signature
+from milters.core.secrets import world_readable
 
 # ~50 ms and 16 MiB per hash: slow enough to hurt offline guessing, fast enough per login.
 LOG2_N, BLOCK_SIZE, PARALLELISM = 14, 8, 1
@@ -121,14 +122,23 @@ def _check_password(password: str) -> None:
 
 
 # -- reading ----------------------------------------------------------------------------------
-def _read_lines(path: Path) -> list[str] | None:
-    """The file's lines (None when it does not exist); ConfigError when unreadable."""
+def _read_lines(path: Path, *, private: bool = False) -> list[str] | None:
+    """The file's lines (None when it does not exist); ConfigError when unreadable, or when
+    `private` (the server reading it) and every user could read it. `user add` may still
+    rewrite such a file: it writes it back 0600."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            # Password hashes, readable by every user, invite offline guessing: refused like
+            # any secret file (core.secrets).
+            problem = world_readable(os.fstat(handle.fileno()).st_mode) if private else None
+            data = handle.read() if problem is None else b""
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    if problem is not None:
+        raise ConfigError([f"{path}: the SMTP AUTH users file {problem}; run "
+                           f"'chmod o-rwx {path}'"])
     raw_lines = data.split(b"\n")
     if raw_lines[-1] == b"":
         raw_lines.pop()
@@ -191,7 +201,7 @@ class UserFile:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._signature = file_signature(self.path)
-        lines = _read_lines(self.path)
+        lines = _read_lines(self.path, private=True)
         if lines is None:  # a configured file that is missing is a mistake: refuse to start
             raise ConfigError([f"{self.path}: cannot read: no such file "
                                "(create it with `mailmoat user add NAME`)"])
@@ -211,7 +221,7 @@ class UserFile:
             # Remember the new state even if it is broken, so it is reported once, not per login.
             self._signature = signature
             try:
-                lines = _read_lines(self.path)
+                lines = _read_lines(self.path, private=True)
                 if lines is None:
                     raise ConfigError([f"{self.path}: cannot read: no such file"])
                 users = {name: params for name, (_, params) in _parse(lines, self.path).items()}

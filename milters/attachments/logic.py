@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from milters.core.edits import AddHeader, ChangeHeader, DeleteRecipient, Edit, EomResult
+from milters.core.errors import ConfigError
 from milters.core.eventlog import log_event
 from milters.core.message import Message, decode_words
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import match_address, parse_network_pattern
 from milters.core.policy.matching import network_matches
+from milters.core.secrets import SecretSource, read_secret
 from milters.core.verdict import SmtpReply, Verdict
 
 from .decide import groups, has_keyword, modes_for, strip_keyword
@@ -29,16 +31,25 @@ from milters.core.mime.stream import copy_header
 from .reinject import ReinjectError, reinject
 from .settings import MILTER, AttachmentsSettings
 from .nextcloud import NextcloudError
-from .treat import Treated, delete, encrypt, offload
+from .treat import TooLarge, Treated, check_total_size, delete, encrypt, offload
 
 LOOP_HEADER = "X-Mailmoat-Attachments"
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
 TEMPFAIL = SmtpReply(451, "4.3.0", "Temporary problem handling the attachments; "
                                    "try again later")
+# RFC 3463 X.3.4: too big for this system. Temporary, as Postfix answers a message over a
+# resource limit it may have room for later; the sender's MTA retries, then bounces.
+TOO_LARGE = SmtpReply(451, "4.3.4", "Attachments too large to protect here; try again "
+                                    "later or share them another way")
 Sender = Callable[[str, str, list[str], bytes, float], str]
 
 
-class OffloadFailed(Exception):
+class CannotTreat(Exception):
+    """The message cannot be treated now (a secret unreadable, attachments over
+    max_total_size): it is tempfailed, never let through untreated."""
+
+
+class OffloadFailed(CannotTreat):
     """Nextcloud failed and the policy says tempfail."""
 
 
@@ -90,8 +101,11 @@ class AttachmentsChecker:
         ctx = Context(settings, message, self.clock())
         try:
             treated = self._treat(ctx, grouped, env.mail_from or "")
-        except OffloadFailed as exc:
-            return EomResult(Verdict.tempfail(TEMPFAIL, reason=str(exc)))
+        except (CannotTreat, TooLarge) as exc:
+            log_event("attachments_failed", level=logging.ERROR, milter=MILTER,
+                      queue_id=env.queue_id, error=str(exc))
+            reply = TOO_LARGE if isinstance(exc, TooLarge) else TEMPFAIL
+            return EomResult(Verdict.tempfail(reply, reason=str(exc)))
         if treated is None:  # no attachments: nothing to protect
             return EomResult(Verdict.cont("no attachments"), subject_edits)
         try:
@@ -112,6 +126,7 @@ class AttachmentsChecker:
                sender: str) -> dict[str, Treated] | None:
         """Each group's copy; None when the message has no attachments. An offload that
         falls back to encrypt moves its recipients into the encrypt group (made last)."""
+        check_total_size(ctx.message.raw, ctx.settings)
         treated: dict[str, Treated] = {}
         for mode in [m for m in list(grouped) if m != "pass"] + ["encrypt"]:
             if mode not in grouped or mode in treated:
@@ -138,6 +153,8 @@ class AttachmentsChecker:
         try:
             return offload(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender,
                            ctx.message.raw_header("Message-ID") or "")
+        except ConfigError as exc:  # the app password cannot be read: never pass in clear
+            raise CannotTreat(f"offload: {exc}") from None
         except NextcloudError as exc:
             env = ctx.message.envelope
             fallback = ctx.settings.offload.on_failure
@@ -159,9 +176,14 @@ class AttachmentsChecker:
         for rcpt in recipients:
             entry = next((f for f in pw.fixed if match_address(rcpt, f.recipients).matched),
                          None)
-            chosen.add(entry.pattern if entry else None)
+            chosen.add(entry.source if entry else None)
         if len(chosen) == 1 and None not in chosen:
-            return fixed_password(chosen.pop(), ctx.now)  # type: ignore[arg-type]
+            source: SecretSource = chosen.pop()  # type: ignore[assignment]
+            try:
+                return fixed_password(read_secret(source, "attachments.encrypt.password."
+                                                          "fixed"), ctx.now)
+            except (ConfigError, ValueError) as exc:  # the messages never hold the secret
+                raise CannotTreat(f"the partner's agreed password: {exc}") from None
         return generate_password(pw.length, pw.alphabet or _default_alphabet(),
                                  exclude_ambiguous=pw.exclude_ambiguous)
 

@@ -28,21 +28,20 @@ operator be told. Neither password ever appears in an exception text or a log li
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import time
 import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
 
-from milters.core.errors import ConfigError, MailmoatError
+from milters.core.errors import MailmoatError
 from milters.core.eventlog import log_event
+from milters.core.secrets import SecretSource, read_secret
 
 if TYPE_CHECKING:
     import requests
@@ -107,39 +106,10 @@ class NextcloudError(MailmoatError):
 
 def load_app_password(settings: NextcloudSettings,
                       environ: Mapping[str, str] | None = None) -> str:
-    """The app password from the environment variable or the file named in the settings."""
-    env = os.environ if environ is None else environ
-    if settings.password_env and settings.password_file:
-        raise ConfigError(["nextcloud: set password_env or password_file, not both"])
-    if settings.password_env:
-        value = env.get(settings.password_env, "").strip()
-        if not value:
-            raise ConfigError([f"nextcloud: environment variable {settings.password_env} "
-                               "(password_env) is not set or empty"])
-        return value
-    if settings.password_file:
-        try:
-            raw = Path(settings.password_file).read_bytes()
-        except OSError as exc:
-            raise ConfigError([f"nextcloud: cannot read password_file "
-                               f"{settings.password_file}: {exc.strerror}"]) from None
-        value = _utf8(raw)
-        if value is None:  # raised outside the decode's except: no chained bytes
-            raise ConfigError([f"nextcloud: password_file {settings.password_file} "
-                               "is not UTF-8 text"])
-        value = value.strip()
-        if not value:
-            raise ConfigError([f"nextcloud: password_file {settings.password_file} is empty"])
-        return value
-    raise ConfigError(["nextcloud: password_env or password_file is required "
-                       "(where the app password is)"])
-
-
-def _utf8(raw: bytes) -> str | None:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:  # it carries the bytes: a secret, so it goes no further
-        return None
+    """The app password from the environment variable or the file named in the settings
+    (core.secrets: a file readable by every user is refused)."""
+    return read_secret(SecretSource(settings.password_env, settings.password_file),
+                       "nextcloud", environ=environ)
 
 
 def check_folder_template(template: str) -> str | None:

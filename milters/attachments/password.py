@@ -52,13 +52,14 @@ def fixed_password(pattern: str, when: datetime) -> str:
     """The password for `when` from a strftime pattern such as "pass%Y%m" ("%%" is a "%")."""
     for match in _DIRECTIVE.finditer(pattern):
         if match.group(1) not in _ALLOWED_DIRECTIVES:  # also a lone % at the end
+            # Never the pattern itself in the message: it is a secret.
             raise ValueError(
-                f"password pattern {pattern!r}: %{match.group(1)} is not allowed; use"
+                f"the password pattern uses %{match.group(1)}, which is not allowed; use"
                 f" %{' %'.join(sorted(_ALLOWED_DIRECTIVES - {'%'}))} or %% for a '%'")
     password = when.strftime(pattern)
     # Other tools turn non-ASCII passwords into different bytes (Explorer: the ANSI code
     # page, 7-Zip: UTF-8), so the recipient could not open the ZIP.
     if not password or not (password.isascii() and password.isprintable()):
-        raise ValueError(f"password pattern {pattern!r} must give printable ASCII, not"
-                         f" {password!r}")
+        raise ValueError("the password pattern must give printable ASCII (an empty or "
+                         "non-ASCII result cannot be typed the same everywhere)")
     return password

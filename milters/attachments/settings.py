@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from milters.core.policy.matching import AddressPattern, NetworkPattern
+from milters.core.secrets import SecretSource
 from milters.core.policy.schema import (Address, Bool, Duration, Field, ListOf, Network, Number,
                                         Str, Struct)
 
 from .nextcloud import NextcloudSettings, check_folder_template
+from .password import DEFAULT_ALPHABET, generate_password
 
 MILTER = "attachments"
 MODES = ("encrypt", "offload", "delete", "pass")
@@ -25,10 +27,12 @@ LANGUAGES = ("ja", "en")
 
 @dataclass(frozen=True)
 class FixedPassword:
-    """A password agreed with a partner instead of a random one (date patterns allowed)."""
+    """A password agreed with a partner instead of a random one (date patterns allowed).
+    The pattern is a secret: it is read from `source` (an environment variable or a file)
+    when a ZIP needs it, never written in the policy."""
 
     recipients: tuple[AddressPattern, ...]
-    pattern: str  # e.g. "pass%Y%m"
+    source: SecretSource  # holds a pattern such as "Partner%Y%m"
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,28 @@ class AttachmentsSettings:
     encrypt: EncryptSettings = field(default_factory=EncryptSettings)
     notice: NoticeSettings = field(default_factory=NoticeSettings)
     offload: OffloadSettings = field(default_factory=OffloadSettings)
-    max_total_size: int = 50 * 1024 * 1024  # attachments beyond this: tempfail, not a ZIP bomb
+    # Attachments decoding to more than this: tempfail (451 4.3.4), checked before any ZIP
+    # or upload starts, so one message cannot hold a worker for gigabytes.
+    max_total_size: int = 50 * 1024 * 1024
     reinject_timeout: float = 30.0
+
+
+def _fixed(recipients: list[AddressPattern], password_env: str,
+           password_file: str) -> FixedPassword:
+    if bool(password_env) == bool(password_file):
+        raise ValueError("name where the agreed password is: password_env (an environment "
+                         "variable) or password_file, exactly one; never the password itself")
+    return FixedPassword(tuple(recipients), SecretSource(password_env, password_file))
+
+
+def _password_settings(fixed: list[FixedPassword], **kw: object) -> PasswordSettings:
+    settings = PasswordSettings(fixed=tuple(fixed), **kw)  # type: ignore[arg-type]
+    try:  # refused here, at its line, rather than when the first ZIP is made
+        generate_password(settings.length, settings.alphabet or DEFAULT_ALPHABET,
+                          exclude_ambiguous=settings.exclude_ambiguous)
+    except ValueError as exc:
+        raise ValueError(f"no password can be made: {exc}") from None
+    return settings
 
 
 PASSWORD_SPEC = Struct({
@@ -85,10 +109,11 @@ PASSWORD_SPEC = Struct({
     "exclude_ambiguous": Field(Bool(), True),
     "fixed": Field(ListOf(Struct({
         "recipients": Field(ListOf(Address(), min_items=1)),
-        "password": Field(Str(max_len=200)),
-    }, build=lambda recipients, password: FixedPassword(tuple(recipients), password),
-        expected="a fixed password: recipients and password")), ()),
-}, build=lambda fixed, **kw: PasswordSettings(fixed=tuple(fixed), **kw),
+        "password_env": Field(Str(max_len=200), ""),
+        "password_file": Field(Str(max_len=1000), ""),
+    }, build=_fixed, expected="a fixed password: recipients, and password_env or "
+                              "password_file")), ()),
+}, build=lambda fixed, **kw: _password_settings(fixed, **kw),
     expected="password settings: length, alphabet, exclude_ambiguous, fixed")
 
 ENCRYPT_SPEC = Struct({

@@ -41,9 +41,37 @@ class Treated:
     expires: str = ""  # offload: the last day the link works
 
 
+class TooLarge(Exception):
+    """The attachments decode to more than max_total_size bytes."""
+
+
+class TooLarge(Exception):
+    """The attachments decode to more than max_total_size bytes."""
+
+
 def find(raw: Raw, settings: AttachmentsSettings) -> Found | None:
     found = locate_attachments(raw, inline_images=settings.inline_images)
     return found if found.attachments else None
+
+
+def check_total_size(raw: Raw, settings: AttachmentsSettings) -> None:
+    """TooLarge when the attachments decode to more than max_total_size bytes, before any
+    ZIP or upload starts. A transfer encoding never decodes to more bytes than it takes, so
+    only a message whose encoded attachments are over the limit is decoded (and counted,
+    stopping at the limit) to find out."""
+    found = find(raw, settings)
+    if found is None:
+        return
+    limit = settings.max_total_size
+    if sum(part.end - part.body_start for part in found.parts) <= limit:
+        return
+    total = 0
+    for part in found.parts:
+        for chunk in decoded(raw, part):
+            total += len(chunk)
+            if total > limit:
+                raise TooLarge(f"the attachments decode to more than max_total_size "
+                               f"({limit} bytes)")
 
 
 def _templates(settings: AttachmentsSettings) -> Path | None:

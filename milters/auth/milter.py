@@ -9,7 +9,7 @@ from milters.core.config import GatewayConfig
 from milters.core.dns import Resolver
 from milters.core.milter_protocol import ActionFlag, MacroStage
 from milters.core.policy.document import Policy
-from milters.core.store import open_store
+from milters.core.store import open_gateway_store
 
 from .checker import AuthChecker
 
@@ -30,5 +30,5 @@ def serve(config: GatewayConfig, listen: str,
     # The store only tallies DMARC results for reports; the backend connects lazily.
     serve_checker(AuthLogic, lambda: AuthChecker(
         config.hostname, Resolver(config.dns),
-        store=open_store(config.store, timeout=config.store_timeout)),
+        store=open_gateway_store(config)),
         config.policy, listen, load_policy)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 from .dns import DnsSettings, parse_nameserver
-from .policy.schema import (Address, Bool, Duration, Either, Field, ListOf, MapOf, Network,
-                            Number, Str, Struct)
+from .secrets import SecretSource, mask_url, redis_url_secret
+from .policy.schema import (INVALID, Address, Bool, Duration, Either, Field, ListOf, MapOf,
+                            Network, Number, Str, Struct)
 from .policy.matching import AddressPattern, NetworkPattern, normalize_domain
-from .policy.yamlnodes import Problems, compose_file
+from .policy.yamlnodes import Node, Problems, ScalarNode, compose_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = Path("policies/default.yaml")
@@ -87,6 +89,8 @@ class GatewayConfig:
     hostname: str = "localhost"
     store: str = "sqlite:///./var/state.db"
     store_timeout: float = 2.0
+    # Where the Redis password is (store_password_env / store_password_file), never the URL.
+    store_password: SecretSource = SecretSource()
     policy: Path = DEFAULT_POLICY
     source: str = "(embedded defaults)"  # the file it came from
     queue: QueueSettings = QueueSettings()
@@ -138,6 +142,16 @@ def _relay_target(text: str) -> str:
     if not (text.startswith("maildir:") or text.startswith("smtp:")):
         raise ValueError("a relay target is smtp:[host]:port or maildir:DIRECTORY")
     return text
+
+
+def _store_password(store: str, env: str, file: str,
+                    local: Callable[[str], Path]) -> SecretSource:
+    if env and file:
+        raise ValueError("set store_password_env or store_password_file, not both")
+    if (env or file) and not store.startswith(("redis:", "rediss:")):
+        raise ValueError("store_password_env and store_password_file are for a redis:// "
+                         "store only (this store has no password)")
+    return SecretSource(env, str(local(file)) if file else "")
 
 
 class _Nameserver(Str):
@@ -193,6 +207,21 @@ def _route(target: str, tls: str | None, ca_file: Path | None) -> RelayTarget:
     return RelayTarget(target, tls or "may", ca_file)
 
 
+class _StoreUrl(Str):
+    """The store URL; a Redis password in it is refused, and never echoed."""
+
+    def read(self, node: Node, path: str, problems: Problems) -> Any:
+        text = node.value if isinstance(node, ScalarNode) else ""
+        problem = redis_url_secret(text)
+        if problem:
+            problems.add(node, path, f"{problem}; never write a secret into the config: "
+                         "name where it is with store_password_env: VARIABLE (an environment "
+                         "variable) or store_password_file: /etc/mailmoat/redis.pass (mode "
+                         "0600 or 0640)", mask_url(text))
+            return INVALID
+        return super().read(node, path, problems)
+
+
 def _spec(base: Path, source: str) -> Struct:
     def local(path: str) -> Path:
         return base / path
@@ -204,14 +233,18 @@ def _spec(base: Path, source: str) -> Struct:
         return replace(route, target=f"maildir:{local(route.target[8:])}")
 
     def build(gateway: dict, store: str, store_timeout: float, policy: str | None,
-              milters: list[MilterSetting], dns: DnsSettings) -> GatewayConfig:
+              milters: list[MilterSetting], dns: DnsSettings, store_password_env: str,
+              store_password_file: str) -> GatewayConfig:
         if not store.startswith(STORE_SCHEMES):
             raise ValueError("store must be memory://, sqlite:///PATH or redis://HOST:PORT/DB")
+        store_password = _store_password(store, store_password_env, store_password_file,
+                                         local)
         if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
             store = "sqlite:///" + str(local(store[len("sqlite:///"):]))
         queue, relay = gateway["queue"], gateway["relay"]
         return GatewayConfig(
             hostname=gateway["hostname"], store=store, store_timeout=store_timeout,
+            store_password=store_password,
             policy=local(policy) if policy else default_policy_path(), source=source,
             queue=QueueSettings(local(queue["dir"]), queue["max_age"], tuple(queue["retry"]),
                                 queue["delivery_nice"]),
@@ -292,8 +325,10 @@ def _spec(base: Path, source: str) -> Struct:
     }, build=MilterSetting)
     return Struct({
         "gateway": Field(gateway, factory=lambda: gateway.read(None, "", Problems(source))),
-        "store": Field(Str(), defaults.store),
+        "store": Field(_StoreUrl(), defaults.store),
         "store_timeout": Field(Duration(minimum=0.05), defaults.store_timeout),
+        "store_password_env": Field(Str(max_len=200), ""),
+        "store_password_file": Field(Str(max_len=1000), ""),
         "policy": Field(Str(), None),
         "milters": Field(ListOf(milter), factory=lambda: list(defaults.milters)),
         "dns": Field(Struct({

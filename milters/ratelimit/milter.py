@@ -14,7 +14,7 @@ from milters.core.message import Envelope, Message, Recipient
 from milters.core.milter_protocol import MacroStage
 from milters.core.policy.document import Policy
 from milters.core.policy.holder import PolicyHolder
-from milters.core.store import open_store
+from milters.core.store import open_gateway_store
 from milters.core.verdict import Verdict
 
 from .limiter import MILTER, RateLimiter, Session
@@ -67,7 +67,7 @@ def serve(config: GatewayConfig, listen: str,
           load_policy: Callable[[Path], Policy]) -> None:
     """Run the milter until SIGTERM; SIGHUP or an edit of the policy file reloads it."""
     holder = PolicyHolder(config.policy, load_policy)  # raises ConfigError: refuse to start
-    limiter = RateLimiter(open_store(config.store, timeout=config.store_timeout))
+    limiter = RateLimiter(open_gateway_store(config))
 
     limiter.start_writer(lambda: holder.current.sections[MILTER])
     logic: type[RatelimitLogic] = RatelimitLogic

@@ -33,7 +33,6 @@ SAMPLE = ROOT / "samples" / "ppap-attachment-ja.eml"
 SENDER, EXTERNAL, INTERNAL = "hanako@example.jp", "buyer@customer.example", "taro@example.jp"
 POLICY = """\
 internal_networks: [127.0.0.0/8]
-internal_domains: [example.jp]
 attachments:
   notice: {to: sender, language: ja}
 rules:
@@ -297,6 +296,7 @@ def test_offload_puts_the_files_on_nextcloud_behind_the_notice_password(
     from tests.harness.nextcloud_fake import NextcloudFake
     secret = tmp_path / "nextcloud-app-password"
     secret.write_text("app-password-1234\n")
+    secret.chmod(0o600)  # a secret file readable by every user is refused
     with NextcloudFake() as cloud:
         gateway = Gateway(tmp_path, offload_policy(cloud.url, secret, "tempfail"))
         try:
@@ -332,6 +332,7 @@ def test_nextcloud_down_falls_back_as_the_policy_says(tmp_path: Path, on_failure
     from tests.harness.nextcloud_fake import NextcloudFake
     secret = tmp_path / "nextcloud-app-password"
     secret.write_text("app-password-1234\n")
+    secret.chmod(0o600)  # a secret file readable by every user is refused
     with NextcloudFake() as cloud:
         cloud.fail_next(50, 503)
         gateway = Gateway(tmp_path, offload_policy(cloud.url, secret, on_failure))
@@ -424,3 +425,52 @@ def test_concurrent_sessions_behind_postfix_do_not_crash_the_milter(tmp_path: Pa
         gw.sink.wait_for(48, timeout=60)  # each message: its ZIP copy and one notice
         assert gw.milter.proc is not None and gw.milter.proc.poll() is None, \
             gw.milter.log_text()[-2000:]
+
+
+# -- limits and secrets ----------------------------------------------------------------------
+def test_attachments_over_max_total_size_are_tempfailed_not_passed(tmp_path: Path) -> None:
+    """A sender who piles attachments beyond max_total_size gets 451 4.3.4 (the message is
+    neither zipped nor let through in the clear); the limit counts decoded bytes, so one
+    whose base64 is over the limit but whose content is not still goes through, zipped."""
+    policy = POLICY.replace("attachments:\n", "attachments:\n  max_total_size: 65536\n")
+    gateway = Gateway(tmp_path, policy)
+    try:
+        over = make_message([("a.bin", os.urandom(40_000)), ("b.bin", os.urandom(30_000))])
+        reply = gateway.send(over, [EXTERNAL], tmp_path)
+        assert reply.startswith("451 4.3.4"), reply
+        under = make_message([("c.bin", os.urandom(60_000))])  # ~81 kB of base64
+        assert len(under) > 65536
+        assert gateway.send(under, [EXTERNAL], tmp_path).startswith("250")
+        items = gateway.sink.wait_for(2, timeout=20)  # the zipped copy and its notice
+        time.sleep(0.5)
+        delivered = list(gateway.sink.messages)
+    finally:
+        gateway.close()
+    assert len(delivered) == 2, [(i.mail_from, i.rcpt_tos) for i in delivered]
+    zipped = next(parsed(i) for i in items if EXTERNAL in i.rcpt_tos)
+    assert [a.content_type for a in find_attachments(zipped)] == ["application/zip"]
+    log = gateway.serve.text()
+    assert re.search(r"event=attachments_failed .*max_total_size \(65536 bytes\)", log), log
+
+
+def test_a_partner_password_file_every_user_can_read_tempfails(tmp_path: Path) -> None:
+    """The agreed password is refused from a file every local user can read: the message is
+    tempfailed (never sent in the clear nor zipped with another password), and the log says
+    why without the password."""
+    secret = tmp_path / "partner.pass"
+    secret.write_text("Partner%Y%m\n")
+    secret.chmod(0o644)
+    policy = POLICY.replace("attachments:\n", "attachments:\n  encrypt: {password: {fixed: "
+                            f"[{{recipients: ['@customer.example'], password_file: "
+                            f"'{secret}'}}]}}}}\n")
+    gateway = Gateway(tmp_path, policy)
+    try:
+        reply = gateway.send(SAMPLE.read_bytes(), [EXTERNAL], tmp_path)
+        time.sleep(0.5)
+        delivered = len(gateway.sink.messages)
+    finally:
+        gateway.close()
+    assert reply.startswith("451 4.3.0"), reply
+    assert delivered == 0
+    log = gateway.serve.text()
+    assert "readable by every user" in log and "Partner" not in log, log

@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from email import policy as email_policy
 from pathlib import Path
 
+import pytest
+
 from milters.attachments.logic import LOOP_HEADER, AttachmentsChecker
 from milters.core.mime.parts import find_attachments
 from milters.core.edits import DeleteRecipient, ReplaceBody
@@ -21,7 +23,6 @@ RAW = (ROOT / "samples" / "ppap-attachment-ja.eml").read_bytes().replace(
 NOW = datetime(2026, 11, 28, 10, 30, tzinfo=timezone.utc)
 BASE = """\
 internal_networks: [127.0.0.0/8, 10.0.0.0/8]
-internal_domains: [example.jp]
 rules:
   - name: outside
     when: {direction: outbound, recipient: ["*", "!@example.jp"]}
@@ -72,11 +73,12 @@ def test_notice_to_recipients_only() -> None:
     assert [rcpts for rcpts, _ in notices(captured)] == [["buyer@customer.example"]]
 
 
-def test_a_partners_agreed_password_opens_the_zip() -> None:
+def test_a_partners_agreed_password_opens_the_zip(monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
     import tempfile
+    monkeypatch.setenv("MAILMOAT_TEST_PARTNER_PW", "Partner%Y%m")
     extra = ('attachments: {encrypt: {password: {fixed: [{recipients: ["@partner.example"], '
-             'password: "Partner%Y%m"}]}}}\n')
+             'password_env: MAILMOAT_TEST_PARTNER_PW}]}}}\n')
     edits, captured = run(extra, ["buyer@partner.example"])
     (body,) = [e for e in edits if isinstance(e, ReplaceBody)]
     new_body = body.body if isinstance(body.body, bytes) else body.body.read()

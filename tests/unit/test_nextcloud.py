@@ -528,8 +528,14 @@ def test_app_password_from_the_environment_by_default(monkeypatch: pytest.Monkey
 def test_app_password_from_a_file(tmp_path: Path) -> None:
     secret = tmp_path / "nextcloud.pw"
     secret.write_text(APP_PASSWORD + "\n")
+    secret.chmod(0o600)
     settings = NextcloudSettings(url="https://x", user="u", password_file=str(secret))
     assert load_app_password(settings) == APP_PASSWORD
+    secret.chmod(0o644)  # every local user could read the app password: refused, not read
+    with pytest.raises(ConfigError, match="readable by every user") as info:
+        load_app_password(settings)
+    assert_no_secrets(info.value, APP_PASSWORD)
+    secret.chmod(0o600)
 
     secret.write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):

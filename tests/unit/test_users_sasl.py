@@ -22,6 +22,25 @@ from mta.users import UserFile, hash_password, list_users, remove_user, set_pass
 from tests.conftest import ROOT
 
 
+@pytest.fixture(autouse=True)
+def private_files() -> Iterator[None]:
+    """Users files written here are private (0600), as `mailmoat user add` writes them: one
+    readable by every user is refused (test_a_users_file_readable_by_everyone_is_refused)."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+def test_a_users_file_readable_by_everyone_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"taro:{hash_password('s3cret')}\n")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by every user"):
+        UserFile(path)
+    path.chmod(0o640)
+    assert UserFile(path).verify("taro", "s3cret")
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from ..auth_results import POLICY_METHODS
 from ..errors import ConfigError
 from ..message import Envelope, Recipient
-from .matching import NetworkPattern, normalize_domain, parse_network_pattern
+from .matching import NetworkPattern, parse_network_pattern
 from .rules import CONDITIONS, Conditions, Decision, Facts, Rule, decide
 from .schema import (Address, Bool, Field, ListOf, MapOf, Network, Number, Pattern, Spec, Str,
                      Struct)
@@ -53,7 +53,6 @@ class PolicyTest:
 class Policy:
     source: str
     internal_networks: tuple[NetworkPattern, ...]
-    internal_domains: tuple[str, ...]
     sections: dict[str, Any]
     rules: list[Rule]
     defaults: dict[str, Any]
@@ -97,15 +96,17 @@ def decision_failures(milter: str, action: Any, decided_by: str, expected: Any) 
     return failures
 
 
-class _Domain(Str):
-    expected = "a domain like example.jp"
-
-    def parse(self, text: str) -> str:
-        domain = normalize_domain(text.lstrip("@"))
-        if not domain or " " in domain or "@" in domain:
-            raise ValueError("expected a domain like example.jp")
-        return domain
-
+# internal_domains was parsed and never read. Its only meaning a gateway could act on is
+# forgeable: any client can write MAIL FROM:<x@example.jp>, so a sender domain must never make
+# mail "ours" (outbound, exempt, skipped). What is safe is already said in rules, where
+# `policy explain` shows it: recipients (`recipient: ["@example.jp"]`) or our own domain
+# claimed from outside (`when: {direction: inbound, sender: ["@example.jp"]}`).
+REMOVED_KEYS = {"internal_domains": (
+    "internal_domains is not a setting: a sender's domain is forged at will, so it never "
+    "makes mail internal. Direction comes from internal_networks and SMTP AUTH; name your "
+    "domains in a rule instead, e.g. when: {recipient: [\"@example.jp\"]} or, for mail "
+    "claiming your domain from outside, when: {direction: inbound, sender: "
+    "[\"@example.jp\"]}; delete this key")}
 
 # The results RFC 8601 registers for the methods our auth milter writes.
 AUTH_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror",
@@ -148,8 +149,6 @@ def _build_spec(extensions: list[PolicyExtension]) -> Struct:
     }, build=Rule, pass_line=True)
     message = Struct({
         "client_ip": Field(Str(), "192.0.2.1"),
-        "client_name": Field(Str(), "unknown"),
-        "helo": Field(Str(), "client.example"),
         "mail_from": Field(Str(), ""),
         "rcpt": Field(ListOf(Str(), min_items=1)),
         "auth_user": Field(Str(), None),
@@ -157,7 +156,10 @@ def _build_spec(extensions: list[PolicyExtension]) -> Struct:
         "auth": Field(MapOf(Str(AUTH_METHODS), Str(AUTH_RESULTS),
                             "a mapping of method to result, e.g. {dmarc: fail, spf: pass}"),
                       None),
-    }, build=lambda **kw: TestMessage(**{**kw, "rcpt": tuple(kw["rcpt"])}))
+    }, build=lambda **kw: TestMessage(**{**kw, "rcpt": tuple(kw["rcpt"])}),
+        removed={key: f"a test message has no {key}: no policy condition reads it, so no "
+                      "test could depend on it; delete this key" for key in ("helo",
+                                                                             "client_name")})
     expect = Struct({ext.name: Field(ext.expect, None) for ext in extensions},
                     build=lambda **kw: {k: v for k, v in kw.items() if v is not None})
     test = Struct({
@@ -170,14 +172,13 @@ def _build_spec(extensions: list[PolicyExtension]) -> Struct:
     fields = {
         "policy_version": Field(Number(1, 1, integer=True), 1),
         "internal_networks": Field(ListOf(Network()), factory=lambda: list(LOOPBACK)),
-        "internal_domains": Field(ListOf(_Domain()), factory=list),
         "defaults": Field(defaults, factory=lambda: {e.name: e.default_action for e in extensions}),
         "rules": Field(ListOf(rule), factory=list),
         "tests": Field(ListOf(test), factory=list),
     }
     for ext in extensions:
         fields[ext.name] = Field(ext.settings, None)
-    return Struct(fields, expected="a policy mapping")
+    return Struct(fields, expected="a policy mapping", removed=REMOVED_KEYS)
 
 
 def _semantic_checks(policy: Policy, root: Node | None, extensions: list[PolicyExtension],
@@ -254,7 +255,7 @@ def parse_policy(root: Node | None, source: str, extensions: list[PolicyExtensio
                                                                                     problems)
     problems.raise_if_any()
     policy = Policy(source=source, internal_networks=tuple(values["internal_networks"]),
-                    internal_domains=tuple(values["internal_domains"]), sections=sections,
+                    sections=sections,
                     rules=values["rules"], defaults=values["defaults"], tests=values["tests"])
     _semantic_checks(policy, root, extensions, problems)
     problems.raise_if_any()

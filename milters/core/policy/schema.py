@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..secrets import secret_key_hint
 from ..verdict import SmtpReply
 from .matching import AddressPattern, parse_address_pattern, parse_network_pattern
 from .yamlnodes import MappingNode, Node, Problems, ScalarNode, SequenceNode
@@ -250,9 +251,13 @@ class Struct(Spec):
     """A mapping with known keys; builds `build(**values)` when every key checks out."""
 
     def __init__(self, fields: dict[str, Field], build: Callable[..., Any] = dict,
-                 expected: str = "a mapping of settings", pass_line: bool = False) -> None:
+                 expected: str = "a mapping of settings", pass_line: bool = False,
+                 removed: dict[str, str] | None = None) -> None:
         self.fields, self.build, self.expected = fields, build, expected
         self.pass_line = pass_line  # give build() the mapping's line, for messages that cite it
+        # Keys that used to exist -> what to write instead: refused with that text, never
+        # accepted and ignored.
+        self.removed = removed or {}
 
     def read(self, node: Node | None, path: str, problems: Problems) -> Any:
         if node is None or (isinstance(node, ScalarNode) and node.style is None
@@ -294,6 +299,11 @@ class Struct(Spec):
             return INVALID
 
     def _unknown_key_hint(self, key: str) -> str:
+        if key in self.removed:
+            return self.removed[key]
+        secret = secret_key_hint(key, list(self.fields))
+        if secret:
+            return secret
         near = difflib.get_close_matches(key, list(self.fields), n=1, cutoff=0.6)
         if near:
             return f"unknown key; did you mean '{near[0]}'?"

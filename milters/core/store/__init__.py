@@ -11,12 +11,18 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote, urlsplit
 
+from typing import TYPE_CHECKING
+
 from milters.core.errors import StoreError, StoreUnavailable
+from milters.core.secrets import read_secret
 
 from .base import POINTS_EPSILON, Admission, BucketResult, Record, Store, Take
 from .fallback import FallbackStore
 from .memory import MemoryStore
 from .sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from milters.core.config import GatewayConfig
 
 __all__ = [
     "POINTS_EPSILON",
@@ -30,6 +36,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "Take",
+    "open_gateway_store",
     "open_store",
 ]
 
@@ -44,10 +51,21 @@ ACCEPTED_FORMS = (
 )
 
 
-def open_store(url: str, *, timeout: float = 2.0) -> Store:
+def open_gateway_store(config: "GatewayConfig") -> Store:
+    """The store a gateway config names, with the Redis password read from where the config
+    says (store_password_env / store_password_file); ConfigError when it cannot be read."""
+    password = None
+    if config.store_password.named:
+        password = read_secret(config.store_password, "store", env_key="store_password_env",
+                               file_key="store_password_file")
+    return open_store(config.store, timeout=config.store_timeout, password=password)
+
+
+def open_store(url: str, *, timeout: float = 2.0, password: str | None = None) -> Store:
     """Open the store a config's `store:` URL names (no connection is made yet).
 
-    A Redis password may come from $MAILMOAT_REDIS_PASSWORD instead of the URL.
+    The Redis password is `password`, else the URL's (kept for programs that build their
+    own URL; a config file may not hold one), else $MAILMOAT_REDIS_PASSWORD.
     """
     if url == "memory://":
         return MemoryStore()
@@ -55,13 +73,13 @@ def open_store(url: str, *, timeout: float = 2.0) -> Store:
         # Three slashes then the path: "./x.db" relative, "/x.db" absolute.
         return SqliteStore(url[len("sqlite:///") :], timeout=timeout)
     if url.startswith(("redis://", "rediss://")):
-        return _open_redis(url, timeout)
+        return _open_redis(url, timeout, password)
     raise StoreError(
         f"unknown store URL {_redact(url)!r}; accepted forms: " + ", ".join(ACCEPTED_FORMS)
     )
 
 
-def _open_redis(url: str, timeout: float) -> Store:
+def _open_redis(url: str, timeout: float, given: str | None) -> Store:
     parts = urlsplit(url)
     try:
         port = parts.port or 6379
@@ -71,7 +89,8 @@ def _open_redis(url: str, timeout: float) -> Store:
         raise StoreError(f"bad Redis URL {_redact(url)}: {exc}") from exc
     if not parts.hostname:
         raise StoreError(f"bad Redis URL {_redact(url)}: no host")
-    password = unquote(parts.password) if parts.password else os.environ.get(PASSWORD_ENV)
+    password = given or (unquote(parts.password) if parts.password
+                         else os.environ.get(PASSWORD_ENV))
     from .redis_store import RedisStore  # redis-py is only loaded when Redis is configured
     return RedisStore(
         host=parts.hostname,
