@@ -135,6 +135,7 @@ ratelimit:
 ROLES = ("deliver", "milter auth", "milter ratelimit")
 ROUNDS = 4
 BATCH_CLIENTS, BATCH_SESSIONS, SESSION_MESSAGES = 3, 6, 4  # per round: up to 72 messages
+ATTEMPTS, RETRY_PAUSE = 4, 0.3  # a refused message is tried again this often, this much later
 DRAIN_TIMEOUT = 40.0  # seconds for the queue to empty after the last restart
 Pair = tuple[str, str]  # (the message's test ID, a recipient): one delivery
 
@@ -301,10 +302,12 @@ def _test_id(raw: bytes) -> str:
 
 @dataclass
 class Traffic:
-    """A bounded batch from a few clients over the gateway's SMTP port. Each client opens up
-    to BATCH_SESSIONS sessions of up to SESSION_MESSAGES messages; after a 4xx it goes on in
-    the same session (as a sender with more mail would), after a broken connection it opens
-    a new one, and it stops when the gateway is gone or stop() is called."""
+    """A bounded batch from a few clients over the gateway's SMTP port, in sessions of up to
+    SESSION_MESSAGES messages. After a 4xx a client goes on in the same session (as a sender
+    with more mail would: a hostile one hopes the next message slips through) and tries the
+    refused message again later, up to ATTEMPTS times, in a new session after a pause; after
+    a broken connection it opens a new one. It stops when the gateway is gone, when its
+    messages are done, or at stop()."""
 
     port: int
     name: str
@@ -345,14 +348,15 @@ class Traffic:
         return self.rng.choice(((LOCAL,), (REMOTE,), (LOCAL, REMOTE)))
 
     def _client(self, client: int, plan: list[tuple[str, ...]]) -> None:
-        todo = list(enumerate(plan))
-        for _ in range(BATCH_SESSIONS):
+        todo = [(f"{self.name}-c{client}-m{n}", rcpts, 1) for n, rcpts in enumerate(plan)]
+        for _ in range(BATCH_SESSIONS * ATTEMPTS):
             if not todo or self._stop.is_set():
                 return
             try:
                 smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
             except OSError:
                 return  # the gateway is down: nothing more to acknowledge
+            later = []
             try:
                 smtp.ehlo(HELO)
                 if smtp.docmd("XCLIENT", f"ADDR={CLIENT_IP}")[0] != 220:
@@ -361,14 +365,19 @@ class Traffic:
                 for _ in range(SESSION_MESSAGES):
                     if not todo or self._stop.is_set():
                         break
-                    n, rcpts = todo.pop(0)
-                    self._send(smtp, f"{self.name}-c{client}-m{n}", rcpts)
+                    tag, rcpts, attempt = todo.pop(0)
+                    if not self._send(smtp, tag, rcpts) and attempt < ATTEMPTS:
+                        later.append((tag, rcpts, attempt + 1))
             except (OSError, smtplib.SMTPException):
                 pass  # the message under way was not acknowledged; next session
             finally:
                 smtp.close()
+            todo += later
+            if later:
+                self._stop.wait(RETRY_PAUSE)
 
-    def _send(self, smtp: smtplib.SMTP, tag: str, rcpts: tuple[str, ...]) -> None:
+    def _send(self, smtp: smtplib.SMTP, tag: str, rcpts: tuple[str, ...]) -> bool:
+        """One message; True once it got 250. A 421 ends the session (raises)."""
         code, reply = smtp.mail(SENDER)
         if code == 250:
             for rcpt in rcpts:
@@ -382,12 +391,13 @@ class Traffic:
         if code == 250:
             with self._lock:
                 self.acked[tag] = (reply.decode().rsplit(" ", 1)[1], rcpts)
-            return
+            return True
         with self._lock:
             self.refused[f"{code}"] += 1
         if code == 421:
             raise smtplib.SMTPServerDisconnected("421")
         smtp.rset()
+        return False
 
 
 def _wait_for(what: str, ready: Callable[[], bool], timeout: float) -> None:
@@ -401,6 +411,17 @@ def _wait_acked(traffic: Traffic, count: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while traffic.count() < count and traffic.running():
         assert time.monotonic() < deadline, f"only {traffic.count()} of {count} acknowledged"
+        time.sleep(0.005)
+
+
+def _wait_delivered(gateway: Gateway, traffic: Traffic, count: int,
+                    timeout: float = 30.0) -> None:
+    """Until `count` copies are delivered, or the batch is in and the queue is empty."""
+    deadline = time.monotonic() + timeout
+    while sum(gateway.delivered().values()) < count:
+        if not traffic.running() and not gateway.queue_ids():
+            return
+        assert time.monotonic() < deadline, f"fewer than {count} copies delivered"
         time.sleep(0.005)
 
 
@@ -454,12 +475,16 @@ def _verdict(gateway: Gateway, traffics: list[Traffic], in_flight: Counter[Pair]
     return len(lost), duplicates
 
 
-def _snapshot_in_flight(gateway: Gateway) -> tuple[set[Pair], Counter[Pair]]:
-    """Right after a kill: what the spool still owes, and (once the sink has read what the
-    dead process had sent) what the next hops hold. Their intersection will be sent again."""
+def _snapshot_in_flight(gateway: Gateway, before: Counter[Pair]
+                        ) -> tuple[set[Pair], Counter[Pair], set[Pair]]:
+    """Right after a kill: what the spool still owes, what the next hops hold (once the sink
+    has read what the dead process had sent), and the deliveries in flight: owed, yet a copy
+    arrived since `before` (the snapshot at the previous kill, or empty), so the killed
+    process sent it and it will be sent again. Each extra copy is counted at one kill only."""
     owed = gateway.pending()
     time.sleep(0.3)  # the sink ends the DATA already in its socket buffer
-    return owed, gateway.delivered()
+    held = gateway.delivered()
+    return owed, held, {pair for pair in owed if held[pair] > before[pair]}
 
 
 def test_sigkill_of_every_gateway_process_loses_nothing(tmp_path: Path, dns: KnotServer,
@@ -467,6 +492,7 @@ def test_sigkill_of_every_gateway_process_loses_nothing(tmp_path: Path, dns: Kno
     rng = random.Random(seed)
     context = f"MAILMOAT_CRASH_SEED={seed}"
     in_flight: Counter[Pair] = Counter()
+    held: Counter[Pair] = Counter()
     traffics: list[Traffic] = []
     rounds = []
     with SmtpSink() as sink:
@@ -483,8 +509,7 @@ def test_sigkill_of_every_gateway_process_loses_nothing(tmp_path: Path, dns: Kno
                 time.sleep(linger)
                 killed = gateway.kill_everything()
                 traffic.stop()
-                owed, held = _snapshot_in_flight(gateway)
-                flying = {pair for pair in owed if held[pair]}
+                owed, held, flying = _snapshot_in_flight(gateway, held)
                 in_flight.update(flying)
                 rounds.append(f"round {number}: killed {len(killed)} processes after "
                               f"{traffic.count()} acked (+{linger:.2f}s), {len(owed)} "
@@ -500,3 +525,100 @@ def test_sigkill_of_every_gateway_process_loses_nothing(tmp_path: Path, dns: Kno
     print(f"every-process crash test ({context}): {len(_acked_pairs(traffics))} acked "
           f"deliveries, {lost} lost, {duplicates} duplicate(s), "
           f"{sum(in_flight.values())} in flight at the kills")
+
+
+def _pids(gateway: Gateway, roles: set[str]) -> dict[int, str]:
+    return {pid: role for pid, role in gateway.processes().items() if role in roles}
+
+
+def _wait_restarted(gateway: Gateway, killed: dict[int, str]) -> None:
+    """Until serve runs a new process in each killed one's role (bounded)."""
+    def back() -> bool:
+        now = _pids(gateway, set(killed.values()))
+        return sorted(now.values()) == sorted(killed.values()) and not set(now) & set(killed)
+    _wait_for(f"serve to restart {sorted(killed.values())}", back, 30.0)
+
+
+def _kill_moments(rng: random.Random, traffic: Traffic, count: int) -> list[int]:
+    """Acknowledgement counts at which to kill: spread over the batch, none at its end."""
+    return sorted(rng.sample(range(traffic.total // 8, traffic.total * 3 // 4), count))
+
+
+def test_sigkill_of_the_milters_alone_lets_no_message_through_unchecked(
+        tmp_path: Path, dns: KnotServer, seed: int) -> None:
+    """serve restarts the killed milters; meanwhile their messages get on_failure (tempfail,
+    451), and the client goes on in the same session: none of them may get 250 unchecked."""
+    rng = random.Random(seed)
+    context = f"MAILMOAT_CRASH_SEED={seed}"
+    kills = []
+    with SmtpSink() as sink:
+        gateway = Gateway(tmp_path, sink, dns.nameserver).start()
+        try:
+            traffic = Traffic(gateway.port, "m", rng).start()
+            for moment in _kill_moments(rng, traffic, 3):
+                _wait_acked(traffic, moment)
+                roles = rng.choice(({"milter auth"}, {"milter ratelimit"},
+                                    {"milter auth", "milter ratelimit"}))
+                victims = _pids(gateway, roles)
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+                kills.append(f"{sorted(roles)} after {traffic.count()} acked")
+                _wait_restarted(gateway, victims)
+            _wait_for("the clients to finish", lambda: not traffic.running(), 60.0)
+            traffic.stop()
+            _drain(gateway, _acked_pairs([traffic]), context)
+        finally:
+            assert gateway.stop() == 0
+        lost, duplicates = _verdict(gateway, [traffic], Counter(), context)
+        _assert_milters_saw_every_acked_message(gateway, [traffic], context)
+    assert traffic.count() > 0
+    print(f"\nmilters killed ({context}): {'; '.join(kills)}; {traffic.count()} of "
+          f"{traffic.total} acked, refused {dict(traffic.refused)}, {lost} lost, "
+          f"{duplicates} duplicate(s)")
+
+
+def test_sigkill_of_the_delivery_process_alone_loses_nothing(
+        tmp_path: Path, dns: KnotServer, seed: int) -> None:
+    """serve restarts `mailmoat deliver`; what it had sent but not yet removed from the
+    spool is sent again (counted as in flight), nothing else twice, nothing lost."""
+    rng = random.Random(seed)
+    context = f"MAILMOAT_CRASH_SEED={seed}"
+    in_flight: Counter[Pair] = Counter()
+    held: Counter[Pair] = Counter()
+    kills = []
+    with SmtpSink() as sink:
+        gateway = Gateway(tmp_path, sink, dns.nameserver).start()
+        assert gateway.proc is not None
+        try:
+            traffic = Traffic(gateway.port, "d", rng).start()
+            # Moments counted in copies delivered since the last (re)start: the process is
+            # at work when it dies.
+            for _ in range(3):
+                _wait_delivered(gateway, traffic, sum(gateway.delivered().values())
+                                + rng.randint(1, traffic.total // 3))
+                # serve is frozen while we look, so that it cannot restart delivery (and
+                # deliver again) before the spool and the next hops are measured.
+                os.kill(gateway.proc.pid, signal.SIGSTOP)
+                try:
+                    victims = _pids(gateway, {"deliver"})
+                    assert len(victims) == 1, victims
+                    for pid in victims:
+                        os.kill(pid, signal.SIGKILL)
+                    _wait_gone(victims)
+                    owed, held, flying = _snapshot_in_flight(gateway, held)
+                finally:
+                    os.kill(gateway.proc.pid, signal.SIGCONT)
+                in_flight.update(flying)
+                kills.append(f"after {sum(held.values())} copies: {len(owed)} owed, "
+                             f"{len(flying)} in flight")
+                _wait_restarted(gateway, victims)
+            _wait_for("the clients to finish", lambda: not traffic.running(), 60.0)
+            traffic.stop()
+            _drain(gateway, _acked_pairs([traffic]), context)
+        finally:
+            assert gateway.stop() == 0
+        lost, duplicates = _verdict(gateway, [traffic], in_flight, context)
+        _assert_milters_saw_every_acked_message(gateway, [traffic], context)
+    assert traffic.count() == traffic.total  # the SMTP side never noticed
+    print(f"\ndelivery killed ({context}): {'; '.join(kills)}; {traffic.count()} acked, "
+          f"{lost} lost, {duplicates} duplicate(s), {sum(in_flight.values())} in flight")
