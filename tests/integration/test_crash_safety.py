@@ -425,17 +425,16 @@ def _wait_delivered(gateway: Gateway, traffic: Traffic, count: int,
         time.sleep(0.005)
 
 
-def _drain(gateway: Gateway, wanted: set[Pair], context: str) -> None:
-    """Wait (bounded) until the queue is empty and every wanted delivery happened."""
+def _drain(gateway: Gateway, context: str) -> None:
+    """Wait (bounded) until the queue is empty: every entry delivered and removed (a copy is
+    made before its entry goes, so what is missing then is lost, not late)."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
-    while gateway.queue_ids() or not wanted <= set(gateway.delivered()):
+    while gateway.queue_ids():
         if time.monotonic() > deadline:
-            queue = Queue(gateway.spool)
-            stuck = [(e.queue_id, e.attempts, [r.last_reply for r in e.recipients])
-                     for e in queue.entries()]
-            pytest.fail(f"{context}: queue not empty after {DRAIN_TIMEOUT:.0f}s: {stuck[:10]}"
-                        f" ({len(stuck)} entries); missing "
-                        f"{sorted(wanted - set(gateway.delivered()))[:10]}")
+            stuck = [(e.queue_id, e.attempts, e.next_attempt, [r.last_reply for r in e.recipients])
+                     for e in Queue(gateway.spool).entries()]
+            pytest.fail(f"{context}: {len(stuck)} entries stuck in the queue after "
+                        f"{DRAIN_TIMEOUT:.0f}s: {stuck[:10]}")
         time.sleep(0.1)
 
 
@@ -515,7 +514,7 @@ def test_sigkill_of_every_gateway_process_loses_nothing(tmp_path: Path, dns: Kno
                               f"{traffic.count()} acked (+{linger:.2f}s), {len(owed)} "
                               f"deliveries owed, {len(flying)} in flight {sorted(owed)[:6]}")
                 gateway.start(f"serve-{number + 1}.log")  # same config, spool, Maildir
-            _drain(gateway, _acked_pairs(traffics), context)
+            _drain(gateway, context)
         finally:
             if gateway.proc is not None and gateway.proc.poll() is None:
                 assert gateway.stop() == 0
@@ -566,7 +565,7 @@ def test_sigkill_of_the_milters_alone_lets_no_message_through_unchecked(
                 _wait_restarted(gateway, victims)
             _wait_for("the clients to finish", lambda: not traffic.running(), 60.0)
             traffic.stop()
-            _drain(gateway, _acked_pairs([traffic]), context)
+            _drain(gateway, context)
         finally:
             assert gateway.stop() == 0
         lost, duplicates = _verdict(gateway, [traffic], Counter(), context)
@@ -614,7 +613,7 @@ def test_sigkill_of_the_delivery_process_alone_loses_nothing(
                 _wait_restarted(gateway, victims)
             _wait_for("the clients to finish", lambda: not traffic.running(), 60.0)
             traffic.stop()
-            _drain(gateway, _acked_pairs([traffic]), context)
+            _drain(gateway, context)
         finally:
             assert gateway.stop() == 0
         lost, duplicates = _verdict(gateway, [traffic], in_flight, context)
