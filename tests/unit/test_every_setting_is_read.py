@@ -19,7 +19,13 @@ may only shrink (a key that gets a probe must leave it).
 """
 from __future__ import annotations
 
+import asyncio
+import base64
+import shutil
+import ssl
+import subprocess
 import tempfile
+import time
 import textwrap
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,7 +47,20 @@ from milters.core.policy.schema import Either, ListOf, MapOf, Spec, Struct
 from milters.core.store import MemoryStore, open_gateway_store
 from milters.neutralize.logic import NeutralizeChecker
 from milters.ratelimit.limiter import RateLimiter
-from mta.cli import EXTENSIONS
+from milters.core.errors import MailmoatError
+from mta import privileges
+from mta.cli import EXTENSIONS, read_policy
+from mta.deliverer import deliver_one
+from mta.delivery import build_router
+from mta.delivery_process import DeliveryProcess
+from mta.listener import start_listener
+from mta.queue import Envelope as QueuedEnvelope
+from mta.queue import Queue, RecipientState, new_queue_id
+from mta.serve import server_tls, smtp_settings, user_file
+from mta.smtpd import GatewayHandler, SmtpConnection
+from mta.users import set_password
+from tests.harness.certs import TestCa, server_context
+from tests.harness.sink import SmtpSink
 from mta.serve import MilterSupervisor
 from tests.conftest import ROOT
 from tests.unit.test_auth_checker import ZONE, DictResolver, txt
@@ -92,6 +111,8 @@ _CONFIG_DIR: list[Path] = []
 
 def gateway(text: str) -> Any:
     path = _CONFIG_DIR[0] / "gateway.yaml"
+    if "@SINK@" in text:  # the loopback next hop (offers STARTTLS), started on first use
+        text = text.replace("@SINK@", str(next_hop().port))
     path.write_text(textwrap.dedent(text))
     return load_config(path)
 
@@ -376,7 +397,8 @@ def store_opened(config: Any) -> object:
 
 def chain_members(config: Any) -> object:
     """The milter chain serve builds: endpoints, failure replies, connection reuse."""
-    return [(m.endpoint.name, m.endpoint.socket, m.on_failure, m.reuse_connection)
+    return [(m.endpoint.name, m.endpoint.socket, m.on_failure, m.reuse_connection,
+             m.endpoint.connect_timeout, m.endpoint.command_timeout, m.endpoint.content_timeout)
             for m in MilterSupervisor(config, None).members()]
 
 
@@ -768,6 +790,166 @@ POLICY_PROBES.update({
 })
 
 
+# -- gateway observers: serve's SMTP server, the router and the queue, run for real -----------
+# Certificates (tests/harness/certs.py): a private CA, a server certificate for 127.0.0.1,
+# a second one on the same key (gateway.tls.cert), and a key that matches neither.
+_CA = TestCa(FILES)
+CERT, KEY = _CA.issue("server", "IP:127.0.0.1")
+OTHER_CERT = FILES / "other.pem"
+subprocess.run(["openssl", "req", "-new", "-key", str(KEY), "-subj", "/CN=other",
+                "-out", str(FILES / "other.csr")], check=True, capture_output=True, timeout=30)
+subprocess.run(["openssl", "x509", "-req", "-in", str(FILES / "other.csr"), "-CA", str(_CA.cert),
+                "-CAkey", str(_CA.key), "-CAcreateserial", "-days", "2", "-out", str(OTHER_CERT)],
+               check=True, capture_output=True, timeout=30)
+OTHER_KEY = _CA.issue("stranger", "IP:127.0.0.1")[1]
+USERS = FILES / "users"
+set_password(USERS, "taro", "Probe-Pass-2026")
+(FILES / "internal-10.yaml").write_text("internal_networks: [10.0.0.0/8]\n")
+# serve's policy for the SMTP observers: loopback is NOT internal, so relaying is decided
+# by gateway.relay_domains and the client is counted as an outside one.
+SMTP_POLICY = load_policy_text("internal_networks: [10.0.0.0/8]\n", EXTENSIONS, "smtp.yaml")
+
+_NEXT_HOP: list[SmtpSink] = []
+
+
+def next_hop() -> SmtpSink:
+    """The loopback next hop the routes name (@SINK@), offering STARTTLS with CERT."""
+    if not _NEXT_HOP:
+        _NEXT_HOP.append(SmtpSink(tls_context=server_context(CERT, KEY)).start())
+    return _NEXT_HOP[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_next_hop() -> Iterator[None]:
+    yield
+    for sink in _NEXT_HOP:
+        sink.stop()
+    _NEXT_HOP.clear()
+
+
+async def _reply(reader: asyncio.StreamReader) -> str:
+    lines = []
+    while True:
+        line = (await asyncio.wait_for(reader.readline(), 10)).decode().rstrip("\r\n")
+        lines.append(line)
+        if len(line) < 4 or line[3] != "-":
+            return "\n".join(lines)
+
+
+def smtp(*commands: str, connections: int = 1, load_policy: bool = False) -> Observer:
+    """What serve's SMTP server (its settings from serve.smtp_settings, on a real loopback
+    listener) answers: the greeting of each of `connections` clients, then `commands` on
+    the first (STARTTLS is done for real: the reply shows the certificate's subject)."""
+    def observe(config: Any) -> object:
+        pol = read_policy(config.policy) if load_policy else SMTP_POLICY
+        try:
+            settings = smtp_settings(config, pol, user_file(config), server_tls(config))
+        except (ssl.SSLError, OSError) as exc:  # serve stops at start with this error
+            return ("refused at start", type(exc).__name__)
+
+        async def run() -> list[str]:
+            handler = GatewayHandler(settings, Queue(_CONFIG_DIR[0] / "smtp-spool"))
+            server = await start_listener(handler, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            clients, replies = [], []
+            try:
+                for _ in range(connections):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    clients.append((reader, writer))
+                    replies.append(await _reply(reader))
+                reader, writer = clients[0]
+                for line in commands:
+                    writer.write(line.encode() + b"\r\n")
+                    await writer.drain()
+                    replies.append(await _reply(reader))
+                    if line == "STARTTLS" and replies[-1].startswith("220"):
+                        context = ssl.create_default_context(cafile=str(_CA.cert))
+                        await writer.start_tls(context)
+                        subject = writer.get_extra_info("peercert")["subject"]
+                        replies.append(f"TLS with {subject}")
+            finally:
+                for _, writer in clients:
+                    writer.close()
+                server.close()
+                await server.wait_closed()
+            return replies
+        return asyncio.run(run())
+    return observe
+
+
+def deadlines(open_connections: int) -> Observer:
+    """When the SMTP server's waits end (SmtpConnection.wait_ends, the deadline its timer
+    enforces) with `open_connections` clients connected: a command line begun at 0, and a
+    DATA begun at 0 whose client sent 5000 bytes, the last at 100 s."""
+    def observe(config: Any) -> object:
+        settings = smtp_settings(config, SMTP_POLICY, None, None)
+
+        async def run() -> object:
+            handler = GatewayHandler(settings, Queue(_CONFIG_DIR[0] / "smtp-spool"))
+            for n in range(open_connections):
+                handler.admit_connection(f"192.0.2.{n % 250}")
+            connection = SmtpConnection(handler)
+            return (connection.wait_ends("command", 0.0, 0.0, 0),
+                    connection.wait_ends("data", 0.0, 100.0, 5000))
+        return asyncio.run(run())
+    return observe
+
+
+def delivered(rcpt: str = "u@example.jp", age: float = 0.0) -> Observer:
+    """What delivery does with a message queued `age` seconds ago, through the router
+    build_router makes from the config: deliver_one's outcome and next attempt, what the
+    next hop got (and over TLS or not), which Maildir boxes got it, where it was queued."""
+    def observe(config: Any) -> object:
+        home = _CONFIG_DIR[0]
+        before = {p for p in home.rglob("*") if p.is_file()}
+        hop = next_hop()
+        seen = len(hop.messages)
+        queue = Queue(config.queue.dir)
+        now = time.time()
+        envelope = QueuedEnvelope(new_queue_id(), "a@sender.example", [RecipientState(rcpt)],
+                                  received_at=now - age)
+        queue.enqueue(b"From: a@sender.example\r\nSubject: probe\r\n\r\nHello.\r\n", envelope)
+        deliver_one(queue, envelope, build_router(config), config.queue, config.hostname, now)
+        states = [(r.status, (r.last_reply or "")[:5]) for r in envelope.recipients]
+        new = sorted({str(p.relative_to(home).parent) for p in home.rglob("*")
+                      if p.is_file() and p not in before and "/new" in str(p)})
+        queued = sorted({str(p.relative_to(home).parents[1]) for p in home.rglob("*")
+                         if p.is_file() and p not in before and "/active" in str(p)})
+        wait = round(envelope.next_attempt - now) if envelope.pending() else None
+        return (states, wait, [m.tls for m in hop.messages[seen:]], new, queued)
+    return observe
+
+
+def delivery_nice(config: Any) -> object:
+    """The nice value the real delivery process (`mailmoat deliver`, as serve starts it)
+    runs at, read from /proc once it has made its queue directory."""
+    spool = Path(config.queue.dir)
+    shutil.rmtree(spool, ignore_errors=True)
+    process = DeliveryProcess(config.source)
+    try:
+        deadline = time.monotonic() + 30
+        while not (spool / "active").exists():
+            assert process.alive() and time.monotonic() < deadline, "deliver did not start"
+            time.sleep(0.05)
+        stat = Path(f"/proc/{process.process.pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[16])  # field 19: nice
+    finally:
+        process.stop()
+
+
+def run_as(config: Any) -> object:
+    """Whom serve becomes after binding its ports (privileges.plan; serve runs as root in
+    the test suite, as it is started on port 25)."""
+    try:
+        return privileges.plan(config)
+    except MailmoatError as exc:
+        return ("refused", str(exc).partition(": ")[2])
+
+
+SINK_ROUTE = "smtp:[127.0.0.1]:@SINK@"
+CA_FILE = str(_CA.cert)
+
+
 GATEWAY_PROBES: dict[str, Probe] = {
     "store": Probe("store: memory://\n", "store: sqlite:///state.db\n", store_opened),
     "store_timeout": Probe("store: sqlite:///state.db\n",
@@ -800,20 +982,118 @@ GATEWAY_PROBES: dict[str, Probe] = {
                          lambda c: Resolver(c.dns)._resolver.lifetime),
 }
 
+RELAY = "gateway: {relay_domains: [example.jp]}\n"
+EHLO, FROM = "EHLO client.example", "MAIL FROM:<a@sender.example>"
+
+
+def relay_probe(before: str, after: str, observe: Observer | None = None) -> Probe:
+    """Two `gateway: {relay: ...}` settings (flow mappings)."""
+    return Probe(f"gateway: {{relay: {before}}}\n", f"gateway: {{relay: {after}}}\n",
+                 observe or delivered())
+
+
+def route_probe(before: str, after: str) -> Probe:
+    """Two routes for example.jp (the default stays the Maildir)."""
+    return relay_probe(f"{{routes: {{example.jp: {before}}}}}",
+                       f"{{routes: {{example.jp: {after}}}}}")
+
+
+GATEWAY_PROBES.update({
+    # -- serve's SMTP server: its settings are serve.smtp_settings(config, ...) --------------
+    "gateway.hostname": Probe("", "gateway: {hostname: mx.probe.example}\n", smtp(EHLO)),
+    "gateway.relay_domains": Probe("", RELAY, smtp(EHLO, FROM, "RCPT TO:<u@example.jp>")),
+    "gateway.max_message_size": Probe("", "gateway: {max_message_size: 2000}\n",
+                                      smtp(EHLO, FROM + " SIZE=5000")),
+    "gateway.max_recipients": Probe(RELAY, "gateway: {relay_domains: [example.jp], "
+                                           "max_recipients: 1}\n",
+                                    smtp(EHLO, FROM, "RCPT TO:<u@example.jp>",
+                                         "RCPT TO:<v@example.jp>")),
+    "gateway.max_connections": Probe("", "gateway: {max_connections: 2}\n",
+                                     smtp(connections=3)),
+    "gateway.max_connections_per_ip": Probe("", "gateway: {max_connections_per_ip: 2}\n",
+                                            smtp(connections=3)),
+    "gateway.valid_recipients": Probe(RELAY, "gateway: {relay_domains: [example.jp], "
+                                             "valid_recipients: [taro@example.jp]}\n",
+                                      smtp(EHLO, FROM, "RCPT TO:<u@example.jp>")),
+    "gateway.xclient_hosts": Probe("", "gateway: {xclient_hosts: [127.0.0.0/8]}\n",
+                                   smtp(EHLO, "XCLIENT ADDR=192.0.2.1")),
+    "gateway.tls.cert": Probe(f"gateway: {{tls: {{cert: {CERT}, key: {KEY}}}}}\n",
+                              f"gateway: {{tls: {{cert: {OTHER_CERT}, key: {KEY}}}}}\n",
+                              smtp(EHLO, "STARTTLS")),
+    # A key that is not the certificate's: serve refuses to start (no silent plain text).
+    "gateway.tls.key": Probe(f"gateway: {{tls: {{cert: {CERT}, key: {KEY}}}}}\n",
+                             f"gateway: {{tls: {{cert: {CERT}, key: {OTHER_KEY}}}}}\n",
+                             smtp(EHLO, "STARTTLS")),
+    "gateway.auth.users_file": Probe(
+        "", f"gateway: {{auth: {{users_file: {USERS}}}}}\n",
+        smtp(EHLO, "AUTH PLAIN " + base64.b64encode(b"\0taro\0Probe-Pass-2026").decode())),
+    # serve's policy (read_policy(config.policy)) says who is internal, and so may relay.
+    "policy": Probe("", f"policy: {FILES / 'internal-10.yaml'}\n",
+                    smtp(EHLO, FROM, "RCPT TO:<u@elsewhere.example>", load_policy=True)),
+    # -- the SMTP client deadlines (SmtpConnection.wait_ends, with 170 of 200 clients on) --
+    "gateway.smtpd_timeout": Probe("", "gateway: {smtpd_timeout: 60s}\n", deadlines(1)),
+    "gateway.smtpd_stress_timeout": Probe("", "gateway: {smtpd_stress_timeout: 30s}\n",
+                                          deadlines(170)),
+    "gateway.smtpd_min_data_rate": Probe("", "gateway: {smtpd_min_data_rate: 100}\n",
+                                         deadlines(1)),
+    "gateway.smtpd_stress_share": Probe("", "gateway: {smtpd_stress_share: 0.9}\n",
+                                        deadlines(170)),
+    # -- privileges: whom serve (root) becomes after binding ---------------------------------
+    "gateway.user": Probe("", "gateway: {user: nobody}\n", run_as),
+    "gateway.group": Probe("gateway: {user: nobody}\n",
+                           "gateway: {user: nobody, group: root}\n", run_as),
+    # -- delivery: the router (build_router), deliver_one, the queue -------------------------
+    "gateway.relay.default": relay_probe("{}", f"{{default: '{SINK_ROUTE}'}}"),
+    "gateway.relay.default.target": relay_probe("{default: {target: 'maildir:box-a'}}",
+                                                "{default: {target: 'maildir:box-b'}}"),
+    "gateway.relay.default.tls": relay_probe(f"{{default: {{target: '{SINK_ROUTE}'}}}}",
+                                             f"{{default: {{target: '{SINK_ROUTE}', "
+                                             f"tls: none}}}}"),
+    # verify without ca_file: the system CAs do not know our CA, the mail is deferred
+    "gateway.relay.default.ca_file": relay_probe(
+        f"{{default: {{target: '{SINK_ROUTE}', tls: verify}}}}",
+        f"{{default: {{target: '{SINK_ROUTE}', tls: verify, ca_file: {CA_FILE}}}}}"),
+    "gateway.relay.routes.*": relay_probe(f"{{routes: {{other.example: '{SINK_ROUTE}'}}}}",
+                                          f"{{routes: {{example.jp: '{SINK_ROUTE}'}}}}"),
+    "gateway.relay.routes.*.target": route_probe("{target: 'maildir:box-a'}",
+                                                 "{target: 'maildir:box-b'}"),
+    "gateway.relay.routes.*.tls": route_probe(f"{{target: '{SINK_ROUTE}'}}",
+                                              f"{{target: '{SINK_ROUTE}', tls: none}}"),
+    "gateway.relay.routes.*.ca_file": route_probe(
+        f"{{target: '{SINK_ROUTE}', tls: verify}}",
+        f"{{target: '{SINK_ROUTE}', tls: verify, ca_file: {CA_FILE}}}"),
+    "gateway.queue.dir": Probe(*swap("gateway: {relay: {default: 'smtp:[127.0.0.1]:1'}}\n",
+                                     "}}\n", "}, queue: {dir: other-spool}}\n"), delivered()),
+    # two days old: within the default max_age (5 days), past 1 day
+    "gateway.queue.max_age": Probe(*swap("gateway: {relay: {default: 'smtp:[127.0.0.1]:1'}}\n",
+                                         "}}\n", "}, queue: {max_age: 1d}}\n"),
+                                   delivered(age=2 * 86400.0)),
+    "gateway.queue.retry": Probe(*swap("gateway: {relay: {default: 'smtp:[127.0.0.1]:1'}}\n",
+                                       "}}\n", "}, queue: {retry: [7m]}}\n"), delivered()),
+    "gateway.queue.delivery_nice": Probe("gateway: {queue: {dir: nice-spool}}\n",
+                                         "gateway: {queue: {dir: nice-spool, "
+                                         "delivery_nice: 0}}\n", delivery_nice),
+    # -- the milter chain serve builds (MilterSupervisor.members -> MilterEndpoint) ----------
+    "milters[].connect_timeout": Probe("milters: [{name: ratelimit}]\n",
+                                       "milters: [{name: ratelimit, connect_timeout: 1s}]\n",
+                                       chain_members),
+    "milters[].command_timeout": Probe("milters: [{name: ratelimit}]\n",
+                                       "milters: [{name: ratelimit, command_timeout: 5s}]\n",
+                                       chain_members),
+    "milters[].content_timeout": Probe("milters: [{name: ratelimit}]\n",
+                                       "milters: [{name: ratelimit, content_timeout: 60s}]\n",
+                                       chain_members),
+})
+
 # Keys without a probe yet, and why: work left (see the report of issue 13), never a pass.
-_SERVE_INLINE = ("read inline by mta.serve._run / serve() / the delivery process: a probe "
-                 "needs that consumer as a function it can call, or a real serve run")
+_LISTENERS = ("the address serve's _run binds (start_listener / serve_metrics on its own "
+              "event loop, after privileges.become_user): a probe would bind the fixed ports "
+              "of a real serve run; tests/integration/test_serve.py starts serve on them")
 _CONVERTER = ("read by the converter in the sandboxed worker (LibreOffice, pdfium, Pillow): "
               "its probe must convert a real document")
 UNPROVEN: dict[str, str] = {
-    **{key: _SERVE_INLINE for key in (
-        "gateway.hostname", "gateway.listen", "gateway.reinject_listen",
-        "gateway.metrics_listen", "gateway.relay_domains", "gateway.relay.default",
-        "gateway.relay.routes", "gateway.queue.dir", "gateway.queue.max_age",
-        "gateway.queue.retry", "gateway.queue.delivery_nice", "gateway.max_message_size",
-        "gateway.max_recipients", "gateway.max_connections", "gateway.max_connections_per_ip",
-        "gateway.tls.cert", "gateway.tls.key", "gateway.auth.users_file",
-        "gateway.xclient_hosts", "gateway.valid_recipients", "policy")},
+    **{key: _LISTENERS for key in ("gateway.listen", "gateway.reinject_listen",
+                                   "gateway.metrics_listen")},
     **{key: _CONVERTER for key in (
         "neutralize.dpi", "neutralize.page_format", "neutralize.jpeg_quality",
         "neutralize.image_format", "neutralize.limits.pages", "neutralize.limits.page_pixels",
