@@ -24,6 +24,7 @@ import base64
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import textwrap
@@ -59,6 +60,7 @@ from mta.queue import Queue, RecipientState, new_queue_id
 from mta.serve import server_tls, smtp_settings, user_file
 from mta.smtpd import GatewayHandler, SmtpConnection
 from mta.users import set_password
+from tests.harness import documents as docs
 from tests.harness.certs import TestCa, server_context
 from tests.harness.sink import SmtpSink
 from mta.serve import MilterSupervisor
@@ -790,6 +792,126 @@ POLICY_PROBES.update({
 })
 
 
+# -- neutralize converters: real conversions in the real sandbox (bubblewrap, worker) --------
+def _conversion_mail(files: list[tuple[str, bytes]]) -> bytes:
+    from email import policy as email_policy
+    from email.message import EmailMessage
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = ("a@bank.example", "u@example.jp",
+                                                          "Documents")
+    message["Message-ID"] = "<probe.2@bank.example>"
+    message.set_content("See the attached files.\n")
+    for name, data in files:
+        message.add_attachment(data, maintype="application", subtype="octet-stream",
+                               filename=name)
+    return message.as_bytes(policy=email_policy.SMTP)
+
+
+def _made(name: str, make: Callable[[Path], Path]) -> bytes:
+    path = FILES / name
+    if not path.exists():
+        make(path)
+    return path.read_bytes()
+
+
+def _picture(path: Path) -> Path:
+    """A 400x300 photo-like PNG (a gradient with noise: JPEG quality shows in its size)."""
+    import random
+    from PIL import Image
+    noise = random.Random(7)
+    image = Image.new("RGB", (400, 300))
+    image.putdata([(x % 256, (y * 2) % 256, noise.randrange(256))
+                   for y in range(300) for x in range(400)])
+    image.save(path, "PNG")
+    return path
+
+
+def converted(*names: str) -> Observer:
+    """What the neutralize milter makes of attachments that need a converter: each part's
+    type and name, and for images and PDFs what is inside (format, pixels, bytes, pages,
+    page image pixels); notes as text."""
+    makers = {"photo.png": lambda: _made("photo.png", _picture),
+              "doc.pdf": lambda: _made("doc.pdf", lambda p: docs.pdf(p, 3)),
+              "doc.docx": lambda: _made("doc.docx", lambda p: docs.docx(p, ["x"]))}
+
+    def observe(pol: Policy) -> object:
+        raw = _conversion_mail([(name, makers[name]()) for name in names])
+        e = Envelope(client_ip="198.51.100.7", mail_from="a@bank.example",
+                     recipients=[Recipient("u@example.jp")], queue_id="4Probe")
+        result = NeutralizeChecker("mx.probe.test").check(Message(raw=raw, envelope=e), pol)
+        head = raw[:raw.index(b"\r\n\r\n") + 2]
+        body = None
+        for edit in result.edits:
+            new = getattr(edit, "body", None)
+            if new is not None:
+                body = new if isinstance(new, bytes) else new.read()
+            elif getattr(edit, "name", "").lower() == "content-type":
+                head = _set_field(head, edit.name, edit.value)  # type: ignore[attr-defined]
+        if body is None:
+            return (result.verdict.action, str(result.verdict.reply), None)
+        return (result.verdict.action, str(result.verdict.reply),
+                _document_facts(head + b"\r\n" + body))
+    return observe
+
+
+def _document_facts(data: bytes) -> object:
+    import email
+    import io
+    from email import policy as email_policy
+    import pikepdf
+    from PIL import Image
+    facts = []
+    message = email.message_from_bytes(data, policy=email_policy.default)
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        name, kind = part.get_filename(), part.get_content_type()
+        payload = part.get_payload(decode=True) or b""
+        if kind == "text/plain":  # the body, and the note that says what was changed
+            facts.append((kind, name, part.get_content().strip()))
+        elif payload[:4] == b"%PDF":
+            with pikepdf.open(io.BytesIO(payload)) as pdf:
+                images = [(int(im.Width), int(im.Height), str(im.get("/Filter")))
+                          for page in pdf.pages
+                          for im in page.images.values()]
+                facts.append((kind, name, "pdf", len(pdf.pages), images))
+        elif name and name.endswith((".jpg", ".png")):
+            image = Image.open(io.BytesIO(payload))
+            facts.append((kind, name, image.format, image.size, len(payload) // 1000))
+        else:
+            facts.append((kind, name, len(payload)))
+    return facts
+
+
+FORK_OFFICE = FILES / "fork-soffice"
+FORK_OFFICE.write_text(f"#!{sys.executable}\n" + textwrap.dedent("""\
+    import os, sys, time
+    children = []
+    for n in range(40):  # bounded: far above the probe's limit, harmless if it held
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.kill(pid, 9)
+    print(f"forked {len(children)}", file=sys.stderr)
+    sys.exit(1)
+    """))
+FORK_OFFICE.chmod(0o755)
+CONV_BASE = NEU_BASE + "neutralize:\n  on_failure: drop\n"
+FORK_BASE = CONV_BASE + f"  soffice: {FORK_OFFICE}\n"
+
+
+def conv(setting: str, *names: str, base: str = CONV_BASE) -> Probe:
+    """A converter probe: `setting` is YAML lines under `neutralize:`."""
+    return Probe(base, base + textwrap.indent(textwrap.dedent(setting), "  "),
+                 converted(*names))
+
+
 # -- gateway observers: serve's SMTP server, the router and the queue, run for real -----------
 # Certificates (tests/harness/certs.py): a private CA, a server certificate for 127.0.0.1,
 # a second one on the same key (gateway.tls.cert), and a key that matches neither.
@@ -1175,3 +1297,10 @@ def test_the_gateway_key_changes_what_its_consumer_decides(
     after = _observed(gateway, probe.after, probe.observe)
     assert before != after, (f"{key}: setting it changed nothing its consumer decides "
                              f"(probe in GATEWAY_PROBES, {THIS_FILE}); both gave {before!r}")
+
+
+POLICY_PROBES.update({
+    "neutralize.limits.processes": conv("limits: {processes: 16}\n", "doc.docx",
+                                        base=FORK_BASE),
+    "neutralize.image_format": conv("image_format: jpeg\n", "photo.png"),
+})
