@@ -1241,6 +1241,32 @@ GATEWAY_PROBES.update({
                                        chain_members),
 })
 
+POLICY_PROBES.update({
+    "neutralize.limits.processes": conv("limits: {processes: 16}\n", "doc.docx",
+                                        base=FORK_BASE),
+    "neutralize.image_format": conv("image_format: jpeg\n", "photo.png"),
+    "neutralize.jpeg_quality": conv("jpeg_quality: 20\n", "photo.png",
+                                    base=CONV_BASE + "  image_format: jpeg\n"),
+    "neutralize.limits.image_pixels": conv("limits: {image_pixels: 10000}\n", "photo.png"),
+    "neutralize.dpi": conv("dpi: 50\n", "doc.pdf"),
+    "neutralize.page_format": conv("page_format: jpeg\n", "doc.pdf"),
+    "neutralize.limits.pages": conv("limits: {pages: 2}\n", "doc.pdf"),
+    "neutralize.limits.page_pixels": conv("limits: {page_pixels: 10000}\n", "doc.pdf"),
+    "neutralize.on_failure": conv("on_failure: reject\n", "photo.png",
+                                  base=NEU_BASE + "neutralize:\n  limits: {image_pixels: 10000}\n"),
+    "neutralize.failure_reply": conv("failure_reply: '451 4.7.0 Busy converting, later'\n",
+                                     "photo.png", base=NEU_BASE + "neutralize:\n  limits: "
+                                                                  "{image_pixels: 10000}\n"),
+    "neutralize.soffice": Probe(FORK_BASE, CONV_BASE + f"  soffice: {MEMORY_OFFICE}\n",
+                                converted("doc.docx")),
+    "neutralize.limits.memory": conv("limits: {memory: 268435456}\n", "doc.docx",
+                                     base=CONV_BASE + f"  soffice: {MEMORY_OFFICE}\n"),
+    "neutralize.limits.wall": conv("limits: {wall: 1s}\n", "doc.docx",
+                                   base=CONV_BASE + f"  soffice: {SLEEP_OFFICE}\n"),
+    "neutralize.limits.cpu": conv("limits: {cpu: 1s}\n", "doc.docx",
+                                  base=CONV_BASE + f"  soffice: {BUSY_OFFICE}\n"),
+})
+
 # Keys without a probe yet, and why: work left (see the report of issue 13), never a pass.
 _LISTENERS = ("the address serve's _run binds (start_listener / serve_metrics on its own "
               "event loop, after privileges.become_user): a probe would bind the fixed ports "
@@ -1301,7 +1327,17 @@ def _observed(load: Callable[[str], Any], text: str, observe: Observer) -> objec
     return observe(loaded)
 
 
-@pytest.mark.parametrize("key", sorted(POLICY_PROBES))
+# What the parametrized tests below run: probes added after this line would be checked for
+# a name only, never run (the test after this one catches that).
+COLLECTED = (sorted(POLICY_PROBES), sorted(GATEWAY_PROBES))
+
+
+def test_every_probe_is_run() -> None:
+    assert COLLECTED == (sorted(POLICY_PROBES), sorted(GATEWAY_PROBES)), (
+        f"probes added below the tests are never run: move them above them in {THIS_FILE}")
+
+
+@pytest.mark.parametrize("key", COLLECTED[0])
 def test_the_policy_key_changes_what_its_consumer_decides(
         key: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MM_PROBE_NC", "probe-app-password")
@@ -1317,7 +1353,7 @@ def test_the_policy_key_changes_what_its_consumer_decides(
                              f"(probe in POLICY_PROBES, {THIS_FILE}); both gave {before!r}")
 
 
-@pytest.mark.parametrize("key", sorted(GATEWAY_PROBES))
+@pytest.mark.parametrize("key", COLLECTED[1])
 def test_the_gateway_key_changes_what_its_consumer_decides(
         key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MAILMOAT_REDIS_PASSWORD", raising=False)
@@ -1333,29 +1369,3 @@ def test_the_gateway_key_changes_what_its_consumer_decides(
     assert before != after, (f"{key}: setting it changed nothing its consumer decides "
                              f"(probe in GATEWAY_PROBES, {THIS_FILE}); both gave {before!r}")
 
-
-POLICY_PROBES.update({
-    "neutralize.limits.processes": conv("limits: {processes: 16}\n", "doc.docx",
-                                        base=FORK_BASE),
-    "neutralize.image_format": conv("image_format: jpeg\n", "photo.png"),
-    "neutralize.jpeg_quality": conv("jpeg_quality: 20\n", "photo.png",
-                                    base=CONV_BASE + "  image_format: jpeg\n"),
-    "neutralize.limits.image_pixels": conv("limits: {image_pixels: 10000}\n", "photo.png"),
-    "neutralize.dpi": conv("dpi: 50\n", "doc.pdf"),
-    "neutralize.page_format": conv("page_format: jpeg\n", "doc.pdf"),
-    "neutralize.limits.pages": conv("limits: {pages: 2}\n", "doc.pdf"),
-    "neutralize.limits.page_pixels": conv("limits: {page_pixels: 10000}\n", "doc.pdf"),
-    "neutralize.on_failure": conv("on_failure: reject\n", "photo.png",
-                                  base=NEU_BASE + "neutralize:\n  limits: {image_pixels: 10000}\n"),
-    "neutralize.failure_reply": conv("failure_reply: '451 4.7.0 Busy converting, later'\n",
-                                     "photo.png", base=NEU_BASE + "neutralize:\n  limits: "
-                                                                  "{image_pixels: 10000}\n"),
-    "neutralize.soffice": Probe(FORK_BASE, CONV_BASE + f"  soffice: {MEMORY_OFFICE}\n",
-                                converted("doc.docx")),
-    "neutralize.limits.memory": conv("limits: {memory: 268435456}\n", "doc.docx",
-                                     base=CONV_BASE + f"  soffice: {MEMORY_OFFICE}\n"),
-    "neutralize.limits.wall": conv("limits: {wall: 1s}\n", "doc.docx",
-                                   base=CONV_BASE + f"  soffice: {SLEEP_OFFICE}\n"),
-    "neutralize.limits.cpu": conv("limits: {cpu: 1s}\n", "doc.docx",
-                                  base=CONV_BASE + f"  soffice: {BUSY_OFFICE}\n"),
-})
