@@ -873,7 +873,7 @@ def _document_facts(data: bytes) -> object:
             with pikepdf.open(io.BytesIO(payload)) as pdf:
                 images = [(int(im.Width), int(im.Height), str(im.get("/Filter")))
                           for page in pdf.pages
-                          for im in page.images.values()]
+                          for im in page.get_images().values()]
                 facts.append((kind, name, "pdf", len(pdf.pages), images))
         elif name and name.endswith((".jpg", ".png")):
             image = Image.open(io.BytesIO(payload))
