@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -172,6 +173,40 @@ class MilterSupervisor:
             log_event("milter_process_stopped", milter=name)
 
 
+def server_tls(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The STARTTLS context of the main listener (gateway.tls); None: STARTTLS not offered."""
+    if config.tls_cert and config.tls_key:
+        return server_tls_context(str(config.tls_cert), str(config.tls_key))
+    return None
+
+
+def user_file(config: GatewayConfig) -> UserFile | None:
+    """The SMTP AUTH users (gateway.auth.users_file); None: AUTH is not offered."""
+    return UserFile(config.auth_users_file) if config.auth_users_file else None
+
+
+def smtp_settings(config: GatewayConfig, policy: Policy, users: UserFile | None,
+                  tls: ssl.SSLContext | None) -> SmtpSettings:
+    """The main listener's settings: every gateway key the SMTP server reads."""
+    return SmtpSettings(hostname=config.hostname, internal_networks=policy.internal_networks,
+                        relay_domains=config.relay_domains,
+                        xclient_networks=config.xclient_hosts,
+                        max_message_size=config.max_message_size,
+                        max_recipients=config.max_recipients,
+                        max_connections=config.max_connections,
+                        max_connections_per_ip=config.max_connections_per_ip,
+                        tls_context=tls, valid_recipients=config.valid_recipients,
+                        users=users, **smtpd_limits(config.smtpd))
+
+
+def reinject_smtp_settings(config: GatewayConfig) -> SmtpSettings:
+    """The re-injection listener's: loopback only (the milters' notices and split copies),
+    with the main listener's size and recipient limits."""
+    return SmtpSettings(hostname=config.hostname, internal_networks=LOOPBACK,
+                        max_message_size=config.max_message_size,
+                        max_recipients=config.max_recipients, loopback_only=True)
+
+
 async def _listen(address: str, setting: str, opening: Awaitable[asyncio.Server]
                   ) -> asyncio.Server:
     """Open a listener, or stop with a message that names the setting to change."""
@@ -191,17 +226,7 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tls = (server_tls_context(str(config.tls_cert), str(config.tls_key))
-           if config.tls_cert and config.tls_key else None)
-    settings = SmtpSettings(hostname=config.hostname, internal_networks=policy.internal_networks,
-                            relay_domains=config.relay_domains,
-                            xclient_networks=config.xclient_hosts,
-                            max_message_size=config.max_message_size,
-                            max_recipients=config.max_recipients,
-                            max_connections=config.max_connections,
-                            max_connections_per_ip=config.max_connections_per_ip,
-                            tls_context=tls, valid_recipients=config.valid_recipients,
-                            users=users, **smtpd_limits(config.smtpd))
+    settings = smtp_settings(config, policy, users, server_tls(config))
     members = supervisor.members()
     pool = MilterPool()  # milter connections kept between SMTP sessions
     chain: Callable[[], ChainSession] | None = (
@@ -209,9 +234,7 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
     main = await _listen(config.listen, "listen",
                          start_listener(GatewayHandler(settings, queue, chain, delivery.notify),
                                         *split_hostport(config.listen)))
-    reinject_settings = SmtpSettings(hostname=config.hostname, internal_networks=LOOPBACK,
-                                     max_message_size=config.max_message_size,
-                                     max_recipients=config.max_recipients, loopback_only=True)
+    reinject_settings = reinject_smtp_settings(config)
     reinject = await _listen(config.reinject_listen, "reinject_listen",
                              start_listener(GatewayHandler(reinject_settings, queue, None,
                                                            delivery.notify),
@@ -257,7 +280,7 @@ def serve(config: GatewayConfig, config_path: str | None,
     queue = Queue(config.queue.dir)
     for queue_id in queue.recover():
         log_event("recovered_incomplete", queue_id=queue_id, action="removed (never accepted)")
-    users = UserFile(config.auth_users_file) if config.auth_users_file else None
+    users = user_file(config)
     supervisor = MilterSupervisor(config, config_path)
     delivery = DeliveryProcess(config_path, preexec=_die_with_parent)
     try:

@@ -205,13 +205,8 @@ class ClientConnection(ReadIntoShared, abc.ABC):
             self._arm(self.recheck_interval())
             return
         now = self.loop.time()
-        # Idle: since the last byte, or since we began to wait if that came later.
-        ends = max(self._last_input, self._wait_started) + timeout
-        if self._waiting == "command":
-            ends = min(ends, self._wait_started + timeout)
-        else:
-            ends = min(ends, self._wait_started + timeout
-                       + self._data_bytes / self.min_data_rate)
+        ends = self.wait_ends(self._waiting, self._wait_started, self._last_input,
+                              self._data_bytes)
         if now < ends:
             self._arm(min(ends - now, self.recheck_interval()))
             return
@@ -219,6 +214,17 @@ class ClientConnection(ReadIntoShared, abc.ABC):
                   waited=round(now - self._wait_started, 1), limit=timeout, stress=stressed)
         self.reply(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
         self.close()
+
+    def wait_ends(self, waiting: str, started: float, last_input: float,
+                  data_bytes: int) -> float:
+        """When a wait for `waiting` ("command" or "data") that began at `started` ends, the
+        client's last byte having come at `last_input` and `data_bytes` of DATA so far."""
+        timeout = self.timeout_now()[0]
+        # Idle: since the last byte, or since we began to wait if that came later.
+        ends = max(last_input, started) + timeout
+        if waiting == "command":
+            return min(ends, started + timeout)
+        return min(ends, started + timeout + data_bytes / self.min_data_rate)
 
     # -- command lines -----------------------------------------------------------------------
     def line_limit(self) -> int:
