@@ -15,6 +15,8 @@ import dkim
 import publicsuffixlist
 import pytest
 
+from milters.core import auth_results
+
 from tests.harness.dns_server import KnotServer
 from tests.harness.milter_proc import MilterProcess
 from tests.harness.opendmarc import OpenDkimVerifier, OpenDmarc
@@ -111,7 +113,10 @@ def verdicts(lab: Lab, raw: bytes, client: str, mail_from: str) -> tuple[Side, S
         if not found:
             return Side(NO_VERDICT, "; ".join(headers))
         assert len(found) == 1, f"{authserv_id}: {headers}"
-        return Side(re.search(r"dmarc=(\w+)", found[0]).group(1), found[0])
+        # Read as the later milters read it: with several From domains, the strictest.
+        read = auth_results.verdicts([("Authentication-Results", found[0])], authserv_id)
+        assert read is not None and "dmarc" in read, f"{authserv_id}: unreadable {found[0]}"
+        return Side(read["dmarc"], found[0])
     return side(AUTHSERV_ID), side(PEER_ID)
 
 
@@ -173,12 +178,13 @@ CASES: list[Case] = [
      "RFC 7489 6.6.1: a message without a From field is outside DMARC and local policy "
      "decides; RFC 5322 3.6 requires exactly one From. We say permerror (and tag or reject "
      "per on_bad_from), OpenDMARC writes no DMARC verdict at all"),
-    ("two From headers", lambda lab: message("a@pass.test\r\nFrom: b@none.test",
+    ("two From headers", lambda lab: message("b@nodmarc.test\r\nFrom: a@pass.test",
                                              subject="twofrom"), STRANGER_IP,
-     "ceo@pass.test", "permerror", "fail",
-     "RFC 7489 6.6.1: multiple From fields are outside DMARC, local policy decides; RFC 5322 "
-     "3.6 allows one. We say permerror; OpenDMARC evaluates the first From only, which lets "
-     "a second, unauthenticated From reach the reader"),
+     "ceo@pass.test", "fail", "none",
+     "RFC 7489 6.6.1: with several From fields we evaluate each author domain and apply the "
+     "strictest result (pass.test, p=reject, fails here); OpenDMARC evaluates the first From "
+     "only (nodmarc.test, no record), so a forged From of a p=reject domain under another one "
+     "reaches the reader unchecked"),
     ("From domain whose server refuses (DNS failure)",
      lambda lab: message("x@elsewhere.example", subject="refused"), STRANGER_IP,
      "x@elsewhere.example", "temperror", "none",
