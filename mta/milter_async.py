@@ -260,7 +260,7 @@ class Run(ResumesDirectly, Generic[T]):
                         return
                 elif kind == "send":
                     if not _stream(client).send(arg):
-                        self._wait(request, client.endpoint.command_timeout)
+                        self._wait(request, client.send_timeout)
                         return
                 elif not self._open(client):  # "open"
                     self._wait(request, client.endpoint.connect_timeout)

@@ -58,8 +58,9 @@ _STAGE_COMMAND = {MacroStage.CONNECT: b"C", MacroStage.HELO: b"H", MacroStage.EN
                   MacroStage.ENVRCPT: b"R", MacroStage.DATA: b"T", MacroStage.EOH: b"N",
                   MacroStage.EOM: b"E"}
 _FAMILY = {socket.AF_INET: b"4", socket.AF_INET6: b"6", socket.AF_UNIX: b"L"}
-# The message content: their replies are waited for up to content_timeout, as in Postfix.
-_CONTENT = frozenset((b"L", b"N", b"B"))
+# The message content: sending it and waiting for the replies take up to content_timeout, as
+# in Postfix (milter_content_timeout covers both).
+_CONTENT = frozenset((b"L", b"N", b"B", b"E"))
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class MilterClient(BlockingEnvelopeStages):
         self._wanted: dict[MacroStage, set[str]] = {}
         self._held_macros = b""  # a macro packet waiting for its stage's command
         self._unsent = b""  # no-reply stages held back for the next write (see _stage)
+        self.send_timeout = endpoint.command_timeout  # the limit of the send under way
 
     # -- blocking use (scan, tests) ----------------------------------------------------------
     def open(self) -> OptNeg:
@@ -369,6 +371,9 @@ class MilterClient(BlockingEnvelopeStages):
         """Send one packet, with the macros held for it in the same write."""
         if self.sock is None:
             raise MilterProtocolError(f"milter {self.endpoint.name}: not connected")
+        # A milter slow to read a big body is given the content timeout, not the command one.
+        self.send_timeout = (self.endpoint.content_timeout if command in _CONTENT
+                             else self.endpoint.command_timeout)
         packet = encode_packet(command, bytes(data))
         if self._held_macros:
             packet, self._held_macros = self._held_macros + packet, b""
@@ -506,7 +511,7 @@ def failure(client: MilterClient, what: str, arg: Any, exc: BaseException
         return exc
     if isinstance(exc, (socket.timeout, TimeoutError)):
         endpoint = client.endpoint
-        limit = {"open": endpoint.connect_timeout, "send": endpoint.command_timeout}.get(what, arg)
+        limit = {"open": endpoint.connect_timeout, "send": client.send_timeout}.get(what, arg)
         waited = "no reply" if what == "read" else f"{what} not done"
         return MilterProtocolError(f"milter {endpoint.name}: {waited} within {limit:g}s")
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -526,7 +531,7 @@ def _sync_io(kind: str, client: MilterClient, arg: Any) -> Any:
             return None
         assert client.sock is not None
         if kind == "send":
-            client.sock.settimeout(endpoint.command_timeout)
+            client.sock.settimeout(client.send_timeout)
             client.sock.sendall(arg)
             return None
         while (packet := client.take_packet()) is None:  # "read"

@@ -53,6 +53,10 @@ class SessionRunner:
         input (otherwise it finds out when it next reads)."""
         if self._running:  # called from within the session itself: once it has yielded
             self.loop.call_soon(self.input_changed)
+        elif self.coroutine.cr_running:
+            # Running, but not by us: it is being closed (GeneratorExit when serve stops with
+            # the session open) and its clean-up closed the connection. Nothing to resume.
+            return
         elif self.waiting_for_input:
             self.waiting_for_input = False
             self._step()

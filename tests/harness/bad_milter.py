@@ -43,7 +43,7 @@ class BadMilter:
     ...) does `how`: one of GARBAGE's keys, "stall" (never answers) or "hang-up"."""
 
     def __init__(self, path: Path, at: bytes, how: str) -> None:
-        assert how in GARBAGE or how in ("stall", "hang-up"), how
+        assert how in GARBAGE or how in ("stall", "stop-reading", "hang-up"), how
         self.path, self.at, self.how = path, at, how
         self.connections = 0
         self.broke = threading.Event()  # set the first time it misbehaved
@@ -96,14 +96,20 @@ class BadMilter:
                     self.broke.set()
                     if self.how == "hang-up":
                         return
+                    if self.how == "stop-reading":
+                        self._stop.wait()
+                        return
                     if self.how != "stall":
                         conn.sendall(GARBAGE[self.how])
                 elif command == b"O":
-                    conn.sendall(encode_packet(b"O", OptNeg(
-                        6, ALL_ACTIONS, ProtocolFlag.NR_CONN | ProtocolFlag.NR_HELO).encode()))
+                    no_reply = ProtocolFlag.NR_CONN | ProtocolFlag.NR_HELO
+                    if self.how == "stop-reading":  # the MTA streams the body unanswered
+                        no_reply |= ProtocolFlag.NR_BODY
+                    conn.sendall(encode_packet(b"O", OptNeg(6, ALL_ACTIONS, no_reply).encode()))
                 elif command in (b"Q", b"K"):
                     return
-                elif command[0] in _NEEDS_REPLY:
+                elif command[0] in _NEEDS_REPLY and not (
+                        command == b"B" and self.how == "stop-reading"):
                     conn.sendall(encode_packet(b"c"))
         except (EOFError, OSError):
             pass  # the MTA closed the connection

@@ -191,6 +191,30 @@ def test_a_stalled_milter_fails_after_the_configured_timeout_and_stays_failed(
     assert queued(gateway) == []
 
 
+def test_a_milter_that_stops_reading_the_body_gets_the_content_timeout(
+        tmp_path: Path) -> None:
+    """Sending content to a milter is bounded by content_timeout, as in Postfix, not by the
+    shorter command_timeout: a slow milter taking a big body in (unanswered: NR_BODY) is not
+    cut off early, and one that stopped reading still fails in bounded time."""
+    big = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+    with BadMilter(tmp_path / "bad.sock", b"B", "stop-reading") as milter:
+        gateway = bad_milter_gateway(tmp_path, milter,
+                                     settings="command_timeout: 1s, content_timeout: 3s")
+        try:
+            client = outside_client(gateway.port)
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("a@outside.example", ["taro@example.jp"], big * 4096)
+            code = refused.value.smtp_code
+        finally:
+            gateway.stop()
+    assert milter.broke.is_set()
+    assert code == 451
+    assert "milter bad: send not done within 3s" in gateway.text(), gateway.text()
+    assert queued(gateway) == []
+    # serve stopped with this session still open: the session ends without a traceback.
+    assert "Traceback" not in gateway.text(), gateway.text()
+
+
 # -- restarts never hold up the event loop ----------------------------------------------------
 SITECUSTOMIZE = '''\
 import os, sys, time
