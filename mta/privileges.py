@@ -122,7 +122,8 @@ def become_user(config: GatewayConfig, listeners: list[tuple[str, int]]) -> None
     bind_early([(host, port) for host, port in listeners if port < 1024])
     state = state_database(config)
     targets = [config.relay_default, *config.relay_routes.values()]
-    maildirs = [Path(t[len("maildir:"):]) for t in targets if t.startswith("maildir:")]
+    maildirs = [Path(t.target[len("maildir:"):]) for t in targets
+                if t.target.startswith("maildir:")]
     prepare([config.queue.dir, config.run_dir, *maildirs], state, run_as)
     drop(run_as)
     check_access(config, state)
