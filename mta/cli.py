@@ -9,6 +9,7 @@ import argparse
 import getpass
 import importlib
 import ipaddress
+import pwd
 import sys
 import time
 from dataclasses import replace
@@ -28,7 +29,7 @@ from milters.ratelimit import admin as ratelimit_admin
 from milters.neutralize.extension import EXTENSION as NEUTRALIZE
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 
-from . import delivery_process, queue_admin, scan, serve, users
+from . import delivery_process, privileges, queue_admin, scan, serve, users
 from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
@@ -61,12 +62,25 @@ def _print_problems(exc: ConfigError) -> None:
 
 
 # -- commands ---------------------------------------------------------------------------------
+def _run_as(config: GatewayConfig, user: str | None) -> GatewayConfig:
+    """--user overrides gateway.user (so the embedded defaults can name one)."""
+    if user is None:
+        return config
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"--user: no such user {user!r}") from None
+    return replace(config, user=user)
+
+
 def cmd_milter(args: argparse.Namespace) -> int:
     setup_logging(args.name, verbose=args.verbose)
-    config = load_config(args.config)
+    config = _run_as(load_config(args.config), args.user)
     if args.reinject:
         config = replace(config, reinject_listen=args.reinject)
+    read_policy(config.policy)  # a broken policy is reported before anything else
     try:
+        privileges.become_milter_user(config, args.name, args.listen)
         milter_serve(args.name)(config, args.listen, read_policy)
     except ValueError as exc:  # a bad --listen socket
         raise UsageError(str(exc)) from None
@@ -180,7 +194,7 @@ def cmd_ratelimit_reset(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging("serve", verbose=args.verbose)
-    config = load_config(args.config)
+    config = _run_as(load_config(args.config), args.user)
     unknown = [m.name for m in config.milters if m.socket is None and m.name not in MILTERS]
     if unknown:
         raise UsageError(f"{config.source}: milters: unknown built-in milter(s) "
@@ -204,7 +218,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     request = ScanRequest(to_crlf(raw), client_ip=args.client_ip, helo=args.helo,
                           mail_from=args.mail_from, rcpts=args.rcpt or [],
                           auth_user=args.auth_user)
-    report, transit = scan.scan(load_config(args.config), args.config, request, read_policy)
+    config = _run_as(load_config(args.config), args.user)
+    privileges.plan(config, "scan (the milters it starts)")  # refuses root without a user
+    report, transit = scan.scan(config, args.config, request, read_policy)
     scan.print_report(report, args.json)
     if args.out:
         Path(args.out).write_bytes(transit.raw)
@@ -322,12 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mailmoat", description="mailmoat mail-security gateway")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     config_help = "gateway config YAML (default: embedded defaults)"
+    user_help = ("started as root: the user to become once the sockets are open (overrides "
+                 "gateway.user; `root` keeps root, not recommended)")
 
     serve_cmd = sub.add_parser("serve", help="run the whole gateway (SMTP, milters, queue)",
                                description="Run the gateway; with no --config on the embedded "
                                            "defaults (SMTP on 127.0.0.1:2525, Maildir ./var/"
                                            "maildir)")
     serve_cmd.add_argument("--config", metavar="FILE", help=config_help)
+    serve_cmd.add_argument("--user", metavar="USER", help=user_help)
     serve_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
     serve_cmd.set_defaults(func=cmd_serve)
 
@@ -351,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan_cmd.add_argument("--config", metavar="FILE", help=config_help)
     scan_cmd.add_argument("--out", metavar="OUT.eml", help="write the resulting message")
     scan_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    scan_cmd.add_argument("--user", metavar="USER", help=f"the milters' user, {user_help}")
     scan_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
     scan_cmd.set_defaults(func=cmd_scan)
 
@@ -364,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     milter.add_argument("--reinject", metavar="HOST:PORT",
                         help="where copies and notices go (default: the config's "
                              "gateway.reinject_listen)")
+    milter.add_argument("--user", metavar="USER", help=user_help)
     milter.add_argument("--verbose", action="store_true", help="also log debug details")
     milter.set_defaults(func=cmd_milter)
 

@@ -11,6 +11,12 @@ converters still run as `nobody` then (milters/neutralize/jail.py).
 The other way: a service manager starts serve as the user with only CAP_NET_BIND_SERVICE
 (systemd: User=, AmbientCapabilities=). Then serve clears the ambient set at start, so the
 milters and delivery it starts do not inherit the capability.
+
+A milter started on its own (`mailmoat milter NAME`, behind Postfix) follows the same rule:
+as root it opens its socket (a port below 1024, or a unix socket in root's directory), then
+becomes the user before it reads any mail; as root without a user it refuses (OpenDKIM's
+UserID is the model, but failing closed where OpenDKIM stays root). The user comes from
+gateway.user or the command line's --user, which overrides it.
 """
 from __future__ import annotations
 
@@ -40,23 +46,24 @@ class RunAs:
     gid: int
 
 
-def plan(config: GatewayConfig) -> RunAs | None:
-    """Whom serve becomes after binding: None when it stays who it is."""
+def plan(config: GatewayConfig, role: str = "serve") -> RunAs | None:
+    """Whom `role` (serve, or "the NAME milter") becomes once its sockets are open: None
+    when it stays who it is."""
     if os.geteuid() != 0:
         if config.user is not None and _lookup(config).uid != os.geteuid():
             raise MailmoatError(
-                f"{config.source}: {KEY} is {config.user!r} but serve runs as uid "
+                f"{config.source}: {KEY} is {config.user!r} but {role} runs as uid "
                 f"{os.geteuid()}, which cannot switch users: start it as root (it drops to "
                 f"{config.user} after binding) or as {config.user} itself")
         return None
     if config.user is None:
         raise MailmoatError(
-            f"{config.source}: serve runs as root: set {KEY} (e.g. `user: mailmoat` under "
-            "gateway:) to the unprivileged user it becomes once its ports are bound; the "
-            "milters and the delivery process never run as root")
+            f"{config.source}: {role} runs as root: set {KEY} (e.g. `user: mailmoat` under "
+            "gateway:) or give --user USER: the unprivileged user it becomes once its "
+            "sockets are open; milters and delivery never run as root")
     run_as = _lookup(config)
     if run_as.uid == 0:
-        log_event("running_as_root", level=30, key=KEY,
+        log_event("running_as_root", level=30, key=KEY, role=role,
                   note="milters and delivery run as root; converters as nobody")
         return None
     return run_as
@@ -122,6 +129,44 @@ def become_user(config: GatewayConfig, listeners: list[tuple[str, int]]) -> None
     check_access(config, state)
 
 
+def become_milter_user(config: GatewayConfig, name: str, listen: str) -> None:
+    """A milter started as root: open its socket, hand it and the state database to the
+    user, drop for good, check the user can read what the milter reads. libmilter keeps the
+    socket it opened here: its own opensocket later finds it open and does nothing."""
+    run_as = plan(config, f"the {name} milter")
+    if run_as is None:
+        if os.geteuid() != 0:
+            clear_ambient()
+        return
+    open_milter_socket(name, listen, run_as)
+    state = state_database(config)
+    prepare([], state, run_as)
+    drop(run_as)
+    check_access(config, state, milter=True)
+
+
+def open_milter_socket(name: str, listen: str, run_as: RunAs) -> None:
+    import milter  # pymilter's libmilter binding: only a milter process loads it
+
+    from milters.core.adapter import parse_socket_spec
+    spec = parse_socket_spec(listen)
+    milter.setconn(spec)
+    milter.register(f"mailmoat-{name}")  # opensocket needs one; run_milter registers again
+    # smtpd connects as the unprivileged postfix user: like run_milter, the socket is made
+    # writable by everyone, and its directory guards access.
+    previous = os.umask(0o111)
+    try:
+        milter.opensocket(True)
+    except milter.error:
+        raise MailmoatError(f"--listen {listen}: cannot open this socket as root "
+                            "(in use, or its directory is missing)") from None
+    finally:
+        os.umask(previous)
+    if spec.startswith("local:"):  # the user may then remove or replace it, as its owner
+        os.chown(spec[len("local:"):], run_as.uid, run_as.gid)
+    log_event("milter_socket_opened", milter=name, listen=listen, as_user="root")
+
+
 def state_database(config: GatewayConfig) -> Path | None:
     if config.store.startswith("sqlite:///"):
         return Path(config.store[len("sqlite:///"):])
@@ -184,13 +229,14 @@ def clear_ambient() -> None:
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
-def check_access(config: GatewayConfig, database: Path | None) -> None:
-    """After the drop: what serve and its children need, usable by the user now, or a clear
-    error naming the setting (instead of a milter dying at its first message)."""
-    needs = [(config.queue.dir, "gateway.queue.dir", os.W_OK | os.X_OK),
-             (config.run_dir, "gateway.run_dir", os.W_OK | os.X_OK),
-             (config.policy, "policy", os.R_OK),
-             (Path(sys.executable), "the Python running mailmoat", os.X_OK)]
+def check_access(config: GatewayConfig, database: Path | None, milter: bool = False) -> None:
+    """After the drop: what serve and its children need (a milter: what it reads), usable
+    by the user now, or a clear error naming the setting (instead of a milter dying at its
+    first message)."""
+    needs = [] if milter else [(config.queue.dir, "gateway.queue.dir", os.W_OK | os.X_OK),
+                               (config.run_dir, "gateway.run_dir", os.W_OK | os.X_OK)]
+    needs += [(config.policy, "policy", os.R_OK),
+              (Path(sys.executable), "the Python running mailmoat", os.X_OK)]
     if database is not None:  # SQLite makes its -wal and -shm files beside the database
         needs.append((database.parent, "store (its directory)", os.W_OK | os.X_OK))
     if config.source != "(embedded defaults)":

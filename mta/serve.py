@@ -88,6 +88,8 @@ class MilterSupervisor:
                    "--listen", self.socket_of(milter)]
         if self.config_path:
             command += ["--config", self.config_path]
+        if self.config.user:  # it may come from serve's (or scan's) --user, not the file
+            command += ["--user", self.config.user]
         # Where the milters hand mail back: serve's own listener, or scan's catcher.
         command += ["--reinject", self.config.reinject_listen]
         # Logs go to our stderr; the child gets SIGTERM if we die, even by SIGKILL.

@@ -10,17 +10,25 @@ import time
 from pathlib import Path
 
 from .ports import LOOPBACK, free_port, port_is_open
+from .unprivileged import reachable_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class MilterProcess:
-    """`mailmoat milter NAME --listen inet:127.0.0.1:PORT --config FILE`, logging to a file."""
+    """`mailmoat milter NAME --listen inet:127.0.0.1:PORT --config FILE`, logging to a file.
+
+    A milter started as root must be told whom to become. The tests run as root, their
+    files under pytest's tmp_path (0700) and their Python under /root/.pyenv, neither open
+    to another user: so by default they say `--user root`, the explicit opt-out. With
+    `user="nobody"` the milter drops for real (its files must then be readable by nobody;
+    test_privileges.py does that)."""
 
     def __init__(self, name: str, config: Path | None, workdir: Path, *,
                  port: int | None = None, unix_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, user: str | None = None) -> None:
         self.name, self.config, self.workdir = name, config, workdir
+        self.user = user if user is not None else ("root" if os.geteuid() == 0 else None)
         self.unix_path = unix_path
         self.port = None if unix_path else (port or free_port())
         self.log_path = workdir / f"{name}-{self.port or 'unix'}.log"
@@ -36,6 +44,10 @@ class MilterProcess:
         cmd = [sys.executable, "-m", "mta.cli", "milter", self.name, "--listen", self.socket_spec]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
+        if self.user is not None:
+            cmd += ["--user", self.user]
+        if self.user not in (None, "root"):  # the user must reach our Python
+            cmd = reachable_argv(cmd, self.workdir)
         return cmd
 
     def start(self, timeout: float = 15.0) -> "MilterProcess":

@@ -397,7 +397,7 @@ def test_scan_shows_the_copies_and_notices_the_milter_hands_back(tmp_path: Path)
                       "milters: [{name: attachments}]\npolicy: policy.yaml\n")
     done = subprocess.run([sys.executable, "-m", "mta.cli", "scan", str(SAMPLE), "--config",
                            str(config), "--client-ip", "127.0.0.1", "--mail-from", SENDER,
-                           "--rcpt", EXTERNAL, "--rcpt", INTERNAL, "--json"],
+                           "--rcpt", EXTERNAL, "--rcpt", INTERNAL, "--json", "--user", "root"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

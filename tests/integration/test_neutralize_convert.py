@@ -434,7 +434,8 @@ def test_the_scan_command_shows_the_same_result(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "mta.cli", "scan", str(tmp_path / "m.eml"),
                            "--config", str(tmp_path / "config.yaml"), "--client-ip", STRANGER,
                            "--mail-from", "sender@outside.example", "--rcpt", "taro@example.jp",
-                           "--out", str(tmp_path / "out.eml")], capture_output=True,
+                           "--out", str(tmp_path / "out.eml"), "--user", "root"],
+                          capture_output=True,
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     scanned = parsed((tmp_path / "out.eml").read_bytes())

@@ -1,5 +1,6 @@
 """`serve` started as root binds a privileged port, then runs as `gateway.user`: serve, its
-delivery process, its milters and their converters never hold root, and cannot get it back."""
+delivery process, its milters and their converters never hold root, and cannot get it back.
+A milter started on its own as root (behind Postfix) does the same, or refuses to start."""
 from __future__ import annotations
 
 import email
@@ -22,7 +23,11 @@ from typing import Iterator
 import pytest
 
 from tests.harness import documents as docs
-from tests.harness.milter_proc import ROOT
+from tests.harness.milter_proc import ROOT, MilterProcess
+from tests.harness.ports import LOOPBACK, port_is_open
+from tests.harness.postfix import postfix_instance
+from tests.harness.sink import SmtpSink
+from tests.harness.swaks import run_swaks
 from tests.harness.unprivileged import reachable_argv
 
 pytestmark = pytest.mark.integration
@@ -176,3 +181,117 @@ def test_a_user_that_cannot_reach_the_spool_is_a_clear_error(workdir: Path) -> N
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode != 0
     assert "is not usable by user nobody" in done.stderr.decode(), done.stderr.decode()
+
+
+def assert_runs_as(pid: int, name: str, role: str) -> None:
+    """Real, effective, saved and file-system ids all the user's; no capability; no way back."""
+    user = pwd.getpwnam(name)
+    status = status_of(pid)
+    assert status["Uid"].split() == [str(user.pw_uid)] * 4, (role, status["Uid"])
+    assert status["Gid"].split() == [str(user.pw_gid)] * 4, (role, status["Gid"])
+    assert "0" not in status["Groups"].split(), (role, status["Groups"])
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, role
+    assert status["NoNewPrivs"] == "1", role
+
+
+def test_serve_user_on_the_command_line_overrides_gateway_user(workdir: Path) -> None:
+    """`serve --user nobody` wins over the file's `user: root`: serve and the milters it
+    starts (told --user by serve) run as nobody, not as root."""
+    config = write_config(workdir, free_low_port(), "root")
+    log = workdir / "serve.log"
+    argv = reachable_argv([sys.executable, "-m", "mta.cli", "serve", "--config", str(config),
+                           "--user", USER], workdir)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        text = wait_log(log, "event=serve_started", proc)
+        assert "event=privileges_dropped user=nobody" in text
+        assert "event=running_as_root" not in text
+        milters = pids(text, "milter_process_started")
+        assert len(milters) == 2
+        for role, pid in [("serve", proc.pid), *(("milter", pid) for pid in milters)]:
+            assert_runs_as(pid, USER, role)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+RATELIMIT = """\
+ratelimit:
+  limits:
+    - {name: per-ip, key: client_ip, per: message, rate: 1/hour, burst: 1}
+  reply: "451 4.7.1 Slow down, said nobody"
+"""
+
+
+def milter_config(workdir: Path) -> Path:
+    (workdir / "policy.yaml").write_text(RATELIMIT)
+    config = workdir / "milter.yaml"
+    # SQLite in a directory that does not exist yet: made, and handed to the user.
+    config.write_text(f"store: sqlite:///{workdir}/var/state.db\npolicy: policy.yaml\n")
+    for path in (workdir / "policy.yaml", config):
+        path.chmod(0o644)
+    return config
+
+
+def test_a_milter_as_root_without_a_user_refuses_to_start(workdir: Path) -> None:
+    port = free_low_port()
+    done = subprocess.run([sys.executable, "-m", "mta.cli", "milter", "ratelimit", "--listen",
+                           f"inet:{LOOPBACK}:{port}", "--config", str(milter_config(workdir))],
+                          cwd=workdir, capture_output=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    said = done.stderr.decode()
+    assert done.returncode == 1, said
+    assert "the ratelimit milter runs as root: set gateway.user" in said, said
+    assert "or give --user USER" in said, said
+    assert "event=milter_started" not in said and "Traceback" not in said
+    assert not port_is_open(LOOPBACK, port)
+    assert not (workdir / "var").exists()  # nothing made as root either
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with SmtpSink() as server:
+        yield server
+
+
+@pytest.mark.parametrize("where", ["port-below-1024", "unix-socket-in-roots-directory"])
+def test_a_milter_started_as_root_opens_its_socket_then_serves_postfix_as_the_user(
+        workdir: Path, sink: SmtpSink, where: str, tmp_path: Path) -> None:
+    """Both sockets only root can make: the milter opens it, then drops to nobody before any
+    mail, and a real Postfix (smtpd runs as user postfix) still gets its verdicts."""
+    config = milter_config(workdir)
+    if where == "port-below-1024":
+        milter = MilterProcess("ratelimit", config, workdir, port=free_low_port(), user=USER)
+    else:
+        sockets = workdir / "sockets"  # root's, 0755: nobody could not create a file in it
+        sockets.mkdir(mode=0o755)
+        milter = MilterProcess("ratelimit", config, workdir, unix_path=sockets / "rl.sock",
+                               user=USER)
+    with milter, postfix_instance(tmp_path, relay_port=sink.port,
+                                  smtpd_milters=milter.socket_spec) as postfix:
+        assert milter.proc is not None
+        milter.wait_for_log("event=milter_started")
+        assert_runs_as(milter.proc.pid, USER, "milter")
+        text = milter.log_text()
+        assert text.index("event=milter_socket_opened") < text.index(
+            "event=privileges_dropped user=nobody") < text.index("event=milter_started")
+
+        def send() -> object:
+            return run_swaks(postfix.smtp_port, mail_from="a@outside.example",
+                             rcpt="taro@example.jp", xclient_addr="192.0.2.70",
+                             header=["Subject: past a milter run by nobody"])
+        first = send()
+        assert first.code("DATA_END") == 250, first.transcript  # type: ignore[attr-defined]
+        second = send()
+        assert second.reply_by_stage["MAIL"] == (  # type: ignore[attr-defined]
+            "451 4.7.1 Slow down, said nobody"), second.transcript  # type: ignore[attr-defined]
+        assert len(sink.wait_for(1, timeout=20)) == 1
+        nobody = pwd.getpwnam(USER)
+        assert (workdir / "var" / "state.db").stat().st_uid == nobody.pw_uid
+        if milter.unix_path is not None:
+            made = milter.unix_path.stat()
+            assert (made.st_uid, made.st_mode & 0o777) == (nobody.pw_uid, 0o666)
+            assert milter.unix_path.parent.stat().st_uid == 0

@@ -2,6 +2,7 @@
 why, `policy test` fails when an expectation is wrong, ratelimit show/reset work on the store."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -189,3 +190,21 @@ def test_queue_commands_on_the_configured_spool(tmp_path: Path) -> None:
     assert mailmoat("queue", "list", "--config", str(config)).stdout == "the queue is empty\n"
     missing = mailmoat("queue", "show", queue_id, "--config", str(config))
     assert missing.returncode == 1 and missing.stderr == f"mailmoat: no queued message {queue_id}\n"
+
+
+@pytest.mark.parametrize("command", [["serve"], ["scan", "README.md"],
+                                     ["milter", "ratelimit", "--listen", "inet:127.0.0.1:1"]])
+def test_an_unknown_user_on_the_command_line_is_a_usage_error(command: list[str]) -> None:
+    """--user overrides gateway.user; a name that is no user stops before anything starts."""
+    result = mailmoat(*command, "--user", "no-such-user-mm")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "mailmoat: --user: no such user 'no-such-user-mm'"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is root's")
+def test_scan_as_root_without_a_user_refuses_before_starting_milters(tmp_path: Path) -> None:
+    result = mailmoat("scan", str(ROOT / "README.md"), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert ("scan (the milters it starts) runs as root: set gateway.user" in result.stderr
+            and "--user USER" in result.stderr), result.stderr
+    assert "milter_started" not in result.stderr
