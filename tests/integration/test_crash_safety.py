@@ -21,8 +21,6 @@ import random
 import re
 import signal
 import smtplib
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -34,8 +32,6 @@ import pytest
 
 from mta.queue import NoSuchMessage, Queue
 from tests.harness.dns_server import KnotServer
-from tests.harness.milter_proc import ROOT
-from tests.harness.ports import is_listening
 from tests.harness.sink import SmtpSink
 from tests.integration.test_serve import Serve
 
@@ -171,24 +167,13 @@ class Gateway(Serve):
         self.sink, self.spool, self.maildir = sink, tmp_path / "var" / "spool", tmp_path / "maildir"
         self.logs: list[Path] = []
 
-    def start(self, log_name: str = "serve.log", event_loop: str | None = None) -> "Gateway":
-        # Serve.start, but in a new session (process group) of its own.
-        self.log = self.dir / log_name
+    own_session = True
+    start_timeout = 30.0  # a restart replays the spool; the machine may be loaded
+
+    def start(self, log_name: str = "serve.log", event_loop: str | None = None,
+              env: dict[str, str] | None = None) -> "Gateway":
+        super().start(log_name, event_loop, env)
         self.logs.append(self.log)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("MAILMOAT_EVENT_LOOP", None)
-        if event_loop is not None:
-            env["MAILMOAT_EVENT_LOOP"] = self.event_loop = event_loop
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mta.cli", "serve", "--config",
-                                          str(self.config)], cwd=ROOT, stdout=log, stderr=log,
-                                         env=env, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while "event=serve_started" not in self.text():
-            assert self.proc.poll() is None, f"serve exited:\n{self.text()}"
-            assert time.monotonic() < deadline, f"serve did not start:\n{self.text()}"
-            time.sleep(0.05)
-        assert is_listening("127.0.0.1", self.port)
         return self
 
     def processes(self) -> dict[int, str]:

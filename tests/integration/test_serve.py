@@ -32,6 +32,10 @@ ratelimit:
 
 
 class Serve:
+    # serve in a process group (session) of its own: one killpg() reaches all its processes.
+    own_session = False
+    start_timeout = 20.0  # seconds for serve_started
+
     def __init__(self, tmp_path: Path, policy: str = POLICY, milters: str = "",
                  relay: str = "maildir:maildir") -> None:
         self.dir = tmp_path
@@ -62,10 +66,10 @@ class Serve:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "mta.cli", "serve", "--config",
                                           str(self.config)], cwd=ROOT, stdout=log, stderr=log,
-                                         env=env)
+                                         env=env, start_new_session=self.own_session)
         # The log line, not a connect probe: a probe would be an SMTP session of its own
         # (and a milter session) in every count a test makes.
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + self.start_timeout
         while "event=serve_started" not in self.text():
             assert self.proc.poll() is None, f"serve exited:\n{self.text()}"
             assert time.monotonic() < deadline, f"serve did not start:\n{self.text()}"
