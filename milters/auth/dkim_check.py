@@ -5,6 +5,9 @@ dkimpy answers a signature with True/False or an exception; the distinctions a r
 needs (no key = permerror, DNS timeout = temperror, a key below the policy's size =
 policy, an expired signature = fail) come from watching the key lookup ourselves and from
 the exception type.
+
+The body is never handed to dkimpy: body_hash.py hashes it as it arrives, and dkimpy gets
+the header section with that hash (_HashedBody), so a message costs its headers here.
 """
 from __future__ import annotations
 
