@@ -93,3 +93,21 @@ def test_only_the_hashes_the_signatures_ask_for_are_computed() -> None:
     # No signature: the body is not hashed at all.
     unsigned = from_raw(b"From: a@example.org\r\n\r\n" + b"x" * 1000, 10)
     assert unsigned.body.digest(HashKey(b"simple", "sha256", None)) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(ends=st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=4, max_size=4), body=BODY,
+       canon=st.sampled_from([b"simple", b"relaxed"]))
+def test_a_whole_message_is_split_where_dkimpy_splits_it(
+        ends: list[bytes], body: bytes, canon: bytes) -> None:
+    """Header lines and the empty line ending them with CRLF or bare LF, and a body that
+    may start with empty lines: the header section and the body hashed are dkimpy's."""
+    raw = (b"DKIM-Signature: v=1; a=rsa-sha256; c=simple/" + canon + b"; d=a.example;"
+           + ends[0] + b" s=s; h=from; bh=AAAA; b=AAAA" + ends[1]
+           + b"From: a@example.org" + ends[2] + ends[3] + body)
+    parts = from_raw(raw, 10, piece=7)
+    headers, parsed_body = dkim.rfc822_parse(raw)
+    assert dkim.rfc822_parse(parts.head)[0] == headers
+    expected = CanonicalizationPolicy.from_c_value(b"simple/" + canon).canonicalize_body(
+        parsed_body)
+    assert parts.body.digest(HashKey(canon, "sha256", None)) == hashlib.sha256(expected).digest()
