@@ -21,7 +21,8 @@ from . import dmarc as dmarc_mod
 from . import reports
 from .dmarc import DmarcResult
 from .decision import Decision, decide
-from .dkim_check import ArcResult, TxtLookup, verify_arc, verify_dkim
+from .body_hash import SignedParts
+from .dkim_check import ArcResult, TxtLookup, signed_parts, verify_arc, verify_dkim
 from .results_header import HEADER, AuthResults, compose, forged_indexes
 from .settings import MILTER, AuthSettings
 from .spf import SpfLookup, SpfResult, check_helo, check_spf, resolver_lookup
@@ -61,7 +62,10 @@ class AuthChecker:
         self.txt_lookup: TxtLookup = resolver.txt
         self.sample = sample
 
-    def check(self, message: Message, policy: Policy) -> EomResult:
+    def check(self, message: Message, policy: Policy,
+              signed: SignedParts | None = None) -> EomResult:
+        """`signed`: the header section and body hashes the milter made as the body came
+        (message.raw then has no body); without it they are made from message.raw."""
         settings: AuthSettings = policy.sections[MILTER]
         authserv_id = self.hostname  # gateway.hostname: the id later milters trust
         headers = message.raw_headers()
@@ -72,7 +76,8 @@ class AuthChecker:
         if decision.action == "skip":
             self._log(message, None, "skip", decision.why, len(edits))
             return EomResult(Verdict.cont(), edits)
-        results = self.evaluate(message, settings, [v for n, v in headers if n.lower() == "from"])
+        results = self.evaluate(message, settings, [v for n, v in headers if n.lower() == "from"],
+                                signed)
         outcome = self.act(results, settings, decision)
         results = outcome.results = replace(results, dmarc=outcome.dmarc)
         message.results[MILTER] = results
@@ -92,7 +97,7 @@ class AuthChecker:
         return EomResult(Verdict.cont(), edits)
 
     def evaluate(self, message: Message, settings: AuthSettings,
-                 from_values: list[str]) -> AuthResults:
+                 from_values: list[str], signed: SignedParts | None = None) -> AuthResults:
         env = message.envelope
         spf: SpfResult | None
         helo: SpfResult | None = None
@@ -107,9 +112,10 @@ class AuthChecker:
             if settings.check_helo and mail_from and env.helo:
                 helo = check_helo(env.client_ip, env.helo, self.spf_lookup, settings.spf,
                                   receiver=self.hostname)
-        dkim = verify_dkim(message.raw, self.txt_lookup, settings.dkim,
-                           settings.max_signatures)
-        arc = (verify_arc(message.raw, self.txt_lookup, settings.dkim)
+        if signed is None:  # hashed once for DKIM and ARC
+            signed = signed_parts(message.raw, settings.max_signatures)
+        dkim = verify_dkim(signed, self.txt_lookup, settings.dkim, settings.max_signatures)
+        arc = (verify_arc(signed, self.txt_lookup, settings.dkim)
                if any(name.lower() == "arc-seal" for name, _ in message.raw_headers())
                else ArcResult("none"))
         each = tuple(dmarc_mod.evaluate(author, spf, dkim, self.txt_lookup, self.sample)

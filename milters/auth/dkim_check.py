@@ -5,11 +5,14 @@ dkimpy answers a signature with True/False or an exception; the distinctions a r
 needs (no key = permerror, DNS timeout = temperror, a key below the policy's size =
 policy, an expired signature = fail) come from watching the key lookup ourselves and from
 the exception type.
+
+The body is never handed to dkimpy: body_hash.py hashes it as it arrives, and dkimpy gets
+the header section with that hash (_HashedBody), so a message costs its headers here.
 """
 from __future__ import annotations
 
+import base64
 import functools
-import logging
 import re
 import threading
 import time
@@ -24,14 +27,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from milters.core.dns import DnsTempError
 
+from .body_hash import QUIET, BodyHashes, SignedParts, from_raw, key_for
 from .settings import DkimSettings
 
 # name -> the TXT records at that name (character-strings joined); raises DnsTempError.
 TxtLookup = Callable[[str], list[bytes]]
 
-_quiet = logging.getLogger("mailmoat.dkimpy")
-_quiet.addHandler(logging.NullHandler())
-_quiet.propagate = False
+_quiet = QUIET
 
 # Checking the expiry (x=) is dkimpy's; a policy that accepts expired signatures needs it
 # skipped for the check in progress only, hence a per-thread switch around dkimpy's own
@@ -80,6 +82,39 @@ def _verify_rsa_with_openssl(digest: Any, signature: bytes, public_key: dict[str
 dkim.RSASSA_PKCS1_v1_5_verify = _verify_rsa_with_openssl
 
 
+class _HashedBody:
+    """dkimpy's signature check over a header section alone, the body hash (bh=, l=)
+    compared with the one computed as the body came (body_hash.py). dkimpy hashes the
+    signed headers and checks b= as it always does: bh= is part of the signed header, so
+    the header signature binds the body hash checked here."""
+
+    body: BodyHashes
+
+    def verify_sig_process(self, sig: dict[bytes, bytes], include_headers: list[bytes],
+                           sig_header: tuple[bytes, bytes], dnsfunc: Any) -> Any:
+        # A key for TLS reports only, or a c= dkimpy refuses: dkimpy says so, as before.
+        key = key_for(sig, b"simple/simple") if b"bh" in sig and not self.seqtlsrpt else None
+        if key is not None:
+            expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+            got = self.body.digest(key)
+            if got is None:  # a signature wanted_keys() did not foresee: never a pass
+                raise dkim.ValidationError("body hash not computed for this signature")
+            if got != expected:
+                raise dkim.ValidationError("body hash mismatch (got %s, expected %s)" % (
+                    base64.b64encode(got).decode(), sig[b"bh"].decode("ascii", "replace")))
+            sig = {name: value for name, value in sig.items() if name != b"bh"}
+        return super().verify_sig_process(  # type: ignore[misc]
+            sig, include_headers, sig_header, dnsfunc)
+
+
+class _DkimVerifier(_HashedBody, dkim.DKIM):
+    pass
+
+
+class _ArcVerifier(_HashedBody, dkim.ARC):
+    pass
+
+
 @dataclass(frozen=True)
 class DkimResult:
     result: str  # pass, fail, policy, neutral, temperror, permerror
@@ -108,8 +143,8 @@ def _tags(value: bytes) -> dict[str, str]:
     return tags
 
 
-def _signature_headers(raw: bytes) -> list[bytes]:
-    headers, _ = dkim.rfc822_parse(raw)
+def _signature_headers(head: bytes) -> list[bytes]:
+    headers, _ = dkim.rfc822_parse(head)
     return [value for name, value in headers if name.lower() == b"dkim-signature"]
 
 
@@ -147,13 +182,16 @@ class _KeyWatch:
         return keys[0]
 
 
-def _unsigned_tail(raw: bytes, tags: dict[str, str]) -> int:
-    """How many canonical body bytes an l= tag leaves outside the signature."""
+def _unsigned_tail(body: BodyHashes, tags: dict[str, str]) -> int:
+    """How many canonical body bytes an l= tag leaves outside the signature (asked of a
+    signature that verified: its canonicalization was computed)."""
     if "l" not in tags or not tags["l"].isdigit():
         return 0
-    _, body = dkim.rfc822_parse(raw)
     policy = dkim.CanonicalizationPolicy.from_c_value(tags.get("c", "simple/simple").encode())
-    return max(0, len(policy.canonicalize_body(body)) - int(tags["l"]))
+    length = body.canonical_length(policy.body_algorithm.name)
+    if length is None:  # cannot happen after a pass; never call a partial signature whole
+        raise dkim.ValidationError("canonical body length not computed")
+    return max(0, length - int(tags["l"]))
 
 
 def plain(text: str | bytes) -> str:
@@ -182,7 +220,7 @@ def _small_key(exc: Exception, settings: DkimSettings) -> str:
     return f"{size} refused: below the policy minimum of {settings.min_rsa_bits} bits"
 
 
-def verify_one(verifier: dkim.DKIM, raw: bytes, index: int, signature: bytes,
+def verify_one(verifier: _DkimVerifier, index: int, signature: bytes,
                lookup: TxtLookup, settings: DkimSettings) -> DkimResult:
     tags = _tags(signature)
     made = dict(domain=tags.get("d", "").lower(), selector=tags.get("s", ""),
@@ -227,34 +265,48 @@ def verify_one(verifier: dkim.DKIM, raw: bytes, index: int, signature: bytes,
         return DkimResult("fail", reason="signature did not verify", **made)
     if made["algorithm"].lower() == "rsa-sha1" and not settings.allow_sha1:
         return DkimResult("policy", reason="rsa-sha1 refused (RFC 8301)", **made)
-    unsigned = _unsigned_tail(raw, tags)
+    unsigned = _unsigned_tail(verifier.body, tags)
     if unsigned and not settings.allow_partial_body:
         return DkimResult("policy", reason=f"l= leaves {unsigned} body bytes unsigned", **made)
     return DkimResult("pass", **made)
 
 
-def verify_dkim(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSettings(),
+def signed_parts(message: bytes | SignedParts, max_signatures: int = 10) -> SignedParts:
+    """A whole message (tests, `policy test`) is split and its body hashed here; the
+    milter hands over the parts it built as the body came."""
+    return message if isinstance(message, SignedParts) else from_raw(message, max_signatures)
+
+
+def verify_dkim(message: bytes | SignedParts, lookup: TxtLookup,
+                settings: DkimSettings = DkimSettings(),
                 max_signatures: int = 10) -> list[DkimResult]:
     """Every DKIM-Signature in the message, top to bottom ([] when there is none). Past
     `max_signatures` the rest are not checked: each costs a key lookup and an RSA check."""
+    parts = signed_parts(message, max_signatures)
     try:
-        signatures = _signature_headers(raw)
+        signatures = _signature_headers(parts.head)
     except dkim.DKIMException:  # a header section dkimpy cannot split: nothing to verify
         return []
     if not signatures:
         return []
-    verifier = dkim.DKIM(raw, logger=_quiet, minkey=settings.min_rsa_bits)  # parsed once
-    return [verify_one(verifier, raw, index, signature, lookup, settings)
+    verifier = _DkimVerifier(parts.head, logger=_quiet, minkey=settings.min_rsa_bits)
+    verifier.body = parts.body
+    return [verify_one(verifier, index, signature, lookup, settings)
             for index, signature in enumerate(signatures[:max_signatures])]
 
 
-def verify_arc(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSettings()
-               ) -> ArcResult:
+def verify_arc(message: bytes | SignedParts, lookup: TxtLookup,
+               settings: DkimSettings = DkimSettings()) -> ArcResult:
     """The ARC chain's validation (RFC 8617 5.2)."""
+    parts = signed_parts(message)
     watch = _KeyWatch(lookup)
     try:
-        cv, instances, reason = dkim.arc_verify(raw, logger=_quiet, dnsfunc=watch,
-                                                minkey=settings.min_rsa_bits)
+        verifier = _ArcVerifier(parts.head, logger=_quiet, minkey=settings.min_rsa_bits)
+        verifier.body = parts.body
+        try:
+            cv, instances, reason = verifier.verify(dnsfunc=watch)
+        except dkim.DKIMException as exc:  # what dkim.arc_verify answers for it
+            cv, instances, reason = dkim.CV_Fail, [], str(exc)
     except DnsTempError as exc:
         return ArcResult("temperror", reason=str(exc))
     except (dkim.DKIMException, ValueError, TypeError, KeyError, IndexError) as exc:
@@ -264,4 +316,3 @@ def verify_arc(raw: bytes, lookup: TxtLookup, settings: DkimSettings = DkimSetti
                     for item in instances if item.get("as-domain"))
     return ArcResult(result if result in ("pass", "fail", "none") else "fail", sealers,
                      plain(reason or ""))
-

@@ -84,6 +84,14 @@ class MilterLogic:
     def on_message(self, message: Message) -> EomResult:
         return EomResult(Verdict.cont())
 
+    def body_sink(self, headers: list[tuple[str, str]],
+                  leading_space: bool) -> Callable[[bytes], None]:
+        """Override to take the body chunk by chunk as it comes, for logic that keeps only
+        what it computes from it (auth: DKIM body hashes), so no message body is ever held
+        whole. Called once per message when its header section is complete (also for an
+        empty body); the Message handed to on_message then has an empty body."""
+        raise NotImplementedError
+
     def on_abort(self, env: Envelope) -> None:
         """The transaction ended without a message (RSET, a new MAIL, or an error)."""
 
@@ -129,6 +137,7 @@ class MilterAdapter(Milter.Base):
     _want_protocol: ClassVar[int] = 0
     _macro_lists: ClassVar[tuple[tuple[int, str], ...]] = ()
     _reads_message: ClassVar[bool] = False
+    _sinks_body: ClassVar[bool] = False
 
     @classmethod
     def bind(cls, logic_class: type[MilterLogic],
@@ -142,6 +151,7 @@ class MilterAdapter(Milter.Base):
             "_macro_lists": tuple((int(stage), " ".join(names))
                                   for stage, names in logic_class.macros.items()),
             "_reads_message": _overrides(logic_class, "on_message"),
+            "_sinks_body": _overrides(logic_class, "body_sink"),
         })
     # Open SMTP sessions, so that a SIGTERM lets them finish before the process exits.
     active_sessions: ClassVar[int] = 0
@@ -155,6 +165,8 @@ class MilterAdapter(Milter.Base):
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._spool: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_error: Exception | None = None
         self._protocol = 0
 
     # -- negotiation -------------------------------------------------------------------
@@ -224,6 +236,7 @@ class MilterAdapter(Milter.Base):
     def envfrom(self, mail_from: str, *params: str) -> int:
         self.env.start_transaction()
         self._headers, self._body = [], []
+        self._sink, self._sink_error = None, None
         self._drop_spool()
         self.env.mail_from = strip_brackets(mail_from)
         self.env.mail_params = Milter.param2dict(params) if params else {}
@@ -247,7 +260,9 @@ class MilterAdapter(Milter.Base):
         return Milter.NOREPLY if self._protocol & _NR_EOH else Milter.CONTINUE
 
     def body(self, chunk: bytes) -> int:
-        if type(self).logic_class.spool_body:
+        if self._sinks_body:
+            self._to_sink(chunk)
+        elif type(self).logic_class.spool_body:
             if self._spool is None:
                 self._spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024)
             self._spool.write(chunk)
@@ -262,7 +277,14 @@ class MilterAdapter(Milter.Base):
 
         def run() -> Verdict:
             leading_space = bool(self._protocol & _HDR_LEADSPC)
-            if self._spool is not None:
+            if self._sinks_body:
+                self._to_sink(b"")  # a message without a body starts its sink here
+                error, self._sink, self._sink_error = self._sink_error, None, None
+                if error is not None:  # fail closed: answered like any error in on_message
+                    raise error
+                message = Message.from_headers_and_body(self._headers, b"", self.env,
+                                                        leading_space=leading_space)
+            elif self._spool is not None:
                 message = Message.from_headers_and_file(self._headers, self._spool, self.env,
                                                         leading_space=leading_space)
                 self._drop_spool()
@@ -276,6 +298,20 @@ class MilterAdapter(Milter.Base):
                 self._apply(edit)
             return result.verdict
         return self._guarded("eom", run, 0)
+
+    def _to_sink(self, chunk: bytes) -> None:
+        """Hand a body chunk to the logic's sink. An error is kept for end of message, the
+        first point where the MTA hears a reply (body chunks get none: SMFIP_NR_BODY)."""
+        if self._sink_error is not None:
+            return
+        try:
+            if self._sink is None:
+                self._sink = self.logic.body_sink(self._headers,
+                                                  bool(self._protocol & _HDR_LEADSPC))
+            if chunk:
+                self._sink(chunk)
+        except Exception as exc:  # noqa: BLE001 -- any failure: the message is tempfailed
+            self._sink_error = exc
 
     @contextlib.contextmanager
     def _progress(self, every: float) -> Iterator[None]:
