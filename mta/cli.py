@@ -75,6 +75,12 @@ def _run_as(config: GatewayConfig, user: str | None) -> GatewayConfig:
 
 def cmd_milter(args: argparse.Namespace) -> int:
     setup_logging(args.name, verbose=args.verbose)
+    from milters.core.adapter import parse_socket_spec  # pymilter: milter processes only
+
+    try:  # a command line that cannot work is a usage error, whoever runs it
+        parse_socket_spec(args.listen)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     config = _run_as(load_config(args.config), args.user)
     if args.reinject:
         config = replace(config, reinject_listen=args.reinject)
