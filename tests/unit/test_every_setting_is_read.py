@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import shutil
 import ssl
 import subprocess
@@ -33,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import dkim
 import pytest
 
 from milters.attachments.logic import AttachmentsChecker
@@ -1267,6 +1269,140 @@ POLICY_PROBES.update({
                                   base=CONV_BASE + f"  soffice: {BUSY_OFFICE}\n"),
 })
 
+
+# -- auth: signed, sealed and slow messages (keys made here, in-process) ----------------------
+@functools.cache
+def _rsa_key(bits: int) -> tuple[bytes, str]:
+    """An RSA key: its PEM (for dkimpy) and the p= of its DNS record."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, base64.b64encode(der).decode()
+
+
+class _ExpiredSigner(dkim.DKIM):
+    """dkimpy's signer with t= and x= in the past (its sign() has no expiry parameter):
+    the x= tag is signed like any other, as a real signer with a short TTL makes it."""
+
+    def gen_header(self, fields: list[tuple[bytes, bytes]], *args: Any, **kwargs: Any) -> Any:
+        fields = [f for f in fields if f[0] not in (b"t", b"x")]
+        at = [name for name, _ in fields].index(b"h")
+        fields[at:at] = [(b"t", b"1700000000"), (b"x", b"1700003600")]
+        return super().gen_header(fields, *args, **kwargs)
+
+
+# The From domain reject.test publishes p=reject; MAIL FROM's attacker.test is not aligned,
+# so DMARC passes only through a DKIM signature of reject.test that the settings accept.
+SIGNED_FROM = "reject.test"
+
+
+@functools.cache
+def _signed(kind: str) -> bytes:
+    """auth_message() signed by reject.test (selector s1024, a 1024-bit key) in one way."""
+    raw = auth_message().raw
+    pem = _rsa_key(1024)[0]
+    sign = functools.partial(dkim.sign, selector=b"s1024", domain=SIGNED_FROM.encode(),
+                             privkey=pem)
+    if kind == "plain":
+        return sign(raw) + raw
+    if kind == "sha1":
+        return sign(raw, signature_algorithm=b"rsa-sha1") + raw
+    if kind == "partial":  # l= covers "Hello."; a forger appends below it
+        return sign(raw, length=True) + raw + b"PS: the account changed, pay to 999-888.\r\n"
+    if kind == "expired":
+        return _ExpiredSigner(raw).sign(b"s1024", SIGNED_FROM.encode(), pem) + raw
+    if kind == "second":  # a signature whose key is gone, above the good one
+        good = sign(raw) + raw
+        return dkim.sign(good, b"gone", SIGNED_FROM.encode(), pem) + good
+    raise ValueError(kind)
+
+
+SIGNED_ZONE = {**ZONE, (f"s1024._domainkey.{SIGNED_FROM}", "TXT"): [
+    txt(f"v=DKIM1; k=rsa; p={_rsa_key(1024)[1]}")]}
+SEALER = "fwd.example.com"
+
+
+@functools.cache
+def _sealed() -> bytes:
+    """reject.test's message as a mailing list at fwd.example.com relays it: checked there
+    (its own Authentication-Results), sealed (ARC i=1), sent on from its own address."""
+    original = auth_message(mail_from="list-bounce@attacker.test", extra=(
+        f"Authentication-Results: {SEALER}; spf=pass smtp.mailfrom=reject.test;\r\n"
+        f"\tdmarc=pass header.from=reject.test\r\n").encode()).raw
+    seal = dkim.arc_sign(original, b"arc", SEALER.encode(), _rsa_key(1024)[0],
+                         SEALER.encode(), timestamp=int(time.time()))
+    assert len(seal) == 3, "dkimpy found no Authentication-Results of the sealer"
+    return b"".join(seal) + original
+
+
+SEALED_ZONE = {**ZONE, (f"arc._domainkey.{SEALER}", "TXT"): [
+    txt(f"v=DKIM1; k=rsa; p={_rsa_key(1024)[1]}")]}
+
+
+def signed_message(raw: Callable[[], bytes]) -> Callable[[], Message]:
+    return lambda: Message(raw=raw(), envelope=auth_message().envelope)
+
+
+def signed(kind: str) -> Observer:
+    return auth_verdict(signed_message(lambda: _signed(kind)), zone=SIGNED_ZONE)
+
+
+class SlowResolver(DictResolver):
+    """A DictResolver whose answers for some names come only after a wait, as from a
+    nameserver that is slow but answers."""
+
+    def __init__(self, records: dict[tuple[str, str], object],
+                 slow: dict[tuple[str, str], float]) -> None:
+        super().__init__(records)
+        self.slow = slow
+
+    def lookup(self, name: str, rdtype: str) -> list:  # type: ignore[type-arg]
+        time.sleep(self.slow.get((name.lower().rstrip("."), rdtype), 0.0))
+        return super().lookup(name, rdtype)
+
+
+def slow_spf(pol: Policy) -> object:
+    """The SPF result for MAIL FROM slowspf.test, whose record takes 1.2 s to come and
+    needs one more lookup after it (the check's whole time budget is spf.timeout)."""
+    zone = {**ZONE, ("slowspf.test", "TXT"): [txt("v=spf1 a:mail.sender.test -all")]}
+    resolver = SlowResolver(zone, {("slowspf.test", "TXT"): 1.2})
+    checker = AuthChecker("mx.probe.test", resolver, sample=lambda: 0.99, store=MemoryStore())
+    result = checker.check(auth_message(mail_from="bounce@slowspf.test"), pol)
+    return (result.verdict.action, [getattr(e, "value", "") for e in result.edits])
+
+
+def kept_reports(pol: Policy) -> object:
+    """How many DMARC report tallies the Store still holds 40 days after the message
+    (what `mailmoat dmarc report` could still read then)."""
+    store = MemoryStore()
+    checker = AuthChecker("mx.probe.test", DictResolver(ZONE), sample=lambda: 0.99, store=store)
+    checker.check(auth_message(), pol)
+    return (len(store.records("")), len(store.records("", now=time.time() + 40 * 86400)))
+
+
+REPORTING = AUTH_BASE + "auth: {reports: {record: true}}\n"
+POLICY_PROBES.update({
+    "auth.dkim.min_rsa_bits": auth("{dkim: {min_rsa_bits: 2048}}", signed("plain")),
+    "auth.dkim.allow_sha1": auth("{dkim: {allow_sha1: true}}", signed("sha1")),
+    "auth.dkim.allow_partial_body": auth("{dkim: {allow_partial_body: true}}",
+                                         signed("partial")),
+    "auth.dkim.allow_expired": auth("{dkim: {allow_expired: true}}", signed("expired")),
+    # Only the first signature (whose key is gone) is checked: the good one below is not.
+    "auth.dkim.max_signatures": auth("{dkim: {max_signatures: 1}}", signed("second")),
+    "auth.arc_trusted_sealers": auth(f"{{arc_trusted_sealers: [{SEALER}]}}", auth_verdict(
+        signed_message(_sealed), zone=SEALED_ZONE)),
+    "auth.spf.timeout": auth("{spf: {timeout: 1}}", slow_spf),
+    "auth.reports.keep": Probe(REPORTING, REPORTING.replace("record: true",
+                                                            "record: true, keep: 60d"),
+                               kept_reports),
+})
+
+
 # Keys without a probe yet, and why: work left (see the report of issue 13), never a pass.
 _LISTENERS = ("the address serve's _run binds (start_listener / serve_metrics on its own "
               "event loop, after privileges.become_user): a probe would bind the fixed ports "
@@ -1284,10 +1420,6 @@ UNPROVEN: dict[str, str] = {
     "neutralize.require_sandbox": ("changes behaviour only where bubblewrap cannot make the "
                                    "jail; where it can (this machine, CI) both values convert "
                                    "alike, so a probe here would prove nothing"),
-    **{key: "needs a DNS zone with SPF/DKIM records that trip the limit in the probe"
-       for key in ( "auth.spf.timeout", "auth.dkim.min_rsa_bits", "auth.dkim.allow_expired",
-                   "auth.dkim.allow_partial_body", "auth.dkim.allow_sha1",
-                   "auth.dkim.max_signatures", "auth.arc_trusted_sealers", "auth.reports.keep")},
     **{key: "needs the Nextcloud fake (tests/harness/nextcloud_fake.py) in the probe"
        for key in ("attachments.offload.nextcloud.url", "attachments.offload.nextcloud.user",
                    "attachments.offload.nextcloud.password_env",
