@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import unquote
 
 import dkim
 import pytest
@@ -64,6 +65,7 @@ from mta.smtpd import GatewayHandler, SmtpConnection
 from mta.users import set_password
 from tests.harness import documents as docs
 from tests.harness.certs import TestCa, server_context
+from tests.harness.nextcloud_fake import NextcloudFake
 from tests.harness.sink import SmtpSink
 from mta.serve import MilterSupervisor
 from tests.conftest import ROOT
@@ -107,6 +109,8 @@ def policy_keys() -> list[str]:
 
 # -- loading ---------------------------------------------------------------------------------
 def policy(text: str) -> Policy:
+    if "@NC" in text:  # a fake Nextcloud, started for this load (see _with_cloud)
+        text = _with_cloud(text)
     return load_policy_text(textwrap.dedent(text), EXTENSIONS, "probe.yaml")
 
 
@@ -1403,6 +1407,80 @@ POLICY_PROBES.update({
 })
 
 
+
+# -- attachments offload: the real client against the Nextcloud fake -------------------------
+# A policy text naming @NC@ (plain HTTP) or @NCS@ (HTTPS, certificate of our CA) gets a fresh
+# fake Nextcloud at load time (policy() below), so that each observation starts from an empty
+# cloud; its user is `mailmoat` with the app password in MM_PROBE_NC, and its day is NOW's.
+NC_PASSWORD = "probe-app-password"
+_CLOUDS: list[NextcloudFake] = []
+(FILES / "nc.pass").write_text(NC_PASSWORD + "\n")
+(FILES / "nc.pass").chmod(0o600)
+
+
+def _with_cloud(text: str) -> str:
+    for cloud in _CLOUDS:
+        cloud.stop()
+    _CLOUDS[:] = [NextcloudFake(user="mailmoat", app_password=NC_PASSWORD,
+                                tls=(str(CERT), str(KEY)) if "@NCS@" in text else None,
+                                today=NOW.date).start()]
+    return text.replace("@NCS@", _CLOUDS[0].url).replace("@NC@", _CLOUDS[0].url)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_clouds() -> Iterator[None]:
+    yield
+    for cloud in _CLOUDS:
+        cloud.stop()
+    _CLOUDS.clear()
+
+
+def offloaded(prepare: Callable[[NextcloudFake], None] = lambda cloud: None) -> Observer:
+    """The attachments milter's verdict on an offload, and what the fake Nextcloud saw:
+    each request (method, decoded path, query), the files stored, the link shares made."""
+    def observe(pol: Policy) -> object:
+        cloud = _CLOUDS[0]
+        prepare(cloud)
+        action, reply = attachments()(pol)[:2]  # type: ignore[index]
+        return (action, reply,
+                [(r.method, unquote(r.path), r.query) for r in cloud.requests],
+                sorted(cloud.files()),
+                [(s.path, str(s.expiration), bool(s.password)) for s in cloud.shares])
+    return observe
+
+
+OFFLOAD = (ATT_BASE.replace("encrypt}", "offload}") + "attachments: {offload: {nextcloud: "
+           "{url: '@NC@', user: mailmoat, password_env: MM_PROBE_NC, retries: 0}}}\n")
+
+
+def nc_probe(old: str, new: str, observe: Observer | None = None,
+             base: str = OFFLOAD) -> Probe:
+    return Probe(*swap(base, old, new), observe or offloaded())
+
+
+NC = "attachments.offload.nextcloud."
+POLICY_PROBES.update({
+    NC + "url": nc_probe("'@NC@'", "'@NC@/nextcloud'"),
+    NC + "user": nc_probe("user: mailmoat", "user: hanako"),
+    NC + "password_env": nc_probe("MM_PROBE_NC", "MM_PROBE_FIXED_A"),
+    NC + "password_file": nc_probe(f"password_file: {FILES / 'alpha.pass'}",
+                                   f"password_file: {FILES / 'nc.pass'}",
+                                   base=OFFLOAD.replace("password_env: MM_PROBE_NC",
+                                                        f"password_file: {FILES / 'alpha.pass'}")),
+    # The fake speaks HTTPS with a certificate of our CA, which the system CAs do not know.
+    NC + "ca_file": nc_probe("retries: 0", f"retries: 0, ca_file: {CA_FILE}",
+                             base=OFFLOAD.replace("@NC@", "@NCS@")),
+    # The first request is answered after 1.5 s: within the default 30 s, past 1 s.
+    NC + "timeout": nc_probe("retries: 0", "retries: 0, timeout: 1s",
+                             offloaded(lambda cloud: cloud.delay_next(1, 1.5))),
+    # The first request gets a 503: a second try (after the client's 0.5 s pause) succeeds.
+    NC + "retries": nc_probe("retries: 0", "retries: 1",
+                             offloaded(lambda cloud: cloud.fail_next(1, 503))),
+    NC + "folder": nc_probe("retries: 0", "retries: 0, folder: 'outgoing/{date}/{id}'"),
+    NC + "expire_days": nc_probe("retries: 0", "retries: 0, expire_days: 3"),
+})
+
+
 # Keys without a probe yet, and why: work left (see the report of issue 13), never a pass.
 _LISTENERS = ("the address serve's _run binds (start_listener / serve_metrics on its own "
               "event loop, after privileges.become_user): a probe would bind the fixed ports "
@@ -1420,15 +1498,6 @@ UNPROVEN: dict[str, str] = {
     "neutralize.require_sandbox": ("changes behaviour only where bubblewrap cannot make the "
                                    "jail; where it can (this machine, CI) both values convert "
                                    "alike, so a probe here would prove nothing"),
-    **{key: "needs the Nextcloud fake (tests/harness/nextcloud_fake.py) in the probe"
-       for key in ("attachments.offload.nextcloud.url", "attachments.offload.nextcloud.user",
-                   "attachments.offload.nextcloud.password_env",
-                   "attachments.offload.nextcloud.password_file",
-                   "attachments.offload.nextcloud.ca_file",
-                   "attachments.offload.nextcloud.timeout",
-                   "attachments.offload.nextcloud.retries",
-                   "attachments.offload.nextcloud.folder",
-                   "attachments.offload.nextcloud.expire_days")},
 }
 
 
