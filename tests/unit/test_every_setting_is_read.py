@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import os
 import shutil
 import ssl
 import subprocess
@@ -49,7 +50,9 @@ from milters.core.policy.document import Policy, _build_spec, load_policy_text
 from milters.core.policy.rules import Facts
 from milters.core.policy.schema import Either, ListOf, MapOf, Spec, Struct
 from milters.core.store import MemoryStore, open_gateway_store
+from milters.neutralize import jail
 from milters.neutralize.logic import NeutralizeChecker
+from milters.neutralize.sandbox import PREFIX as SANDBOX_PREFIX
 from milters.ratelimit.limiter import RateLimiter
 from milters.core.errors import MailmoatError
 from mta import privileges
@@ -60,12 +63,14 @@ from mta.delivery_process import DeliveryProcess
 from mta.listener import start_listener
 from mta.queue import Envelope as QueuedEnvelope
 from mta.queue import Queue, RecipientState, new_queue_id
-from mta.serve import server_tls, smtp_settings, user_file
+from mta.serve import (open_listeners, reinject_smtp_settings, server_tls, smtp_settings,
+                       user_file)
 from mta.smtpd import GatewayHandler, SmtpConnection
 from mta.users import set_password
 from tests.harness import documents as docs
 from tests.harness.certs import TestCa, server_context
 from tests.harness.nextcloud_fake import NextcloudFake
+from tests.harness.ports import free_port
 from tests.harness.sink import SmtpSink
 from mta.serve import MilterSupervisor
 from tests.conftest import ROOT
@@ -117,10 +122,18 @@ def policy(text: str) -> Policy:
 _CONFIG_DIR: list[Path] = []
 
 
+_PORTS: dict[str, int] = {}  # @PORTn@ -> the free port it stood for in the last load
+
+
 def gateway(text: str) -> Any:
     path = _CONFIG_DIR[0] / "gateway.yaml"
     if "@SINK@" in text:  # the loopback next hop (offers STARTTLS), started on first use
         text = text.replace("@SINK@", str(next_hop().port))
+    _PORTS.clear()
+    if "@PORT" in text:  # four loopback ports free now, chosen afresh for each load
+        for n in range(1, 5):
+            _PORTS[f"@PORT{n}@"] = free_port()
+            text = text.replace(f"@PORT{n}@", str(_PORTS[f"@PORT{n}@"]))
     path.write_text(textwrap.dedent(text))
     return load_config(path)
 
@@ -832,16 +845,19 @@ def _picture(path: Path) -> Path:
     return path
 
 
+# The attachments converter probes send, by name (more are added further down).
+MAKERS: dict[str, Callable[[], bytes]] = {
+    "photo.png": lambda: _made("photo.png", _picture),
+    "doc.pdf": lambda: _made("doc.pdf", lambda p: docs.pdf(p, 3)),
+    "doc.docx": lambda: _made("doc.docx", lambda p: docs.docx(p, ["x"]))}
+
+
 def converted(*names: str) -> Observer:
     """What the neutralize milter makes of attachments that need a converter: each part's
     type and name, and for images and PDFs what is inside (format, pixels, bytes, pages,
     page image pixels); notes as text."""
-    makers = {"photo.png": lambda: _made("photo.png", _picture),
-              "doc.pdf": lambda: _made("doc.pdf", lambda p: docs.pdf(p, 3)),
-              "doc.docx": lambda: _made("doc.docx", lambda p: docs.docx(p, ["x"]))}
-
     def observe(pol: Policy) -> object:
-        raw = _conversion_mail([(name, makers[name]()) for name in names])
+        raw = _conversion_mail([(name, MAKERS[name]()) for name in names])
         e = Envelope(client_ip="198.51.100.7", mail_from="a@bank.example",
                      recipients=[Recipient("u@example.jp")], queue_id="4Probe")
         result = NeutralizeChecker("mx.probe.test").check(Message(raw=raw, envelope=e), pol)
@@ -946,10 +962,11 @@ CONV_BASE = NEU_BASE + "neutralize:\n  on_failure: drop\n"
 FORK_BASE = CONV_BASE + f"  soffice: {FORK_OFFICE}\n"
 
 
-def conv(setting: str, *names: str, base: str = CONV_BASE) -> Probe:
+def conv(setting: str, *names: str, base: str = CONV_BASE,
+         observe: Observer | None = None) -> Probe:
     """A converter probe: `setting` is YAML lines under `neutralize:`."""
     return Probe(base, base + textwrap.indent(textwrap.dedent(setting), "  "),
-                 converted(*names))
+                 observe or converted(*names))
 
 
 # -- gateway observers: serve's SMTP server, the router and the queue, run for real -----------
@@ -1481,24 +1498,181 @@ POLICY_PROBES.update({
 })
 
 
+
+# -- neutralize: nested archives, the pool of workers, the sandbox requirement ---------------
+def _nested_locked(path: Path) -> Path:
+    """A ZIP holding a ZIP holding a password ZIP: the lock sits at depth 2."""
+    locked = docs.zip_zipcrypto_python(FILES / "locked.zip", {"invoice.docx": b"x" * 500},
+                                       "Secret-2026")
+    middle = docs.zip_plain(FILES / "middle.zip", {"locked.zip": locked.read_bytes()})
+    return docs.zip_plain(path, {"middle.zip": middle.read_bytes()})
+
+
+def _nested_big(path: Path) -> Path:
+    """A ZIP holding a ZIP of 20 kB (stored noise: it does not deflate) and no lock."""
+    import random
+    bundle = docs.zip_plain(FILES / "bundle.zip", {"data.bin": random.Random(7).randbytes(20000)})
+    return docs.zip_plain(path, {"bundle.zip": bundle.read_bytes()})
+
+
+MAKERS.update({"deep.zip": lambda: _made("deep.zip", _nested_locked),
+               "big.zip": lambda: _made("big.zip", _nested_big),
+               "other.docx": lambda: _made("other.docx", lambda p: docs.docx(p, ["y"]))})
+
+# Two conversions that wait for each other: each says it started (a file in its private
+# directory) and waits up to 4 s for a "go" that the test process writes into both private
+# directories once it has seen both started at once (observer `side_by_side`). The jail
+# gives them no way to meet on their own. Never converts: stderr reaches the note.
+MEETING_OFFICE = fake_office("meeting-soffice", """\
+    import os, sys, time
+    home = os.environ["HOME"]
+    open(os.path.join(home, "started"), "w").close()
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        if os.path.exists(os.path.join(home, "go")):
+            print("ran beside another conversion", file=sys.stderr)
+            sys.exit(1)
+        time.sleep(0.02)
+    print("ran alone", file=sys.stderr)
+    sys.exit(1)
+    """)
+
+
+def side_by_side(observe: Observer) -> Observer:
+    """`observe`, while a thread of the test process plays the meeting point for
+    MEETING_OFFICE: once two of this process's conversions have said "started" at the same
+    time, each finds a "go" in its private directory."""
+    def run(pol: Policy) -> object:
+        import threading
+        done = threading.Event()
+
+        def meet() -> None:
+            pattern = f"{SANDBOX_PREFIX}{os.getpid()}-*/started"
+            deadline = time.monotonic() + 60  # bounded whatever happens
+            while not done.is_set() and time.monotonic() < deadline:
+                started = list(Path(tempfile.gettempdir()).glob(pattern))
+                if len(started) >= 2:
+                    for marker in started:
+                        try:
+                            (marker.parent / "go").touch()
+                        except OSError:  # that conversion has just ended
+                            pass
+                done.wait(0.02)
+        thread = threading.Thread(target=meet, name="probe-meeting", daemon=True)
+        thread.start()
+        try:
+            return observe(pol)
+        finally:
+            done.set()
+            thread.join(10)
+    return run
+
+
+NO_BWRAP = FILES / "no-bwrap-bin"  # a PATH where bubblewrap is not installed
+NO_BWRAP.mkdir()
+
+
+def without_bubblewrap(observe: Observer) -> Observer:
+    """`observe` where `bwrap` is not installed: the milter looks it up in PATH (jail.py),
+    and tries the jail once per process, so that answer is set aside for the probe. With
+    it, what the sandbox logged it would do (refuse, or convert without the jail)."""
+    def run(pol: Policy) -> object:
+        import logging
+        said: list[str] = []
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "event=sandbox_unavailable" in record.getMessage():
+                    said.append(record.getMessage().partition(" action=")[2])
+        handler, logger = Catch(), logging.getLogger("mailmoat")
+        logger.addHandler(handler)
+        saved_path, saved = os.environ.get("PATH", ""), dict(jail._PROBED)
+        os.environ["PATH"] = str(NO_BWRAP)
+        jail._PROBED.clear()
+        try:
+            seen = observe(pol)
+        except Exception as exc:  # the milter adapter tempfails the message on this
+            # Unjailed, the worker runs as `nobody` when the milter is root: where the
+            # milter's Python is not readable by nobody (a pyenv under /root, as on the
+            # test machine), it cannot start. Elsewhere it converts.
+            seen = ("raised", type(exc).__name__)
+        finally:
+            os.environ["PATH"] = saved_path
+            jail._PROBED.clear()
+            jail._PROBED.update(saved)
+            logger.removeHandler(handler)
+        return (said, seen)
+    return run
+
+
+MEETING_BASE = CONV_BASE + f"  soffice: {MEETING_OFFICE}\n"
+POLICY_PROBES.update({
+    # The password ZIP at depth 2: found within the default depth 3 (rejected as locked);
+    # with a depth of 1 the worker cannot look that far and the file fails (dropped).
+    "neutralize.limits.archive_depth": conv("limits: {archive_depth: 1}\n", "deep.zip"),
+    "neutralize.limits.archive_bytes": conv("limits: {archive_bytes: 10000}\n", "big.zip"),
+    "neutralize.workers": Probe(MEETING_BASE + "  workers: 2\n", MEETING_BASE + "  workers: 1\n",
+                                side_by_side(converted("doc.docx", "other.docx"))),
+    "neutralize.require_sandbox": conv("require_sandbox: false\n", "photo.png",
+                                       observe=without_bubblewrap(converted("photo.png"))),
+})
+
+
+
+# -- serve's listeners (serve.open_listeners, as _run calls it) -------------------------------
+def listening(config: Any) -> object:
+    """What answers on each @PORTn@ of the config once serve has opened its listeners
+    there: nothing, the metrics (HTTP), or an SMTP server, which relays for loopback only
+    on the re-injection listener (the main one refuses: loopback is not internal here)."""
+    settings = smtp_settings(config, SMTP_POLICY, None, None)
+
+    async def what_answers(port: int) -> str:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return "nothing"
+        try:
+            # An SMTP server greets first; the metrics wait for the request.
+            writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            first = (await asyncio.wait_for(reader.readline(), 10)).decode().strip()
+            if not first.startswith("220"):
+                return first
+        finally:
+            writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await _reply(reader)
+            for line in (EHLO, FROM, "RCPT TO:<u@elsewhere.example>"):
+                writer.write(line.encode() + b"\r\n")
+                said = await _reply(reader)
+            return f"SMTP, RCPT to elsewhere: {said[:3]}"
+        finally:
+            writer.close()
+
+    async def run() -> object:
+        queue = Queue(_CONFIG_DIR[0] / "smtp-spool")
+        servers = await open_listeners(config, GatewayHandler(settings, queue),
+                                       GatewayHandler(reinject_smtp_settings(config), queue))
+        try:
+            return {name: await what_answers(port) for name, port in sorted(_PORTS.items())}
+        finally:
+            for server in servers:
+                if server is not None:
+                    server.close()
+                    await server.wait_closed()
+    return asyncio.run(run())
+
+
+LISTENING = ("gateway: {listen: '127.0.0.1:@PORT1@', reinject_listen: '127.0.0.1:@PORT2@', "
+             "metrics_listen: '127.0.0.1:@PORT3@'}\n")
+GATEWAY_PROBES.update({
+    f"gateway.{key}": Probe(*swap(LISTENING, f"{key}: '127.0.0.1:@PORT{n}@'",
+                                  f"{key}: '127.0.0.1:@PORT4@'"), listening)
+    for n, key in enumerate(("listen", "reinject_listen", "metrics_listen"), 1)})
+
+
 # Keys without a probe yet, and why: work left (see the report of issue 13), never a pass.
-_LISTENERS = ("the address serve's _run binds (start_listener / serve_metrics on its own "
-              "event loop, after privileges.become_user): a probe would bind the fixed ports "
-              "of a real serve run; tests/integration/test_serve.py starts serve on them")
-_ARCHIVES = ("read by the worker's check for locked files inside nested archives: its probe "
-             "needs a nested encrypted archive built here; work left")
-UNPROVEN: dict[str, str] = {
-    **{key: _LISTENERS for key in ("gateway.listen", "gateway.reinject_listen",
-                                   "gateway.metrics_listen")},
-    "neutralize.limits.archive_depth": _ARCHIVES,
-    "neutralize.limits.archive_bytes": _ARCHIVES,
-    "neutralize.workers": ("the size of the pool of conversions running at once (Sandbox "
-                           "slots): it shows only as two conversions overlapping in time, "
-                           "which a probe could tell only by timing them"),
-    "neutralize.require_sandbox": ("changes behaviour only where bubblewrap cannot make the "
-                                   "jail; where it can (this machine, CI) both values convert "
-                                   "alike, so a probe here would prove nothing"),
-}
+UNPROVEN: dict[str, str] = {}
 
 
 # -- the tests -------------------------------------------------------------------------------
