@@ -856,11 +856,14 @@ def converted(*names: str) -> Observer:
     """What the neutralize milter makes of attachments that need a converter: each part's
     type and name, and for images and PDFs what is inside (format, pixels, bytes, pages,
     page image pixels); notes as text."""
-    def observe(pol: Policy) -> object:
+    def observe(pol: Policy, checker: NeutralizeChecker | None = None) -> object:
+        """`checker`: one shared by several observations at once (its sandbox's slots
+        are the pool of workers of a milter process)."""
         raw = _conversion_mail([(name, MAKERS[name]()) for name in names])
         e = Envelope(client_ip="198.51.100.7", mail_from="a@bank.example",
                      recipients=[Recipient("u@example.jp")], queue_id="4Probe")
-        result = NeutralizeChecker("mx.probe.test").check(Message(raw=raw, envelope=e), pol)
+        checker = checker or NeutralizeChecker("mx.probe.test")
+        result = checker.check(Message(raw=raw, envelope=e), pol)
         head = raw[:raw.index(b"\r\n\r\n") + 2]
         body = None
         for edit in result.edits:
@@ -1538,13 +1541,16 @@ MEETING_OFFICE = fake_office("meeting-soffice", """\
     """)
 
 
-def side_by_side(observe: Observer) -> Observer:
-    """`observe`, while a thread of the test process plays the meeting point for
-    MEETING_OFFICE: once two of this process's conversions have said "started" at the same
+def side_by_side(*names: str) -> Observer:
+    """Two messages checked at once by one neutralize milter (two SMTP sessions), each
+    with one of `names` for MEETING_OFFICE, while a thread of the test process plays the
+    meeting point: once two of this process's conversions have said "started" at the same
     time, each finds a "go" in its private directory."""
     def run(pol: Policy) -> object:
         import threading
         done = threading.Event()
+        checker = NeutralizeChecker("mx.probe.test")
+        seen: dict[str, object] = {}
 
         def meet() -> None:
             pattern = f"{SANDBOX_PREFIX}{os.getpid()}-*/started"
@@ -1558,13 +1564,22 @@ def side_by_side(observe: Observer) -> Observer:
                         except OSError:  # that conversion has just ended
                             pass
                 done.wait(0.02)
-        thread = threading.Thread(target=meet, name="probe-meeting", daemon=True)
-        thread.start()
+
+        def check(name: str) -> None:
+            seen[name] = converted(name)(pol, checker)  # type: ignore[call-arg]
+        meeting = threading.Thread(target=meet, name="probe-meeting", daemon=True)
+        sessions = [threading.Thread(target=check, args=(name,), name=f"probe-{name}",
+                                     daemon=True) for name in names]
+        meeting.start()
         try:
-            return observe(pol)
+            for thread in sessions:
+                thread.start()
+            for thread in sessions:
+                thread.join(60)
         finally:
             done.set()
-            thread.join(10)
+            meeting.join(10)
+        return [seen.get(name, "no answer within 60 s") for name in names]
     return run
 
 
@@ -1612,7 +1627,7 @@ POLICY_PROBES.update({
     "neutralize.limits.archive_depth": conv("limits: {archive_depth: 1}\n", "deep.zip"),
     "neutralize.limits.archive_bytes": conv("limits: {archive_bytes: 10000}\n", "big.zip"),
     "neutralize.workers": Probe(MEETING_BASE + "  workers: 2\n", MEETING_BASE + "  workers: 1\n",
-                                side_by_side(converted("doc.docx", "other.docx"))),
+                                side_by_side("doc.docx", "other.docx")),
     "neutralize.require_sandbox": conv("require_sandbox: false\n", "photo.png",
                                        observe=without_bubblewrap(converted("photo.png"))),
 })
