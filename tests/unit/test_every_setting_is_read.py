@@ -4,8 +4,9 @@ Struct definitions, and each must have a probe here that proves it changes behav
 
 A probe is two texts (the key at its default or absent, then set to another value) and an
 observer that runs the real consumer of the loaded config -- the policy's decision, the
-rate limiter, the auth, neutralize or attachments checker, the policy test runner, the
-store opener, the milter supervisor -- and returns what it decided. The probe passes when
+rate limiter, the auth, neutralize or attachments checker (with its Nextcloud client, its
+converters in their sandbox), the policy test runner, the store opener, the milter
+supervisor, serve's SMTP server and listeners, delivery -- and returns what it decided. The probe passes when
 the two decisions differ; a "parsed object differs" check is never enough, because the
 observer only sees what the consumer does.
 
@@ -14,8 +15,11 @@ Adding a probe for a new key is a few lines in GATEWAY_PROBES or POLICY_PROBES:
     "auth.on_bad_from": Probe(AUTH_BASE, AUTH_BASE + "auth: {on_bad_from: reject}\\n",
                               auth_verdict(no_from)),
 
+Texts may name things started for each load: @SINK@ (the loopback next hop), @NC@ and
+@NCS@ (a fresh fake Nextcloud, HTTP or HTTPS), @PORT1@..@PORT4@ (free loopback ports).
+
 UNPROVEN holds the keys still without a probe, each with why: work left, never a pass; it
-may only shrink (a key that gets a probe must leave it).
+may only shrink (a key that gets a probe must leave it). It is empty.
 """
 from __future__ import annotations
 
@@ -1523,14 +1527,14 @@ MAKERS.update({"deep.zip": lambda: _made("deep.zip", _nested_locked),
                "other.docx": lambda: _made("other.docx", lambda p: docs.docx(p, ["y"]))})
 
 # Two conversions that wait for each other: each says it started (a file in its private
-# directory) and waits up to 4 s for a "go" that the test process writes into both private
+# directory) and waits up to 5 s for a "go" that the test process writes into both private
 # directories once it has seen both started at once (observer `side_by_side`). The jail
 # gives them no way to meet on their own. Never converts: stderr reaches the note.
 MEETING_OFFICE = fake_office("meeting-soffice", """\
     import os, sys, time
     home = os.environ["HOME"]
     open(os.path.join(home, "started"), "w").close()
-    deadline = time.monotonic() + 4.0
+    deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
         if os.path.exists(os.path.join(home, "go")):
             print("ran beside another conversion", file=sys.stderr)
@@ -1625,12 +1629,13 @@ POLICY_PROBES.update({
     # with a depth of 1 the worker cannot look that far and the file fails (dropped).
     "neutralize.limits.archive_depth": conv("limits: {archive_depth: 1}\n", "deep.zip"),
     "neutralize.limits.archive_bytes": conv("limits: {archive_bytes: 10000}\n", "big.zip"),
+    # Two sessions at once through one milter: with 2 workers their conversions meet; with
+    # 1 the second waits for the pool's one slot. (2, not the default: one per CPU.)
     "neutralize.workers": Probe(MEETING_BASE + "  workers: 2\n", MEETING_BASE + "  workers: 1\n",
                                 side_by_side("doc.docx", "other.docx")),
     "neutralize.require_sandbox": conv("require_sandbox: false\n", "photo.png",
                                        observe=without_bubblewrap(converted("photo.png"))),
 })
-
 
 
 # -- serve's listeners (serve.open_listeners, as _run calls it) -------------------------------
