@@ -220,6 +220,29 @@ async def _listen(address: str, setting: str, opening: Awaitable[asyncio.Server]
                             ) from None
 
 
+async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: GatewayHandler
+                         ) -> tuple[asyncio.Server, asyncio.Server, asyncio.Server | None]:
+    """serve's listeners on their configured addresses: SMTP on gateway.listen, the
+    milters' re-injection on gateway.reinject_listen and the metrics on
+    gateway.metrics_listen (none when it is empty). One that cannot open closes the others
+    and stops serve with a message naming its setting."""
+    opened: list[asyncio.Server] = []
+    try:
+        opened.append(await _listen(config.listen, "listen",
+                                    start_listener(main, *split_hostport(config.listen))))
+        opened.append(await _listen(config.reinject_listen, "reinject_listen",
+                                    start_listener(reinject,
+                                                   *split_hostport(config.reinject_listen))))
+        if config.metrics_listen:
+            opened.append(await _listen(config.metrics_listen, "metrics_listen",
+                                        serve_metrics(*split_hostport(config.metrics_listen))))
+    except BaseException:
+        for server in opened:
+            server.close()
+        raise
+    return opened[0], opened[1], opened[2] if len(opened) > 2 else None
+
+
 async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervisor,
                queue: Queue, delivery: DeliveryProcess, users: UserFile | None,
                loop_name: str) -> None:
@@ -233,19 +256,11 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
     pool = MilterPool()  # milter connections kept between SMTP sessions
     chain: Callable[[], ChainSession] | None = (
         (lambda: ChainSession(members, pool=pool)) if members else None)
-    main = await _listen(config.listen, "listen",
-                         start_listener(GatewayHandler(settings, queue, chain, delivery.notify),
-                                        *split_hostport(config.listen)))
-    reinject_settings = reinject_smtp_settings(config)
-    reinject = await _listen(config.reinject_listen, "reinject_listen",
-                             start_listener(GatewayHandler(reinject_settings, queue, None,
-                                                           delivery.notify),
-                                            *split_hostport(config.reinject_listen)))
-    metrics = None
     if config.metrics_listen:
         METRICS.gauge("mailmoat_queue_messages", lambda: float(len(queue.entries())))
-        metrics = await _listen(config.metrics_listen, "metrics_listen",
-                                serve_metrics(*split_hostport(config.metrics_listen)))
+    main, reinject, metrics = await open_listeners(
+        config, GatewayHandler(settings, queue, chain, delivery.notify),
+        GatewayHandler(reinject_smtp_settings(config), queue, None, delivery.notify))
     log_event("serve_started", listen=config.listen, reinject=config.reinject_listen,
               metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",

@@ -96,14 +96,18 @@ class NeutralizeChecker:
                  sandbox_for: Callable[[NeutralizeSettings], Sandbox] | None = None) -> None:
         self.authserv_id = authserv_id
         self._sandboxes: dict[tuple[int, float], Sandbox] = {}
+        self._sandboxes_lock = threading.Lock()
         self.sandbox_for = sandbox_for or self._shared_sandbox
 
     def _shared_sandbox(self, settings: NeutralizeSettings) -> Sandbox:
-        """One sandbox (one pool of worker slots) per pool size, shared by all connections."""
+        """One sandbox (one pool of worker slots) per pool size, shared by all connections.
+        Made under a lock: sessions that come together at start must not each make a pool
+        of their own, or `workers` would bound each of them instead of all."""
         key = (settings.workers, settings.limits.wall)
-        if key not in self._sandboxes:
-            self._sandboxes[key] = Sandbox(settings.workers, settings.limits.wall)
-        return self._sandboxes[key]
+        with self._sandboxes_lock:
+            if key not in self._sandboxes:
+                self._sandboxes[key] = Sandbox(settings.workers, settings.limits.wall)
+            return self._sandboxes[key]
 
     def check(self, message: Message, policy: Policy) -> EomResult:
         settings: NeutralizeSettings = policy.sections[MILTER]

@@ -134,10 +134,16 @@ class Sandbox:
         started = time.monotonic()
         with open(workdir / "stderr", "wb") as errors:
             # env={}: even bwrap itself (pid 1 of the sandbox) holds none of our secrets.
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=errors,
-                                       start_new_session=True, close_fds=True,
-                                       env={} if problem is None else None, preexec_fn=become)
+            try:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=errors,
+                                           start_new_session=True, close_fds=True,
+                                           env={} if problem is None else None,
+                                           preexec_fn=become)
+            except OSError as exc:  # e.g. without the jail, `nobody` may not run our Python
+                log_event("converter_not_started", level=logging.ERROR, error=str(exc))
+                return Outcome("failed", f"the converter could not be started "
+                                         f"({exc.strerror or exc})")
         with _RUNNING.lock:
             _RUNNING.jobs[workdir] = process.pid
         try:

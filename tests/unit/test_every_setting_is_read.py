@@ -4,8 +4,9 @@ Struct definitions, and each must have a probe here that proves it changes behav
 
 A probe is two texts (the key at its default or absent, then set to another value) and an
 observer that runs the real consumer of the loaded config -- the policy's decision, the
-rate limiter, the auth, neutralize or attachments checker, the policy test runner, the
-store opener, the milter supervisor -- and returns what it decided. The probe passes when
+rate limiter, the auth, neutralize or attachments checker (with its Nextcloud client, its
+converters in their sandbox), the policy test runner, the store opener, the milter
+supervisor, serve's SMTP server and listeners, delivery -- and returns what it decided. The probe passes when
 the two decisions differ; a "parsed object differs" check is never enough, because the
 observer only sees what the consumer does.
 
@@ -14,13 +15,18 @@ Adding a probe for a new key is a few lines in GATEWAY_PROBES or POLICY_PROBES:
     "auth.on_bad_from": Probe(AUTH_BASE, AUTH_BASE + "auth: {on_bad_from: reject}\\n",
                               auth_verdict(no_from)),
 
+Texts may name things started for each load: @SINK@ (the loopback next hop), @NC@ and
+@NCS@ (a fresh fake Nextcloud, HTTP or HTTPS), @PORT1@..@PORT4@ (free loopback ports).
+
 UNPROVEN holds the keys still without a probe, each with why: work left, never a pass; it
-may only shrink (a key that gets a probe must leave it).
+may only shrink (a key that gets a probe must leave it). It is empty.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import os
 import shutil
 import ssl
 import subprocess
@@ -32,7 +38,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import unquote
 
+import dkim
 import pytest
 
 from milters.attachments.logic import AttachmentsChecker
@@ -46,7 +54,9 @@ from milters.core.policy.document import Policy, _build_spec, load_policy_text
 from milters.core.policy.rules import Facts
 from milters.core.policy.schema import Either, ListOf, MapOf, Spec, Struct
 from milters.core.store import MemoryStore, open_gateway_store
+from milters.neutralize import jail
 from milters.neutralize.logic import NeutralizeChecker
+from milters.neutralize.sandbox import PREFIX as SANDBOX_PREFIX
 from milters.ratelimit.limiter import RateLimiter
 from milters.core.errors import MailmoatError
 from mta import privileges
@@ -57,11 +67,14 @@ from mta.delivery_process import DeliveryProcess
 from mta.listener import start_listener
 from mta.queue import Envelope as QueuedEnvelope
 from mta.queue import Queue, RecipientState, new_queue_id
-from mta.serve import server_tls, smtp_settings, user_file
+from mta.serve import (open_listeners, reinject_smtp_settings, server_tls, smtp_settings,
+                       user_file)
 from mta.smtpd import GatewayHandler, SmtpConnection
 from mta.users import set_password
 from tests.harness import documents as docs
 from tests.harness.certs import TestCa, server_context
+from tests.harness.nextcloud_fake import NextcloudFake
+from tests.harness.ports import free_port
 from tests.harness.sink import SmtpSink
 from mta.serve import MilterSupervisor
 from tests.conftest import ROOT
@@ -105,16 +118,26 @@ def policy_keys() -> list[str]:
 
 # -- loading ---------------------------------------------------------------------------------
 def policy(text: str) -> Policy:
+    if "@NC" in text:  # a fake Nextcloud, started for this load (see _with_cloud)
+        text = _with_cloud(text)
     return load_policy_text(textwrap.dedent(text), EXTENSIONS, "probe.yaml")
 
 
 _CONFIG_DIR: list[Path] = []
 
 
+_PORTS: dict[str, int] = {}  # @PORTn@ -> the free port it stood for in the last load
+
+
 def gateway(text: str) -> Any:
     path = _CONFIG_DIR[0] / "gateway.yaml"
     if "@SINK@" in text:  # the loopback next hop (offers STARTTLS), started on first use
         text = text.replace("@SINK@", str(next_hop().port))
+    _PORTS.clear()
+    if "@PORT" in text:  # four loopback ports free now, chosen afresh for each load
+        for n in range(1, 5):
+            _PORTS[f"@PORT{n}@"] = free_port()
+            text = text.replace(f"@PORT{n}@", str(_PORTS[f"@PORT{n}@"]))
     path.write_text(textwrap.dedent(text))
     return load_config(path)
 
@@ -826,19 +849,25 @@ def _picture(path: Path) -> Path:
     return path
 
 
+# The attachments converter probes send, by name (more are added further down).
+MAKERS: dict[str, Callable[[], bytes]] = {
+    "photo.png": lambda: _made("photo.png", _picture),
+    "doc.pdf": lambda: _made("doc.pdf", lambda p: docs.pdf(p, 3)),
+    "doc.docx": lambda: _made("doc.docx", lambda p: docs.docx(p, ["x"]))}
+
+
 def converted(*names: str) -> Observer:
     """What the neutralize milter makes of attachments that need a converter: each part's
     type and name, and for images and PDFs what is inside (format, pixels, bytes, pages,
     page image pixels); notes as text."""
-    makers = {"photo.png": lambda: _made("photo.png", _picture),
-              "doc.pdf": lambda: _made("doc.pdf", lambda p: docs.pdf(p, 3)),
-              "doc.docx": lambda: _made("doc.docx", lambda p: docs.docx(p, ["x"]))}
-
-    def observe(pol: Policy) -> object:
-        raw = _conversion_mail([(name, makers[name]()) for name in names])
+    def observe(pol: Policy, checker: NeutralizeChecker | None = None) -> object:
+        """`checker`: one shared by several observations at once (its sandbox's slots
+        are the pool of workers of a milter process)."""
+        raw = _conversion_mail([(name, MAKERS[name]()) for name in names])
         e = Envelope(client_ip="198.51.100.7", mail_from="a@bank.example",
                      recipients=[Recipient("u@example.jp")], queue_id="4Probe")
-        result = NeutralizeChecker("mx.probe.test").check(Message(raw=raw, envelope=e), pol)
+        checker = checker or NeutralizeChecker("mx.probe.test")
+        result = checker.check(Message(raw=raw, envelope=e), pol)
         head = raw[:raw.index(b"\r\n\r\n") + 2]
         body = None
         for edit in result.edits:
@@ -940,10 +969,11 @@ CONV_BASE = NEU_BASE + "neutralize:\n  on_failure: drop\n"
 FORK_BASE = CONV_BASE + f"  soffice: {FORK_OFFICE}\n"
 
 
-def conv(setting: str, *names: str, base: str = CONV_BASE) -> Probe:
+def conv(setting: str, *names: str, base: str = CONV_BASE,
+         observe: Observer | None = None) -> Probe:
     """A converter probe: `setting` is YAML lines under `neutralize:`."""
     return Probe(base, base + textwrap.indent(textwrap.dedent(setting), "  "),
-                 converted(*names))
+                 observe or converted(*names))
 
 
 # -- gateway observers: serve's SMTP server, the router and the queue, run for real -----------
@@ -1267,37 +1297,401 @@ POLICY_PROBES.update({
                                   base=CONV_BASE + f"  soffice: {BUSY_OFFICE}\n"),
 })
 
+
+# -- auth: signed, sealed and slow messages (keys made here, in-process) ----------------------
+@functools.cache
+def _rsa_key(bits: int) -> tuple[bytes, str]:
+    """An RSA key: its PEM (for dkimpy) and the p= of its DNS record."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, base64.b64encode(der).decode()
+
+
+class _ExpiredSigner(dkim.DKIM):
+    """dkimpy's signer with t= and x= in the past (its sign() has no expiry parameter):
+    the x= tag is signed like any other, as a real signer with a short TTL makes it."""
+
+    def gen_header(self, fields: list[tuple[bytes, bytes]], *args: Any, **kwargs: Any) -> Any:
+        fields = [f for f in fields if f[0] not in (b"t", b"x")]
+        at = [name for name, _ in fields].index(b"h")
+        fields[at:at] = [(b"t", b"1700000000"), (b"x", b"1700003600")]
+        return super().gen_header(fields, *args, **kwargs)
+
+
+# The From domain reject.test publishes p=reject; MAIL FROM's attacker.test is not aligned,
+# so DMARC passes only through a DKIM signature of reject.test that the settings accept.
+SIGNED_FROM = "reject.test"
+
+
+@functools.cache
+def _signed(kind: str) -> bytes:
+    """auth_message() signed by reject.test (selector s1024, a 1024-bit key) in one way."""
+    raw = auth_message().raw
+    pem = _rsa_key(1024)[0]
+    sign = functools.partial(dkim.sign, selector=b"s1024", domain=SIGNED_FROM.encode(),
+                             privkey=pem)
+    if kind == "plain":
+        return sign(raw) + raw
+    if kind == "sha1":
+        return sign(raw, signature_algorithm=b"rsa-sha1") + raw
+    if kind == "partial":  # l= covers "Hello."; a forger appends below it
+        return sign(raw, length=True) + raw + b"PS: the account changed, pay to 999-888.\r\n"
+    if kind == "expired":
+        return _ExpiredSigner(raw).sign(b"s1024", SIGNED_FROM.encode(), pem) + raw
+    if kind == "second":  # a signature whose key is gone, above the good one
+        good = sign(raw) + raw
+        return dkim.sign(good, b"gone", SIGNED_FROM.encode(), pem) + good
+    raise ValueError(kind)
+
+
+SIGNED_ZONE = {**ZONE, (f"s1024._domainkey.{SIGNED_FROM}", "TXT"): [
+    txt(f"v=DKIM1; k=rsa; p={_rsa_key(1024)[1]}")]}
+SEALER = "fwd.example.com"
+
+
+@functools.cache
+def _sealed() -> bytes:
+    """reject.test's message as a mailing list at fwd.example.com relays it: checked there
+    (its own Authentication-Results), sealed (ARC i=1), sent on from its own address."""
+    original = auth_message(mail_from="list-bounce@attacker.test", extra=(
+        f"Authentication-Results: {SEALER}; spf=pass smtp.mailfrom=reject.test;\r\n"
+        f"\tdmarc=pass header.from=reject.test\r\n").encode()).raw
+    seal = dkim.arc_sign(original, b"arc", SEALER.encode(), _rsa_key(1024)[0],
+                         SEALER.encode(), timestamp=int(time.time()))
+    assert len(seal) == 3, "dkimpy found no Authentication-Results of the sealer"
+    return b"".join(seal) + original
+
+
+SEALED_ZONE = {**ZONE, (f"arc._domainkey.{SEALER}", "TXT"): [
+    txt(f"v=DKIM1; k=rsa; p={_rsa_key(1024)[1]}")]}
+
+
+def signed_message(raw: Callable[[], bytes]) -> Callable[[], Message]:
+    return lambda: Message(raw=raw(), envelope=auth_message().envelope)
+
+
+def signed(kind: str) -> Observer:
+    return auth_verdict(signed_message(lambda: _signed(kind)), zone=SIGNED_ZONE)
+
+
+class SlowResolver(DictResolver):
+    """A DictResolver whose answers for some names come only after a wait, as from a
+    nameserver that is slow but answers."""
+
+    def __init__(self, records: dict[tuple[str, str], object],
+                 slow: dict[tuple[str, str], float]) -> None:
+        super().__init__(records)
+        self.slow = slow
+
+    def lookup(self, name: str, rdtype: str) -> list:  # type: ignore[type-arg]
+        time.sleep(self.slow.get((name.lower().rstrip("."), rdtype), 0.0))
+        return super().lookup(name, rdtype)
+
+
+def slow_spf(pol: Policy) -> object:
+    """The SPF result for MAIL FROM slowspf.test, whose record takes 1.2 s to come and
+    needs one more lookup after it (the check's whole time budget is spf.timeout)."""
+    zone = {**ZONE, ("slowspf.test", "TXT"): [txt("v=spf1 a:mail.sender.test -all")]}
+    resolver = SlowResolver(zone, {("slowspf.test", "TXT"): 1.2})
+    checker = AuthChecker("mx.probe.test", resolver, sample=lambda: 0.99, store=MemoryStore())
+    result = checker.check(auth_message(mail_from="bounce@slowspf.test"), pol)
+    return (result.verdict.action, [getattr(e, "value", "") for e in result.edits])
+
+
+def kept_reports(pol: Policy) -> object:
+    """How many DMARC report tallies the Store still holds 40 days after the message
+    (what `mailmoat dmarc report` could still read then)."""
+    store = MemoryStore()
+    checker = AuthChecker("mx.probe.test", DictResolver(ZONE), sample=lambda: 0.99, store=store)
+    checker.check(auth_message(), pol)
+    return (len(store.records("")), len(store.records("", now=time.time() + 40 * 86400)))
+
+
+REPORTING = AUTH_BASE + "auth: {reports: {record: true}}\n"
+POLICY_PROBES.update({
+    "auth.dkim.min_rsa_bits": auth("{dkim: {min_rsa_bits: 2048}}", signed("plain")),
+    "auth.dkim.allow_sha1": auth("{dkim: {allow_sha1: true}}", signed("sha1")),
+    "auth.dkim.allow_partial_body": auth("{dkim: {allow_partial_body: true}}",
+                                         signed("partial")),
+    "auth.dkim.allow_expired": auth("{dkim: {allow_expired: true}}", signed("expired")),
+    # Only the first signature (whose key is gone) is checked: the good one below is not.
+    "auth.dkim.max_signatures": auth("{dkim: {max_signatures: 1}}", signed("second")),
+    "auth.arc_trusted_sealers": auth(f"{{arc_trusted_sealers: [{SEALER}]}}", auth_verdict(
+        signed_message(_sealed), zone=SEALED_ZONE)),
+    "auth.spf.timeout": auth("{spf: {timeout: 1}}", slow_spf),
+    "auth.reports.keep": Probe(REPORTING, REPORTING.replace("record: true",
+                                                            "record: true, keep: 60d"),
+                               kept_reports),
+})
+
+
+
+# -- attachments offload: the real client against the Nextcloud fake -------------------------
+# A policy text naming @NC@ (plain HTTP) or @NCS@ (HTTPS, certificate of our CA) gets a fresh
+# fake Nextcloud at load time (policy() below), so that each observation starts from an empty
+# cloud; its user is `mailmoat` with the app password in MM_PROBE_NC, and its day is NOW's.
+NC_PASSWORD = "probe-app-password"
+_CLOUDS: list[NextcloudFake] = []
+(FILES / "nc.pass").write_text(NC_PASSWORD + "\n")
+(FILES / "nc.pass").chmod(0o600)
+
+
+def _with_cloud(text: str) -> str:
+    for cloud in _CLOUDS:
+        cloud.stop()
+    _CLOUDS[:] = [NextcloudFake(user="mailmoat", app_password=NC_PASSWORD,
+                                tls=(str(CERT), str(KEY)) if "@NCS@" in text else None,
+                                today=NOW.date).start()]
+    return text.replace("@NCS@", _CLOUDS[0].url).replace("@NC@", _CLOUDS[0].url)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_clouds() -> Iterator[None]:
+    yield
+    for cloud in _CLOUDS:
+        cloud.stop()
+    _CLOUDS.clear()
+
+
+def offloaded(prepare: Callable[[NextcloudFake], None] = lambda cloud: None) -> Observer:
+    """The attachments milter's verdict on an offload, and what the fake Nextcloud saw:
+    each request (method, decoded path, query), the files stored, the link shares made."""
+    def observe(pol: Policy) -> object:
+        cloud = _CLOUDS[0]
+        prepare(cloud)
+        action, reply = attachments()(pol)[:2]  # type: ignore[index]
+        return (action, reply,
+                [(r.method, unquote(r.path), r.query) for r in cloud.requests],
+                sorted(cloud.files()),
+                [(s.path, str(s.expiration), bool(s.password)) for s in cloud.shares])
+    return observe
+
+
+OFFLOAD = (ATT_BASE.replace("encrypt}", "offload}") + "attachments: {offload: {nextcloud: "
+           "{url: '@NC@', user: mailmoat, password_env: MM_PROBE_NC, retries: 0}}}\n")
+
+
+def nc_probe(old: str, new: str, observe: Observer | None = None,
+             base: str = OFFLOAD) -> Probe:
+    return Probe(*swap(base, old, new), observe or offloaded())
+
+
+NC = "attachments.offload.nextcloud."
+POLICY_PROBES.update({
+    NC + "url": nc_probe("'@NC@'", "'@NC@/nextcloud'"),
+    NC + "user": nc_probe("user: mailmoat", "user: hanako"),
+    NC + "password_env": nc_probe("MM_PROBE_NC", "MM_PROBE_FIXED_A"),
+    NC + "password_file": nc_probe(f"password_file: {FILES / 'alpha.pass'}",
+                                   f"password_file: {FILES / 'nc.pass'}",
+                                   base=OFFLOAD.replace("password_env: MM_PROBE_NC",
+                                                        f"password_file: {FILES / 'alpha.pass'}")),
+    # The fake speaks HTTPS with a certificate of our CA, which the system CAs do not know.
+    NC + "ca_file": nc_probe("retries: 0", f"retries: 0, ca_file: {CA_FILE}",
+                             base=OFFLOAD.replace("@NC@", "@NCS@")),
+    # The first request is answered after 1.5 s: within the default 30 s, past 1 s.
+    NC + "timeout": nc_probe("retries: 0", "retries: 0, timeout: 1s",
+                             offloaded(lambda cloud: cloud.delay_next(1, 1.5))),
+    # The first request gets a 503: a second try (after the client's 0.5 s pause) succeeds.
+    NC + "retries": nc_probe("retries: 0", "retries: 1",
+                             offloaded(lambda cloud: cloud.fail_next(1, 503))),
+    NC + "folder": nc_probe("retries: 0", "retries: 0, folder: 'outgoing/{date}/{id}'"),
+    NC + "expire_days": nc_probe("retries: 0", "retries: 0, expire_days: 3"),
+})
+
+
+
+# -- neutralize: nested archives, the pool of workers, the sandbox requirement ---------------
+def _nested_locked(path: Path) -> Path:
+    """A ZIP holding a ZIP holding a password ZIP: the lock sits at depth 2."""
+    locked = docs.zip_zipcrypto_python(FILES / "locked.zip", {"invoice.docx": b"x" * 500},
+                                       "Secret-2026")
+    middle = docs.zip_plain(FILES / "middle.zip", {"locked.zip": locked.read_bytes()})
+    return docs.zip_plain(path, {"middle.zip": middle.read_bytes()})
+
+
+def _nested_big(path: Path) -> Path:
+    """A ZIP holding a ZIP of 20 kB (stored noise: it does not deflate) and no lock."""
+    import random
+    bundle = docs.zip_plain(FILES / "bundle.zip", {"data.bin": random.Random(7).randbytes(20000)})
+    return docs.zip_plain(path, {"bundle.zip": bundle.read_bytes()})
+
+
+MAKERS.update({"deep.zip": lambda: _made("deep.zip", _nested_locked),
+               "big.zip": lambda: _made("big.zip", _nested_big),
+               "other.docx": lambda: _made("other.docx", lambda p: docs.docx(p, ["y"]))})
+
+# Two conversions that wait for each other: each says it started (a file in its private
+# directory) and waits up to 5 s for a "go" that the test process writes into both private
+# directories once it has seen both started at once (observer `side_by_side`). The jail
+# gives them no way to meet on their own. Never converts: stderr reaches the note.
+MEETING_OFFICE = fake_office("meeting-soffice", """\
+    import os, sys, time
+    home = os.environ["HOME"]
+    open(os.path.join(home, "started"), "w").close()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if os.path.exists(os.path.join(home, "go")):
+            print("ran beside another conversion", file=sys.stderr)
+            sys.exit(1)
+        time.sleep(0.02)
+    print("ran alone", file=sys.stderr)
+    sys.exit(1)
+    """)
+
+
+def side_by_side(*names: str) -> Observer:
+    """Two messages checked at once by one neutralize milter (two SMTP sessions), each
+    with one of `names` for MEETING_OFFICE, while a thread of the test process plays the
+    meeting point: once two of this process's conversions have said "started" at the same
+    time, each finds a "go" in its private directory."""
+    def run(pol: Policy) -> object:
+        import threading
+        done = threading.Event()
+        checker = NeutralizeChecker("mx.probe.test")
+        seen: dict[str, object] = {}
+
+        def meet() -> None:
+            pattern = f"{SANDBOX_PREFIX}{os.getpid()}-*/started"
+            deadline = time.monotonic() + 60  # bounded whatever happens
+            while not done.is_set() and time.monotonic() < deadline:
+                started = list(Path(tempfile.gettempdir()).glob(pattern))
+                if len(started) >= 2:
+                    for marker in started:
+                        try:
+                            (marker.parent / "go").touch()
+                        except OSError:  # that conversion has just ended
+                            pass
+                done.wait(0.02)
+
+        def check(name: str) -> None:
+            seen[name] = converted(name)(pol, checker)  # type: ignore[call-arg]
+        meeting = threading.Thread(target=meet, name="probe-meeting", daemon=True)
+        sessions = [threading.Thread(target=check, args=(name,), name=f"probe-{name}",
+                                     daemon=True) for name in names]
+        meeting.start()
+        try:
+            for thread in sessions:
+                thread.start()
+            for thread in sessions:
+                thread.join(60)
+        finally:
+            done.set()
+            meeting.join(10)
+        return [seen.get(name, "no answer within 60 s") for name in names]
+    return run
+
+
+NO_BWRAP = FILES / "no-bwrap-bin"  # a PATH where bubblewrap is not installed
+NO_BWRAP.mkdir()
+
+
+def without_bubblewrap(observe: Observer) -> Observer:
+    """`observe` where `bwrap` is not installed: the milter looks it up in PATH (jail.py),
+    and tries the jail once per process, so that answer is set aside for the probe. With
+    it, what the sandbox logged it would do (refuse, or convert without the jail)."""
+    def run(pol: Policy) -> object:
+        import logging
+        said: list[str] = []
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "event=sandbox_unavailable" in record.getMessage():
+                    said.append(record.getMessage().partition(" action=")[2])
+        handler, logger = Catch(), logging.getLogger("mailmoat")
+        logger.addHandler(handler)
+        saved_path, saved = os.environ.get("PATH", ""), dict(jail._PROBED)
+        os.environ["PATH"] = str(NO_BWRAP)
+        jail._PROBED.clear()
+        try:
+            # Unjailed, the worker runs as `nobody` when the milter is root: where the
+            # milter's Python is not readable by nobody (a pyenv under /root, as on the
+            # test machine) it cannot start, and the file gets neutralize.on_failure.
+            # Elsewhere it converts.
+            seen = observe(pol)
+        finally:
+            os.environ["PATH"] = saved_path
+            jail._PROBED.clear()
+            jail._PROBED.update(saved)
+            logger.removeHandler(handler)
+        return (said, seen)
+    return run
+
+
+MEETING_BASE = CONV_BASE + f"  soffice: {MEETING_OFFICE}\n"
+POLICY_PROBES.update({
+    # The password ZIP at depth 2: found within the default depth 3 (rejected as locked);
+    # with a depth of 1 the worker cannot look that far and the file fails (dropped).
+    "neutralize.limits.archive_depth": conv("limits: {archive_depth: 1}\n", "deep.zip"),
+    "neutralize.limits.archive_bytes": conv("limits: {archive_bytes: 10000}\n", "big.zip"),
+    # Two sessions at once through one milter: with 2 workers their conversions meet; with
+    # 1 the second waits for the pool's one slot. (2, not the default: one per CPU.)
+    "neutralize.workers": Probe(MEETING_BASE + "  workers: 2\n", MEETING_BASE + "  workers: 1\n",
+                                side_by_side("doc.docx", "other.docx")),
+    "neutralize.require_sandbox": conv("require_sandbox: false\n", "photo.png",
+                                       observe=without_bubblewrap(converted("photo.png"))),
+})
+
+
+# -- serve's listeners (serve.open_listeners, as _run calls it) -------------------------------
+def listening(config: Any) -> object:
+    """What answers on each @PORTn@ of the config once serve has opened its listeners
+    there: nothing, the metrics (HTTP), or an SMTP server, which relays for loopback only
+    on the re-injection listener (the main one refuses: loopback is not internal here)."""
+    settings = smtp_settings(config, SMTP_POLICY, None, None)
+
+    async def what_answers(port: int) -> str:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return "nothing"
+        try:
+            # An SMTP server greets first; the metrics wait for the request.
+            writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            first = (await asyncio.wait_for(reader.readline(), 10)).decode().strip()
+            if not first.startswith("220"):
+                return first
+        finally:
+            writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await _reply(reader)
+            for line in (EHLO, FROM, "RCPT TO:<u@elsewhere.example>"):
+                writer.write(line.encode() + b"\r\n")
+                said = await _reply(reader)
+            return f"SMTP, RCPT to elsewhere: {said[:3]}"
+        finally:
+            writer.close()
+
+    async def run() -> object:
+        queue = Queue(_CONFIG_DIR[0] / "smtp-spool")
+        servers = await open_listeners(config, GatewayHandler(settings, queue),
+                                       GatewayHandler(reinject_smtp_settings(config), queue))
+        try:
+            return {name: await what_answers(port) for name, port in sorted(_PORTS.items())}
+        finally:
+            for server in servers:
+                if server is not None:
+                    server.close()
+                    await server.wait_closed()
+    return asyncio.run(run())
+
+
+LISTENING = ("gateway: {listen: '127.0.0.1:@PORT1@', reinject_listen: '127.0.0.1:@PORT2@', "
+             "metrics_listen: '127.0.0.1:@PORT3@'}\n")
+GATEWAY_PROBES.update({
+    f"gateway.{key}": Probe(*swap(LISTENING, f"{key}: '127.0.0.1:@PORT{n}@'",
+                                  f"{key}: '127.0.0.1:@PORT4@'"), listening)
+    for n, key in enumerate(("listen", "reinject_listen", "metrics_listen"), 1)})
+
+
 # Keys without a probe yet, and why: work left (see the report of issue 13), never a pass.
-_LISTENERS = ("the address serve's _run binds (start_listener / serve_metrics on its own "
-              "event loop, after privileges.become_user): a probe would bind the fixed ports "
-              "of a real serve run; tests/integration/test_serve.py starts serve on them")
-_ARCHIVES = ("read by the worker's check for locked files inside nested archives: its probe "
-             "needs a nested encrypted archive built here; work left")
-UNPROVEN: dict[str, str] = {
-    **{key: _LISTENERS for key in ("gateway.listen", "gateway.reinject_listen",
-                                   "gateway.metrics_listen")},
-    "neutralize.limits.archive_depth": _ARCHIVES,
-    "neutralize.limits.archive_bytes": _ARCHIVES,
-    "neutralize.workers": ("the size of the pool of conversions running at once (Sandbox "
-                           "slots): it shows only as two conversions overlapping in time, "
-                           "which a probe could tell only by timing them"),
-    "neutralize.require_sandbox": ("changes behaviour only where bubblewrap cannot make the "
-                                   "jail; where it can (this machine, CI) both values convert "
-                                   "alike, so a probe here would prove nothing"),
-    **{key: "needs a DNS zone with SPF/DKIM records that trip the limit in the probe"
-       for key in ( "auth.spf.timeout", "auth.dkim.min_rsa_bits", "auth.dkim.allow_expired",
-                   "auth.dkim.allow_partial_body", "auth.dkim.allow_sha1",
-                   "auth.dkim.max_signatures", "auth.arc_trusted_sealers", "auth.reports.keep")},
-    **{key: "needs the Nextcloud fake (tests/harness/nextcloud_fake.py) in the probe"
-       for key in ("attachments.offload.nextcloud.url", "attachments.offload.nextcloud.user",
-                   "attachments.offload.nextcloud.password_env",
-                   "attachments.offload.nextcloud.password_file",
-                   "attachments.offload.nextcloud.ca_file",
-                   "attachments.offload.nextcloud.timeout",
-                   "attachments.offload.nextcloud.retries",
-                   "attachments.offload.nextcloud.folder",
-                   "attachments.offload.nextcloud.expire_days")},
-}
+UNPROVEN: dict[str, str] = {}
 
 
 # -- the tests -------------------------------------------------------------------------------
