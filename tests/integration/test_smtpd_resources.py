@@ -103,9 +103,10 @@ def test_replies_still_come_once_a_paused_client_reads(tmp_path: Path) -> None:
 
 
 # -- slow clients --------------------------------------------------------------------------------
-def trickle(client: Client, data: bytes, interval: float, limit: float) -> tuple[str, float]:
+def trickle(client: Client, data: bytes, interval: float, limit: float) -> str:
     """Send `data` one byte per `interval` (starting over when it runs out) until the
-    server says something; (what it said, seconds it took). Bounded by `limit`."""
+    server says something, for at most `limit` seconds; what it said while we were still
+    trickling, or "(no reply)": a server that only cuts idle clients never answers here."""
     client.sock.settimeout(interval)
     started = time.monotonic()
     index = 0
@@ -123,9 +124,10 @@ def trickle(client: Client, data: bytes, interval: float, limit: float) -> tuple
             chunk = b""
         client.pending += chunk
         break
-    waited = time.monotonic() - started
-    client.sock.settimeout(5)
-    return client.last(), waited
+    if not client.pending:
+        return "(no reply)"
+    client.sock.settimeout(5)  # the rest of a reply that began
+    return client.last()
 
 
 def test_a_command_trickled_one_byte_at_a_time_is_cut_at_its_deadline(
@@ -135,9 +137,10 @@ def test_a_command_trickled_one_byte_at_a_time_is_cut_at_its_deadline(
         with greeted(port) as client:
             client.send(b"EHLO c.example\r\n")
             client.reply()
-            said, waited = trickle(client, b"NOOP " + b"x" * 400, interval=0.05, limit=15)
+            # The limit is 1 s; the trickle stops after 5 s (generous for a loaded machine),
+            # so a server that waits longer gives no reply here.
+            said = trickle(client, b"NOOP " + b"x" * 400, interval=0.05, limit=5)
             assert said == TIMEOUT_REPLY, said
-            assert waited < 5, waited  # the limit is 1 s; generous for a loaded machine
             assert client.closed_by_server()
 
 
@@ -150,10 +153,9 @@ def test_data_trickled_one_byte_at_a_time_is_cut_at_its_deadline(tmp_path: Path)
                         b"RCPT TO:<t@example.jp>\r\nDATA\r\n")
             client.reply()
             assert client.replies(3)[-1].startswith("354 ")
-            said, waited = trickle(client, b"Subject: slow\r\n\r\nbody line\r\n",
-                                   interval=0.05, limit=15)
+            said = trickle(client, b"Subject: slow\r\n\r\nbody line\r\n",
+                              interval=0.05, limit=5)
             assert said == TIMEOUT_REPLY, said
-            assert waited < 5, waited
             assert client.closed_by_server()
         assert queue.entries() == []
 
@@ -212,9 +214,9 @@ def test_under_connection_pressure_a_trickler_is_cut_at_the_stress_timeout(
         if pressure_first:
             ready.wait()
         with greeted(port) as client:
-            said, waited = trickle(client, b"NOOP " + b"x" * 400, interval=0.05, limit=20)
+            # 30 s without pressure, 1 s with it: the trickle stops after 10 s.
+            said = trickle(client, b"NOOP " + b"x" * 400, interval=0.05, limit=10)
             assert said == TIMEOUT_REPLY, said
-            assert waited < 10, waited  # 30 s without pressure, 1 s with it
     finally:
         stop.set()
         for thread in threads:
@@ -320,7 +322,7 @@ def test_a_line_that_never_ends_is_dropped_as_it_comes_and_cut_at_the_deadline(
             started = time.monotonic()
             said = None
             client.sock.settimeout(0.1)
-            while time.monotonic() - started < 15 and said is None:
+            while time.monotonic() - started < 8 and said is None:  # the bound
                 try:
                     client.send(b"x" * 65536)
                 except (BrokenPipeError, ConnectionResetError):
@@ -330,9 +332,9 @@ def test_a_line_that_never_ends_is_dropped_as_it_comes_and_cut_at_the_deadline(
                     said = True
                 except TimeoutError:
                     pass
-            client.sock.settimeout(5)
+            assert client.pending, "no reply while the line was still coming in"
+            client.sock.settimeout(5)  # the rest of a reply that began
             assert client.last() == TIMEOUT_REPLY
-            assert time.monotonic() - started < 8
 
 
 @pytest.fixture
