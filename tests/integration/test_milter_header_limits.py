@@ -59,9 +59,8 @@ def milters(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
 
 @pytest.mark.parametrize("what,headers", HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_every_hostile_header_gets_an_end_of_message_reply(milters, what: str,  # type: ignore[no-untyped-def]
-                                                           headers: list[tuple[bytes, bytes]]
-                                                           ) -> None:
+def test_every_hostile_header_gets_an_end_of_message_reply(
+        milters: list[MilterProcess], what: str, headers: list[tuple[bytes, bytes]]) -> None:
     for milter in milters:
         client = _client(milter)
         try:
