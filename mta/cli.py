@@ -9,6 +9,7 @@ import argparse
 import getpass
 import importlib
 import ipaddress
+import os
 import pwd
 import sys
 import time
@@ -226,11 +227,25 @@ def cmd_scan(args: argparse.Namespace) -> int:
                           auth_user=args.auth_user)
     config = _run_as(load_config(args.config), args.user)
     privileges.plan(config, "scan (the milters it starts)")  # refuses root without a user
-    report, transit = scan.scan(config, args.config, request, read_policy)
+    reinjected_dir = _output_dir(args.reinjected_dir) if args.reinjected_dir else None
+    report, transit = scan.scan(config, args.config, request, read_policy, reinjected_dir)
     scan.print_report(report, args.json)
     if args.out:
         Path(args.out).write_bytes(transit.raw)
     return 0 if report["verdict"] == "accept" else 1
+
+
+def _output_dir(name: str) -> Path:
+    """A directory for scan's files, made if missing (0700: notices hold passwords);
+    checked before any milter starts."""
+    path = Path(name)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--reinjected-dir {name}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--reinjected-dir {name}: not writable")
+    return path
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -376,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan_cmd.add_argument("--config", metavar="FILE", help=config_help)
     scan_cmd.add_argument("--out", metavar="OUT.eml", help="write the resulting message")
     scan_cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    scan_cmd.add_argument("--reinjected-dir", metavar="DIR",
+                          help="write what milters hand back (copies, password notices) "
+                               "as NN-for-RECIPIENT.eml files in DIR")
     scan_cmd.add_argument("--user", metavar="USER", help=f"the milters' user, {user_help}")
     scan_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
     scan_cmd.set_defaults(func=cmd_scan)

@@ -15,6 +15,7 @@ drivers: the chain above (milter_chain) is written the same way.
 """
 from __future__ import annotations
 
+import logging
 import socket
 from abc import ABC, abstractmethod
 import struct
@@ -26,11 +27,13 @@ from milters.core.config import (MILTER_COMMAND_TIMEOUT, MILTER_CONNECT_TIMEOUT,
 from milters.core.edits import (AddHeader, AddRecipient, ChangeFrom, ChangeHeader,
                                 DeleteRecipient, Edit, Quarantine, ReplaceBody)
 from milters.core.errors import MilterProtocolError
+from milters.core.eventlog import log_event
 from milters.core.milter_protocol import (ALL_ACTIONS, BODY_CHUNK, MAX_PACKET, PROTOCOL_VERSION,
                                           MacroStage, OptNeg, ProtocolFlag, encode_packet)
 from milters.core.verdict import SmtpReply, Verdict
 
 from .message_text import NewBody
+from .milter_headers import MDS_BITS, DEFAULT_MAX_DATA, max_data_size, wire_header
 
 if TYPE_CHECKING:
     from .milter_async import MilterSocket
@@ -187,6 +190,8 @@ class MilterClient(BlockingEnvelopeStages):
         self._held_macros = b""  # a macro packet waiting for its stage's command
         self._unsent = b""  # no-reply stages held back for the next write (see _stage)
         self.send_timeout = endpoint.command_timeout  # the limit of the send under way
+        self.max_data = DEFAULT_MAX_DATA  # the longest packet data the milter takes
+        self.queue_id = ""  # of the message under way (macro i), for the log
 
     # -- blocking use (scan, tests) ----------------------------------------------------------
     def open(self) -> OptNeg:
@@ -264,12 +269,14 @@ class MilterClient(BlockingEnvelopeStages):
             raise MilterProtocolError(f"milter {self.endpoint.name}: expected OPTNEG, got "
                                       f"{command!r}")
         answer = OptNeg.decode(data)
-        if answer.version < 2 or int(answer.protocol) & ~int(OFFERED_PROTOCOL):
+        # The SMFIP_MDS_* bits announce the milter's packet limit; they ask nothing of us.
+        if answer.version < 2 or int(answer.protocol) & ~(int(OFFERED_PROTOCOL) | MDS_BITS):
             raise MilterProtocolError(f"milter {self.endpoint.name} asked for what we did not "
                                       f"offer (version {answer.version}, protocol "
                                       f"{int(answer.protocol):#x})")
         self.negotiated = answer
         self._protocol_bits = int(answer.protocol)
+        self.max_data = max_data_size(self._protocol_bits)
         # Macro names as the milter asked for them, with and without braces.
         self._wanted = {stage: {form for name in names for form in
                                 (name, name.strip("{}"), "{" + name.strip("{}") + "}")}
@@ -294,6 +301,7 @@ class MilterClient(BlockingEnvelopeStages):
                macros: dict[str, str] | None = None) -> Steps[Verdict]:
         self._hold_macros(MacroStage.ENVFROM, macros, _I["NOMAIL"])
         self.body_skipped = False
+        self.queue_id = (macros or {}).get("i", "")
         return (yield from self._stage(b"M", _z(f"<{sender}>", *params),
                                        _I["NOMAIL"], _I["NR_MAIL"]))
 
@@ -305,10 +313,20 @@ class MilterClient(BlockingEnvelopeStages):
 
     def g_data(self, macros: dict[str, str] | None = None) -> Steps[Verdict]:
         self._hold_macros(MacroStage.DATA, macros, _I["NODATA"])
+        self.queue_id = (macros or {}).get("i", self.queue_id)
         return (yield from self._stage(b"T", b"", _I["NODATA"], _I["NR_DATA"]))
 
     def g_header(self, name: str, value: str) -> Steps[Verdict]:
-        return (yield from self._stage(b"L", _z(name, value), _I["NOHDRS"], _I["NR_HDR"]))
+        if self._protocol_bits & _I["NOHDRS"]:
+            return Verdict.cont()
+        header = wire_header(name, value, self.max_data)
+        if header.truncated:
+            # Never a packet the milter refuses (it would drop the connection): cut as
+            # Postfix's header_size_limit does, and say so.
+            log_event("header_truncated", level=logging.WARNING, milter=self.endpoint.name,
+                      queue_id=self.queue_id, name=header.name[:80],
+                      size=header.original_size, limit=self.max_data)
+        return (yield from self._stage(b"L", header.payload, _I["NOHDRS"], _I["NR_HDR"]))
 
     def g_end_of_headers(self, macros: dict[str, str] | None = None) -> Steps[Verdict]:
         self._hold_macros(MacroStage.EOH, macros, _I["NOEOH"])

@@ -27,6 +27,7 @@ from .edits_apply import Transit
 from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
 from .listener import ThreadedListener
 from .queue import Queue, new_queue_id
+from .scan_files import copy_name, write_copy
 from .serve import LOOPBACK, MilterSupervisor
 from .smtpd import GatewayHandler, SmtpSettings
 from .trace import protocol_name, received_header
@@ -111,7 +112,9 @@ def run_scan(request: ScanRequest, chain: ChainSession, hostname: str = "localho
 
 
 def scan(config: GatewayConfig, config_path: str | None, request: ScanRequest,
-         load_policy: Callable[[Path], Any]) -> tuple[dict[str, Any], Transit]:
+         load_policy: Callable[[Path], Any], reinjected_dir: Path | None = None
+         ) -> tuple[dict[str, Any], Transit]:
+    """`reinjected_dir`: also write what the milters handed back there, one .eml each."""
     load_policy(config.policy)  # a broken policy is reported before anything starts
     with tempfile.TemporaryDirectory(prefix="mailmoat-scan-") as run_dir:
         Path(run_dir).chmod(0o755)
@@ -134,16 +137,21 @@ def scan(config: GatewayConfig, config_path: str | None, request: ScanRequest,
                 transit = transit.in_memory()  # for --out; its temporary files removed
             finally:
                 supervisor.stop()
-        report["reinjected"] = [_reinjected(capture, entry)
-                                for entry in sorted(capture.entries(),
-                                                    key=lambda e: e.received_at)]
+        entries = sorted(capture.entries(), key=lambda e: e.received_at)
+        report["reinjected"] = [_reinjected(capture, entry, number, reinjected_dir)
+                                for number, entry in enumerate(entries, 1)]
         return report, transit
 
 
-def _reinjected(queue: Queue, entry: Any) -> dict[str, Any]:
-    message = Message(raw=queue.message(entry.queue_id))
-    return {"sender": entry.sender, "recipients": [r.address for r in entry.recipients],
-            "subject": message.subject, "bytes": entry.size}
+def _reinjected(queue: Queue, entry: Any, number: int, directory: Path | None
+                ) -> dict[str, Any]:
+    raw = queue.message(entry.queue_id)
+    recipients = [r.address for r in entry.recipients]
+    item = {"sender": entry.sender, "recipients": recipients,
+            "subject": Message(raw=raw).subject, "bytes": entry.size}
+    if directory is not None:
+        item["file"] = str(write_copy(directory, copy_name(number, recipients), raw))
+    return item
 
 
 def _free_loopback_port() -> int:
@@ -171,6 +179,6 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
         print(f"  rcpt {rcpt}: {state}")
     for copy in report.get("reinjected", []):
         print(f"  handed back for {', '.join(copy['recipients'])}: {copy['subject']!r} "
-              f"({copy['bytes']:,} bytes)")
+              f"({copy['bytes']:,} bytes)" + (f" -> {copy['file']}" if "file" in copy else ""))
     if report["hold"]:
         print(f"  would be held: {report['hold']}")

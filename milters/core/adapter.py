@@ -252,8 +252,12 @@ class MilterAdapter(Milter.Base):
         self.env.queue_id = self._macro("i") or self.env.queue_id
         return self._guarded("rcpt", lambda: self.logic.on_rcpt(self.env, recipient), _NR_RCPT)
 
-    def header(self, name: str, value: str) -> int:
-        self._headers.append((name, value))
+    def header(self, name: str | bytes, value: str | bytes) -> int:
+        # pymilter hands the value as str decoded with surrogateescape (its header_bytes),
+        # or as bytes under another decoding strategy; nothing here may raise: a failure
+        # at a stage the MTA waits no reply for makes libmilter drop the rest of the
+        # message unanswered, and the MTA waits for a reply that never comes.
+        self._headers.append((_text(name), _text(value)))
         return Milter.NOREPLY if self._protocol & _NR_HDR else Milter.CONTINUE
 
     def eoh(self) -> int:
@@ -380,6 +384,11 @@ class MilterAdapter(Milter.Base):
             self.chgfrom(f"<{edit.address}>", edit.params)
         elif isinstance(edit, Quarantine):
             self.quarantine(edit.reason)
+
+
+def _text(data: str | bytes) -> str:
+    """A header name or value as text; bytes that are not UTF-8 kept (surrogateescape)."""
+    return data if isinstance(data, str) else data.decode("utf-8", "surrogateescape")
 
 
 def parse_socket_spec(spec: str) -> str:

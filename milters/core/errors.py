@@ -45,3 +45,7 @@ class AuthResultsError(MessageError):
 
 class MilterProtocolError(MailmoatError):
     """A milter peer sent something the milter protocol does not allow."""
+
+
+class OutputFileError(MailmoatError):
+    """A file a command was asked to write (scan --reinjected-dir) could not be written."""
