@@ -32,6 +32,8 @@ deleted with the others):
   - a header section without its blank line (MissingHeaderBodySeparatorDefect), a repeated
     Content-Type or Content-Transfer-Encoding, or a Content-Type that is not type/subtype;
   - text holding uuencode (`begin 644 name`), BinHex or yEnc;
+  - a body that starts with MIME header fields (a header section cut short by a UTF-8
+    BOM or a fold without indentation: Postfix and the stdlib end the header there);
   - a part of a multipart/digest without Content-Type (implicitly message/rfc822), and
     message/partial or message/external-body (pieces of, or pointers to, another message).
 """
@@ -56,6 +58,12 @@ _ENCODED_FILE = re.compile(rb"(?im)^(?:begin(?:-base64)?[ \t]+[0-7]{3,4}[ \t]+\S
                            rb"|\(This file must be converted with BinHex"
                            rb"|=ybegin[ \t].*\bname=)")
 _BASE64_OK = re.compile(rb"[A-Za-z0-9+/\r\n \t]*(?:=[ \t\r\n]*){0,2}")
+# A body that starts with MIME header fields: a header section Postfix and the stdlib cut
+# short (a UTF-8 BOM before the first field, a fold without indentation), whose real
+# structure a lenient client may still read.
+_MIME_IN_BODY = re.compile(rb"(?:\xef\xbb\xbf)?(?:[ \t]*\r\n)*(?:[^\r\n]+\r\n)?"
+                           rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*){0,30}?"
+                           rb"(?i:mime-version|content-type|content-transfer-encoding)[ \t]*:")
 _UNTRUSTED_MESSAGES = frozenset({"message/partial", "message/external-body"})
 _STRUCTURE_DEFECTS = (
     email_errors.StartBoundaryNotFoundDefect, email_errors.CloseBoundaryNotFoundDefect,
@@ -167,6 +175,8 @@ def _leaf_doubt(raw: Raw, part: Part, parent: Part | None) -> str:
     if not ctype.startswith("message/") and _ENCODED_FILE.search(raw, part.body_start,
                                                                  part.end):
         return "uuencode, BinHex or yEnc in the text"
+    if _MIME_IN_BODY.match(raw, part.body_start, min(part.end, part.body_start + 4096)):
+        return "MIME header fields at the start of the body"
     return ""
 
 

@@ -237,7 +237,7 @@ def rebuild(raw: Raw, root: Part, removed: list[Part], added: list[NewPart],
         else:
             out.write(dash + b"--\r\n")
         out.seek(0)
-        return Rebuilt(out)
+        return Rebuilt(out, _one_of_each(raw))
     if root_new is not None and not added:
         for piece in root_new.body_pieces():
             out.write(piece)
@@ -317,6 +317,19 @@ def _descendants(part: Part) -> list[Part]:
         found.append(child)
         stack.extend(child.children)
     return found
+
+
+def _one_of_each(raw: Raw) -> dict[str, str | None]:
+    """The top-level MIME fields that came more than once, each set to its first value (the
+    one the stdlib and this scan read), so that exactly one is left; MIME-Version always."""
+    fields = _leading_fields(raw)
+    changes: dict[str, str | None] = {"MIME-Version": "1.0"}
+    for name in _ROOT_MIME:
+        same = [text for bare, text in fields if bare == name.lower()]
+        if len(same) > 1:
+            changes[name] = (same[0].split(b":", 1)[1].decode("utf-8", "surrogateescape")
+                             .replace("\r\n", "").strip())
+    return changes
 
 
 # The root's MIME header fields that a replaced root brings with it (absent = removed).
