@@ -396,9 +396,13 @@ def _thread_headers(message_id: str | None, references: str | None) -> list[str]
     """In-Reply-To and References per RFC 5322 section 3.6.4: the parent's Message-ID, and
     the parent's References followed by it. Neither when the parent has nothing to cite."""
     text = (message_id or "").strip()
-    parent = _ascii_ids(_MSG_ID.findall(text)[:1]
-                        or ([f"<{text}>"] if _bare_id(text) else []))
-    chain = _ascii_ids(_MSG_ID.findall(references or "")) + parent
+    cited = _MSG_ID.findall(text)[:1] or ([f"<{text}>"] if _bare_id(text) else [])
+    listed = _MSG_ID.findall(references or "")
+    parent, chain = _ascii_ids(cited), _ascii_ids(listed)
+    chain += parent
+    if len(chain) < len(cited) + len(listed):
+        log_event("notice_id_dropped", milter="attachments",
+                  count=len(cited) + len(listed) - len(chain), why="not ASCII")
     headers: list[str] = []
     if parent:
         headers.append("In-Reply-To: " + parent[0])
@@ -411,12 +415,8 @@ def _ascii_ids(ids: list[str]) -> list[str]:
     """The identifiers that are ASCII. A non-ASCII one (`<x@example.срб>`, RFC 6532) may
     only travel in a message sent with SMTPUTF8, and the notice is plain ASCII mail sent
     without it: the identifier is left out (threading is a convenience; the notice is
-    not), and logged."""
-    kept = [one for one in ids if one.isascii()]
-    if len(kept) != len(ids):
-        log_event("notice_id_dropped", milter="attachments", count=len(ids) - len(kept),
-                  why="not ASCII")
-    return kept
+    not), and logged by the caller."""
+    return [one for one in ids if one.isascii()]
 
 
 def ascii_or_empty(value: str | None) -> str:

@@ -554,3 +554,49 @@ def test_a_non_ascii_message_id_still_gets_its_notice_through_postfix(tmp_path: 
     assert [a.content_type for a in find_attachments(parsed(by_rcpt[EXTERNAL]))] == \
         ["application/zip"]
     assert "event=notice_id_dropped" in gw.milter.log_text()
+
+
+def test_what_we_write_behind_postfix_is_valid_mime(tmp_path: Path) -> None:
+    """A UTF-8 BOM before the first field, a fold without indentation, MIME-Version and
+    Content-Type twice: behind real Postfix, the delivered copy has exactly one of each
+    top-level MIME header, re-parses without a defect the input lacked, and holds the file
+    in the ZIP only."""
+    import base64
+
+    from tests.harness.attfail_cases import HEAD, Case, Hidden, check_protected, \
+        notice_password
+    data = bytes(range(256)) * 3
+    wire = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    body = (b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\n"
+            b"Content-Type: application/octet-stream; name=a.bin\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + wire + b"--b--\r\n")
+    cases = [
+        Case("bom", b"\xef\xbb\xbfMIME-Version: 1.0\r\n" + HEAD.replace(
+            b"MIME-Version: 1.0\r\n", b"") + b"Content-Type: multipart/mixed; boundary=b"
+            b"\r\n\r\n" + body, (Hidden(wire, data),)),
+        Case("broken-fold", HEAD + b"Content-Type: multipart/mixed;\r\nboundary=b\r\n\r\n"
+             + body, (Hidden(wire, data),)),
+        Case("twice", HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; "
+             b"boundary=b\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + body,
+             (Hidden(wire, data),)),
+    ]
+    with behind_postfix(tmp_path, EVERYTHING) as gw:
+        for n, case in enumerate(cases):
+            gw.sink.clear()
+            path = tmp_path / f"{case.name}.eml"
+            path.write_bytes(case.raw)
+            result = run_swaks(gw.postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL],
+                               data_file=path)
+            assert result.code("DATA_END") == 250, (case.name, result.transcript)
+            items = gw.sink.wait_for(2, timeout=30)
+            by_rcpt = {rcpt: item for item in items for rcpt in item.rcpt_tos}
+            out = by_rcpt[EXTERNAL].data
+            message = email.message_from_bytes(out, policy=email.policy.default)
+            names = [name.lower() for name in message.keys()]
+            assert names.count("mime-version") == 1, (case.name, names)
+            assert names.count("content-type") == 1, (case.name, names)
+            assert names.count("content-transfer-encoding") <= 1, (case.name, names)
+            new = {type(d).__name__ for p in message.walk() for d in p.defects}
+            assert not new, (case.name, new, out[:2000])
+            check_protected(case, out, notice_password(by_rcpt[SENDER].data),
+                            tmp_path / str(n))
