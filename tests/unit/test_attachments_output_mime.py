@@ -64,6 +64,9 @@ FIXED = [
     Case("mime-headers-twice", HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed;"
          b" boundary=b\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + PART,
          (Hidden(_b64(FILE), FILE),)),
+    # Only MIME-Version twice: the structure is sound, the multipart kept and added to.
+    Case("mime-version-twice", HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed;"
+         b" boundary=b\r\n\r\n" + PART, (Hidden(_b64(FILE), FILE),)),
 ]
 
 
