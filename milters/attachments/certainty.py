@@ -20,7 +20,8 @@ tempfailed, per attachments.on_unparsable):
   - a bare CR or bare LF outside the attachments' bodies: clients that take them as line
     ends see headers and delimiters the scan did not;
   - uuencode, BinHex or yEnc in a multipart's preamble or epilogue;
-  - messages up to STDLIB_CHECK bytes are also read by the stdlib parser: any of the
+  - the message (without the attachments' bodies, up to STDLIB_CHECK bytes) is also read
+    by the stdlib parser: any of the
     structural defects above in its tree (MultipartInvariantViolationDefect included), or a
     number of leaves that differs from the scan's (two readers disagree), is the same.
 
@@ -48,7 +49,9 @@ from email.message import EmailMessage, Message
 from milters.core.message import parse_bytes
 from milters.core.mime.scan import Part, Raw
 
-STDLIB_CHECK = 8 * 1024 * 1024  # the stdlib parser holds a message several times over
+# The stdlib parser holds what it reads several times over: it reads the message without
+# the attachments' bodies, and only up to this size (larger text bodies: the scan's checks).
+STDLIB_CHECK = 4 * 1024 * 1024
 _ENCODINGS = frozenset({"", "7bit", "8bit", "binary", "base64", "quoted-printable"})
 _MULTIPART_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
 _MIME_TYPE = re.compile(rb"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", re.IGNORECASE)
@@ -99,8 +102,22 @@ def examine(raw: Raw, root: Part, attachments: list[Part]) -> Doubts:
         reason = _header_doubt(part, header) or _leaf_doubt(raw, part, parent)
         if reason:
             doubts.parts.append((part, reason))
-    doubts.whole = _bare_line_ends(raw, attachments) or _stdlib_disagrees(raw, root)
+    doubts.whole = _bare_line_ends(raw, attachments) or _stdlib_disagrees(
+        _without_bodies(raw, attachments), root)
     return doubts
+
+
+def _without_bodies(raw: Raw, attachments: list[Part]) -> bytes:
+    """The message with the attachments' bodies left out: they go into the ZIP whatever
+    they hold, and the scan found no delimiter of theirs inside them, so the structure the
+    stdlib reads is the same, at the cost of the rest of the message only."""
+    pieces, at = [], 0
+    for part in sorted(attachments, key=lambda p: p.body_start):
+        if part.body_start >= at:
+            pieces.append(bytes(raw[at:part.body_start]))
+            at = part.end
+    pieces.append(bytes(raw[at:]))
+    return b"".join(pieces)
 
 
 def _walk(root: Part) -> list[tuple[Part, Part | None]]:
@@ -196,11 +213,11 @@ def _bare_line_ends(raw: Raw, attachments: list[Part]) -> str:
     return ""
 
 
-def _stdlib_disagrees(raw: Raw, root: Part) -> str:
-    if len(raw) > STDLIB_CHECK:
+def _stdlib_disagrees(text: bytes, root: Part) -> str:
+    if len(text) > STDLIB_CHECK:
         return ""
     try:
-        tree = parse_bytes(bytes(raw), email_policy.default)
+        tree = parse_bytes(text, email_policy.default)
     except Exception:  # noqa: BLE001 - any failure of the second reader is a doubt
         return "the stdlib parser cannot read it"
     leaves = 0
