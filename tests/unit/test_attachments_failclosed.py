@@ -107,3 +107,21 @@ def test_a_well_formed_message_is_not_doubted(caplog: pytest.LogCaptureFixture) 
     assert out is not None and b"Hello" in out
     assert "attachments_unparsable" not in caplog.text
     assert "attachments_doubted" not in caplog.text
+
+
+@pytest.mark.parametrize("value, says", [("encrypt_whole", "original.eml"),
+                                         ("tempfail", "451 4.3.0")])
+def test_policy_explain_tells_what_on_unparsable_does(value: str, says: str) -> None:
+    from milters.attachments.extension import explain
+    policy = load_policy_text(EVERYTHING + f"attachments: {{on_unparsable: {value}}}\n",
+                              EXTENSIONS)
+    env = Envelope(client_ip="10.1.0.5", mail_from="hanako@example.jp",
+                   recipients=[Recipient(RCPT)])
+    lines = explain(policy, env)
+    assert any(says in line and f"on_unparsable: {value}" in line for line in lines), lines
+
+
+def test_on_unparsable_refuses_an_unknown_value() -> None:
+    from milters.core.errors import ConfigError
+    with pytest.raises(ConfigError, match="on_unparsable"):
+        load_policy_text(EVERYTHING + "attachments: {on_unparsable: pass}\n", EXTENSIONS)
