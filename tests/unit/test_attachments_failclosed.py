@@ -125,3 +125,27 @@ def test_on_unparsable_refuses_an_unknown_value() -> None:
     from milters.core.errors import ConfigError
     with pytest.raises(ConfigError, match="on_unparsable"):
         load_policy_text(EVERYTHING + "attachments: {on_unparsable: pass}\n", EXTENSIONS)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_delete_rules_remove_what_they_cannot_classify(case: Case) -> None:
+    """With `delete`, the same parts (or the whole message) are removed, never kept."""
+    from tests.harness.attfail_cases import zip_and_clear
+    policy = EVERYTHING.replace("{attachments: encrypt}", "{attachments: delete}")
+    sent_delete: list[bytes] = []
+    checker = AttachmentsChecker(
+        "mx.example.jp", "127.0.0.1:10026", clock=lambda: NOW,
+        send=lambda *a: sent_delete.append(b"") or "250 2.0.0 Ok")  # type: ignore[misc]
+    env = Envelope(client_ip="10.1.0.5", mail_from="hanako@example.jp",
+                   recipients=[Recipient(RCPT)])
+    result = checker.check(Message(raw=case.raw, envelope=env),
+                           load_policy_text(policy, EXTENSIONS))
+    assert result.edits, case.name
+    out = apply_edits(Transit(case.raw, "hanako@example.jp", [(RCPT, None)]),
+                      result.edits).raw
+    archive, clear = zip_and_clear(out)
+    assert archive is None and sent_delete == []  # nothing to unlock: no notice
+    for hidden in case.hidden:
+        for probe in (hidden.data[:64], hidden.wire[:64].strip()):
+            if len(probe) >= 16:
+                assert probe not in clear and probe not in out, case.name
