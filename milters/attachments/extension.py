@@ -24,6 +24,11 @@ def explain(policy: Policy, env: Envelope, subject: str = "",
         lines.append(f"  - one {encrypt.encryption} ZIP named {encrypt.zip_name}, entry names "
                      f"in {encrypt.names}; the password goes to the {settings.notice.to} in a "
                      f"separate mail ({settings.notice.language})")
+    if any(not line.split(": ", 1)[1].startswith("pass") for line in lines):
+        lines.append("  - MIME it cannot read with certainty: " + (
+            "the whole message is the one attachment, original.eml (on_unparsable: "
+            "encrypt_whole)" if settings.on_unparsable == "encrypt_whole" else
+            "the message is tempfailed, 451 4.3.0 (on_unparsable: tempfail)"))
     return lines
 
 

@@ -25,13 +25,14 @@ from milters.core.secrets import SecretSource, read_secret
 from milters.core.verdict import SmtpReply, Verdict
 
 from .decide import groups, has_keyword, modes_for, strip_keyword
-from .notice import build_notice, format_date, format_recipients, load_template
+from .notice import ascii_or_empty, build_notice, format_date, format_recipients, load_template
 from .password import fixed_password, generate_password
 from milters.core.mime.stream import copy_header
 from .reinject import ReinjectError, reinject
 from .settings import MILTER, AttachmentsSettings
 from .nextcloud import NextcloudError
-from .treat import TooLarge, Treated, check_total_size, delete, encrypt, offload
+from .treat import (Finding, TooLarge, Treated, Unparsable, check_total_size, delete, encrypt,
+                    find, offload)
 
 LOOP_HEADER = "X-Mailmoat-Attachments"
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
@@ -59,6 +60,7 @@ class Context:
     message: Message
     now: datetime
     password: str = ""
+    finding: Finding | None = None
 
 
 def _send(listen: str, mail_from: str, recipients: list[str], raw: bytes,
@@ -101,6 +103,10 @@ class AttachmentsChecker:
         ctx = Context(settings, message, self.clock())
         try:
             treated = self._treat(ctx, grouped, env.mail_from or "")
+        except Unparsable as exc:  # attachments.on_unparsable: tempfail
+            log_event("attachments_unparsable", level=logging.WARNING, milter=MILTER,
+                      queue_id=env.queue_id, reason=str(exc), then="tempfail")
+            return EomResult(Verdict.tempfail(TEMPFAIL, reason=f"unparsable: {exc}"))
         except (CannotTreat, TooLarge) as exc:
             log_event("attachments_failed", level=logging.ERROR, milter=MILTER,
                       queue_id=env.queue_id, error=str(exc))
@@ -126,7 +132,10 @@ class AttachmentsChecker:
                sender: str) -> dict[str, Treated] | None:
         """Each group's copy; None when the message has no attachments. An offload that
         falls back to encrypt moves its recipients into the encrypt group (made last)."""
-        check_total_size(ctx.message.raw, ctx.settings)
+        ctx.finding = finding = find(ctx.message.raw, ctx.settings)
+        self._log_doubts(ctx, finding)
+        found, raw = finding.found, ctx.message.raw
+        check_total_size(raw, found, ctx.settings)
         treated: dict[str, Treated] = {}
         for mode in [m for m in list(grouped) if m != "pass"] + ["encrypt"]:
             if mode not in grouped or mode in treated:
@@ -134,25 +143,38 @@ class AttachmentsChecker:
             if mode in ("encrypt", "offload") and not ctx.password:
                 ctx.password = self._password(ctx, grouped[mode])
             if mode == "encrypt":
-                result = encrypt(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender)
+                result = encrypt(raw, found, ctx.settings, ctx.password, ctx.now, sender)
             elif mode == "offload":
                 result = self._offload(ctx, grouped, sender)
                 if result is None and "offload" not in grouped:
                     continue  # fell back: its recipients are in the encrypt group now
             else:
-                result = delete(ctx.message.raw, ctx.settings, sender)
+                result = delete(raw, found, ctx.settings, sender)
             if result is None:
                 return None
             treated[mode] = result
         return treated
+
+    @staticmethod
+    def _log_doubts(ctx: Context, finding: Finding) -> None:
+        """What certainty.py could not vouch for, so an admin sees why a message went whole
+        into a ZIP or a text part became a file."""
+        env = ctx.message.envelope
+        if finding.whole:
+            log_event("attachments_unparsable", level=logging.WARNING, milter=MILTER,
+                      queue_id=env.queue_id, reason=finding.whole, then="encrypt_whole")
+        if finding.doubted:
+            log_event("attachments_doubted", milter=MILTER, queue_id=env.queue_id,
+                      parts=len(finding.doubted), reasons=";".join(finding.doubted))
 
     def _offload(self, ctx: Context, grouped: dict[str, list[str]],
                  sender: str) -> Treated | None:
         """Nextcloud, or what offload.on_failure says when it fails: tempfail (raised as
         ReinjectError's sibling below) or a ZIP for these recipients instead."""
         try:
-            return offload(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender,
-                           ctx.message.raw_header("Message-ID") or "")
+            return offload(ctx.message.raw, ctx.finding.found if ctx.finding else None,
+                           ctx.settings, ctx.password, ctx.now, sender,
+                           ascii_or_empty(ctx.message.raw_header("Message-ID")))
         except ConfigError as exc:  # the app password cannot be read: never pass in clear
             raise CannotTreat(f"offload: {exc}") from None
         except NextcloudError as exc:
@@ -203,7 +225,7 @@ class AttachmentsChecker:
                       _pieces(header, rebuilt.body), ctx.settings.reinject_timeout)
             edits += [DeleteRecipient(r) for r in recipients]
         if stay in treated:
-            present = {name.lower() for name, _ in ctx.message.raw_headers()}
+            present = [name for name, _ in ctx.message.raw_headers()]
             edits += treated[stay].rebuilt.edits(present)
             edits.append(AddHeader(LOOP_HEADER, f"{stay} by {self.hostname}"))
         for mode in ("encrypt", "offload"):

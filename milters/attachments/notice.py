@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable
 
 from milters.core.errors import ConfigError
+from milters.core.eventlog import log_event
 from milters.core.jis import encode_cp50220
 
 SHIPPED_DIR = Path(__file__).with_name("templates")
@@ -395,14 +396,33 @@ def _thread_headers(message_id: str | None, references: str | None) -> list[str]
     """In-Reply-To and References per RFC 5322 section 3.6.4: the parent's Message-ID, and
     the parent's References followed by it. Neither when the parent has nothing to cite."""
     text = (message_id or "").strip()
-    parent = _MSG_ID.findall(text)[:1] or ([f"<{text}>"] if _bare_id(text) else [])
-    chain = _MSG_ID.findall(references or "") + parent
+    cited = _MSG_ID.findall(text)[:1] or ([f"<{text}>"] if _bare_id(text) else [])
+    listed = _MSG_ID.findall(references or "")
+    parent, chain = _ascii_ids(cited), _ascii_ids(listed)
+    chain += parent
+    if len(chain) < len(cited) + len(listed):
+        log_event("notice_id_dropped", milter="attachments",
+                  count=len(cited) + len(listed) - len(chain), why="not ASCII")
     headers: list[str] = []
     if parent:
         headers.append("In-Reply-To: " + parent[0])
     if chain:
         headers.append("References: " + _fold_ids(chain))
     return headers
+
+
+def _ascii_ids(ids: list[str]) -> list[str]:
+    """The identifiers that are ASCII. A non-ASCII one (`<x@example.срб>`, RFC 6532) may
+    only travel in a message sent with SMTPUTF8, and the notice is plain ASCII mail sent
+    without it: the identifier is left out (threading is a convenience; the notice is
+    not), and logged by the caller."""
+    return [one for one in ids if one.isascii()]
+
+
+def ascii_or_empty(value: str | None) -> str:
+    """A header value we reuse (a Message-ID as a folder name), or "" when not ASCII."""
+    text = (value or "").strip()
+    return text if text.isascii() else ""
 
 
 def _bare_id(text: str) -> bool:

@@ -22,6 +22,7 @@ MODES = ("encrypt", "offload", "delete", "pass")
 ENCRYPTIONS = ("zipcrypto", "aes256")
 CHARSETS = ("cp932", "utf-8")
 NOTICE_TO = ("sender", "recipients", "both")
+ON_UNPARSABLE = ("encrypt_whole", "tempfail")
 LANGUAGES = ("ja", "en")
 
 
@@ -83,6 +84,10 @@ class AttachmentsSettings:
     # or upload starts, so one message cannot hold a worker for gigabytes.
     max_total_size: int = 50 * 1024 * 1024
     reinject_timeout: float = 30.0
+    # A message whose MIME structure cannot be trusted (certainty.py): the whole message,
+    # as original.eml, is the one attachment (ZIP, offload or delete per the rule), or
+    # tempfail (451 4.3.0). Never passed with its parts guessed.
+    on_unparsable: str = "encrypt_whole"
 
 
 def _fixed(recipients: list[AddressPattern], password_env: str,
@@ -170,6 +175,7 @@ SETTINGS_SPEC = Struct({
     "offload": Field(OFFLOAD_SPEC, factory=OffloadSettings),
     "max_total_size": Field(Number(1024, 2**31, integer=True), 50 * 1024 * 1024),
     "reinject_timeout": Field(Duration(minimum=1), 30.0),
+    "on_unparsable": Field(Str(ON_UNPARSABLE), "encrypt_whole"),
 }, build=lambda pass_clients, **kw: AttachmentsSettings(pass_clients=tuple(pass_clients),
                                                         **kw),
     expected="the attachments settings")

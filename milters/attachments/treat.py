@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -18,12 +19,13 @@ from typing import Iterator
 from milters.core.mime.locate import Found, locate_attachments
 from milters.core.mime.names import cap_length, entry_names, safe_name, unique_names
 from milters.core.mime.parts import Attachment
-from milters.core.mime.scan import Raw
+from milters.core.mime.scan import Part, Raw
 from milters.core.mime.stream import (NewPart, Rebuilt, base64_lines, decode_to_file, decoded,
                                       rebuild, spool)
 from milters.core.mime.write import file_part_header, to_bytes
 from .nextcloud import (NextcloudClient, NextcloudError, expiry_for, load_app_password,
                         message_folder)
+from .certainty import examine
 from .notice import format_files, format_links, load_template, note_part
 from .settings import AttachmentsSettings
 from .zipper import ZipEntry, write_zip
@@ -45,21 +47,69 @@ class TooLarge(Exception):
     """The attachments decode to more than max_total_size bytes."""
 
 
-class TooLarge(Exception):
-    """The attachments decode to more than max_total_size bytes."""
+class Unparsable(Exception):
+    """The message's structure cannot be trusted and the policy says tempfail."""
 
 
-def find(raw: Raw, settings: AttachmentsSettings) -> Found | None:
+WHOLE_NAME = "original.eml"
+
+
+@dataclass
+class Finding:
+    """The parts to treat as attachments, and why some were not certain."""
+
+    found: Found | None  # None: no attachments
+    whole: str = ""  # why the whole message is the one attachment ("" = it is not)
+    doubted: list[str] = field(default_factory=list)  # leaves taken as files, and why
+
+
+def find(raw: Raw, settings: AttachmentsSettings) -> Finding:
+    """The attachments as the core finds them, plus what certainty.examine cannot vouch
+    for: doubted leaves join them; a structure that cannot be trusted makes the whole
+    message one attachment, `original.eml` (on_unparsable: encrypt_whole), or raises
+    Unparsable (tempfail)."""
     found = locate_attachments(raw, inline_images=settings.inline_images)
-    return found if found.attachments else None
+    doubts = examine(raw, found.root, found.parts)
+    if doubts.whole and settings.on_unparsable == "tempfail":
+        raise Unparsable(doubts.whole)
+    if doubts.whole or any(part is found.root for part, _ in doubts.parts):
+        # The raw bytes as they came: a part without headers or transfer encoding.
+        everything = Part(0, 0, len(raw), EmailMessage())
+        return Finding(Found(everything, [Attachment(everything.skeleton, WHOLE_NAME,
+                                                      "message/rfc822", b"", len(raw),
+                                                      is_message=True)], [everything]),
+                       whole=doubts.whole or doubts.parts[0][1],
+                       doubted=[reason for _, reason in doubts.parts])
+    for n, (part, _) in enumerate(doubts.parts, 1):
+        found.attachments.append(Attachment(part.skeleton, _doubted_name(part, n),
+                                            part.skeleton.get_content_type(), b"",
+                                            part.end - part.start))
+        # Into the file goes the part as it came, header section included: a broken
+        # header or encoding must not make us lose the bytes it was hiding.
+        found.parts.append(Part(part.start, part.start, part.end, EmailMessage(),
+                                delimiter_at=part.delimiter_at))
+    order = sorted(range(len(found.parts)), key=lambda i: found.parts[i].start)
+    found.parts = [found.parts[i] for i in order]
+    found.attachments = [found.attachments[i] for i in order]
+    return Finding(found if found.attachments else None,
+                   doubted=[reason for _, reason in doubts.parts])
 
 
-def check_total_size(raw: Raw, settings: AttachmentsSettings) -> None:
+def _doubted_name(part: Part, n: int) -> str:
+    """What the file holds is the part as it came, header section included: a MIME entity,
+    which mail clients open as .eml."""
+    try:
+        name = part.skeleton.get_filename() or ""
+    except (ValueError, LookupError, UnicodeError):  # a name the stdlib cannot decode
+        name = ""
+    return f"{name}.eml" if name else f"part{n}.eml"
+
+
+def check_total_size(raw: Raw, found: Found | None, settings: AttachmentsSettings) -> None:
     """TooLarge when the attachments decode to more than max_total_size bytes, before any
     ZIP or upload starts. A transfer encoding never decodes to more bytes than it takes, so
     only a message whose encoded attachments are over the limit is decoded (and counted,
     stopping at the limit) to find out."""
-    found = find(raw, settings)
     if found is None:
         return
     limit = settings.max_total_size
@@ -89,10 +139,9 @@ def _note(settings: AttachmentsSettings, kind: str, values: dict[str, str]) -> N
     return NewPart(to_bytes(part))
 
 
-def encrypt(raw: Raw, settings: AttachmentsSettings, password: str, now: datetime,
-            sender: str) -> Treated | None:
+def encrypt(raw: Raw, found: Found | None, settings: AttachmentsSettings, password: str,
+            now: datetime, sender: str) -> Treated | None:
     """All attachments into one ZIP; None when the message has none."""
-    found = find(raw, settings)
     if found is None:
         return None
     enc = settings.encrypt
@@ -128,9 +177,9 @@ def _closing(archive: object) -> Iterator[bytes]:
         archive.close()  # type: ignore[attr-defined]
 
 
-def delete(raw: Raw, settings: AttachmentsSettings, sender: str) -> Treated | None:
+def delete(raw: Raw, found: Found | None, settings: AttachmentsSettings,
+           sender: str) -> Treated | None:
     """Attachments removed, with a note listing them; None when the message has none."""
-    found = find(raw, settings)
     if found is None:
         return None
     shown = display_names(found.attachments)
@@ -141,8 +190,8 @@ def delete(raw: Raw, settings: AttachmentsSettings, sender: str) -> Treated | No
     return Treated(rebuild(raw, found.root, found.parts, [note]), shown)
 
 
-def offload(raw: Raw, settings: AttachmentsSettings, password: str, now: datetime,
-            sender: str, message_id: str) -> Treated | None:
+def offload(raw: Raw, found: Found | None, settings: AttachmentsSettings, password: str,
+            now: datetime, sender: str, message_id: str) -> Treated | None:
     """Attachments uploaded to Nextcloud and shared with `password` until an explicit date;
     in the message, a note with the link in their place. None when there are none.
     Raises NextcloudError (the caller applies offload.on_failure) and ConfigError."""
@@ -150,7 +199,6 @@ def offload(raw: Raw, settings: AttachmentsSettings, password: str, now: datetim
     if nextcloud is None:
         raise NextcloudError("offload chosen, but the policy has no offload.nextcloud "
                              "settings", transient=False)
-    found = find(raw, settings)
     if found is None:
         return None
     shown = display_names(found.attachments)

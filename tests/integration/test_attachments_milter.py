@@ -474,3 +474,129 @@ def test_a_partner_password_file_every_user_can_read_tempfails(tmp_path: Path) -
     assert delivered == 0
     log = gateway.serve.text()
     assert "readable by every user" in log and "Partner" not in log, log
+
+
+# -- fail closed on MIME that cannot be classified with certainty (issue 14) ----------------
+EVERYTHING = """\
+internal_networks: [127.0.0.0/8]
+attachments:
+  notice: {to: sender, language: ja}
+rules:
+  - name: encrypt-everything
+    when: {direction: outbound}
+    then: {attachments: encrypt}
+"""
+
+
+def test_broken_mime_never_leaves_a_file_in_the_clear_through_our_mta(tmp_path: Path) -> None:
+    """Every case of tests/harness/attfail_cases.py through `mailmoat serve` and the real
+    milter: each hidden file is inside the ZIP (7z, byte for byte), none in the clear."""
+    from tests.harness.attfail_cases import CASES, check_protected, notice_password
+    gateway = Gateway(tmp_path, EVERYTHING.replace("attachments:\n",
+                                                   "attachments:\n  on_unparsable: "
+                                                   "encrypt_whole\n"))
+    try:
+        for n, case in enumerate(CASES):
+            gateway.sink.clear()
+            reply = gateway.send(case.raw, [EXTERNAL], tmp_path)
+            if not reply.startswith("250"):  # refused (our MTA: bare CR): nothing goes out
+                assert reply[:1] in "45", (case.name, reply)
+                time.sleep(0.5)
+                assert gateway.sink.messages == [], case.name
+                continue
+            items = gateway.sink.wait_for(2, timeout=30)
+            by_rcpt = {rcpt: item for item in items for rcpt in item.rcpt_tos}
+            assert set(by_rcpt) == {EXTERNAL, SENDER}, (case.name, list(by_rcpt))
+            check_protected(case, by_rcpt[EXTERNAL].data, notice_password(
+                by_rcpt[SENDER].data), tmp_path / str(n))
+    finally:
+        gateway.close()
+    log = gateway.serve.text()
+    assert "event=attachments_unparsable" in log and "event=attachments_doubted" in log, log
+
+
+def test_on_unparsable_tempfail_through_postfix(tmp_path: Path) -> None:
+    """Behind Postfix, with on_unparsable: tempfail, a multipart without its closing
+    delimiter is answered 451 4.3.0, logged, and nothing is delivered."""
+    from tests.harness.attfail_cases import CASES
+    (case,) = [c for c in CASES if c.name == "missing-final-boundary"]
+    policy = EVERYTHING.replace("attachments:\n", "attachments:\n  on_unparsable: tempfail\n")
+    path = tmp_path / "broken.eml"
+    path.write_bytes(case.raw)
+    with behind_postfix(tmp_path, policy) as gw:
+        result = run_swaks(gw.postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL],
+                           data_file=path)
+        time.sleep(1.0)
+        delivered = len(gw.sink.messages)
+    assert result.reply_by_stage["DATA_END"].startswith("451 4.3.0"), result.transcript
+    assert delivered == 0
+    log = gw.milter.log_text()
+    assert "event=attachments_unparsable" in log and "then=tempfail" in log, log
+
+
+def test_a_non_ascii_message_id_still_gets_its_notice_through_postfix(tmp_path: Path) -> None:
+    """`<x@example.срб>` as Message-ID and in References (8-bit headers, RFC 6532): no 451;
+    the ZIP goes out and the notice too, without the identifier it cannot carry."""
+    raw = make_message([("a.bin", b"\x00\x01 data")]).replace(
+        b"Message-ID: <made.1@example.jp>",
+        "Message-ID: <x@example.срб>\r\nReferences: <a@example.jp> <y@例え.jp>".encode())
+    path = tmp_path / "idn.eml"
+    path.write_bytes(raw)
+    with behind_postfix(tmp_path, EVERYTHING) as gw:
+        result = run_swaks(gw.postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL],
+                           data_file=path)
+        assert result.code("DATA_END") == 250, result.transcript
+        items = gw.sink.wait_for(2, timeout=30)
+    by_rcpt = {rcpt: item for item in items for rcpt in item.rcpt_tos}
+    notice = parsed(by_rcpt[SENDER])
+    assert notice["References"] == "<a@example.jp>"
+    assert notice["In-Reply-To"] is None
+    assert [a.content_type for a in find_attachments(parsed(by_rcpt[EXTERNAL]))] == \
+        ["application/zip"]
+    assert "event=notice_id_dropped" in gw.milter.log_text()
+
+
+def test_what_we_write_behind_postfix_is_valid_mime(tmp_path: Path) -> None:
+    """A UTF-8 BOM before the first field, a fold without indentation, MIME-Version and
+    Content-Type twice: behind real Postfix, the delivered copy has exactly one of each
+    top-level MIME header, re-parses without a defect the input lacked, and holds the file
+    in the ZIP only."""
+    import base64
+
+    from tests.harness.attfail_cases import HEAD, Case, Hidden, check_protected, \
+        notice_password
+    data = bytes(range(256)) * 3
+    wire = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    body = (b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\n"
+            b"Content-Type: application/octet-stream; name=a.bin\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + wire + b"--b--\r\n")
+    cases = [
+        Case("bom", b"\xef\xbb\xbfMIME-Version: 1.0\r\n" + HEAD.replace(
+            b"MIME-Version: 1.0\r\n", b"") + b"Content-Type: multipart/mixed; boundary=b"
+            b"\r\n\r\n" + body, (Hidden(wire, data),)),
+        Case("broken-fold", HEAD + b"Content-Type: multipart/mixed;\r\nboundary=b\r\n\r\n"
+             + body, (Hidden(wire, data),)),
+        Case("twice", HEAD + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; "
+             b"boundary=b\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + body,
+             (Hidden(wire, data),)),
+    ]
+    with behind_postfix(tmp_path, EVERYTHING) as gw:
+        for n, case in enumerate(cases):
+            gw.sink.clear()
+            path = tmp_path / f"{case.name}.eml"
+            path.write_bytes(case.raw)
+            result = run_swaks(gw.postfix.smtp_port, mail_from=SENDER, rcpt=[EXTERNAL],
+                               data_file=path)
+            assert result.code("DATA_END") == 250, (case.name, result.transcript)
+            items = gw.sink.wait_for(2, timeout=30)
+            by_rcpt = {rcpt: item for item in items for rcpt in item.rcpt_tos}
+            out = by_rcpt[EXTERNAL].data
+            message = email.message_from_bytes(out, policy=email.policy.default)
+            names = [name.lower() for name in message.keys()]
+            assert names.count("mime-version") == 1, (case.name, names)
+            assert names.count("content-type") == 1, (case.name, names)
+            assert names.count("content-transfer-encoding") <= 1, (case.name, names)
+            new = {type(d).__name__ for p in message.walk() for d in p.defects}
+            assert not new, (case.name, new, out[:2000])
+            check_protected(case, out, notice_password(by_rcpt[SENDER].data),
+                            tmp_path / str(n))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import re
 from datetime import datetime, timedelta, timezone
 from email import policy
@@ -354,3 +355,17 @@ def test_template_is_frozen() -> None:
     with pytest.raises(AttributeError):
         template.body = "x"  # type: ignore[misc]
     assert isinstance(template, Template)
+
+
+def test_a_non_ascii_identifier_is_left_out_not_a_failure(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`<x@example.срб>` (RFC 6532 mail): the notice is plain ASCII mail sent without
+    SMTPUTF8, so the identifier is left out of In-Reply-To and References, and logged."""
+    caplog.set_level(logging.INFO)
+    data = notice(original_message_id="<x@example.срб>",
+                  original_references="<a@example.jp> <b@例え.jp>\r\n <c@example.jp>")
+    parsed = parse(data)
+    assert data.isascii()
+    assert parsed["In-Reply-To"] is None
+    assert parsed["References"] == "<a@example.jp> <c@example.jp>"
+    assert "event=notice_id_dropped" in caplog.text and "count=2" in caplog.text

@@ -747,6 +747,13 @@ POLICY_PROBES.update({
     "attachments.max_total_size": att("{max_total_size: 4096}", attachments(
         raw=mail_with("big.bin", 5000))),
     "attachments.reinject_timeout": att("{reinject_timeout: 5s}"),
+    # A multipart without its closing delimiter: whole into the ZIP, or tempfailed.
+    "attachments.on_unparsable": att("{on_unparsable: tempfail}", attachments(
+        raw=b"From: hanako@example.jp\r\nTo: buyer@customer.example\r\nSubject: x\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\n"
+            b"Content-Type: application/octet-stream; name=a.bin\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\nAAECAw==\r\n")),
 })
 
 
