@@ -79,7 +79,15 @@ def test_every_hostile_header_gets_an_end_of_message_reply(
             client.mail("a@example.jp")
         finally:
             client.close()
-        assert outcome.verdict.action in (Action.CONTINUE, Action.ACCEPT), (what, milter.name)
+        if outcome.verdict.action is Action.TEMPFAIL and milter.name == "attachments":
+            # Fail closed: a field name that is not one makes the header section one the
+            # attachments milter cannot trust, so the whole message goes into the ZIP, which
+            # needs the re-injection listener this test does not run: its 451 says so.
+            assert "attachments_unparsable" in milter.log_text(), (what, milter.log_text())
+            assert "re-injection" in str(outcome.verdict.reply) + milter.log_text()
+        else:
+            assert outcome.verdict.action in (Action.CONTINUE, Action.ACCEPT), (what,
+                                                                                milter.name)
         assert "Traceback" not in milter.log_text() and "UnicodeDecodeError" not in \
             milter.log_text(), milter.log_text()[-2000:]
 
