@@ -26,7 +26,7 @@ from milters.core.mime.write import file_part_header
 from milters.core.policy.document import Policy
 from milters.core.verdict import SmtpReply, Verdict
 
-from .bodies import body_leaves, neutralize_bodies
+from .bodies import body_leaves, neutralize_bodies, readable
 from .classify import conversion_for, kind_of
 from .convert import Options
 from .decide import decide
@@ -158,6 +158,7 @@ class NeutralizeChecker:
                         other.close()
                 raise outcome
             results.append(outcome)
+        kept_text: list[tuple[Part, Part | None]] = []
         for part, name, result in zip(found.parts, names, results):
             if result.replacement is not None:
                 replaced.append((part, result.replacement))
@@ -165,10 +166,14 @@ class NeutralizeChecker:
             elif result.dropped:
                 removed.append(part)
                 changes.dropped.append((name, result.dropped))
+            elif readable(part.skeleton.get_content_type()) and not part.children:
+                # A text file or an attached message that stays: a client shows it in
+                # line and links what it finds, so it is read like a body.
+                kept_text.append((part, None))
         banner = ("mailmoat: links in this message were disabled because its sender could "
                   "not be trusted.")
-        bodies = neutralize_bodies(raw, body_leaves(root, {id(a.part) for a in
-                                                           found.attachments}),
+        leaves = body_leaves(root, {id(a.part) for a in found.attachments}) + kept_text
+        bodies = neutralize_bodies(raw, sorted(leaves, key=lambda leaf: leaf[0].start),
                                    treatment, banner, changes)
         removed += bodies.remove
         replaced += bodies.replace

@@ -8,6 +8,7 @@ import pytest
 
 from milters.neutralize.html import html_to_text, inert_html
 from milters.neutralize.links import LinkReport, defang, defang_text, url_warnings
+from tests.harness.live_urls import live_in_text
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -130,3 +131,59 @@ def test_links_can_be_kept_while_the_html_is_still_sanitised() -> None:
     out = inert_html('<a href="https://ok.example/x">ok</a><script>x</script>', report,
                      defang_links=False)
     assert "<script" not in out and "[https://ok.example/x]" in out and "<a " not in out
+
+
+# -- URLs inside URLs: every one defanged, checked by reading each token as a URL ----------
+NESTED = [
+    "https://a.example/r?u=http://evil.example/x",
+    "https://a.example/r?u=http%3A%2F%2Fevil.example%2Fx",
+    "https://a.example/r?u=http%253A%252F%252Fevil.example",  # encoded twice
+    "https://a.example/r?u=HTTP%3a%2f%2f203.0.113.9%2f",  # an IP, lower-case escapes
+    "https://a.example/r?u=www%2Eevil%2Eexample",
+    "https://a.example/go/https://b.example/to/http://evil.example/",  # in the path
+    "https://a.example/r#https://evil.example/",  # in the fragment
+    "https://a.example/r?a=1&u=ftp://evil.example/f&b=2",
+    "hxxps://a[.]example/r?u=https://evil.example/",  # a "defanged" lure carrying a live one
+    "xhttps://evil.example/",  # no word boundary before the scheme
+    "smb://files.evil.example/share",  # schemes other than the web's
+    "https://a.example/?q=%22%3E%20https%3A%2F%2Fevil.example",  # decodes to a space before
+    "(https://a.example/r?u=https://evil.example/).",
+    "mailto:x@a.example?body=see%20https%3A%2F%2Fevil.example",
+]
+
+
+@pytest.mark.parametrize("text", NESTED)
+def test_no_url_inside_another_stays_live(text: str) -> None:
+    assert live_in_text(text), f"the checker sees nothing live in {text!r}"
+    report = LinkReport()
+    out = defang_text(text, report)
+    assert live_in_text(out) == [], out
+    assert report.defanged >= 1
+
+
+def test_nested_urls_are_counted_each() -> None:
+    report = LinkReport()
+    out = defang_text("https://a.example/r?u=http%3A%2F%2Fb.example%2F%3Fv%3Dhttp%3A%2F%2Fc"
+                      ".example", report)
+    assert report.defanged == 3, out
+    assert out == "hxxps://a[.]example/r?u=hxxp://b[.]example/?v=hxxp://c[.]example"
+
+
+def test_a_deep_chain_of_nested_urls_is_bounded_and_defanged() -> None:
+    text = "https://a.example/?u=" * 200 + "https://evil.example/"
+    report = LinkReport()
+    out = defang_text(text, report)
+    assert live_in_text(out) == []
+
+
+def test_html_anchors_carrying_urls_are_defanged_inside_too() -> None:
+    report = LinkReport()
+    out = inert_html('<a href="https://a.example/r?u=https%3A%2F%2Fevil.example">x</a>'
+                     '<a href="mailto:x@a.example?body=http://evil.example/">m</a>', report)
+    parser = _Live()
+    parser.feed(out)
+    assert parser.found == []
+    assert "hxxps://evil[.]example" in out and "hxxp://evil[.]example/" in out
+    text = html_to_text('<a href="https://a.example/r?u=https%3A%2F%2Fevil.example">x</a>',
+                        LinkReport())
+    assert live_in_text(text) == [], text
