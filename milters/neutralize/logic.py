@@ -223,6 +223,8 @@ class NeutralizeChecker:
                 raise Refused(Verdict.reject(settings.encrypted_reply,
                                              reason=f"{name}: {outcome.reason}"))
             return FileResult(dropped=f"{outcome.reason}; locked files cannot be checked")
+        if outcome.status == "unreadable":
+            return self._unreadable(ctx, name, outcome.reason)
         if outcome.status == "failed":
             return self._failed(ctx, name, outcome.reason)
         if outcome.status == "converted" and output is not None:
@@ -234,6 +236,19 @@ class NeutralizeChecker:
         if action == "keep":
             return FileResult()
         return FileResult(dropped=_drop_reason(action, kind))
+
+    @staticmethod
+    def _unreadable(ctx: Context, name: str, reason: str) -> FileResult:
+        """A permanent condition: a retry in an hour reads the same broken bytes, so this
+        is never a tempfail (neutralize.on_unreadable: drop | reject)."""
+        settings = ctx.settings
+        log_event("convert_unreadable", level=logging.WARNING, milter=MILTER,
+                  queue_id=ctx.message.envelope.queue_id, file=name, reason=reason,
+                  then=settings.on_unreadable)
+        if settings.on_unreadable == "reject":
+            raise Refused(Verdict.reject(settings.unreadable_reply,
+                                         reason=f"{name}: {reason}"))
+        return FileResult(dropped=f"it cannot be read ({reason})")
 
     @staticmethod
     def _failed(ctx: Context, name: str, reason: str) -> FileResult:
