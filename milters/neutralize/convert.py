@@ -33,6 +33,8 @@ class Unreadable(ConversionFailed):
 # pdfium's FPDF_ERR_FORMAT: "file not in PDF format or corrupted" (the others are a missing
 # file, a password, a security handler, a page, or unknown: not a statement about the data).
 _PDFIUM_FORMAT_ERROR = 3
+# What soffice --convert-to prints (and exits 0) for a file none of its filters can load.
+_CANNOT_LOAD = "source file could not be loaded"
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,12 @@ def office_to_pdf(source: Path, workdir: Path, options: Options) -> Path:
     except subprocess.TimeoutExpired:
         raise ConversionFailed("LibreOffice took too long") from None
     produced = outdir / (source.stem + ".pdf")
-    said = (done.stderr or done.stdout).decode("utf-8", "replace").strip()[-300:]
-    if done.returncode == 0 and not produced.exists():
-        # How soffice answers a file no filter can load: "Error: source file could not be
-        # loaded", exit 0, no output. A crash or a kill ends with another exit status.
-        raise Unreadable("LibreOffice cannot load it" + (f" ({said})" if said else ""))
+    said = (done.stderr + done.stdout).decode("utf-8", "replace").strip()[-300:]
+    if done.returncode == 0 and not produced.exists() and _CANNOT_LOAD in said:
+        # How soffice answers a file no filter can load: that line, exit 0, no output.
+        # Anything else without output (a crash, a kill, a profile it could not make) may
+        # pass on another try: on_failure.
+        raise Unreadable(f"LibreOffice cannot load it: {_CANNOT_LOAD}")
     if done.returncode != 0 or not produced.exists():
         raise ConversionFailed(f"LibreOffice could not convert it (exit {done.returncode}"
                                + (f": {said}" if said else "") + ")")

@@ -587,7 +587,8 @@ def test_files_no_converter_can_read_are_dropped_with_the_reason_not_tempfailed(
     said = note_of(out)
     assert "cut.png was removed: it cannot be read (not a picture Pillow can read" in said
     assert "garbage.pdf was removed: it cannot be read (not a PDF pdfium can open" in said
-    assert "broken.docx was removed: it cannot be read (LibreOffice cannot load it" in said
+    assert ("broken.docx was removed: it cannot be read (LibreOffice cannot load it: source "
+            "file could not be loaded)") in said
     assert "dropped=3" in parsed(out)[MARK_HEADER]
 
 
@@ -617,3 +618,15 @@ def test_a_converter_that_hangs_on_a_readable_file_still_tempfails(tmp_path: Pat
                     default_policy(f"  soffice: {script}\n  limits: {{wall: 3s}}"))
     assert result.verdict.action is Action.TEMPFAIL, result.verdict
     assert "took longer than 3 s" in result.verdict.reason
+
+
+def test_a_converter_that_ends_well_without_output_or_reason_still_tempfails(
+        tmp_path: Path) -> None:
+    """Only LibreOffice's own "could not be loaded" makes a document unreadable: a program
+    that exits 0 and writes nothing (a broken install, a profile it could not make) is a
+    failure another try may cure."""
+    script = fake_office(tmp_path, "import sys\nprint('Warning: no profile', file=sys.stderr)")
+    document = docs.docx(tmp_path / "a.docx", ["x"])
+    result, _ = run(mail([("a.docx", document.read_bytes(), "application/octet-stream")]),
+                    default_policy(f"  soffice: {script}"))
+    assert result.verdict.action is Action.TEMPFAIL, result.verdict
