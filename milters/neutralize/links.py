@@ -25,6 +25,13 @@ from urllib.parse import quote, unquote, urlsplit
 # Text ends at whitespace, quotes and angle brackets; trailing punctuation is trimmed below.
 _URL = re.compile(r"""(?i)(?:[a-z][a-z0-9+.-]*://|(?<![a-z0-9.-])www\.|mailto:)"""
                   r"""[^\s<>"'\u3000-\u303f]+""")
+_SCHEME = re.compile(r"(?i)([a-z][a-z0-9+.-]*)://")
+_SCHEME_ANYWHERE = re.compile(r"(?i)([a-z][a-z0-9+.-]*)://")
+_ENCODED_WORD = re.compile(r"""[^\s<>"'\u3000-\u303f]*%[^\s<>"'\u3000-\u303f]*""")
+_WWW_LEFT = re.compile(r"(?i)(?<![a-z0-9.-])www\.(?=[^\s.\[]+\.)")
+# User-info (up to the last "@" before any "/?#"), a host (a bracketed IPv6 address or a
+# name), a port.
+_AUTHORITY = re.compile(r"(?:[^/?#@\s]*@)?(?:\[[^\]/?#]*\]|[^/?#:@\s;=,!$&'()*+]*)(?::\d*)?")
 _TRAILING = ".,;:!?)]}'\u3001\u3002"
 _SCHEMES = {"http": "hxxp", "https": "hxxps", "ftp": "fxp"}
 DEFANGED_SCHEMES = frozenset(_SCHEMES.values())
@@ -82,16 +89,38 @@ def defang(url: str, report: LinkReport | None = None, depth: int = 0) -> str:
     """hxxps://example[.]com/path: the scheme broken, the host's dots bracketed, and every
     URL carried after the host (literal or percent-encoded) defanged too (counted in
     `report`)."""
-    scheme, sep, rest = url.partition("://")
-    head = _scheme_broken(scheme) if sep else ""
-    if not sep:
-        rest = url
-    authority, slash, tail = rest.partition("/")
-    if "?" in authority or "#" in authority:  # "example.com?x": the query starts early
-        cut = min(i for i in (authority.find("?"), authority.find("#")) if i >= 0)
-        authority, tail, slash = authority[:cut], authority[cut:] + slash + tail, ""
+    # The scheme only where the URL starts with one: "www.a.example?u=http://b.example"
+    # has its "://" in the query.
+    scheme = _SCHEME.match(url)
+    head = _scheme_broken(scheme.group(1)) if scheme else ""
+    authority, tail = _split_authority(url[scheme.end():] if scheme else url)
     authority = authority.replace(".", "[.]").replace("@", "[@]")
-    return head + authority + slash + defang_nested(tail, report or LinkReport(), depth + 1)
+    done = head + authority + defang_nested(tail, report or LinkReport(), depth + 1)
+    return _leftovers(done, report or LinkReport()) if depth == 0 else done
+
+
+def _split_authority(rest: str) -> tuple[str, str]:
+    """(host part, everything after it) of what follows "scheme://": user-info, a host and
+    a port of digits; anything else ("?x" straight after the host, ";u=http://...") is
+    the tail, read again for URLs."""
+    end = _AUTHORITY.match(rest).end()  # type: ignore[union-attr]  # it matches ""
+    return rest[:end], rest[end:]
+
+
+def _leftovers(text: str, report: LinkReport) -> str:
+    """The last line of defence after the parse: a "scheme://" or "www." the reading above
+    did not reach (a URL glued into a host part in a way no parser agrees on, an encoded
+    one in a word that is not itself a URL) is broken too, so nothing a client or a
+    redirector would follow is left."""
+    def encoded(match: re.Match[str]) -> str:
+        plain = _unquoted(match.group(0))
+        if plain == match.group(0) or not _URL.search(plain):
+            return match.group(0)
+        return _defang_all(_REQUOTE.sub(lambda m: quote(m.group(0)), plain), report, 0)
+    text = _ENCODED_WORD.sub(encoded, text)
+    text = _SCHEME_ANYWHERE.sub(lambda m: m.group(0) if m.group(1).lower() in DEFANGED_SCHEMES
+                                else m.group(1) + "[:]//", text)
+    return _WWW_LEFT.sub("www[.]", text)
 
 
 def _unquoted(text: str) -> str:
@@ -135,7 +164,8 @@ def url_warnings(url: str, shown_text: str = "") -> list[str]:
     """The lures in one link: hidden host, look-alike host, text showing another site."""
     found = []
     host = host_of(url)
-    authority = url.partition("://")[2].split("/", 1)[0]
+    scheme = _SCHEME.match(url)
+    authority = _split_authority(url[scheme.end():] if scheme else url)[0]
     if "@" in authority:
         shown = authority.rsplit("@", 1)[0]
         found.append(f"a link that looks like {shown} but leads to {host}")
@@ -167,12 +197,12 @@ def _defang_all(text: str, report: LinkReport, depth: int) -> str:
             # The address stays (clients link bare addresses anyway); a URL it carries
             # in ?body= does not.
             return url[:7] + defang_nested(url[7:], report, depth + 1) + trailing
-        if url.lower().startswith(("hxxp", "fxp")) and "[.]" in url.split("/", 3)[2]:
+        scheme = _SCHEME.match(url)
+        authority, tail = _split_authority(url[scheme.end():] if scheme else url)
+        if scheme and scheme.group(1).lower() in DEFANGED_SCHEMES and "[.]" in authority:
             # Defanged already (a forwarded warning): what it carries may still be live.
-            scheme, _, rest = url.partition("://")
-            authority, slash, tail = rest.partition("/")
-            return (scheme + "://" + authority + slash
-                    + defang_nested(tail, report, depth + 1) + trailing)
+            return (url[:scheme.end()] + authority + defang_nested(tail, report, depth + 1)
+                    + trailing)
         report.defanged += 1
         for warning in url_warnings(url):
             report.warn(warning)
@@ -183,4 +213,4 @@ def _defang_all(text: str, report: LinkReport, depth: int) -> str:
 def defang_text(text: str, report: LinkReport) -> str:
     """Every URL in plain text defanged, those inside other URLs too; lures noted in the
     report."""
-    return _defang_all(text, report, 0)
+    return _leftovers(_defang_all(text, report, 0), report)

@@ -187,3 +187,51 @@ def test_html_anchors_carrying_urls_are_defanged_inside_too() -> None:
     text = html_to_text('<a href="https://a.example/r?u=https%3A%2F%2Fevil.example">x</a>',
                         LinkReport())
     assert live_in_text(text) == [], text
+
+
+# -- generated: URLs wrapped in URLs, encoded any number of times, in any text --------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from urllib.parse import quote  # noqa: E402
+
+_HOSTS = st.sampled_from(["evil.example", "a.b.example", "203.0.113.9", "xn--pple-43d.com",
+                          "例え.jp", "www.evil.example"])
+_SCHEMES = st.sampled_from(["http://", "https://", "HTTPS://", "ftp://", "smb://", "www."])
+
+
+@st.composite
+def _nested_url(draw: st.DrawFn, depth: int = 0) -> str:
+    scheme = draw(_SCHEMES)
+    host = draw(_HOSTS)
+    url = (host if scheme == "www." and host.startswith("www.") else scheme + host) \
+        + draw(st.sampled_from(["", "/", "/p", "/a.b/c"]))
+    if depth < 4 and draw(st.booleans()):
+        inner = draw(_nested_url(depth + 1))
+        for _ in range(draw(st.integers(0, 3))):
+            inner = quote(inner, safe=draw(st.sampled_from(["", "/", ":/"])))
+        url += draw(st.sampled_from(["?u=", "?a=1&u=", "#", "/", "?next=", ";u="])) + inner
+    return url
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_nested_url(), st.sampled_from(["", "see ", "(", "<", "x", "\u3000", "\"", "1"]),
+       st.sampled_from(["", ".", ")", ">", " end", "。", "\"", "&x"]))
+def test_generated_nested_urls_never_stay_live(url: str, before: str, after: str) -> None:
+    text = before + url + after
+    report = LinkReport()
+    out = defang_text(text, report)
+    assert live_in_text(out) == [], (text, out)
+    assert report.defanged >= 1 or not live_in_text(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("www.a.example?u=http://evil.example", "www[.]a[.]example?u=hxxp://evil[.]example"),
+    ("hxxps://a[.]example?u=http://evil.example/x",
+     "hxxps://a[.]example?u=hxxp://evil[.]example/x"),
+    ("https://a.example#u=https://evil.example", "hxxps://a[.]example#u=hxxps://evil[.]example"),
+    ("http://a.example;u=http://evil.example", "hxxp://a[.]example;u=hxxp://evil[.]example"),
+    ("http://http://evil.example/", "hxxp://http[:]//evil.example/"),
+    ("http://a.example:http://b.example", "hxxp://a[.]example:hxxp://b[.]example"),
+])
+def test_a_query_straight_after_the_host_is_still_read(text: str, expected: str) -> None:
+    assert defang_text(text, LinkReport()) == expected
