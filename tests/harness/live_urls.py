@@ -51,13 +51,14 @@ def live_in_token(token: str) -> list[str]:
         seen.add(token)
         at = token.find("://")
         while at >= 0:
-            scheme = _SCHEME_BEFORE.search(token[:at])
+            scheme = _SCHEME_BEFORE.search(token, max(0, at - 64), at)
             if scheme and scheme.group(0).lower() not in DEFANGED:
-                candidate = token[scheme.start():]
+                candidate = token[scheme.start():at + 300]
                 try:
                     host = urlsplit(candidate).netloc.rsplit("@", 1)[-1].split(":")[0]
                 except ValueError:
                     host = candidate[len(scheme.group(0)) + 3:].split("/")[0]
+                host = host[:255]
                 if _host_is_live(host):
                     found.append(candidate)
             at = token.find("://", at + 3)
