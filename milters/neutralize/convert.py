@@ -19,7 +19,22 @@ AUTO_LOSSLESS = 0.15
 
 
 class ConversionFailed(Exception):
-    """The file cannot be made safe (broken, over a limit, or the converter failed)."""
+    """The file cannot be made safe (over a limit, or the converter failed): the policy's
+    on_failure, since another try may succeed."""
+
+
+class Unreadable(ConversionFailed):
+    """The converter read the file and says it is not what it claims to be (not a PDF
+    pdfium can open, a picture Pillow cannot decode, a document LibreOffice cannot load):
+    permanent, no retry can help (the policy's on_unreadable). Raised only where the
+    converter itself names the input as the problem; a crash or a limit never is this."""
+
+
+# pdfium's FPDF_ERR_FORMAT: "file not in PDF format or corrupted" (the others are a missing
+# file, a password, a security handler, a page, or unknown: not a statement about the data).
+_PDFIUM_FORMAT_ERROR = 3
+# What soffice --convert-to prints (and exits 0) for a file none of its filters can load.
+_CANNOT_LOAD = "source file could not be loaded"
 
 
 @dataclass(frozen=True)
@@ -43,13 +58,15 @@ def flatten_pdf(source: Path, target: Path, options: Options) -> int:
     try:
         document = pdfium.PdfDocument(str(source))
     except pdfium.PdfiumError as exc:
-        raise ConversionFailed(f"not a PDF pdfium can open ({exc})") from None
+        if getattr(exc, "err_code", None) == _PDFIUM_FORMAT_ERROR:
+            raise Unreadable(f"not a PDF pdfium can open ({exc})") from None
+        raise ConversionFailed(f"pdfium could not open it ({exc})") from None
     try:
         count = len(document)
         if count > options.pages:
             raise ConversionFailed(f"{count} pages; the limit is {options.pages}")
         if count == 0:
-            raise ConversionFailed("a PDF without pages")
+            raise Unreadable("a PDF without pages")
         with open(target, "wb") as out:
             writer = ImagePdfWriter(out)
             for index in range(count):
@@ -104,8 +121,13 @@ def office_to_pdf(source: Path, workdir: Path, options: Options) -> Path:
     except subprocess.TimeoutExpired:
         raise ConversionFailed("LibreOffice took too long") from None
     produced = outdir / (source.stem + ".pdf")
+    said = (done.stderr + done.stdout).decode("utf-8", "replace").strip()[-300:]
+    if done.returncode == 0 and not produced.exists() and _CANNOT_LOAD in said:
+        # How soffice answers a file no filter can load: that line, exit 0, no output.
+        # Anything else without output (a crash, a kill, a profile it could not make) may
+        # pass on another try: on_failure.
+        raise Unreadable(f"LibreOffice cannot load it: {_CANNOT_LOAD}")
     if done.returncode != 0 or not produced.exists():
-        said = (done.stderr or done.stdout).decode("utf-8", "replace").strip()[-300:]
         raise ConversionFailed(f"LibreOffice could not convert it (exit {done.returncode}"
                                + (f": {said}" if said else "") + ")")
     return produced
@@ -130,8 +152,11 @@ def reencode_image(source: Path, target: Path, options: Options) -> None:
             pixels = upright.convert(mode)
     except ConversionFailed:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ConversionFailed(f"not a picture Pillow can read ({exc})") from None
+    except Image.DecompressionBombError as exc:  # a limit, not a statement about the data
+        raise ConversionFailed(f"a picture over Pillow's limits ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        # UnidentifiedImageError (an OSError), "image file is truncated", a broken chunk.
+        raise Unreadable(f"not a picture Pillow can read ({exc})") from None
     clean = Image.frombytes(pixels.mode, pixels.size, pixels.tobytes())
     if options.image_format == "jpeg":
         clean.save(target, "JPEG", quality=options.jpeg_quality)

@@ -26,7 +26,8 @@ def explain(policy: Policy, env: Envelope, subject: str = "",
               f"  - attachments: {treatment.attachments}"
               + (f" ({table})" if treatment.attachments == "convert" else ""),
               f"  - encrypted files: {treatment.encrypted}; a failed conversion: "
-              f"{settings.on_failure}"]
+              f"{settings.on_failure}; a file no converter can read: "
+              f"{settings.on_unreadable}"]
     if auth is None:
         lines.append("  (no --auth given: rules with auth conditions were not matched)")
     return lines

@@ -12,7 +12,7 @@ import html
 import re
 from html.parser import HTMLParser
 
-from .links import LinkReport, defang, defang_text, url_warnings
+from .links import LinkReport, defang, defang_nested, defang_text, url_warnings
 
 SAFE_TAGS = {
     "a", "abbr", "b", "bdi", "bdo", "blockquote", "br", "caption", "center", "cite", "code",
@@ -95,10 +95,14 @@ class _Rewriter(HTMLParser):
         for warning in url_warnings(href, shown):
             self.report.warn(warning)
         if href.lower().startswith("mailto:"):
+            # The address stays readable (clients link bare addresses anyway); a URL in
+            # its ?body= or ?subject= does not stay live.
             target = href[len("mailto:"):]
+            if self.defang_links:
+                target = defang_nested(target, self.report)
         else:
             self.report.defanged += 1
-            target = defang(href) if self.defang_links else href
+            target = defang(href, self.report) if self.defang_links else href
         self.out.append(f' <span style="color:#a00000">[{html.escape(target)}]</span>')
 
     def handle_data(self, data: str) -> None:

@@ -26,7 +26,7 @@ from milters.core.mime.write import file_part_header
 from milters.core.policy.document import Policy
 from milters.core.verdict import SmtpReply, Verdict
 
-from .bodies import body_leaves, neutralize_bodies
+from .bodies import body_leaves, neutralize_bodies, readable
 from .classify import conversion_for, kind_of
 from .convert import Options
 from .decide import decide
@@ -158,6 +158,7 @@ class NeutralizeChecker:
                         other.close()
                 raise outcome
             results.append(outcome)
+        kept_text: list[tuple[Part, Part | None]] = []
         for part, name, result in zip(found.parts, names, results):
             if result.replacement is not None:
                 replaced.append((part, result.replacement))
@@ -165,10 +166,14 @@ class NeutralizeChecker:
             elif result.dropped:
                 removed.append(part)
                 changes.dropped.append((name, result.dropped))
+            elif readable(part.skeleton.get_content_type()) and not part.children:
+                # A text file or an attached message that stays: a client shows it in
+                # line and links what it finds, so it is read like a body.
+                kept_text.append((part, None))
         banner = ("mailmoat: links in this message were disabled because its sender could "
                   "not be trusted.")
-        bodies = neutralize_bodies(raw, body_leaves(root, {id(a.part) for a in
-                                                           found.attachments}),
+        leaves = body_leaves(root, {id(a.part) for a in found.attachments}) + kept_text
+        bodies = neutralize_bodies(raw, sorted(leaves, key=lambda leaf: leaf[0].start),
                                    treatment, banner, changes)
         removed += bodies.remove
         replaced += bodies.replace
@@ -218,6 +223,8 @@ class NeutralizeChecker:
                 raise Refused(Verdict.reject(settings.encrypted_reply,
                                              reason=f"{name}: {outcome.reason}"))
             return FileResult(dropped=f"{outcome.reason}; locked files cannot be checked")
+        if outcome.status == "unreadable":
+            return self._unreadable(ctx, name, outcome.reason)
         if outcome.status == "failed":
             return self._failed(ctx, name, outcome.reason)
         if outcome.status == "converted" and output is not None:
@@ -229,6 +236,19 @@ class NeutralizeChecker:
         if action == "keep":
             return FileResult()
         return FileResult(dropped=_drop_reason(action, kind))
+
+    @staticmethod
+    def _unreadable(ctx: Context, name: str, reason: str) -> FileResult:
+        """A permanent condition: a retry in an hour reads the same broken bytes, so this
+        is never a tempfail (neutralize.on_unreadable: drop | reject)."""
+        settings = ctx.settings
+        log_event("convert_unreadable", level=logging.WARNING, milter=MILTER,
+                  queue_id=ctx.message.envelope.queue_id, file=name, reason=reason,
+                  then=settings.on_unreadable)
+        if settings.on_unreadable == "reject":
+            raise Refused(Verdict.reject(settings.unreadable_reply,
+                                         reason=f"{name}: {reason}"))
+        return FileResult(dropped=f"it cannot be read ({reason})")
 
     @staticmethod
     def _failed(ctx: Context, name: str, reason: str) -> FileResult:

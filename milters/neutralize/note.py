@@ -51,8 +51,12 @@ class Changes:
     converted: list[tuple[str, str]] = field(default_factory=list)  # (old name, new name)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
 
+    def warn(self, text: str) -> None:
+        if text not in self.warnings and len(self.warnings) < 50:
+            self.warnings.append(text)
+
     def any(self) -> bool:
-        return bool(self.links or self.html or self.converted or self.dropped)
+        return bool(self.links or self.html or self.converted or self.dropped or self.warnings)
 
     def summary(self) -> str:
         """The marker header's value: what a filter rule or a script can read."""

@@ -21,6 +21,7 @@ HTML = ("sanitize", "prefer_text", "to_text", "keep")
 ATTACHMENTS = ("convert", "drop", "keep")  # convert = by the `convert` table
 ENCRYPTED = ("reject", "drop")
 ON_FAILURE = ("tempfail", "drop", "reject")
+ON_UNREADABLE = ("drop", "reject")  # never tempfail: no retry makes a broken file readable
 # What the `convert` table can do with one attachment.
 CONVERSIONS = ("flatten", "image", "keep", "drop")
 KINDS = ("office", "pdf", "image", "archive", "text", "other")
@@ -76,11 +77,16 @@ class NeutralizeSettings:
     limits: Limits = field(default_factory=Limits)
     workers: int = 0  # conversions at once; 0 = one per CPU
     on_failure: str = "tempfail"  # a conversion crashed, hung or went over a limit
+    # The converter says the file is not what it claims (a corrupt PDF, a truncated
+    # picture, a document LibreOffice cannot load): permanent, so dropped or rejected.
+    on_unreadable: str = "drop"
     encrypted_reply: SmtpReply = SmtpReply(
         550, "5.7.1", "Encrypted attachments are not accepted from this sender; "
                       "please share the files another way")
     failure_reply: SmtpReply = SmtpReply(
         451, "4.7.0", "Could not make the attachments safe; please try again later")
+    unreadable_reply: SmtpReply = SmtpReply(
+        554, "5.6.0", "An attachment could not be read; please send it in another format")
     language: str = "en"  # of the note telling the recipient what was changed
     soffice: str = "soffice"  # LibreOffice's program (found on PATH)
     require_sandbox: bool = True  # refuse to convert when bubblewrap cannot jail the converter
@@ -177,6 +183,8 @@ SETTINGS_SPEC = Struct({
     "limits": Field(LIMITS_SPEC, factory=Limits),
     "workers": Field(Number(0, 64, integer=True), 0),
     "on_failure": Field(Str(ON_FAILURE), "tempfail"),
+    "on_unreadable": Field(Str(ON_UNREADABLE), "drop"),
+    "unreadable_reply": Field(Reply("5"), NeutralizeSettings.unreadable_reply),
     "encrypted_reply": Field(Reply("5"), NeutralizeSettings.encrypted_reply),
     "failure_reply": Field(Reply("4"), NeutralizeSettings.failure_reply),
     "language": Field(Str(LANGUAGES), "en"),

@@ -19,7 +19,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .convert import ConversionFailed, Options, flatten_pdf, office_to_pdf, reencode_image
+from .convert import (ConversionFailed, Options, Unreadable, flatten_pdf, office_to_pdf,
+                      reencode_image)
 from .encrypted import Budget, OverLimit, locked
 
 CLONE_NEWNET = 0x40000000
@@ -49,7 +50,9 @@ class Job:
 
 @dataclass
 class Outcome:
-    status: str  # converted | kept | locked | failed
+    # converted | kept | locked | unreadable (the converter says the file is not what it
+    # claims: permanent) | failed (crash, limit, timeout: may pass on another try)
+    status: str
     reason: str = ""
     pages: int = 0
     notes: list[str] = field(default_factory=list)
@@ -129,6 +132,8 @@ def run(workdir: str) -> None:
         notes = _lock_in(job, where)
         outcome = _do(job, where)
         outcome.notes += notes
+    except Unreadable as exc:
+        outcome = Outcome("unreadable", str(exc))
     except (ConversionFailed, OverLimit) as exc:
         outcome = Outcome("failed", str(exc))
     except MemoryError:

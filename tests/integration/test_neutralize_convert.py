@@ -556,3 +556,77 @@ def test_rar_archives_made_by_rar_itself(name: str, locked: bool) -> None:
     else:
         assert result.verdict.action is Action.CONTINUE
         assert files_of(out) == {name: data}
+
+
+# -- files no converter can read: permanent, never a tempfail ------------------------------
+DEFAULTS = ("internal_networks: [127.0.0.0/8]\nneutralize:\n{extra}\nrules:\n  - name: all\n"
+            "    when: {{direction: inbound}}\n    then: {{neutralize: neutralize}}\n")
+
+
+def default_policy(extra: str = ""):  # type: ignore[no-untyped-def]
+    """The defaults of every neutralize key (on_failure: tempfail) but `extra`."""
+    return load_policy_text(DEFAULTS.format(extra=extra or "  language: en"), EXTENSIONS)
+
+
+def broken_files(tmp_path: Path) -> list[tuple[str, bytes, str]]:
+    from tests.harness import broken_files as broken
+    return [("cut.png", broken.truncated_png(tmp_path / "cut.png").read_bytes(), "image/png"),
+            ("garbage.pdf", broken.garbage_pdf(tmp_path / "g.pdf").read_bytes(),
+             "application/pdf"),
+            ("broken.docx", broken.corrupt_docx(tmp_path / "b.docx").read_bytes(),
+             "application/vnd.openxmlformats-officedocument.wordprocessingml.document")]
+
+
+def test_files_no_converter_can_read_are_dropped_with_the_reason_not_tempfailed(
+        tmp_path: Path) -> None:
+    good = docs.png(tmp_path / "good.png")
+    raw = mail(broken_files(tmp_path) + [("good.png", good.read_bytes(), "image/png")])
+    result, out = run(raw, default_policy())
+    assert result.verdict.action is Action.CONTINUE, result.verdict
+    assert sorted(files_of(out)) == ["good.png"]  # the readable one converted, still there
+    said = note_of(out)
+    assert "cut.png was removed: it cannot be read (not a picture Pillow can read" in said
+    assert "garbage.pdf was removed: it cannot be read (not a PDF pdfium can open" in said
+    assert ("broken.docx was removed: it cannot be read (LibreOffice cannot load it: source "
+            "file could not be loaded)") in said
+    assert "dropped=3" in parsed(out)[MARK_HEADER]
+
+
+def test_an_unreadable_file_rejects_the_message_when_the_policy_says_so(
+        tmp_path: Path) -> None:
+    files = broken_files(tmp_path)[1:2]
+    result, _ = run(mail(files), default_policy(
+        "  on_unreadable: reject\n  unreadable_reply: '554 5.6.0 Broken file; send a new one'"))
+    assert result.verdict.action is Action.REJECT
+    assert str(result.verdict.reply) == "554 5.6.0 Broken file; send a new one"
+
+
+def test_a_converter_killed_by_a_signal_on_a_readable_file_still_tempfails(
+        tmp_path: Path) -> None:
+    script = fake_office(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    document = docs.docx(tmp_path / "a.docx", ["x"])
+    result, _ = run(mail([("a.docx", document.read_bytes(), "application/octet-stream")]),
+                    default_policy(f"  soffice: {script}"))
+    assert result.verdict.action is Action.TEMPFAIL, result.verdict
+    assert str(result.verdict.reply).startswith("451 4.7.0")
+
+
+def test_a_converter_that_hangs_on_a_readable_file_still_tempfails(tmp_path: Path) -> None:
+    script = fake_office(tmp_path, "import time\ntime.sleep(300)")
+    document = docs.docx(tmp_path / "a.docx", ["x"])
+    result, _ = run(mail([("a.docx", document.read_bytes(), "application/octet-stream")]),
+                    default_policy(f"  soffice: {script}\n  limits: {{wall: 3s}}"))
+    assert result.verdict.action is Action.TEMPFAIL, result.verdict
+    assert "took longer than 3 s" in result.verdict.reason
+
+
+def test_a_converter_that_ends_well_without_output_or_reason_still_tempfails(
+        tmp_path: Path) -> None:
+    """Only LibreOffice's own "could not be loaded" makes a document unreadable: a program
+    that exits 0 and writes nothing (a broken install, a profile it could not make) is a
+    failure another try may cure."""
+    script = fake_office(tmp_path, "import sys\nprint('Warning: no profile', file=sys.stderr)")
+    document = docs.docx(tmp_path / "a.docx", ["x"])
+    result, _ = run(mail([("a.docx", document.read_bytes(), "application/octet-stream")]),
+                    default_policy(f"  soffice: {script}"))
+    assert result.verdict.action is Action.TEMPFAIL, result.verdict

@@ -4,6 +4,7 @@ links dead, its documents flat and a note; a DMARC-passing sender's arrives unto
 PPAP password ZIP is refused with the team's reply."""
 from __future__ import annotations
 
+import base64
 import email
 from dataclasses import dataclass
 from email import policy as email_policy
@@ -255,3 +256,48 @@ def test_a_slow_conversion_keeps_postfix_waiting_with_progress(world: World,
             assert "見積書.pdf" in files
     finally:
         milter.stop()
+
+
+def test_nested_links_reports_and_broken_files_behind_postfix(world: World, gateway: Gateway,
+                                                              tmp_path: Path) -> None:
+    """The hostile kinds of issue 14 in one message through the real milter behind Postfix:
+    redirector URLs carrying live ones (plain and percent-encoded), a feedback report's
+    Reported-Uri, a delivery status, a text file, a part in an unknown charset, and a PDF
+    that is garbage after its header. Nothing live arrives (parsed, not grepped), the
+    broken file is dropped with its reason (not a tempfail), the note counts the links."""
+    from tests.harness.broken_files import garbage_pdf
+    from tests.harness.live_urls import live_urls
+    nested = ("Go https://r.attacker.test/r?u=http://evil.attacker.test/x or\r\n"
+              "https://r.attacker.test/r?u=https%3A%2F%2Fevil.attacker.test%2Fy\r\n")
+    pdf = garbage_pdf(tmp_path / "g.pdf").read_bytes()
+    raw = (b"From: Support <support@none.test>\r\nTo: taro@example.jp\r\nSubject: report\r\n"
+           b"Message-ID: <nested@none.test>\r\nDate: Sun, 29 Nov 2026 10:00:00 +0900\r\n"
+           b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="B"\r\n\r\n'
+           b"--B\r\nContent-Type: text/plain\r\n\r\n" + nested.encode() +
+           b"\r\n--B\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n"
+           b"Version: 1\r\nReported-Uri: https://evil.attacker.test/p?u=www.evil.attacker.test"
+           b"\r\n\r\n--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; "
+           b"mx.none.test\r\n\r\nFinal-Recipient: rfc822; a@b.test\r\nAction: failed\r\n"
+           b"Status: 5.0.0\r\nDiagnostic-Code: smtp; see https://evil.attacker.test/d\r\n"
+           b"\r\n--B\r\nContent-Type: text/plain; charset=x-klingon\r\n\r\n"
+           b"http://evil.attacker.test/k \xff\xfe\r\n"
+           b'\r\n--B\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; '
+           b'filename="urls.txt"\r\n\r\n' + nested.encode() +
+           b'\r\n--B\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; '
+           b'filename="invoice.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+           + base64.encodebytes(pdf).replace(b"\n", b"\r\n") + b"\r\n--B--\r\n")
+    assert len(live_urls(raw)) >= 8
+    before = len(gateway.sink.messages)
+    result = gateway.send(raw, STRANGER_IP, "support@none.test")
+    assert result.code("DATA_END") == 250, result.transcript
+    out = gateway.sink.wait_for(before + 1, timeout=60)[before].data
+    assert live_urls(out) == []
+    message = email.message_from_bytes(out, policy=email_policy.default)
+    types = [p.get_content_type() for p in message.walk()]
+    assert "message/feedback-report" in types and "message/delivery-status" in types
+    files = named_parts(message)
+    assert "invoice.pdf" not in files and "urls.txt" in files
+    note = files["mailmoat-note.txt"]
+    assert "invoice.pdf was removed: it cannot be read (not a PDF pdfium can open" in note
+    links = int(str(message[MARK_HEADER]).split("links=")[1].split(";")[0])
+    assert links >= 10 and f"{links} link(s) were disabled" in note

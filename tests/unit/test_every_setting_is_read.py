@@ -71,6 +71,7 @@ from mta.serve import (open_listeners, reinject_smtp_settings, server_tls, smtp_
                        user_file)
 from mta.smtpd import GatewayHandler, SmtpConnection
 from mta.users import set_password
+from tests.harness import broken_files
 from tests.harness import documents as docs
 from tests.harness.certs import TestCa, server_context
 from tests.harness.nextcloud_fake import NextcloudFake
@@ -860,7 +861,8 @@ def _picture(path: Path) -> Path:
 MAKERS: dict[str, Callable[[], bytes]] = {
     "photo.png": lambda: _made("photo.png", _picture),
     "doc.pdf": lambda: _made("doc.pdf", lambda p: docs.pdf(p, 3)),
-    "doc.docx": lambda: _made("doc.docx", lambda p: docs.docx(p, ["x"]))}
+    "doc.docx": lambda: _made("doc.docx", lambda p: docs.docx(p, ["x"])),
+    "cut.png": lambda: _made("cut.png", broken_files.truncated_png)}
 
 
 def converted(*names: str) -> Observer:
@@ -1294,6 +1296,9 @@ POLICY_PROBES.update({
     "neutralize.failure_reply": conv("failure_reply: '451 4.7.0 Busy converting, later'\n",
                                      "photo.png", base=NEU_BASE + "neutralize:\n  limits: "
                                                                   "{image_pixels: 10000}\n"),
+    "neutralize.on_unreadable": conv("on_unreadable: reject\n", "cut.png"),
+    "neutralize.unreadable_reply": conv("unreadable_reply: '554 5.6.0 Send it again'\n",
+                                        "cut.png", base=CONV_BASE + "  on_unreadable: reject\n"),
     "neutralize.soffice": Probe(FORK_BASE, CONV_BASE + f"  soffice: {MEMORY_OFFICE}\n",
                                 converted("doc.docx")),
     "neutralize.limits.memory": conv("limits: {memory: 268435456}\n", "doc.docx",

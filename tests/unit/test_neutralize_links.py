@@ -8,6 +8,7 @@ import pytest
 
 from milters.neutralize.html import html_to_text, inert_html
 from milters.neutralize.links import LinkReport, defang, defang_text, url_warnings
+from tests.harness.live_urls import live_in_text
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -130,3 +131,125 @@ def test_links_can_be_kept_while_the_html_is_still_sanitised() -> None:
     out = inert_html('<a href="https://ok.example/x">ok</a><script>x</script>', report,
                      defang_links=False)
     assert "<script" not in out and "[https://ok.example/x]" in out and "<a " not in out
+
+
+# -- URLs inside URLs: every one defanged, checked by reading each token as a URL ----------
+NESTED = [
+    "https://a.example/r?u=http://evil.example/x",
+    "https://a.example/r?u=http%3A%2F%2Fevil.example%2Fx",
+    "https://a.example/r?u=http%253A%252F%252Fevil.example",  # encoded twice
+    "https://a.example/r?u=HTTP%3a%2f%2f203.0.113.9%2f",  # an IP, lower-case escapes
+    "https://a.example/r?u=www%2Eevil%2Eexample",
+    "https://a.example/go/https://b.example/to/http://evil.example/",  # in the path
+    "https://a.example/r#https://evil.example/",  # in the fragment
+    "https://a.example/r?a=1&u=ftp://evil.example/f&b=2",
+    "hxxps://a[.]example/r?u=https://evil.example/",  # a "defanged" lure carrying a live one
+    "xhttps://evil.example/",  # no word boundary before the scheme
+    "smb://files.evil.example/share",  # schemes other than the web's
+    "https://a.example/?q=%22%3E%20https%3A%2F%2Fevil.example",  # decodes to a space before
+    "(https://a.example/r?u=https://evil.example/).",
+    "mailto:x@a.example?body=see%20https%3A%2F%2Fevil.example",
+]
+
+
+@pytest.mark.parametrize("text", NESTED)
+def test_no_url_inside_another_stays_live(text: str) -> None:
+    assert live_in_text(text), f"the checker sees nothing live in {text!r}"
+    report = LinkReport()
+    out = defang_text(text, report)
+    assert live_in_text(out) == [], out
+    assert report.defanged >= 1
+
+
+def test_nested_urls_are_counted_each() -> None:
+    report = LinkReport()
+    out = defang_text("https://a.example/r?u=http%3A%2F%2Fb.example%2F%3Fv%3Dhttp%3A%2F%2Fc"
+                      ".example", report)
+    assert report.defanged == 3, out
+    assert out == "hxxps://a[.]example/r?u=hxxp://b[.]example/?v=hxxp://c[.]example"
+
+
+def test_a_deep_chain_of_nested_urls_is_bounded_and_defanged() -> None:
+    text = "https://a.example/?u=" * 200 + "https://evil.example/"
+    report = LinkReport()
+    out = defang_text(text, report)
+    assert live_in_text(out) == []
+
+
+def test_html_anchors_carrying_urls_are_defanged_inside_too() -> None:
+    report = LinkReport()
+    out = inert_html('<a href="https://a.example/r?u=https%3A%2F%2Fevil.example">x</a>'
+                     '<a href="mailto:x@a.example?body=http://evil.example/">m</a>', report)
+    parser = _Live()
+    parser.feed(out)
+    assert parser.found == []
+    assert "hxxps://evil[.]example" in out and "hxxp://evil[.]example/" in out
+    text = html_to_text('<a href="https://a.example/r?u=https%3A%2F%2Fevil.example">x</a>',
+                        LinkReport())
+    assert live_in_text(text) == [], text
+
+
+# -- generated: URLs wrapped in URLs, encoded any number of times, in any text --------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from urllib.parse import quote  # noqa: E402
+
+_HOSTS = st.sampled_from(["evil.example", "a.b.example", "203.0.113.9", "xn--pple-43d.com",
+                          "例え.jp", "www.evil.example"])
+_SCHEMES = st.sampled_from(["http://", "https://", "HTTPS://", "ftp://", "smb://", "www."])
+
+
+@st.composite
+def _nested_url(draw: st.DrawFn, depth: int = 0) -> str:
+    scheme = draw(_SCHEMES)
+    host = draw(_HOSTS)
+    url = (host if scheme == "www." and host.startswith("www.") else scheme + host) \
+        + draw(st.sampled_from(["", "/", "/p", "/a.b/c"]))
+    if depth < 4 and draw(st.booleans()):
+        inner = draw(_nested_url(depth + 1))
+        for _ in range(draw(st.integers(0, 3))):
+            inner = quote(inner, safe=draw(st.sampled_from(["", "/", ":/"])))
+        url += draw(st.sampled_from(["?u=", "?a=1&u=", "#", "/", "?next=", ";u="])) + inner
+    return url
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_nested_url(), st.sampled_from(["", "see ", "(", "<", "x", "\u3000", "\"", "1", "http://",
+                                      "%", "%20", "+", "-", ".", "%2F", "_", "@", "="]),
+       st.sampled_from(["", ".", ")", ">", " end", "。", "\"", "&x", ":", "//",
+                        "%20www.x.example", "+www.a.example"]))
+def test_generated_nested_urls_never_stay_live(url: str, before: str, after: str) -> None:
+    text = before + url + after
+    report = LinkReport()
+    out = defang_text(text, report)
+    assert live_in_text(out) == [], (text, out)
+    assert report.defanged >= 1 or not live_in_text(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("www.a.example?u=http://evil.example", "www[.]a[.]example?u=hxxp://evil[.]example"),
+    ("hxxps://a[.]example?u=http://evil.example/x",
+     "hxxps://a[.]example?u=hxxp://evil[.]example/x"),
+    ("https://a.example#u=https://evil.example", "hxxps://a[.]example#u=hxxps://evil[.]example"),
+    ("http://a.example;u=http://evil.example", "hxxp://a[.]example;u=hxxp://evil[.]example"),
+    ("http://http://evil.example/", "hxxp://http[:]//evil.example/"),
+    ("http://a.example:http://b.example", "hxxp://a[.]example:hxxp://b[.]example"),
+])
+def test_a_query_straight_after_the_host_is_still_read(text: str, expected: str) -> None:
+    assert defang_text(text, LinkReport()) == expected
+
+
+@pytest.mark.parametrize("text", ["a" * 2_000_000, "ab.c+" * 400_000, "://" * 700_000,
+                                  "www." * 500_000, "http%3A%2F%2F" * 150_000,
+                                  "http://a.example/" + "x" * 2_000_000])
+def test_a_hostile_text_without_spaces_finishes(text: str) -> None:
+    """2 MB in one word: a scan from every letter (quadratic) would take hours; the wait
+    is bounded (60 s) instead of timed."""
+    import threading
+    done: list[str] = []
+    worker = threading.Thread(target=lambda: done.append(defang_text(text, LinkReport())),
+                              daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done, "the defanger did not finish within 60 s"
+    assert live_in_text(done[0][:100_000]) == []

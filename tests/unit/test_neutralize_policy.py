@@ -138,6 +138,8 @@ def test_policy_test_and_explain_with_auth_results(tmp_path: Path) -> None:
     assert "auth dmarc=fail, spf=pass" in result.stdout
     assert "neutralize: neutralize  (decided by rule 'dmarc-fail')" in result.stdout
     assert "  - links: defang; HTML: prefer_text" in result.stdout
+    assert ("a failed conversion: tempfail; a file no converter can read: drop"
+            in result.stdout)
     bad = mailmoat("policy", "explain", "--policy", str(path), "--mail-from", "x@y.example",
                    "--rcpt", "u@example.jp", "--auth", "dmarc=maybe")
     assert bad.returncode == 2 and "'dmarc=maybe' is not METHOD=RESULT" in bad.stderr
@@ -241,3 +243,14 @@ def test_rebuild_replaces_parts_in_place_and_a_replaced_root_brings_its_headers(
     assert rebuilt.body.read() == b"replaced"
     assert rebuilt.mime_headers["Content-Type"] == "text/plain; charset=us-ascii"
     assert rebuilt.mime_headers["Content-Transfer-Encoding"] is None
+
+
+def test_on_unreadable_takes_drop_or_reject_and_never_tempfail() -> None:
+    from milters.core.errors import ConfigError
+    def with_value(value: str) -> str:
+        return POLICY.replace("neutralize:\n", f"neutralize:\n  on_unreadable: {value}\n", 1)
+    policy = load_policy_text(with_value("reject"), EXTENSIONS)
+    assert policy.sections["neutralize"].on_unreadable == "reject"
+    with pytest.raises(ConfigError) as refused:
+        load_policy_text(with_value("tempfail"), EXTENSIONS)
+    assert "neutralize.on_unreadable" in str(refused.value)
