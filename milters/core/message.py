@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from .errors import MessageError
 from .jis import decode_cp50220
+from .mime.lineends import normalize_line_ends
 
 
 @dataclass
@@ -142,7 +143,8 @@ def parse_bytes(raw: bytes, policy: Any) -> EmailMessage:
 
 @dataclass
 class Message:
-    """One message as a milter sees it at end of data."""
+    """One message as a milter sees it at end of data. `raw` is kept exactly as it came
+    (signatures need it); MIME is read from `mime_raw`."""
 
     raw: bytes
     envelope: Envelope = field(default_factory=Envelope)
@@ -150,6 +152,17 @@ class Message:
     results: dict[str, Any] = field(default_factory=dict)
     _parsed: EmailMessage | None = field(default=None, repr=False)
     _headers: list[tuple[str, str]] | None = field(default=None, repr=False)
+    _mime_raw: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def mime_raw(self) -> bytes:
+        """The message with every line end CRLF (bare CR and bare LF normalised, as mail
+        clients read them): what a milter reads MIME from (scan, locate_attachments) and
+        rebuilds from, so the byte ranges and the rewrite agree. The same object as `raw`
+        when its line ends were CRLF already (no copy)."""
+        if self._mime_raw is None:
+            self._mime_raw = normalize_line_ends(self.raw)
+        return self._mime_raw  # type: ignore[no-any-return]
 
     @property
     def email(self) -> EmailMessage:

@@ -119,8 +119,9 @@ def _is_attachment(part: Message, parent: Message | None, body: set[int],
                    references: dict[int, tuple[set[str], str]], inline_images: bool) -> bool:
     ctype = _content_type(part)
     maintype = ctype.split("/", 1)[0]
-    if maintype == "multipart":  # a multipart the parser could not split: nothing to take
-        return False
+    if maintype == "multipart":  # a multipart without a boundary: one text blob, no files;
+        # one left unsplit because it is nested too deep: all of it, fail closed
+        return bool(getattr(part, "_mailmoat_opaque", False))
     if ctype in _MESSAGE_TYPES or _disposition(part) == "attachment":
         return True
     if maintype == "message":  # delivery-status and the like: report structure, not files
@@ -236,6 +237,32 @@ def _header(part: Message, name: str) -> str:
 def _content_type(part: Message) -> str:
     value = _params(part, "content-type")[0].lower()
     return value if _MIME_TYPE.fullmatch(value) else part.get_default_type()
+
+
+def content_type(part: Message) -> str:
+    """The part's type as clients read it: lower case; its default (text/plain, or
+    message/rfc822 in a digest) when missing or not a type."""
+    return _content_type(part)
+
+
+def boundary_param(part: Message) -> bytes:
+    """The Content-Type boundary as bytes, from any of its forms: `boundary="..."`, bare,
+    `boundary*=charset''%XX`, `boundary*0=`/`boundary*0*=` continuations. A boundary is
+    compared byte for byte with the body, so it is never decoded to text."""
+    params = _params(part, "content-type")[1]
+    if "boundary*" in params:
+        value = params["boundary*"]
+        if value.count("'") >= 2:
+            value = value.split("'", 2)[2]
+        return unquote_to_bytes(_raw_bytes(value))
+    pieces = _continuations(params, "boundary")
+    if pieces:
+        first, encoded = pieces[0]
+        if encoded and first.count("'") >= 2:
+            pieces[0] = (first.split("'", 2)[2], True)
+        return b"".join(unquote_to_bytes(_raw_bytes(value)) if encoded else _raw_bytes(value)
+                        for value, encoded in pieces)
+    return _raw_bytes(params.get("boundary", ""))
 
 
 def _disposition(part: Message) -> str:
