@@ -126,7 +126,7 @@ class AttachmentsChecker:
                sender: str) -> dict[str, Treated] | None:
         """Each group's copy; None when the message has no attachments. An offload that
         falls back to encrypt moves its recipients into the encrypt group (made last)."""
-        check_total_size(ctx.message.raw, ctx.settings)
+        check_total_size(ctx.message.mime_raw, ctx.settings)
         treated: dict[str, Treated] = {}
         for mode in [m for m in list(grouped) if m != "pass"] + ["encrypt"]:
             if mode not in grouped or mode in treated:
@@ -134,13 +134,13 @@ class AttachmentsChecker:
             if mode in ("encrypt", "offload") and not ctx.password:
                 ctx.password = self._password(ctx, grouped[mode])
             if mode == "encrypt":
-                result = encrypt(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender)
+                result = encrypt(ctx.message.mime_raw, ctx.settings, ctx.password, ctx.now, sender)
             elif mode == "offload":
                 result = self._offload(ctx, grouped, sender)
                 if result is None and "offload" not in grouped:
                     continue  # fell back: its recipients are in the encrypt group now
             else:
-                result = delete(ctx.message.raw, ctx.settings, sender)
+                result = delete(ctx.message.mime_raw, ctx.settings, sender)
             if result is None:
                 return None
             treated[mode] = result
@@ -151,7 +151,7 @@ class AttachmentsChecker:
         """Nextcloud, or what offload.on_failure says when it fails: tempfail (raised as
         ReinjectError's sibling below) or a ZIP for these recipients instead."""
         try:
-            return offload(ctx.message.raw, ctx.settings, ctx.password, ctx.now, sender,
+            return offload(ctx.message.mime_raw, ctx.settings, ctx.password, ctx.now, sender,
                            ctx.message.raw_header("Message-ID") or "")
         except ConfigError as exc:  # the app password cannot be read: never pass in clear
             raise CannotTreat(f"offload: {exc}") from None
@@ -196,7 +196,7 @@ class AttachmentsChecker:
             if mode == stay:
                 continue
             rebuilt = treated[mode].rebuilt
-            header = copy_header(ctx.message.raw, {**rebuilt.mime_headers,
+            header = copy_header(ctx.message.mime_raw, {**rebuilt.mime_headers,
                                                   **self._subject_changes(subject_edits)},
                                  [(LOOP_HEADER, f"copy by {self.hostname}")])
             self.send(self.listen, env.mail_from or "", recipients,
