@@ -369,7 +369,11 @@ def mime_trees(draw: st.DrawFn) -> TortureMessage:
         lines = raw.split(CRLF)
         ends = draw(st.lists(st.sampled_from([CRLF, b"\n", b"\r"]), min_size=len(lines),
                              max_size=len(lines)))
-        raw = b"".join(line + e for line, e in zip(lines[:-1], ends)) + lines[-1]
+        out = bytearray()
+        for line, e, following in zip(lines, ends, lines[1:]):
+            # CR, then an empty line ended by LF, would read as one CRLF: not what we meant
+            out += line + (CRLF if e == b"\r" and not following else e)
+        raw = bytes(out) + lines[-1]
     elif end != CRLF:
         raw = raw.replace(CRLF, end)
     return TortureMessage("generated", raw, tuple(files))

@@ -29,7 +29,7 @@ _HEADERS = BytesHeaderParser(policy=email_policy.default)
 _FIELD_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
 _NAME_BYTES = re.compile(rb"[^!-9;-~]")
 # A line of base64 text: where a part's headers ran straight into its base64 body.
-_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")
+_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]{2,}={0,2}")
 _BASE64_CTE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:[ \t]*base64[ \t]*$")
 _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\Z)")
 BOM = b"\xef\xbb\xbf"
@@ -69,7 +69,7 @@ def _base64_start(raw: Raw, start: int, stop: int) -> int | None:
         if line is None or line.end() == at:
             return None
         text = line.group(0).rstrip(b"\r\n")
-        if declared and _BASE64_LINE.fullmatch(text) and not _FIELD_LINE.match(text):
+        if declared and len(text) % 4 == 0 and _BASE64_LINE.fullmatch(text):
             return at
         declared = declared or bool(_BASE64_CTE.match(text))
         at = line.end()
