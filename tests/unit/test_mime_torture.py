@@ -128,3 +128,19 @@ def test_multipart_nested_deeper_than_the_limit_is_one_attachment() -> None:
     assert len(found.attachments) == 1
     assert found.attachments[0].content_type == "multipart/mixed"
     assert b"JVBERi0xLjQK" in b"".join(decoded(b"Subject: deep\r\n" + node, found.parts[0]))
+
+
+@pytest.mark.parametrize("raw", [
+    b"From: a@b\r\nX-Caf\xe9-\xff: 1\r\nSubject: hi\r\nMessage-ID: <a@example.\xd1\x81\xd1\x80"
+    b"\xd0\xb1>\r\n\r\nbody\r\n",
+    b"\xef\xbb\xbfFrom: a@b\r\nSubject: hi\r\nMessage-ID: <a@example.\xd1\x81\xd1\x80\xd0\xb1>"
+    b"\r\n\r\nbody\r\n",
+    b"From: a@b\nSubject: hi\nnot a field\rMessage-ID: <a@example.\xd1\x81\xd1\x80\xd0\xb1>\n\nb\n",
+])
+def test_headers_after_a_broken_line_are_still_read(raw: bytes) -> None:
+    """An 8-bit byte in a field name, a BOM or a line that is not a field made the stdlib
+    end the header section there: every later field (Subject, Message-ID) was lost."""
+    message = Message(raw)
+    assert message.decoded_subject.startswith("hi") and message.subject.startswith("hi")
+    assert message.raw_header("Message-ID") == "<a@example.срб>"
+    assert message.raw == raw
