@@ -144,3 +144,17 @@ def test_headers_after_a_broken_line_are_still_read(raw: bytes) -> None:
     assert message.decoded_subject.startswith("hi") and message.subject.startswith("hi")
     assert message.raw_header("Message-ID") == "<a@example.срб>"
     assert message.raw == raw
+
+
+@pytest.mark.parametrize("cte", ["base64", "quoted-printable"])
+def test_encoded_text_holding_a_uuencoded_file_is_taken_whole(cte: str) -> None:
+    import base64 as b64mod
+    import quopri
+
+    text = b"see below\r\n" + uuencode("secret.xls", b"confidential" * 50) + b"bye\r\n"
+    body = (b64mod.encodebytes(text) if cte == "base64" else quopri.encodestring(text))
+    raw = (b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+           b"Content-Transfer-Encoding: " + cte.encode() + b"\r\n\r\n"
+           + body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    found = locate_attachments(raw)
+    assert [a.data for a in found.attachments] == [text]

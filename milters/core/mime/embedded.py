@@ -67,6 +67,16 @@ def find_embedded(raw: Raw, part: Part) -> list[Part]:
     return kept
 
 
+def encoded_text_holds_file(raw: Raw, part: Part, pieces: Iterator[bytes]) -> bool:
+    """A base64 or quoted-printable text part whose text holds an encoded file: its block
+    has no range on the wire to cut, so the caller takes the whole part."""
+    cte = str(part.skeleton.get("Content-Transfer-Encoding", "") or "").strip().lower()
+    if cte not in ("base64", "quoted-printable"):
+        return False
+    text = b"".join(pieces)
+    return any(pattern.search(text) for pattern in (_UU_BEGIN, _Y_BEGIN, _HQX_START))
+
+
 def _next_line(raw: Raw, at: int, end: int) -> int:
     lf = raw.find(b"\n", at, end)
     return end if lf < 0 else lf + 1

@@ -32,6 +32,10 @@ def locate_attachments(raw: Raw, *, inline_images: bool = False,
     for part in _text_leaves(root):
         if id(part) in taken:  # a text file as a whole: its blocks go with it
             continue
+        if embedded.encoded_text_holds_file(raw, part, stream.decoded(raw, part)):
+            # The blocks cannot be cut out of base64 text: the whole part goes (fail closed).
+            pairs.append((_whole(raw, part), part))
+            continue
         for pseudo in embedded.find_embedded(raw, part):
             data = b"".join(embedded.decoded(raw, pseudo))
             pairs.append((Attachment(part=pseudo.skeleton, filename=_name(pseudo.skeleton),
@@ -46,6 +50,12 @@ def decoded(raw: Raw, part: Part) -> Iterator[bytes]:
     if embedded.is_embedded(part):
         return embedded.decoded(raw, part)
     return stream.decoded(raw, part)
+
+
+def _whole(raw: Raw, part: Part) -> Attachment:
+    data = b"".join(stream.decoded(raw, part))
+    return Attachment(part=part.skeleton, filename="", content_type=content_type(part.skeleton),
+                      data=data, size=len(data))
 
 
 def _text_leaves(root: Part) -> Iterator[Part]:

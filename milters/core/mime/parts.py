@@ -108,7 +108,7 @@ def _main_body(msg: Message) -> set[int]:
 
 
 def _related_root(related: Message, children: list[Message]) -> Message:
-    start = _unbracket(_params(related, "content-type")[1].get("start", ""))
+    start = _unbracket(_decoded_param(_params(related, "content-type")[1], "start"))
     for child in children:
         if start and _unbracket(_header(child, "content-id")) == start:
             return child
@@ -149,7 +149,8 @@ def _is_inline_image(part: Message, parent: Message | None, ctype: str,
 
 def _html_references(related: Message) -> tuple[set[str], str]:
     """The cid: targets (lower case, RFC 2392 unescaped) and the text of the HTML parts."""
-    texts = [_decode(_payload_bytes(leaf), _params(leaf, "content-type")[1].get("charset"))
+    texts = [_decode(_payload_bytes(leaf), _decoded_param(_params(leaf, "content-type")[1],
+                                                          "charset") or None)
              for leaf, _ in _leaves(related) if _content_type(leaf) == "text/html"]
     html = "\n".join(texts)
     return {unquote(cid).lower() for cid in _CID_URL.findall(html)}, html
