@@ -158,3 +158,8 @@ def test_encoded_text_holding_a_uuencoded_file_is_taken_whole(cte: str) -> None:
            + body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
     found = locate_attachments(raw)
     assert [a.data for a in found.attachments] == [text]
+
+
+def test_unindented_continuation_with_a_colon_is_not_a_field() -> None:
+    message = Message(b"Subject: agenda\r\nmeeting at 10:00\r\nTo: c@d\r\n\r\nbody\r\n")
+    assert message.raw_headers() == [("Subject", "agenda\r\n meeting at 10:00"), ("To", "c@d")]

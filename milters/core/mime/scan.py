@@ -92,10 +92,11 @@ def header_bytes(header: bytes, root: bool = False) -> bytes:
             out.append(line)
             continue
         name, colon, rest = line.partition(b":")
-        if colon and name.strip() and not _FIELD_LINE.match(line):
-            line = _NAME_BYTES.sub(b"_", name.rstrip(b" \t")) + b":" + rest
-        elif not colon or not name.strip():
-            line = b" " + line
+        name = name.rstrip(b" \t")
+        if not colon or not name or b" " in name or b"\t" in name:
+            line = b" " + line  # "meeting at 10:00" is text, not a field named so
+        elif not _FIELD_LINE.match(line):
+            line = _NAME_BYTES.sub(b"_", name) + b":" + rest
         out.append(line)
     return b"\r\n".join(out)
 
