@@ -163,3 +163,18 @@ def test_encoded_text_holding_a_uuencoded_file_is_taken_whole(cte: str) -> None:
 def test_unindented_continuation_with_a_colon_is_not_a_field() -> None:
     message = Message(b"Subject: agenda\r\nmeeting at 10:00\r\nTo: c@d\r\n\r\nbody\r\n")
     assert message.raw_headers() == [("Subject", "agenda\r\n meeting at 10:00"), ("To", "c@d")]
+
+
+def test_a_part_that_never_ends_its_headers_is_read_with_a_capped_field() -> None:
+    """17 MB of text lines after a part's headers and no blank line: read as continuation
+    lines, one field would be 17 MB, which the stdlib parses in quadratic time (a hang).
+    Each field is read up to Postfix's header_size_limit, as Postfix keeps it."""
+    from milters.core.mime.scan import HEADER_SIZE_LIMIT
+
+    raw = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+           b"Content-Type: text/plain\r\nX-Long: start\r\n" + b"more text, no colon\r\n" * 50_000
+           + b"--b--\r\n")
+    root = scan(raw)
+    [part] = root.children
+    assert len(str(part.skeleton["X-Long"])) <= HEADER_SIZE_LIMIT + 1000
+    assert len(Message(b"Subject: " + b"s" * 300_000 + b"\r\n\r\nb").subject) < 110_000

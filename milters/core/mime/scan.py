@@ -30,9 +30,12 @@ _FIELD_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
 _NAME_BYTES = re.compile(rb"[^!-9;-~]")
 # A line of base64 text: where a part's headers ran straight into its base64 body.
 _BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]{2,}={0,2}")
-_BASE64_CTE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:[ \t]*base64[ \t]*$")
+_BASE64_CTE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:[ \t]*base64[ \t]*\r?$")
 _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\Z)")
 BOM = b"\xef\xbb\xbf"
+# Read no more of one header field than Postfix keeps (header_size_limit, 102400): the
+# stdlib's header parser is quadratic in the lines of one folded field.
+HEADER_SIZE_LIMIT = 102400
 OPAQUE = "_mailmoat_opaque"  # a skeleton attribute: a multipart left unsplit (too deep)
 
 
@@ -62,6 +65,8 @@ def header_end(raw: Raw, start: int, end: int) -> int:
 
 def _base64_start(raw: Raw, start: int, stop: int) -> int | None:
     """Where base64 text begins inside what looks like a header section, or None."""
+    if _BASE64_CTE.search(raw, start, stop) is None:  # at C speed: most parts stop here
+        return None
     at = start
     declared = False
     while at < stop:
@@ -85,8 +90,16 @@ def header_bytes(header: bytes, root: bool = False) -> bytes:
     if root and header.startswith(BOM):
         header = header[len(BOM):]
     lines = header.split(b"\r\n")
-    out = []
+    out: list[bytes] = []
+    size = 0  # of the current field, continuation lines included
     for index, line in enumerate(lines):
+        if line[:1] in (b" ", b"\t") or (line and b":" not in line) or not _starts_field(line):
+            if size + len(line) + 3 > HEADER_SIZE_LIMIT:  # with " " and CRLF
+                continue  # Postfix's header_size_limit: the excess of a header is dropped
+            size += len(line) + 3
+        else:
+            line = line[:HEADER_SIZE_LIMIT]
+            size = len(line)
         if not line or line[:1] in (b" ", b"\t") or (root and index == 0
                                                       and line.startswith(b"From ")):
             out.append(line)
@@ -99,6 +112,11 @@ def header_bytes(header: bytes, root: bool = False) -> bytes:
             line = _NAME_BYTES.sub(b"_", name) + b":" + rest
         out.append(line)
     return b"\r\n".join(out)
+
+
+def _starts_field(line: bytes) -> bool:
+    name = line.partition(b":")[0].rstrip(b" \t")
+    return bool(name) and b" " not in name and b"\t" not in name
 
 
 def _skeleton(raw: Raw, start: int, body_start: int, end: int, *, root: bool = False,
