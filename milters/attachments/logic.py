@@ -132,9 +132,9 @@ class AttachmentsChecker:
                sender: str) -> dict[str, Treated] | None:
         """Each group's copy; None when the message has no attachments. An offload that
         falls back to encrypt moves its recipients into the encrypt group (made last)."""
-        ctx.finding = finding = find(ctx.message.raw, ctx.settings)
+        ctx.finding = finding = find(ctx.message.mime_raw, ctx.settings)
         self._log_doubts(ctx, finding)
-        found, raw = finding.found, ctx.message.raw
+        found, raw = finding.found, ctx.message.mime_raw
         check_total_size(raw, found, ctx.settings)
         treated: dict[str, Treated] = {}
         for mode in [m for m in list(grouped) if m != "pass"] + ["encrypt"]:
@@ -172,7 +172,7 @@ class AttachmentsChecker:
         """Nextcloud, or what offload.on_failure says when it fails: tempfail (raised as
         ReinjectError's sibling below) or a ZIP for these recipients instead."""
         try:
-            return offload(ctx.message.raw, ctx.finding.found if ctx.finding else None,
+            return offload(ctx.message.mime_raw, ctx.finding.found if ctx.finding else None,
                            ctx.settings, ctx.password, ctx.now, sender,
                            ascii_or_empty(ctx.message.raw_header("Message-ID")))
         except ConfigError as exc:  # the app password cannot be read: never pass in clear
@@ -218,7 +218,7 @@ class AttachmentsChecker:
             if mode == stay:
                 continue
             rebuilt = treated[mode].rebuilt
-            header = copy_header(ctx.message.raw, {**rebuilt.mime_headers,
+            header = copy_header(ctx.message.mime_raw, {**rebuilt.mime_headers,
                                                   **self._subject_changes(subject_edits)},
                                  [(LOOP_HEADER, f"copy by {self.hostname}")])
             self.send(self.listen, env.mail_from or "", recipients,

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from .errors import MessageError
 from .jis import decode_cp50220
+from .mime.lineends import normalize_line_ends, to_crlf
 
 
 @dataclass
@@ -142,7 +143,8 @@ def parse_bytes(raw: bytes, policy: Any) -> EmailMessage:
 
 @dataclass
 class Message:
-    """One message as a milter sees it at end of data."""
+    """One message as a milter sees it at end of data. `raw` is kept exactly as it came
+    (signatures need it); MIME is read from `mime_raw`."""
 
     raw: bytes
     envelope: Envelope = field(default_factory=Envelope)
@@ -150,6 +152,18 @@ class Message:
     results: dict[str, Any] = field(default_factory=dict)
     _parsed: EmailMessage | None = field(default=None, repr=False)
     _headers: list[tuple[str, str]] | None = field(default=None, repr=False)
+    _mime_raw: Any = field(default=None, repr=False, compare=False)
+    _head_parsed: EmailMessage | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def mime_raw(self) -> bytes:
+        """The message with every line end CRLF (bare CR and bare LF normalised, as mail
+        clients read them): what a milter reads MIME from (scan, locate_attachments) and
+        rebuilds from, so the byte ranges and the rewrite agree. The same object as `raw`
+        when its line ends were CRLF already (no copy)."""
+        if self._mime_raw is None:
+            self._mime_raw = normalize_line_ends(self.raw)
+        return self._mime_raw  # type: ignore[no-any-return]
 
     @property
     def email(self) -> EmailMessage:
@@ -160,22 +174,27 @@ class Message:
     def header_text(self, name: str) -> str | None:
         """The first header `name`, unfolded and with RFC 2047 words decoded (Japanese
         ISO-2022-JP words with Windows extensions included); None when absent."""
-        for key, raw in self.email.raw_items():
+        for key, raw in self._head().raw_items():
             if key.lower() == name.lower():
                 return decode_words(str(raw))
         return None
+
+    def _head(self) -> EmailMessage:
+        """The header section alone, read as mail clients read it (scan.header_bytes: a BOM,
+        8-bit bytes in a field name or a line that is not a field do not end the headers
+        and lose every field after them). Milters that only read headers (auth, ratelimit)
+        need not pay for parsing a large MIME body."""
+        if self._head_parsed is None:
+            self._head_parsed = BytesHeaderParser(policy=email_policy.default).parsebytes(
+                header_section_of(self.raw))
+        return self._head_parsed  # type: ignore[return-value]
 
     def raw_headers(self) -> list[tuple[str, str]]:
         """Every header as (name, value) in order, undecoded but for UTF-8 (RFC 6532), which
         the stdlib parser leaves as surrogate escapes."""
         if self._headers is None:
-            # The header section alone: milters that only read headers (auth, ratelimit)
-            # need not pay for parsing a large MIME body.
-            end = self.raw.find(b"\r\n\r\n")
-            section = bytes(self.raw[:end + 4]) if end >= 0 else bytes(self.raw)
-            head = self._parsed if self._parsed is not None else BytesHeaderParser(
-                policy=email_policy.default).parsebytes(section)
-            self._headers = [(name, _utf8_text(str(value))) for name, value in head.raw_items()]
+            self._headers = [(name, _utf8_text(str(value)))
+                             for name, value in self._head().raw_items()]
         return self._headers
 
     def raw_header(self, name: str) -> str | None:
@@ -224,6 +243,17 @@ class Message:
 
 
 SPOOL_IN_MEMORY = 1024 * 1024
+_BLANK_LINE = re.compile(rb"\r\n\r\n|\n\n|\r\r|\r\n\n|\n\r\n")
+
+
+def header_section_of(raw: bytes) -> bytes:
+    """A message's header section, line ends CRLF, made readable (scan.header_bytes), and
+    ending in the blank line; the whole message when it has no body."""
+    from .mime.scan import header_bytes
+
+    found = _BLANK_LINE.search(raw)
+    section = to_crlf(bytes(raw[:found.start()] if found else raw)).rstrip(b"\r\n")
+    return header_bytes(section, root=True) + b"\r\n\r\n"
 
 
 def header_section(headers: list[tuple[str, str]], leading_space: bool = False) -> bytes:

@@ -137,7 +137,7 @@ class NeutralizeChecker:
     def _neutralize(self, message: Message, settings: NeutralizeSettings,
                     treatment: Treatment, why: str, changes: Changes) -> list[Edit]:
         ctx = Context(message, settings, treatment)
-        raw = message.raw
+        raw = message.mime_raw
         root = scan(raw)
         found = locate_attachments(raw, root=root)
         removed: list[Part] = []

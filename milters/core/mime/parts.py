@@ -108,7 +108,7 @@ def _main_body(msg: Message) -> set[int]:
 
 
 def _related_root(related: Message, children: list[Message]) -> Message:
-    start = _unbracket(_params(related, "content-type")[1].get("start", ""))
+    start = _unbracket(_decoded_param(_params(related, "content-type")[1], "start"))
     for child in children:
         if start and _unbracket(_header(child, "content-id")) == start:
             return child
@@ -119,8 +119,9 @@ def _is_attachment(part: Message, parent: Message | None, body: set[int],
                    references: dict[int, tuple[set[str], str]], inline_images: bool) -> bool:
     ctype = _content_type(part)
     maintype = ctype.split("/", 1)[0]
-    if maintype == "multipart":  # a multipart the parser could not split: nothing to take
-        return False
+    if maintype == "multipart":  # a multipart without a boundary: one text blob, no files;
+        # one left unsplit because it is nested too deep: all of it, fail closed
+        return bool(getattr(part, "_mailmoat_opaque", False))
     if ctype in _MESSAGE_TYPES or _disposition(part) == "attachment":
         return True
     if maintype == "message":  # delivery-status and the like: report structure, not files
@@ -148,7 +149,8 @@ def _is_inline_image(part: Message, parent: Message | None, ctype: str,
 
 def _html_references(related: Message) -> tuple[set[str], str]:
     """The cid: targets (lower case, RFC 2392 unescaped) and the text of the HTML parts."""
-    texts = [_decode(_payload_bytes(leaf), _params(leaf, "content-type")[1].get("charset"))
+    texts = [_decode(_payload_bytes(leaf), _decoded_param(_params(leaf, "content-type")[1],
+                                                          "charset") or None)
              for leaf, _ in _leaves(related) if _content_type(leaf) == "text/html"]
     html = "\n".join(texts)
     return {unquote(cid).lower() for cid in _CID_URL.findall(html)}, html
@@ -236,6 +238,32 @@ def _header(part: Message, name: str) -> str:
 def _content_type(part: Message) -> str:
     value = _params(part, "content-type")[0].lower()
     return value if _MIME_TYPE.fullmatch(value) else part.get_default_type()
+
+
+def content_type(part: Message) -> str:
+    """The part's type as clients read it: lower case; its default (text/plain, or
+    message/rfc822 in a digest) when missing or not a type."""
+    return _content_type(part)
+
+
+def boundary_param(part: Message) -> bytes:
+    """The Content-Type boundary as bytes, from any of its forms: `boundary="..."`, bare,
+    `boundary*=charset''%XX`, `boundary*0=`/`boundary*0*=` continuations. A boundary is
+    compared byte for byte with the body, so it is never decoded to text."""
+    params = _params(part, "content-type")[1]
+    if "boundary*" in params:
+        value = params["boundary*"]
+        if value.count("'") >= 2:
+            value = value.split("'", 2)[2]
+        return unquote_to_bytes(_raw_bytes(value))
+    pieces = _continuations(params, "boundary")
+    if pieces:
+        first, encoded = pieces[0]
+        if encoded and first.count("'") >= 2:
+            pieces[0] = (first.split("'", 2)[2], True)
+        return b"".join(unquote_to_bytes(_raw_bytes(value)) if encoded else _raw_bytes(value)
+                        for value, encoded in pieces)
+    return _raw_bytes(params.get("boundary", ""))
 
 
 def _disposition(part: Message) -> str:

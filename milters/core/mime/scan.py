@@ -21,9 +21,22 @@ Raw = Union[bytes, mmap.mmap]
 # Bodies up to this size go into the skeleton: the text parts find_attachments reads (the
 # HTML that refers to inline images, an embedded message's Subject) are small.
 SKELETON_BODY = 256 * 1024
-MAX_DEPTH = 50  # deeper multiparts are a parser bomb, not mail: left as one opaque part
-_BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"]*)"|([^\s;]+))', re.IGNORECASE)
+# Deeper multiparts are a parser bomb, not mail: left as one opaque part, which is then an
+# attachment as a whole (fail closed: its files never leave in the clear).
+MAX_DEPTH = 100
 _HEADERS = BytesHeaderParser(policy=email_policy.default)
+# A header field's first line: a name of printable ASCII without ':', then ':'.
+_FIELD_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
+_NAME_BYTES = re.compile(rb"[^!-9;-~]")
+# A line of base64 text: where a part's headers ran straight into its base64 body.
+_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]{2,}={0,2}")
+_BASE64_CTE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:[ \t]*base64[ \t]*\r?$")
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\Z)")
+BOM = b"\xef\xbb\xbf"
+# Read no more of one header field than Postfix keeps (header_size_limit, 102400): the
+# stdlib's header parser is quadratic in the lines of one folded field.
+HEADER_SIZE_LIMIT = 102400
+OPAQUE = "_mailmoat_opaque"  # a skeleton attribute: a multipart left unsplit (too deep)
 
 
 @dataclass
@@ -40,18 +53,78 @@ class Part:
 
 def header_end(raw: Raw, start: int, end: int) -> int:
     """Offset of the body: after the blank line ending the header section (a part may
-    start with the blank line: no headers at all)."""
+    start with the blank line: no headers at all). Headers that run straight into a base64
+    body (no blank line, and sent) end at the first line of base64 text that is not a
+    header field, when the part declared base64."""
     if raw[start:start + 2] == b"\r\n":
         return start + 2
     found = raw.find(b"\r\n\r\n", start, end)
-    return end if found < 0 else found + 4
+    blank = end if found < 0 else found + 4
+    return _base64_start(raw, start, blank) or blank
 
 
-def _skeleton(raw: Raw, start: int, body_start: int, end: int) -> EmailMessage:
-    header = bytes(raw[start:body_start])
-    skeleton = _HEADERS.parsebytes(header if header.endswith(b"\r\n\r\n") else header
-                                   + b"\r\n")
+def _base64_start(raw: Raw, start: int, stop: int) -> int | None:
+    """Where base64 text begins inside what looks like a header section, or None."""
+    if _BASE64_CTE.search(raw, start, stop) is None:  # at C speed: most parts stop here
+        return None
+    at = start
+    declared = False
+    while at < stop:
+        line = _LINE.match(raw, at, stop)
+        if line is None or line.end() == at:
+            return None
+        text = line.group(0).rstrip(b"\r\n")
+        if declared and len(text) % 4 == 0 and _BASE64_LINE.fullmatch(text):
+            return at
+        declared = declared or bool(_BASE64_CTE.match(text))
+        at = line.end()
+    return None
+
+
+def header_bytes(header: bytes, root: bool = False) -> bytes:
+    """A header section made readable for the stdlib parser, the way mail clients read it:
+    a UTF-8 BOM before the first field dropped, bytes that cannot be in a field name
+    replaced by "_" (the stdlib ends the header section at such a name, losing every field
+    after it), a line that is not a field read as a continuation of the field before it
+    (the stdlib would end the headers there too)."""
+    if root and header.startswith(BOM):
+        header = header[len(BOM):]
+    lines = header.split(b"\r\n")
+    out: list[bytes] = []
+    size = 0  # of the current field, continuation lines included
+    for index, line in enumerate(lines):
+        if line[:1] in (b" ", b"\t") or (line and b":" not in line) or not _starts_field(line):
+            if size + len(line) + 3 > HEADER_SIZE_LIMIT:  # with " " and CRLF
+                continue  # Postfix's header_size_limit: the excess of a header is dropped
+            size += len(line) + 3
+        else:
+            line = line[:HEADER_SIZE_LIMIT]
+            size = len(line)
+        if not line or line[:1] in (b" ", b"\t") or (root and index == 0
+                                                      and line.startswith(b"From ")):
+            out.append(line)
+            continue
+        name, colon, rest = line.partition(b":")
+        name = name.rstrip(b" \t")
+        if not colon or not name or b" " in name or b"\t" in name:
+            line = b" " + line  # "meeting at 10:00" is text, not a field named so
+        elif not _FIELD_LINE.match(line):
+            line = _NAME_BYTES.sub(b"_", name) + b":" + rest
+        out.append(line)
+    return b"\r\n".join(out)
+
+
+def _starts_field(line: bytes) -> bool:
+    name = line.partition(b":")[0].rstrip(b" \t")
+    return bool(name) and b" " not in name and b"\t" not in name
+
+
+def _skeleton(raw: Raw, start: int, body_start: int, end: int, *, root: bool = False,
+              default_type: str = "text/plain") -> EmailMessage:
+    header = header_bytes(bytes(raw[start:body_start]), root).rstrip(b"\r\n")
+    skeleton = _HEADERS.parsebytes(header + b"\r\n\r\n" if header else b"\r\n")
     assert isinstance(skeleton, EmailMessage)
+    skeleton.set_default_type(default_type)
     skeleton.set_payload(bytes(raw[body_start:min(end, body_start + SKELETON_BODY)])
                          .decode("ascii", "surrogateescape")
                          if end - body_start <= SKELETON_BODY
@@ -59,22 +132,20 @@ def _skeleton(raw: Raw, start: int, body_start: int, end: int) -> EmailMessage:
     return skeleton
 
 
-def _boundary(header: bytes) -> bytes | None:
-    unfolded = re.sub(rb"\r\n[ \t]+", b" ", header)
-    ctype = re.search(rb"(?im)^content-type:[ \t]*multipart/[^\r\n]*", unfolded)
-    if ctype is None:
+def _boundary(skeleton: EmailMessage) -> bytes | None:
+    """The boundary of a multipart, in every form a client may write it: quoted, bare, and
+    RFC 2231 (`boundary*=`, `boundary*0*=`, `boundary*1=`...), read from the raw header."""
+    from . import parts  # parts reads the parameters; it imports nothing from here
+
+    if not parts.content_type(skeleton).startswith("multipart/"):
         return None
-    found = _BOUNDARY.search(ctype.group(0))
-    if found is None:
-        return None
-    value = found.group(1) if found.group(1) is not None else found.group(2)
-    return value or None
+    return parts.boundary_param(skeleton) or None
 
 
 def _delimiters(raw: Raw, boundary: bytes, start: int, end: int) -> list[tuple[int, int, bool]]:
     """(line start, line end incl. CRLF, closing?) of each delimiter line in [start, end)."""
     dash = b"--" + boundary
-    found = []
+    found: list[tuple[int, int, bool]] = []
     at = start
     while at < end:
         hit = _find(raw, dash, at, end)
@@ -86,9 +157,12 @@ def _delimiters(raw: Raw, boundary: bytes, start: int, end: int) -> list[tuple[i
         rest = bytes(raw[hit + len(dash):line_end]).rstrip(b"\r\n")
         closing = rest.startswith(b"--")
         if at_line_start and not (rest[2:] if closing else rest).strip(b" \t"):
+            if found and found[-1][2]:
+                # More parts after a closing delimiter (a nested multipart that reused its
+                # parent's boundary): the close was not the end. Reading on finds every
+                # part; stopping there would leave files in an unread epilogue.
+                found[-1] = (found[-1][0], found[-1][1], False)
             found.append((hit, line_end, closing))
-            if closing:
-                break
         at = line_end
     return found
 
@@ -113,9 +187,17 @@ def _find(raw: Raw, needle: bytes, start: int, end: int) -> int:
 
 
 def _fill(raw: Raw, part: Part, depth: int) -> None:
-    boundary = _boundary(bytes(raw[part.start:part.body_start]))
-    if boundary is None or depth >= MAX_DEPTH:
+    boundary = _boundary(part.skeleton)
+    if boundary is None:
         return
+    if depth >= MAX_DEPTH:
+        setattr(part.skeleton, OPAQUE, True)
+        return
+    from . import parts
+
+    # RFC 2046 5.1.5: in a digest, a part without Content-Type is a message/rfc822.
+    default = ("message/rfc822" if parts.content_type(part.skeleton) == "multipart/digest"
+               else "text/plain")
     part.boundary = boundary
     lines = _delimiters(raw, boundary, part.body_start, part.end)
     for (line_start, line_end, closing), following in zip(lines, lines[1:] + [(part.end, part.end,
@@ -127,7 +209,8 @@ def _fill(raw: Raw, part: Part, depth: int) -> None:
         end = next_start - 2 if raw[next_start - 2:next_start] == b"\r\n" else next_start
         end = max(end, line_end)
         body_start = header_end(raw, line_end, end)
-        child = Part(line_end, body_start, end, _skeleton(raw, line_end, body_start, end),
+        child = Part(line_end, body_start, end,
+                     _skeleton(raw, line_end, body_start, end, default_type=default),
                      delimiter_at=line_start)
         part.children.append(child)
         _fill(raw, child, depth + 1)
@@ -138,7 +221,7 @@ def scan(raw: Raw) -> Part:
     """The whole message: its header section, and its parts as ranges with skeletons."""
     end = len(raw)
     body_start = header_end(raw, 0, end)
-    root = Part(0, body_start, end, _skeleton(raw, 0, body_start, end))
+    root = Part(0, body_start, end, _skeleton(raw, 0, body_start, end, root=True))
     _fill(raw, root, 0)
     release(raw, 0, end)
     return root

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator
 
 from ..edits import AddHeader, ChangeHeader, Edit, ReplaceBody
+from . import embedded
 from .scan import Part, Raw, header_end, release
 
 CHUNK = 1024 * 1024
@@ -62,7 +63,11 @@ def _b64_lenient(group: bytes) -> bytes:
 
 
 def decoded(raw: Raw, part: Part) -> Iterator[bytes]:
-    """The part's body, transfer encoding undone, in pieces."""
+    """The part's body, transfer encoding undone, in pieces (a uuencode or yEnc block found
+    inside a text part, core.mime.embedded: the file it holds)."""
+    if embedded.is_embedded(part):
+        yield from embedded.decoded(raw, part)
+        return
     cte = str(part.skeleton.get("Content-Transfer-Encoding", "")).strip().lower()
     start, end = part.body_start, part.end
     if cte == "base64":
