@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator
 from typing import Callable
 
-from milters.core.edits import Edit, ReplaceBody
+from milters.core.edits import ChangeHeader, Edit, ReplaceBody
 from milters.core.errors import MilterProtocolError
 from milters.core.eventlog import log_event
 from milters.core.milter_protocol import ProtocolFlag
@@ -26,6 +26,7 @@ from milters.core.verdict import Action, SmtpReply, Verdict
 
 from .edits_apply import Transit, apply_edits
 from .metrics import METRICS
+from .milter_headers import wire_header
 from .milter_pool import MilterPool
 from .milter_client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClient, MilterEndpoint,
                             Steps, run_sync)
@@ -34,6 +35,7 @@ ON_FAILURE = ("tempfail", "reject", "accept")
 _HDR_LEADSPC = int(ProtocolFlag.HDR_LEADSPC)
 _NO_CONTENT = int(ProtocolFlag.NOHDRS | ProtocolFlag.NOBODY)
 _NO_BODY = int(ProtocolFlag.NOBODY)
+_NO_HEADERS = int(ProtocolFlag.NOHDRS)
 FAILURE_REJECT = SmtpReply(550, "5.7.1", "Message content rejected")
 
 
@@ -217,15 +219,22 @@ class ChainSession(BlockingEnvelopeStages):
         leading_space = bool(protocol & _HDR_LEADSPC)
         steps: list[Callable[[], Steps[Verdict]]] = [lambda: client.g_data(macros)]
         body: memoryview | Iterator[bytes] | None = None
+        cuts: list[Edit] = []  # headers too long for this milter, cut in the message too
         # A milter that skips headers and body (ours for rate limits) costs no read of the
         # message at all: its text is neither opened nor copied.
         if (protocol & _NO_CONTENT) != _NO_CONTENT:
             fields, body_start = transit.text.head()
+            seen: dict[str, int] = {}
             for raw_field in fields:
                 name, _, value = raw_field.decode("utf-8", "surrogateescape").partition(":")
                 value = value[:-2] if value.endswith("\r\n") else value
                 if not leading_space:
                     value = value.lstrip(" \t")
+                index = seen[name.lower()] = seen.get(name.lower(), 0) + 1
+                if not protocol & _NO_HEADERS:
+                    cut = _cut_field(name, value, index, client.max_data)
+                    if cut is not None:
+                        cuts.append(cut)
                 steps.append(lambda n=name, v=value: client.g_header(n, v))
             steps.append(lambda: client.g_end_of_headers(macros))
             if not protocol & _NO_BODY:
@@ -245,7 +254,10 @@ class ChainSession(BlockingEnvelopeStages):
         outcome = yield from client.g_end_of_message(macros, spill_dir=transit.workdir)
         member.result.actions += outcome.edits
         try:
-            edited = apply_edits(transit, outcome.edits, leading_space=leading_space)
+            # The cut headers first: what is delivered (and what later milters see) is what
+            # this milter judged, never a longer header it could not read (a forged
+            # Authentication-Results hidden past the limit would otherwise go through).
+            edited = apply_edits(transit, cuts + outcome.edits, leading_space=leading_space)
         finally:
             for edit in outcome.edits:
                 if isinstance(edit, ReplaceBody) and not isinstance(edit.body, bytes):
@@ -322,3 +334,16 @@ class ChainSession(BlockingEnvelopeStages):
                   milter=member.spec.endpoint.name, stage=stage, action=verdict.action.value,
                   reply=str(verdict.reply), queue_id=self._queue_id())
         return verdict
+
+
+def _cut_field(name: str, value: str, index: int, max_data: int) -> ChangeHeader | None:
+    """The edit that cuts a header to what a milter with this packet limit is sent
+    (milter_headers.wire_header, as Postfix's header_size_limit keeps a header's start);
+    None when it fits."""
+    header = wire_header(name, value, max_data)
+    if not header.truncated:
+        return None
+    sent_name, sent_value = header.payload.split(b"\0")[:2]
+    if sent_name != name.encode("utf-8", "surrogateescape"):
+        return None  # a name past the limit (a long line without a colon): no field to cut
+    return ChangeHeader(name, index, sent_value.decode("utf-8", "surrogateescape") or " ")

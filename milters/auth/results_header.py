@@ -60,14 +60,21 @@ def resinfo(method: str, result: str, note: str, properties: list[tuple[str, str
     return text
 
 
+# No real Authentication-Results comes near this. A longer one is cut somewhere on its way
+# (a milter packet holds 64 KB, Postfix's header_size_limit keeps 100 KB, our MIME reading
+# as much), so our id could hide past the cut of one reader and be seen by the next.
+UNREADABLE_LENGTH = 16 * 1024
+
+
 def forged_indexes(headers: list[tuple[str, str]], authserv_id: str) -> list[int]:
     """1-based positions, among Authentication-Results headers, of those carrying our
-    authserv-id (the index chgheader wants)."""
+    authserv-id (the index chgheader wants), and of those too long to be read whole by
+    every reader: deleted as if forged (fail closed), since their id cannot be known."""
     found, position = [], 0
     for name, value in headers:
         if name.lower() == HEADER.lower():
             position += 1
-            if is_ours(value, authserv_id):
+            if len(value) > UNREADABLE_LENGTH or is_ours(value, authserv_id):
                 found.append(position)
     return found
 

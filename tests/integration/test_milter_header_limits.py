@@ -9,6 +9,7 @@ import re
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,38 @@ def test_through_serve_every_hostile_header_gets_a_defined_reply(tmp_path: Path)
     sizes = {(name, int(size)) for milter, _, name, size in truncated if milter == "attachments"}
     assert {("Subject", 200_007), ("Subject", 65534), ("To", 135_002)} <= sizes
     assert ("Subject", 65533) not in sizes
+
+
+def test_a_header_cut_for_the_milters_is_delivered_cut_so_nothing_hides_past_the_limit(
+        tmp_path: Path) -> None:
+    """An Authentication-Results naming our authserv-id only after 100 KB of comment: the
+    milters see the first 64 KB (no id: not ours, not trusted); were the whole header then
+    delivered, the next reader would find a forged verdict no milter judged. What is
+    delivered is what the milters saw."""
+    forged = b"(" + b"x" * 100_000 + b") mx.mailmoat.test; dmarc=pass header.from=example.jp"
+    milters = "milters:\n  - {name: attachments, content_timeout: 20s}\n"
+    gateway = Serve(tmp_path, policy=POLICY, milters=milters).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", gateway.port, timeout=90) as client:
+            client.ehlo("client.example")
+            client.mail("a@example.jp")
+            client.rcpt("taro@example.jp")
+            code, _ = client.data(_eml([(b"Authentication-Results", forged)]))
+        box = tmp_path / "maildir" / "taro@example.jp" / "new"
+        deadline = time.monotonic() + 20
+        while not (box.exists() and any(box.iterdir())):
+            assert time.monotonic() < deadline, gateway.text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        gateway.stop()
+    assert code == 250
+    (delivered,) = [f.read_bytes() for f in box.iterdir()]
+    assert b"x" * 60_000 in delivered  # the header's start is kept, as Postfix keeps it
+    assert b"mx.mailmoat.test; dmarc=pass" not in delivered
+    header = delivered.split(b"\r\n\r\n", 1)[0]
+    field = header[header.index(b"Authentication-Results:"):].split(b"\r\n")[0]
+    assert len(field) <= 65535
+    assert "event=header_truncated milter=attachments" in gateway.text()
 
 
 def test_scan_of_a_header_name_that_is_not_utf8_returns(tmp_path: Path) -> None:

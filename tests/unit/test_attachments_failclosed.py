@@ -69,10 +69,13 @@ def test_every_hidden_file_is_in_the_zip_and_none_in_the_clear(case: Case,
     assert [n.lower() for n in parsed.keys()].count("content-type") == 1
 
 
+# Structures the core cannot read with certainty: the whole message is the attachment.
+# (An RFC 2231 boundary, bare CR line ends and 60-deep nesting are read by the core now,
+# core.mime.scan: those messages are split and each file protected, the test above.)
 WHOLE = [c for c in CASES if c.name in {
-    "rfc2231-boundary", "missing-final-boundary", "no-opening-delimiter",
-    "multipart-without-boundary", "base64-encoded-multipart", "bare-cr-line-ends",
-    "uuencode-in-the-preamble", "nested-60-deep", "no-blank-line-after-part-header"}]
+    "missing-final-boundary", "no-opening-delimiter",
+    "multipart-without-boundary", "base64-encoded-multipart",
+    "uuencode-in-the-preamble", "no-blank-line-after-part-header"}]
 
 
 @pytest.mark.parametrize("case", WHOLE, ids=[c.name for c in WHOLE])

@@ -413,3 +413,15 @@ def test_forged_header_hidden_behind_semicolon_comment_is_found() -> None:
                ("Authentication-Results", "(relay; checked) mx.example.net; dmarc=pass "
                                           "header.from=bank.example")]
     assert forged_indexes(headers, OURS) == [2]
+
+
+def test_an_authentication_results_too_long_to_read_whole_is_deleted_as_forged() -> None:
+    """Our id could hide past the cut a reader makes (64 KB milter packets, 100 KB
+    header_size_limit): a header longer than any real one is deleted; a normal one of
+    another ADMD is kept (RFC 8601 5)."""
+    from milters.auth.results_header import UNREADABLE_LENGTH, forged_indexes
+    hidden = "(" + "x" * UNREADABLE_LENGTH + ") mx.example.jp; dmarc=pass"
+    headers = [("Authentication-Results", "mx.other.example; dmarc=fail"),
+               ("Authentication-Results", hidden),
+               ("Authentication-Results", "(" + "x" * 200 + ") mx.other.example; spf=pass")]
+    assert forged_indexes(headers, "mx.example.jp") == [2]
