@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import pwd
 import re
 import shutil
 import signal
@@ -273,3 +274,27 @@ def ratelimit_show(config: Path) -> str:
     if proc.returncode != 0:
         raise BenchError(f"mailmoat ratelimit show exited {proc.returncode}: {proc.stderr}")
     return proc.stdout
+
+
+# As root serve must be told whom to become (mta/privileges.py); root here keeps the
+# figures comparable with the runs taken before serve dropped privileges.
+RUN_AS = "root" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+
+
+def gateway_yaml(ports: tuple[int, int, int], sink_port: int, extra: str = "") -> str:
+    """The `gateway:` section every bench's serve runs with: (listen, reinject, metrics) on
+    loopback, relaying example.jp to the sink; `extra` is more gateway lines, indented."""
+    from tests.harness.ports import LOOPBACK
+    port, reinject, metrics = ports
+    return f"""\
+gateway:
+  hostname: mx.bench.test
+  listen: {LOOPBACK}:{port}
+  user: {RUN_AS}
+  reinject_listen: {LOOPBACK}:{reinject}
+  metrics_listen: {LOOPBACK}:{metrics}
+  relay_domains: [example.jp]
+  relay: {{default: "smtp:[{LOOPBACK}]:{sink_port}"}}
+  queue: {{dir: spool}}
+  max_message_size: 60000000
+{extra}"""

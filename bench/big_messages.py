@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import pwd
 import re
 import smtplib
 import sys
@@ -37,7 +36,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from _common import (ROOT, BenchError, child_process, machine_line, run_bench,  # noqa: E402
+from _common import (ROOT, gateway_yaml, BenchError, child_process, machine_line, run_bench,  # noqa: E402
                      sink_messages, smtp_sink, table, verdict, wait_until,
                      world_readable_tmpdir)
 
@@ -52,9 +51,6 @@ SENDER, RECIPIENT, CLIENT = "sender@outside.example", "to@example.jp", "192.0.2.
 HELO = "mail.outside.example"
 ZONE = {"outside.example": ['@ 300 IN TXT "v=spf1 ip4:192.0.2.0/24 -all"',
                             '_dmarc 300 IN TXT "v=DMARC1; p=none"', "mail 300 IN A 192.0.2.80"]}
-# As root serve must be told whom to become (mta/privileges.py); root here keeps the
-# figures comparable with the runs taken before serve dropped privileges (as bench/mta.py).
-RUN_AS = "root" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 SERVE_BAD = re.compile(r"event=(reject|milter_verdict|milter_failed|milter_process_died|"
                        r"spool_error|deferred|bounced|expired)\b|Traceback")
 
@@ -122,18 +118,8 @@ def write_config(workdir: Path, sink_port: int, nameserver: str) -> tuple[Path, 
     (workdir / "policy.yaml").write_text(POLICY)
     config = workdir / "config.yaml"
     milters = ", ".join(f"{{name: {name}}}" for name in MILTERS)
-    config.write_text(f"""\
-gateway:
-  hostname: mx.bench.test
-  listen: {LOOPBACK}:{port}
-  user: {RUN_AS}
-  reinject_listen: {LOOPBACK}:{reinject}
-  metrics_listen: {LOOPBACK}:{metrics}
-  relay_domains: [example.jp]
-  relay: {{default: "smtp:[{LOOPBACK}]:{sink_port}"}}
-  queue: {{dir: spool}}
-  max_message_size: 60000000
-  xclient_hosts: [127.0.0.0/8]
+    config.write_text(gateway_yaml((port, reinject, metrics), sink_port,
+                                   "  xclient_hosts: [127.0.0.0/8]\n") + f"""\
 milters: [{milters}]
 store: sqlite:///state.db
 policy: policy.yaml

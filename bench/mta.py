@@ -24,7 +24,6 @@ import argparse
 import base64
 import contextlib
 import os
-import pwd
 import re
 import signal
 import smtplib
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from _common import SMTP_SINK, SMTP_SOURCE, smtp_sink, cpu_seconds, ratelimit_show  # noqa: E402
 from _common import smtp_source as run_smtp_source  # noqa: E402
-from _common import (ROOT, machine_line, postfix_version, BenchError, child_process, run_bench,
+from _common import (ROOT, gateway_yaml, machine_line, postfix_version, BenchError, child_process, run_bench,
                      fmt_rate, median, table, verdict, wait_until, world_readable_tmpdir)
 
 from tests.harness.milter_proc import MilterProcess  # noqa: E402  (after _common's sys.path)
@@ -63,9 +62,6 @@ ratelimit:
     - {name: sender-messages, key: sender, per: message, rate: 100/hour, burst: 1000000}
 """
 
-# As root serve must be told whom to become (mta/privileges.py); root here keeps the
-# figures comparable with earlier runs, taken before serve dropped privileges.
-RUN_AS = "root" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 
 # serve's log lines that mean a message was refused, lost its way or hit an error.
 SERVE_BAD = re.compile(r"event=(reject|milter_verdict|milter_failed|milter_process_died|"
@@ -143,18 +139,7 @@ def write_mailmoat_config(workdir: Path, ports: tuple[int, int, int], sink_port:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "policy.yaml").write_text(POLICY)
     config = workdir / "config.yaml"
-    port, reinject, metrics = ports
-    config.write_text(f"""\
-gateway:
-  hostname: mx.bench.test
-  listen: {LOOPBACK}:{port}
-  user: {RUN_AS}
-  reinject_listen: {LOOPBACK}:{reinject}
-  metrics_listen: {LOOPBACK}:{metrics}
-  relay_domains: [example.jp]
-  relay: {{default: "smtp:[{LOOPBACK}]:{sink_port}"}}
-  queue: {{dir: spool}}
-  max_message_size: 60000000
+    config.write_text(gateway_yaml(ports, sink_port) + f"""\
 milters: {"[{name: ratelimit}]" if with_milter else "[]"}
 store: sqlite:///state.db
 policy: policy.yaml
