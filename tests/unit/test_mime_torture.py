@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 
 from milters.core.message import Message
 from milters.core.mime.lineends import normalize_line_ends
-from milters.core.mime.locate import decoded, locate_attachments
+from milters.core.mime.locate import locate_attachments
+from milters.core.mime.stream import decoded
 from milters.core.mime.scan import scan
 from milters.core.mime.stream import NewPart, rebuild
 from tests.harness.mime_torture import (CASES, TortureMessage, b64, mangled_bytes, mime_trees,

@@ -37,17 +37,12 @@ def locate_attachments(raw: Raw, *, inline_images: bool = False,
             pairs.append((_whole(raw, part), part))
             continue
         for pseudo in embedded.find_embedded(raw, part):
-            data = b"".join(embedded.decoded(raw, pseudo))
+            data = b"".join(stream.decoded(raw, pseudo))
             pairs.append((Attachment(part=pseudo.skeleton, filename=_name(pseudo.skeleton),
                                      content_type=content_type(pseudo.skeleton), data=data,
                                      size=len(data)), pseudo))
     pairs.sort(key=lambda pair: pair[1].start)
     return Found(root, [a for a, _ in pairs], [part for _, part in pairs])
-
-
-def decoded(raw: Raw, part: Part) -> Iterator[bytes]:
-    """A located part's file, in pieces (uuencode and yEnc blocks too: stream.decoded)."""
-    return stream.decoded(raw, part)
 
 
 def _whole(raw: Raw, part: Part) -> Attachment:
