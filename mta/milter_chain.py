@@ -340,6 +340,8 @@ def _cut_field(name: str, value: str, index: int, max_data: int) -> ChangeHeader
     """The edit that cuts a header to what a milter with this packet limit is sent
     (milter_headers.wire_header, as Postfix's header_size_limit keeps a header's start);
     None when it fits."""
+    if 4 * (len(name) + len(value)) <= max_data - 2:  # fits even at 4 bytes a character:
+        return None  # the common case costs no encoding (g_header encodes it once)
     header = wire_header(name, value, max_data)
     if not header.truncated:
         return None
