@@ -59,6 +59,8 @@ class MessageText:
         """The header fields and where the body starts (after the first empty line; at the
         end when there is none, as if the body were empty)."""
         if self.data is not None:
+            if self.data.startswith(b"\r\n"):
+                return [], 2  # no header at all (smtpd ended it before a stray first line)
             end = self.data.find(b"\r\n\r\n")
             if end < 0:
                 return parse_fields(self.data), self.size
@@ -72,6 +74,8 @@ class MessageText:
                     break
                 search_from = max(0, len(head) - 3)  # the empty line may straddle two blocks
                 head += block
+                if head.startswith(b"\r\n"):
+                    return [], 2
                 end = head.find(b"\r\n\r\n", search_from)
                 if end >= 0:
                     return parse_fields(bytes(head[:end + 2])), end + 4

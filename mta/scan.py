@@ -30,6 +30,7 @@ from .queue import Queue, new_queue_id
 from .scan_files import copy_name, write_copy
 from .serve import LOOPBACK, MilterSupervisor
 from .smtpd import GatewayHandler, SmtpSettings
+from .header_end import with_header_ended
 from .trace import protocol_name, received_header
 
 
@@ -75,7 +76,7 @@ def run_scan(request: ScanRequest, chain: ChainSession, hostname: str = "localho
                             queue_id=queue_id,
                             protocol=protocol_name(True, False, request.auth_user is not None),
                             recipients=rcpts)
-    transit = Transit(trace + request.raw, sender, [])
+    transit = Transit(trace + with_header_ended(request.raw), sender, [])
     verdict = chain.connect(f"[{request.client_ip}]", request.client_ip, 25, family,
                             connect_macros(hostname, request.client_ip))
     if not verdict.ends_transaction:

@@ -12,9 +12,11 @@ import os
 import re
 from typing import Callable, Iterator
 
+from .header_end import LONG_LINE, first_stray_line
+
 _RECEIVED = re.compile(rb"\r\nreceived:", re.IGNORECASE)
-# A line longer than this is passed on in parts (memory stays bounded; the line is kept).
-LONG_LINE = 64 * 1024
+# A line longer than LONG_LINE is passed on in parts (memory stays bounded; the line is
+# kept); the header's lines are judged on that many bytes (mta/header_end.py).
 
 
 class DataStream:
@@ -36,6 +38,10 @@ class DataStream:
         self.sink_error: OSError | None = None
         self._line_start = True
         self._in_header = True
+        self._after_field = False  # a line starting with a blank continues the field above
+        # The first line that ended the header early (a BOM, a fold without indentation, a
+        # body without the empty line before it): an empty line was put before it.
+        self.stray_header_line: bytes | None = None
 
     @property
     def refused(self) -> bool:
@@ -74,7 +80,7 @@ class DataStream:
         if b"\r\n." in piece:
             piece = piece.replace(b"\r\n.", b"\r\n")
         if self._in_header:
-            self._count_header(piece)
+            piece = self._through_header(piece, ends_line)
         self._line_start = ends_line
         self.size += len(piece)
         if self.size > self.max_size:
@@ -86,15 +92,32 @@ class DataStream:
         except OSError as exc:
             self.sink_error = exc
 
-    def _count_header(self, piece: bytes) -> None:
+    def _through_header(self, piece: bytes, ends_line: bool) -> bytes:
+        """Count the header's bytes and Received fields, and end the header where Postfix's
+        cleanup ends it (mta/header_end.py): the piece comes back with the empty line put
+        before the first line that cannot stand in a header."""
+        start = 0
+        if not self._line_start:  # the rest of a long line judged when it began
+            start = piece.find(b"\r\n") + 2
+            if start == 1:
+                start = len(piece)
         if self._line_start and piece[:2] == b"\r\n":
+            header_end = 0  # the piece starts with the empty line
+        else:
+            blank = piece.find(b"\r\n\r\n", max(0, start - 2))
+            header_end = blank + 2 if blank >= 0 else len(piece)
+        stray = first_stray_line(piece[start:header_end], self._after_field, LONG_LINE,
+                                 cut=not ends_line)
+        if stray is not None:
+            header_end = start + stray
+            self.stray_header_line = piece[header_end:header_end + 60].split(b"\r\n")[0]
+            piece = piece[:header_end] + b"\r\n" + piece[header_end:]
+        elif header_end > start:
+            self._after_field = True
+        if header_end < len(piece) or stray is not None:
             self._in_header = False
-            return
-        end = piece.find(b"\r\n\r\n")
-        header = piece[:end + 2] if end >= 0 else piece
+        header = piece[:header_end]
         self.header_bytes += len(header)
-        if end >= 0:
-            self._in_header = False
         # A long line is passed on in parts: the end of the last part is kept so that a
         # field name cut in two is still seen (10 bytes cannot hold a whole match again).
         scan = self._header_carry + header
@@ -102,16 +125,46 @@ class DataStream:
         self._header_carry = b"\r\n" if header.endswith(b"\r\n") else scan[-10:]
         if self.header_bytes > self.max_header_bytes:
             self.header_too_big = True
+        return piece
+
+
+# RFC 5321 4.5.3.1.6: at most 998 octets on a line before its CRLF; a next hop may refuse
+# more (aiosmtpd, Exchange do). smtpd accepts longer lines, as Postfix does, so delivery
+# breaks them as Postfix's smtp client does (smtp_line_length_limit): in the header with
+# CRLF and a space, a fold that keeps the field one field; in the body with CRLF.
+LINE_LIMIT = 998
+_TOO_LONG = re.compile(rb"[^\n]{%d}" % (LINE_LIMIT + 2))  # the CR before the LF counts
+
+
+def _break_long_lines(text: bytes, in_header: bool) -> tuple[bytes, bool]:
+    """`text` (whole lines) with no line past LINE_LIMIT, and whether the header goes on
+    after it."""
+    if not in_header and not _TOO_LONG.search(text):
+        return text, False
+    out = []
+    ends_line = text.endswith(b"\n")
+    for line in (text[:-1] if ends_line else text).split(b"\n"):
+        content, end = (line[:-1], b"\r") if line.endswith(b"\r") else (line, b"")
+        if in_header and not content:
+            in_header = False  # the empty line: the body follows
+        elif len(content) > LINE_LIMIT:
+            # A byte short of the limit: room for the fold's space, or a stuffed dot.
+            step = LINE_LIMIT - 1
+            content = (b"\r\n " if in_header else b"\r\n").join(
+                content[i:i + step] for i in range(0, len(content), step))
+        out.append(content + end)
+    return b"\n".join(out) + (b"\n" if ends_line else b""), in_header
 
 
 def dot_stuffed(path: os.PathLike[str] | str, size: int | None = None,
                 block: int = 64 * 1024) -> Iterator[bytes]:
     """The first `size` bytes of a file (all of it by default) as DATA text for a next hop,
-    read in blocks: every line that starts with '.' gets another '.', and the text ends
-    with CRLF (the caller sends '.' CRLF)."""
+    read in blocks: every line that starts with '.' gets another '.', no line is longer
+    than LINE_LIMIT, and the text ends with CRLF (the caller sends '.' CRLF)."""
     carry = b""
     line_start = True
     last = b""
+    in_header = True
     left = -1 if size is None else size
     with open(path, "rb") as source:
         while left != 0:
@@ -124,9 +177,11 @@ def dot_stuffed(path: os.PathLike[str] | str, size: int | None = None,
             cut = text.rfind(b"\n") + 1
             whole, carry = text[:cut], text[cut:]
             if whole:
+                whole, in_header = _break_long_lines(whole, in_header)
                 yield _stuff(whole, line_start)
                 line_start, last = True, whole[-2:]
     if carry:
+        carry, _ = _break_long_lines(carry, in_header)
         yield _stuff(carry, line_start)
         last = carry[-2:]
     if last != b"\r\n":

@@ -102,6 +102,10 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         log_event("reject", stage="data", queue_id=transaction.queue_id, ip=client,
                   reason=refusal[0])
         return refusal[1]
+    if stream.stray_header_line is not None:
+        # As Postfix's cleanup: the header ended at this line, an empty line put before it.
+        log_event("header_ended_early", queue_id=transaction.queue_id, ip=client,
+                  line=stream.stray_header_line.decode("utf-8", "backslashreplace"))
     recipients = [(address, " ".join(params) or None)
                   for address, params in transaction.recipients]
     replacement: MessageText | None = None

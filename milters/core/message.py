@@ -251,6 +251,8 @@ def header_section_of(raw: bytes) -> bytes:
     ending in the blank line; the whole message when it has no body."""
     from .mime.scan import header_bytes
 
+    if bytes(raw[:1]) in (b"\r", b"\n"):  # the message starts with its blank line
+        return b"\r\n"
     found = _BLANK_LINE.search(raw)
     section = to_crlf(bytes(raw[:found.start()] if found else raw)).rstrip(b"\r\n")
     return header_bytes(section, root=True) + b"\r\n\r\n"

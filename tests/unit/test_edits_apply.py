@@ -178,3 +178,16 @@ def test_the_kernel_copy_falls_back_to_reads_where_copy_file_range_is_refused(
     out = apply_edits(on_disk(tmp_path, RAW + BIG_BODY), [AddHeader("X-End", "last")])
     assert out.raw == apply_edits(Transit(RAW + BIG_BODY, "s@o.example"),
                                   [AddHeader("X-End", "last")]).raw
+
+
+@pytest.mark.parametrize("on_file", [False, True])
+def test_a_message_without_a_header_gets_its_new_fields_above_the_body(
+        tmp_path: Path, on_file: bool) -> None:
+    """smtpd ended the header before a stray first line (a BOM): the header is empty, the
+    whole text is body. A milter's new fields go on top, not after the first blank line
+    of the body."""
+    raw = b"\r\n\xef\xbb\xbfFrom: a@example.jp\r\nSubject: s\r\n\r\nbody\r\n"
+    transit = on_disk(tmp_path, raw) if on_file else Transit(raw, "s@outside.example")
+    out = apply_edits(transit, [AddHeader("MIME-Version", "1.0"),
+                                AddHeader("X-Top", "first", 0)]).raw
+    assert out == b"X-Top: first\r\nMIME-Version: 1.0\r\n" + raw

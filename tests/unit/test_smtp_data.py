@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mta import smtp_data
+from mta.header_end import with_header_ended
 from mta.smtp_data import LONG_LINE, DataStream, dot_stuffed
 
 BIG = 1 << 40  # "no limit" for the tests that are not about limits
@@ -97,9 +98,12 @@ def test_any_chunking_stores_the_same_message_and_leaves_the_same_commands(
     with patch.object(smtp_data, "LONG_LINE", long_line):
         run = Run().chunks(chunks)
     assert run.done
-    assert run.stored == message_of(lines)
+    # The header ends at the first line that is no field (mta/header_end.py), wherever the
+    # chunks and the long-line parts cut it.
+    stored = with_header_ended(message_of(lines), limit=long_line)
+    assert run.stored == stored
     assert run.leftover == after
-    assert run.stream.size == len(message_of(lines))
+    assert run.stream.size == len(stored)
     assert not run.stream.refused
     # Memory stays bounded: an unfinished feed keeps at most one partial line.
     assert run.largest_leftover <= long_line
@@ -116,15 +120,16 @@ def test_chunking_does_not_change_the_header_count(lines: list[bytes], data: st.
 
 # -- dot-unstuffing ------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunks, stored", [
-    ([b"..x\r\n.\r\n"], b".x\r\n"),                                  # the first line
-    ([b"a\r\n..x\r\n..\r\n.\r\n"], b"a\r\n.x\r\n.\r\n"),             # later lines, a lone dot
-    ([b"a\r\n.", b".x\r\n.\r\n"], b"a\r\n.x\r\n"),                   # split after the first dot
-    ([b"a\r\n", b".", b".", b"x\r\n", b".\r\n"], b"a\r\n.x\r\n"),    # one byte at a time
-    ([b"a\r", b"\n..", b"\r\n.\r\n"], b"a\r\n.\r\n"),
-    ([b"x..y\r\n.\r\n"], b"x..y\r\n"),                               # dots inside a line stay
-    ([b"...\r\n.\r\n"], b"..\r\n"),
+    ([b"..x: y\r\n.\r\n"], b".x: y\r\n"),                            # the first line
+    ([b"\r\na\r\n..x\r\n..\r\n.\r\n"], b"\r\na\r\n.x\r\n.\r\n"),     # later lines, a lone dot
+    ([b"\r\na\r\n.", b".x\r\n.\r\n"], b"\r\na\r\n.x\r\n"),           # split after the first dot
+    ([b"\r\na\r\n", b".", b".", b"x\r\n", b".\r\n"], b"\r\na\r\n.x\r\n"),  # a byte at a time
+    ([b"\r\na\r", b"\n..", b"\r\n.\r\n"], b"\r\na\r\n.\r\n"),
+    ([b"\r\nx..y\r\n.\r\n"], b"\r\nx..y\r\n"),                       # dots inside a line stay
+    ([b"\r\n...\r\n.\r\n"], b"\r\n..\r\n"),
 ])
 def test_dot_unstuffing(chunks: list[bytes], stored: bytes) -> None:
+    """(In a body, after the empty line: what is not a field would end the header.)"""
     run = Run().chunks(chunks)
     assert run.done and run.stored == stored and run.leftover == b""
 
@@ -295,7 +300,7 @@ def test_dot_stuffed_round_trip(scratch: Path, lines: list[bytes], ends_with_crl
     out = b"".join(dot_stuffed(path, size, block=block))
     assert out.endswith(b"\r\n")
     expected = message if message.endswith(b"\r\n") else message + b"\r\n"
-    assert unstuff(out) == expected
+    assert unstuff(out) == with_header_ended(expected)
 
 
 @pytest.mark.parametrize("message, stuffed", [
@@ -328,3 +333,80 @@ def test_received_headers_are_counted_whatever_the_chunking(
         run = Run().chunks(chunks)
     assert run.done and run.stored == message_of(lines)
     assert run.stream.received_headers == hops
+
+
+# -- where the header ends (mta/header_end.py) ---------------------------------------------------
+@pytest.mark.parametrize("sent, stored", [
+    # A UTF-8 BOM before the first field: the header is empty, everything is body.
+    (b"\xef\xbb\xbfFrom: a@example.jp\r\nSubject: x\r\n\r\nbody\r\n",
+     b"\r\n\xef\xbb\xbfFrom: a@example.jp\r\nSubject: x\r\n\r\nbody\r\n"),
+    # A fold that lost its indentation ends the header there.
+    (b"Subject: files for the\r\nmeeting of monday\r\nX-After: 1\r\n\r\nbody\r\n",
+     b"Subject: files for the\r\n\r\nmeeting of monday\r\nX-After: 1\r\n\r\nbody\r\n"),
+    # A field name with a byte that is not ASCII, or a control character.
+    (b"From: a@example.jp\r\nX-Caf\xe9: 1\r\n\r\nbody\r\n",
+     b"From: a@example.jp\r\n\r\nX-Caf\xe9: 1\r\n\r\nbody\r\n"),
+    (b"From: a@example.jp\r\nX-\x01: 1\r\n\r\nbody\r\n",
+     b"From: a@example.jp\r\n\r\nX-\x01: 1\r\n\r\nbody\r\n"),
+    # The body right after the header, no empty line.
+    (b"Content-Type: text/plain\r\nbody right here\r\n",
+     b"Content-Type: text/plain\r\n\r\nbody right here\r\n"),
+    # A continuation with nothing above it would fold into our Received field.
+    (b" Received: forged\r\nFrom: a@example.jp\r\n\r\nx\r\n",
+     b"\r\n Received: forged\r\nFrom: a@example.jp\r\n\r\nx\r\n"),
+    # What may stand in a header stays: blanks before the colon (RFC 5322 4.5), folds,
+    # 8-bit values (RFC 6532), an empty value; and nothing is touched after the empty line.
+    (b"Subject : x\r\nTo: a,\r\n\tb\r\nX-J: \xe6\x97\xa5\r\nX-E:\r\n\r\nno colon\r\n",
+     b"Subject : x\r\nTo: a,\r\n\tb\r\nX-J: \xe6\x97\xa5\r\nX-E:\r\n\r\nno colon\r\n"),
+])
+def test_the_header_ends_where_postfix_ends_it(sent: bytes, stored: bytes) -> None:
+    run = Run().chunks([sent + b".\r\n"])
+    assert run.done and run.stored == stored
+    assert (run.stream.stray_header_line is not None) == (sent != stored)
+    assert with_header_ended(sent) == stored  # scan's reading of a file agrees
+
+
+def test_a_stray_line_after_the_received_fields_stops_their_count() -> None:
+    """Received fields in what became the body are not hops (a loop is counted in the
+    header only)."""
+    sent = b"Received: a\r\n\xef\xbb\xbfbroken\r\n" + b"Received: b\r\n" * 60 + b"\r\nx\r\n"
+    run = Run().chunks([sent + b".\r\n"])
+    assert run.stream.received_headers == 1
+
+
+def test_a_long_field_passed_on_in_parts_stays_a_field() -> None:
+    """A 200 KB Subject reaches the spool in parts; its name was seen in the first part,
+    and the empty line after it still ends the header (no line is taken for a stray)."""
+    sent = b"Subject: " + b"s" * 200_000 + b"\r\nTo: b@example.jp\r\n\r\nbody\r\n"
+    run = Run().chunks([sent[i:i + 4096] for i in range(0, len(sent), 4096)] + [b".\r\n"])
+    assert run.stored == sent and run.stream.stray_header_line is None
+
+
+def test_delivery_breaks_lines_longer_than_smtp_allows(tmp_path: Path) -> None:
+    """RFC 5321 4.5.3.1.6 (998 octets before CRLF), as Postfix's smtp_line_length_limit:
+    a 200 KB Subject goes out folded (still one field, the same text once unfolded), a
+    100 KB body line broken with CRLF; the rest is unchanged, dots still stuffed."""
+    subject = b"Subject: " + b"s" * 200_000
+    body_line = b"." + b"x" * 100_000
+    message = (subject + b"\r\nTo: b@example.jp\r\n\r\nshort\r\n" + body_line + b"\r\nend\r\n")
+    path = tmp_path / "m"
+    path.write_bytes(message)
+    out = b"".join(dot_stuffed(path, block=4096))
+    lines = out.split(b"\r\n")
+    assert max(len(line) for line in lines) <= 998
+    head, body = unstuff(out).split(b"\r\n\r\n", 1)
+    assert head.replace(b"\r\n ", b"") == subject + b"\r\nTo: b@example.jp"
+    assert body.replace(b"\r\n", b"") == b"short" + body_line + b"end"
+    assert body.startswith(b"short\r\n.xxx") and body.endswith(b"\r\nend\r\n")
+
+
+def test_a_long_field_after_a_block_of_short_ones_is_folded_not_broken(tmp_path: Path) -> None:
+    """The header goes on across blocks: the long Subject read in a later block than the
+    fields before it is still folded with a space."""
+    message = b"From: a@example.jp\r\n" * 10 + b"Subject: " + b"w " * 5000 + b"\r\n\r\nb\r\n"
+    path = tmp_path / "m"
+    path.write_bytes(message)
+    out = unstuff(b"".join(dot_stuffed(path, block=64)))
+    head = out.split(b"\r\n\r\n", 1)[0]
+    assert all(line[:1] == b" " for line in head.split(b"\r\n")[11:])
+    assert head.replace(b"\r\n ", b"") == message.split(b"\r\n\r\n", 1)[0]
