@@ -25,6 +25,11 @@ tempfailed, per attachments.on_unparsable):
     structural defects above in its tree (MultipartInvariantViolationDefect included), or a
     number of leaves that differs from the scan's (two readers disagree), is the same.
 
+A message folded into its own header (a bare-CR message behind an MTA that does not take CR
+as a line end: Postfix then reads the whole message as one From field, and rewrites it as a
+list of addresses) cannot be put into a ZIP, since the header stays: whatever
+on_unparsable says, it is tempfailed (Doubts.uncontainable).
+
 Leaves we cannot trust (each is treated as an attachment: into the ZIP, offloaded or
 deleted with the others):
   - a transfer encoding other than 7bit, 8bit, binary, base64, quoted-printable;
@@ -64,9 +69,19 @@ _BASE64_OK = re.compile(rb"[A-Za-z0-9+/\r\n \t]*(?:=[ \t\r\n]*){0,2}")
 # A body that starts with MIME header fields: a header section Postfix and the stdlib cut
 # short (a UTF-8 BOM before the first field, a fold without indentation), whose real
 # structure a lenient client may still read.
-_MIME_IN_BODY = re.compile(rb"(?:\xef\xbb\xbf)?(?:[ \t]*\r\n)*(?:[^\r\n]+\r\n)?"
-                           rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*){0,30}?"
+# Before them any lines but an empty one: a field whose name has 8-bit bytes (it ended the
+# header) and whatever follows it may be read as header fields by some client.
+_MIME_IN_BODY = re.compile(rb"(?:[ \t]*\r\n)*(?:[ \t]*[^\r\n \t][^\r\n]*\r\n){0,2000}?"
+                           rb"(?:\xef\xbb\xbf)?"
                            rb"(?i:mime-version|content-type|content-transfer-encoding)[ \t]*:")
+# A header field holding MIME header fields and an encoded body (runs of base64 adding up
+# to 120 characters, 90 bytes of file): a message folded into one field. (Not the
+# signatures, whose h= lists field names and whose b= is base64.)
+_MIME_IN_FIELD = re.compile(rb"(?i)(?:^|[ \t\r\n])(?:mime-version|content-type|"
+                            rb"content-transfer-encoding)[ \t]*:[ \t]*[^ \t\r\n]")
+_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{40,}")
+_FOLDED_BODY = 120
+_SIGNATURES = frozenset({b"dkim-signature", b"arc-message-signature", b"arc-seal"})
 _UNTRUSTED_MESSAGES = frozenset({"message/partial", "message/external-body"})
 _STRUCTURE_DEFECTS = (
     email_errors.StartBoundaryNotFoundDefect, email_errors.CloseBoundaryNotFoundDefect,
@@ -81,6 +96,7 @@ _HEADER_DEFECTS = (email_errors.MissingHeaderBodySeparatorDefect,
 @dataclass
 class Doubts:
     whole: str = ""  # why the structure cannot be trusted; "" = it can
+    uncontainable: str = ""  # why not even the whole message can go into the ZIP
     parts: list[tuple[Part, str]] = field(default_factory=list)  # leaves taken as files
 
 
@@ -88,6 +104,10 @@ def examine(raw: Raw, root: Part, attachments: list[Part]) -> Doubts:
     """What cannot be classified with certainty, given the scan and the parts already
     found to be attachments."""
     doubts = Doubts()
+    doubts.uncontainable = _message_in_a_field(bytes(raw[root.start:root.body_start]))
+    if doubts.uncontainable:
+        doubts.whole = doubts.uncontainable
+        return doubts
     taken = {id(part) for part in attachments}
     for part, parent in _walk(root):
         header = bytes(raw[part.start:part.body_start])
@@ -192,8 +212,18 @@ def _leaf_doubt(raw: Raw, part: Part, parent: Part | None) -> str:
     if not ctype.startswith("message/") and _ENCODED_FILE.search(raw, part.body_start,
                                                                  part.end):
         return "uuencode, BinHex or yEnc in the text"
-    if _MIME_IN_BODY.match(raw, part.body_start, min(part.end, part.body_start + 4096)):
+    if _MIME_IN_BODY.match(raw, part.body_start, min(part.end, part.body_start + 65536)):
         return "MIME header fields at the start of the body"
+    return ""
+
+
+def _message_in_a_field(header: bytes) -> str:
+    for field in re.split(rb"\r\n(?![ \t])", header):
+        name, colon, value = field.partition(b":")
+        if colon and name.strip().lower() not in _SIGNATURES and \
+                (found := _MIME_IN_FIELD.search(value)) and \
+                sum(map(len, _BASE64_RUN.findall(value, found.end()))) >= _FOLDED_BODY:
+            return "MIME header fields and a body inside a header field (bare CR line ends?)"
     return ""
 
 

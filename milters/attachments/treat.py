@@ -70,7 +70,7 @@ def find(raw: Raw, settings: AttachmentsSettings) -> Finding:
     Unparsable (tempfail)."""
     found = locate_attachments(raw, inline_images=settings.inline_images)
     doubts = examine(raw, found.root, found.parts)
-    if doubts.whole and settings.on_unparsable == "tempfail":
+    if doubts.uncontainable or (doubts.whole and settings.on_unparsable == "tempfail"):
         raise Unparsable(doubts.whole)
     if doubts.whole or any(part is found.root for part, _ in doubts.parts):
         # The raw bytes as they came: a part without headers or transfer encoding.

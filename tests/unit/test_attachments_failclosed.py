@@ -152,3 +152,35 @@ def test_delete_rules_remove_what_they_cannot_classify(case: Case) -> None:
         for probe in (hidden.data[:64], hidden.wire[:64].strip()):
             if len(probe) >= 16:
                 assert probe not in clear and probe not in out, case.name
+
+
+def test_a_message_folded_into_its_from_field_is_tempfailed_whatever_the_policy(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Postfix 3.7 reads a bare-CR message as one From field and rewrites it as addresses;
+    the files' base64 is in that field. A ZIP cannot hold a header, so even with
+    on_unparsable: encrypt_whole the message is tempfailed, not passed."""
+    import base64
+    data = base64.b64encode(bytes(range(256)) * 4).decode()
+    folded = (f"From: a@example.jp To:b@example.com MIME-Version:1.0 Content-Type:multipart/"
+              f"mixed;boundary= \"=_b1\" --=_b1 Content-Type: application/pdf@mx.example.jp,"
+              f"\r\n\t{data[:76]}@mx.example.jp,\r\n\t{data[76:152]}@mx.example.jp\r\n"
+              f"To: buyer@customer.example\r\n\r\n").encode()
+    verdict, out, sent = run(folded, "attachments: {on_unparsable: encrypt_whole}\n")
+    assert verdict.action == Action.TEMPFAIL and out is None and sent == []  # type: ignore
+    assert "MIME header fields and a body inside a header field" in caplog.text
+
+
+def test_signatures_and_a_subject_about_content_type_are_not_a_folded_message() -> None:
+    """A DKIM-Signature lists Content-Type in h= and carries base64 in b=; a Subject may
+    name a header. Neither is a message folded into a field."""
+    import base64
+    sig = base64.b64encode(bytes(range(200))).decode()
+    raw = (HEAD.replace(b"Subject: files", b"Subject: Content-Type: text/plain? " + b"A" * 70)
+           + f"DKIM-Signature: v=1; a=rsa-sha256; d=example.jp; s=s;\r\n\th=from:to:"
+           f"subject:content-type:mime-version; bh={sig[:44]};\r\n\tb={sig}\r\n".encode()
+           + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+           b"Content-Type: text/plain\r\n\r\nHello\r\n--b\r\n"
+           b"Content-Type: application/pdf; name=a.pdf\r\nContent-Transfer-Encoding: base64"
+           b"\r\n\r\nJVBERi0xLjQK\r\n--b--\r\n")
+    verdict, out, _ = run(raw)
+    assert verdict.action == Action.CONTINUE and out is not None  # type: ignore
