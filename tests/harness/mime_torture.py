@@ -19,6 +19,10 @@ API
       embedded message as it stands in ``raw``, CRLF line ends) or ``"binhex"`` (BinHex 4.0
       is recognised but kept encoded: ``data`` is the BinHex text itself, CRLF line ends).
 
+Every text part carries ``LINKS`` (a URL, a URL nested in its query, a bare www. name) and
+the ``html_active`` case ``ACTIVE_HTML`` (script, handlers, refresh, frames, a form,
+javascript: links, remote pictures and style), for the neutralize milter's proof.
+
 ``mime_trees() -> hypothesis strategy of TortureMessage``
     Random MIME trees (multipart/mixed, alternative, related, digest; files in base64,
     quoted-printable, uuencode and yEnc; attached messages) mangled in the ways a reader
@@ -124,7 +128,12 @@ def _file_part(name: str, data: bytes, ctype: str = "application/octet-stream") 
             "Content-Transfer-Encoding: base64\r\n\r\n").encode() + b64(data)
 
 
-def _text_part(text: str = "Hello, see the attached files.") -> bytes:
+# Links a neutralize milter must defang: plain, nested in another's query, bare www.
+LINKS = ("https://files.example.net/get?u=http://evil.example.org/x and"
+         " www.example.org/docs")
+
+
+def _text_part(text: str = "Hello, see the attached files: " + LINKS) -> bytes:
     return b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + text.encode() + CRLF
 
 
@@ -134,6 +143,18 @@ def _multipart(ctype_line: bytes, boundary: bytes, parts: list[bytes], *,
     return (headers + ctype_line + CRLF + CRLF + b"This is a multi-part message.\r\n" + body
             + (b"--" + boundary + b"--" + CRLF if close else b""))
 
+
+# Everything in HTML that acts on its own or fetches: script, handlers, refresh, frames,
+# forms, javascript: links, remote pictures and style sheets.
+ACTIVE_HTML = (
+    b"<html><head><meta http-equiv=\"refresh\" content=\"0;url=http://meta.example.org/\">"
+    b"<script>location='http://script.example.org/'</script><style>body{background:"
+    b"url(http://css.example.org/x.png)}</style></head><body onload=\"go()\">"
+    b"<a href=\"https://click.example.org/r?u=http://evil.example.org/\">statement</a>"
+    b"<img src=\"http://img.example.org/t.gif\"><iframe src=\"http://frame.example.org/\">"
+    b"</iframe><form action=\"http://form.example.org/\"><input name=p></form>"
+    b"<a href=\"javascript:alert(1)\">run</a><object data=\"http://obj.example.org/\">"
+    b"</object><svg onload=\"go()\"></svg></body></html>\r\n")
 
 _TOP = b"From: a@example.jp\r\nTo: b@example.com\r\nSubject: files\r\nMIME-Version: 1.0\r\n"
 
@@ -154,7 +175,7 @@ def _line_ends(raw: bytes, end: bytes) -> bytes:
 
 def _embedded(subject: str, seed: int) -> bytes:
     return (f"From: c@example.org\r\nSubject: {subject}\r\nMessage-ID: <{seed}@example.org>\r\n"
-            f"\r\nDigest entry {seed}.\r\n").encode()
+            f"\r\nDigest entry {seed}: http://digest{seed}.example.org/\r\n").encode()
 
 
 # --- the cases -----------------------------------------------------------------------------
@@ -287,6 +308,12 @@ def _cases() -> list[TortureMessage]:
         b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(data) + CRLF]),
         ExpectedFile("long.zip", data))
 
+    data = payload(16, 1800)
+    add("html_active", _mixed([_multipart(
+        b"Content-Type: multipart/alternative; boundary=\"alt\"", b"alt",
+        [_text_part(), b"Content-Type: text/html; charset=utf-8\r\n\r\n" + ACTIVE_HTML]),
+        _file_part("invoice.html.zip", data)]), ExpectedFile("invoice.html.zip", data))
+
     data = payload(15, 600)
     add("quoted_printable_file", _mixed([text, (
         b"Content-Type: application/octet-stream; name=\"qp.bin\"\r\n"
@@ -314,7 +341,7 @@ def _leaf(draw: st.DrawFn, seed: int) -> tuple[bytes, list[ExpectedFile]]:
     name = draw(_NAMES)
     if kind == "text":
         return _text_part(draw(st.text("abc xyz\r\n=-", max_size=80)).replace("\r", "")
-                          .replace("\n", " ")), []
+                          .replace("\n", " ") + " " + LINKS), []
     if kind == "b64":
         squeeze = draw(st.booleans())  # headers run straight into the body
         part = _file_part(name, data)
