@@ -277,3 +277,49 @@ def test_dkim_check_says_match_mismatch_missing_revoked(world: World, tmp_path: 
     assert code == 1 and "missing" in text
     code, text = check("revoked", world.keys["r1"])
     assert code == 1 and "revoked" in text
+
+
+@pytest.mark.parametrize("through", ["serve", "postfix"])
+def test_a_body_the_attachments_milter_replaced_in_place_is_signed_as_it_leaves(
+        world: World, tmp_path: Path, through: str) -> None:
+    """One external recipient: no split, the ZIP replaces the body in the message itself,
+    before the sign milter sees it (Postfix and our MTA hand each milter the edits of the
+    ones before it)."""
+    before = len(world.sink.messages)
+    if through == "serve":
+        serve = Serve(tmp_path, policy=policy(world),
+                      relay=f"smtp:[127.0.0.1]:{world.verifier.smtp_port}",
+                      milters="milters: [{name: attachments}, {name: sign}]\n")
+        serve.config.write_text(serve.config.read_text().replace(
+            "relay_domains: [example.jp]", "relay_domains: [example.jp, customer.example]"))
+        serve.start()
+        try:
+            result = run_swaks(serve.port, mail_from=SENDER, rcpt=EXTERNAL, data_file=SAMPLE)
+            assert result.code("DATA_END") == 250, result.transcript
+            got = deliveries(world, before, 2)
+        finally:
+            serve.stop()
+    else:
+        (tmp_path / "policy.yaml").write_text(policy(world))
+        reinject_port = free_port()
+        config = tmp_path / "config.yaml"
+        config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
+                          f"127.0.0.1:{reinject_port}}}\nstore: memory://\npolicy: policy.yaml\n")
+        attachments = MilterProcess("attachments", config, tmp_path).start()
+        sign = MilterProcess("sign", config, tmp_path).start()
+        try:
+            with postfix_instance(tmp_path, relay_port=world.verifier.smtp_port,
+                                  smtpd_milters=f"{attachments.socket_spec} {sign.socket_spec}",
+                                  reinject_port=reinject_port,
+                                  reinject_milters=sign.socket_spec,
+                                  relay_domains=DOMAINS) as gateway:
+                result = run_swaks(gateway.smtp_port, mail_from=SENDER, rcpt=EXTERNAL,
+                                   data_file=SAMPLE)
+                assert result.code("DATA_END") == 250, result.transcript
+                got = deliveries(world, before, 2)
+        finally:
+            attachments.stop()
+            sign.stop()
+    assert set(got) == {"zip", "notice"}
+    for what, item in got.items():
+        assert checked(world, item) == BOTH_PASS, (what, item.data[:1500])
