@@ -39,8 +39,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
                                 "verifiers refuse less than 1024, RFC 8301)")
         key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
         what = f"rsa {bits}"
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    # RSA as PKCS#1 ("BEGIN RSA PRIVATE KEY", what opendkim-genkey writes and dkimpy
+    # reads); ed25519 has only PKCS#8.
+    form = (serialization.PrivateFormat.TraditionalOpenSSL if isinstance(key, rsa.RSAPrivateKey)
+            else serialization.PrivateFormat.PKCS8)
+    pem = key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
     out = Path(args.out or f"{domain}.{selector}.key")
     try:  # O_EXCL: never overwrite a key (a published selector would stop verifying)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
