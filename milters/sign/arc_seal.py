@@ -34,6 +34,8 @@ API (called from logic.py):
             like dkim_signature; a libmilter caller turns CRLF into LF).
         NotSealed.reason: why not, for the log.
     plan(fields, authserv_id) -> Plan | NotSealed        what seal() would do, no key needed
+    edits(sealed) -> list[AddHeader]     the set as milter edits (AS ends up on top)
+    changed(fields) -> str               which of our milters changed the message ("" none)
     arc_set(fields, body_hash, *, key, auth_results_value, chain_status, instance,
             timestamp, previous=(), signed_headers=SIGNED, oversign=OVERSIGN) -> list[Field]
 
@@ -54,6 +56,7 @@ from typing import Iterable
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from milters.core import auth_results
+from milters.core.edits import AddHeader
 from milters.core.errors import AuthResultsError
 
 from .dkim_sign import (Field, SigningKey, append_folded, fold_tags, h_list, header_hash_input,
@@ -76,6 +79,11 @@ OVERSIGN = ("from", "to", "cc", "subject", "date", "message-id", "reply-to", "mi
             "content-type", "content-transfer-encoding")
 _NEVER_SIGNED = {"arc-seal", "arc-message-signature", "arc-authentication-results",
                  "authentication-results"}
+
+# Headers our milters add when they change a message, deleted by them when they come from
+# outside (so present = ours). By name, not import: a milter never imports another. The
+# neutralize milter's mark; the attachments milter works on outbound mail.
+CHANGE_MARKERS = ("x-mailmoat-neutralized",)
 
 _AAR_INSTANCE = re.compile(rb"\A[\t \r\n]*i[\t \r\n]*=[\t \r\n]*([0-9]{1,9})[\t \r\n]*;")
 _TAG_INSTANCE = re.compile(rb"\A[0-9]{1,9}\Z")
@@ -284,3 +292,19 @@ def seal(fields: list[Field], body_hash: bytes, *, key: SigningKey, authserv_id:
                    timestamp=timestamp, previous=chosen.previous,
                    signed_headers=signed_headers, oversign=oversign)
     return Sealed(made, chosen)
+
+
+def edits(sealed: Sealed) -> list[AddHeader]:
+    """The set as header insertions at the top: AAR first, so AS ends up above AMS above
+    AAR. Folds as LF and no leading space, as the MTA and libmilter want them."""
+    return [AddHeader(name.decode("ascii"), value.lstrip(b" ").replace(b"\r\n", b"\n")
+                      .decode("ascii"), index=0)
+            for name, value in reversed(sealed.fields)]
+
+
+def changed(fields: Iterable[Field]) -> str:
+    """The marker of the milter that changed the message, "" if none did (`seal: changed`)."""
+    for name, _ in fields:
+        if name.strip(b" \t").lower().decode("ascii", "replace") in CHANGE_MARKERS:
+            return name.strip(b" \t").decode("ascii", "replace")
+    return ""
