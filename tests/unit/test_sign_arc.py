@@ -6,6 +6,7 @@ milter's own writer (results_header.compose), as in the running chain."""
 from __future__ import annotations
 
 import base64
+import logging
 import re
 from typing import Callable
 
@@ -147,6 +148,9 @@ def tag(value: bytes, name: str) -> str:
 
 
 MESSAGE = HEAD + b"\r\n" + BODY
+QUIET = logging.getLogger("test.sign.arc.dkimpy")  # dkimpy logs every refusal at ERROR
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
 
 
 # -- the first hop ----------------------------------------------------------------------------
@@ -181,13 +185,12 @@ def test_the_set_is_inserted_seal_first_and_every_line_is_short(world: dict[str,
 
 def test_the_aar_carries_our_verdicts_exactly(world: dict[str, object]) -> None:
     message = with_auth(MESSAGE)
-    _, result = sealed_by_us(message, world["rsa"])  # type: ignore[arg-type]
+    sealed, result = sealed_by_us(message, world["rsa"])  # type: ignore[arg-type]
     aar = result.fields[2][1]
     ours = fields_of(message)[0][0][1]
     assert aar == b" i=1; " + ours.lstrip()
     # dkimpy (the next hop) reads the set's results back with its RFC 8601 parser
-    cv, results, _ = dkim.arc_verify(_sealed := sealed_by_us(message, world["rsa"])[0],  # type: ignore
-                                     dnsfunc=dnsfunc(world["zone"]))  # type: ignore[arg-type]
+    cv, results, _ = dkim.arc_verify(sealed, dnsfunc=dnsfunc(world["zone"]))  # type: ignore
     assert cv == b"pass" and b"dmarc=pass" in results[0]["aar-value"]
     assert b"i=1; mx.example.jp;" in results[0]["aar-value"]
 
@@ -259,18 +262,10 @@ def test_a_broken_incoming_chain_is_sealed_cv_fail_over_our_set_only(
     rest = re.sub(rb"ARC-[A-Za-z-]+: i=1;.*?\r\n(?![ \t])", b"", incoming, flags=re.S)
     assert b"i=1" not in rest
     verifier = dkim.ARC(only_ours + rest)
-    verifier.logger = arc_seal_quiet()
+    verifier.logger = QUIET
     _, sets = verifier.sorted_arc_headers()
     checked = verifier.verify_instance(sets, 2, dnsfunc=dnsfunc(world["zone"]))  # type: ignore
     assert checked["as-valid"] and checked["ams-valid"]
-
-
-def arc_seal_quiet():  # type: ignore[no-untyped-def]
-    import logging
-    quiet = logging.getLogger("test.sign.arc.dkimpy")
-    quiet.addHandler(logging.NullHandler())
-    quiet.propagate = False
-    return quiet
 
 
 def test_a_chain_that_already_failed_is_not_continued(world: dict[str, object]) -> None:
@@ -369,8 +364,8 @@ def test_no_authentication_results_of_ours_means_no_seal(world: dict[str, object
 
 
 def test_another_admds_results_are_not_what_we_seal(world: dict[str, object]) -> None:
-    other = (f"Authentication-Results: mx.attacker.test; dmarc=pass header.from=example.org;"
-             f" arc=pass\r\n").encode()
+    other = (b"Authentication-Results: mx.attacker.test; dmarc=pass header.from=example.org;"
+             b" arc=pass\r\n")
     message, result = sealed_by_us(other + with_auth(MESSAGE), world["rsa"])  # type: ignore
     assert b"attacker" not in result.fields[2][1] and b"spf=fail" in result.fields[2][1]
     assert result.plan.chain_status == "none"
