@@ -43,6 +43,7 @@ class Pending:
     plan: Plan
     fields: list[tuple[bytes, bytes]]
     body: BodyHasher | None  # None: nothing to sign, the body is not hashed
+    leading_space: bool  # the MTA writes added values as given (SMFIP_HDR_LEADSPC)
 
 
 class Signer:
@@ -60,7 +61,8 @@ class Signer:
             body = BodyHasher(settings.canonicalization.split("/")[1])
         # ARC sealing (the sign-arc helper's arc_seal.arc_set) plugs in here: inbound mail
         # a milter changed also needs the relaxed body hash and the fields.
-        return Pending(policy, plan, header_fields(headers, leading_space), body)
+        return Pending(policy, plan, header_fields(headers, leading_space), body,
+                       leading_space)
 
     def finish(self, pending: Pending, env: Envelope) -> EomResult:
         plan = pending.plan
@@ -79,9 +81,12 @@ class Signer:
                 key, pending.fields, body_hash, signed_headers=settings.headers,
                 oversign=settings.oversign, canon=settings.canonicalization, timestamp=now,
                 expire=expire)
-            # The MTA writes "Name: value": the leading space is its; folds as LF, which
-            # libmilter peers (Postfix) and our MTA both turn into CRLF.
-            text = value[1:].replace(b"\r\n", b"\n").decode("ascii")
+            # Under HDR_LEADSPC the MTA writes "Name:" + value, so the space signed after
+            # the colon goes with it; else it writes "Name: value" itself. Folds as LF,
+            # which libmilter peers (Postfix) and our MTA both turn into CRLF.
+            if not pending.leading_space:
+                value = value[1:]
+            text = value.replace(b"\r\n", b"\n").decode("ascii")
             edits.append(AddHeader(name.decode("ascii"), text, index=0))
         log_event("signed", milter=MILTER, domain=plan.domain,
                   selectors=",".join(k.selector for k in plan.keys), rule=plan.why,

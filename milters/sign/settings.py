@@ -46,9 +46,6 @@ class SignSettings:
     oversign: tuple[str, ...] = DEFAULT_OVERSIGN
     canonicalization: str = "relaxed/relaxed"
     expire: float = 0.0  # seconds from t= to x=; 0 = no x=
-    # Copies and notices the attachments milter re-injects pass this milter too (serve's
-    # re-injection chain; behind Postfix, the re-injection smtpd's smtpd_milters).
-    reinjection: bool = True
 
     @property
     def table(self) -> dict[str, str]:
@@ -130,7 +127,6 @@ SETTINGS_SPEC = Struct({
     "oversign": Field(ListOf(_HeaderName(), check=_names), DEFAULT_OVERSIGN),
     "canonicalization": Field(Str(CANONICALIZATIONS), "relaxed/relaxed"),
     "expire": Field(Duration(), 0.0),
-    "reinjection": Field(Bool(), True),
 }, build=_build, expected="the sign settings")
 
 

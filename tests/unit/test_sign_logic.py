@@ -74,7 +74,8 @@ def run(world: dict, raw: bytes, envelope: Envelope | None = None, extra: str = 
     message = Message(raw=raw, envelope=envelope or env())
     result = Signer(clock=lambda: NOW).sign_message(policy, message)
     edits = [e for e in result.edits if isinstance(e, AddHeader)]
-    top = b"".join(f"{e.name}: {e.value}".replace("\n", "\r\n").encode() + b"\r\n"
+    # as an MTA writes them under HDR_LEADSPC: "Name:" + the value with its own space
+    top = b"".join(f"{e.name}:{e.value}".replace("\n", "\r\n").encode() + b"\r\n"
                    for e in edits)
     return top + raw, edits
 
@@ -121,6 +122,12 @@ def test_a_from_added_after_signing_breaks_every_signature(world):
     signed, _ = run(world, MESSAGE)
     forged = signed.replace(b"From: Alice", b"From: ceo@example.com\r\nFrom: Alice", 1)
     assert verify_all(world, forged) == [False, False]
+
+
+@pytest.mark.parametrize("canon", ["simple/simple", "relaxed/simple", "simple/relaxed"])
+def test_the_other_canonicalizations_verify_too(world, canon):
+    signed, edits = run(world, MESSAGE, extra=f"  canonicalization: {canon}\n")
+    assert f"c={canon}" in edits[0].value and verify_all(world, signed) == [True, True]
 
 
 def test_expire_writes_x(world):
