@@ -43,8 +43,9 @@ Policy (the sign section; settings.py reads it):
 
     arc:
       seal: changed | all | none   # which inbound mail gets a set; default changed
-      key: NAME                    # a key of the sign section's key table, as DKIM names them;
-                                   # RSA only: ARC verifiers (dkimpy's, so ours) refuse ed25519
+      key: SELECTOR._domainkey.DOMAIN   # an RSA key of sign.keys, by its DNS name (one
+                                        # domain may hold several selectors); ed25519 is refused:
+                                        # ARC verifiers (dkimpy's, so ours) know rsa-sha256 only
 """
 from __future__ import annotations
 
