@@ -15,6 +15,7 @@ from milters.core.message import Envelope, Message
 from milters.core.policy.document import Policy
 from milters.core.verdict import Verdict
 
+from . import arc_seal
 from .decide import Plan, plan_for
 from .dkim_sign import BodyHasher, dkim_signature
 from .settings import MILTER, SignSettings
@@ -42,12 +43,15 @@ class Pending:
     policy: Policy
     plan: Plan
     fields: list[tuple[bytes, bytes]]
-    body: BodyHasher | None  # None: nothing to sign, the body is not hashed
+    body: BodyHasher | None  # None: nothing to sign or seal, the body is not hashed
     leading_space: bool  # the MTA writes added values as given (SMFIP_HDR_LEADSPC)
+    arc: str = ""  # why this inbound message gets an ARC set ("" = it does not)
 
 
 class Signer:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, authserv_id: str = "localhost",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.authserv_id = authserv_id  # the gateway's hostname: the auth milter's A-R id
         self.clock = clock
 
     def start(self, policy: Policy, env: Envelope, headers: list[tuple[str, str]],
@@ -56,13 +60,16 @@ class Signer:
         subject = next((v for n, v in headers if n.strip().lower() == "subject"), "")
         plan = plan_for(policy, env, froms, subject)
         settings: SignSettings = policy.sections[MILTER]
-        body = None
+        fields = header_fields(headers, leading_space)
+        body, arc = None, ""
         if plan.keys:
             body = BodyHasher(settings.canonicalization.split("/")[1])
-        # ARC sealing (the sign-arc helper's arc_seal.arc_set) plugs in here: inbound mail
-        # a milter changed also needs the relaxed body hash and the fields.
-        return Pending(policy, plan, header_fields(headers, leading_space), body,
-                       leading_space)
+        elif plan.why == "(inbound)" and settings.arc.key is not None:
+            # Sealed as it leaves: the fields here are after every earlier milter's edits.
+            arc = "seal: all" if settings.arc.seal == "all" else arc_seal.changed(fields)
+            if arc:
+                body = BodyHasher("relaxed")  # the AMS is relaxed/relaxed
+        return Pending(policy, plan, fields, body, leading_space, arc)
 
     def finish(self, pending: Pending, env: Envelope) -> EomResult:
         plan = pending.plan
@@ -74,6 +81,8 @@ class Signer:
         settings: SignSettings = pending.policy.sections[MILTER]
         body_hash = pending.body.digest()
         now = int(self.clock())
+        if pending.arc:
+            return self._seal(pending, settings, body_hash, now, env)
         expire = now + int(settings.expire) if settings.expire else None
         edits = []
         for key in plan.keys:
@@ -81,17 +90,40 @@ class Signer:
                 key, pending.fields, body_hash, signed_headers=settings.headers,
                 oversign=settings.oversign, canon=settings.canonicalization, timestamp=now,
                 expire=expire)
-            # Under HDR_LEADSPC the MTA writes "Name:" + value, so the space signed after
-            # the colon goes with it; else it writes "Name: value" itself. Folds as LF,
-            # which libmilter peers (Postfix) and our MTA both turn into CRLF.
-            if not pending.leading_space:
-                value = value[1:]
-            text = value.replace(b"\r\n", b"\n").decode("ascii")
-            edits.append(AddHeader(name.decode("ascii"), text, index=0))
+            edits.append(self._header(name, value, pending.leading_space))
         log_event("signed", milter=MILTER, domain=plan.domain,
                   selectors=",".join(k.selector for k in plan.keys), rule=plan.why,
                   queue_id=env.queue_id)
         return EomResult(Verdict.cont(), edits)
+
+    def _seal(self, pending: Pending, settings: SignSettings, body_hash: bytes, now: int,
+              env: Envelope) -> EomResult:
+        assert settings.arc.key is not None
+        sealed = arc_seal.seal(pending.fields, body_hash, key=settings.arc.key,
+                               authserv_id=self.authserv_id, timestamp=now)
+        if isinstance(sealed, arc_seal.NotSealed):
+            log_event("seal_skipped", level=logging.WARNING, milter=MILTER,
+                      reason=sealed.reason, why=pending.arc, queue_id=env.queue_id)
+            return EomResult(Verdict.cont())
+        # AAR first, each at the top: AS ends above AMS above AAR
+        edits = [self._header(name, value, pending.leading_space)
+                 for name, value in reversed(sealed.fields)]
+        log_event("sealed", milter=MILTER, instance=sealed.plan.instance,
+                  cv=sealed.plan.chain_status, why=pending.arc, note=sealed.plan.note or None,
+                  queue_id=env.queue_id)
+        return EomResult(Verdict.cont(), edits)
+
+    @staticmethod
+    def _header(name: bytes, value: bytes, leading_space: bool) -> AddHeader:
+        """Under HDR_LEADSPC the MTA writes "Name:" + value, so the space signed after the
+        colon goes with it; else it writes "Name: value" itself. Folds as LF, which libmilter
+        peers (Postfix) and our MTA both turn into CRLF."""
+        if not leading_space:
+            value = value.lstrip(b" ")
+        elif not value.startswith(b" "):
+            value = b" " + value
+        return AddHeader(name.decode("ascii"), value.replace(b"\r\n", b"\n").decode("ascii"),
+                         index=0)
 
     def sign_message(self, policy: Policy, message: Message) -> EomResult:
         """A whole message handed over (scan, tests): split it and stream its body."""

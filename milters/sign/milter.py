@@ -55,4 +55,7 @@ def _ignore(chunk: bytes) -> None:
 
 def serve(config: GatewayConfig, listen: str,
           load_policy: Callable[[Path], Policy]) -> None:
-    serve_checker(SignLogic, Signer, config.policy, listen, load_policy)
+    # The auth milter writes its Authentication-Results under the gateway's hostname; ARC
+    # sealing copies that header, and only that one.
+    serve_checker(SignLogic, lambda: Signer(config.hostname), config.policy, listen,
+                  load_policy)

@@ -8,6 +8,9 @@
         example.org: example.com
       subdomains: true           # a From subdomain with no entry signs with its parent's keys
       expire: 0                  # x= this many seconds after t= (0: no x=)
+      arc:                       # ARC sealing of inbound mail (arc_seal.py)
+        seal: changed            # changed (default) | all | none
+        key: s2026r._domainkey.example.com   # an RSA key of keys, by its DNS name
 
 Keys are read when the policy loads: a key file readable by others than its owner, or not a
 key, is a policy error at its line. Which mail is signed is the rules' `sign: sign | none`
@@ -24,6 +27,7 @@ from .keys import check_domain, check_selector, load_private_key
 
 MILTER = "sign"
 ACTIONS = ("sign", "none")
+SEALS = ("changed", "all", "none")  # which inbound mail gets an ARC set
 CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")
 # RFC 6376 5.4.1's list of fields a signature should cover (those present are signed).
 DEFAULT_HEADERS = ("from", "reply-to", "subject", "date", "to", "cc", "resent-date",
@@ -38,6 +42,12 @@ DEFAULT_OVERSIGN = ("from", "subject", "date", "to", "cc", "reply-to", "message-
 
 
 @dataclass(frozen=True)
+class ArcSettings:
+    seal: str = "none"  # changed | all | none; without an `arc:` section nothing is sealed
+    key: SigningKey | None = None
+
+
+@dataclass(frozen=True)
 class SignSettings:
     keys: tuple[SigningKey, ...] = ()
     domains: dict[str, str] | None = None  # From domain -> signing domain (SigningTable)
@@ -46,6 +56,7 @@ class SignSettings:
     oversign: tuple[str, ...] = DEFAULT_OVERSIGN
     canonicalization: str = "relaxed/relaxed"
     expire: float = 0.0  # seconds from t= to x=; 0 = no x=
+    arc: ArcSettings = ArcSettings()
 
     @property
     def table(self) -> dict[str, str]:
@@ -99,8 +110,28 @@ class _HeaderName(Str):
         return text.lower()
 
 
+def _arc(keys: tuple[SigningKey, ...], arc: dict[str, str] | None) -> ArcSettings:
+    if arc is None:
+        return ArcSettings()
+    if arc["seal"] == "none":
+        return ArcSettings("none")
+    name = arc["key"].strip().lower().rstrip(".")
+    if not name:
+        raise ValueError(f"arc.key is required to seal ({arc['seal']}): the DNS name of an "
+                         "RSA key of keys, e.g. s2026r._domainkey.example.com")
+    found = [k for k in keys if f"{k.selector}._domainkey.{k.domain}" == name]
+    if not found:
+        known = ", ".join(f"{k.selector}._domainkey.{k.domain}" for k in keys) or "none"
+        raise ValueError(f"arc.key {name} is not a key of keys (keys: {known})")
+    if found[0].algorithm != "rsa-sha256":
+        raise ValueError(f"arc.key {name} is {found[0].algorithm}: ARC verifiers know "
+                         "rsa-sha256 only; name an RSA key")
+    return ArcSettings(arc["seal"], found[0])
+
+
 def _build(keys: tuple[SigningKey, ...], domains: dict[str, str], headers: tuple[str, ...],
-           oversign: tuple[str, ...], **kw: object) -> SignSettings:
+           oversign: tuple[str, ...], arc: dict[str, str] | None,
+           **kw: object) -> SignSettings:
     if "from" not in headers:
         raise ValueError("headers must include from: RFC 6376 5.4 requires it signed")
     missing = [name for name in oversign if name not in headers]
@@ -111,7 +142,7 @@ def _build(keys: tuple[SigningKey, ...], domains: dict[str, str], headers: tuple
     if unknown:
         raise ValueError(f"domains maps to {', '.join(unknown)}, which has no key in keys")
     return SignSettings(keys=keys, domains=domains, headers=headers, oversign=oversign,
-                        **kw)  # type: ignore[arg-type]
+                        arc=_arc(keys, arc), **kw)  # type: ignore[arg-type]
 
 
 SETTINGS_SPEC = Struct({
@@ -127,6 +158,10 @@ SETTINGS_SPEC = Struct({
     "oversign": Field(ListOf(_HeaderName(), check=_names), DEFAULT_OVERSIGN),
     "canonicalization": Field(Str(CANONICALIZATIONS), "relaxed/relaxed"),
     "expire": Field(Duration(), 0.0),
+    "arc": Field(Struct({
+        "seal": Field(Str(SEALS), "changed"),
+        "key": Field(Str(max_len=320), ""),
+    }, expected="ARC settings: seal, key"), None),
 }, build=_build, expected="the sign settings")
 
 

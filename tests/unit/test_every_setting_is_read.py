@@ -1771,6 +1771,32 @@ POLICY_PROBES.update({
 })
 
 
+ARC_BASE = SIGN_BASE + f"""\
+    - {{domain: example.net, selector: r2, file: "{SIGN_KEYS / 'r2.key'}"}}
+  arc: {{key: r1._domainkey.example.com}}
+"""
+
+
+def sealed() -> Observer:
+    """The ARC set the sign milter adds to an inbound message the auth milter checked and
+    no milter changed."""
+    def observe(pol: Policy) -> object:
+        from milters.sign.logic import Signer
+        from tests.unit.test_sign_arc import AUTHSERV_ID, auth_header
+        message = Message(raw=auth_header(None) + SIGNED_MAIL, envelope=env())
+        return [(e.name, e.value) for e in  # type: ignore[attr-defined]
+                Signer(AUTHSERV_ID, clock=lambda: 1796560000).sign_message(pol, message).edits]
+    return observe
+
+
+POLICY_PROBES.update({
+    "sign.arc.seal": Probe(*swap(ARC_BASE, "arc: {key:", "arc: {seal: all, key:"), sealed()),
+    "sign.arc.key": Probe(*swap(ARC_BASE.replace("arc: {key:", "arc: {seal: all, key:"),
+                                "key: r1._domainkey.example.com",
+                                "key: r2._domainkey.example.net"), sealed()),
+})
+
+
 def reinjection_chain(config: Any) -> object:
     """The chain serve's re-injection listener runs (copies and notices)."""
     from mta.cli import with_reinjection

@@ -74,10 +74,16 @@ def run(world: dict, raw: bytes, envelope: Envelope | None = None, extra: str = 
     message = Message(raw=raw, envelope=envelope or env())
     result = Signer(clock=lambda: NOW).sign_message(policy, message)
     edits = [e for e in result.edits if isinstance(e, AddHeader)]
-    # as an MTA writes them under HDR_LEADSPC: "Name:" + the value with its own space
-    top = b"".join(f"{e.name}:{e.value}".replace("\n", "\r\n").encode() + b"\r\n"
-                   for e in edits)
-    return top + raw, edits
+    return on_top(edits, raw), edits
+
+
+def on_top(edits: list[AddHeader], raw: bytes) -> bytes:
+    """Each edit inserted at the top in turn (index 0), as an MTA under HDR_LEADSPC writes
+    it: "Name:" + the value with its own space."""
+    for e in edits:
+        assert e.index == 0
+        raw = f"{e.name}:{e.value}".replace("\n", "\r\n").encode() + b"\r\n" + raw
+    return raw
 
 
 def verify_all(world: dict, signed: bytes) -> list[bool]:
@@ -241,3 +247,60 @@ def test_oversigning_a_field_not_signed_is_refused():
 def test_a_header_name_with_a_colon_is_refused():
     with pytest.raises(ConfigError, match="not a header field name"):
         load_policy_text("sign:\n  headers: [from, 'x:y']\n", EXTENSIONS)
+
+
+# -- ARC sealing wired in (arc_seal.py is the sign-arc helper's; here: which mail gets it) --
+ARC = "  arc: {seal: SEAL, key: r1._domainkey.example.com}\n"
+
+
+def inbound(marked: bool) -> bytes:
+    from tests.unit.test_sign_arc import AUTHSERV_ID, auth_header
+    assert AUTHSERV_ID == "mx.example.jp"
+    mark = b"X-Mailmoat-Neutralized: links\r\n" if marked else b""
+    return auth_header(None) + mark + MESSAGE.replace(b"alice@example.com", b"a@example.org")
+
+
+def sealed_by(world: dict, raw: bytes, seal: str) -> tuple[bytes, list[AddHeader]]:
+    policy = policy_for(world, ARC.replace("SEAL", seal))
+    message = Message(raw=raw, envelope=env("192.0.2.9"))
+    edits = Signer("mx.example.jp", clock=lambda: NOW).sign_message(policy, message).edits
+    return on_top(edits, raw), edits
+
+
+def test_inbound_mail_a_milter_changed_gets_an_arc_set_dkimpy_verifies(world):
+    signed, edits = sealed_by(world, inbound(marked=True), "changed")
+    assert [e.name for e in edits] == ["ARC-Authentication-Results", "ARC-Message-Signature",
+                                       "ARC-Seal"]  # each inserted at the top: AS ends first
+    assert signed.startswith(b"ARC-Seal:")
+    cv, _, reason = dkim.arc_verify(signed, dnsfunc=lambda n, timeout=5: world["dns"].get(n))
+    assert cv == b"pass", reason
+    altered = signed.replace(b"Hello", b"Jello")
+    assert dkim.arc_verify(altered, dnsfunc=lambda n, timeout=5: world["dns"].get(n))[0] == b"fail"
+
+
+def test_unchanged_inbound_mail_is_sealed_only_with_seal_all(world):
+    assert sealed_by(world, inbound(marked=False), "changed")[1] == []
+    assert len(sealed_by(world, inbound(marked=False), "all")[1]) == 3
+    assert sealed_by(world, inbound(marked=True), "none")[1] == []
+
+
+def test_outbound_mail_is_signed_not_sealed(world):
+    _, edits = run(world, MESSAGE, extra=ARC.replace("SEAL", "all"))
+    assert [e.name for e in edits] == ["DKIM-Signature", "DKIM-Signature"]
+
+
+def test_without_our_authentication_results_nothing_is_sealed_and_it_is_logged(world, caplog):
+    raw = b"X-Mailmoat-Neutralized: links\r\n" + MESSAGE
+    with caplog.at_level(logging.INFO, logger="mailmoat"):
+        assert sealed_by(world, raw, "changed")[1] == []
+    assert "seal_skipped" in caplog.text
+
+
+@pytest.mark.parametrize("arc, problem", [
+    ("{seal: changed}", "arc.key is required"),
+    ("{seal: all, key: nosuch._domainkey.example.com}", "is not a key of keys"),
+    ("{key: e1._domainkey.example.com}", "ARC verifiers know rsa-sha256 only"),
+])
+def test_an_arc_key_that_cannot_seal_is_refused(world, arc, problem):
+    with pytest.raises(ConfigError, match=problem):
+        policy_for(world, f"  arc: {arc}\n")
