@@ -161,6 +161,9 @@ def test_subdomains_off_leaves_a_subdomain_unsigned(world):
     b"alice@example.com@evil.example",  # two @
     b"<alice@example.com>mallory@evil.example",  # junk after the address
     b"alice@exa mple.com",
+    b"alice@example.com\rBcc: mallory@evil.example",  # a bare CR: no second field
+    b"alice@example.com\x00",
+    b"undisclosed-recipients:;",  # a group without a mailbox
     b"",
 ])
 def test_a_from_that_is_not_exactly_one_of_our_mailboxes_is_left_unsigned_and_logged(
