@@ -29,12 +29,13 @@ from milters.core.store import open_gateway_store
 from milters.ratelimit import admin as ratelimit_admin
 from milters.neutralize.extension import EXTENSION as NEUTRALIZE
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
+from milters.sign.extension import EXTENSION as SIGN
 
-from . import delivery_process, privileges, queue_admin, scan, serve, users
+from . import delivery_process, dkim_cli, privileges, queue_admin, scan, serve, users
 from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
-EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, NEUTRALIZE, ATTACHMENTS]
+EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, NEUTRALIZE, ATTACHMENTS, SIGN]
 # Each milter's daemon module, imported only by the process that runs it: a milter process
 # then carries its own libraries only (dkimpy and dnspython, libarchive, requests...).
 MILTERS: dict[str, str] = {
@@ -42,7 +43,11 @@ MILTERS: dict[str, str] = {
     "auth": "milters.auth.milter",
     "neutralize": "milters.neutralize.milter",
     "attachments": "milters.attachments.milter",
+    "sign": "milters.sign.milter",
 }
+# Built-in milters that also run on re-injected mail (copies, notices): signing must see
+# all that leaves; the others judged the original, and a second pass could treat it twice.
+REINJECTION_MILTERS = ("sign",)
 
 
 def milter_serve(name: str) -> Callable[[GatewayConfig, str, Callable[[Path], Policy]], None]:
@@ -207,7 +212,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"{config.source}: milters: unknown built-in milter(s) "
                          f"{', '.join(unknown)}; built in: {', '.join(sorted(MILTERS))} "
                          "(give `socket:` for an external milter)")
-    return serve.serve(config, args.config, read_policy)
+    return serve.serve(with_reinjection(config), args.config, read_policy)
+
+
+def with_reinjection(config: GatewayConfig) -> GatewayConfig:
+    """Each milter's `reinjection` decided: sign by default; an external milter (e.g. an
+    OpenDKIM signer) when asked; any other built-in one refused."""
+    refused = [m.name for m in config.milters
+               if m.reinjection and m.socket is None and m.name not in REINJECTION_MILTERS]
+    if refused:
+        raise UsageError(f"{config.source}: milters: reinjection: true for {', '.join(refused)}"
+                         f": only {', '.join(REINJECTION_MILTERS)} (or an external milter) "
+                         "runs on re-injected copies and notices; delete the key")
+    return replace(config, milters=tuple(
+        replace(m, reinjection=m.name in REINJECTION_MILTERS and m.socket is None
+                            if m.reinjection is None else m.reinjection)
+        for m in config.milters))
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
@@ -468,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("id", metavar="ID")
         command.add_argument("--config", metavar="FILE", help=config_help)
         command.set_defaults(func=cmd_queue)
+    dkim_cli.add_parser(sub, _Parser, config_help)
     user = sub.add_parser("user", help="manage SMTP AUTH users (gateway.auth.users_file)")
     usub = user.add_subparsers(dest="user_command", required=True, parser_class=_Parser)
     for name, text, needs_name in (

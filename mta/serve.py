@@ -76,10 +76,13 @@ class MilterSupervisor:
     def socket_of(self, milter: MilterSetting) -> str:
         return milter.socket or f"unix:{(self.config.run_dir / f'{milter.name}.sock').resolve()}"
 
-    def members(self) -> list[ChainMember]:
+    def members(self, reinjection: bool = False) -> list[ChainMember]:
+        """The chain of the main listener, or (reinjection) of the re-injection listener:
+        the milters configured with `reinjection: true`, in the same order."""
         return [ChainMember(MilterEndpoint(m.name, self.socket_of(m), m.connect_timeout,
                                            m.command_timeout, m.content_timeout),
-                            m.on_failure, m.reuses_connection) for m in self.config.milters]
+                            m.on_failure, m.reuses_connection) for m in self.config.milters
+                if m.reinjection or not reinjection]
 
     def _launch(self, milter: MilterSetting) -> subprocess.Popen[bytes]:
         """Start the milter's process (without waiting for its socket)."""
@@ -256,11 +259,15 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
     pool = MilterPool()  # milter connections kept between SMTP sessions
     chain: Callable[[], ChainSession] | None = (
         (lambda: ChainSession(members, pool=pool)) if members else None)
+    # Copies and notices the milters hand back pass the re-injection chain (sign) only.
+    again = supervisor.members(reinjection=True)
+    reinject_chain: Callable[[], ChainSession] | None = (
+        (lambda: ChainSession(again, pool=pool)) if again else None)
     if config.metrics_listen:
         METRICS.gauge("mailmoat_queue_messages", lambda: float(len(queue.entries())))
     main, reinject, metrics = await open_listeners(
         config, GatewayHandler(settings, queue, chain, delivery.notify),
-        GatewayHandler(reinject_smtp_settings(config), queue, None, delivery.notify))
+        GatewayHandler(reinject_smtp_settings(config), queue, reinject_chain, delivery.notify))
     log_event("serve_started", listen=config.listen, reinject=config.reinject_listen,
               metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",

@@ -78,6 +78,10 @@ class MilterSetting:
     connect_timeout: float = MILTER_CONNECT_TIMEOUT
     command_timeout: float = MILTER_COMMAND_TIMEOUT
     content_timeout: float = MILTER_CONTENT_TIMEOUT
+    # Also run on mail the milters hand back (serve's re-injection listener): copies and
+    # notices must be signed as they leave. None: the command line's default per milter
+    # (yes for sign only: the others judged the original already).
+    reinjection: bool | None = None
 
     @property
     def reuses_connection(self) -> bool:
@@ -322,6 +326,7 @@ def _spec(base: Path, source: str) -> Struct:
         "connect_timeout": Field(Duration(minimum=0.1), MILTER_CONNECT_TIMEOUT),
         "command_timeout": Field(Duration(minimum=0.1), MILTER_COMMAND_TIMEOUT),
         "content_timeout": Field(Duration(minimum=0.1), MILTER_CONTENT_TIMEOUT),
+        "reinjection": Field(Bool(), None),
     }, build=MilterSetting)
     return Struct({
         "gateway": Field(gateway, factory=lambda: gateway.read(None, "", Problems(source))),

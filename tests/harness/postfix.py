@@ -148,7 +148,7 @@ class PostfixInstance:
                  base_dir: str | os.PathLike[str] | None = None,
                  save_logs_to: str | os.PathLike[str] | None = None,
                  keep_dir: bool = False, start_timeout: float = 10.0,
-                 reinject_port: int | None = None) -> None:
+                 reinject_port: int | None = None, reinject_milters: str = "") -> None:
         if os.geteuid() != 0:
             raise PermissionError("a private Postfix instance needs root (master starts as root)")
         self.host = LOOPBACK
@@ -165,6 +165,9 @@ class PostfixInstance:
         # A second smtpd without milters, where milters hand back copies and notices (as an
         # admin adds one to master.cf with -o smtpd_milters=).
         self.reinject_port = reinject_port
+        # The milters that smtpd runs after all (the sign milter: copies and notices leave
+        # signed), one socket spec, as `-o smtpd_milters=unix:/path/sign.sock`.
+        self.reinject_milters = reinject_milters
         self._own_base = base_dir is None
         self._base_arg = Path(base_dir) if base_dir is not None else None
         self.base_dir = Path()
@@ -261,7 +264,7 @@ class PostfixInstance:
         master = _MASTER_CF.format(listen=f"{self.host}:{self.smtp_port}")
         if self.reinject_port:
             master += (f"{self.host}:{self.reinject_port} inet n - n - - smtpd"
-                       " -o smtpd_milters= -o non_smtpd_milters=\n")
+                       f" -o smtpd_milters={self.reinject_milters} -o non_smtpd_milters=\n")
         (self.config_dir / "master.cf").write_text(master)
         self._cool_config()
 
