@@ -34,7 +34,9 @@ RESULTS = {
     "spf": ("pass", "fail", "softfail", "neutral", "none", "policy", "temperror", "permerror"),
     "dkim": ("pass", "fail", "policy", "neutral", "none", "temperror", "permerror"),
     "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
-    "arc": ("pass", "fail", "none"),
+    # The auth milter writes temperror/permerror for a chain it could not check (a DNS
+    # timeout on a seal's key): read, or every later milter would lose every verdict.
+    "arc": ("pass", "fail", "none", "temperror", "permerror"),
 }
 # DKIM, best first: one passing signature makes the message "pass" DKIM.
 _DKIM_BEST_FIRST = ("pass", "policy", "neutral", "none", "fail", "temperror", "permerror")

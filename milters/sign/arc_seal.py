@@ -34,7 +34,6 @@ API (called from logic.py):
             like dkim_signature; a libmilter caller turns CRLF into LF).
         NotSealed.reason: why not, for the log.
     plan(fields, authserv_id) -> Plan | NotSealed        what seal() would do, no key needed
-    edits(sealed) -> list[AddHeader]     the set as milter edits (AS ends up on top)
     changed(fields) -> str               which of our milters changed the message ("" none)
     arc_set(fields, body_hash, *, key, auth_results_value, chain_status, instance,
             timestamp, previous=(), signed_headers=SIGNED, oversign=OVERSIGN) -> list[Field]
@@ -57,7 +56,6 @@ from typing import Iterable
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from milters.core import auth_results
-from milters.core.edits import AddHeader
 
 from .dkim_sign import (Field, SigningKey, append_folded, fold_tags, h_list, header_hash_input,
                         sign_bytes)
@@ -291,14 +289,6 @@ def seal(fields: list[Field], body_hash: bytes, *, key: SigningKey, authserv_id:
                    timestamp=timestamp, previous=chosen.previous,
                    signed_headers=signed_headers, oversign=oversign)
     return Sealed(made, chosen)
-
-
-def edits(sealed: Sealed) -> list[AddHeader]:
-    """The set as header insertions at the top: AAR first, so AS ends up above AMS above
-    AAR. Folds as LF and no leading space, as the MTA and libmilter want them."""
-    return [AddHeader(name.decode("ascii"), value.lstrip(b" ").replace(b"\r\n", b"\n")
-                      .decode("ascii"), index=0)
-            for name, value in reversed(sealed.fields)]
 
 
 def changed(fields: Iterable[Field]) -> str:

@@ -407,22 +407,6 @@ def test_arc_set_refuses_sets_no_verifier_accepts(world: dict[str, object], kwar
                          auth_results_value=b"mx.example.jp; arc=none", timestamp=T, **kwargs)
 
 
-def test_edits_put_the_seal_on_top_and_fold_with_lf(world: dict[str, object]) -> None:
-    message, result = sealed_by_us(with_auth(MESSAGE), world["rsa"])  # type: ignore[arg-type]
-    inserted = arc_seal.edits(result)
-    assert [e.name for e in inserted] == [
-        "ARC-Authentication-Results", "ARC-Message-Signature", "ARC-Seal"]
-    assert all(e.index == 0 and "\r" not in e.value and not e.value.startswith(" ")
-               for e in inserted)
-    # applied one after the other at the top, then written with CRLF as the MTA does
-    top = b""
-    for edit in inserted:
-        top = f"{edit.name}: {edit.value}\r\n".replace("\n", "\r\n").replace(
-            "\r\r\n", "\r\n").encode() + top
-    assert top + with_auth(MESSAGE) == message
-    assert dkimpy_cv(top + with_auth(MESSAGE), world) == b"pass"
-
-
 def test_changed_reads_the_neutralize_mark_only() -> None:
     fields = fields_of(MESSAGE)[0]
     assert arc_seal.changed(fields) == ""
