@@ -14,8 +14,17 @@ DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 PAGES = sorted(DOCS.rglob("*.md"))
 BIN = Path(sys.executable).parent  # the virtualenv's bin: `mailmoat` as set-up leaves it
-# A file an example names: a word ending in one of these, not an option's value we make up.
+# A file an example names: a word ending in one of these.
 NAMED_FILE = re.compile(r"(?<![\w/.-])([\w./-]+\.(?:yaml|yml|eml|txt|pem|key))\b")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _missing_files(example: Example, cwd: Path) -> list[str]:
+    """Files the command names that are not there when it runs (made by an earlier
+    example, or shipped in docs/examples/), except those it writes itself (> FILE)."""
+    return [name for name in NAMED_FILE.findall(example.command)
+            if not (cwd / name).exists()
+            and not re.search(rf">\s*{re.escape(name)}", example.command)]
 
 
 def _page_examples(page: Path) -> list[Example]:
@@ -29,8 +38,9 @@ def test_the_examples_of_each_page_print_what_the_page_shows(page: Path,
     cwd = workdir(EXAMPLES, tmp_path / "work")
     env = environment(BIN, ROOT, tmp_path)
     for example in _page_examples(page):
-        status, output = run(example, cwd, env)
         where = f"{page.relative_to(ROOT)}:{example.line}: $ {example.command}"
+        assert _missing_files(example, cwd) == [], f"{where}: names files that do not exist"
+        status, output = run(example, cwd, env)
         assert matches(example.expected, output), f"{where}\n--- printed:\n{output}"
         assert status == example.status, f"{where}\nexit {status}, the page says " \
                                          f"{example.status}\n{output}"
@@ -45,19 +55,14 @@ def test_no_shell_block_is_left_unchecked_without_saying_why() -> None:
     assert unchecked == []
 
 
-def test_every_file_an_example_names_exists() -> None:
-    missing = []
+def test_every_link_in_the_docs_leads_to_a_file_that_exists() -> None:
+    broken = []
     for page in PAGES:
-        written: set[str] = set()
-        for example in _page_examples(page):
-            for name in NAMED_FILE.findall(example.command):
-                made_here = re.search(rf"(>|--out|init)\s*\S*{re.escape(name)}", example.command)
-                if made_here:
-                    written.add(name)
-                elif name not in written and not (EXAMPLES / name).exists() \
-                        and not (ROOT / name).exists():
-                    missing.append(f"{page.relative_to(ROOT)}:{example.line}: {name}")
-    assert missing == []
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
 
 
 # The checker itself: it must see drift, not just pass.
@@ -116,6 +121,13 @@ def test_a_wrong_exit_status_is_caught(tmp_path: Path) -> None:
 def test_a_console_block_without_a_command_is_an_error() -> None:
     with pytest.raises(ValueError, match="t.md:2: a console block must start with"):
         parse(Path("t.md"), "```console\nno dollar\n```\n")
+
+
+def test_a_file_an_example_names_must_exist_when_it_runs(tmp_path: Path) -> None:
+    example = _one("```console\n$ mailmoat policy check gw.yaml > out.txt\n```\n")
+    assert _missing_files(example, tmp_path) == ["gw.yaml"]
+    (tmp_path / "gw.yaml").write_text("x")
+    assert _missing_files(example, tmp_path) == []
 
 
 def test_a_shell_block_needs_its_reason_not_to_run() -> None:
