@@ -106,6 +106,6 @@ def test_our_auth_milter_trusts_our_seal_on_a_second_pass(chain, tmp_path):
     ours = [line for line in head.replace(b"\r\n\t", b" ").split(b"\r\n") if re.match(
         rb"Authentication-Results:\s*" + re.escape(AUTHSERV_ID.encode()) + rb";", line)]
     assert len(ours) == 1 and b"arc=pass" in ours[0], head.decode("latin-1")[:3000]
-    assert b"i=2; a=rsa-sha256; cv=pass" in head.replace(b"\r\n\t", b" "), head[:800]
+    assert re.search(rb"ARC-Seal: i=2; a=rsa-sha256; t=\d+; cv=pass;", head), head[:800]
     cv, results, reason = dkim.arc_verify(second, dnsfunc=lambda n, timeout=5: chain[2].get(n))
     assert cv == b"pass" and len(results) == 2, (reason, results)
