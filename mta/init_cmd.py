@@ -114,11 +114,10 @@ PROFILES: dict[str, Profile] = {
 Next steps:
   1. Edit {gateway}: hostname, relay_domains, then relay.default (your internal server).
   2. Edit {policy}: internal_networks (your servers and offices), the allowlist.
-  3. Check both:   mailmoat policy check {policy} && mailmoat policy test {policy}
+  3. Check it:     mailmoat policy check {policy} && mailmoat policy test {policy}
   4. Start it:     mailmoat serve --config {gateway}
   5. Send a test:  swaks --server 127.0.0.1:2525 --to postmaster@example.jp
-     It lands in var/maildir/ beside {gateway}; `mailmoat queue list --config {gateway}`
-     shows what waits.
+     It lands in var/maildir/ beside gateway.yaml (waiting: mailmoat queue list --config ...).
   Then listen on 0.0.0.0:25 as root with `user: mailmoat` and point your MX at this host."""),
     "ppap-outbound": Profile(
         "PPAP outbound: SMTP on 127.0.0.1:2525, mail kept in var/maildir",
@@ -127,7 +126,7 @@ Next steps:
   1. Edit {gateway}: hostname, then relay.default (the host that sends your mail out).
   2. Edit {policy}: internal_networks (your mail server), recipient: ["!@example.jp"]
      (your own domains), and the partner password file it names (or delete that entry).
-  3. Check both:   mailmoat policy check {policy} && mailmoat policy test {policy}
+  3. Check it:     mailmoat policy check {policy} && mailmoat policy test {policy}
   4. Try a message: mailmoat scan MESSAGE.eml --config {gateway} --client-ip 10.1.0.10
   5. Start it:     mailmoat serve --config {gateway}
   Then have your mail server relay outgoing mail to this host (Postfix: relayhost)."""),
