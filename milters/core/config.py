@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .dns import DnsSettings, parse_nameserver
+from .shipped import shipped_policy
 from .secrets import SecretSource, mask_url, redis_url_secret
 from .policy.schema import (INVALID, Address, Bool, Duration, Either, Field, ListOf, MapOf,
                             Network, Number, Str, Struct)
 from .policy.matching import AddressPattern, NetworkPattern, normalize_domain
 from .policy.yamlnodes import Node, Problems, ScalarNode, compose_file
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = Path("policies/default.yaml")
 DEFAULT_RETRY = (60.0, 300.0, 900.0, 1800.0, 3600.0)
 STORE_SCHEMES = ("memory:", "sqlite:", "redis:", "rediss:")
@@ -139,7 +139,7 @@ class SmtpdLimits:
 
 def default_policy_path() -> Path:
     """policies/default.yaml in the current directory, else the one shipped with mailmoat."""
-    return DEFAULT_POLICY if DEFAULT_POLICY.exists() else PROJECT_ROOT / DEFAULT_POLICY
+    return DEFAULT_POLICY if DEFAULT_POLICY.exists() else shipped_policy()
 
 
 def _relay_target(text: str) -> str:
