@@ -22,7 +22,13 @@ def explain(policy: Policy, env: Envelope, subject: str = "",
     plan = _plan(policy, env, subject)
     who = plan.why if plan.why.startswith("(") else f"rule '{plan.why}'"
     if plan.action != "sign":
-        return [f"sign: none  (decided by {who}; From taken as the envelope sender)"]
+        lines = [f"sign: none  (decided by {who}; From taken as the envelope sender)"]
+        if plan.why == "(inbound)" and settings.arc.key is not None:
+            key = settings.arc.key
+            when = "always" if settings.arc.seal == "all" else "when a milter changed it"
+            lines.append(f"  - ARC: sealed {when} (arc.seal: {settings.arc.seal}), "
+                         f"d={key.domain} s={key.selector}")
+        return lines
     expire = f"x= {settings.expire:g}s after t=" if settings.expire else "no x="
     return [f"sign: DKIM d={plan.domain} with "
             + " and ".join(f"{k.selector} ({k.algorithm})" for k in plan.keys)

@@ -307,3 +307,16 @@ def test_without_our_authentication_results_nothing_is_sealed_and_it_is_logged(w
 def test_an_arc_key_that_cannot_seal_is_refused(world, arc, problem):
     with pytest.raises(ConfigError, match=problem):
         policy_for(world, f"  arc: {arc}\n")
+
+
+def test_policy_explain_says_which_key_signs_and_when_inbound_mail_is_sealed(world):
+    from milters.sign.extension import explain
+    policy = policy_for(world, ARC.replace("SEAL", "changed"))
+    out = explain(policy, env())  # type: ignore[arg-type]
+    assert out[0].startswith("sign: DKIM d=example.com with r1 (rsa-sha256) and e1 ")
+    inbound = explain(policy, env(ip="198.51.100.7"))  # type: ignore[arg-type]
+    assert inbound[0].startswith("sign: none")
+    assert inbound[1] == ("  - ARC: sealed when a milter changed it (arc.seal: changed), "
+                          "d=example.com s=r1")
+    unsealed = explain(policy_for(world), env(ip="198.51.100.7"))  # type: ignore[arg-type]
+    assert len(unsealed) == 1
