@@ -88,6 +88,7 @@ def cmd_milter(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     config = _run_as(load_config(args.config), args.user)
+    setup_logging(args.name, verbose=args.verbose, settings=config.log)
     if args.reinject:
         config = replace(config, reinject_listen=args.reinject)
     read_policy(config.policy)  # a broken policy is reported before anything else
@@ -207,6 +208,7 @@ def cmd_ratelimit_reset(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging("serve", verbose=args.verbose)
     config = _run_as(load_config(args.config), args.user)
+    setup_logging("serve", verbose=args.verbose, settings=config.log)
     unknown = [m.name for m in config.milters if m.socket is None and m.name not in MILTERS]
     if unknown:
         raise UsageError(f"{config.source}: milters: unknown built-in milter(s) "
@@ -232,7 +234,9 @@ def with_reinjection(config: GatewayConfig) -> GatewayConfig:
 
 def cmd_deliver(args: argparse.Namespace) -> int:
     setup_logging("delivery", verbose=args.verbose)
-    delivery_process.run_delivery(load_config(args.config))
+    config = load_config(args.config)
+    setup_logging("delivery", verbose=args.verbose, settings=config.log)
+    delivery_process.run_delivery(config)
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .dns import DnsSettings, parse_nameserver
+from .eventlog import LOG_FORMATS, LOG_TARGETS, LogSettings
 from .secrets import SecretSource, mask_url, redis_url_secret
 from .policy.schema import (INVALID, Address, Bool, Duration, Either, Field, ListOf, MapOf,
                             Network, Number, Str, Struct)
@@ -123,6 +124,7 @@ class GatewayConfig:
     user: str | None = None
     group: str | None = None
     smtpd: "SmtpdLimits" = field(default_factory=lambda: SmtpdLimits())
+    log: LogSettings = LogSettings()  # key=value or JSON lines, to stderr or syslog
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ def _spec(base: Path, source: str) -> Struct:
             valid_recipients=tuple(gateway["valid_recipients"]), dns=dns,
             smtpd=SmtpdLimits(gateway["smtpd_timeout"], gateway["smtpd_stress_timeout"],
                               gateway["smtpd_min_data_rate"], gateway["smtpd_stress_share"]),
-            user=gateway["user"], group=gateway["group"])
+            user=gateway["user"], group=gateway["group"], log=gateway["log"])
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -291,6 +293,10 @@ def _spec(base: Path, source: str) -> Struct:
                                                      "maildir:DIRECTORY or a route mapping"),
                         factory=dict),
     })
+    log = Struct({
+        "format": Field(Str(LOG_FORMATS), defaults.log.format),
+        "to": Field(Str(LOG_TARGETS), defaults.log.to),
+    }, build=LogSettings, expected="log settings: format, to")
     gateway = Struct({
         "hostname": Field(Str(max_len=253), defaults.hostname),
         "listen": Field(Str(), defaults.listen),
@@ -317,6 +323,8 @@ def _spec(base: Path, source: str) -> Struct:
         "smtpd_stress_share": Field(Number(0.05, 1.0), defaults.smtpd.stress_share),
         "user": Field(Str(max_len=32), None),
         "group": Field(Str(max_len=32), None),
+        # Every process serve starts logs the same way (they read the same config).
+        "log": Field(log, factory=lambda: log.read(None, "", Problems(source))),
     })
     milter = Struct({
         "name": Field(Str(max_len=64)),
