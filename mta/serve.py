@@ -24,12 +24,14 @@ from milters.core.errors import MailmoatError
 from milters.core.eventlog import log_event
 from milters.core.policy.document import Policy
 from milters.core.policy.matching import parse_network_pattern
+from milters.core.store import open_gateway_store
 
 from . import privileges
 from .delivery_process import DeliveryProcess
 from .event_loop import loop_factory
+from .health import Readiness
 from .listener import start_listener
-from .metrics import METRICS, serve_metrics
+from .metrics import METRICS, ReadyCheck, serve_metrics
 from .milter_chain import ChainMember, ChainSession
 from .milter_client import MilterEndpoint
 from .milter_pool import MilterPool
@@ -223,7 +225,8 @@ async def _listen(address: str, setting: str, opening: Awaitable[asyncio.Server]
                             ) from None
 
 
-async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: GatewayHandler
+async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: GatewayHandler,
+                         ready: ReadyCheck | None = None
                          ) -> tuple[asyncio.Server, asyncio.Server, asyncio.Server | None]:
     """serve's listeners on their configured addresses: SMTP on gateway.listen, the
     milters' re-injection on gateway.reinject_listen and the metrics on
@@ -238,7 +241,8 @@ async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: 
                                                    *split_hostport(config.reinject_listen))))
         if config.metrics_listen:
             opened.append(await _listen(config.metrics_listen, "metrics_listen",
-                                        serve_metrics(*split_hostport(config.metrics_listen))))
+                                        serve_metrics(*split_hostport(config.metrics_listen),
+                                                      ready=ready)))
     except BaseException:
         for server in opened:
             server.close()
@@ -265,9 +269,14 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
         (lambda: ChainSession(again, pool=pool)) if again else None)
     if config.metrics_listen:
         METRICS.gauge("mailmoat_queue_messages", lambda: float(len(queue.entries())))
+    # /readyz: the queue, every milter of the chain (the re-injection chain is a part of
+    # it), the Store.
+    readiness = Readiness(queue.tmp_dir, [m.endpoint for m in members],
+                          lambda: open_gateway_store(config))
     main, reinject, metrics = await open_listeners(
         config, GatewayHandler(settings, queue, chain, delivery.notify),
-        GatewayHandler(reinject_smtp_settings(config), queue, reinject_chain, delivery.notify))
+        GatewayHandler(reinject_smtp_settings(config), queue, reinject_chain, delivery.notify),
+        readiness.problems)
     log_event("serve_started", listen=config.listen, reinject=config.reinject_listen,
               metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",
@@ -287,6 +296,7 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
             server.close()
             await server.wait_closed()
     pool.close_all()
+    readiness.close()
     delivery.stop()  # lets the deliveries in flight finish
 
 
