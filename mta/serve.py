@@ -3,7 +3,10 @@
 It checks the policy, recovers the queue, starts one process per built-in milter on a unix
 socket (restarting any that dies), listens for SMTP and for re-injection, runs delivery
 every second, and on SIGTERM or SIGINT stops the listeners, lets running work end and stops
-the milters.
+the milters. SIGHUP (systemd's ExecReload) reloads the policy, as an edit of its file does:
+serve's own part of it (internal_networks, read by the SMTP server for new connections)
+here, and each milter's in that milter, to which serve passes the SIGHUP on. A broken edit
+keeps the last good policy and logs why.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -23,6 +27,7 @@ from milters.core.config import GatewayConfig, MilterSetting
 from milters.core.errors import MailmoatError
 from milters.core.eventlog import log_event
 from milters.core.policy.document import Policy
+from milters.core.policy.holder import PolicyHolder
 from milters.core.policy.matching import parse_network_pattern
 from milters.core.store import open_gateway_store
 
@@ -167,6 +172,13 @@ class MilterSupervisor:
         log_event("milter_restart_failed", level=logging.ERROR, milter=milter.name,
                   pid=child.pid, error=error)
 
+    def hangup(self) -> None:
+        """Pass a SIGHUP on: each milter reloads its policy (milters/core/adapter.py)."""
+        for name, child in self.children.items():
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+                log_event("milter_hangup_sent", milter=name, pid=child.pid)
+
     def stop(self) -> None:
         for child in self.children.values():
             if child.poll() is None:
@@ -250,15 +262,23 @@ async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: 
     return opened[0], opened[1], opened[2] if len(opened) > 2 else None
 
 
-async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervisor,
-               queue: Queue, delivery: DeliveryProcess, users: UserFile | None,
-               loop_name: str) -> None:
+def apply_policy(handler: GatewayHandler, policy: Policy) -> None:
+    """The SMTP server's part of a reloaded policy, for the connections that come next."""
+    handler.settings = replace(handler.settings, internal_networks=policy.internal_networks)
+
+
+async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
+               supervisor: MilterSupervisor, queue: Queue, delivery: DeliveryProcess,
+               users: UserFile | None, loop_name: str) -> None:
     # First: a SIGTERM that comes while the listeners open must stop us cleanly too.
     stop = asyncio.Event()
+    hangups: list[int] = []  # SIGHUPs not yet acted on (the main loop reloads)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    settings = smtp_settings(config, policy, users, server_tls(config))
+    wake = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, lambda: (hangups.append(1), wake.set()))
+    settings = smtp_settings(config, holder.current, users, server_tls(config))
     members = supervisor.members()
     pool = MilterPool()  # milter connections kept between SMTP sessions
     chain: Callable[[], ChainSession] | None = (
@@ -273,8 +293,9 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
     # it), the Store.
     readiness = Readiness(queue.tmp_dir, [m.endpoint for m in members],
                           lambda: open_gateway_store(config))
+    handler = GatewayHandler(settings, queue, chain, delivery.notify)
     main, reinject, metrics = await open_listeners(
-        config, GatewayHandler(settings, queue, chain, delivery.notify),
+        config, handler,
         GatewayHandler(reinject_smtp_settings(config), queue, reinject_chain, delivery.notify),
         readiness.problems)
     log_event("serve_started", listen=config.listen, reinject=config.reinject_listen,
@@ -283,14 +304,24 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
               relay=config.relay_default, loop=loop_name)
     delivery.watch_metrics(loop)
     while not stop.is_set():
+        if hangups:
+            hangups.clear()
+            if holder.reload("SIGHUP"):
+                apply_policy(handler, holder.current)
+            supervisor.hangup()  # each milter reloads (or keeps) its own policy
+        elif holder.reload_if_changed():  # an edit without a SIGHUP, as the milters do
+            apply_policy(handler, holder.current)
         supervisor.check()
         if not delivery.alive():
             log_event("delivery_process_died", level=logging.ERROR, action="restarting")
             delivery.restart()
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
-        except asyncio.TimeoutError:
-            pass
+        wake.clear()
+        stopping = loop.create_task(stop.wait())
+        woken = loop.create_task(wake.wait())
+        await asyncio.wait((stopping, woken), timeout=1.0,
+                           return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        woken.cancel()
     for server in (main, reinject, metrics):
         if server is not None:
             server.close()
@@ -302,7 +333,8 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
 
 def serve(config: GatewayConfig, config_path: str | None,
           load_policy: Callable[[Path], Policy]) -> int:
-    policy = load_policy(config.policy)  # a broken policy stops us here, with its errors
+    # A broken policy stops us here, with its errors; later, a broken edit is only logged.
+    holder = PolicyHolder(config.policy, load_policy)
     try:
         loop_name, new_loop = loop_factory()
     except ValueError as exc:
@@ -320,7 +352,7 @@ def serve(config: GatewayConfig, config_path: str | None,
     try:
         supervisor.start()
         with asyncio.Runner(loop_factory=new_loop) as runner:
-            runner.run(_run(config, policy, supervisor, queue, delivery, users, loop_name))
+            runner.run(_run(config, holder, supervisor, queue, delivery, users, loop_name))
     finally:
         delivery.stop()
         supervisor.stop()
