@@ -343,7 +343,9 @@ def serve(config: GatewayConfig, config_path: str | None,
     # milters or delivery exist (mta/privileges.py).
     privileges.become_user(config, [split_hostport(config.listen),
                                     split_hostport(config.reinject_listen)])
-    queue = Queue(config.queue.dir)
+    queue = Queue(config.queue.dir)  # marks or upgrades its format; refuses a newer one
+    with open_gateway_store(config):  # the same for the state, before any milter uses it
+        pass
     for queue_id in queue.recover():
         log_event("recovered_incomplete", queue_id=queue_id, action="removed (never accepted)")
     users = user_file(config)
