@@ -116,24 +116,29 @@ class _UtcFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, program, pid, level, then the event's own keys."""
+    """One JSON object per line: time, program (with the PID, as the syslog tag), level,
+    then the event's own keys. A field named like one of the first three is kept as
+    event_NAME: a value from a message can never pass for the line's own."""
 
     def __init__(self, program: str, *, stamp: bool = True) -> None:
         super().__init__()
-        self._head = {"program": f"mailmoat/{program}", "pid": os.getpid()}
+        self._program = f"mailmoat/{program}[{os.getpid()}]"
         self._stamp = stamp
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {}
         if self._stamp:  # syslog stamps its own lines
             line["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
-        line.update(self._head)
+        line["program"] = self._program
         line["level"] = record.levelname.lower()
         for key, value in event_fields(record).items():
-            line.setdefault(key, value)  # an event field never overwrites the head
+            line[f"event_{key}" if key in _HEAD else key] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+_HEAD = frozenset(("time", "program", "level", "exception"))
 
 
 class _SyslogFormatter(logging.Formatter):

@@ -77,22 +77,25 @@ def test_key_value_is_the_default_and_json_lines_carry_the_same_keys(pipe_stderr
     log_event("tempfail", **FIELDS)
     [line] = _lines(pipe_stderr)
     record = json.loads(line)
-    assert record["program"] == "mailmoat/ratelimit" and record["pid"] == os.getpid()
+    assert record["program"] == f"mailmoat/ratelimit[{os.getpid()}]"
     assert record["level"] == "info" and record["time"].endswith("Z")
     from_keyvalue = _parse_keyvalue(plain)
     # The same keys (None left out in both); the values the same text, numbers as numbers.
-    assert set(record) - {"time", "program", "pid", "level"} == set(from_keyvalue)
+    assert set(record) - {"time", "program", "level"} == set(from_keyvalue)
     assert record["reply"] == from_keyvalue["reply"] == FIELDS["reply"]
     assert record["points"] == 12.5 and from_keyvalue["points"] == "12.5"
 
 
-def test_a_field_cannot_forge_the_head_of_a_json_line(pipe_stderr: int) -> None:
+def test_a_field_cannot_forge_the_head_of_a_json_line_and_is_kept(pipe_stderr: int
+                                                                   ) -> None:
     _to_pipe("auth", LogSettings(format="json"))
-    log_event("x", program="mailmoat/evil", pid=1, time="then")
+    log_event("x", program="mailmoat/evil", time="then", pid=1234)
     record = json.loads(_lines(pipe_stderr)[0])
-    assert (record["program"], record["level"], record["pid"]) == (
-        "mailmoat/auth", "info", os.getpid())
+    assert (record["program"], record["level"]) == (f"mailmoat/auth[{os.getpid()}]", "info")
     assert record["time"] != "then"
+    # Nothing lost: a child's pid (serve's milter_process_started) stays the event's own.
+    assert (record["event_program"], record["event_time"], record["pid"]) == (
+        "mailmoat/evil", "then", 1234)
 
 
 def test_a_plain_logger_message_becomes_a_json_line_too(pipe_stderr: int) -> None:
