@@ -46,6 +46,9 @@ def milter_problem(endpoint: MilterEndpoint) -> str | None:
         client.open()
     except (OSError, MailmoatError, ValueError, EOFError) as exc:
         reason = str(exc) or type(exc).__name__
+        for said in (f"milter {endpoint.name} at {endpoint.socket}: ",
+                     f"milter {endpoint.name}: "):  # the client's errors name it already
+            reason = reason.removeprefix(said)
         return f"milter {endpoint.name}: not answering ({endpoint.socket}: {reason})"
     finally:
         client.close()

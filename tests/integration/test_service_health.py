@@ -90,7 +90,8 @@ def test_a_frozen_milter_makes_readyz_503_until_it_answers_again(gateway: Serve)
     os.kill(pid, signal.SIGSTOP)  # alive to the supervisor, deaf to OPTNEG
     try:
         body = wait_ready(gateway.metrics, 503)
-        assert body.startswith("milter ratelimit: not answering (unix:"), body
+        assert re.fullmatch(r"milter ratelimit: not answering \(unix:\S+/ratelimit\.sock: "
+                            r"no reply within 1s\)\n", body), body
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_ready(gateway.metrics, 200)
@@ -110,7 +111,7 @@ def test_a_killed_external_milter_makes_readyz_503(tmp_path: Path) -> None:
             external.proc.wait(10)  # type: ignore[union-attr]
             body = wait_ready(serve.metrics, 503)
             assert re.fullmatch(rf"milter outside: not answering \(inet:127\.0\.0\.1:{port}: "
-                                r".*\)\n", body), body
+                                r"open: Connection refused\)\n", body), body
         finally:
             serve.stop()
     finally:
