@@ -17,10 +17,8 @@ Trailer: the envelope JSON, "\n", then 16 bytes `MMENV1` + the JSON length in 9 
 "\n". Queue IDs are the receive time in microseconds plus a random part, in hex: they sort
 by arrival and do not collide (the tmp file is created with O_EXCL).
 
-The spool's format is in the file `format` (a number and a newline), written when the spool
-is made. A spool without it is format 1 as written before formats were kept (the same
-layout): it is marked on start. A format above SPOOL_FORMAT was written by a newer mailmoat
-and is refused: mail is never read in a layout this code does not know.
+The spool's format is in the file `format` (mta/spool_format.py): an older spool is
+upgraded when a Queue opens it, a newer one refused.
 
 Held mail (quarantine, `mailmoat queue hold`) stays where it is with `hold_reason` set in its
 envelope: holding and releasing are one atomic envelope rewrite, never a two-file move that
@@ -36,15 +34,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from milters.core.errors import MailmoatError
 
+from .spool_format import FORMAT_FILE, upgrade_spool
+
 ACTIVE, TMP = "active", "tmp"
-FORMAT_FILE = "format"
-SPOOL_FORMAT = 1
-# Steps that take a spool from format N to N + 1, by N; none yet (format 1 is the first).
-SPOOL_MIGRATIONS: dict[int, "Callable[[Path], None]"] = {}
 KEPT_IN_MEMORY = 64 * 1024  # bytes of a message being received also kept for read()
 TRAILER_MAGIC = b"MMENV1"
 FOOTER = 16  # magic, 9 digits of JSON length, newline
@@ -52,10 +47,6 @@ FOOTER = 16  # magic, 9 digits of JSON length, newline
 
 class SpoolError(MailmoatError):
     """The spool cannot take the message (disk full, I/O error): answer 452 4.3.1."""
-
-
-class SpoolFormatError(MailmoatError):
-    """The spool was written in a format this mailmoat does not know: refuse to start."""
 
 
 class NoSuchMessage(MailmoatError):
@@ -261,50 +252,6 @@ class Incoming:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def spool_format(spool: Path) -> int | None:
-    """The format a spool's `format` file names; None when it has none (before formats)."""
-    try:
-        text = (spool / FORMAT_FILE).read_text()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpoolFormatError(f"spool {spool}: cannot read {FORMAT_FILE}: "
-                               f"{getattr(exc, 'strerror', None) or exc}") from None
-    if not text.strip().isdigit():
-        raise SpoolFormatError(f"spool {spool}: {FORMAT_FILE} holds {text[:40]!r}, not a "
-                               "format number")
-    return int(text)
-
-
-def _mark_format(spool: Path, version: int) -> None:
-    """Write `format` atomically (a crash leaves the old mark or the new one)."""
-    staged = spool / TMP / f"{FORMAT_FILE}.{secrets.token_hex(4)}"
-    _write_durably(staged, b"%d\n" % version)
-    os.rename(staged, spool / FORMAT_FILE)
-    _fsync_dir(spool)
-
-
-def upgrade_spool(spool: Path) -> None:
-    """Bring a spool to SPOOL_FORMAT (a new or unmarked one is marked), or refuse one that
-    a newer mailmoat wrote."""
-    found = spool_format(spool)
-    if found is not None and found > SPOOL_FORMAT:
-        raise SpoolFormatError(
-            f"spool {spool}: format {found} is newer than this mailmoat knows (up to "
-            f"{SPOOL_FORMAT}): it was written by a newer mailmoat; run that version to "
-            "deliver what is queued, or give this one another queue.dir")
-    if found == SPOOL_FORMAT:
-        return
-    try:
-        for version in range(max(found or 1, 1), SPOOL_FORMAT):
-            SPOOL_MIGRATIONS[version](spool)
-        _mark_format(spool, SPOOL_FORMAT)
-    except OSError as exc:
-        raise SpoolFormatError(f"spool {spool}: cannot upgrade it to format {SPOOL_FORMAT}: "
-                               f"{exc.strerror or exc} (run this as the spool's owner)"
-                               ) from None
 
 
 class Queue:
