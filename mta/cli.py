@@ -11,6 +11,7 @@ import importlib
 import ipaddress
 import os
 import pwd
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -18,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-from milters.core.config import GatewayConfig, load_config
+from milters.core.config import STORE_SCHEMES, GatewayConfig, load_config
 from milters.core.errors import ConfigError, MailmoatError
 from milters.core.eventlog import setup_logging
 from milters.core.message import Envelope, Recipient
@@ -31,7 +32,8 @@ from milters.neutralize.extension import EXTENSION as NEUTRALIZE
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 from milters.sign.extension import EXTENSION as SIGN
 
-from . import delivery_process, dkim_cli, privileges, queue_admin, scan, serve, users
+from . import __version__, delivery_process, dkim_cli, init_cmd, privileges, queue_admin
+from . import scan, serve, users
 from .scan import ScanRequest, to_crlf
 from .queue import Queue
 
@@ -89,6 +91,8 @@ def cmd_milter(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     config = _run_as(load_config(args.config), args.user)
     setup_logging(args.name, verbose=args.verbose, settings=config.log)
+    if args.store:  # scan's throwaway state
+        config = scan.with_store(config, args.store)
     if args.reinject:
         config = replace(config, reinject_listen=args.reinject)
     read_policy(config.policy)  # a broken policy is reported before anything else
@@ -250,9 +254,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
                           mail_from=args.mail_from, rcpts=args.rcpt or [],
                           auth_user=args.auth_user)
     config = _run_as(load_config(args.config), args.user)
+    if not args.live_state:  # the running gateway's rate limits and reports stay untouched
+        config = scan.with_store(config, scan.THROWAWAY_STORE)
     privileges.plan(config, "scan (the milters it starts)")  # refuses root without a user
     reinjected_dir = _output_dir(args.reinjected_dir) if args.reinjected_dir else None
-    report, transit = scan.scan(config, args.config, request, read_policy, reinjected_dir)
+    report, transit = scan.scan(config, args.config, request, read_policy, reinjected_dir,
+                                live_state=args.live_state)
     scan.print_report(report, args.json)
     if args.out:
         Path(args.out).write_bytes(transit.raw)
@@ -270,6 +277,12 @@ def _output_dir(name: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"--reinjected-dir {name}: not writable")
     return path
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    for line in init_cmd.init(Path(args.dir), args.profile):
+        print(line)
+    return 0
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -356,6 +369,13 @@ def _ip(text: str) -> str:
         raise argparse.ArgumentTypeError(f"'{text}' is not an IP address") from None
 
 
+def _store_url(text: str) -> str:
+    if not text.startswith(STORE_SCHEMES):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a store URL (memory://, "
+                                         "sqlite:///PATH, redis://HOST:PORT/DB)")
+    return text
+
+
 def _auth_results(text: str) -> dict[str, str]:
     """"dmarc=fail,spf=pass" -> {"dmarc": "fail", "spf": "pass"}, checked against the names
     policies use."""
@@ -381,10 +401,21 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mailmoat", description="mailmoat mail-security gateway")
+    parser.add_argument("--version", action="version", version=f"mailmoat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     config_help = "gateway config YAML (default: embedded defaults)"
     user_help = ("started as root: the user to become once the sockets are open (overrides "
                  "gateway.user; `root` keeps root, not recommended)")
+
+    init = sub.add_parser("init", help="write a starting gateway.yaml and policy.yaml",
+                          description="Write DIR/gateway.yaml and DIR/policy.yaml for one "
+                                      "kind of deployment, valid as written, and print the "
+                                      "next steps. Existing files are never overwritten.")
+    init.add_argument("dir", metavar="DIR")
+    init.add_argument("--profile", choices=list(init_cmd.PROFILES),
+                      default=init_cmd.DEFAULT_PROFILE,
+                      help=f"the deployment (default: {init_cmd.DEFAULT_PROFILE})")
+    init.set_defaults(func=cmd_init)
 
     serve_cmd = sub.add_parser("serve", help="run the whole gateway (SMTP, milters, queue)",
                                description="Run the gateway; with no --config on the embedded "
@@ -419,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write what milters hand back (copies, password notices) "
                                "as NN-for-RECIPIENT.eml files in DIR")
     scan_cmd.add_argument("--user", metavar="USER", help=f"the milters' user, {user_help}")
+    scan_cmd.add_argument("--live-state", action="store_true",
+                          help="count against the configured store (a running gateway's "
+                               "rate limits); default: a throwaway state, gone after the scan")
     scan_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
     scan_cmd.set_defaults(func=cmd_scan)
 
@@ -433,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where copies and notices go (default: the config's "
                              "gateway.reinject_listen)")
     milter.add_argument("--user", metavar="USER", help=user_help)
+    milter.add_argument("--store", metavar="URL", type=_store_url,
+                        help="the state store instead of the config's (scan passes memory://)")
     milter.add_argument("--verbose", action="store_true", help="also log debug details")
     milter.set_defaults(func=cmd_milter)
 
@@ -508,6 +544,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit (--help too): a closed pipe is caught below
+    except BrokenPipeError:
+        # `mailmoat ... | head`: the reader left. Quiet, with the status of a tool killed by
+        # SIGPIPE; stdout to /dev/null so the interpreter's last flush has nowhere to fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

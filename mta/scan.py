@@ -3,8 +3,10 @@
 It starts the configured built-in milters (on sockets of its own, so a running `serve` is
 not disturbed), drives the same ChainSession code `serve` uses through connect, HELO, MAIL,
 RCPT and the message, and reports each milter's verdict and edits. `--out` writes the
-message as the gateway would queue it. Note that the milters use the configured store: a
-scan from an outside --client-ip counts against that client's rate limits, as real mail would.
+message as the gateway would queue it. The milters keep their state (rate-limit buckets,
+DMARC results) in a throwaway store unless `--live-state` is given: a scan from an outside
+--client-ip then counts against that client's rate limits in the configured store, as real
+mail would.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from milters.core.config import GatewayConfig
+from milters.core.secrets import SecretSource
 from milters.core.edits import Edit, ReplaceBody
 from milters.core.message import Message
 from milters.core.verdict import Action, Verdict
@@ -112,10 +115,20 @@ def run_scan(request: ScanRequest, chain: ChainSession, hostname: str = "localho
     return report, transit
 
 
+# Each milter process gets its own empty store, gone when the scan ends.
+THROWAWAY_STORE = "memory://"
+
+
+def with_store(config: GatewayConfig, url: str) -> GatewayConfig:
+    """`config` on another store; the configured store's password source goes with it."""
+    return replace(config, store=url, store_password=SecretSource())
+
+
 def scan(config: GatewayConfig, config_path: str | None, request: ScanRequest,
-         load_policy: Callable[[Path], Any], reinjected_dir: Path | None = None
-         ) -> tuple[dict[str, Any], Transit]:
-    """`reinjected_dir`: also write what the milters handed back there, one .eml each."""
+         load_policy: Callable[[Path], Any], reinjected_dir: Path | None = None,
+         live_state: bool = False) -> tuple[dict[str, Any], Transit]:
+    """`reinjected_dir`: also write what the milters handed back there, one .eml each.
+    `live_state`: the milters use the configured store, not a throwaway one."""
     load_policy(config.policy)  # a broken policy is reported before anything starts
     with tempfile.TemporaryDirectory(prefix="mailmoat-scan-") as run_dir:
         Path(run_dir).chmod(0o755)
@@ -130,7 +143,8 @@ def scan(config: GatewayConfig, config_path: str | None, request: ScanRequest,
                               port):
             supervisor = MilterSupervisor(replace(config, run_dir=Path(run_dir),
                                                   reinject_listen=f"127.0.0.1:{port}"),
-                                          config_path)
+                                          config_path,
+                                          store=None if live_state else THROWAWAY_STORE)
             try:
                 supervisor.start()
                 report, transit = run_scan(request, ChainSession(supervisor.members()),

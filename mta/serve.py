@@ -73,8 +73,10 @@ class MilterSupervisor:
     Postfix's master, a milter that keeps dying soon after it starts is throttled: its
     restarts wait 1, 2, 4 ... up to 60 seconds."""
 
-    def __init__(self, config: GatewayConfig, config_path: str | None) -> None:
+    def __init__(self, config: GatewayConfig, config_path: str | None,
+                 store: str | None = None) -> None:
         self.config, self.config_path = config, config_path
+        self.store = store  # instead of the config file's (scan's throwaway state)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._started_at: dict[str, float] = {}
         self._quick_deaths: dict[str, int] = {}  # deaths in a row, each soon after a start
@@ -102,6 +104,8 @@ class MilterSupervisor:
             command += ["--user", self.config.user]
         # Where the milters hand mail back: serve's own listener, or scan's catcher.
         command += ["--reinject", self.config.reinject_listen]
+        if self.store:
+            command += ["--store", self.store]
         # Logs go to our stderr; the child gets SIGTERM if we die, even by SIGKILL.
         child = self.children[milter.name] = subprocess.Popen(command,
                                                               preexec_fn=_die_with_parent)
@@ -189,6 +193,10 @@ class MilterSupervisor:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(5)
+            try:  # killed, it could not remove its socket itself
+                (self.config.run_dir / f"{name}.sock").unlink(missing_ok=True)
+            except OSError:
+                pass  # a run_dir serve may no longer write after dropping root
             log_event("milter_process_stopped", milter=name)
 
 

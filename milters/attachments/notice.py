@@ -29,8 +29,9 @@ from typing import Iterable
 from milters.core.errors import ConfigError
 from milters.core.eventlog import log_event
 from milters.core.jis import encode_cp50220
+from milters.core.shipped import shipped_dir
 
-SHIPPED_DIR = Path(__file__).with_name("templates")
+SHIPPED_DIR = shipped_dir(__package__, "templates")
 
 # The placeholders each kind of template may use; anything else is a typo worth reporting.
 PLACEHOLDERS: dict[str, frozenset[str]] = {

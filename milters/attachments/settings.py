@@ -109,32 +109,54 @@ def _password_settings(fixed: list[FixedPassword], **kw: object) -> PasswordSett
 
 
 PASSWORD_SPEC = Struct({
-    "length": Field(Number(6, 128, integer=True), 12),
-    "alphabet": Field(Str(max_len=200), ""),
-    "exclude_ambiguous": Field(Bool(), True),
+    "length": Field(Number(6, 128, integer=True), 12, doc="Characters in a random password."),
+    "alphabet": Field(Str(max_len=200), "",
+                      doc="Characters a random password is made of; \"\" = letters and digits."),
+    "exclude_ambiguous": Field(Bool(), True,
+                               doc="Leave out characters people misread (l 1 I O 0 ...)."),
     "fixed": Field(ListOf(Struct({
-        "recipients": Field(ListOf(Address(), min_items=1)),
-        "password_env": Field(Str(max_len=200), ""),
-        "password_file": Field(Str(max_len=1000), ""),
+        "recipients": Field(ListOf(Address(), min_items=1),
+                            doc="Recipients this password is for (address patterns)."),
+        "password_env": Field(Str(max_len=200), "",
+                              doc="Environment variable holding the password pattern (date "
+                                  "patterns like %Y%m allowed)."),
+        "password_file": Field(Str(max_len=1000), "",
+                               doc="File holding the password pattern; must not be readable by "
+                                   "others."),
     }, build=_fixed, expected="a fixed password: recipients, and password_env or "
-                              "password_file")), ()),
+                              "password_file")), (),
+                   doc="Passwords agreed with partners, per recipient pattern, instead of a "
+                       "random one."),
 }, build=lambda fixed, **kw: _password_settings(fixed, **kw),
     expected="password settings: length, alphabet, exclude_ambiguous, fixed")
 
 ENCRYPT_SPEC = Struct({
-    "encryption": Field(Str(ENCRYPTIONS), "zipcrypto"),
-    "names": Field(Str(CHARSETS), "cp932"),
-    "zip_name": Field(Str(max_len=200), "AttachFile.%Y%m%d.zip"),
-    "alias": Field(Str(max_len=200), "attachment{n}{ext}"),
-    "password": Field(PASSWORD_SPEC, factory=PasswordSettings),
+    "encryption": Field(Str(ENCRYPTIONS), "zipcrypto",
+                        doc="zipcrypto (Windows Explorer opens it) or aes256 (7-Zip, macOS; not "
+                            "Explorer)."),
+    "names": Field(Str(CHARSETS), "cp932",
+                   doc="Entry-name encoding in the ZIP: cp932 (what Japanese Windows shows right)"
+                       " or utf-8."),
+    "zip_name": Field(Str(max_len=200), "AttachFile.%Y%m%d.zip",
+                      doc="The ZIP's file name; strftime patterns allowed."),
+    "alias": Field(Str(max_len=200), "attachment{n}{ext}",
+                   doc="Entry name for a file name cp932 cannot hold; {n} is its number, {ext} "
+                       "its extension."),
+    "password": Field(PASSWORD_SPEC, factory=PasswordSettings, doc="How passwords are made."),
 }, build=EncryptSettings, expected="encrypt settings")
 
 NOTICE_SPEC = Struct({
-    "to": Field(Str(NOTICE_TO), "sender"),
-    "language": Field(Str(LANGUAGES), "ja"),
-    "templates": Field(Str(), ""),
-    "sender": Field(Str(max_len=320), ""),
-    "log_password": Field(Bool(), False),
+    "to": Field(Str(NOTICE_TO), "sender",
+                doc="Who gets the password notice: sender, recipients or both."),
+    "language": Field(Str(LANGUAGES), "ja",
+                      doc="Notice language: ja (ISO-2022-JP) or en (UTF-8)."),
+    "templates": Field(Str(), "",
+                       doc="A directory whose password.ja.txt etc. replace the shipped templates;"
+                           " \"\" = shipped ones."),
+    "sender": Field(Str(max_len=320), "",
+                    doc="From: of notices; \"\" = postmaster@<gateway hostname>."),
+    "log_password": Field(Bool(), False,
+                          doc="Write passwords to the log; never do this in production."),
 }, build=NoticeSettings, expected="notice settings")
 
 def _nextcloud(folder: str, **kw: object) -> NextcloudSettings:
@@ -148,34 +170,55 @@ def _nextcloud(folder: str, **kw: object) -> NextcloudSettings:
 
 
 NEXTCLOUD_SPEC = Struct({
-    "url": Field(Str(max_len=500)),
-    "user": Field(Str(max_len=200)),
-    "password_env": Field(Str(max_len=200), ""),
-    "password_file": Field(Str(max_len=1000), ""),
-    "ca_file": Field(Str(max_len=1000), ""),
-    "timeout": Field(Duration(minimum=1), 30.0),
-    "retries": Field(Number(0, 10, integer=True), 2),
-    "folder": Field(Str(max_len=500), "mailmoat/{sender}/{date}-{id}"),
-    "expire_days": Field(Number(1, 365, integer=True), 7),
+    "url": Field(Str(max_len=500), doc="Nextcloud base URL (https://...)."),
+    "user": Field(Str(max_len=200), doc="Nextcloud user the files are uploaded as."),
+    "password_env": Field(Str(max_len=200), "",
+                          doc="Environment variable holding the Nextcloud app password."),
+    "password_file": Field(Str(max_len=1000), "",
+                           doc="File holding the Nextcloud app password; must not be readable by "
+                               "others."),
+    "ca_file": Field(Str(max_len=1000), "",
+                     doc="CA certificates to trust for Nextcloud; \"\" = the system's."),
+    "timeout": Field(Duration(minimum=1), 30.0, doc="Time for one Nextcloud request."),
+    "retries": Field(Number(0, 10, integer=True), 2,
+                     doc="Retries of a failed Nextcloud request before on_failure applies."),
+    "folder": Field(Str(max_len=500), "mailmoat/{sender}/{date}-{id}",
+                    doc="Upload folder; {sender}, {date} and {id} are filled in."),
+    "expire_days": Field(Number(1, 365, integer=True), 7,
+                         doc="Days until the share link expires."),
 }, build=_nextcloud, expected="Nextcloud settings: url, user, password_env or password_file, "
                               "ca_file, timeout, retries, folder, expire_days")
 
 OFFLOAD_SPEC = Struct({
-    "nextcloud": Field(NEXTCLOUD_SPEC, None),
-    "on_failure": Field(Str(("tempfail", "encrypt")), "tempfail"),
+    "nextcloud": Field(NEXTCLOUD_SPEC, None,
+                       doc="The Nextcloud server. Not set: a rule choosing offload is an error."),
+    "on_failure": Field(Str(("tempfail", "encrypt")), "tempfail",
+                        doc="Nextcloud down or refusing: tempfail (451) or encrypt (send a ZIP "
+                            "instead)."),
 }, build=OffloadSettings, expected="offload settings: nextcloud, on_failure")
 
 SETTINGS_SPEC = Struct({
-    "only_internal_senders": Field(Bool(), True),
-    "pass_clients": Field(ListOf(Network()), ()),
-    "subject_keyword": Field(Str(max_len=100), ""),
-    "inline_images": Field(Bool(), False),
-    "encrypt": Field(ENCRYPT_SPEC, factory=EncryptSettings),
-    "notice": Field(NOTICE_SPEC, factory=NoticeSettings),
-    "offload": Field(OFFLOAD_SPEC, factory=OffloadSettings),
-    "max_total_size": Field(Number(1024, 2**31, integer=True), 50 * 1024 * 1024),
-    "reinject_timeout": Field(Duration(minimum=1), 30.0),
-    "on_unparsable": Field(Str(ON_UNPARSABLE), "encrypt_whole"),
+    "only_internal_senders": Field(Bool(), True,
+                                   doc="Mail from outside (not internal_networks, not SMTP AUTH) "
+                                       "always passes untouched."),
+    "pass_clients": Field(ListOf(Network()), (),
+                          doc="Clients (IPs/CIDRs) whose mail always passes untouched."),
+    "subject_keyword": Field(Str(max_len=100), "",
+                             doc="A Subject keyword (e.g. \"[secure]\") that forces encrypt "
+                                 "and is removed; \"\" = off."),
+    "inline_images": Field(Bool(), False, doc="Count images inside HTML (cid:) as attachments."),
+    "encrypt": Field(ENCRYPT_SPEC, factory=EncryptSettings, doc="How the ZIP is made."),
+    "notice": Field(NOTICE_SPEC, factory=NoticeSettings, doc="The password notice."),
+    "offload": Field(OFFLOAD_SPEC, factory=OffloadSettings,
+                     doc="Offloading attachments to Nextcloud."),
+    "max_total_size": Field(Number(1024, 2**31, integer=True), 50 * 1024 * 1024,
+                            doc="Decoded bytes of attachments; more gets 451 4.3.4 and is never "
+                                "passed."),
+    "reinject_timeout": Field(Duration(minimum=1), 30.0,
+                              doc="Time for the MTA to take back a split copy or a notice."),
+    "on_unparsable": Field(Str(ON_UNPARSABLE), "encrypt_whole",
+                           doc="A message whose MIME cannot be trusted: encrypt_whole (the whole "
+                               "message as original.eml in the ZIP) or tempfail (451 4.3.0)."),
 }, build=lambda pass_clients, **kw: AttachmentsSettings(pass_clients=tuple(pass_clients),
                                                         **kw),
     expected="the attachments settings")
@@ -188,6 +231,7 @@ class AttachmentsExpectation:
 
 
 EXPECT_SPEC = Struct({
-    "action": Field(Str(MODES), None),
-    "rule": Field(Str(), None),
+    "action": Field(Str(MODES), None,
+                    doc="The expected mode for the test message's (first) recipient."),
+    "rule": Field(Str(), None, doc="The rule expected to decide; (defaults) when none does."),
 }, build=AttachmentsExpectation, expected="expectations: action, rule")

@@ -1,16 +1,10 @@
-"""DKIM and ARC body hashes (RFC 6376 3.4.3-3.4.5, 3.5 bh= and l=, 3.7; RFC 8617 4.1.2)
-computed chunk by chunk as the body arrives, so the auth milter keeps the header section
-only: its memory per message does not grow with the body, however many big messages come
-at once (issue 13 section 4).
-
-The canonical body must equal, byte for byte, what dkimpy makes of the whole body (the
-signature check that follows is dkimpy's own, handed this digest instead of the body):
-line ends as dkimpy's parser makes them (every LF preceded by a CR), then simple (trailing
-empty lines cut to one CRLF; CRLF for an empty body) or relaxed (whitespace runs to one
-space, none before a line end, trailing empty lines cut, an empty body stays empty).
-Only what a later byte can change is held back, in a few bytes of state: a trailing CR,
-a trailing whitespace run (as one space) and a count of trailing empty lines. Every regex
-here is linear (no backtracking), so a hostile body cannot make hashing quadratic.
+"""DKIM and ARC body hashes (RFC 6376 3.5 bh= and l=, 3.7; RFC 8617 4.1.2) computed chunk
+by chunk as the body arrives, so the auth milter keeps the header section only: its memory
+per message does not grow with the body, however many big messages come at once (issue 13
+section 4). The canonical body is milters/core/dkim_body.py's, byte for byte what dkimpy
+makes of the whole body (the signature check that follows is dkimpy's own, handed this
+digest instead of the body); here: which hashes a message needs, several per
+canonicalization, each cut at its l=.
 """
 from __future__ import annotations
 
@@ -22,6 +16,8 @@ from typing import Any, Callable, Iterable, NamedTuple
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
+
+from milters.core.dkim_body import CanonicalBody
 
 
 # dkimpy logs what it refuses at ERROR; our results say it, once, in Authentication-Results.
@@ -38,11 +34,6 @@ class HashKey(NamedTuple):
     length: int | None  # l=: hash only this many canonical bytes
 
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_WSP = re.compile(rb"[\t ]+")
-_CRLFS_AT_ONCE = 32768  # held-back empty lines are hashed in pieces of this many
-
-
 class _Hasher:
     def __init__(self, key: HashKey) -> None:
         self.state = _hash_factory(key.hash_name)()
@@ -56,86 +47,16 @@ class _Hasher:
             self.left -= min(len(data), self.left)
 
 
-class _CanonicalBody:
-    """One canonicalization of the body, fed raw chunks, handing final canonical bytes to
-    its hashers."""
-
-    def __init__(self, relaxed: bool) -> None:
-        self.relaxed = relaxed
-        self.hashers: list[_Hasher] = []
-        self.length = 0  # canonical bytes so far (all of them once finished)
-        self._carry = b""  # raw tail a later byte may change: at most b" \r"
-        self._empty_lines = 0  # CRLFs held back: they vanish if nothing else follows
-        self._content = False  # anything but empty lines seen (relaxed: empty body is b"")
-
-    def feed(self, chunk: bytes) -> None:
-        data = self._carry + chunk
-        if b"\n" in data:
-            data = _BARE_LF.sub(b"\r\n", data)  # dkimpy reads a bare LF as a line end
-        cut = data.rfind(b"\n") + 1
-        lines, rest = data[:cut], data[cut:]  # whole lines; the line still open
-        keep = len(rest) - 1 if rest.endswith(b"\r") else len(rest)  # CR: maybe a CRLF
-        if self.relaxed:
-            keep = len(rest[:keep].rstrip(b" \t"))  # whitespace: maybe before a line end
-            # A run compressed to one space, then dropped before CRLF: the same as dkimpy's
-            # strip-then-compress, without its regex's backtracking on long runs.
-            lines = _WSP.sub(b" ", lines).replace(b" \r\n", b"\r\n")
-            self._carry = _WSP.sub(b" ", rest[keep:])
-            self._put(lines + _WSP.sub(b" ", rest[:keep]))
-        else:
-            self._carry = rest[keep:]
-            self._put(lines + rest[:keep])
-
-    def finish(self) -> None:
-        """The body ended: what was held back is final; one CRLF ends a simple body and a
-        relaxed one with content."""
-        carry, self._carry = self._carry, b""
-        self._put(carry)
-        if self._content or not self.relaxed:
-            self._emit(b"\r\n")
-
-    def _put(self, piece: bytes) -> None:
-        """Canonical bytes whose trailing CRLFs may still be empty lines at the end."""
-        if not piece:
-            return
-        # Every LF here follows a CR; the last "\r\r" (a bare CR) ends any CRLF run.
-        tail_start = len(piece.rstrip(b"\r\n"))
-        tail = piece[tail_start:]
-        if tail.endswith(b"\r\n"):
-            bare_cr = tail.rfind(b"\r\r")
-            run = (len(tail) - (bare_cr + 1 if bare_cr >= 0 else 0)) // 2
-        else:
-            run = 0
-        content = len(piece) - 2 * run
-        if content == 0:
-            self._empty_lines += run
-            return
-        while self._empty_lines:  # not the end after all
-            count = min(self._empty_lines, _CRLFS_AT_ONCE)
-            self._emit(b"\r\n" * count)
-            self._empty_lines -= count
-        self._emit(piece[:content])
-        self._empty_lines = run
-        self._content = True
-
-    def _emit(self, data: bytes) -> None:
-        self.length += len(data)
-        for hasher in self.hashers:
-            hasher.update(data)
-
-
 class BodyHashes:
     """The body hashes a message's signatures ask for, fed the body as it comes."""
 
     def __init__(self, keys: Iterable[HashKey]) -> None:
-        self._streams: dict[bytes, _CanonicalBody] = {}
-        self._hashers: dict[HashKey, _Hasher] = {}
-        for key in keys:
-            stream = self._streams.get(key.canon)
-            if stream is None:
-                stream = self._streams[key.canon] = _CanonicalBody(key.canon == b"relaxed")
-            self._hashers[key] = _Hasher(key)
-            stream.hashers.append(self._hashers[key])
+        self._hashers: dict[HashKey, _Hasher] = {key: _Hasher(key) for key in keys}
+        by_canon: dict[bytes, list[_Hasher]] = {}
+        for key, hasher in self._hashers.items():
+            by_canon.setdefault(key.canon, []).append(hasher)
+        self._streams = {canon: CanonicalBody(canon.decode("ascii"), _fan_out(hashers))
+                         for canon, hashers in by_canon.items()}
         self._finished = False
 
     def feed(self, chunk: bytes) -> None:
@@ -160,6 +81,17 @@ class BodyHashes:
         self.finish()
         stream = self._streams.get(canon)
         return None if stream is None else stream.length
+
+
+def _fan_out(hashers: list[_Hasher]) -> Callable[[bytes], None]:
+    """One canonical stream into all its hashers; a lone hasher is called directly."""
+    if len(hashers) == 1:
+        return hashers[0].update
+
+    def update_all(data: bytes) -> None:
+        for hasher in hashers:
+            hasher.update(data)
+    return update_all
 
 
 def _hash_factory(name: str) -> Callable[[], Any]:

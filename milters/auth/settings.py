@@ -89,7 +89,9 @@ class AuthSettings:
 
 
 def _outcomes(defaults: DmarcActions) -> Struct:
-    return Struct({name: Field(Str(OUTCOMES), getattr(defaults, name)) for name in DISPOSITIONS},
+    return Struct({name: Field(Str(OUTCOMES), getattr(defaults, name),
+                               doc=f"The action for a failure under p={name}.")
+                   for name in DISPOSITIONS},
                   build=DmarcActions,
                   expected="what to do per disposition: reject, quarantine and none, each "
                            "one of reject, quarantine, tag")
@@ -106,31 +108,43 @@ class _Domain(Str):
 
 
 SPF_SPEC = Struct({
-    "lookup_limit": Field(Number(1, 100, integer=True), 10),
-    "void_lookup_limit": Field(Number(0, 100, integer=True), 2),
-    "timeout": Field(Number(1, 120), 20.0),
-    "check_helo": Field(Bool(), True),
+    "lookup_limit": Field(Number(1, 100, integer=True), 10,
+                          doc="DNS lookups per SPF check (RFC 7208 4.6.4); more is permerror."),
+    "void_lookup_limit": Field(Number(0, 100, integer=True), 2,
+                               doc="SPF lookups that find nothing; more is permerror."),
+    "timeout": Field(Number(1, 120), 20.0, doc="Seconds for all lookups of one SPF check."),
+    "check_helo": Field(Bool(), True, doc="Also check the HELO name (spf_helo in rules)."),
 }, build=lambda lookup_limit, void_lookup_limit, timeout, check_helo: (
     SpfLimits(lookup_limit, void_lookup_limit, timeout), check_helo),
     expected="SPF settings: lookup_limit, void_lookup_limit, timeout, check_helo")
 
 DKIM_SPEC = Struct({
-    "min_rsa_bits": Field(Number(512, 8192, integer=True), 1024),
-    "allow_expired": Field(Bool(), False),
-    "allow_partial_body": Field(Bool(), False),
-    "allow_sha1": Field(Bool(), False),
-    "max_signatures": Field(Number(1, 50, integer=True), 10),
+    "min_rsa_bits": Field(Number(512, 8192, integer=True), 1024,
+                          doc="Smaller RSA keys give dkim=policy, not pass."),
+    "allow_expired": Field(Bool(), False, doc="Accept a signature past its x= time."),
+    "allow_partial_body": Field(Bool(), False,
+                                doc="Accept l= signatures that leave part of the body unsigned."),
+    "allow_sha1": Field(Bool(), False,
+                        doc="Accept rsa-sha1 signatures (RFC 8301 says no: dkim=policy)."),
+    "max_signatures": Field(Number(1, 50, integer=True), 10,
+                            doc="DKIM signatures checked per message."),
 }, build=lambda max_signatures, **kw: (DkimSettings(**kw), max_signatures),
     expected="DKIM settings: min_rsa_bits, allow_expired, allow_partial_body, allow_sha1, "
              "max_signatures")
 
 DMARC_SPEC = Struct({
-    "actions": Field(_outcomes(DmarcActions()), factory=DmarcActions),
+    "actions": Field(_outcomes(DmarcActions()), factory=DmarcActions,
+                     doc="What a DMARC failure leads to, per the From domain's published policy "
+                         "(after pct=)."),
     "domains": Field(MapOf(_Domain(), _outcomes(DmarcActions()),
                            "a mapping of domain: {reject: ..., quarantine: ..., none: ...}"),
-                     factory=dict),
-    "honour_pct": Field(Bool(), True),
-    "reject_reply": Field(Reply("5"), DEFAULT_REJECT),
+                     factory=dict,
+                     doc="Per-domain exceptions to actions, e.g. {bank.example: {none: "
+                         "quarantine}}."),
+    "honour_pct": Field(Bool(), True,
+                        doc="Apply the domain's pct= (a sampled failure gets the next weaker "
+                            "policy)."),
+    "reject_reply": Field(Reply("5"), DEFAULT_REJECT, doc="The reply when DMARC leads to reject."),
 }, build=lambda **kw: kw, expected="DMARC settings: actions, domains, honour_pct, reject_reply")
 
 
@@ -154,20 +168,30 @@ def _build(internal: str, authenticated: str, spf: tuple | None,
 
 
 SETTINGS_SPEC = Struct({
-    "internal": Field(Str(ACTIONS), "skip"),
-    "authenticated": Field(Str(ACTIONS), "skip"),
-    "spf": Field(SPF_SPEC, None),
-    "dkim": Field(DKIM_SPEC, None),
-    "arc_trusted_sealers": Field(ListOf(Str(max_len=253)), ()),
-    "dmarc": Field(DMARC_SPEC, None),
-    "on_temperror": Field(Str(("tempfail", "tag")), "tempfail"),
-    "temperror_reply": Field(Reply("4"), DEFAULT_TEMPFAIL),
-    "on_bad_from": Field(Str(("tag", "reject")), "tag"),
-    "bad_from_reply": Field(Reply("5"), AuthSettings().bad_from_reply),
+    "internal": Field(Str(ACTIONS), "skip",
+                      doc="Mail from internal_networks: skip (no checks), tag (header only) or "
+                          "enforce."),
+    "authenticated": Field(Str(ACTIONS), "skip",
+                           doc="Mail from SMTP-authenticated users: skip, tag or enforce."),
+    "spf": Field(SPF_SPEC, None, doc="SPF limits."),
+    "dkim": Field(DKIM_SPEC, None, doc="DKIM verification."),
+    "arc_trusted_sealers": Field(ListOf(Str(max_len=253)), (),
+                                 doc="Forwarders whose ARC seal we trust: a DMARC failure they "
+                                     "sealed with arc=pass is only tagged."),
+    "dmarc": Field(DMARC_SPEC, None, doc="DMARC (RFC 7489) actions."),
+    "on_temperror": Field(Str(("tempfail", "tag")), "tempfail",
+                          doc="DNS timeout or server failure while checking: tempfail (sender "
+                              "retries) or tag."),
+    "temperror_reply": Field(Reply("4"), DEFAULT_TEMPFAIL, doc="The reply on a DNS temperror."),
+    "on_bad_from": Field(Str(("tag", "reject")), "tag",
+                         doc="No From, or no usable author domain: tag or reject."),
+    "bad_from_reply": Field(Reply("5"), AuthSettings().bad_from_reply,
+                            doc="The reply when on_bad_from is reject."),
     "reports": Field(Struct({
-        "record": Field(Bool(), False),
-        "keep": Field(Duration(minimum=86400), 31 * 86400.0),
-    }, expected="reports settings: record, keep"), None),
+        "record": Field(Bool(), False, doc="Tally each DMARC evaluation in the store."),
+        "keep": Field(Duration(minimum=86400), 31 * 86400.0, doc="How long tallies are kept."),
+    }, expected="reports settings: record, keep"), None,
+                     doc="Recording DMARC results for aggregate reports."),
 }, build=_build, expected="the auth settings")
 
 
@@ -178,6 +202,7 @@ class AuthExpectation:
 
 
 EXPECT_SPEC = Struct({
-    "action": Field(Str(ACTIONS), None),
-    "rule": Field(Str(), None),
+    "action": Field(Str(ACTIONS), None, doc="The expected action: enforce, tag or skip."),
+    "rule": Field(Str(), None,
+                  doc="The rule expected to decide; (defaults) or (internal) when none does."),
 }, build=AuthExpectation, expected="expectations: action, rule")

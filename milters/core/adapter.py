@@ -24,6 +24,7 @@ import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
 import Milter
@@ -410,6 +411,15 @@ def parse_socket_spec(spec: str) -> str:
     raise ValueError(f"socket '{spec}': unknown type '{kind}'; use inet:, inet6: or unix:")
 
 
+def remove_unix_socket(socket_spec: str) -> None:
+    """On the way out: the process ends before libmilter's listener closes, and a socket
+    left behind looks like a live milter to whoever checks for the file."""
+    kind, _, path = socket_spec.partition(":")
+    if kind in ("unix", "local") and Path(path).is_socket():  # never a file of another kind
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+
+
 def run_milter(logic_class: type[MilterLogic], factory: Callable[[], MilterLogic],
                socket_spec: str, *, timeout: int = 600, stop: threading.Event | None = None,
                on_tick: Callable[[], None] | None = None, on_hangup: Callable[[], None] | None = None,
@@ -484,6 +494,7 @@ def run_milter(logic_class: type[MilterLogic], factory: Callable[[], MilterLogic
         if MilterAdapter.active_sessions > 0:
             log_event("milter_stop_forced", milter=logic_class.name,
                       open_sessions=MilterAdapter.active_sessions)
+        remove_unix_socket(socket_spec)
     if failure:
         raise failure[0]
     log_event("milter_stopped", milter=logic_class.name)

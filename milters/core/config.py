@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 from .dns import DnsSettings, parse_nameserver
 from .eventlog import LOG_FORMATS, LOG_TARGETS, LogSettings
+from .shipped import shipped_policy
 from .secrets import SecretSource, mask_url, redis_url_secret
 from .policy.schema import (INVALID, Address, Bool, Duration, Either, Field, ListOf, MapOf,
                             Network, Number, Str, Struct)
 from .policy.matching import AddressPattern, NetworkPattern, normalize_domain
 from .policy.yamlnodes import Node, Problems, ScalarNode, compose_file
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = Path("policies/default.yaml")
 DEFAULT_RETRY = (60.0, 300.0, 900.0, 1800.0, 3600.0)
 STORE_SCHEMES = ("memory:", "sqlite:", "redis:", "rediss:")
@@ -141,7 +141,7 @@ class SmtpdLimits:
 
 def default_policy_path() -> Path:
     """policies/default.yaml in the current directory, else the one shipped with mailmoat."""
-    return DEFAULT_POLICY if DEFAULT_POLICY.exists() else PROJECT_ROOT / DEFAULT_POLICY
+    return DEFAULT_POLICY if DEFAULT_POLICY.exists() else shipped_policy()
 
 
 def _relay_target(text: str) -> str:
@@ -275,80 +275,178 @@ def _spec(base: Path, source: str) -> Struct:
 
     defaults = GatewayConfig()
     queue = Struct({
-        "dir": Field(Str(), "var/spool"),
-        "max_age": Field(Duration(minimum=60), defaults.queue.max_age),
-        "retry": Field(ListOf(Duration(minimum=1), min_items=1), DEFAULT_RETRY),
-        "delivery_nice": Field(Number(0, 19, integer=True), defaults.queue.delivery_nice),
+        "dir": Field(Str(), "var/spool",
+                     doc="The spool directory: each accepted message is written and fsynced here "
+                         "before the 250 reply."),
+        "max_age": Field(Duration(minimum=60), defaults.queue.max_age,
+                         doc="How long a message may wait for delivery; after that it bounces to "
+                             "its sender."),
+        "retry": Field(ListOf(Duration(minimum=1), min_items=1), DEFAULT_RETRY,
+                       doc="Waits between delivery attempts; the last one repeats until max_age."),
+        "delivery_nice": Field(Number(0, 19, integer=True), defaults.queue.delivery_nice,
+                               doc="The delivery process's nice value (0-19): queued mail can "
+                                   "wait, a client waiting for its reply should not. 0 = same as "
+                                   "serve."),
     })
     # A route is a target string, or a mapping that adds its outbound TLS:
     # {target: "smtp:[mx.example]:25", tls: verify, ca_file: ca.pem}
     route = Either(_Target(), Struct({
-        "target": Field(_Target()),
-        "tls": Field(Str(TLS_LEVELS), None),
-        "ca_file": Field(_CaFile(base), None),
+        "target": Field(_Target(), doc="Where mail goes: smtp:[host]:port or maildir:DIRECTORY."),
+        "tls": Field(Str(TLS_LEVELS), None,
+                     doc="Outbound TLS as Postfix's smtp_tls_security_level: none, may (STARTTLS "
+                         "when offered, unchecked), encrypt (TLS required, unchecked), verify "
+                         "(certificate and host name checked). Not set: may."),
+        "ca_file": Field(_CaFile(base), None,
+                         doc="For tls: verify, the CA certificates to trust; not set = the "
+                             "system's."),
     }, build=_route, expected="a route mapping: target, tls, ca_file"))
     relay = Struct({
-        "default": Field(route, defaults.relay_default),
+        "default": Field(route, defaults.relay_default,
+                         doc="Where mail goes when no route matches its recipient domain."),
         "routes": Field(MapOf(_RouteDomain(), route, "a mapping of domain: smtp:[host]:port, "
                                                      "maildir:DIRECTORY or a route mapping"),
-                        factory=dict),
+                        factory=dict,
+                        doc="Per recipient domain (and its subdomains): where its mail goes, as a"
+                            " target or a route mapping."),
     })
     log = Struct({
-        "format": Field(Str(LOG_FORMATS), defaults.log.format),
-        "to": Field(Str(LOG_TARGETS), defaults.log.to),
+        "format": Field(Str(LOG_FORMATS), defaults.log.format,
+                        doc="keyvalue: one key=value line per event, like Postfix's; json: one "
+                            "JSON object per line with the same keys plus time, program and "
+                            "level."),
+        "to": Field(Str(LOG_TARGETS), defaults.log.to,
+                    doc="stderr (journald or the caller keeps it) or syslog: the local socket "
+                        "/dev/log ($MAILMOAT_SYSLOG_SOCKET), facility mail; start fails when "
+                        "no syslog daemon listens."),
     }, build=LogSettings, expected="log settings: format, to")
     gateway = Struct({
-        "hostname": Field(Str(max_len=253), defaults.hostname),
-        "listen": Field(Str(), defaults.listen),
-        "reinject_listen": Field(Str(), defaults.reinject_listen),
-        "metrics_listen": Field(Str(), defaults.metrics_listen),
-        "relay_domains": Field(ListOf(Str()), ()),
-        "relay": Field(relay, factory=lambda: relay.read(None, "", Problems(source))),
-        "queue": Field(queue, factory=lambda: queue.read(None, "", Problems(source))),
-        "max_message_size": Field(Number(1024, 2**31, integer=True), defaults.max_message_size),
-        "max_recipients": Field(Number(1, 100000, integer=True), defaults.max_recipients),
-        "max_connections": Field(Number(1, 100000, integer=True), defaults.max_connections),
+        "hostname": Field(Str(max_len=253), defaults.hostname,
+                          doc="The gateway's name: HELO/EHLO, Received headers, bounces and the "
+                              "authserv-id of Authentication-Results."),
+        "listen": Field(Str(), defaults.listen,
+                        doc="SMTP listener as HOST:PORT (port 25 for an MX)."),
+        "reinject_listen": Field(Str(), defaults.reinject_listen,
+                                 doc="Loopback SMTP listener where milters hand back split copies"
+                                     " and password notices; mail on it skips the milter chain."),
+        "metrics_listen": Field(Str(), defaults.metrics_listen,
+                                doc="HOST:PORT of the Prometheus metrics listener; \"\" turns it "
+                                    "off."),
+        "relay_domains": Field(ListOf(Str()), (),
+                               doc="Recipient domains outside clients may send to; mail to others"
+                                   " needs an internal network or SMTP AUTH (no open relay)."),
+        "relay": Field(relay, factory=lambda: relay.read(None, "", Problems(source)),
+                       doc="Where accepted mail is delivered: a default target and per-domain "
+                           "routes."),
+        "queue": Field(queue, factory=lambda: queue.read(None, "", Problems(source)),
+                       doc="The spool and its retry schedule."),
+        "max_message_size": Field(Number(1024, 2**31, integer=True), defaults.max_message_size,
+                                  doc="Largest message accepted, in bytes (announced as SIZE; "
+                                      "larger gets 552)."),
+        "max_recipients": Field(Number(1, 100000, integer=True), defaults.max_recipients,
+                                doc="Recipients per message; more get 452 and the client sends "
+                                    "them again later."),
+        "max_connections": Field(Number(1, 100000, integer=True), defaults.max_connections,
+                                 doc="Open SMTP connections at once; beyond it new clients get "
+                                     "421."),
         "max_connections_per_ip": Field(Number(1, 100000, integer=True),
-                                        defaults.max_connections_per_ip),
-        "tls": Field(Struct({"cert": Field(Str()), "key": Field(Str())}), None),
-        "auth": Field(Struct({"users_file": Field(Str())}), None),
-        "run_dir": Field(Str(), "var/run"),
-        "xclient_hosts": Field(ListOf(Network()), ()),
-        "valid_recipients": Field(ListOf(Address()), ()),
+                                        defaults.max_connections_per_ip,
+                                        doc="Open SMTP connections from one client address."),
+        "tls": Field(Struct({
+            "cert": Field(Str(), doc="Certificate chain file (PEM)."),
+            "key": Field(Str(), doc="Private key file (PEM); must not be readable by group or "
+                                    "others."),
+        }), None,
+                     doc="Inbound STARTTLS: the certificate and key files. Not set: STARTTLS is "
+                         "not offered."),
+        "auth": Field(Struct({
+            "users_file": Field(Str(), doc="The users file (`mailmoat user add`) that AUTH "
+                                           "PLAIN/LOGIN checks."),
+        }), None,
+                      doc="SMTP AUTH for submitting users. Not set: AUTH is not offered."),
+        "run_dir": Field(Str(), "var/run",
+                         doc="Where serve puts the unix sockets of the milters it starts."),
+        "xclient_hosts": Field(ListOf(Network()), (),
+                               doc="Clients allowed to use XCLIENT (present another client "
+                                   "address); none by default."),
+        "valid_recipients": Field(ListOf(Address()), (),
+                                  doc="Who exists in relay_domains, as address patterns; others "
+                                      "get 550 at RCPT. [] = everyone."),
         # SMTP client deadlines (SmtpdLimits, Postfix's smtpd_timeout and friends)
-        "smtpd_timeout": Field(Duration(minimum=1), defaults.smtpd.timeout),
-        "smtpd_stress_timeout": Field(Duration(minimum=1), defaults.smtpd.stress_timeout),
+        "smtpd_timeout": Field(Duration(minimum=1), defaults.smtpd.timeout,
+                               doc="How long a client may be silent (Postfix's smtpd_timeout)."),
+        "smtpd_stress_timeout": Field(Duration(minimum=1), defaults.smtpd.stress_timeout,
+                                      doc="The same, once the server is under stress (see "
+                                          "smtpd_stress_share)."),
         "smtpd_min_data_rate": Field(Number(1, 2**31, integer=True),
-                                     defaults.smtpd.min_data_rate),
-        "smtpd_stress_share": Field(Number(0.05, 1.0), defaults.smtpd.stress_share),
-        "user": Field(Str(max_len=32), None),
-        "group": Field(Str(max_len=32), None),
+                                     defaults.smtpd.min_data_rate,
+                                     doc="DATA's deadline grows by one second per this many bytes"
+                                         " received."),
+        "smtpd_stress_share": Field(Number(0.05, 1.0), defaults.smtpd.stress_share,
+                                    doc="Stress begins when open connections reach this share of "
+                                        "max_connections."),
+        "user": Field(Str(max_len=32), None,
+                      doc="Whom serve, started as root, becomes once its ports are bound."),
+        "group": Field(Str(max_len=32), None,
+                       doc="The group for user; not set = that user's primary group."),
         # Every process serve starts logs the same way (they read the same config).
-        "log": Field(log, factory=lambda: log.read(None, "", Problems(source))),
+        "log": Field(log, factory=lambda: log.read(None, "", Problems(source)),
+                     doc="How each process logs: the form of a line and where it goes."),
     })
     milter = Struct({
-        "name": Field(Str(max_len=64)),
-        "socket": Field(Str(), None),
-        "on_failure": Field(Str(("tempfail", "reject", "accept")), "tempfail"),
-        "reuse_connection": Field(Bool(), None),
-        "connect_timeout": Field(Duration(minimum=0.1), MILTER_CONNECT_TIMEOUT),
-        "command_timeout": Field(Duration(minimum=0.1), MILTER_COMMAND_TIMEOUT),
-        "content_timeout": Field(Duration(minimum=0.1), MILTER_CONTENT_TIMEOUT),
-        "reinjection": Field(Bool(), None),
+        "name": Field(Str(max_len=64),
+                      doc="The milter: ratelimit, auth, neutralize, attachments or sign (started "
+                          "by serve), or any name with socket: for an external milter."),
+        "socket": Field(Str(), None,
+                        doc="An external milter's socket, as Postfix writes it "
+                            "(inet:127.0.0.1:8891, unix:/path). Not set: serve starts `mailmoat "
+                            "milter NAME` itself."),
+        "on_failure": Field(Str(("tempfail", "reject", "accept")), "tempfail",
+                            doc="The reply for the rest of the session when the milter dies, "
+                                "times out or answers garbage: tempfail (451), reject (550) or "
+                                "accept (go on without it)."),
+        "reuse_connection": Field(Bool(), None,
+                                  doc="Keep the milter connection for the next SMTP session. Not "
+                                      "set: yes for milters serve starts, no for external ones."),
+        "connect_timeout": Field(Duration(minimum=0.1), MILTER_CONNECT_TIMEOUT,
+                                 doc="Time to connect to the milter."),
+        "command_timeout": Field(Duration(minimum=0.1), MILTER_COMMAND_TIMEOUT,
+                                 doc="Time for the milter to answer one command."),
+        "content_timeout": Field(Duration(minimum=0.1), MILTER_CONTENT_TIMEOUT,
+                                 doc="Time for the milter to answer at end of message (where "
+                                     "conversions happen)."),
+        "reinjection": Field(Bool(), None,
+                             doc="Also run this milter on re-injected mail (copies, notices). Not"
+                                 " set: yes for sign only."),
     }, build=MilterSetting)
     return Struct({
-        "gateway": Field(gateway, factory=lambda: gateway.read(None, "", Problems(source))),
-        "store": Field(_StoreUrl(), defaults.store),
-        "store_timeout": Field(Duration(minimum=0.05), defaults.store_timeout),
-        "store_password_env": Field(Str(max_len=200), ""),
-        "store_password_file": Field(Str(max_len=1000), ""),
-        "policy": Field(Str(), None),
-        "milters": Field(ListOf(milter), factory=lambda: list(defaults.milters)),
+        "gateway": Field(gateway, factory=lambda: gateway.read(None, "", Problems(source)),
+                         doc="The SMTP front end, the queue and delivery."),
+        "store": Field(_StoreUrl(), defaults.store,
+                       doc="Shared state (rate-limit buckets, points, notice log): memory://, "
+                           "sqlite:///PATH or redis://HOST:PORT/DB."),
+        "store_timeout": Field(Duration(minimum=0.05), defaults.store_timeout,
+                               doc="How long one Store operation may take before it counts as a "
+                                   "store failure."),
+        "store_password_env": Field(Str(max_len=200), "",
+                                    doc="Environment variable holding the Redis password (never "
+                                        "in the URL or the file)."),
+        "store_password_file": Field(Str(max_len=1000), "",
+                                     doc="File holding the Redis password; must not be readable "
+                                         "by others."),
+        "policy": Field(Str(), None,
+                        doc="The policy file. Not set: the default policy shipped with mailmoat."),
+        "milters": Field(ListOf(milter), factory=lambda: list(defaults.milters),
+                         doc="The milter chain, in order; the first reject, tempfail or discard "
+                             "ends it."),
         "dns": Field(Struct({
-            "nameservers": Field(ListOf(_Nameserver()), ()),
-            "timeout": Field(Duration(minimum=0.1), defaults.dns.timeout),
+            "nameservers": Field(ListOf(_Nameserver()), (),
+                                 doc="Nameservers as HOST or HOST:PORT; [] = the system "
+                                     "resolver."),
+            "timeout": Field(Duration(minimum=0.1), defaults.dns.timeout,
+                             doc="Time for one DNS query."),
         }, build=lambda nameservers, timeout: DnsSettings(tuple(nameservers), timeout),
-            expected="dns settings: nameservers, timeout"), DnsSettings()),
+            expected="dns settings: nameservers, timeout"), DnsSettings(),
+                     doc="The resolver the milters use (SPF, DKIM, DMARC)."),
     }, build=build, expected="a mailmoat config mapping")
 
 

@@ -127,10 +127,14 @@ class _Match(Str):
 
 
 TREATMENT_FIELDS = {
-    "links": Field(Str(LINKS), None),
-    "html": Field(Str(HTML), None),
-    "attachments": Field(Str(ATTACHMENTS), None),
-    "encrypted": Field(Str(ENCRYPTED), None),
+    "links": Field(Str(LINKS), None,
+                   doc="URLs: defang (text defanged, HTML anchors made inert) or keep."),
+    "html": Field(Str(HTML), None, doc="HTML parts: sanitize, prefer_text, to_text or keep."),
+    "attachments": Field(Str(ATTACHMENTS), None,
+                         doc="Attachments: convert (by the convert table), drop or keep."),
+    "encrypted": Field(Str(ENCRYPTED), None,
+                       doc="Encrypted archives, Office and PDF files (the PPAP pattern): reject "
+                           "or drop."),
 }
 ACTION_SPEC = Either(
     Str(ACTIONS),
@@ -138,22 +142,33 @@ ACTION_SPEC = Either(
            expected="a mapping of actions to switch (links, html, attachments, encrypted)"))
 
 CONVERSION_SPEC = Struct({
-    "match": Field(ListOf(_Match(), min_items=1)),
-    "action": Field(Str(CONVERSIONS)),
+    "match": Field(ListOf(_Match(), min_items=1),
+                   doc="What the row matches: kinds (office, pdf, image, archive, text, other), "
+                       ".ext, type/subtype, type/*, *."),
+    "action": Field(Str(CONVERSIONS),
+                    doc="flatten (to a flat PDF), image (re-encoded), keep or drop."),
 }, build=lambda match, action: Conversion(tuple(match), action),
     expected="a row: match (kinds, extensions, MIME types) and action")
 
 LIMITS_SPEC = Struct({
-    "pages": Field(Number(1, 100_000, integer=True), 50),
-    "page_pixels": Field(Number(10_000, 200_000_000, integer=True), 4_000_000),
-    "image_pixels": Field(Number(10_000, 1_000_000_000, integer=True), 40_000_000),
-    "attachment_size": Field(Number(1024, 2**31, integer=True), 30 * 1024 * 1024),
-    "archive_depth": Field(Number(0, 20, integer=True), 3),
-    "archive_bytes": Field(Number(0, 2**32, integer=True), 100 * 1024 * 1024),
-    "cpu": Field(Duration(minimum=1), 60.0),
-    "wall": Field(Duration(minimum=1), 120.0),
-    "memory": Field(Number(64 * 1024 * 1024, 2**40, integer=True), 2 * 1024 * 1024 * 1024),
-    "processes": Field(Number(8, 100_000, integer=True), 256),
+    "pages": Field(Number(1, 100_000, integer=True), 50,
+                   doc="More pages than this: the conversion fails (on_failure)."),
+    "page_pixels": Field(Number(10_000, 200_000_000, integer=True), 4_000_000,
+                         doc="A larger page is rendered at a lower resolution."),
+    "image_pixels": Field(Number(10_000, 1_000_000_000, integer=True), 40_000_000,
+                          doc="A larger picture is not decoded at all (a pixel bomb)."),
+    "attachment_size": Field(Number(1024, 2**31, integer=True), 30 * 1024 * 1024,
+                             doc="Largest attachment converted, in bytes."),
+    "archive_depth": Field(Number(0, 20, integer=True), 3,
+                           doc="ZIPs inside ZIPs looked into for encryption."),
+    "archive_bytes": Field(Number(0, 2**32, integer=True), 100 * 1024 * 1024,
+                           doc="Bytes decompressed while looking into nested archives."),
+    "cpu": Field(Duration(minimum=1), 60.0, doc="CPU time of one conversion."),
+    "wall": Field(Duration(minimum=1), 120.0, doc="Wall time of one conversion."),
+    "memory": Field(Number(64 * 1024 * 1024, 2**40, integer=True), 2 * 1024 * 1024 * 1024,
+                    doc="Address space of one conversion, in bytes (LibreOffice too)."),
+    "processes": Field(Number(8, 100_000, integer=True), 256,
+                       doc="Processes and threads of one conversion (RLIMIT_NPROC)."),
 }, build=Limits, expected="limits: pages, page_pixels, image_pixels, attachment_size, "
                           "archive_depth, archive_bytes, cpu, wall, memory, processes")
 
@@ -171,25 +186,45 @@ def _settings(trusted_domains: list[str], convert: list[Conversion], links: str 
 
 
 SETTINGS_SPEC = Struct({
-    "skip_internal": Field(Bool(), True),
-    "skip_authenticated": Field(Bool(), True),
-    "trusted_domains": Field(ListOf(Str(max_len=253)), ()),
+    "skip_internal": Field(Bool(), True, doc="Mail from internal networks is never neutralized."),
+    "skip_authenticated": Field(Bool(), True,
+                                doc="Mail from SMTP-authenticated users is never neutralized."),
+    "trusted_domains": Field(ListOf(Str(max_len=253)), (),
+                             doc="From domains whose mail passes untouched when DMARC passes for "
+                                 "them (and subdomains)."),
     **TREATMENT_FIELDS,
-    "convert": Field(ListOf(CONVERSION_SPEC), ()),
-    "dpi": Field(Number(36, 300, integer=True), 100),
-    "page_format": Field(Str(PAGE_FORMATS), "auto"),
-    "jpeg_quality": Field(Number(20, 95, integer=True), 85),
-    "image_format": Field(Str(IMAGE_FORMATS), "png"),
-    "limits": Field(LIMITS_SPEC, factory=Limits),
-    "workers": Field(Number(0, 64, integer=True), 0),
-    "on_failure": Field(Str(ON_FAILURE), "tempfail"),
-    "on_unreadable": Field(Str(ON_UNREADABLE), "drop"),
-    "unreadable_reply": Field(Reply("5"), NeutralizeSettings.unreadable_reply),
-    "encrypted_reply": Field(Reply("5"), NeutralizeSettings.encrypted_reply),
-    "failure_reply": Field(Reply("4"), NeutralizeSettings.failure_reply),
-    "language": Field(Str(LANGUAGES), "en"),
-    "soffice": Field(Str(max_len=1000), "soffice"),
-    "require_sandbox": Field(Bool(), True),
+    "convert": Field(ListOf(CONVERSION_SPEC), (),
+                     doc="The conversion table; the first row matching an attachment decides. [] "
+                         "= office and pdf flattened, images re-encoded, text kept, the rest "
+                         "dropped."),
+    "dpi": Field(Number(36, 300, integer=True), 100, doc="Resolution of flattened pages."),
+    "page_format": Field(Str(PAGE_FORMATS), "auto",
+                         doc="auto (lossless for text pages, JPEG for photo-like ones), jpeg or "
+                             "lossless."),
+    "jpeg_quality": Field(Number(20, 95, integer=True), 85,
+                          doc="JPEG quality of flattened pages."),
+    "image_format": Field(Str(IMAGE_FORMATS), "png",
+                          doc="Format of re-encoded images: png or jpeg."),
+    "limits": Field(LIMITS_SPEC, factory=Limits, doc="Resource limits of one conversion."),
+    "workers": Field(Number(0, 64, integer=True), 0, doc="Conversions at once; 0 = one per CPU."),
+    "on_failure": Field(Str(ON_FAILURE), "tempfail",
+                        doc="A conversion crashed, hung or went over a limit: tempfail, drop or "
+                            "reject."),
+    "on_unreadable": Field(Str(ON_UNREADABLE), "drop",
+                           doc="The file is not what it claims (corrupt, truncated): drop or "
+                               "reject."),
+    "unreadable_reply": Field(Reply("5"), NeutralizeSettings.unreadable_reply,
+                              doc="The reply when on_unreadable is reject."),
+    "encrypted_reply": Field(Reply("5"), NeutralizeSettings.encrypted_reply,
+                             doc="The reply when encrypted is reject."),
+    "failure_reply": Field(Reply("4"), NeutralizeSettings.failure_reply,
+                           doc="The reply when on_failure is tempfail."),
+    "language": Field(Str(LANGUAGES), "en",
+                      doc="Language of the note telling the recipient what was changed: ja or "
+                          "en."),
+    "soffice": Field(Str(max_len=1000), "soffice", doc="LibreOffice's program (found on PATH)."),
+    "require_sandbox": Field(Bool(), True,
+                             doc="Refuse to convert when bubblewrap cannot jail the converter."),
 }, build=_settings, expected="the neutralize settings")
 
 
@@ -200,6 +235,6 @@ class NeutralizeExpectation:
 
 
 EXPECT_SPEC = Struct({
-    "action": Field(Str(ACTIONS), None),
-    "rule": Field(Str(), None),
+    "action": Field(Str(ACTIONS), None, doc="The expected action: neutralize or pass."),
+    "rule": Field(Str(), None, doc="The rule expected to decide; (defaults) when none does."),
 }, build=NeutralizeExpectation, expected="expectations: action, rule")

@@ -99,11 +99,13 @@ def _build_limits(items: list[Limit]) -> tuple[Limit, ...]:
 
 
 LIMIT_SPEC = Struct({
-    "name": Field(Str(max_len=64)),
-    "key": Field(Str(KEYS), "client_ip"),
-    "per": Field(Str(UNITS), "message"),
-    "rate": Field(Rate()),
-    "burst": Field(Number(1, 1_000_000, integer=True)),
+    "name": Field(Str(max_len=64), doc="The limit's name, in logs and `ratelimit show`."),
+    "key": Field(Str(KEYS), "client_ip",
+                 doc="What is counted together: client_ip, sender or auth_user."),
+    "per": Field(Str(UNITS), "message",
+                 doc="What one event is: connection, message or recipient."),
+    "rate": Field(Rate(), doc="How fast the bucket refills."),
+    "burst": Field(Number(1, 1_000_000, integer=True), doc="Events that may come at once."),
 }, build=Limit, expected="a limit with name, key, per, rate and burst")
 
 AUTH_METHODS = {
@@ -129,34 +131,50 @@ class _AuthResult(Str):
 
 
 POINTS_SPEC = Struct({
-    "half_life": Field(Duration(minimum=1), 3600.0),
-    "halve_rate_every": Field(Number(0.1, 1e6), 10.0),
-    "tempfail_at": Field(Number(0.1, 1e9), 50.0),
-    "rejected_recipient": Field(Number(0, 1e6), 2.0),
+    "half_life": Field(Duration(minimum=1), 3600.0,
+                       doc="Points halve over this time, so a source is re-admitted gradually."),
+    "halve_rate_every": Field(Number(0.1, 1e6), 10.0,
+                              doc="Every this many points halve the IP's rates and bursts."),
+    "tempfail_at": Field(Number(0.1, 1e9), 50.0,
+                         doc="At this many points all new mail from the IP gets blocked_reply."),
+    "rejected_recipient": Field(Number(0, 1e6), 2.0,
+                                doc="Points per recipient your MTA rejected (e.g. unknown user)."),
     "too_many_recipients": Field(Struct({
-        "over": Field(Number(1, 100000, integer=True), 50),
-        "points": Field(Number(0, 1e6), 5.0),
-    }, build=TooManyRecipients), factory=TooManyRecipients),
-    "connection_without_mail": Field(Number(0, 1e6), 1.0),
+        "over": Field(Number(1, 100000, integer=True), 50,
+                      doc="More recipients than this adds the points, once per message."),
+        "points": Field(Number(0, 1e6), 5.0, doc="Points added."),
+    }, build=TooManyRecipients), factory=TooManyRecipients,
+                                 doc="Points for a message with many recipients."),
+    "connection_without_mail": Field(Number(0, 1e6), 1.0,
+                                     doc="Points for a connection that never sent MAIL FROM."),
     "bad_networks": Field(Struct({
-        "points": Field(Number(0, 1e9), 20.0),
-        "networks": Field(ListOf(Network()), ()),
+        "points": Field(Number(0, 1e9), 20.0, doc="Points per connection."),
+        "networks": Field(ListOf(Network()), (), doc="The networks (IPs/CIDRs)."),
     }, build=lambda points, networks: BadNetworks(points, tuple(networks))),
-        factory=BadNetworks),
+        factory=BadNetworks, doc="Networks you distrust: points on every connection."),
     "auth_results": Field(MapOf(_AuthResult(), Number(0, 1e6),
                                 "a mapping of method=result: points, like dmarc=fail: 10"),
-                          factory=dict),
+                          factory=dict,
+                          doc="Points per auth result, e.g. {dmarc=fail: 10}; needs auth before "
+                              "ratelimit in the chain."),
 }, build=PointsSettings)
 
 SETTINGS_SPEC = Struct({
-    "exempt_internal": Field(Bool(), True),
-    "allowlist": Field(ListOf(Network()), ()),
-    "limits": Field(ListOf(LIMIT_SPEC, check=_build_limits), DEFAULT_LIMITS),
-    "reply": Field(Reply("4"), DEFAULT_REPLY),
-    "blocked_reply": Field(Reply("45"), DEFAULT_BLOCKED),
-    "points": Field(POINTS_SPEC, factory=PointsSettings),
-    "on_store_failure": Field(Str(("tempfail", "local")), "tempfail"),
-    "store_failure_reply": Field(Reply("4"), DEFAULT_STORE_FAILURE),
+    "exempt_internal": Field(Bool(), True, doc="internal_networks are never slowed down."),
+    "allowlist": Field(ListOf(Network()), (), doc="Clients (IPs/CIDRs) never slowed down."),
+    "limits": Field(ListOf(LIMIT_SPEC, check=_build_limits), DEFAULT_LIMITS,
+                    doc="Leaky buckets; mail beyond one gets reply."),
+    "reply": Field(Reply("4"), DEFAULT_REPLY,
+                   doc="The reply beyond a limit (4xx, so real servers retry)."),
+    "blocked_reply": Field(Reply("45"), DEFAULT_BLOCKED, doc="The reply at tempfail_at points."),
+    "points": Field(POINTS_SPEC, factory=PointsSettings,
+                    doc="Spam points per client IP (SpamGuard)."),
+    "on_store_failure": Field(Str(("tempfail", "local")), "tempfail",
+                              doc="The store cannot be reached: tempfail (store_failure_reply) or"
+                                  " local (count in memory until it is back)."),
+    "store_failure_reply": Field(Reply("4"), DEFAULT_STORE_FAILURE,
+                                 doc="The reply when the store fails and on_store_failure is "
+                                     "tempfail."),
 }, build=lambda allowlist, **kw: RatelimitSettings(allowlist=tuple(allowlist), **kw),
     expected="the ratelimit settings")
 
@@ -169,7 +187,7 @@ class RatelimitExpectation:
 
 
 EXPECT_SPEC = Struct({
-    "action": Field(Str(ACTIONS), None),
-    "rule": Field(Str(), None),
-    "reply": Field(Str(), None),
+    "action": Field(Str(ACTIONS), None, doc="The expected action: enforce or exempt."),
+    "rule": Field(Str(), None, doc="The rule expected to decide; (defaults) when none does."),
+    "reply": Field(Str(), None, doc="The last message's reply starts with this (250 = accepted)."),
 }, build=RatelimitExpectation, expected="expectations: action, rule, reply")

@@ -34,17 +34,16 @@ from typing import Iterable, Union
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from milters.core.dkim_body import CANONS, CanonicalBody
+
 PrivateKey = Union[rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
 Field = tuple[bytes, bytes]
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
-CANONS = ("relaxed", "simple")
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 _WSP = re.compile(rb"[\t ]+")
 _LINE_END = re.compile(rb"\r?\n")
 _B_VALUE = re.compile(rb"(^|;)([\t \r\n]*b[\t \r\n]*=)[^;]*")
-_CRLF_BATCH = 32768  # held-back empty lines are hashed in pieces of this many
 
 
 @dataclass(frozen=True)
@@ -62,75 +61,28 @@ class SigningKey:
 
 
 class BodyHasher:
-    """The SHA-256 of the canonical body, fed raw chunks as they arrive. Only what a later
-    byte can change is held back: a trailing CR, a trailing whitespace run (relaxed, kept as
-    one space) and a count of trailing CRLFs. Bare LFs count as line ends, as verifiers
-    (dkimpy, OpenDKIM) read them; every regex is linear."""
+    """The SHA-256 of the canonical body (milters/core/dkim_body.py), fed raw chunks as
+    they arrive; `length` counts the canonical bytes hashed so far."""
 
     def __init__(self, canon: str) -> None:
-        if canon not in CANONS:
-            raise ValueError(f"body canonicalization {canon!r}: not relaxed or simple")
-        self.relaxed = canon == "relaxed"
         self._hash = hashlib.sha256()
-        self._carry = b""  # at most b" \r": bytes the next chunk may still change
-        self._blank = 0  # CRLFs held back: they vanish if the body ends here
-        self._content = False  # a relaxed empty body hashes as b""
+        self._body = CanonicalBody(canon, self._hash.update)
         self._done: bytes | None = None
-        self.length = 0  # canonical bytes hashed so far
+
+    @property
+    def length(self) -> int:
+        return self._body.length
 
     def feed(self, chunk: bytes) -> None:
         if self._done is not None:
             raise ValueError("body fed after digest()")
-        data = self._carry + chunk
-        if b"\n" in data:
-            data = _BARE_LF.sub(b"\r\n", data)
-        cut = data.rfind(b"\n") + 1
-        lines, rest = data[:cut], data[cut:]
-        keep = len(rest) - 1 if rest.endswith(b"\r") else len(rest)  # CR: maybe a CRLF next
-        if self.relaxed:
-            # compress first, then drop the space before CRLF: linear, unlike "\s+\r\n"
-            lines = _WSP.sub(b" ", lines).replace(b" \r\n", b"\r\n")
-            keep = len(rest[:keep].rstrip(b" \t"))  # maybe whitespace before a line end
-            self._carry = _WSP.sub(b" ", rest[keep:])
-            head = _WSP.sub(b" ", rest[:keep])
-        else:
-            self._carry = rest[keep:]
-            head = rest[:keep]
-        self._put(lines)
-        self._put(head)
+        self._body.feed(chunk)
 
     def digest(self) -> bytes:
         if self._done is None:
-            carry, self._carry = self._carry, b""
-            self._put(carry)
-            if self._content or not self.relaxed:
-                self._emit(b"\r\n")  # one CRLF ends the body; a simple empty body is CRLF
+            self._body.finish()
             self._done = self._hash.digest()
         return self._done
-
-    def _put(self, piece: bytes) -> None:
-        if not piece:
-            return
-        tail = piece[len(piece.rstrip(b"\r\n")):]  # CRs and CRLFs; each LF follows a CR
-        run = 0
-        if tail.endswith(b"\r\n"):
-            bare_cr = tail.rfind(b"\r\r")  # a bare CR ends the run of CRLFs before it
-            run = (len(tail) - (bare_cr + 1 if bare_cr >= 0 else 0)) // 2
-        content = len(piece) - 2 * run
-        if content == 0:
-            self._blank += run
-            return
-        while self._blank:  # they were not the end after all
-            count = min(self._blank, _CRLF_BATCH)
-            self._emit(b"\r\n" * count)
-            self._blank -= count
-        self._emit(piece[:content])
-        self._blank = run
-        self._content = True
-
-    def _emit(self, data: bytes) -> None:
-        self.length += len(data)
-        self._hash.update(data)
 
 
 def canonical_body_hash(body: Iterable[bytes], canon: str) -> bytes:

@@ -147,21 +147,35 @@ def _build(keys: tuple[SigningKey, ...], domains: dict[str, str], headers: tuple
 
 SETTINGS_SPEC = Struct({
     "keys": Field(ListOf(Struct({
-        "domain": Field(_Domain()),
-        "selector": Field(_Selector()),
-        "file": Field(Str(max_len=1000)),
-    }, build=_key, expected="a key: domain, selector, file"), check=_one_per_algorithm), ()),
+        "domain": Field(_Domain(), doc="The signing domain (d=)."),
+        "selector": Field(_Selector(), doc="The selector (s=)."),
+        "file": Field(Str(max_len=1000), doc="The private key file; must be 0600 or 0400."),
+    }, build=_key, expected="a key: domain, selector, file"), check=_one_per_algorithm), (),
+                  doc="The KeyTable: at most one RSA and one ed25519 key per domain (`mailmoat "
+                      "dkim keygen`)."),
     "domains": Field(MapOf(_Domain(), _Domain(), "a mapping of From domain: signing domain"),
-                     factory=dict),
-    "subdomains": Field(Bool(), True),
-    "headers": Field(ListOf(_HeaderName(), min_items=1, check=_names), DEFAULT_HEADERS),
-    "oversign": Field(ListOf(_HeaderName(), check=_names), DEFAULT_OVERSIGN),
-    "canonicalization": Field(Str(CANONICALIZATIONS), "relaxed/relaxed"),
-    "expire": Field(Duration(), 0.0),
+                     factory=dict,
+                     doc="The SigningTable: From domain (and subdomains) to signing domain. {} = "
+                         "each key signs its own domain."),
+    "subdomains": Field(Bool(), True,
+                        doc="A From subdomain with no entry signs with its parent's keys."),
+    "headers": Field(ListOf(_HeaderName(), min_items=1, check=_names), DEFAULT_HEADERS,
+                     doc="Header fields signed when present; must include from."),
+    "oversign": Field(ListOf(_HeaderName(), check=_names), DEFAULT_OVERSIGN,
+                      doc="Fields signed once more than present, so one added on the way breaks "
+                          "the signature."),
+    "canonicalization": Field(Str(CANONICALIZATIONS), "relaxed/relaxed",
+                              doc="DKIM c= header/body canonicalization."),
+    "expire": Field(Duration(), 0.0, doc="x= this long after t=; 0 = no x=."),
     "arc": Field(Struct({
-        "seal": Field(Str(SEALS), "changed"),
-        "key": Field(Str(max_len=320), ""),
-    }, expected="ARC settings: seal, key"), None),
+        "seal": Field(Str(SEALS), "changed",
+                      doc="Which inbound mail gets an ARC set: changed (a milter edited it), all "
+                          "or none."),
+        "key": Field(Str(max_len=320), "",
+                     doc="The RSA key of keys to seal with, by its DNS name "
+                         "(s2026r._domainkey.example.jp)."),
+    }, expected="ARC settings: seal, key"), None,
+                 doc="ARC sealing of inbound mail. Not set: nothing is sealed."),
 }, build=_build, expected="the sign settings")
 
 
@@ -173,7 +187,8 @@ class SignExpectation:
 
 
 EXPECT_SPEC = Struct({
-    "action": Field(Str(ACTIONS), None),
-    "rule": Field(Str(), None),
-    "domain": Field(Str(max_len=253), None),
+    "action": Field(Str(ACTIONS), None, doc="The expected action: sign or none."),
+    "rule": Field(Str(), None, doc="The rule expected to decide; (defaults) when none does."),
+    "domain": Field(Str(max_len=253), None,
+                    doc="The d= the message would be signed with (\"\" = unsigned)."),
 }, build=SignExpectation, expected="expectations: action, rule, domain")

@@ -4,6 +4,7 @@ key by `mailmoat dkim keygen`, published in Knot). dkimpy's ARC verifier passes 
 the delivered bytes; outbound mail through the same chain gets DKIM, not ARC."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -92,3 +93,19 @@ def test_outbound_mail_through_the_same_chain_is_signed_not_sealed(chain, tmp_pa
     head = data.split(b"\r\n\r\n", 1)[0]
     assert b"ARC-Seal" not in head
     assert dkim.verify(data, dnsfunc=lambda n, timeout=5: chain[2].get(n))
+
+
+def test_our_auth_milter_trusts_our_seal_on_a_second_pass(chain, tmp_path):
+    """The sealed message through the same chain again (our internal server's own gateway,
+    say): the auth milter's ARC check passes on our seal although the neutralize edit broke
+    the sender's DKIM, and the second seal continues the chain (i=2, cv=pass)."""
+    first = send(chain, tmp_path, phishing(None, "support@pass.test", []), STRANGER_IP)
+    # What the next hop receives: the message as delivered, without the sink's trace.
+    second = send(chain, tmp_path, first, STRANGER_IP)
+    head = second.split(b"\r\n\r\n", 1)[0]
+    ours = [line for line in head.replace(b"\r\n\t", b" ").split(b"\r\n") if re.match(
+        rb"Authentication-Results:\s*" + re.escape(AUTHSERV_ID.encode()) + rb";", line)]
+    assert len(ours) == 1 and b"arc=pass" in ours[0], head.decode("latin-1")[:3000]
+    assert re.search(rb"ARC-Seal: i=2; a=rsa-sha256; t=\d+; cv=pass;", head), head[:800]
+    cv, results, reason = dkim.arc_verify(second, dnsfunc=lambda n, timeout=5: chain[2].get(n))
+    assert cv == b"pass" and len(results) == 2, (reason, results)

@@ -117,15 +117,25 @@ AUTH_METHODS = POLICY_METHODS
 
 def _conditions_spec() -> Struct:
     return Struct({
-        "direction": Field(Str(("inbound", "outbound")), None),
-        "client_ip": Field(ListOf(Network(), min_items=1), None),
-        "sender": Field(ListOf(Address(), min_items=1), None),
-        "recipient": Field(ListOf(Address(), min_items=1), None),
-        "authenticated": Field(Bool(), None),
+        "direction": Field(Str(("inbound", "outbound")), None,
+                           doc="inbound or outbound: outbound is mail from internal_networks or "
+                               "an SMTP-authenticated user."),
+        "client_ip": Field(ListOf(Network(), min_items=1), None,
+                           doc="Client addresses as IPs or CIDRs; ! excludes."),
+        "sender": Field(ListOf(Address(), min_items=1), None,
+                        doc="Envelope senders as patterns: user@example.jp, @example.jp (and "
+                            "subdomains), !excludes, *."),
+        "recipient": Field(ListOf(Address(), min_items=1), None,
+                           doc="Envelope recipients, the same patterns as sender."),
+        "authenticated": Field(Bool(), None, doc="Whether the client logged in with SMTP AUTH."),
         "auth": Field(MapOf(Str(AUTH_METHODS), ListOf(Str(AUTH_RESULTS), min_items=1),
                             "a mapping of method to results, e.g. {dmarc: [fail, none]}"),
-                      None),
-        "subject": Field(ListOf(Pattern(), min_items=1), None),
+                      None,
+                      doc="What the auth milter found, for milters after it: method to results, "
+                          "e.g. {dmarc: [fail, none]}; a method not checked reads as none."),
+        "subject": Field(ListOf(Pattern(), min_items=1), None,
+                         doc="Regular expressions searched in the decoded Subject, "
+                             "case-insensitively."),
     }, build=lambda **kw: Conditions(**{k: _frozen(v) for k, v in kw.items()}),
         expected="a mapping of conditions (" + ", ".join(CONDITIONS) + ")")
 
@@ -139,42 +149,61 @@ def _frozen(value: Any) -> Any:
 
 
 def _build_spec(extensions: list[PolicyExtension]) -> Struct:
-    actions = Struct({ext.name: Field(ext.action, None) for ext in extensions},
+    actions = Struct({ext.name: Field(ext.action, None, doc=f"The {ext.name} milter's action.")
+                      for ext in extensions},
                      build=lambda **kw: {k: v for k, v in kw.items() if v is not None},
                      expected="a mapping of milter actions")
     rule = Struct({
-        "name": Field(Str(max_len=100)),
-        "when": Field(_conditions_spec(), factory=Conditions),
-        "then": Field(actions),
+        "name": Field(Str(max_len=100),
+                      doc="The rule's name, shown by policy explain, logs and tests; unique."),
+        "when": Field(_conditions_spec(), factory=Conditions,
+                      doc="Conditions; all must hold. No conditions: the rule matches every "
+                          "message."),
+        "then": Field(actions,
+                      doc="The action per milter; a milter not named here goes on to the next "
+                          "rule."),
     }, build=Rule, pass_line=True)
     message = Struct({
-        "client_ip": Field(Str(), "192.0.2.1"),
-        "mail_from": Field(Str(), ""),
-        "rcpt": Field(ListOf(Str(), min_items=1)),
-        "auth_user": Field(Str(), None),
-        "subject": Field(Str(), ""),
+        "client_ip": Field(Str(), "192.0.2.1", doc="The test message's client address."),
+        "mail_from": Field(Str(), "", doc="Its envelope sender."),
+        "rcpt": Field(ListOf(Str(), min_items=1), doc="Its envelope recipients."),
+        "auth_user": Field(Str(), None, doc="The SMTP AUTH user, if it logged in."),
+        "subject": Field(Str(), "", doc="Its Subject."),
         "auth": Field(MapOf(Str(AUTH_METHODS), Str(AUTH_RESULTS),
                             "a mapping of method to result, e.g. {dmarc: fail, spf: pass}"),
-                      None),
+                      None, doc="Auth results it carries, for rules with `when: {auth: ...}`."),
     }, build=lambda **kw: TestMessage(**{**kw, "rcpt": tuple(kw["rcpt"])}),
         removed={key: f"a test message has no {key}: no policy condition reads it, so no "
                       "test could depend on it; delete this key" for key in ("helo",
                                                                              "client_name")})
-    expect = Struct({ext.name: Field(ext.expect, None) for ext in extensions},
+    expect = Struct({ext.name: Field(ext.expect, None, doc=f"What {ext.name} must decide.")
+                     for ext in extensions},
                     build=lambda **kw: {k: v for k, v in kw.items() if v is not None})
     test = Struct({
-        "name": Field(Str(max_len=200)),
-        "message": Field(message),
-        "repeat": Field(Number(1, 10000, integer=True), 1),
-        "expect": Field(expect),
+        "name": Field(Str(max_len=200), doc="The test's name, printed when it fails."),
+        "message": Field(message, doc="The message the test describes."),
+        "repeat": Field(Number(1, 10000, integer=True), 1,
+                        doc="Sends the message this many times at the same instant (for rate "
+                            "limits)."),
+        "expect": Field(expect,
+                        doc="What each milter must decide; a milter not named is not checked."),
     }, build=PolicyTest, pass_line=True)
-    defaults = Struct({ext.name: Field(ext.action, ext.default_action) for ext in extensions})
+    defaults = Struct({ext.name: Field(ext.action, ext.default_action,
+                                       doc=f"The {ext.name} milter's action when no rule sets "
+                                           "one.")
+                       for ext in extensions})
     fields = {
-        "policy_version": Field(Number(1, 1, integer=True), 1),
-        "internal_networks": Field(ListOf(Network()), factory=lambda: list(LOOPBACK)),
-        "defaults": Field(defaults, factory=lambda: {e.name: e.default_action for e in extensions}),
-        "rules": Field(ListOf(rule), factory=list),
-        "tests": Field(ListOf(test), factory=list),
+        "policy_version": Field(Number(1, 1, integer=True), 1, doc="The policy format; 1."),
+        "internal_networks": Field(ListOf(Network()), factory=lambda: list(LOOPBACK),
+                                   doc="Clients that are ours: their mail is outbound, and "
+                                       "ratelimit exempts them by default."),
+        "defaults": Field(defaults, factory=lambda: {e.name: e.default_action for e in extensions},
+                          doc="The action of each milter when no rule sets one."),
+        "rules": Field(ListOf(rule), factory=list,
+                       doc="Ordered rules; for each milter the first matching rule that sets its "
+                           "action decides."),
+        "tests": Field(ListOf(test), factory=list,
+                       doc="Test cases run by `mailmoat policy test`."),
     }
     for ext in extensions:
         fields[ext.name] = Field(ext.settings, None)

@@ -245,6 +245,8 @@ class Field:
     default: Any = REQUIRED
     # A callable default builds a fresh value each time (lists, nested structs).
     factory: Callable[[], Any] | None = None
+    # What the key means, for docs/reference/config.md (milters/core/policy/docgen.py).
+    doc: str = ""
 
 
 class Struct(Spec):
