@@ -90,6 +90,7 @@ def cmd_milter(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     config = _run_as(load_config(args.config), args.user)
+    setup_logging(args.name, verbose=args.verbose, settings=config.log)
     if args.store:  # scan's throwaway state
         config = scan.with_store(config, args.store)
     if args.reinject:
@@ -211,6 +212,7 @@ def cmd_ratelimit_reset(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging("serve", verbose=args.verbose)
     config = _run_as(load_config(args.config), args.user)
+    setup_logging("serve", verbose=args.verbose, settings=config.log)
     unknown = [m.name for m in config.milters if m.socket is None and m.name not in MILTERS]
     if unknown:
         raise UsageError(f"{config.source}: milters: unknown built-in milter(s) "
@@ -236,7 +238,9 @@ def with_reinjection(config: GatewayConfig) -> GatewayConfig:
 
 def cmd_deliver(args: argparse.Namespace) -> int:
     setup_logging("delivery", verbose=args.verbose)
-    delivery_process.run_delivery(load_config(args.config))
+    config = load_config(args.config)
+    setup_logging("delivery", verbose=args.verbose, settings=config.log)
+    delivery_process.run_delivery(config)
     return 0
 
 

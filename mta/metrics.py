@@ -9,10 +9,17 @@
     mailmoat_milter_sessions_total{milter,connection="new|reused"}
                                                       SMTP sessions per milter, and whether
                                                       they opened a connection or reused one
+    mailmoat_build_info{version,python}               1; the labels say what runs
+
+The same listener answers /healthz (200 while the process and its event loop run) and
+/readyz (200, or 503 with one reason per line: mta/health.py); any other path gets the
+metrics.
 """
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import platform
 import threading
 from bisect import bisect_left
 from collections import defaultdict
@@ -34,6 +41,7 @@ class Registry:
         self._counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
         self._histograms: dict[str, dict[Labels, list[float]]] = defaultdict(dict)
         self._gauges: dict[str, Callable[[], float]] = {}
+        self._info: dict[str, Labels] = {}
         self._keys: dict[Labels, Labels] = {}
 
     def _key(self, labels: dict[str, str]) -> Labels:
@@ -69,6 +77,10 @@ class Registry:
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         self._gauges[name] = read
 
+    def info(self, name: str, **labels: str) -> None:
+        """A gauge that is always 1 and says something in its labels (build_info)."""
+        self._info[name] = tuple(sorted(labels.items()))
+
     def render(self) -> str:
         lines: list[str] = []
         with self._lock:
@@ -89,20 +101,62 @@ class Registry:
                     lines.append(f"{name}_count{_labels(key)} {total:g}")
         for name, read in sorted(self._gauges.items()):
             lines += [f"# TYPE {name} gauge", f"{name} {read():g}"]
+        for name, labels in sorted(self._info.items()):
+            lines += [f"# TYPE {name} gauge", f"{name}{_labels(labels)} 1"]
         return "\n".join(lines) + "\n"
 
 
+def build_version() -> str:
+    """The installed distribution's version (pyproject.toml's), as pip knows it."""
+    try:
+        return importlib.metadata.version("mailmoat")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout never installed
+        return "unknown"
+
+
 METRICS = Registry()
+METRICS.info("mailmoat_build_info", version=build_version(),
+             python=platform.python_version())
+
+# /readyz's checks: a list of problems, empty when ready (run in a worker thread).
+ReadyCheck = Callable[[], list[str]]
+PROMETHEUS_TYPE = b"text/plain; version=0.0.4"
 
 
-async def serve_metrics(host: str, port: int, registry: Registry = METRICS) -> asyncio.Server:
-    """A minimal HTTP/1.0 responder: any GET gets the metrics (Prometheus scrapes /metrics)."""
+def _path(head: bytes) -> bytes:
+    """The request's path, without a query: `GET /readyz?x HTTP/1.1` -> b"/readyz"."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].split(b"?", 1)[0] if len(parts) >= 2 else b""
+
+
+async def _respond(path: bytes, registry: Registry, ready: ReadyCheck | None
+                   ) -> tuple[bytes, bytes, bytes]:
+    """(status line, content type, body) for one request."""
+    loop = asyncio.get_running_loop()
+    if path == b"/healthz":
+        return b"200 OK", b"text/plain", b"ok\n"
+    if path == b"/readyz":
+        try:
+            problems = await loop.run_in_executor(None, ready) if ready else []
+        except Exception as exc:  # a check that breaks says not ready, never nothing
+            problems = [f"readiness check failed: {type(exc).__name__}: {exc}"]
+        if problems:
+            return (b"503 Service Unavailable", b"text/plain",
+                    "".join(f"{p}\n" for p in problems).encode("utf-8", "replace"))
+        return b"200 OK", b"text/plain", b"ready\n"
+    return b"200 OK", PROMETHEUS_TYPE, (await loop.run_in_executor(None, registry.render)
+                                        ).encode()
+
+
+async def serve_metrics(host: str, port: int, registry: Registry = METRICS,
+                        ready: ReadyCheck | None = None) -> asyncio.Server:
+    """A minimal HTTP/1.0 responder: /healthz, /readyz (`ready` lists what is wrong), and
+    the metrics on any other path (Prometheus scrapes /metrics)."""
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            body = (await asyncio.get_running_loop().run_in_executor(None, registry.render)
-                    ).encode()
-            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            status, kind, body = await _respond(_path(head), registry, ready)
+            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + kind + b"\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             await writer.drain()
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError,

@@ -17,6 +17,9 @@ Trailer: the envelope JSON, "\n", then 16 bytes `MMENV1` + the JSON length in 9 
 "\n". Queue IDs are the receive time in microseconds plus a random part, in hex: they sort
 by arrival and do not collide (the tmp file is created with O_EXCL).
 
+The spool's format is in the file `format` (mta/spool_format.py): an older spool is
+upgraded when a Queue opens it, a newer one refused.
+
 Held mail (quarantine, `mailmoat queue hold`) stays where it is with `hold_reason` set in its
 envelope: holding and releasing are one atomic envelope rewrite, never a two-file move that
 a crash could cut in half.
@@ -33,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from milters.core.errors import MailmoatError
+
+from .spool_format import FORMAT_FILE, upgrade_spool
 
 ACTIVE, TMP = "active", "tmp"
 KEPT_IN_MEMORY = 64 * 1024  # bytes of a message being received also kept for read()
@@ -252,8 +257,11 @@ class Incoming:
 class Queue:
     def __init__(self, spool: str | Path) -> None:
         self.spool = Path(spool)
+        if (self.spool / FORMAT_FILE).exists():  # before anything is made in a newer one
+            upgrade_spool(self.spool)
         for name in (ACTIVE, TMP):
             (self.spool / name).mkdir(parents=True, exist_ok=True)
+        upgrade_spool(self.spool)
         self.active_dir, self.tmp_dir = str(self.spool / ACTIVE), str(self.spool / TMP)
 
     # -- writing ---------------------------------------------------------------------------

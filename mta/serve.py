@@ -3,7 +3,10 @@
 It checks the policy, recovers the queue, starts one process per built-in milter on a unix
 socket (restarting any that dies), listens for SMTP and for re-injection, runs delivery
 every second, and on SIGTERM or SIGINT stops the listeners, lets running work end and stops
-the milters.
+the milters. SIGHUP (systemd's ExecReload) reloads the policy, as an edit of its file does:
+serve's own part of it (internal_networks, read by the SMTP server for new connections)
+here, and each milter's in that milter, to which serve passes the SIGHUP on. A broken edit
+keeps the last good policy and logs why.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -23,13 +27,16 @@ from milters.core.config import GatewayConfig, MilterSetting
 from milters.core.errors import MailmoatError
 from milters.core.eventlog import log_event
 from milters.core.policy.document import Policy
+from milters.core.policy.holder import PolicyHolder
 from milters.core.policy.matching import parse_network_pattern
+from milters.core.store import open_gateway_store
 
 from . import privileges
 from .delivery_process import DeliveryProcess
 from .event_loop import loop_factory
+from .health import Readiness
 from .listener import start_listener
-from .metrics import METRICS, serve_metrics
+from .metrics import METRICS, ReadyCheck, serve_metrics
 from .milter_chain import ChainMember, ChainSession
 from .milter_client import MilterEndpoint
 from .milter_pool import MilterPool
@@ -169,6 +176,13 @@ class MilterSupervisor:
         log_event("milter_restart_failed", level=logging.ERROR, milter=milter.name,
                   pid=child.pid, error=error)
 
+    def hangup(self) -> None:
+        """Pass a SIGHUP on: each milter reloads its policy (milters/core/adapter.py)."""
+        for name, child in self.children.items():
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+                log_event("milter_hangup_sent", milter=name, pid=child.pid)
+
     def stop(self) -> None:
         for child in self.children.values():
             if child.poll() is None:
@@ -231,7 +245,8 @@ async def _listen(address: str, setting: str, opening: Awaitable[asyncio.Server]
                             ) from None
 
 
-async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: GatewayHandler
+async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: GatewayHandler,
+                         ready: ReadyCheck | None = None
                          ) -> tuple[asyncio.Server, asyncio.Server, asyncio.Server | None]:
     """serve's listeners on their configured addresses: SMTP on gateway.listen, the
     milters' re-injection on gateway.reinject_listen and the metrics on
@@ -246,7 +261,8 @@ async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: 
                                                    *split_hostport(config.reinject_listen))))
         if config.metrics_listen:
             opened.append(await _listen(config.metrics_listen, "metrics_listen",
-                                        serve_metrics(*split_hostport(config.metrics_listen))))
+                                        serve_metrics(*split_hostport(config.metrics_listen),
+                                                      ready=ready)))
     except BaseException:
         for server in opened:
             server.close()
@@ -254,15 +270,23 @@ async def open_listeners(config: GatewayConfig, main: GatewayHandler, reinject: 
     return opened[0], opened[1], opened[2] if len(opened) > 2 else None
 
 
-async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervisor,
-               queue: Queue, delivery: DeliveryProcess, users: UserFile | None,
-               loop_name: str) -> None:
+def apply_policy(handler: GatewayHandler, policy: Policy) -> None:
+    """The SMTP server's part of a reloaded policy, for the connections that come next."""
+    handler.settings = replace(handler.settings, internal_networks=policy.internal_networks)
+
+
+async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
+               supervisor: MilterSupervisor, queue: Queue, delivery: DeliveryProcess,
+               users: UserFile | None, loop_name: str) -> None:
     # First: a SIGTERM that comes while the listeners open must stop us cleanly too.
     stop = asyncio.Event()
+    hangups: list[int] = []  # SIGHUPs not yet acted on (the main loop reloads)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    settings = smtp_settings(config, policy, users, server_tls(config))
+    wake = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, lambda: (hangups.append(1), wake.set()))
+    settings = smtp_settings(config, holder.current, users, server_tls(config))
     members = supervisor.members()
     pool = MilterPool()  # milter connections kept between SMTP sessions
     chain: Callable[[], ChainSession] | None = (
@@ -273,34 +297,52 @@ async def _run(config: GatewayConfig, policy: Policy, supervisor: MilterSupervis
         (lambda: ChainSession(again, pool=pool)) if again else None)
     if config.metrics_listen:
         METRICS.gauge("mailmoat_queue_messages", lambda: float(len(queue.entries())))
+    # /readyz: the queue, every milter of the chain (the re-injection chain is a part of
+    # it), the Store.
+    readiness = Readiness(queue.tmp_dir, [m.endpoint for m in members],
+                          lambda: open_gateway_store(config))
+    handler = GatewayHandler(settings, queue, chain, delivery.notify)
     main, reinject, metrics = await open_listeners(
-        config, GatewayHandler(settings, queue, chain, delivery.notify),
-        GatewayHandler(reinject_smtp_settings(config), queue, reinject_chain, delivery.notify))
+        config, handler,
+        GatewayHandler(reinject_smtp_settings(config), queue, reinject_chain, delivery.notify),
+        readiness.problems)
     log_event("serve_started", listen=config.listen, reinject=config.reinject_listen,
               metrics=config.metrics_listen or None,
               milters=",".join(m.name for m in config.milters) or "none",
               relay=config.relay_default, loop=loop_name)
     delivery.watch_metrics(loop)
     while not stop.is_set():
+        if hangups:
+            hangups.clear()
+            if holder.reload("SIGHUP"):
+                apply_policy(handler, holder.current)
+            supervisor.hangup()  # each milter reloads (or keeps) its own policy
+        elif holder.reload_if_changed():  # an edit without a SIGHUP, as the milters do
+            apply_policy(handler, holder.current)
         supervisor.check()
         if not delivery.alive():
             log_event("delivery_process_died", level=logging.ERROR, action="restarting")
             delivery.restart()
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
-        except asyncio.TimeoutError:
-            pass
+        wake.clear()
+        stopping = loop.create_task(stop.wait())
+        woken = loop.create_task(wake.wait())
+        await asyncio.wait((stopping, woken), timeout=1.0,
+                           return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        woken.cancel()
     for server in (main, reinject, metrics):
         if server is not None:
             server.close()
             await server.wait_closed()
     pool.close_all()
+    readiness.close()
     delivery.stop()  # lets the deliveries in flight finish
 
 
 def serve(config: GatewayConfig, config_path: str | None,
           load_policy: Callable[[Path], Policy]) -> int:
-    policy = load_policy(config.policy)  # a broken policy stops us here, with its errors
+    # A broken policy stops us here, with its errors; later, a broken edit is only logged.
+    holder = PolicyHolder(config.policy, load_policy)
     try:
         loop_name, new_loop = loop_factory()
     except ValueError as exc:
@@ -309,7 +351,9 @@ def serve(config: GatewayConfig, config_path: str | None,
     # milters or delivery exist (mta/privileges.py).
     privileges.become_user(config, [split_hostport(config.listen),
                                     split_hostport(config.reinject_listen)])
-    queue = Queue(config.queue.dir)
+    queue = Queue(config.queue.dir)  # marks or upgrades its format; refuses a newer one
+    with open_gateway_store(config):  # the same for the state, before any milter uses it
+        pass
     for queue_id in queue.recover():
         log_event("recovered_incomplete", queue_id=queue_id, action="removed (never accepted)")
     users = user_file(config)
@@ -318,7 +362,7 @@ def serve(config: GatewayConfig, config_path: str | None,
     try:
         supervisor.start()
         with asyncio.Runner(loop_factory=new_loop) as runner:
-            runner.run(_run(config, policy, supervisor, queue, delivery, users, loop_name))
+            runner.run(_run(config, holder, supervisor, queue, delivery, users, loop_name))
     finally:
         delivery.stop()
         supervisor.stop()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .dns import DnsSettings, parse_nameserver
+from .eventlog import LOG_FORMATS, LOG_TARGETS, LogSettings
 from .shipped import shipped_policy
 from .secrets import SecretSource, mask_url, redis_url_secret
 from .policy.schema import (INVALID, Address, Bool, Duration, Either, Field, ListOf, MapOf,
@@ -123,6 +124,7 @@ class GatewayConfig:
     user: str | None = None
     group: str | None = None
     smtpd: "SmtpdLimits" = field(default_factory=lambda: SmtpdLimits())
+    log: LogSettings = LogSettings()  # key=value or JSON lines, to stderr or syslog
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ def _spec(base: Path, source: str) -> Struct:
             valid_recipients=tuple(gateway["valid_recipients"]), dns=dns,
             smtpd=SmtpdLimits(gateway["smtpd_timeout"], gateway["smtpd_stress_timeout"],
                               gateway["smtpd_min_data_rate"], gateway["smtpd_stress_share"]),
-            user=gateway["user"], group=gateway["group"])
+            user=gateway["user"], group=gateway["group"], log=gateway["log"])
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -307,6 +309,16 @@ def _spec(base: Path, source: str) -> Struct:
                         doc="Per recipient domain (and its subdomains): where its mail goes, as a"
                             " target or a route mapping."),
     })
+    log = Struct({
+        "format": Field(Str(LOG_FORMATS), defaults.log.format,
+                        doc="keyvalue: one key=value line per event, like Postfix's; json: one "
+                            "JSON object per line with the same keys plus time, program and "
+                            "level."),
+        "to": Field(Str(LOG_TARGETS), defaults.log.to,
+                    doc="stderr (journald or the caller keeps it) or syslog: the local socket "
+                        "/dev/log ($MAILMOAT_SYSLOG_SOCKET), facility mail; start fails when "
+                        "no syslog daemon listens."),
+    }, build=LogSettings, expected="log settings: format, to")
     gateway = Struct({
         "hostname": Field(Str(max_len=253), defaults.hostname,
                           doc="The gateway's name: HELO/EHLO, Received headers, bounces and the "
@@ -376,6 +388,9 @@ def _spec(base: Path, source: str) -> Struct:
                       doc="Whom serve, started as root, becomes once its ports are bound."),
         "group": Field(Str(max_len=32), None,
                        doc="The group for user; not set = that user's primary group."),
+        # Every process serve starts logs the same way (they read the same config).
+        "log": Field(log, factory=lambda: log.read(None, "", Problems(source)),
+                     doc="How each process logs: the form of a line and where it goes."),
     })
     milter = Struct({
         "name": Field(Str(max_len=64),

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 GENERATOR = ROOT / "scripts/gen_config_reference"
 SOURCES = sorted([*(ROOT / "milters").rglob("*.py"), *(ROOT / "mta").rglob("*.py")])
-METRIC_CALLS = {"count", "observe", "observer", "gauge"}
+METRIC_CALLS = {"count", "observe", "observer", "gauge", "info"}
 
 
 def _calls(name_of: "callable") -> dict[str, str]:

@@ -1702,6 +1702,51 @@ GATEWAY_PROBES.update({
     for n, key in enumerate(("listen", "reinject_listen", "metrics_listen"), 1)})
 
 
+
+def logged_line(config: Any) -> object:
+    """Where one event goes and in what form, after the logging set-up every command makes
+    with gateway.log (syslog: a datagram socket of the probe's own, named by the env var
+    eventlog reads in place of /dev/log)."""
+    import json
+    import socket as sockets
+
+    from milters.core.eventlog import SYSLOG_SOCKET_ENV, log_event, setup_logging
+    read, write = os.pipe()
+    path = str(_CONFIG_DIR[0] / "syslog.sock")
+    with sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM) as syslog:
+        syslog.bind(path)
+        syslog.setblocking(False)
+        saved, saved_env = sys.stderr, os.environ.get(SYSLOG_SOCKET_ENV)
+        os.environ[SYSLOG_SOCKET_ENV] = path
+        sys.stderr = os.fdopen(write, "w", closefd=False)
+        try:
+            setup_logging("probe", settings=config.log)
+            log_event("probe_event", queue_id="ABC")
+        finally:
+            sys.stderr = saved
+            os.environ.pop(SYSLOG_SOCKET_ENV)
+            if saved_env is not None:
+                os.environ[SYSLOG_SOCKET_ENV] = saved_env
+            setup_logging("test")
+        os.set_blocking(read, False)
+        try:
+            text, where = os.read(read, 4096).decode(), "stderr"
+        except BlockingIOError:
+            text, where = syslog.recv(4096).decode(), "syslog"
+        finally:
+            os.close(read)
+            os.close(write)
+            os.unlink(path)
+    body = text[text.index("{"):] if "{" in text else ""
+    return where, "json" if body and json.loads(body)["event"] == "probe_event" else "keyvalue"
+
+
+GATEWAY_PROBES.update({
+    "gateway.log.format": Probe("", "gateway: {log: {format: json}}\n", logged_line),
+    "gateway.log.to": Probe("", "gateway: {log: {to: syslog}}\n", logged_line),
+})
+
+
 # -- sign (issue 15): key files made once for this module, mode 0600 ----------------------
 def _sign_key_files() -> Path:
     from cryptography.hazmat.primitives import serialization as ser

@@ -58,7 +58,15 @@ def open_gateway_store(config: "GatewayConfig") -> Store:
     if config.store_password.named:
         password = read_secret(config.store_password, "store", env_key="store_password_env",
                                file_key="store_password_file")
-    return open_store(config.store, timeout=config.store_timeout, password=password)
+    store = open_store(config.store, timeout=config.store_timeout, password=password)
+    try:
+        store.check_format()  # a state written by a newer mailmoat is never used
+    except StoreUnavailable:
+        pass  # down now: every operation says so; the next start checks the format
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def open_store(url: str, *, timeout: float = 2.0, password: str | None = None) -> Store:

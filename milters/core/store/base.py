@@ -25,6 +25,8 @@ import math
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
+from milters.core.errors import StoreError
+
 # A points value below this counts as zero, so decayed scores can be forgotten.
 POINTS_EPSILON = 0.01
 # A bucket counted by `admit` drains at its rate times the slowdown of the points read then,
@@ -263,6 +265,19 @@ def live_row(row: tuple[float, float, float | None] | None,
     return row[0], row[1]
 
 
+# The state's format: SQLite's PRAGMA user_version, Redis's `<namespace>.format` key. 0 (no
+# mark) is the format of the mailmoat releases before formats were kept, read as format 1:
+# the same table and keys. A format above STATE_FORMAT was written by a newer mailmoat.
+STATE_FORMAT = 1
+
+
+def newer_format_error(where: str, found: object) -> StoreError:
+    return StoreError(
+        f"{where}: state format {found} is newer than this mailmoat knows (up to "
+        f"{STATE_FORMAT}): it was written by a newer mailmoat; run that version, or give "
+        "this one a state store of its own")
+
+
 class Store(ABC):
     """Shared state for rate limiting: atomic per key in every backend."""
 
@@ -316,6 +331,11 @@ class Store(ABC):
     @abstractmethod
     def delete(self, prefix: str) -> int:
         """Delete every record whose key starts with `prefix`; return how many."""
+
+    def check_format(self) -> None:
+        """Mark or migrate the state's format on first use; StoreError if it is newer than
+        STATE_FORMAT. Stores with nothing kept between runs have no format."""
+        return None
 
     @abstractmethod
     def ping(self) -> None:

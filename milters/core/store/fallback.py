@@ -90,6 +90,13 @@ class FallbackStore(Store):
                 self._mark_down(str(exc))
         return removed
 
+    def check_format(self) -> None:
+        self.local.check_format()
+        try:
+            self.primary.check_format()
+        except StoreUnavailable:
+            pass  # down: checked again at the next start
+
     def ping(self) -> None:
         """Raise only if the local store fails: the primary may be down."""
         self.local.ping()

@@ -36,6 +36,8 @@ from .base import (
     Take,
     check_bucket_args,
     check_points_args,
+    newer_format_error,
+    STATE_FORMAT,
     retry_after,
     slowdown_factor,
 )
@@ -207,6 +209,8 @@ class RedisStore(Store):
     ) -> None:
         self.where = f"{host}:{port}"
         self.namespace = namespace
+        # Outside the namespace: records() and delete() scan it and read hashes only.
+        self.format_key = namespace.rstrip(":") + ".format"
         self._client = redis.Redis(
             host=host,
             port=port,
@@ -305,6 +309,19 @@ class RedisStore(Store):
 
     def ping(self) -> None:
         self._call(self._client.ping)
+
+    def check_format(self) -> None:
+        """Mark a Redis without a mark (SET NX: the gateways sharing it may start at once);
+        refuse one marked by a newer mailmoat."""
+        self._call(lambda: self._client.set(self.format_key, STATE_FORMAT, nx=True))
+        found = self._call(lambda: self._client.get(self.format_key))
+        try:
+            version = int(found)
+        except (TypeError, ValueError):
+            raise StoreError(f"redis {self.where}: key {self.format_key} holds "
+                             f"{found!r}, not a state format number") from None
+        if version > STATE_FORMAT:
+            raise newer_format_error(f"redis {self.where}", version)
 
     def close(self) -> None:
         try:

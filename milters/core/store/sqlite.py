@@ -36,6 +36,8 @@ from .base import (
     decide_counter,
     decide_points,
     live_row,
+    newer_format_error,
+    STATE_FORMAT,
 )
 
 T = TypeVar("T")
@@ -55,6 +57,9 @@ _SCHEMA = (
     ") WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS state_expires ON state(expires)",
 )
+# Statements that take a file from format N to N + 1, by N (format 0, before formats were
+# kept, has format 1's table: it only gets its mark). None yet.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
 _SELECT = "SELECT value, updated, expires FROM state WHERE key = ?"
 _UPSERT = (
     "INSERT INTO state(key, value, updated, expires) VALUES (?, ?, ?, ?)"
@@ -266,11 +271,34 @@ class SqliteStore(Store):
         db.close()
 
     def _init_schema(self, db: sqlite3.Connection) -> None:
+        """Create or upgrade the file to STATE_FORMAT (PRAGMA user_version); a file of a
+        newer format is refused before anything is written to it."""
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found > STATE_FORMAT:
+            raise newer_format_error(f"sqlite {self.path}", found)
         # WAL is a property of the file; setting it again is a no-op.
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             db.execute("PRAGMA journal_mode=WAL")
-        for statement in _SCHEMA:
-            db.execute(statement)
+        if found == STATE_FORMAT:
+            return
+        # Processes that start together race to here: one transaction upgrades, the
+        # others find the work done.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            found = db.execute("PRAGMA user_version").fetchone()[0]
+            if found > STATE_FORMAT:
+                raise newer_format_error(f"sqlite {self.path}", found)
+            for statement in _SCHEMA:
+                db.execute(statement)
+            for version in range(max(found, 1), STATE_FORMAT):
+                for statement in _MIGRATIONS[version]:  # version -> version + 1
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {STATE_FORMAT}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     @staticmethod
     def _transaction(op: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
