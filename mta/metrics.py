@@ -18,12 +18,13 @@ metrics.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import platform
 import threading
 from bisect import bisect_left
 from collections import defaultdict
 from typing import Callable
+
+from . import __version__  # one home for the version (pyproject.toml reads it too)
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 Labels = tuple[tuple[str, str], ...]
@@ -106,16 +107,8 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
-def build_version() -> str:
-    """The installed distribution's version (pyproject.toml's), as pip knows it."""
-    try:
-        return importlib.metadata.version("mailmoat")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout never installed
-        return "unknown"
-
-
 METRICS = Registry()
-METRICS.info("mailmoat_build_info", version=build_version(),
+METRICS.info("mailmoat_build_info", version=__version__,
              python=platform.python_version())
 
 # /readyz's checks: a list of problems, empty when ready (run in a worker thread).
