@@ -10,10 +10,10 @@ each followed by the output the page shows (stdout and stderr together). Placeho
     <N>          a number
 
 A command that must fail ends its output with `[exit N]`; without it the status must be 0.
-The commands of one page run in order, in one directory holding a copy of docs/examples/,
-so a later command sees what an earlier one wrote. Any other fenced shell block (sh, bash,
-shell) must carry `<!-- not run: why -->` on the line above it, so no example is silently
-left unchecked.
+The commands of one page run in order, in one directory holding a copy of docs/examples/
+and samples/, so a later command sees what an earlier one wrote. Any other fenced shell block
+(sh, bash, shell) must carry `<!-- not run: why -->` on the line above it, and a command may
+not hide in an indented (unfenced) block, so no example is silently left unchecked.
 """
 from __future__ import annotations
 
@@ -125,8 +125,36 @@ def _examples(page: Path, first: int, body: list[str]) -> list[Example]:
     return found
 
 
-def workdir(examples_dir: Path, into: Path) -> Path:
+# An indented code line that reads as a command someone would type (a `$ ` prompt, a root
+# `# mailmoat` prompt, or a program the README tells you to run), not as a config line.
+COMMAND_LINE = re.compile(r"^(?:\$ |# mailmoat |mailmoat |\.venv/bin/|\./scripts/|swaks |"
+                          r"PYTHONPATH=|python3? )")
+
+
+def unfenced_commands(text: str) -> list[int]:
+    """1-based lines of commands written in an indented block instead of a fenced one."""
+    found, fenced, previous_blank = [], False, True
+    in_block = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        indented = re.match(r"^( {4,}|\t)(\S.*)$", line)
+        # An indented block starts after a blank line; a list item's continuation does not.
+        in_block = bool(indented) and (in_block or previous_blank)
+        if in_block and indented and COMMAND_LINE.match(indented.group(2)):
+            found.append(number)
+        previous_blank = not line.strip()
+    return found
+
+
+def workdir(examples_dir: Path, into: Path, *more: Path) -> Path:
+    """A copy of docs/examples/ (and of each of `more`, by its name) to run a page in."""
     shutil.copytree(examples_dir, into)
+    for extra in more:
+        shutil.copytree(extra, into / extra.name)
     return into
 
 

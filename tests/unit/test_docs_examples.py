@@ -1,4 +1,4 @@
-"""Every shell example in docs/ runs, and prints what the page says it prints."""
+"""Every shell example in README.md and docs/ runs, and prints what the page says it prints."""
 from __future__ import annotations
 
 import re
@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.doc_examples import (Example, environment, matches, parse, run, workdir)
+from tests.harness.doc_examples import (Example, environment, matches, parse, run,
+                                        unfenced_commands, workdir)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
-PAGES = sorted(DOCS.rglob("*.md"))
+SAMPLES = ROOT / "samples"
+README = ROOT / "README.md"
+PAGES = [README] + sorted(DOCS.rglob("*.md"))
 BIN = Path(sys.executable).parent  # the virtualenv's bin: `mailmoat` as set-up leaves it
 # A file an example names: a word ending in one of these.
 NAMED_FILE = re.compile(r"(?<![\w/.-])([\w./-]+\.(?:yaml|yml|eml|txt|pem|key))\b")
@@ -32,10 +35,10 @@ def _page_examples(page: Path) -> list[Example]:
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _page_examples(p)],
-                         ids=lambda p: str(p.relative_to(DOCS)))
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_examples_of_each_page_print_what_the_page_shows(page: Path,
                                                              tmp_path: Path) -> None:
-    cwd = workdir(EXAMPLES, tmp_path / "work")
+    cwd = workdir(EXAMPLES, tmp_path / "work", SAMPLES)
     env = environment(BIN, ROOT, tmp_path)
     for example in _page_examples(page):
         where = f"{page.relative_to(ROOT)}:{example.line}: $ {example.command}"
@@ -50,9 +53,34 @@ def test_the_docs_have_examples_to_run() -> None:
     assert sum(len(_page_examples(p)) for p in PAGES) >= 10
 
 
+def test_the_readme_examples_run_too() -> None:
+    assert len(_page_examples(README)) >= 15
+
+
 def test_no_shell_block_is_left_unchecked_without_saying_why() -> None:
     unchecked = [u for page in PAGES for u in parse(page, page.read_text("utf-8"))[1]]
     assert unchecked == []
+
+
+def test_no_command_hides_in_an_indented_block() -> None:
+    hidden = [f"{page.relative_to(ROOT)}:{line}" for page in PAGES
+              for line in unfenced_commands(page.read_text("utf-8"))]
+    assert hidden == []
+
+
+# A path into the repository that the README names in its text: `samples/x.eml`,
+# `tests/integration/test_serve.py`, `packaging/systemd/`, `tests/unit/test_sign_*.py`.
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:samples|policies|docs|bench|packaging|scripts|tests|"
+                       r"milters|mta)/[\w./@*-]*[\w/*])")
+
+
+def repo_paths_missing(text: str, root: Path) -> list[str]:
+    return sorted({path for path in REPO_PATH.findall(text)
+                   if not next(root.glob(path), None)})
+
+
+def test_every_file_the_readme_names_exists() -> None:
+    assert repo_paths_missing(README.read_text("utf-8"), ROOT) == []
 
 
 def test_every_link_in_the_docs_leads_to_a_file_that_exists() -> None:
@@ -128,6 +156,21 @@ def test_a_file_an_example_names_must_exist_when_it_runs(tmp_path: Path) -> None
     assert _missing_files(example, tmp_path) == ["gw.yaml"]
     (tmp_path / "gw.yaml").write_text("x")
     assert _missing_files(example, tmp_path) == []
+
+
+def test_a_command_in_an_indented_block_is_found() -> None:
+    text = ("Config:\n\n    gateway: {hostname: x}\n\nRun:\n\n    $ mailmoat policy check p.yaml\n"
+            "    ok\n\n    .venv/bin/python bench/mta.py\n\n```sh\n    mailmoat serve\n```\n")
+    assert unfenced_commands(text) == [7, 10]
+
+
+def test_a_path_the_readme_names_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "plain-en.eml").write_text("x")
+    text = ("see `samples/plain-en.eml` and samples/gone.eml, or docs/recipes/x.md, "
+            "samples/plain-*.eml and samples/attach-*")
+    assert repo_paths_missing(text, tmp_path) == ["docs/recipes/x.md", "samples/attach-*",
+                                                  "samples/gone.eml"]
 
 
 def test_a_shell_block_needs_its_reason_not_to_run() -> None:
