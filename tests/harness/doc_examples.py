@@ -12,7 +12,7 @@ each followed by the output the page shows (stdout and stderr together). Placeho
 A command that must fail ends its output with `[exit N]`; without it the status must be 0.
 The commands of one page run in order, in one directory holding a copy of docs/examples/
 and samples/, so a later command sees what an earlier one wrote. Any other fenced shell block
-(sh, bash, shell) must carry `<!-- not run: why -->` on the line above it, and a command may
+(sh, bash, shell, or any block with `$ ` prompts) must carry `<!-- not run: why -->` on the line above it, and a command may
 not hide in an indented (unfenced) block, so no example is silently left unchecked.
 """
 from __future__ import annotations
@@ -94,8 +94,9 @@ def parse(page: Path, text: str) -> tuple[list[Example], list[Unchecked]]:
         body = lines[start + 1:end]
         if language == "console":
             examples += _examples(page, start + 2, body)
-        elif language in SHELL_LANGUAGES and not (
-                start > 0 and NOT_RUN.match(lines[start - 1].strip())):
+        elif (language in SHELL_LANGUAGES or any(line.startswith("$ ") for line in body)) \
+                and not (start > 0 and NOT_RUN.match(lines[start - 1].strip())):
+            # A `$ ` prompt in a plain or text block is a command example too.
             unchecked.append(Unchecked(page, start + 1, language))
         index = end + 1
     return examples, unchecked

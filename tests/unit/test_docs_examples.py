@@ -178,3 +178,5 @@ def test_a_shell_block_needs_its_reason_not_to_run() -> None:
     assert [(u.line, u.language) for u in unchecked] == [(1, "sh")]
     _, unchecked = parse(Path("t.md"), "<!-- not run: needs root -->\n```sh\nx\n```\n")
     assert unchecked == []
+    _, unchecked = parse(Path("t.md"), "```\n$ mailmoat serve\n```\n\n```text\nout\n```\n")
+    assert [(u.line, u.language) for u in unchecked] == [(1, "")]
