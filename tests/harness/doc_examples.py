@@ -11,9 +11,10 @@ each followed by the output the page shows (stdout and stderr together). Placeho
 
 A command that must fail ends its output with `[exit N]`; without it the status must be 0.
 The commands of one page run in order, in one directory holding a copy of docs/examples/
-and samples/, so a later command sees what an earlier one wrote. Any other fenced shell block
-(sh, bash, shell, or any block with `$ ` prompts) must carry `<!-- not run: why -->` on the line above it, and a command may
-not hide in an indented (unfenced) block, so no example is silently left unchecked.
+and samples/, so a later command sees what an earlier one wrote. Any other fenced shell
+block (sh, bash, shell, or any block with `$ ` prompts) must carry `<!-- not run: why -->`
+on the line above it, and a command may not hide in an indented (unfenced) block, so no
+example is silently left unchecked.
 """
 from __future__ import annotations
 
