@@ -15,9 +15,11 @@ import re
 
 CRLF = b"\r\n"
 # smtpd passes a line longer than this on in parts, the first part holding at least
-# LONG_LINE - 1 bytes of the line once a leading dot is unstuffed. A line is judged on that
-# many bytes, its window, so the judgement never depends on how the client's packets cut
-# the line: a window of name characters without the colon yet counts as a field.
+# LONG_LINE - 1 bytes of the line once a leading dot is unstuffed (its CR may still be on
+# its way). A line is judged on its first LONG_LINE - 2 bytes, its window: a line smtpd cut
+# is then surely longer than its window, as the whole text shows it, so the judgement never
+# depends on how the client's packets cut the line. A window of name characters without
+# the colon yet counts as a field.
 LONG_LINE = 64 * 1024
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 _NAME_SO_FAR = re.compile(rb"[!-9;-~]+[ \t]*")
@@ -29,7 +31,7 @@ def is_header_line(line: bytes, after_field: bool, limit: int = LONG_LINE,
     or the continuation of the field above when there is one."""
     if after_field and line[:1] in (b" ", b"\t"):
         return True
-    window = limit - 1
+    window = limit - 2
     if _FIELD_START.match(line, 0, window):
         return True
     # Longer than the window and nothing but a name so far: not ours to cut.

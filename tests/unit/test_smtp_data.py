@@ -410,3 +410,12 @@ def test_a_long_field_after_a_block_of_short_ones_is_folded_not_broken(tmp_path:
     head = out.split(b"\r\n\r\n", 1)[0]
     assert all(line[:1] == b" " for line in head.split(b"\r\n")[11:])
     assert head.replace(b"\r\n ", b"") == message.split(b"\r\n\r\n", 1)[0]
+
+
+def test_a_line_cut_just_before_its_cr_is_judged_as_the_whole_text_judges_it() -> None:
+    """`...` CR | LF (a stuffed `..`) with 3-byte long lines: the part smtpd passes on
+    holds the whole line, though it cannot know it yet (hypothesis found this one)."""
+    for parts in ([b"...\r", b"\n.\r\n"], [b"....\r", b"\n.\r\n"], [b"..:\r", b"\n.\r\n"]):
+        with patch.object(smtp_data, "LONG_LINE", 3):
+            run = Run().chunks(parts)
+        assert run.stored == with_header_ended(parts[0][1:-1] + b"\r\n", limit=3), parts
