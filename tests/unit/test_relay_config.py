@@ -10,7 +10,7 @@ import pytest
 
 from milters.core.config import GatewayConfig, RelayTarget, load_config
 from milters.core.errors import ConfigError
-from mta.delivery import MaildirDelivery, SmtpRelay, build_router
+from mta.delivery.agents import MaildirDelivery, SmtpRelay, build_router
 
 
 def load(tmp_path: Path, relay: str) -> GatewayConfig:

@@ -15,12 +15,12 @@ import time
 from milters.core.config import QueueSettings
 from milters.core.eventlog import log_event
 
+from mta.metrics import METRICS
+from mta.queue.spool import (Envelope, NoSuchMessage, Queue, RecipientState, SpoolError,
+                             StoredMessage, new_queue_id)
 from . import smtputf8
+from .agents import BOUNCED, DEFERRED, DELIVERED, Agent, DeliveryOptions, Outcome, Router
 from .bounce import build_bounce
-from .delivery import BOUNCED, DEFERRED, DELIVERED, Agent, DeliveryOptions, Outcome, Router
-from .metrics import METRICS
-from .queue import (Envelope, NoSuchMessage, Queue, RecipientState, SpoolError, StoredMessage,
-                    new_queue_id)
 
 INTERNAL_ERROR = "451 4.3.0 internal error while delivering"  # Postfix: 4.3.0, deferred
 

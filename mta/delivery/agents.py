@@ -22,11 +22,11 @@ from milters.core.config import GatewayConfig, RelayTarget
 from milters.core.eventlog import log_event
 from milters.core.policy.matching import normalize_domain
 
+from mta.queue.spool import StoredMessage
+from mta.smtp_in.data import dot_stuffed
 from . import smtputf8
 from .maildir_names import header_text, mailbox_name
 from .outbound_tls import RETRY_PLAIN, TlsPolicy, TlsRefused, secure
-from .queue import StoredMessage
-from .smtp_data import dot_stuffed
 
 DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
 Reply = tuple[int, bytes]
@@ -44,7 +44,7 @@ class DeliveryOptions:
     """What an agent needs to know about the message beyond its addresses and text."""
 
     queue_id: str = ""  # for the agent's own log lines
-    smtputf8: bool = False  # SMTPUTF8 was asked for on MAIL (mta/smtputf8.py)
+    smtputf8: bool = False  # SMTPUTF8 was asked for on MAIL (mta/delivery/smtputf8.py)
 
 
 NO_OPTIONS = DeliveryOptions()
@@ -113,8 +113,8 @@ def _quit(client: smtplib.SMTP) -> None:
 
 @dataclass(frozen=True)
 class SmtpRelay:
-    """Relay to host:port with STARTTLS as the route's TLS policy says (mta/outbound_tls.py;
-    `may` by default, as Postfix). Sessions are reused for the next message while they are
+    """Relay to host:port with STARTTLS as the route's TLS policy says (outbound_tls.py; `may`
+    by default, as Postfix). Sessions are reused for the next message while they are
     fresh (SessionCache)."""
 
     host: str
@@ -304,7 +304,7 @@ def _send_data(client: smtplib.SMTP, message: StoredMessage,
 @dataclass(frozen=True)
 class MaildirDelivery:
     """One Maildir per recipient address under `root` (local use and tests), named by
-    mta/maildir_names.py so that no address can reach outside `root`."""
+    mta/delivery/maildir_names.py so that no address can reach outside `root`."""
 
     root: Path
 
