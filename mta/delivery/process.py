@@ -29,8 +29,8 @@ from milters.core.eventlog import log_event
 
 from mta.metrics import METRICS, Registry
 from mta.queue.spool import NoSuchMessage, Queue, SpoolError
-from .agents import Router, build_router
 from .queue_run import deliver_safely, next_wait
+from .routing import Router, build_router
 
 DELIVERY_THREADS = 4  # sessions to next hops in flight at once
 SCAN_EVERY = 1.0  # seconds between looks for retries that are due

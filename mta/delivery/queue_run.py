@@ -19,8 +19,9 @@ from mta.metrics import METRICS
 from mta.queue.spool import (Envelope, NoSuchMessage, Queue, RecipientState, SpoolError,
                              StoredMessage, new_queue_id)
 from . import smtputf8
-from .agents import BOUNCED, DEFERRED, DELIVERED, Agent, DeliveryOptions, Outcome, Router
+from .agent import BOUNCED, DEFERRED, DELIVERED, Agent, DeliveryOptions, Outcome
 from .bounce import build_bounce
+from .routing import Router
 
 INTERNAL_ERROR = "451 4.3.0 internal error while delivering"  # Postfix: 4.3.0, deferred
 

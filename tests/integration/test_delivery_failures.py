@@ -17,7 +17,8 @@ import pytest
 
 from milters.core.config import GatewayConfig, QueueSettings
 from mta.delivery.queue_run import deliver_due
-from mta.delivery.agents import DELIVERED, NO_OPTIONS, DeliveryOptions, Outcome, Router
+from mta.delivery.agent import DELIVERED, NO_OPTIONS, DeliveryOptions, Outcome
+from mta.delivery.routing import Router
 from mta.delivery.process import DeliveryScheduler
 from mta.queue.spool import Envelope, Queue, RecipientState, SpoolError, StoredMessage, new_queue_id
 from tests.harness.milter_proc import ROOT
@@ -182,18 +183,19 @@ def test_the_scheduler_never_repeats_a_failure_every_scan(tmp_path: Path,
 # -- over a real serve and its delivery process ------------------------------------------------
 SHIM = '''\
 """Test fault: delivery to any boom@ address raises inside the agent."""
-from mta.delivery import agents
+from mta.delivery import maildir
+from mta.delivery.agent import NO_OPTIONS
 
-_real = agents.MaildirDelivery.deliver
+_real = maildir.MaildirDelivery.deliver
 
 
-def _deliver(self, sender, recipients, message, options=agents.NO_OPTIONS):
+def _deliver(self, sender, recipients, message, options=NO_OPTIONS):
     if any(r.startswith("boom@") for r in recipients):
         raise RuntimeError("injected delivery fault")
     return _real(self, sender, recipients, message, options)
 
 
-agents.MaildirDelivery.deliver = _deliver
+maildir.MaildirDelivery.deliver = _deliver
 '''
 
 OPEN_POLICY = """\

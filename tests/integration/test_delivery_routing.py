@@ -10,7 +10,8 @@ import pytest
 
 from milters.core.config import QueueSettings
 from mta.delivery.queue_run import deliver_due
-from mta.delivery.agents import Router, SmtpRelay, canonical_domain
+from mta.delivery.relay import SmtpRelay
+from mta.delivery.routing import Router, canonical_domain
 from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.harness.sink import SmtpSink
 

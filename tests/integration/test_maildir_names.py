@@ -12,7 +12,8 @@ import pytest
 
 from milters.core.config import QueueSettings
 from mta.delivery.queue_run import deliver_due
-from mta.delivery.agents import MaildirDelivery, Router
+from mta.delivery.maildir import MaildirDelivery
+from mta.delivery.routing import Router
 from mta.delivery.maildir_names import mailbox_name
 from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.integration.test_delivery_failures import OPEN_POLICY

@@ -13,7 +13,7 @@ import pytest
 
 from milters.core.config import QueueSettings, RelayTarget
 from mta.delivery.queue_run import deliver_due
-from mta.delivery.agents import Router, agent_for
+from mta.delivery.routing import Router, agent_for
 from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.harness.certs import TestCa, server_context
 from tests.harness.sink import SmtpSink

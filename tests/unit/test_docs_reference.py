@@ -13,7 +13,7 @@ import pytest
 
 from milters.core.policy.docgen import duration_text, undocumented
 from milters.core.policy.schema import Field, ListOf, Str, Struct
-from mta.delivery.agents import BOUNCED, DEFERRED, DELIVERED
+from mta.delivery.agent import BOUNCED, DEFERRED, DELIVERED
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

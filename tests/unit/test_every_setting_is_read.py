@@ -62,7 +62,7 @@ from milters.core.errors import MailmoatError
 from mta.gateway import privileges
 from mta.cli import EXTENSIONS, read_policy
 from mta.delivery.queue_run import deliver_one
-from mta.delivery.agents import build_router
+from mta.delivery.routing import build_router
 from mta.delivery.process import DeliveryProcess
 from mta.gateway.listener import start_listener
 from mta.queue.spool import Envelope as QueuedEnvelope
