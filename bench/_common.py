@@ -276,7 +276,7 @@ def ratelimit_show(config: Path) -> str:
     return proc.stdout
 
 
-# As root serve must be told whom to become (mta/privileges.py); root here keeps the
+# As root serve must be told whom to become (mta/gateway/privileges.py); root here keeps the
 # figures comparable with the runs taken before serve dropped privileges.
 RUN_AS = "root" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 

@@ -32,10 +32,14 @@ from milters.neutralize.extension import EXTENSION as NEUTRALIZE
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
 from milters.sign.extension import EXTENSION as SIGN
 
-from . import __version__, delivery_process, dkim_cli, init_cmd, privileges, queue_admin
-from . import scan, serve, users
-from .scan import ScanRequest, to_crlf
-from .queue import Queue
+from mta import __version__
+from mta.commands import dkim, init, scan
+from mta.commands.scan import ScanRequest, to_crlf
+from mta.delivery.process import run_delivery
+from mta.gateway import privileges, serve
+from mta.queue import admin as queue_admin
+from mta.queue.spool import Queue
+from mta.smtp_in import users
 
 EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, NEUTRALIZE, ATTACHMENTS, SIGN]
 # Each milter's daemon module, imported only by the process that runs it: a milter process
@@ -240,7 +244,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     setup_logging("delivery", verbose=args.verbose)
     config = load_config(args.config)
     setup_logging("delivery", verbose=args.verbose, settings=config.log)
-    delivery_process.run_delivery(config)
+    run_delivery(config)
     return 0
 
 
@@ -280,7 +284,7 @@ def _output_dir(name: str) -> Path:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    for line in init_cmd.init(Path(args.dir), args.profile):
+    for line in init.init(Path(args.dir), args.profile):
         print(line)
     return 0
 
@@ -407,15 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     user_help = ("started as root: the user to become once the sockets are open (overrides "
                  "gateway.user; `root` keeps root, not recommended)")
 
-    init = sub.add_parser("init", help="write a starting gateway.yaml and policy.yaml",
-                          description="Write DIR/gateway.yaml and DIR/policy.yaml for one "
-                                      "kind of deployment, valid as written, and print the "
-                                      "next steps. Existing files are never overwritten.")
-    init.add_argument("dir", metavar="DIR")
-    init.add_argument("--profile", choices=list(init_cmd.PROFILES),
-                      default=init_cmd.DEFAULT_PROFILE,
-                      help=f"the deployment (default: {init_cmd.DEFAULT_PROFILE})")
-    init.set_defaults(func=cmd_init)
+    init_parser = sub.add_parser("init", help="write a starting gateway.yaml and policy.yaml",
+                                 description="Write DIR/gateway.yaml and DIR/policy.yaml for one "
+                                             "kind of deployment, valid as written, and print "
+                                             "the next steps. Existing files are never "
+                                             "overwritten.")
+    init_parser.add_argument("dir", metavar="DIR")
+    init_parser.add_argument("--profile", choices=list(init.PROFILES),
+                             default=init.DEFAULT_PROFILE,
+                             help=f"the deployment (default: {init.DEFAULT_PROFILE})")
+    init_parser.set_defaults(func=cmd_init)
 
     serve_cmd = sub.add_parser("serve", help="run the whole gateway (SMTP, milters, queue)",
                                description="Run the gateway; with no --config on the embedded "
@@ -528,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("id", metavar="ID")
         command.add_argument("--config", metavar="FILE", help=config_help)
         command.set_defaults(func=cmd_queue)
-    dkim_cli.add_parser(sub, _Parser, config_help)
+    dkim.add_parser(sub, _Parser, config_help)
     user = sub.add_parser("user", help="manage SMTP AUTH users (gateway.auth.users_file)")
     usub = user.add_subparsers(dest="user_command", required=True, parser_class=_Parser)
     for name, text, needs_name in (

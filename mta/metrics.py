@@ -12,7 +12,7 @@
     mailmoat_build_info{version,python}               1; the labels say what runs
 
 The same listener answers /healthz (200 while the process and its event loop run) and
-/readyz (200, or 503 with one reason per line: mta/health.py); any other path gets the
+/readyz (200, or 503 with one reason per line: mta/gateway/health.py); any other path gets the
 metrics.
 """
 from __future__ import annotations

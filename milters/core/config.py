@@ -111,7 +111,7 @@ class GatewayConfig:
     max_connections_per_ip: int = 20
     tls_cert: Path | None = None  # with tls_key: STARTTLS is offered
     tls_key: Path | None = None
-    # SMTP AUTH users (mta.users format); None: AUTH is not offered.
+    # SMTP AUTH users (mta.smtp_in.users format); None: AUTH is not offered.
     auth_users_file: Path | None = None
     run_dir: Path = Path("var/run")
     milters: tuple[MilterSetting, ...] = (MilterSetting("ratelimit"),)
@@ -119,7 +119,7 @@ class GatewayConfig:
     # Clients allowed to use XCLIENT (present another client address): none by default.
     xclient_hosts: tuple[NetworkPattern, ...] = ()
     dns: DnsSettings = DnsSettings()  # the milters' resolver (SPF, DKIM, DMARC)
-    # Whom `serve` started as root becomes once its ports are bound (mta/privileges.py);
+    # Whom `serve` started as root becomes once its ports are bound (mta/gateway/privileges.py);
     # group: that user's primary group unless named.
     user: str | None = None
     group: str | None = None

@@ -19,10 +19,10 @@ from typing import Iterator
 import pytest
 
 from milters.core.verdict import Action
-from mta.edits_apply import Transit
-from mta.message_text import MessageText
-from mta.milter_chain import ChainMember, ChainSession, connect_macros
-from mta.milter_client import MilterEndpoint
+from mta.chain.edits_apply import Transit
+from mta.chain.message_text import MessageText
+from mta.chain.session import ChainMember, ChainSession, connect_macros
+from mta.chain.client import MilterEndpoint
 from tests.harness.body_milter import replacement_body
 from tests.harness.milter_proc import ROOT, MilterProcess
 from tests.harness.ports import LOOPBACK, free_port, wait_for_port

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from mta.queue import NoSuchMessage, Queue
+from mta.queue.spool import NoSuchMessage, Queue
 from tests.harness.dns_server import KnotServer
 from tests.harness.sink import SmtpSink
 from tests.integration.test_serve import Serve

@@ -12,9 +12,11 @@ from typing import Iterator
 import pytest
 
 from milters.core.config import QueueSettings
-from mta.deliverer import deliver_due
-from mta.delivery import MaildirDelivery, Router, SmtpRelay
-from mta.queue import Envelope, Queue, RecipientState, new_queue_id
+from mta.delivery.queue_run import deliver_due
+from mta.delivery.maildir import MaildirDelivery
+from mta.delivery.relay import SmtpRelay
+from mta.delivery.routing import Router
+from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.harness.ports import free_port
 from tests.harness.sink import SmtpSink
 

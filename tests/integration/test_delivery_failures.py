@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from milters.core.config import GatewayConfig, QueueSettings
-from mta.deliverer import deliver_due
-from mta.delivery import DELIVERED, NO_OPTIONS, DeliveryOptions, Outcome, Router
-from mta.delivery_process import DeliveryScheduler
-from mta.queue import Envelope, Queue, RecipientState, SpoolError, StoredMessage, new_queue_id
+from mta.delivery.queue_run import deliver_due
+from mta.delivery.agent import DELIVERED, NO_OPTIONS, DeliveryOptions, Outcome
+from mta.delivery.routing import Router
+from mta.delivery.process import DeliveryScheduler
+from mta.queue.spool import Envelope, Queue, RecipientState, SpoolError, StoredMessage, new_queue_id
 from tests.harness.milter_proc import ROOT
 from tests.harness.ports import is_listening
 from tests.harness.swaks import run_swaks
@@ -121,8 +122,8 @@ def test_a_recipient_the_agent_forgot_is_deferred_not_lost(tmp_path: Path) -> No
 
 def test_a_bounce_that_cannot_quote_the_original_still_goes_out(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mta.deliverer
-    real = mta.deliverer.build_bounce
+    import mta.delivery.queue_run
+    real = mta.delivery.queue_run.build_bounce
     calls: list[bytes] = []
 
     def fragile(envelope: Envelope, raw: bytes, *args: object) -> bytes:
@@ -131,7 +132,7 @@ def test_a_bounce_that_cannot_quote_the_original_still_goes_out(
             raise ValueError("cannot parse the original")
         return real(envelope, raw, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mta.deliverer, "build_bounce", fragile)
+    monkeypatch.setattr(mta.delivery.queue_run, "build_bounce", fragile)
     queue = Queue(tmp_path)
     queue_id = enqueue(queue, ["taro@example.jp"])
     deliver_due(queue, Router(Exploding(), {}), SETTINGS, "mx", now=T0 + 3600)
@@ -182,18 +183,19 @@ def test_the_scheduler_never_repeats_a_failure_every_scan(tmp_path: Path,
 # -- over a real serve and its delivery process ------------------------------------------------
 SHIM = '''\
 """Test fault: delivery to any boom@ address raises inside the agent."""
-from mta import delivery
+from mta.delivery import maildir
+from mta.delivery.agent import NO_OPTIONS
 
-_real = delivery.MaildirDelivery.deliver
+_real = maildir.MaildirDelivery.deliver
 
 
-def _deliver(self, sender, recipients, message, options=delivery.NO_OPTIONS):
+def _deliver(self, sender, recipients, message, options=NO_OPTIONS):
     if any(r.startswith("boom@") for r in recipients):
         raise RuntimeError("injected delivery fault")
     return _real(self, sender, recipients, message, options)
 
 
-delivery.MaildirDelivery.deliver = _deliver
+maildir.MaildirDelivery.deliver = _deliver
 '''
 
 OPEN_POLICY = """\

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from milters.core.config import QueueSettings
-from mta.deliverer import deliver_due
-from mta.delivery import Router, SmtpRelay, canonical_domain
-from mta.queue import Envelope, Queue, RecipientState, new_queue_id
+from mta.delivery.queue_run import deliver_due
+from mta.delivery.relay import SmtpRelay
+from mta.delivery.routing import Router, canonical_domain
+from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.harness.sink import SmtpSink
 
 pytestmark = pytest.mark.integration

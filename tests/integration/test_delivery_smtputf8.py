@@ -15,9 +15,10 @@ from typing import Iterator
 import pytest
 
 from milters.core.config import QueueSettings
-from mta.deliverer import deliver_due
-from mta.delivery import Router, SmtpRelay
-from mta.queue import Envelope, Queue, RecipientState, new_queue_id
+from mta.delivery.queue_run import deliver_due
+from mta.delivery.relay import SmtpRelay
+from mta.delivery.routing import Router
+from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.harness.sink import SmtpSink
 from tests.integration.test_delivery_failures import OPEN_POLICY
 from tests.integration.test_serve import Serve

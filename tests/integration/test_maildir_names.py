@@ -11,10 +11,11 @@ from urllib.parse import unquote
 import pytest
 
 from milters.core.config import QueueSettings
-from mta.deliverer import deliver_due
-from mta.delivery import MaildirDelivery, Router
-from mta.maildir_names import mailbox_name
-from mta.queue import Envelope, Queue, RecipientState, new_queue_id
+from mta.delivery.queue_run import deliver_due
+from mta.delivery.maildir import MaildirDelivery
+from mta.delivery.routing import Router
+from mta.delivery.maildir_names import mailbox_name
+from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.integration.test_delivery_failures import OPEN_POLICY
 from tests.integration.test_serve import Serve
 

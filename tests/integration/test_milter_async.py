@@ -1,4 +1,4 @@
-"""The event-loop driver of the milter client (mta.milter_async), which `serve` uses: the same
+"""The event-loop driver of the milter client (mta.chain.async_driver), which `serve` uses: the same
 protocol steps as the blocking driver, resumed from socket callbacks. Against a real milter
 (every edit, a body bigger than the socket buffers) and scripted ones for what real milters
 rarely do on cue: progress packets, silence, reading slowly, hanging up."""
@@ -19,10 +19,10 @@ from milters.core.edits import AddHeader, ReplaceBody
 from milters.core.errors import MilterProtocolError
 from milters.core.milter_protocol import ALL_ACTIONS, OptNeg, ProtocolFlag, encode_packet
 from milters.core.verdict import Action
-from mta.edits_apply import Transit
-from mta.milter_async import HIGH_WATER, drive
-from mta.milter_chain import ChainMember, ChainSession
-from mta.milter_client import MilterClient, MilterEndpoint
+from mta.chain.edits_apply import Transit
+from mta.chain.async_driver import HIGH_WATER, drive
+from mta.chain.session import ChainMember, ChainSession
+from mta.chain.client import MilterClient, MilterEndpoint
 from tests.harness.ports import LOOPBACK, free_port
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from milters.core.verdict import Action
-from mta.edits_apply import Transit, split_message
-from mta.milter_chain import ChainMember, ChainSession
-from mta.milter_client import MilterEndpoint
+from mta.chain.edits_apply import Transit, split_message
+from mta.chain.session import ChainMember, ChainSession
+from mta.chain.client import MilterEndpoint
 from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from milters.core.edits import (AddHeader, AddRecipient, ChangeFrom, ChangeHeade
 from milters.core.errors import MilterProtocolError
 from milters.core.milter_protocol import MacroStage, ProtocolFlag
 from milters.core.verdict import Action
-from mta.milter_client import MilterClient, MilterEndpoint
+from mta.chain.client import MilterClient, MilterEndpoint
 from tests.harness.milter_proc import MilterProcess, write_config
 from tests.harness.ports import LOOPBACK, free_port
 

@@ -327,12 +327,12 @@ def test_a_failed_milter_connection_is_never_given_back_to_the_pool(tmp_path: Pa
     import asyncio
     import socket
 
-    from mta.edits_apply import Transit
-    from mta.event_loop import new_event_loop
-    from mta.milter_async import drive
-    from mta.milter_chain import ChainMember, ChainSession
-    from mta.milter_client import MilterEndpoint
-    from mta.milter_pool import MilterPool
+    from mta.chain.edits_apply import Transit
+    from mta.aio.event_loop import new_event_loop
+    from mta.chain.async_driver import drive
+    from mta.chain.session import ChainMember, ChainSession
+    from mta.chain.client import MilterEndpoint
+    from mta.chain.pool import MilterPool
 
     at = b"X" if how == "never" else b"E"  # the milter never gets an X command
     with BadMilter(tmp_path / "bad.sock", at, "stall" if how == "never" else how) as milter:

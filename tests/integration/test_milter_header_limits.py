@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from milters.core.verdict import Action
-from mta.milter_client import MilterClient, MilterEndpoint
+from mta.chain.client import MilterClient, MilterEndpoint
 from tests.harness.milter_proc import ROOT, MilterProcess
 from tests.integration.test_serve import Serve
 

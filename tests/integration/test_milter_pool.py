@@ -1,4 +1,4 @@
-"""Milter connections kept between SMTP sessions (QUIT_NC, mta.milter_pool), against real
+"""Milter connections kept between SMTP sessions (QUIT_NC, mta.chain.pool), against real
 libmilter milters: our ratelimit milter (pymilter) and OpenDKIM (C).
 
 What must hold: a reused connection is a new client to the milter (its connect data, not the
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from milters.core.verdict import Action, Verdict
-from mta.edits_apply import Transit
-from mta.event_loop import new_event_loop
-from mta.milter_async import drive
-from mta.milter_chain import ChainMember, ChainSession, connect_macros
-from mta.milter_client import MilterEndpoint
-from mta.milter_pool import MilterPool
+from mta.chain.edits_apply import Transit
+from mta.aio.event_loop import new_event_loop
+from mta.chain.async_driver import drive
+from mta.chain.session import ChainMember, ChainSession, connect_macros
+from mta.chain.client import MilterEndpoint
+from mta.chain.pool import MilterPool
 from tests.harness.milter_proc import MilterProcess
 from tests.harness.ports import LOOPBACK
 

@@ -12,9 +12,9 @@ from typing import Iterator
 import pytest
 
 from milters.core.config import QueueSettings, RelayTarget
-from mta.deliverer import deliver_due
-from mta.delivery import Router, agent_for
-from mta.queue import Envelope, Queue, RecipientState, new_queue_id
+from mta.delivery.queue_run import deliver_due
+from mta.delivery.routing import Router, agent_for
+from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.harness.certs import TestCa, server_context
 from tests.harness.sink import SmtpSink
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from milters.core.mime.parts import find_attachments
-from mta.scan_files import copy_name
+from mta.commands.scan_files import copy_name
 from tests.harness.milter_proc import ROOT
 from tests.integration.test_attachments_milter import (EXTERNAL, INTERNAL, POLICY, SAMPLE, SENDER,
                                                        notice_text, password_from)

@@ -187,7 +187,7 @@ def test_scan_shows_exactly_what_the_gateway_queues(tmp_path: Path, action_milte
     assert report["hold"] == "held for review"
     assert [a["action"] for a in report["milters"][1]["actions"]][:3] == [
         "AddHeader", "AddHeader", "ChangeHeader"]
-    from mta.queue import Queue
+    from mta.queue.spool import Queue
     queued = Queue(tmp_path / "var" / "spool")
     # Byte for byte, but for the queue ID each run is given (the action milter echoes it)
     # and the time in our Received: header.

@@ -12,11 +12,11 @@ from typing import Iterator
 import pytest
 
 from milters.core.policy.matching import parse_network_pattern
-from mta.listener import ThreadedListener
-from mta.milter_chain import ChainMember, ChainSession
-from mta.milter_client import MilterEndpoint
-from mta.queue import Queue
-from mta.smtpd import GatewayHandler, SmtpSettings
+from mta.gateway.listener import ThreadedListener
+from mta.chain.session import ChainMember, ChainSession
+from mta.chain.client import MilterEndpoint
+from mta.queue.spool import Queue
+from mta.smtp_in.server import GatewayHandler, SmtpSettings
 from tests.harness.ports import free_port
 from tests.harness.swaks import run_swaks
 
@@ -173,7 +173,7 @@ def test_connection_limits_per_ip_and_in_total(tmp_path: Path) -> None:
 
 
 def test_starttls_is_offered_with_a_certificate_and_works(tmp_path: Path) -> None:
-    from mta.smtpd import server_tls_context
+    from mta.smtp_in.server import server_tls_context
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=mx.mailmoat.test", "-keyout", str(key), "-out", str(cert)],

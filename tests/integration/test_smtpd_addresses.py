@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 from milters.core.policy.matching import parse_address_pattern
-from mta.queue import Queue
+from mta.queue.spool import Queue
 from tests.integration.test_smtpd_protocol import Client, greeted, server
 
 pytestmark = pytest.mark.integration

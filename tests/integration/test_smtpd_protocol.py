@@ -19,12 +19,12 @@ from typing import Iterator
 import pytest
 
 from milters.core.policy.matching import parse_network_pattern
-from mta.listener import ThreadedListener
-from mta.milter_chain import ChainMember, ChainSession
-from mta.milter_client import MilterEndpoint
-from mta.queue import Queue
-from mta.smtpd import GatewayHandler, SmtpSettings, server_tls_context
-from mta.users import UserFile, set_password
+from mta.gateway.listener import ThreadedListener
+from mta.chain.session import ChainMember, ChainSession
+from mta.chain.client import MilterEndpoint
+from mta.queue.spool import Queue
+from mta.smtp_in.server import GatewayHandler, SmtpSettings, server_tls_context
+from mta.smtp_in.users import UserFile, set_password
 from tests.harness.ports import LOOPBACK, free_port
 from tests.harness.swaks import run_swaks
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from mta.queue import Queue
+from mta.queue.spool import Queue
 from tests.harness.ports import LOOPBACK
 from tests.integration.test_serve import Serve
 from tests.integration.test_smtpd_protocol import HOSTNAME, Client, greeted, server

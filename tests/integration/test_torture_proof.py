@@ -28,7 +28,7 @@ from tests.harness.mime_torture import CASES, TortureMessage, mime_trees, tortur
 from tests.harness.ports import free_port
 from tests.harness.postfix import postfix_instance
 from tests.harness.sink import SinkMessage, SmtpSink
-from mta.header_end import with_header_ended
+from mta.smtp_in.header_end import with_header_ended
 from tests.harness.torture_checks import active_html, files_protected, new_defects
 from tests.integration.test_serve import Serve
 from tests.integration.test_serve_torture import send_raw
@@ -187,7 +187,7 @@ def test_neutralize_everything_leaves_nothing_live(front: str, tmp_path: Path) -
 # -- random mangled trees, through the milters' logic ---------------------------------------
 def as_an_mta_passes_it(raw: bytes) -> bytes:
     """What a milter gets from an MTA: CRLF line ends (a client's own line ends, whichever
-    they were), the header ended at the first line that is no field (mta/header_end.py).
+    they were), the header ended at the first line that is no field (mta/smtp_in/header_end.py).
     (Bare CR and LF as they reach a milter behind Postfix or our smtpd: the named set
     above; the core's reading of them in random trees: tests/unit/test_mime_torture.py.)"""
     return with_header_ended(re.sub(rb"\r\n|\r|\n", b"\r\n", raw))

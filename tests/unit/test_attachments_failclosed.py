@@ -18,7 +18,7 @@ from milters.core.message import Envelope, Message, Recipient
 from milters.core.policy.document import load_policy_text
 from milters.core.verdict import Action
 from mta.cli import EXTENSIONS
-from mta.edits_apply import Transit, apply_edits
+from mta.chain.edits_apply import Transit, apply_edits
 from tests.harness.attfail_cases import CASES, HEAD, Case, check_protected, notice_password
 
 NOW = datetime(2026, 11, 28, 10, 30, tzinfo=timezone.utc)

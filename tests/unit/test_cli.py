@@ -171,7 +171,7 @@ def test_every_command_has_help(words: list[str]) -> None:
 
 
 def test_queue_commands_on_the_configured_spool(tmp_path: Path) -> None:
-    from mta.queue import Envelope, Queue, RecipientState, new_queue_id
+    from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
     config = tmp_path / "gw.yaml"
     config.write_text("gateway:\n  queue: {dir: spool}\n")
     queue = Queue(tmp_path / "spool")

@@ -13,7 +13,7 @@ import pytest
 
 from milters.core.policy.docgen import duration_text, undocumented
 from milters.core.policy.schema import Field, ListOf, Str, Struct
-from mta.delivery import BOUNCED, DEFERRED, DELIVERED
+from mta.delivery.agent import BOUNCED, DEFERRED, DELIVERED
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -36,8 +36,8 @@ def _calls(name_of: "callable") -> dict[str, str]:
 
 def emitted_events() -> dict[str, str]:
     events = _calls(lambda f: isinstance(f, ast.Name) and f.id == "log_event")
-    # mta/deliverer.py logs each recipient's outcome under the outcome's own name.
-    events.update({status: "mta/deliverer.py (outcome.status)"
+    # mta/delivery/queue_run.py logs each recipient's outcome under the outcome's own name.
+    events.update({status: "mta/delivery/queue_run.py (outcome.status)"
                    for status in (DELIVERED, DEFERRED, BOUNCED)})
     return events
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from milters.core.edits import (AddHeader, AddRecipient, ChangeFrom, ChangeHeader,
                                 DeleteRecipient, Quarantine, ReplaceBody)
-from mta.edits_apply import Transit, apply_edits, join_message, split_message
+from mta.chain.edits_apply import Transit, apply_edits, join_message, split_message
 
 RAW = (b"Received: from a\r\n\tby b\r\n"
        b"Subject: first\r\n"
@@ -86,8 +86,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from mta import message_text  # noqa: E402
-from mta.message_text import MessageText, NewBody  # noqa: E402
+from mta.chain import message_text  # noqa: E402
+from mta.chain.message_text import MessageText, NewBody  # noqa: E402
 
 BIG_BODY = b"".join(b"line %07d of a body past the in-memory limit\r\n" % n
                     for n in range(4000))  # ~190 KB

@@ -59,25 +59,25 @@ from milters.neutralize.logic import NeutralizeChecker
 from milters.neutralize.sandbox import PREFIX as SANDBOX_PREFIX
 from milters.ratelimit.limiter import RateLimiter
 from milters.core.errors import MailmoatError
-from mta import privileges
+from mta.gateway import privileges
 from mta.cli import EXTENSIONS, read_policy
-from mta.deliverer import deliver_one
-from mta.delivery import build_router
-from mta.delivery_process import DeliveryProcess
-from mta.listener import start_listener
-from mta.queue import Envelope as QueuedEnvelope
-from mta.queue import Queue, RecipientState, new_queue_id
-from mta.serve import (open_listeners, reinject_smtp_settings, server_tls, smtp_settings,
-                       user_file)
-from mta.smtpd import GatewayHandler, SmtpConnection
-from mta.users import set_password
+from mta.delivery.queue_run import deliver_one
+from mta.delivery.routing import build_router
+from mta.delivery.process import DeliveryProcess
+from mta.gateway.listener import start_listener
+from mta.queue.spool import Envelope as QueuedEnvelope
+from mta.queue.spool import Queue, RecipientState, new_queue_id
+from mta.gateway.serve import (open_listeners, reinject_smtp_settings, server_tls, smtp_settings,
+                               user_file)
+from mta.smtp_in.server import GatewayHandler, SmtpConnection
+from mta.smtp_in.users import set_password
 from tests.harness import broken_files
 from tests.harness import documents as docs
 from tests.harness.certs import TestCa, server_context
 from tests.harness.nextcloud_fake import NextcloudFake
 from tests.harness.ports import free_port
 from tests.harness.sink import SmtpSink
-from mta.serve import MilterSupervisor
+from mta.gateway.serve import MilterSupervisor
 from tests.conftest import ROOT
 from tests.unit.test_auth_checker import ZONE, DictResolver, txt
 

@@ -54,7 +54,7 @@ def test_delivery_nice_defaults_to_5_and_stays_within_0_to_19(tmp_path: Path) ->
 
 
 def test_milter_timeouts_default_like_postfix_and_are_set_per_milter(tmp_path: Path) -> None:
-    from mta.serve import MilterSupervisor
+    from mta.gateway.serve import MilterSupervisor
     path = tmp_path / "gateway.yaml"
     path.write_text("milters:\n  - {name: ratelimit, command_timeout: 2s}\n"
                     "  - {name: neutralize, connect_timeout: 500ms, content_timeout: 15m}\n")

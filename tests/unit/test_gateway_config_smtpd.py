@@ -8,7 +8,7 @@ import pytest
 
 from milters.core.config import SmtpdLimits, load_config
 from milters.core.errors import ConfigError
-from mta.smtpd import SmtpSettings, smtpd_limits
+from mta.smtp_in.server import SmtpSettings, smtpd_limits
 
 
 def test_the_defaults_are_postfixs() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from milters.core.config import load_config
 from mta.cli import read_policy
-from mta.init_cmd import PROFILES
+from mta.commands.init import PROFILES
 from tests.conftest import ROOT
 
 

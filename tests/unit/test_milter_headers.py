@@ -1,11 +1,11 @@
 """What a header looks like on the milter wire: never past the milter's packet limit, a
-name always UTF-8, no NUL that would cut it short (mta/milter_headers.py)."""
+name always UTF-8, no NUL that would cut it short (mta/chain/wire_header.py)."""
 from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from mta.milter_headers import (DEFAULT_MAX_DATA, SMFIP_MDS_1M, SMFIP_MDS_256K, max_data_size,
-                                wire_header)
+from mta.chain.wire_header import (DEFAULT_MAX_DATA, SMFIP_MDS_1M, SMFIP_MDS_256K, max_data_size,
+                                   wire_header)
 
 
 def test_a_header_exactly_at_the_limit_is_sent_whole() -> None:

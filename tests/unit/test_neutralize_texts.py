@@ -19,7 +19,7 @@ from milters.core.policy.document import load_policy_text
 from milters.core.verdict import Action
 from milters.neutralize.logic import MARK_HEADER, NeutralizeChecker
 from mta.cli import EXTENSIONS
-from mta.edits_apply import Transit, apply_edits
+from mta.chain.edits_apply import Transit, apply_edits
 from tests.harness.live_urls import live_urls
 
 POLICY = """\

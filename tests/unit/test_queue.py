@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.queue import Envelope, NoSuchMessage, Queue, RecipientState, SpoolError, new_queue_id
+from mta.queue.spool import Envelope, NoSuchMessage, Queue, RecipientState, SpoolError, new_queue_id
 
 RAW = b"Subject: hi\r\n\r\nbody\r\n"
 

@@ -10,7 +10,9 @@ import pytest
 
 from milters.core.config import GatewayConfig, RelayTarget, load_config
 from milters.core.errors import ConfigError
-from mta.delivery import MaildirDelivery, SmtpRelay, build_router
+from mta.delivery.maildir import MaildirDelivery
+from mta.delivery.relay import SmtpRelay
+from mta.delivery.routing import build_router
 
 
 def load(tmp_path: Path, relay: str) -> GatewayConfig:

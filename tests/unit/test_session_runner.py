@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mta.session_runner import INPUT, ResumesDirectly, SessionRunner
+from mta.aio.session_runner import INPUT, ResumesDirectly, SessionRunner
 
 
 def test_input_resumes_the_session_in_the_call_and_futures_from_the_loop() -> None:

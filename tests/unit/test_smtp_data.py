@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mta import smtp_data
-from mta.header_end import with_header_ended
-from mta.smtp_data import LONG_LINE, DataStream, dot_stuffed
+from mta.smtp_in import data as smtp_data
+from mta.smtp_in.header_end import with_header_ended
+from mta.smtp_in.data import LONG_LINE, DataStream, dot_stuffed
 
 BIG = 1 << 40  # "no limit" for the tests that are not about limits
 
@@ -98,7 +98,7 @@ def test_any_chunking_stores_the_same_message_and_leaves_the_same_commands(
     with patch.object(smtp_data, "LONG_LINE", long_line):
         run = Run().chunks(chunks)
     assert run.done
-    # The header ends at the first line that is no field (mta/header_end.py), wherever the
+    # The header ends at the first line that is no field (mta/smtp_in/header_end.py), wherever the
     # chunks and the long-line parts cut it.
     stored = with_header_ended(message_of(lines), limit=long_line)
     assert run.stored == stored
@@ -335,7 +335,7 @@ def test_received_headers_are_counted_whatever_the_chunking(
     assert run.stream.received_headers == hops
 
 
-# -- where the header ends (mta/header_end.py) ---------------------------------------------------
+# -- where the header ends (mta/smtp_in/header_end.py) ---------------------------------------------
 @pytest.mark.parametrize("sent, stored", [
     # A UTF-8 BOM before the first field: the header is empty, everything is body.
     (b"\xef\xbb\xbfFrom: a@example.jp\r\nSubject: x\r\n\r\nbody\r\n",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mta.smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
+from mta.smtp_in.syntax import PathArgument, SyntaxProblem, parse_path, split_command
 
 
 def refused(arg: str, keyword: str = "FROM") -> str:

@@ -5,7 +5,7 @@ import email
 import email.policy
 from datetime import datetime, timezone
 
-from mta.trace import protocol_name, received_header
+from mta.smtp_in.trace import protocol_name, received_header
 
 WHEN = datetime(2026, 11, 29, 1, 2, 3, tzinfo=timezone.utc)
 

@@ -1,5 +1,5 @@
-"""SMTP AUTH building blocks: the scrypt users file (mta.users), SASL PLAIN/LOGIN decoding
-(mta.sasl), the gateway.auth.users_file setting and `mailmoat user add|delete|list`."""
+"""SMTP AUTH building blocks: the scrypt users file (mta.smtp_in.users), SASL PLAIN/LOGIN decoding
+(mta.smtp_in.sasl), the gateway.auth.users_file setting and `mailmoat user add|delete|list`."""
 from __future__ import annotations
 
 import base64
@@ -16,9 +16,9 @@ import pytest
 
 from milters.core.config import load_config
 from milters.core.errors import ConfigError, MailmoatError
-from mta import sasl, users
-from mta.sasl import SaslError
-from mta.users import UserFile, hash_password, list_users, remove_user, set_password
+from mta.smtp_in import sasl, users
+from mta.smtp_in.sasl import SaslError
+from mta.smtp_in.users import UserFile, hash_password, list_users, remove_user, set_password
 from tests.conftest import ROOT
 
 

@@ -25,7 +25,7 @@ from collections import deque
 
 from milters.core.milter_protocol import encode_packet
 
-from .milter_client import MilterClient, MilterEndpoint
+from .client import MilterClient, MilterEndpoint
 
 MAX_IDLE = 16  # connections kept per milter: more than this are closed (QUIT)
 IDLE_LIMIT = 60.0  # seconds: an older idle connection is closed rather than reused

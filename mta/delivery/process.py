@@ -27,10 +27,10 @@ from typing import Callable
 from milters.core.config import GatewayConfig
 from milters.core.eventlog import log_event
 
-from .deliverer import deliver_safely, next_wait
-from .delivery import Router, build_router
-from .metrics import METRICS, Registry
-from .queue import NoSuchMessage, Queue, SpoolError
+from mta.metrics import METRICS, Registry
+from mta.queue.spool import NoSuchMessage, Queue, SpoolError
+from .queue_run import deliver_safely, next_wait
+from .routing import Router, build_router
 
 DELIVERY_THREADS = 4  # sessions to next hops in flight at once
 SCAN_EVERY = 1.0  # seconds between looks for retries that are due

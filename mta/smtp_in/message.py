@@ -9,19 +9,19 @@ from typing import TYPE_CHECKING
 from milters.core.eventlog import log_event
 from milters.core.verdict import Action, Verdict
 
-from .edits_apply import Transit
-from .message_text import MessageText
-from .metrics import METRICS
-from .milter_async import begin
-from .queue import Envelope as QueueEnvelope
-from .queue import Incoming, RecipientState, SpoolError
-from .smtp_data import DataStream
-from .smtputf8 import REQUESTED as SMTPUTF8_REQUESTED
+from mta.chain.async_driver import begin
+from mta.chain.edits_apply import Transit
+from mta.chain.message_text import MessageText
+from mta.delivery.smtputf8 import REQUESTED as SMTPUTF8_REQUESTED
+from mta.metrics import METRICS
+from mta.queue.spool import Envelope as QueueEnvelope
+from mta.queue.spool import Incoming, RecipientState, SpoolError
+from .data import DataStream
 from .trace import protocol_name, received_header
 
 if TYPE_CHECKING:  # smtpd imports this module: the types only, never at run time
-    from .milter_chain import ChainSession
-    from .smtpd import SmtpConnection, Transaction
+    from mta.chain.session import ChainSession
+    from .server import SmtpConnection, Transaction
 
 
 def reply_for(verdict: Verdict) -> str:
@@ -130,7 +130,7 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
     if conn.auth_user:
         envelope.extra["auth_user"] = conn.auth_user
     if any(param.upper() == "SMTPUTF8" for param in transaction.params):
-        envelope.extra[SMTPUTF8_REQUESTED] = "yes"  # delivery passes it on (mta/smtputf8.py)
+        envelope.extra[SMTPUTF8_REQUESTED] = "yes"  # delivery passes it on (delivery/smtputf8.py)
     # The chain's edited text: small ones as bytes, else its file, taken as it is.
     new_text = None if replacement is None else replacement.data
     adopt = None if replacement is None else replacement.path

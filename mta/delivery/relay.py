@@ -1,61 +1,26 @@
-"""Delivery agents: SMTP relay to a next hop, and Maildir for local use.
-
-Each agent takes one message and a list of recipients and answers per recipient with a
-status (delivered, deferred, bounced) and the remote reply, as Postfix's delivery agents do:
-4xx and network errors defer, 5xx bounces.
-"""
+"""SMTP relay to a next hop, with STARTTLS as the route says and sessions kept for the next
+message."""
 from __future__ import annotations
 
-import encodings.punycode
 import logging
-import os
-import re
 import smtplib
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
-from milters.core.config import GatewayConfig, RelayTarget
 from milters.core.eventlog import log_event
-from milters.core.policy.matching import normalize_domain
+
+from mta.queue.spool import StoredMessage
+from mta.smtp_in.data import dot_stuffed
 
 from . import smtputf8
-from .maildir_names import header_text, mailbox_name
+from .agent import BOUNCED, DEFERRED, DELIVERED, NO_OPTIONS, DeliveryOptions, Outcome
 from .outbound_tls import RETRY_PLAIN, TlsPolicy, TlsRefused, secure
-from .queue import StoredMessage
-from .smtp_data import dot_stuffed
 
-DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
 Reply = tuple[int, bytes]
 Begun = tuple[Reply, bool]  # MAIL's reply; whether RCPT and DATA went out with it
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: str
-    reply: str
-
-
-@dataclass(frozen=True)
-class DeliveryOptions:
-    """What an agent needs to know about the message beyond its addresses and text."""
-
-    queue_id: str = ""  # for the agent's own log lines
-    smtputf8: bool = False  # SMTPUTF8 was asked for on MAIL (mta/smtputf8.py)
-
-
-NO_OPTIONS = DeliveryOptions()
-
-
-class Agent(Protocol):
-    def deliver(self, sender: str, recipients: list[str], message: StoredMessage,
-                options: DeliveryOptions = NO_OPTIONS) -> dict[str, Outcome]: ...
-
-    def close_idle(self, everything: bool = False) -> None:
-        """Close kept sessions idle too long (all of them with `everything`)."""
 
 
 def _reply_text(code: int, message: bytes | str) -> str:
@@ -113,8 +78,8 @@ def _quit(client: smtplib.SMTP) -> None:
 
 @dataclass(frozen=True)
 class SmtpRelay:
-    """Relay to host:port with STARTTLS as the route's TLS policy says (mta/outbound_tls.py;
-    `may` by default, as Postfix). Sessions are reused for the next message while they are
+    """Relay to host:port with STARTTLS as the route's TLS policy says (outbound_tls.py; `may`
+    by default, as Postfix). Sessions are reused for the next message while they are
     fresh (SessionCache)."""
 
     host: str
@@ -299,129 +264,3 @@ def _send_data(client: smtplib.SMTP, message: StoredMessage,
         last = block
     client.send(last + b".\r\n")
     return client.getreply()
-
-
-@dataclass(frozen=True)
-class MaildirDelivery:
-    """One Maildir per recipient address under `root` (local use and tests), named by
-    mta/maildir_names.py so that no address can reach outside `root`."""
-
-    root: Path
-
-    def deliver(self, sender: str, recipients: list[str], message: StoredMessage,
-                options: DeliveryOptions = NO_OPTIONS) -> dict[str, Outcome]:
-        outcomes = {}
-        for rcpt in recipients:
-            try:
-                name = self._store(rcpt, sender, message)
-                outcomes[rcpt] = Outcome(DELIVERED, f"250 2.0.0 delivered to maildir as {name}")
-            except OSError as exc:
-                outcomes[rcpt] = Outcome(DEFERRED, f"451 4.3.0 maildir: {exc.strerror or exc}")
-        return outcomes
-
-    def close_idle(self, everything: bool = False) -> None:
-        return None  # nothing is kept open
-
-    def _store(self, rcpt: str, sender: str, message: StoredMessage) -> str:
-        box = self.root / mailbox_name(rcpt)
-        if box.parent != self.root:  # mailbox_name makes one component; fail closed anyway
-            raise OSError(f"mailbox name for {rcpt!r} is not one path component")
-        for sub in ("tmp", "new", "cur"):
-            (box / sub).mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns()}.P{os.getpid()}.{socket.gethostname()}"
-        tmp = box / "tmp" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb", closefd=False) as out, open(message.path, "rb") as source:
-                out.write(f"Return-Path: <{header_text(sender)}>\r\n"
-                          f"Delivered-To: {header_text(rcpt)}\r\n".encode("utf-8",
-                                                                          "surrogateescape"))
-                left = message.size
-                while left > 0:
-                    block = source.read(min(left, 1 << 20))
-                    if not block:
-                        break
-                    out.write(block)
-                    left -= len(block)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.rename(tmp, box / "new" / name)
-        return name
-
-
-def canonical_domain(domain: str) -> str | None:
-    """A domain's one routing form, its A-labels (IDNA 2008 via normalize_domain); None when
-    it has none, or when its Unicode form is not the U-label its A-label stands for: a
-    look-alike that only a mapping (full-width letters, IDNA 2003's NFKC) turns into another
-    name is not that name."""
-    canonical = normalize_domain(domain)
-    if not canonical or not canonical.isascii():
-        return None
-    written = domain.strip().rstrip(".").lower()
-    if not written.isascii():
-        try:
-            labels = [encodings.punycode.punycode_decode(label[4:], "strict")
-                      if label.startswith("xn--") else label
-                      for label in canonical.split(".")]
-        except UnicodeError:
-            return None
-        if ".".join(labels) != written:
-            return None
-    return canonical
-
-
-@dataclass(frozen=True)
-class Router:
-    """The agent for a recipient: a per-domain route (parent domains too), else the default.
-    Route keys and recipient domains are compared in their A-label form only."""
-
-    default: Agent
-    routes: dict[str, Agent]
-
-    def __post_init__(self) -> None:
-        canonical = {}
-        for domain, agent in self.routes.items():
-            key = canonical_domain(domain)
-            if key is None:
-                raise ValueError(f"route domain '{domain}' is not a valid domain name")
-            canonical[key] = agent
-        object.__setattr__(self, "routes", canonical)
-
-    def close_idle(self, everything: bool = False) -> None:
-        for agent in [self.default, *self.routes.values()]:
-            agent.close_idle(everything)
-
-    def agent_for(self, recipient: str) -> Agent:
-        domain = canonical_domain(recipient.rpartition("@")[2])
-        while domain:  # None (no canonical form) matches no route
-            if domain in self.routes:
-                return self.routes[domain]
-            domain = domain.partition(".")[2]
-        return self.default
-
-
-_SMTP_TARGET = re.compile(r"^smtp:\[?([^\]]+?)\]?(?::(\d+))?$")
-
-
-def agent_for(route: RelayTarget | str, helo: str) -> Agent:
-    """The agent for a relay route from the config: maildir:DIR or smtp:[host]:port, with
-    the route's outbound TLS policy."""
-    route = RelayTarget(route) if isinstance(route, str) else route
-    if route.target.startswith("maildir:"):
-        return MaildirDelivery(Path(route.target[len("maildir:"):]))
-    match = _SMTP_TARGET.match(route.target)
-    if not match:
-        raise ValueError(f"relay target '{route.target}' is not smtp:[host]:port or "
-                         f"maildir:DIR")
-    return SmtpRelay(match.group(1), int(match.group(2) or 25), helo=helo,
-                     tls=TlsPolicy(route.tls, route.ca_file))
-
-
-def build_router(config: GatewayConfig) -> Router:
-    return Router(agent_for(config.relay_default, config.hostname),
-                  {domain: agent_for(route, config.hostname)
-                   for domain, route in config.relay_routes.items()})

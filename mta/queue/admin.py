@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import asdict
 
-from .queue import Queue
+from .spool import Queue
 
 
 def _when(stamp: float) -> str:

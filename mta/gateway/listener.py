@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from .event_loop import new_event_loop
+from mta.aio.event_loop import new_event_loop
+from mta.smtp_in.server import GatewayHandler, SmtpConnection
 from .privileges import take_bound
-from .smtpd import GatewayHandler, SmtpConnection
 
 
 async def start_listener(handler: GatewayHandler, host: str, port: int) -> asyncio.Server:

@@ -9,7 +9,7 @@ that never came. So what we send is made safe here, for every milter:
 
 - too long: cut to the limit, as Postfix's header_size_limit does (it keeps the start of a
   header and discards the excess). The chain cuts the message's header the same way
-  (milter_chain._cut_field), so what is delivered is what the milters judged. The caller
+  (session._cut_field), so what is delivered is what the milters judged. The caller
   logs it (event=header_truncated).
 - a name that is not UTF-8: sent as Latin-1 read as text (each byte one character), so any
   milter can decode it; RFC 5322 names are printable ASCII, so no real name changes, and

@@ -1,4 +1,4 @@
-"""The event-loop driver of the milter protocol steps (milter_client's g_* generators): how
+"""The event-loop driver of the milter protocol steps (client.py's g_* generators): how
 `serve` talks to its milters.
 
 The steps are resumed from the socket's own callbacks: a reply is handled in the read
@@ -19,9 +19,11 @@ from typing import Any, Generic, TypeVar
 from milters.core.errors import MilterProtocolError
 from milters.core.milter_protocol import encode_packet
 
-from .milter_client import MilterClient, Steps, closed_error, failure, new_socket, socket_address
-from .reads import shared_buffer
-from .session_runner import ResumesDirectly
+from mta.aio.reads import shared_buffer
+from mta.aio.session_runner import ResumesDirectly
+
+from .client import MilterClient, Steps, closed_error, failure
+from .stream import new_socket, socket_address
 
 T = TypeVar("T")
 HIGH_WATER = 64 * 1024  # unsent bytes above this make a step wait (big bodies, slow milter)

@@ -15,7 +15,7 @@ from pathlib import Path
 from milters.core.errors import MailmoatError
 from milters.core.shipped import shipped_policy
 
-from . import __version__
+from mta import __version__
 
 GATEWAY_FILE = "gateway.yaml"
 POLICY_FILE = "policy.yaml"

@@ -17,7 +17,7 @@ from typing import Callable
 from milters.core.errors import MailmoatError
 from milters.core.store import Store
 
-from .milter_client import MilterClient, MilterEndpoint
+from mta.chain.client import MilterClient, MilterEndpoint
 
 
 def queue_problem(tmp_dir: str) -> str | None:

@@ -16,7 +16,7 @@ from .header_end import LONG_LINE, first_stray_line
 
 _RECEIVED = re.compile(rb"\r\nreceived:", re.IGNORECASE)
 # A line longer than LONG_LINE is passed on in parts (memory stays bounded; the line is
-# kept); the header's lines are judged on that many bytes (mta/header_end.py).
+# kept); the header's lines are judged on that many bytes (mta/smtp_in/header_end.py).
 
 
 class DataStream:
@@ -94,7 +94,7 @@ class DataStream:
 
     def _through_header(self, piece: bytes, ends_line: bool) -> bytes:
         """Count the header's bytes and Received fields, and end the header where Postfix's
-        cleanup ends it (mta/header_end.py): the piece comes back with the empty line put
+        cleanup ends it (mta/smtp_in/header_end.py): the piece comes back with the empty line put
         before the first line that cannot stand in a header."""
         start = 0
         if not self._line_start:  # the rest of a long line judged when it began

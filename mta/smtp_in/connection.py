@@ -1,5 +1,5 @@
 """One SMTP client's connection: the transport, its buffers, flow control, command lines
-and the deadlines a client must keep. What the commands mean is mta/smtpd.py's job.
+and the deadlines a client must keep. What the commands mean is mta/smtp_in/server.py's job.
 
 - Flow control both ways. Input: reading stops while a megabyte waits unprocessed. Output:
   when the client does not read our replies (the transport's write buffer passes its
@@ -15,7 +15,7 @@ and the deadlines a client must keep. What the commands mean is mta/smtpd.py's j
   smtpd_min_data_rate), besides the idle limit between reads. A client that trickles one
   byte at a time is cut at the deadline, whatever it keeps sending. Under connection
   pressure the timeout shrinks for every connection at once (Postfix's stress-adaptive
-  smtpd_timeout: 300s, 10s under stress; see mta/smtpd.py GatewayHandler.under_stress).
+  smtpd_timeout: 300s, 10s under stress; see mta/smtp_in/server.py GatewayHandler.under_stress).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from typing import Any, Callable, Coroutine
 
 from milters.core.eventlog import log_event
 
-from .reads import ReadIntoShared
-from .session_runner import INPUT, SessionRunner
+from mta.aio.reads import ReadIntoShared
+from mta.aio.session_runner import INPUT, SessionRunner
 
 COMMAND_LINE = 512  # octets with the CRLF (RFC 5321 4.5.3.1.4)
 MAX_BUFFERED = 1 << 20  # stop reading from a client that sends this much ahead of us

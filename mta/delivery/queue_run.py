@@ -15,12 +15,13 @@ import time
 from milters.core.config import QueueSettings
 from milters.core.eventlog import log_event
 
+from mta.metrics import METRICS
+from mta.queue.spool import (Envelope, NoSuchMessage, Queue, RecipientState, SpoolError,
+                             StoredMessage, new_queue_id)
 from . import smtputf8
+from .agent import BOUNCED, DEFERRED, DELIVERED, Agent, DeliveryOptions, Outcome
 from .bounce import build_bounce
-from .delivery import BOUNCED, DEFERRED, DELIVERED, Agent, DeliveryOptions, Outcome, Router
-from .metrics import METRICS
-from .queue import (Envelope, NoSuchMessage, Queue, RecipientState, SpoolError, StoredMessage,
-                    new_queue_id)
+from .routing import Router
 
 INTERNAL_ERROR = "451 4.3.0 internal error while delivering"  # Postfix: 4.3.0, deferred
 

@@ -1,7 +1,7 @@
 """SASL PLAIN (RFC 4616) and LOGIN for SMTP AUTH (RFC 4954): decoding and reply texts.
 
 Pure functions, no I/O: the SMTP server drives the exchange and checks the password with
-mta.users. A SaslError carries the reply to send, and a reason for the log that never
+mta.smtp_in.users. A SaslError carries the reply to send, and a reason for the log that never
 contains the password.
 """
 from __future__ import annotations

@@ -31,18 +31,18 @@ from milters.core.policy.holder import PolicyHolder
 from milters.core.policy.matching import parse_network_pattern
 from milters.core.store import open_gateway_store
 
+from mta.aio.event_loop import loop_factory
+from mta.chain.client import MilterEndpoint
+from mta.chain.pool import MilterPool
+from mta.chain.session import ChainMember, ChainSession
+from mta.delivery.process import DeliveryProcess
+from mta.metrics import METRICS, ReadyCheck, serve_metrics
+from mta.queue.spool import Queue
+from mta.smtp_in.server import GatewayHandler, SmtpSettings, server_tls_context, smtpd_limits
+from mta.smtp_in.users import UserFile
 from . import privileges
-from .delivery_process import DeliveryProcess
-from .event_loop import loop_factory
 from .health import Readiness
 from .listener import start_listener
-from .metrics import METRICS, ReadyCheck, serve_metrics
-from .milter_chain import ChainMember, ChainSession
-from .milter_client import MilterEndpoint
-from .milter_pool import MilterPool
-from .queue import Queue
-from .smtpd import GatewayHandler, SmtpSettings, server_tls_context, smtpd_limits
-from .users import UserFile
 
 PR_SET_PDEATHSIG = 1
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
@@ -348,7 +348,7 @@ def serve(config: GatewayConfig, config_path: str | None,
     except ValueError as exc:
         raise MailmoatError(str(exc)) from None
     # Root: bind the privileged ports, then become gateway.user before the queue, the
-    # milters or delivery exist (mta/privileges.py).
+    # milters or delivery exist (mta/gateway/privileges.py).
     privileges.become_user(config, [split_hostport(config.listen),
                                     split_hostport(config.reinject_listen)])
     queue = Queue(config.queue.dir)  # marks or upgrades its format; refuses a newer one

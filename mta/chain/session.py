@@ -24,12 +24,12 @@ from milters.core.eventlog import log_event
 from milters.core.milter_protocol import ProtocolFlag
 from milters.core.verdict import Action, SmtpReply, Verdict
 
+from mta.metrics import METRICS
+from .client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClient, MilterEndpoint,
+                     Steps, run_sync)
 from .edits_apply import Transit, apply_edits
-from .metrics import METRICS
-from .milter_headers import wire_header
-from .milter_pool import MilterPool
-from .milter_client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClient, MilterEndpoint,
-                            Steps, run_sync)
+from .pool import MilterPool
+from .wire_header import wire_header
 
 ON_FAILURE = ("tempfail", "reject", "accept")
 _HDR_LEADSPC = int(ProtocolFlag.HDR_LEADSPC)
@@ -72,7 +72,7 @@ def _latency(milter: str, stage: str) -> Callable[[float], None]:
 class ChainMember:
     endpoint: MilterEndpoint
     on_failure: str = "tempfail"
-    reuse_connection: bool = False  # QUIT_NC between SMTP sessions (milter_pool)
+    reuse_connection: bool = False  # QUIT_NC between SMTP sessions (pool.py)
 
 
 @dataclass
@@ -108,7 +108,7 @@ class _Member:
 
 class ChainSession(BlockingEnvelopeStages):
     """The milter chain for one SMTP session. The g_* methods are protocol steps for a
-    driver (milter_async.drive in serve); the plain methods run them blocking."""
+    driver (async_driver.drive in serve); the plain methods run them blocking."""
 
     def __init__(self, members: list[ChainMember], queue_id: Callable[[], str | None] = lambda: None,
                  pool: MilterPool | None = None) -> None:
@@ -338,7 +338,7 @@ class ChainSession(BlockingEnvelopeStages):
 
 def _cut_field(name: str, value: str, index: int, max_data: int) -> ChangeHeader | None:
     """The edit that cuts a header to what a milter with this packet limit is sent
-    (milter_headers.wire_header, as Postfix's header_size_limit keeps a header's start);
+    (wire_header.wire_header, as Postfix's header_size_limit keeps a header's start);
     None when it fits."""
     if 4 * (len(name) + len(value)) <= max_data - 2:  # fits even at 4 bytes a character:
         return None  # the common case costs no encoding (g_header encodes it once)

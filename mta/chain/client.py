@@ -9,9 +9,9 @@ milters.core.edits values for the caller to apply.
 
 The protocol logic does no I/O of its own: each stage is a generator that yields what it
 needs done (open the socket, send these bytes, read one packet) and gets the result back.
-`run_sync` does that with blocking sockets (scan, tests); milter_async.drive does it on the
+`run_sync` does that with blocking sockets (scan, tests); async_driver.drive does it on the
 event loop, so `serve` talks to its milters with no thread hand-off per stage. One logic, two
-drivers: the chain above (milter_chain) is written the same way.
+drivers: the chain above (session.py) is written the same way.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import socket
 from abc import ABC, abstractmethod
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generator, Iterable, TypeVar
+from typing import Any, Generator, Iterable, TypeVar
 
 from milters.core.config import (MILTER_COMMAND_TIMEOUT, MILTER_CONNECT_TIMEOUT,
                                  MILTER_CONTENT_TIMEOUT)
@@ -33,10 +33,8 @@ from milters.core.milter_protocol import (ALL_ACTIONS, BODY_CHUNK, MAX_PACKET, P
 from milters.core.verdict import SmtpReply, Verdict
 
 from .message_text import NewBody
-from .milter_headers import MDS_BITS, DEFAULT_MAX_DATA, max_data_size, wire_header
-
-if TYPE_CHECKING:
-    from .milter_async import MilterSocket
+from .stream import MilterStream, open_socket
+from .wire_header import MDS_BITS, DEFAULT_MAX_DATA, max_data_size, wire_header
 
 P = ProtocolFlag
 # What our MTA can do: skip any stage, not wait on any, pass rejected recipients, keep
@@ -98,39 +96,6 @@ def _z(*parts: str) -> bytes:
     return ("\0".join(parts) + "\0").encode("utf-8", "surrogateescape")
 
 
-def socket_address(spec: str) -> tuple[int, Any]:
-    """(address family, address) of a milter socket written as Postfix writes it."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("unix", "local"):
-        return socket.AF_UNIX, rest
-    if kind not in ("inet", "inet6"):
-        raise MilterProtocolError(f"milter socket '{spec}': use inet:, inet6: or unix:")
-    host, _, port = rest.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return family, (host, int(port))
-
-
-def new_socket(family: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    if family != socket.AF_UNIX:
-        # Small request/reply packets: without this, Nagle against delayed ACKs stalls ~40 ms.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def open_socket(spec: str, timeout: float) -> socket.socket:
-    family, address = socket_address(spec)
-    sock = new_socket(family)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 T = TypeVar("T")
 # What a protocol step asks its driver for: ("open"|"send"|"read", client, argument).
 Request = tuple[str, "MilterClient", Any]
@@ -184,7 +149,7 @@ class MilterClient(BlockingEnvelopeStages):
         self.negotiated: OptNeg | None = None
         self.body_skipped = False
         self.inbox = bytearray()  # bytes read from the milter, not yet a whole packet
-        self.stream: MilterSocket | None = None  # set when driven by milter_async
+        self.stream: MilterStream | None = None  # set when driven by async_driver
         self._protocol_bits = 0
         self._wanted: dict[MacroStage, set[str]] = {}
         self._held_macros = b""  # a macro packet waiting for its stage's command
@@ -241,7 +206,7 @@ class MilterClient(BlockingEnvelopeStages):
         """The negotiated protocol flags as an int (0 before negotiation)."""
         return self._protocol_bits
 
-    # -- connection reuse (milter_pool) ------------------------------------------------------
+    # -- connection reuse (pool.py) -----------------------------------------------------------
     def reusable(self) -> bool:
         """Negotiated, connected on the event loop, and between stages: nothing unsent,
         nothing unread, no step waiting for a reply."""

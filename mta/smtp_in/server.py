@@ -1,12 +1,12 @@
 """SMTP in: the gateway's own asyncio SMTP server, the milter chain at each stage, and the
 durable queue behind the final 250. This module holds the command table and what all
-connections share; the bytes, flow control and deadlines are mta/smtp_connection.py's,
-the DATA path mta/smtp_message.py's.
+connections share; the bytes, flow control and deadlines are mta/smtp_in/connection.py's,
+the DATA path mta/smtp_in/message.py's.
 
 Our own protocol rather than aiosmtpd's: aiosmtpd introspects its classes for every
 connection, builds a parser class for every MAIL and RCPT and keeps DATA as one object per
 line, which cost 2-4x our time per message and 4x the message in memory (bench/README.md).
-Here DATA streams straight into the spool file in blocks (smtp_data.DataStream), and a
+Here DATA streams straight into the spool file in blocks (data.DataStream), and a
 command costs one dictionary lookup.
 
 - EHLO: PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, STARTTLS (with a
@@ -40,16 +40,16 @@ from milters.core.policy.matching import (AddressPattern, NetworkPattern, match_
                                           network_matches, normalize_domain)
 from milters.core.verdict import Verdict
 
+from mta.chain.async_driver import begin, drive
+from mta.chain.client import Steps
+from mta.chain.session import ChainSession, connect_macros, mail_macros, rcpt_macros
+from mta.metrics import METRICS
+from mta.queue.spool import Incoming, Queue, new_queue_id
 from . import sasl
-from .metrics import METRICS
-from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
-from .milter_async import begin, drive
-from .milter_client import Steps
-from .queue import Incoming, Queue, new_queue_id
-from .smtp_connection import COMMAND_LINE, ClientConnection
-from .smtp_message import reply_for as _reply
-from .smtp_message import receive_message
-from .smtp_syntax import PathArgument, SyntaxProblem, parse_path, split_command
+from .connection import COMMAND_LINE, ClientConnection
+from .message import reply_for as _reply
+from .message import receive_message
+from .syntax import PathArgument, SyntaxProblem, parse_path, split_command
 from .trace import header_hostname
 from .users import UserFile
 

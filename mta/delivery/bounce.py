@@ -9,8 +9,8 @@ from email.message import EmailMessage, Message
 from datetime import datetime, timezone
 from email.utils import format_datetime, make_msgid
 
-from .edits_apply import split_message
-from .queue import Envelope, RecipientState
+from mta.chain.edits_apply import split_message
+from mta.queue.spool import Envelope, RecipientState
 
 
 def _status_code(reply: str | None) -> str:

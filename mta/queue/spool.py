@@ -17,7 +17,7 @@ Trailer: the envelope JSON, "\n", then 16 bytes `MMENV1` + the JSON length in 9 
 "\n". Queue IDs are the receive time in microseconds plus a random part, in hex: they sort
 by arrival and do not collide (the tmp file is created with O_EXCL).
 
-The spool's format is in the file `format` (mta/spool_format.py): an older spool is
+The spool's format is in the file `format` (mta/queue/spool_format.py): an older spool is
 upgraded when a Queue opens it, a newer one refused.
 
 Held mail (quarantine, `mailmoat queue hold`) stays where it is with `hold_reason` set in its

@@ -8,7 +8,7 @@ SMTPUTF8 whatever was asked: it cannot be sent any other way.
 """
 from __future__ import annotations
 
-from .queue import Envelope, StoredMessage
+from mta.queue.spool import Envelope, StoredMessage
 
 REQUESTED = "smtputf8"  # the envelope's extra key, "yes" when MAIL carried SMTPUTF8
 BLOCK = 64 * 1024

@@ -26,15 +26,15 @@ from milters.core.edits import Edit, ReplaceBody
 from milters.core.message import Message
 from milters.core.verdict import Action, Verdict
 
-from .edits_apply import Transit
-from .milter_chain import ChainSession, connect_macros, mail_macros, rcpt_macros
-from .listener import ThreadedListener
-from .queue import Queue, new_queue_id
+from mta.chain.edits_apply import Transit
+from mta.chain.session import ChainSession, connect_macros, mail_macros, rcpt_macros
+from mta.gateway.listener import ThreadedListener
+from mta.gateway.serve import LOOPBACK, MilterSupervisor
+from mta.queue.spool import Queue, new_queue_id
+from mta.smtp_in.header_end import with_header_ended
+from mta.smtp_in.server import GatewayHandler, SmtpSettings
+from mta.smtp_in.trace import protocol_name, received_header
 from .scan_files import copy_name, write_copy
-from .serve import LOOPBACK, MilterSupervisor
-from .smtpd import GatewayHandler, SmtpSettings
-from .header_end import with_header_ended
-from .trace import protocol_name, received_header
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""SMTP in: the gateway's SMTP server, from the first line a client sends to the queue's 250."""
