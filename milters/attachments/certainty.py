@@ -218,8 +218,8 @@ def _leaf_doubt(raw: Raw, part: Part, parent: Part | None) -> str:
 
 
 def _message_in_a_field(header: bytes) -> str:
-    for field in re.split(rb"\r\n(?![ \t])", header):
-        name, colon, value = field.partition(b":")
+    for line in re.split(rb"\r\n(?![ \t])", header):
+        name, colon, value = line.partition(b":")
         if colon and name.strip().lower() not in _SIGNATURES and \
                 (found := _MIME_IN_FIELD.search(value)) and \
                 sum(map(len, _BASE64_RUN.findall(value, found.end()))) >= _FOLDED_BODY:

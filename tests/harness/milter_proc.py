@@ -112,3 +112,15 @@ def write_config(directory: Path, policy_text: str, store: str = "memory://",
     config = directory / name
     config.write_text(f"store: {store}\npolicy: {policy.name}\n")
     return config
+
+
+def reinjecting_config(directory: Path, policy_text: str) -> tuple[Path, int]:
+    """policy.yaml and config.yaml for milters behind Postfix whose copies and notices go
+    back through Postfix's second smtpd: the config and that smtpd's free port."""
+    from tests.harness.ports import free_port
+    (directory / "policy.yaml").write_text(policy_text)
+    reinject_port = free_port()
+    config = directory / "config.yaml"
+    config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
+                      f"127.0.0.1:{reinject_port}}}\nstore: memory://\npolicy: policy.yaml\n")
+    return config, reinject_port

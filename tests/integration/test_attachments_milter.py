@@ -20,8 +20,7 @@ import pytest
 
 from milters.core.mime.parts import find_attachments
 from milters.core.jis import decode_cp50220
-from tests.harness.milter_proc import ROOT, MilterProcess
-from tests.harness.ports import free_port
+from tests.harness.milter_proc import ROOT, MilterProcess, reinjecting_config
 from tests.harness.postfix import PostfixInstance, postfix_instance
 from tests.harness.sink import SinkMessage, SmtpSink
 from tests.harness.swaks import run_swaks
@@ -150,11 +149,7 @@ def behind_postfix(tmp_path: Path, policy: str,
     """The attachments milter behind a private Postfix relaying to a sink; copies and
     notices go back through Postfix's second smtpd without milters (or, with
     `reinject_open` False, to a port where nothing listens)."""
-    (tmp_path / "policy.yaml").write_text(policy)
-    reinject_port = free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
-                      f"127.0.0.1:{reinject_port}}}\nstore: memory://\npolicy: policy.yaml\n")
+    config, reinject_port = reinjecting_config(tmp_path, policy)
     milter = MilterProcess("attachments", config, tmp_path).start()
     try:
         with SmtpSink() as sink, postfix_instance(

@@ -24,9 +24,8 @@ import dkim
 import pytest
 
 from tests.harness.dns_server import KnotServer
-from tests.harness.milter_proc import ROOT, MilterProcess
+from tests.harness.milter_proc import ROOT, MilterProcess, reinjecting_config
 from tests.harness.opendmarc import OpenDkimVerifier
-from tests.harness.ports import free_port
 from tests.harness.postfix import PostfixInstance, postfix_instance
 from tests.harness.sink import SinkMessage, SmtpSink
 from tests.harness.swaks import run_swaks
@@ -169,11 +168,7 @@ def test_mail_copies_and_notices_through_serve_verify_with_opendkim_and_dkimpy(
 
 def test_the_same_through_postfix_with_sign_on_its_reinjection_smtpd(
         world: World, tmp_path: Path) -> None:
-    (tmp_path / "policy.yaml").write_text(policy(world))
-    reinject_port = free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
-                      f"127.0.0.1:{reinject_port}}}\nstore: memory://\npolicy: policy.yaml\n")
+    config, reinject_port = reinjecting_config(tmp_path, policy(world))
     attachments = MilterProcess("attachments", config, tmp_path).start()
     sign = MilterProcess("sign", config, tmp_path).start()
     before = len(world.sink.messages)
@@ -300,11 +295,7 @@ def test_a_body_the_attachments_milter_replaced_in_place_is_signed_as_it_leaves(
         finally:
             serve.stop()
     else:
-        (tmp_path / "policy.yaml").write_text(policy(world))
-        reinject_port = free_port()
-        config = tmp_path / "config.yaml"
-        config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
-                          f"127.0.0.1:{reinject_port}}}\nstore: memory://\npolicy: policy.yaml\n")
+        config, reinject_port = reinjecting_config(tmp_path, policy(world))
         attachments = MilterProcess("attachments", config, tmp_path).start()
         sign = MilterProcess("sign", config, tmp_path).start()
         try:

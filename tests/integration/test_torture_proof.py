@@ -23,9 +23,8 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.harness.attfail_cases import notice_password
 from tests.harness.live_urls import live_urls
-from tests.harness.milter_proc import MilterProcess
+from tests.harness.milter_proc import MilterProcess, reinjecting_config
 from tests.harness.mime_torture import CASES, TortureMessage, mime_trees, torture_set
-from tests.harness.ports import free_port
 from tests.harness.postfix import postfix_instance
 from tests.harness.sink import SinkMessage, SmtpSink
 from mta.smtp_in.header_end import with_header_ended
@@ -105,11 +104,7 @@ def behind_serve(tmp_path: Path, policy: str, milter: str) -> Iterator[Front]:
 def behind_postfix(tmp_path: Path, policy: str, milter: str) -> Iterator[Front]:
     """The milter behind a private Postfix; copies and notices come back through Postfix's
     second smtpd (no milters)."""
-    (tmp_path / "policy.yaml").write_text(policy)
-    reinject_port = free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(f"gateway: {{hostname: mx.example.jp, reinject_listen: "
-                      f"127.0.0.1:{reinject_port}}}\nstore: memory://\npolicy: policy.yaml\n")
+    config, reinject_port = reinjecting_config(tmp_path, policy)
     process = MilterProcess(milter, config, tmp_path).start()
     try:
         with SmtpSink() as sink, postfix_instance(
