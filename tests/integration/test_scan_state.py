@@ -2,8 +2,6 @@
 scan from an outside IP must not eat into that IP's rate limits."""
 from __future__ import annotations
 
-import os
-import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.harness.milter_proc import ROOT
+from tests.integration.test_serve import RUN_AS
 
 pytestmark = pytest.mark.integration
-RUN_AS = "root" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 POLICY = """\
 ratelimit:
   limits:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -201,7 +202,7 @@ def test_random_trees_encrypted_keep_every_file_inside_the_zip(message: TortureM
     if not message.files:
         return
     assert out is not None and len(sent) == 1
-    files_protected(message, out, notice_password(sent[0]), tmp_path / str(time.monotonic_ns()))
+    files_protected(message, out, notice_password(sent[0]), Path(tempfile.mkdtemp(dir=tmp_path)))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
