@@ -1,5 +1,5 @@
 """One SMTP client's connection: the transport, its buffers, flow control, command lines
-and the deadlines a client must keep. What the commands mean is mta/smtp_in/server.py's job.
+and the deadlines a client must keep. What the commands mean is mta/smtp_in/commands.py's and envelope_commands.py's job.
 
 - Flow control both ways. Input: reading stops while a megabyte waits unprocessed. Output:
   when the client does not read our replies (the transport's write buffer passes its
@@ -15,7 +15,7 @@ and the deadlines a client must keep. What the commands mean is mta/smtp_in/serv
   smtpd_min_data_rate), besides the idle limit between reads. A client that trickles one
   byte at a time is cut at the deadline, whatever it keeps sending. Under connection
   pressure the timeout shrinks for every connection at once (Postfix's stress-adaptive
-  smtpd_timeout: 300s, 10s under stress; see mta/smtp_in/server.py GatewayHandler.under_stress).
+  smtpd_timeout: 300s, 10s under stress; see mta/smtp_in/gateway_handler.py GatewayHandler.under_stress).
 """
 from __future__ import annotations
 

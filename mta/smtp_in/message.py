@@ -17,11 +17,11 @@ from mta.metrics import METRICS
 from mta.queue.spool import Envelope as QueueEnvelope
 from mta.queue.spool import Incoming, RecipientState, SpoolError
 from .data import DataStream
+from .session import SmtpConnection, Transaction
 from .trace import protocol_name, received_header
 
-if TYPE_CHECKING:  # smtpd imports this module: the types only, never at run time
+if TYPE_CHECKING:
     from mta.chain.session import ChainSession
-    from .server import SmtpConnection, Transaction
 
 
 def reply_for(verdict: Verdict) -> str:
