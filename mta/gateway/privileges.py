@@ -118,6 +118,7 @@ def become_user(config: GatewayConfig, listeners: list[tuple[str, int]]) -> None
     if run_as is None:
         if os.geteuid() != 0:
             clear_ambient()
+            check_access(config, state_database(config))
         return
     bind_early([(host, port) for host, port in listeners if port < 1024])
     state = state_database(config)
@@ -137,6 +138,7 @@ def become_milter_user(config: GatewayConfig, name: str, listen: str) -> None:
     if run_as is None:
         if os.geteuid() != 0:
             clear_ambient()
+            check_access(config, state_database(config), milter=True)
         return
     open_milter_socket(name, listen, run_as)
     state = state_database(config)
@@ -229,10 +231,17 @@ def clear_ambient() -> None:
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
+def _existing(path: Path) -> Path:
+    """The path, or the nearest directory above it that exists (where it will be made)."""
+    while not os.path.exists(path) and path.parent != path:  # False where it cannot look
+        path = path.parent
+    return path
+
+
 def check_access(config: GatewayConfig, database: Path | None, milter: bool = False) -> None:
-    """After the drop: what serve and its children need (a milter: what it reads), usable
-    by the user now, or a clear error naming the setting (instead of a milter dying at its
-    first message)."""
+    """After the drop, or at start as a user: what serve and its children need (a milter:
+    what it reads), usable by the user now, or a clear error naming the setting (instead of
+    a milter dying at its first message). A directory not made yet must be makeable."""
     needs = [] if milter else [(config.queue.dir, "gateway.queue.dir", os.W_OK | os.X_OK),
                                (config.run_dir, "gateway.run_dir", os.W_OK | os.X_OK)]
     needs += [(config.policy, "policy", os.R_OK),
@@ -243,7 +252,14 @@ def check_access(config: GatewayConfig, database: Path | None, milter: bool = Fa
         needs.append((Path(config.source), "--config", os.R_OK))
     user = pwd.getpwuid(os.getuid()).pw_name
     for path, key, mode in needs:
-        if not os.access(path, mode):
+        there = _existing(Path(path))
+        if there != path:
+            mode = os.W_OK | os.X_OK  # to make what is missing
+        if mode & os.W_OK and os.statvfs(there).f_flag & os.ST_RDONLY:
+            raise MailmoatError(f"{key}: {path} is on a read-only file system (under systemd "
+                                "with ProtectSystem=strict: keep it in the unit's "
+                                "ReadWritePaths=, StateDirectory= or RuntimeDirectory=)")
+        if not os.access(there, mode):
             raise MailmoatError(f"{key}: {path} is not usable by user {user} (uid "
                                 f"{os.getuid()}): give it to that user, or make it and the "
                                 "directories above it readable and traversable for it")

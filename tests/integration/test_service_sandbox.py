@@ -1,0 +1,228 @@
+"""`mailmoat serve` inside the sandbox packaging/systemd/mailmoat.service describes.
+
+systemd itself cannot run here (no systemd as PID 1 in this container), so the test builds
+the unit's sandbox from the unit's own lines with the tools systemd uses underneath: the
+process starts as User= (not root) with the capabilities of AmbientCapabilities= and
+CapabilityBoundingSet= only, NoNewPrivileges, a read-only file system (ProtectSystem=strict)
+in which only the unit's writable directories (ReadWritePaths=, StateDirectory=,
+RuntimeDirectory=, moved into the test's directory) can be written, and a private /tmp
+(PrivateTmp=). In it, serve must bind a port below 1024, run its milters, have the
+neutralize milter's converter jail (bubblewrap under NoNewPrivileges) flatten a picture,
+reload its policy on the unit's ExecReload signal, and stop on SIGTERM leaving no socket.
+"""
+from __future__ import annotations
+
+import configparser
+import email
+import os
+import pwd
+import grp
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+from email import policy as email_policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.harness import documents as docs
+from tests.harness.milter_proc import ROOT
+from tests.harness.unprivileged import reachable_argv
+from tests.integration.test_privileges import free_low_port, pids, status_of, wait_log
+
+pytestmark = pytest.mark.integration
+
+UNIT = ROOT / "packaging" / "systemd" / "mailmoat.service"
+USER = "nobody"  # stands in for the unit's User=mailmoat (sysusers makes that one)
+CAP_NET_BIND_SERVICE = 10
+
+# Inside a private mount namespace: the writable directories become mounts of their own,
+# /tmp a fresh tmpfs, then every other mount is made read-only, then the program starts as
+# the user with only the unit's capabilities. Arguments: the user, the group, the capabilities,
+# the writable directories up to "--", then the command.
+SANDBOX = r'''
+set -e
+user=$1; group=$2; caps=$3; shift 3
+writable=""
+while [ "$1" != "--" ]; do mount --bind "$1" "$1"; writable="$writable $1"; shift; done
+shift
+mount -t tmpfs -o mode=1777 private-tmp /tmp
+for point in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
+  case "$point" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/tmp) continue ;; esac
+  case " $writable " in *" $point "*) continue ;; esac
+  mount -o remount,bind,ro "$point" 2>/dev/null || true
+done
+exec setpriv --reuid "$user" --regid "$group" --clear-groups --no-new-privs \
+  --inh-caps "-all,$caps" --ambient-caps "-all,$caps" --bounding-set "-all,$caps" -- "$@"
+'''
+
+POLICY = """\
+internal_networks: [192.0.2.0/24]
+neutralize:
+  on_failure: tempfail
+rules:
+  - name: strangers
+    when: {direction: inbound}
+    then: {neutralize: neutralize}
+"""
+
+
+def unit_service() -> configparser.SectionProxy:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(UNIT.read_text())
+    return parser["Service"]
+
+
+def setpriv_caps(unit_value: str) -> str:
+    """`CAP_NET_BIND_SERVICE` -> `+net_bind_service` (setpriv's spelling)."""
+    return ",".join("+" + name.removeprefix("CAP_").lower() for name in unit_value.split())
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """Outside /tmp (the sandbox gets a private one) and open to the unprivileged user."""
+    path = Path(tempfile.mkdtemp(prefix="mailmoat-unit-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def unit_dirs(workdir: Path) -> dict[str, Path]:
+    """The unit's writable directories, moved into the test's directory, owned by the user
+    as systemd (StateDirectory=, RuntimeDirectory=) and mailmoat.tmpfiles make them."""
+    user = pwd.getpwnam(USER)
+    dirs = {"state": workdir / "lib", "run": workdir / "run", "spool": workdir / "spool"}
+    for path in dirs.values():
+        path.mkdir(mode=0o750)
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return dirs
+
+
+def write_config(workdir: Path, dirs: dict[str, Path], port: int, *,
+                 spool: Path | None = None) -> Path:
+    from tests.harness.ports import free_port
+    (workdir / "policy.yaml").write_text(POLICY)
+    config = workdir / "gateway.yaml"
+    config.write_text(
+        f"gateway:\n  hostname: mx.mailmoat.test\n  listen: 127.0.0.1:{port}\n"
+        f"  reinject_listen: 127.0.0.1:{free_port()}\n"
+        f"  metrics_listen: 127.0.0.1:{free_port()}\n"
+        "  relay_domains: [example.jp]\n"
+        f"  relay: {{default: \"maildir:{dirs['state']}/maildir\"}}\n"
+        f"  queue: {{dir: {spool or dirs['spool']}}}\n  run_dir: {dirs['run']}\n"
+        f"store: sqlite:///{dirs['state']}/state.db\npolicy: {workdir}/policy.yaml\n"
+        "milters: [{name: neutralize}]\n")
+    return config
+
+
+def sandboxed(workdir: Path, dirs: dict[str, Path], config: Path) -> list[str]:
+    service = unit_service()
+    assert service["User"] == "mailmoat" and service["NoNewPrivileges"] == "yes"
+    ambient, bounding = service["AmbientCapabilities"], service["CapabilityBoundingSet"]
+    assert ambient == bounding == "CAP_NET_BIND_SERVICE", (ambient, bounding)
+    assert service["ProtectSystem"] == "strict" and service["PrivateTmp"] == "yes"
+    # The unit's writable places, each standing for one of ours.
+    assert service["ReadWritePaths"] == "/var/spool/mailmoat"
+    assert service["StateDirectory"] == "mailmoat" and service["RuntimeDirectory"] == "mailmoat"
+    mailmoat = Path(sys.executable).parent / "mailmoat"
+    command = [str(mailmoat), "serve", "--config", str(config)]
+    writable = [str(dirs["state"]), str(dirs["run"]), str(dirs["spool"])]
+    inner = ["sh", "-c", SANDBOX, "sh", USER, grp.getgrgid(pwd.getpwnam(USER).pw_gid).gr_name,
+             setpriv_caps(ambient), *writable, "--", *command]
+    return reachable_argv(inner, workdir)
+
+
+def start(argv: list[str], workdir: Path, dirs: dict[str, Path]) -> subprocess.Popen[bytes]:
+    log = workdir / "serve.log"
+    out = open(log, "wb")
+    # WorkingDirectory=/var/lib/mailmoat: the state directory.
+    return subprocess.Popen(argv, cwd=dirs["state"], stdout=out, stderr=out,
+                            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+
+
+def picture_message(workdir: Path) -> EmailMessage:
+    message = EmailMessage()
+    message["From"], message["To"] = "a@outside.example", "taro@example.jp"
+    message["Subject"] = "in the unit's sandbox"
+    message.set_content("see the picture")
+    message.add_attachment(docs.png(workdir / "p.png").read_bytes(), maintype="image",
+                           subtype="png", filename="p.png")
+    return message
+
+
+def test_serve_runs_in_the_units_sandbox(workdir: Path) -> None:
+    assert os.geteuid() == 0, "the test builds the sandbox as root, as systemd does"
+    dirs = unit_dirs(workdir)
+    port = free_low_port()
+    config = write_config(workdir, dirs, port)
+    proc = start(sandboxed(workdir, dirs, config), workdir, dirs)
+    log = workdir / "serve.log"
+    try:
+        text = wait_log(log, "event=serve_started", proc)
+        # Started as the user already: nothing to drop, and a low port bound all the same.
+        assert "event=privileges_dropped" not in text
+        status = status_of(proc.pid)
+        user = pwd.getpwnam(USER)
+        assert status["Uid"].split() == [str(user.pw_uid)] * 4
+        assert status["NoNewPrivs"] == "1"
+        # serve keeps the one bounding capability; it handed its ambient set to nobody.
+        assert int(status["CapBnd"], 16) == 1 << CAP_NET_BIND_SERVICE
+        assert int(status["CapAmb"], 16) == 0
+
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            client.send_message(picture_message(workdir))
+        text = wait_log(log, "event=delivered", proc)
+        [delivered] = (dirs["state"] / "maildir" / "taro@example.jp" / "new").iterdir()
+        mail = email.message_from_bytes(delivered.read_bytes(), policy=email_policy.default)
+        # The converter ran in bubblewrap's jail under NoNewPrivileges, as the user.
+        assert "converted=1" in str(mail["X-Mailmoat-Neutralized"]), delivered.read_text()
+
+        children = pids(text, "delivery_process_started") + pids(text, "milter_process_started")
+        assert len(children) == 2, text
+        for pid in children:
+            child = status_of(pid)
+            assert child["Uid"].split() == [str(user.pw_uid)] * 4, pid
+            assert int(child["CapEff"], 16) == 0 and int(child["CapAmb"], 16) == 0, pid
+            assert child["NoNewPrivs"] == "1", pid
+
+        # ExecReload=/bin/kill -HUP $MAINPID
+        (workdir / "policy.yaml").write_text(POLICY.replace("strangers", "outsiders"))
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_log(log, "event=policy_reloaded", proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # KillMode=mixed: SIGTERM to serve alone
+        status_code = proc.wait(90)
+    assert status_code == 0, log.read_text()
+    assert not [p for p in dirs["run"].rglob("*") if p.is_socket()], list(dirs["run"].rglob("*"))
+    # Everything it wrote is the user's and inside the writable directories.
+    uid = pwd.getpwnam(USER).pw_uid
+    written = [p for d in dirs.values() for p in d.rglob("*")]
+    assert written and all(p.stat().st_uid == uid for p in written), written
+
+
+def test_a_spool_outside_the_units_writable_paths_is_a_clear_error(workdir: Path) -> None:
+    """The unit's comment says where a config keeps its state; a config that puts the spool
+    elsewhere meets a read-only file system and says so instead of failing later."""
+    dirs = unit_dirs(workdir)
+    elsewhere = workdir / "spool-elsewhere"
+    elsewhere.mkdir()
+    user = pwd.getpwnam(USER)
+    os.chown(elsewhere, user.pw_uid, grp.getgrgid(user.pw_gid).gr_gid)
+    config = write_config(workdir, dirs, free_low_port(), spool=elsewhere)
+    proc = start(sandboxed(workdir, dirs, config), workdir, dirs)
+    try:
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = (workdir / "serve.log").read_text()
+    assert code != 0, said
+    assert f"gateway.queue.dir: {elsewhere} is on a read-only file system" in said, said
+    assert "Traceback" not in said, said
