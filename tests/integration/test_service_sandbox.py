@@ -1,4 +1,5 @@
-"""`mailmoat serve` inside the sandbox packaging/systemd/mailmoat.service describes.
+"""`mailmoat serve` and `mailmoat milter` inside the sandboxes packaging/systemd/'s units
+describe.
 
 systemd itself cannot run here (no systemd as PID 1 in this container), so the test builds
 the unit's sandbox from the unit's own lines with the tools systemd uses underneath: the
@@ -9,6 +10,8 @@ RuntimeDirectory=, moved into the test's directory) can be written, and a privat
 (PrivateTmp=). In it, serve must bind a port below 1024, run its milters, have the
 neutralize milter's converter jail (bubblewrap under NoNewPrivileges) flatten a picture,
 reload its policy on the unit's ExecReload signal, and stop on SIGTERM leaving no socket.
+A milter in mailmoat-milter@.service's sandbox (no capability at all) must answer on its
+socket in its RuntimeDirectory=, reload, and remove the socket when stopped.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from tests.integration.test_privileges import free_low_port, pids, status_of, wa
 
 pytestmark = pytest.mark.integration
 
-UNIT = ROOT / "packaging" / "systemd" / "mailmoat.service"
+UNITS = ROOT / "packaging" / "systemd"
 USER = "nobody"  # stands in for the unit's User=mailmoat (sysusers makes that one)
 CAP_NET_BIND_SERVICE = 10
 
@@ -58,7 +61,7 @@ for point in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
   mount -o remount,bind,ro "$point" 2>/dev/null || true
 done
 exec setpriv --reuid "$user" --regid "$group" --clear-groups --no-new-privs \
-  --inh-caps "-all,$caps" --ambient-caps "-all,$caps" --bounding-set "-all,$caps" -- "$@"
+  --inh-caps "-all$caps" --ambient-caps "-all$caps" --bounding-set "-all$caps" -- "$@"
 '''
 
 POLICY = """\
@@ -72,16 +75,17 @@ rules:
 """
 
 
-def unit_service() -> configparser.SectionProxy:
+def unit_service(name: str) -> configparser.SectionProxy:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(UNIT.read_text())
+    parser.read_string((UNITS / name).read_text())
     return parser["Service"]
 
 
 def setpriv_caps(unit_value: str) -> str:
-    """`CAP_NET_BIND_SERVICE` -> `+net_bind_service` (setpriv's spelling)."""
-    return ",".join("+" + name.removeprefix("CAP_").lower() for name in unit_value.split())
+    """`CAP_NET_BIND_SERVICE` -> `,+net_bind_service` (setpriv's spelling, after -all);
+    an empty value keeps none."""
+    return "".join(",+" + name.removeprefix("CAP_").lower() for name in unit_value.split())
 
 
 @pytest.fixture
@@ -121,21 +125,31 @@ def write_config(workdir: Path, dirs: dict[str, Path], port: int, *,
     return config
 
 
-def sandboxed(workdir: Path, dirs: dict[str, Path], config: Path) -> list[str]:
-    service = unit_service()
+def sandboxed(unit: str, workdir: Path, writable: list[Path], arguments: list[str]
+              ) -> list[str]:
+    """`mailmoat ARGUMENTS` as the unit would start it, `writable` standing for the unit's
+    writable directories."""
+    service = unit_service(unit)
     assert service["User"] == "mailmoat" and service["NoNewPrivileges"] == "yes"
-    ambient, bounding = service["AmbientCapabilities"], service["CapabilityBoundingSet"]
-    assert ambient == bounding == "CAP_NET_BIND_SERVICE", (ambient, bounding)
     assert service["ProtectSystem"] == "strict" and service["PrivateTmp"] == "yes"
+    bounding = service["CapabilityBoundingSet"]
+    assert service.get("AmbientCapabilities", "") in ("", bounding), "ambient beyond bounding"
+    mailmoat = Path(sys.executable).parent / "mailmoat"
+    inner = ["sh", "-c", SANDBOX, "sh", USER, grp.getgrgid(pwd.getpwnam(USER).pw_gid).gr_name,
+             setpriv_caps(service.get("AmbientCapabilities", "")), *map(str, writable), "--",
+             str(mailmoat), *arguments]
+    return reachable_argv(inner, workdir)
+
+
+def serve_sandboxed(workdir: Path, dirs: dict[str, Path], config: Path) -> list[str]:
+    service = unit_service("mailmoat.service")
+    assert service["AmbientCapabilities"] == service["CapabilityBoundingSet"] == \
+        "CAP_NET_BIND_SERVICE"
     # The unit's writable places, each standing for one of ours.
     assert service["ReadWritePaths"] == "/var/spool/mailmoat"
     assert service["StateDirectory"] == "mailmoat" and service["RuntimeDirectory"] == "mailmoat"
-    mailmoat = Path(sys.executable).parent / "mailmoat"
-    command = [str(mailmoat), "serve", "--config", str(config)]
-    writable = [str(dirs["state"]), str(dirs["run"]), str(dirs["spool"])]
-    inner = ["sh", "-c", SANDBOX, "sh", USER, grp.getgrgid(pwd.getpwnam(USER).pw_gid).gr_name,
-             setpriv_caps(ambient), *writable, "--", *command]
-    return reachable_argv(inner, workdir)
+    return sandboxed("mailmoat.service", workdir, [dirs["state"], dirs["run"], dirs["spool"]],
+                     ["serve", "--config", str(config)])
 
 
 def start(argv: list[str], workdir: Path, dirs: dict[str, Path]) -> subprocess.Popen[bytes]:
@@ -161,7 +175,7 @@ def test_serve_runs_in_the_units_sandbox(workdir: Path) -> None:
     dirs = unit_dirs(workdir)
     port = free_low_port()
     config = write_config(workdir, dirs, port)
-    proc = start(sandboxed(workdir, dirs, config), workdir, dirs)
+    proc = start(serve_sandboxed(workdir, dirs, config), workdir, dirs)
     log = workdir / "serve.log"
     try:
         text = wait_log(log, "event=serve_started", proc)
@@ -216,7 +230,7 @@ def test_a_spool_outside_the_units_writable_paths_is_a_clear_error(workdir: Path
     user = pwd.getpwnam(USER)
     os.chown(elsewhere, user.pw_uid, grp.getgrgid(user.pw_gid).gr_gid)
     config = write_config(workdir, dirs, free_low_port(), spool=elsewhere)
-    proc = start(sandboxed(workdir, dirs, config), workdir, dirs)
+    proc = start(serve_sandboxed(workdir, dirs, config), workdir, dirs)
     try:
         code = proc.wait(60)
     finally:
@@ -226,3 +240,38 @@ def test_a_spool_outside_the_units_writable_paths_is_a_clear_error(workdir: Path
     assert code != 0, said
     assert f"gateway.queue.dir: {elsewhere} is on a read-only file system" in said, said
     assert "Traceback" not in said, said
+
+
+def test_a_milter_runs_in_the_milter_units_sandbox(workdir: Path) -> None:
+    from mta.chain.client import MilterEndpoint
+    from mta.gateway.health import milter_problem
+    service = unit_service("mailmoat-milter@.service")
+    assert service["CapabilityBoundingSet"] == "" and "AmbientCapabilities" not in service
+    assert service["RuntimeDirectory"] == "mailmoat-milter/%i"
+    dirs = unit_dirs(workdir)
+    instance = dirs["run"] / "auth"  # RuntimeDirectory=mailmoat-milter/%i
+    instance.mkdir(mode=0o750)
+    os.chown(instance, pwd.getpwnam(USER).pw_uid, pwd.getpwnam(USER).pw_gid)
+    socket_path = instance / "auth.sock"
+    config = write_config(workdir, dirs, free_low_port())
+    argv = sandboxed("mailmoat-milter@.service", workdir, [dirs["state"], instance],
+                     ["milter", "auth", "--listen", f"unix:{socket_path}", "--config",
+                      str(config)])
+    proc = start(argv, workdir, dirs)
+    log = workdir / "serve.log"
+    try:
+        wait_log(log, "event=milter_started", proc)
+        status = status_of(proc.pid)
+        assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
+        assert status["NoNewPrivs"] == "1"
+        assert socket_path.is_socket() and socket_path.stat().st_uid == pwd.getpwnam(USER).pw_uid
+        assert milter_problem(MilterEndpoint("auth", f"unix:{socket_path}")) is None
+        os.kill(proc.pid, signal.SIGHUP)  # ExecReload
+        wait_log(log, "event=policy_reloaded", proc)
+        assert milter_problem(MilterEndpoint("auth", f"unix:{socket_path}")) is None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()
+    assert not socket_path.exists()
