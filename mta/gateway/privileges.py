@@ -246,6 +246,10 @@ def check_access(config: GatewayConfig, database: Path | None, milter: bool = Fa
                                (config.run_dir, "gateway.run_dir", os.W_OK | os.X_OK)]
     needs += [(config.policy, "policy", os.R_OK),
               (Path(sys.executable), "the Python running mailmoat", os.X_OK)]
+    if not milter:  # STARTTLS's files are read after the drop
+        needs += [(path, key, os.R_OK) for path, key in ((config.tls_cert, "gateway.tls.cert"),
+                                                         (config.tls_key, "gateway.tls.key"))
+                  if path is not None]
     if database is not None:  # SQLite makes its -wal and -shm files beside the database
         needs.append((database.parent, "store (its directory)", os.W_OK | os.X_OK))
     if config.source != "(embedded defaults)":

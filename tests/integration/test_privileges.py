@@ -295,3 +295,24 @@ def test_a_milter_started_as_root_opens_its_socket_then_serves_postfix_as_the_us
             made = milter.unix_path.stat()
             assert (made.st_uid, made.st_mode & 0o777) == (nobody.pw_uid, 0o666)
             assert milter.unix_path.parent.stat().st_uid == 0
+
+
+def test_a_tls_key_the_user_cannot_read_is_a_clear_error(workdir: Path) -> None:
+    """STARTTLS's key is read after the drop: a key only root can read stops serve at
+    start with the setting's name, not with a traceback at the first connection."""
+    from tests.harness.certs import TestCa
+    (workdir / "ca").mkdir()
+    cert, key = TestCa(workdir / "ca").issue("mx.mailmoat.test", "DNS:mx.mailmoat.test")
+    key.chmod(0o600)  # root's alone
+    cert.chmod(0o644)
+    config = write_config(workdir, free_low_port(), USER)
+    config.write_text(config.read_text().replace(
+        "gateway:\n", f"gateway:\n  tls: {{cert: {cert}, key: {key}}}\n", 1))
+    done = subprocess.run(reachable_argv([sys.executable, "-m", "mta.cli", "serve", "--config",
+                                          str(config)], workdir), cwd=ROOT,
+                          capture_output=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    said = done.stderr.decode()
+    assert done.returncode != 0, said
+    assert f"gateway.tls.key: {key} is not usable by user nobody" in said, said
+    assert "Traceback" not in said, said
