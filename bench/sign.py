@@ -40,7 +40,7 @@ from dkim.canonicalization import Relaxed  # noqa: E402
 
 from milters.sign.dkim_sign import (BodyHasher, SigningKey, dkim_signature,  # noqa: E402
                                     sign_bytes)
-from milters.sign.keys import load_private_key  # noqa: E402
+from milters.core.dkim_keys import load_private_key  # noqa: E402
 from milters.sign.settings import DEFAULT_HEADERS  # noqa: E402
 from tests.harness.milter_proc import MilterProcess  # noqa: E402
 from tests.harness.opendmarc import OpenDkimVerifier  # noqa: E402

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from email.errors import InvalidHeaderDefect, NonPrintableDefect
 from email.headerregistry import HeaderRegistry
 
+from milters.core.dkim_keys import check_domain
 from milters.core.message import Envelope, decode_words
 from milters.core.policy.document import Policy
 from milters.core.policy.rules import OUTBOUND, Facts
 
 from .dkim_sign import SigningKey
-from .keys import check_domain, keys_for, signing_domain
+from .keys import keys_for, signing_domain
 from .settings import MILTER, SignSettings
 
 _REGISTRY = HeaderRegistry()

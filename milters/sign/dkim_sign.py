@@ -29,14 +29,14 @@ import base64
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Iterable
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from milters.core.dkim_body import CANONS, CanonicalBody
+from milters.core.dkim_keys import PrivateKey
 
-PrivateKey = Union[rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
 Field = tuple[bytes, bytes]
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from milters.core.dkim_keys import check_domain, check_selector, load_private_key
 from milters.core.policy.schema import Bool, Duration, Field, ListOf, MapOf, Str, Struct
 
 from .dkim_sign import SigningKey
-from .keys import check_domain, check_selector, load_private_key
 
 MILTER = "sign"
 ACTIONS = ("sign", "none")

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from milters.core.config import load_config
 from milters.core.dns import DnsTempError, Resolver
 from milters.core.errors import MailmoatError
-from milters.sign.keys import (KeyFileError, check_domain, check_selector, load_private_key,
+from milters.core.dkim_keys import (KeyFileError, check_domain, check_selector, load_private_key,
                                public_record, record_strings)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from milters.sign.keys import load_private_key, public_record
+from milters.core.dkim_keys import load_private_key, public_record
 from mta.cli import main
 
 

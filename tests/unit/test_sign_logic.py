@@ -16,7 +16,7 @@ from milters.core.edits import AddHeader
 from milters.core.errors import ConfigError
 from milters.core.message import Envelope, Message, Recipient
 from milters.core.policy.document import load_policy_text
-from milters.sign.keys import public_record
+from milters.core.dkim_keys import public_record
 from milters.sign.logic import Signer
 from mta.cli import EXTENSIONS
 
