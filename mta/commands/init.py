@@ -92,7 +92,7 @@ _POSTFIX = """\
 gateway:
   hostname: mail.example.jp          # the name the milters write in their headers
   # user: mailmoat                   # as root: whom each milter becomes once its socket is open
-  reinject_listen: 127.0.0.1:10025   # where milters hand back copies: a Postfix smtpd
+  reinject_listen: 127.0.0.1:10026   # where milters hand back copies: a Postfix smtpd
                                      # listener without milters (see the next steps)
 store: sqlite:///var/state.db        # rate-limit state; redis://HOST:PORT/DB for several hosts
 policy: {policy}
