@@ -8,6 +8,7 @@ Groups (group_attribute on the entry, or a search under group_search_base) give 
 """
 from __future__ import annotations
 
+import math
 import ssl
 from dataclasses import dataclass
 
@@ -44,7 +45,8 @@ def _server(settings: LdapSettings) -> Server:
 def _connect(settings: LdapSettings, dn: str | None, password: str | None) -> Connection | None:
     """A bound connection, or None when the directory says the credentials are wrong."""
     conn = Connection(_server(settings), user=dn, password=password,
-                      authentication=SIMPLE if dn else None, receive_timeout=settings.timeout,
+                      authentication=SIMPLE if dn else None, # ldap3 packs this into SO_RCVTIMEO as whole seconds
+                      receive_timeout=max(1, math.ceil(settings.timeout)),
                       raise_exceptions=False, read_only=True, auto_bind="NONE")
     try:
         conn.open()
@@ -56,7 +58,7 @@ def _connect(settings: LdapSettings, dn: str | None, password: str | None) -> Co
                 conn.unbind()
                 return None
             raise DirectoryDown(f"bind failed: {result.get('description') or result}")
-    except LDAPException as exc:
+    except (LDAPException, OSError) as exc:
         conn.unbind()
         raise DirectoryDown(str(exc) or type(exc).__name__) from None
     return conn
@@ -66,7 +68,7 @@ def _search(conn: Connection, base: str, query: str, scope: str,
             attributes: list[str], limit: int = 2) -> list[dict]:
     try:
         conn.search(base, query, search_scope=scope, attributes=attributes, size_limit=limit)
-    except LDAPException as exc:
+    except (LDAPException, OSError) as exc:
         raise DirectoryDown(str(exc) or type(exc).__name__) from None
     if conn.result.get("result") not in (0, 4, 32):  # success, sizeLimitExceeded, noSuchObject
         raise DirectoryDown(f"search failed: {conn.result.get('description')}")

@@ -34,6 +34,8 @@ def _name_problem(name: str) -> str | None:
         return "name too long"
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
         return "control character in the name"
+    if name != name.strip():  # a directory ignores it: " alice" would bind as alice
+        return "white space around the name"
     return None
 
 
