@@ -4,8 +4,8 @@ the foreground, loaded over LDAP as the rootdn (so the overlay fills memberOf).
 
 The test directory under dc=example,dc=jp:
   ou=people: alice (admins), audrey (auditors), bob (no group; two mail addresses),
-             carol (both admins and auditors), "admin,ou=x" would be a DN trick: not present;
-             cn=reader (the search account)
+             carol (both admins and auditors); uid=admin,ou=x under it (an admin that
+             only the unescaped name "admin,ou=x" reaches); cn=reader (the search account)
   ou=groups: cn=admins, cn=auditors (groupOfNames)
 Every person's password is PASSWORDS[uid].
 """
@@ -30,6 +30,7 @@ ROOT_DN, ROOT_PW = f"cn=root,{SUFFIX}", "root-secret-pw"
 PEOPLE, GROUPS = f"ou=people,{SUFFIX}", f"ou=groups,{SUFFIX}"
 READER_DN, READER_PW = f"cn=reader,{SUFFIX}", "reader-pw"
 ADMINS, AUDITORS = f"cn=admins,{GROUPS}", f"cn=auditors,{GROUPS}"
+TRAP_DN, TRAP_PW = f"uid=admin,ou=x,{PEOPLE}", "trap-pw"
 PASSWORDS = {"alice": "alice-pw", "audrey": "audrey-pw", "bob": "bob-pw", "carol": "carol-pw"}
 MAIL = {"alice": ["alice@example.jp"], "audrey": ["audrey@example.jp"],
         "bob": ["bob@example.jp", "Bob.Sales@Example.JP"], "carol": ["carol@example.jp"]}
@@ -110,9 +111,13 @@ class Slapd:
                 adds.append((person_dn(uid), ["inetOrgPerson"],
                              {"uid": uid, "cn": uid, "sn": uid, "userPassword": password,
                               "mail": MAIL[uid]}))
+            # An entry only an unescaped name can reach: "admin,ou=x" as uid={name},ou=people
+            adds += [(f"ou=x,{PEOPLE}", ["organizationalUnit"], {"ou": "x"}),
+                     (TRAP_DN, ["inetOrgPerson"], {"uid": "admin", "cn": "admin", "sn": "admin",
+                                                   "userPassword": TRAP_PW})]
             adds += [
                 (ADMINS, ["groupOfNames"], {"cn": "admins", "member": [
-                    person_dn("alice"), person_dn("carol")]}),
+                    person_dn("alice"), person_dn("carol"), TRAP_DN]}),
                 (AUDITORS, ["groupOfNames"], {"cn": "auditors", "member": [
                     person_dn("audrey"), person_dn("carol")]}),
             ]
