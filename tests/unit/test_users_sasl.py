@@ -17,7 +17,7 @@ import pytest
 from milters.core.config import load_config
 from milters.core.errors import ConfigError, MailmoatError
 from mta import passwords
-from mta.smtp_in import sasl, users
+from mta.smtp_in import sasl
 from mta.smtp_in.sasl import SaslError
 from mta.smtp_in.users import UserFile, hash_password, list_users, remove_user, set_password
 from tests.conftest import ROOT
