@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-from milters.core.config import STORE_SCHEMES, GatewayConfig, load_config
+from milters.core.config import CONSOLE_ROLES, STORE_SCHEMES, GatewayConfig, load_config
 from milters.core.errors import ConfigError, MailmoatError
 from milters.core.eventlog import setup_logging
 from milters.core.message import Envelope, Recipient
@@ -33,7 +33,7 @@ from milters.ratelimit.extension import EXTENSION as RATELIMIT
 from milters.sign.extension import EXTENSION as SIGN
 
 from mta import __version__
-from mta.commands import dkim, init, scan
+from mta.commands import console_users, dkim, init, scan
 from mta.commands.scan import ScanRequest, to_crlf
 from mta.delivery.process import run_delivery
 from mta.gateway import privileges, serve
@@ -337,15 +337,26 @@ def _read_new_password() -> str:
 
 
 def cmd_user(args: argparse.Namespace) -> int:
-    path = _users_file(load_config(args.config))
+    config = load_config(args.config)
     action = args.user_command
-    if action == "list":
-        names = users.list_users(path)
-        if names:
-            print("\n".join(names))
-        else:
-            print(f"{path}: no users", file=sys.stderr)
+    if getattr(args, "role", None) or getattr(args, "console", False):  # console accounts
+        try:
+            console_users.add_or_delete(config, args, _read_new_password)
+        except console_users.ConsoleUsageError as exc:
+            raise UsageError(str(exc)) from None
         return 0
+    if action == "list":
+        console = console_users.list_lines(config)
+        names = users.list_users(_users_file(config)) if config.auth_users_file or not console \
+            else []
+        if names or console:
+            print("\n".join(names + console))
+        else:
+            print(f"{config.auth_users_file}: no users", file=sys.stderr)
+        return 0
+    if getattr(args, "address", None):
+        raise UsageError("--address is for console accounts: add --role admin|auditor|user")
+    path = _users_file(config)
     try:
         users.check_user_name(args.name)
     except ValueError as exc:
@@ -534,15 +545,24 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--config", metavar="FILE", help=config_help)
         command.set_defaults(func=cmd_queue)
     dkim.add_parser(sub, _Parser, config_help)
-    user = sub.add_parser("user", help="manage SMTP AUTH users (gateway.auth.users_file)")
+    user = sub.add_parser("user", help="manage SMTP AUTH users (gateway.auth.users_file) and "
+                                       "console accounts (console.users_file, with --role)")
     usub = user.add_subparsers(dest="user_command", required=True, parser_class=_Parser)
     for name, text, needs_name in (
             ("add", "add a user or change a password (read from stdin when piped)", True),
             ("delete", "remove a user", True),
-            ("list", "print every user name", False)):
+            ("list", "print every user name (console accounts with their roles)", False)):
         command = usub.add_parser(name, help=text)
         if needs_name:
             command.add_argument("name", metavar="NAME")
+        if name == "add":
+            command.add_argument("--role", choices=CONSOLE_ROLES,
+                                 help="a console account with this role (not an SMTP user)")
+            command.add_argument("--address", action="append", metavar="ADDRESS",
+                                 help="a console account's own mail address (repeatable)")
+        if name == "delete":
+            command.add_argument("--console", action="store_true",
+                                 help="delete the console account, not the SMTP user")
         command.add_argument("--config", metavar="FILE", help=config_help)
         command.set_defaults(func=cmd_user)
     return parser

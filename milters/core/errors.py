@@ -10,9 +10,14 @@ instead of a traceback:
     │   └── StoreUnavailable the store cannot be reached right now (retry or fall back)
     ├── MessageError         a message cannot be parsed or is over a limit
     │   └── AuthResultsError an Authentication-Results header cannot be read (RFC 8601)
-    └── MilterProtocolError  a milter peer broke the Sendmail milter protocol
+    ├── MilterProtocolError  a milter peer broke the Sendmail milter protocol
+    └── LoginError           a console login did not succeed
+        ├── LoginRefused     wrong name or password, no role, or the directory is down
+        └── LoginThrottled   too many failures for this name or source address
 """
 from __future__ import annotations
+
+import math
 
 
 class MailmoatError(Exception):
@@ -49,3 +54,24 @@ class MilterProtocolError(MailmoatError):
 
 class OutputFileError(MailmoatError):
     """A file a command was asked to write (scan --reinjected-dir) could not be written."""
+
+
+class LoginError(MailmoatError):
+    """A console login did not succeed; str() is fit to show the person logging in."""
+
+
+class LoginRefused(LoginError):
+    """The login is refused: the same message for an unknown name and a wrong password.
+    `reason` is for the log only (never shown: it would tell which names exist)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class LoginThrottled(LoginError):
+    """Too many failed logins for this name or this source; `retry_after` in seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed logins; try again in {math.ceil(retry_after)} s")
+        self.retry_after = retry_after

@@ -6,19 +6,13 @@ so no restart is needed. A broken edit never takes effect: the last good users s
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import fcntl
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import tempfile
 import threading
 import unicodedata
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -26,80 +20,9 @@ from milters.core.errors import ConfigError
 from milters.core.eventlog import log_event
 from milters.core.files import file_signature
 from milters.core.secrets import world_readable
+from mta.passwords import HASH_FORMAT, PasswordHash, hash_password, parse_hash, verify_password
 
-# ~50 ms and 16 MiB per hash: slow enough to hurt offline guessing, fast enough per login.
-LOG2_N, BLOCK_SIZE, PARALLELISM = 14, 8, 1
-SALT_BYTES, KEY_BYTES = 16, 32
-HASH_FORMAT = "$scrypt$ln=N,r=R,p=P$SALT$HASH"
-_MAX_MEMORY = 256 * 1024 * 1024  # refuse parameters that would let one login eat the RAM
 _MAX_NAME = 256
-
-
-@dataclass(frozen=True)
-class _Hash:
-    log2_n: int
-    r: int
-    p: int
-    salt: bytes
-    key: bytes
-
-
-# Unknown users are checked against this, so a miss costs as much as a wrong password.
-_DUMMY = _Hash(LOG2_N, BLOCK_SIZE, PARALLELISM, secrets.token_bytes(SALT_BYTES),
-               secrets.token_bytes(KEY_BYTES))
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii").rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-
-
-def _derive(password: str, params: _Hash) -> bytes:
-    # surrogatepass: a lone surrogate still hashes (to bytes no real password encodes to).
-    secret = password.encode("utf-8", "surrogatepass")
-    n = 1 << params.log2_n
-    return hashlib.scrypt(secret, salt=params.salt, n=n, r=params.r, p=params.p,
-                          dklen=len(params.key),
-                          maxmem=128 * params.r * (n + params.p + 2) + 1024 * 1024)
-
-
-def hash_password(password: str) -> str:
-    """A new `$scrypt$...` string for `password`, with a fresh random salt."""
-    params = _Hash(LOG2_N, BLOCK_SIZE, PARALLELISM, secrets.token_bytes(SALT_BYTES),
-                   b"\0" * KEY_BYTES)
-    key = _derive(password, params)
-    return (f"$scrypt$ln={params.log2_n},r={params.r},p={params.p}"
-            f"${_b64(params.salt)}${_b64(key)}")
-
-
-def _parse_hash(text: str) -> _Hash:
-    """Check one `$scrypt$...` string; ValueError says what is wrong."""
-    parts = text.split("$")
-    if len(parts) != 5 or parts[0] != "":
-        raise ValueError(f"the hash is not {HASH_FORMAT}")
-    if parts[1] != "scrypt":
-        raise ValueError(f"unsupported hash scheme '{parts[1]}'; expected {HASH_FORMAT}")
-    try:
-        params = dict(item.split("=", 1) for item in parts[2].split(","))
-        log2_n, r, p = int(params.pop("ln")), int(params.pop("r")), int(params.pop("p"))
-    except (ValueError, KeyError):
-        raise ValueError(f"the parameters must read ln=N,r=R,p=P (got {parts[2]})") from None
-    if params:
-        raise ValueError(f"unknown scrypt parameter(s) {', '.join(params)}")
-    if not (1 <= log2_n <= 24 and 1 <= r <= 64 and 1 <= p <= 16):
-        raise ValueError("scrypt parameters out of range (ln 1-24, r 1-64, p 1-16)")
-    if 128 * r * (1 << log2_n) > _MAX_MEMORY:
-        raise ValueError(f"scrypt parameters need more than {_MAX_MEMORY >> 20} MiB per login")
-    try:
-        salt, key = _unb64(parts[3]), _unb64(parts[4])
-    except (binascii.Error, ValueError):
-        raise ValueError("the salt or hash is not base64") from None
-    if len(salt) < 8 or len(key) < 16:
-        raise ValueError("the salt (8 bytes) or hash (16 bytes) is too short")
-    return _Hash(log2_n, r, p, salt, key)
 
 
 def check_user_name(name: str) -> None:
@@ -154,9 +77,9 @@ def _read_lines(path: Path, *, private: bool = False) -> list[str] | None:
     return lines
 
 
-def _parse(lines: list[str], path: Path) -> dict[str, tuple[int, _Hash]]:
+def _parse(lines: list[str], path: Path) -> dict[str, tuple[int, PasswordHash]]:
     """user -> (line index, hash); ConfigError listing every bad line as FILE:LINE: problem."""
-    users: dict[str, tuple[int, _Hash]] = {}
+    users: dict[str, tuple[int, PasswordHash]] = {}
     problems = []
     for index, line in enumerate(lines):
         text = line.strip()
@@ -174,7 +97,7 @@ def _parse(lines: list[str], path: Path) -> dict[str, tuple[int, _Hash]]:
             problems.append(f"{where}: user {name!r}: {exc}")
             continue
         try:
-            params = _parse_hash(hashed)
+            params = parse_hash(hashed)
         except ValueError as exc:
             problems.append(f"{where}: user {name!r}: {exc}")
             continue
@@ -237,10 +160,7 @@ class UserFile:
     def verify(self, user: str, password: str) -> bool:
         """True when `password` is `user`'s; takes about as long for an unknown user."""
         self._reload_if_changed()
-        stored = self._users.get(user)
-        params = stored if stored is not None else _DUMMY
-        matches = hmac.compare_digest(_derive(password, params), params.key)
-        return matches and stored is not None
+        return verify_password(password, self._users.get(user))
 
 
 # -- writing ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ Texts may name things started for each load: @SINK@ (the loopback next hop), @NC
 @NCS@ (a fresh fake Nextcloud, HTTP or HTTPS), @PORT1@..@PORT4@ (free loopback ports).
 
 UNPROVEN holds the keys still without a probe, each with why: work left, never a pass; it
-may only shrink (a key that gets a probe must leave it). It is empty.
+may only shrink (a key that gets a probe must leave it). It holds two console.ldap keys.
 """
 from __future__ import annotations
 
@@ -53,7 +53,17 @@ from milters.core.message import Envelope, Message, Recipient
 from milters.core.policy.document import Policy, _build_spec, load_policy_text
 from milters.core.policy.rules import Facts
 from milters.core.policy.schema import Either, ListOf, MapOf, Spec, Struct
+from milters.core.errors import LoginError
 from milters.core.store import MemoryStore, open_gateway_store
+from mta.console.accounts import set_account
+from mta.console.login import authenticate
+from tests.harness.slapd import ADMINS as SLAPD_ADMINS
+from tests.harness.slapd import AUDITORS as SLAPD_AUDITORS
+from tests.harness.slapd import GROUPS as SLAPD_GROUPS
+from tests.harness.slapd import PASSWORDS as SLAPD_PASSWORDS
+from tests.harness.slapd import PEOPLE as SLAPD_PEOPLE
+from tests.harness.slapd import READER_PW as SLAPD_READER_PW
+from tests.harness.slapd import Slapd
 from milters.neutralize import jail
 from milters.neutralize.logic import NeutralizeChecker
 from milters.neutralize.sandbox import PREFIX as SANDBOX_PREFIX
@@ -139,6 +149,8 @@ def gateway(text: str) -> Any:
         for n in range(1, 5):
             _PORTS[f"@PORT{n}@"] = free_port()
             text = text.replace(f"@PORT{n}@", str(_PORTS[f"@PORT{n}@"]))
+    if "@LDAP@" in text:  # the private slapd of the console login probes
+        text = text.replace("@LDAP@", ldap_server().url)
     path.write_text(textwrap.dedent(text))
     return load_config(path)
 
@@ -1854,8 +1866,107 @@ GATEWAY_PROBES["milters[].reinjection"] = Probe(
     "milters: [{name: attachments}, {name: sign, reinjection: false}]\n", reinjection_chain)
 
 
+# -- the console's logins: authenticate() against local accounts and a private slapd --------
+_SLAPD: list[Slapd] = []
+_LOGIN_FILES = Path(tempfile.mkdtemp(prefix="mailmoat-login-probes-"))
+READER_FILE, WRONG_READER_FILE = _LOGIN_FILES / "reader.pass", _LOGIN_FILES / "wrong.pass"
+ACCOUNTS_FILE = _LOGIN_FILES / "console-users"
+
+
+def ldap_server() -> Slapd:
+    """The directory @LDAP@ names (tests/harness/slapd.py), started on first use."""
+    if not _SLAPD:
+        _SLAPD.append(Slapd().start())
+        for path, text in ((READER_FILE, SLAPD_READER_PW), (WRONG_READER_FILE, "wrong")):
+            path.write_text(text + "\n")
+            path.chmod(0o600)
+        set_account(ACCOUNTS_FILE, "probe", "auditor", ["probe@example.jp"], "probe-pw")
+    return _SLAPD[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_slapd() -> Iterator[None]:
+    yield
+    for server in _SLAPD:
+        server.stop()
+    _SLAPD.clear()
+
+
+def console_login(name: str, password: str) -> Observer:
+    """What authenticate() makes of one login: the role and addresses, or the reason."""
+    def observe(config: Any) -> object:
+        try:
+            actor = authenticate(config.console, MemoryStore(), name, password, "127.0.0.1")
+        except LoginError as exc:
+            return ("refused", getattr(exc, "reason", str(exc)))
+        return (actor.role, sorted(actor.addresses))
+    return observe
+
+
+ALICE = console_login("alice", SLAPD_PASSWORDS["alice"])
+_LDAP = ("console:\n  ldap:\n    url: @LDAP@\n    user_dn: 'uid={{name}},{base}'\n"
+         "    roles: {roles}\n{more}")
+
+
+def ldap(base: str = SLAPD_PEOPLE, roles: str = f"{{admin: ['{SLAPD_ADMINS}'], user: '*'}}",
+         more: str = "") -> str:
+    return _LDAP.format(base=base, roles=roles, more="".join(f"    {line}\n"
+                                                              for line in more.splitlines()))
+
+
+def ldap_search(more: str = "", base: str = SLAPD_PEOPLE) -> str:
+    roles = f"{{admin: ['{SLAPD_ADMINS}']}}"
+    return ("console:\n  ldap:\n    url: @LDAP@\n"
+            f"    search_base: '{base}'\n    roles: {roles}\n"
+            f"    bind_dn: 'cn=reader,dc=example,dc=jp'\n" + "".join(
+                f"    {line}\n" for line in more.splitlines()))
+
+
+GATEWAY_PROBES.update({
+    "console.users_file": Probe("", f"console: {{users_file: {ACCOUNTS_FILE}}}\n",
+                                console_login("probe", "probe-pw")),
+    "console.ldap.url": Probe(ldap(), ldap().replace("@LDAP@", "ldap://127.0.0.1:1"), ALICE),
+    "console.ldap.starttls": Probe(ldap(), ldap(more="starttls: true"), ALICE),
+    "console.ldap.user_dn": Probe(ldap(), ldap(base=SLAPD_GROUPS), ALICE),
+    "console.ldap.search_base": Probe(
+        ldap_search(f"bind_password_file: {READER_FILE}"),
+        ldap_search(f"bind_password_file: {READER_FILE}", base=SLAPD_GROUPS), ALICE),
+    "console.ldap.search_filter": Probe(
+        ldap_search(f"bind_password_file: {READER_FILE}"),
+        ldap_search(f"bind_password_file: {READER_FILE}\nsearch_filter: '(mail={{name}})'"),
+        ALICE),
+    "console.ldap.bind_dn": Probe(
+        ldap_search(f"bind_password_file: {READER_FILE}"),
+        ldap_search(f"bind_password_file: {READER_FILE}").replace("cn=reader", "cn=root"),
+        ALICE),
+    "console.ldap.bind_password_file": Probe(
+        ldap_search(f"bind_password_file: {READER_FILE}"),
+        ldap_search(f"bind_password_file: {WRONG_READER_FILE}"), ALICE),
+    "console.ldap.group_attribute": Probe(ldap(), ldap(more="group_attribute: description"),
+                                          ALICE),
+    "console.ldap.group_search_base": Probe(
+        ldap(more="group_attribute: description"),
+        ldap(more=f"group_attribute: description\ngroup_search_base: '{SLAPD_GROUPS}'"),
+        ALICE),
+    "console.ldap.roles.admin": Probe(ldap(), ldap(roles=f"{{admin: ['{SLAPD_AUDITORS}'], "
+                                                         "user: '*'}"), ALICE),
+    "console.ldap.roles.auditor": Probe(ldap(roles="{user: '*'}"),
+                                        ldap(roles=f"{{auditor: ['{SLAPD_ADMINS}'], "
+                                                   "user: '*'}"), ALICE),
+    "console.ldap.roles.user": Probe(ldap(roles=f"{{admin: ['{SLAPD_AUDITORS}']}}"),
+                                     ldap(roles=f"{{admin: ['{SLAPD_AUDITORS}'], user: '*'}}"),
+                                     ALICE),
+    "console.ldap.mail_attribute": Probe(ldap(), ldap(more="mail_attribute: cn"), ALICE),
+})
+
+
 # Keys without a probe yet, and why: work left (see the report of issue 13), never a pass.
-UNPROVEN: dict[str, str] = {}
+UNPROVEN: dict[str, str] = {
+    "console.ldap.ca_file": "needs a slapd with TLS (tests/harness/slapd.py has none yet): "
+                            "trusted CA -> StartTLS binds, system CAs -> refused",
+    "console.ldap.timeout": "the only difference is how long a hung slapd is waited for; "
+                            "needs an observer that counts ldap3's socket timeouts, not time",
+}
 
 
 # -- the tests -------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 
 from milters.core.config import load_config
 from milters.core.errors import ConfigError, MailmoatError
-from mta.smtp_in import sasl, users
+from mta import passwords
+from mta.smtp_in import sasl
 from mta.smtp_in.sasl import SaslError
 from mta.smtp_in.users import UserFile, hash_password, list_users, remove_user, set_password
 from tests.conftest import ROOT
@@ -105,13 +106,13 @@ def test_unknown_user_is_refused_after_the_same_scrypt_work(tmp_path: Path,
     path.write_text(f"taro:{hash_password('s3cret')}\n")
     user_file = UserFile(path)
     calls = []
-    real = users._derive
+    real = passwords.derive
 
-    def counting(password: str, params: users._Hash) -> bytes:
+    def counting(password: str, params: passwords.PasswordHash) -> bytes:
         calls.append((params.log2_n, params.r, params.p, len(params.key)))
         return real(password, params)
 
-    monkeypatch.setattr(users, "_derive", counting)
+    monkeypatch.setattr(passwords, "derive", counting)
     assert not user_file.verify("nobody", "s3cret")
     assert not user_file.verify("nobody", "")
     assert user_file.verify("taro", "s3cret")
