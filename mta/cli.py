@@ -240,6 +240,14 @@ def with_reinjection(config: GatewayConfig) -> GatewayConfig:
         for m in config.milters))
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    setup_logging("console", verbose=args.verbose)
+    config = load_config(args.config)
+    setup_logging("console", verbose=args.verbose, settings=config.log)
+    from mta.console.server import run_console  # Starlette and uvicorn: this process only
+    return run_console(config)
+
+
 def cmd_deliver(args: argparse.Namespace) -> int:
     setup_logging("delivery", verbose=args.verbose)
     config = load_config(args.config)
@@ -450,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     deliver_cmd.add_argument("--config", metavar="FILE", help=config_help)
     deliver_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
     deliver_cmd.set_defaults(func=cmd_deliver)
+
+    console_cmd = sub.add_parser(
+        "console", help="the web console and its JSON API (serve starts it when configured)",
+        description="Serve the web console on console.listen (default 127.0.0.1:8026); "
+                    "off loopback only with console.tls.")
+    console_cmd.add_argument("--config", metavar="FILE", help=config_help)
+    console_cmd.add_argument("--verbose", action="store_true", help="also log debug details")
+    console_cmd.set_defaults(func=cmd_console)
 
     scan_cmd = sub.add_parser("scan", help="run one message through the milter chain offline")
     scan_cmd.add_argument("message", metavar="MESSAGE.eml")

@@ -9,6 +9,7 @@ current directory is; the embedded defaults are relative to the current director
 """
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,10 +114,28 @@ class LdapSettings:
     mail_attribute: str = "mail"
 
 
+CONSOLE_LANGUAGES = ("auto", "ja", "en")
+
+
 @dataclass(frozen=True)
 class ConsoleSettings:
+    """`console:`: who may log in (users_file, ldap), where the web console listens and how
+    its sessions live. Written in a config (configured): serve starts the console."""
+
     users_file: Path = Path("var/console-users")
     ldap: LdapSettings | None = None
+    listen: str = "127.0.0.1:8026"
+    tls_cert: Path | None = None  # with tls_key: HTTPS (required off loopback)
+    tls_key: Path | None = None
+    secret_key_file: Path = Path("var/console-secret")  # signs the session cookies
+    session_idle: float = 30 * 60.0  # a session unused this long ends
+    session_max: float = 12 * 3600.0  # and every session ends this long after its login
+    language: str = "auto"  # auto: the browser's Accept-Language
+    configured: bool = True  # False: no `console:` in the config (serve starts no console)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True)
@@ -155,7 +174,27 @@ class GatewayConfig:
     group: str | None = None
     smtpd: "SmtpdLimits" = field(default_factory=lambda: SmtpdLimits())
     log: LogSettings = LogSettings()  # key=value or JSON lines, to stderr or syslog
-    console: ConsoleSettings = ConsoleSettings()
+    console: ConsoleSettings = ConsoleSettings()  # configured: serve starts it
+
+
+# -- console.listen: loopback, or TLS -------------------------------------------------------
+def console_listen_problem(listen: str, tls: bool) -> str | None:
+    """Why the console may not listen on `listen` (HOST:PORT), or None. Off loopback the
+    session cookies and passwords would cross the network in clear: TLS is required."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        return "listen is HOST:PORT, like 127.0.0.1:8026 or [::1]:8026"
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return "listen's host is an IP address (or localhost), like 127.0.0.1:8026"
+    if not loopback and not tls:
+        return ("listen is not a loopback address; set console.tls: {cert, key} so that "
+                "passwords and session cookies do not cross the network in clear")
+    return None
 
 
 @dataclass(frozen=True)
@@ -480,8 +519,10 @@ def _spec(base: Path, source: str) -> Struct:
         }, build=lambda nameservers, timeout: DnsSettings(tuple(nameservers), timeout),
             expected="dns settings: nameservers, timeout"), DnsSettings(),
                      doc="The resolver the milters use (SPF, DKIM, DMARC)."),
-        "console": Field(console, factory=lambda: console.read(None, "", Problems(source)),
-                         doc="The web console (`mailmoat console`): who may log in."),
+        "console": Field(console, factory=lambda: replace(
+            console.read(None, "", Problems(source)), configured=False),
+                         doc="The web console (`mailmoat console`): who may log in, where it "
+                             "listens, its sessions. Written (even empty): serve starts it."),
     }, build=build, expected="a mailmoat config mapping")
 
 
@@ -554,6 +595,21 @@ def _ldap_settings(base: Path, url: str, starttls: bool, ca_file: Path | None, t
 
 
 def _console_spec(base: Path) -> Struct:
+    defaults = ConsoleSettings()
+
+    def build(users_file: str, ldap: LdapSettings | None, listen: str, tls: dict | None,
+              secret_key_file: str, session_idle: float, session_max: float,
+              language: str) -> ConsoleSettings:
+        problem = console_listen_problem(listen, tls is not None)
+        if problem:
+            raise ValueError(f"{problem} (got {listen})")
+        if session_idle > session_max:
+            raise ValueError("session_idle is longer than session_max")
+        return ConsoleSettings(base / users_file, ldap, listen,
+                               base / tls["cert"] if tls else None,
+                               base / tls["key"] if tls else None, base / secret_key_file,
+                               session_idle, session_max, language)
+
     groups = ListOf(_GroupDn())
     ldap = Struct({
         "url": Field(Str(), doc="The directory: ldap://HOST[:PORT] or ldaps://HOST[:PORT]."),
@@ -607,8 +663,28 @@ def _console_spec(base: Path) -> Struct:
         "ldap": Field(ldap, None,
                       doc="Log in against LDAP or Active Directory (a bind as the user); "
                           "groups map to roles. Not set: local accounts only."),
-    }, build=lambda users_file, ldap: ConsoleSettings(base / users_file, ldap),
-        expected="console settings")
+        # -- the web console itself (mta/console: app, sessions, server) --
+        "listen": Field(Str(), defaults.listen,
+                        doc="HOST:PORT of the web console and its JSON API; off loopback it "
+                            "needs tls."),
+        "tls": Field(Struct({
+            "cert": Field(Str(), doc="Certificate chain file (PEM) of the console's HTTPS."),
+            "key": Field(Str(), doc="Private key file (PEM); must not be readable by group or "
+                                    "others."),
+        }), None, doc="HTTPS for the console: the certificate and key files. Not set: plain "
+                      "HTTP, allowed on loopback only."),
+        "secret_key_file": Field(Str(), str(defaults.secret_key_file),
+                                 doc="The key that signs session cookies; made (mode 0600) on "
+                                     "first start when missing, refused when group or others "
+                                     "may read it."),
+        "session_idle": Field(Duration(minimum=60), defaults.session_idle,
+                              doc="A console session unused this long ends (log in again)."),
+        "session_max": Field(Duration(minimum=60), defaults.session_max,
+                             doc="Every console session ends this long after its login."),
+        "language": Field(Str(CONSOLE_LANGUAGES), defaults.language,
+                          doc="The pages' language: ja, en, or auto (the browser's "
+                              "Accept-Language); each user can switch."),
+    }, build=build, expected="console settings")
 
 
 def load_config(path: str | Path | None) -> GatewayConfig:

@@ -35,6 +35,7 @@ from mta.aio.event_loop import loop_factory
 from mta.chain.client import MilterEndpoint
 from mta.chain.pool import MilterPool
 from mta.chain.session import ChainMember, ChainSession
+from mta.console.process import ConsoleProcess
 from mta.delivery.process import DeliveryProcess
 from mta.metrics import METRICS, ReadyCheck, serve_metrics
 from mta.queue.spool import Queue
@@ -277,7 +278,8 @@ def apply_policy(handler: GatewayHandler, policy: Policy) -> None:
 
 async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
                supervisor: MilterSupervisor, queue: Queue, delivery: DeliveryProcess,
-               users: UserFile | None, loop_name: str) -> None:
+               users: UserFile | None, loop_name: str,
+               console: ConsoleProcess | None = None) -> None:
     # First: a SIGTERM that comes while the listeners open must stop us cleanly too.
     stop = asyncio.Event()
     hangups: list[int] = []  # SIGHUPs not yet acted on (the main loop reloads)
@@ -323,6 +325,8 @@ async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
         if not delivery.alive():
             log_event("delivery_process_died", level=logging.ERROR, action="restarting")
             delivery.restart()
+        if console is not None:
+            console.check()
         wake.clear()
         stopping = loop.create_task(stop.wait())
         woken = loop.create_task(wake.wait())
@@ -359,11 +363,17 @@ def serve(config: GatewayConfig, config_path: str | None,
     users = user_file(config)
     supervisor = MilterSupervisor(config, config_path)
     delivery = DeliveryProcess(config_path, preexec=_die_with_parent)
+    console: ConsoleProcess | None = None
     try:
         supervisor.start()
+        if config.console.configured and config_path:  # `mailmoat console`, supervised
+            console = ConsoleProcess(config_path, preexec=_die_with_parent)
         with asyncio.Runner(loop_factory=new_loop) as runner:
-            runner.run(_run(config, holder, supervisor, queue, delivery, users, loop_name))
+            runner.run(_run(config, holder, supervisor, queue, delivery, users, loop_name,
+                            console))
     finally:
+        if console is not None:
+            console.stop()
         delivery.stop()
         supervisor.stop()
         log_event("serve_stopped", pid=os.getpid())
