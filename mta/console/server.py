@@ -3,10 +3,12 @@ a clear message, not uvicorn's exit), checks TLS and the session key before the 
 request, and runs the app under uvicorn on uvloop until SIGTERM or SIGINT."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import ssl
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import uvicorn
 
@@ -26,6 +28,20 @@ from .identity import Actor
 from .sessions import load_secret_key
 
 SHUTDOWN_GRACE = 5  # s: open keep-alive connections do not hold a SIGTERM up longer
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """SIGTERM and SIGINT end the console cleanly (status 0, console_stopped logged);
+        uvicorn's own handler would raise the signal again once it has shut down."""
+        previous = {sig: signal.signal(sig, self.handle_exit)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -94,7 +110,7 @@ def run_console(config: GatewayConfig, *, operations: Any = None) -> int:
 
     app = create_app(settings, key=key, authenticate=default_authenticator(config, store),
                      operations=operations)
-    server = uvicorn.Server(uvicorn.Config(
+    server = _Server(uvicorn.Config(
         app, loop="uvloop" if loop_name == "uvloop" else "asyncio", log_config=None,
         access_log=False, log_level="warning", server_header=False,
         timeout_graceful_shutdown=SHUTDOWN_GRACE, proxy_headers=False,
