@@ -34,7 +34,7 @@ class Console:
 
     def session(self, request: Request) -> Session | None:
         """The request's live session (looked up once per request)."""
-        if "session" not in request.state._state:
+        if not hasattr(request.state, "session"):
             session, why = self.sessions.find(request.cookies.get(COOKIE))
             if why == "expired":
                 log_event("console_session_expired", source=source_of(request),
