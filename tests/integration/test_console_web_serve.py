@@ -108,6 +108,53 @@ def test_mailmoat_console_serves_https_with_its_certificate(
         httpx.get(f"http://127.0.0.1:{port}/login", timeout=5).raise_for_status()
 
 
+def test_a_real_account_logs_in_and_the_sixth_failure_is_throttled(
+        tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]) -> None:
+    """The real login (mta/console/login.py) behind the page: an account made with
+    `mailmoat user add --role`, a wrong password, the right one, logout; then failures from
+    the same address until the 6th attempt in the minute is refused, right password or not."""
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"{USER}store: sqlite:///state.db\n"
+                      f"console: {{listen: '127.0.0.1:{port}'}}\n")
+    added = subprocess.run([sys.executable, "-m", "mta.cli", "user", "add", "alice", "--role",
+                            "admin", "--config", str(config)], input="Alice-Pass-2026\n",
+                           cwd=ROOT, capture_output=True, text=True, timeout=WAIT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert added.returncode == 0, added.stderr
+    log = tmp_path / "console.log"
+    proc = console_cmd(config, log)
+    stop_all.append(proc)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base, proc, log)
+
+    def attempt(client: httpx.Client, name: str, password: str) -> httpx.Response:
+        page = client.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert token, page.text
+        return client.post("/login", data={"csrf_token": token.group(1), "name": name,
+                                           "password": password})
+
+    with httpx.Client(base_url=base, timeout=10) as client:
+        wrong = attempt(client, "alice", "Alice-Pass-2025")
+        assert wrong.status_code == 401 and "Wrong user name or password." in wrong.text
+        right = attempt(client, "alice", "Alice-Pass-2026")
+        assert right.status_code == 303 and right.headers["location"] == "/held"
+        me = client.get("/api/me").json()
+        assert (me["name"], me["role"]) == ("alice", "admin")
+        assert client.post("/api/logout", headers={"x-csrf-token": me["csrf_token"]}
+                           ).status_code == 200
+        for _ in range(4):  # failures 2 to 5 from this address
+            assert attempt(client, "nobody", "guess").status_code == 401
+        sixth = attempt(client, "alice", "Alice-Pass-2026")
+        assert sixth.status_code == 429 and int(sixth.headers["retry-after"]) > 0
+        assert client.get("/api/me").status_code == 401
+    text = log.read_text()
+    assert "event=console_login name=alice" in text and "event=console_logout name=alice" in text
+    assert "event=console_login_throttled" in text
+    assert "Alice-Pass" not in text and "Traceback" not in text
+
+
 @pytest.mark.parametrize("text, expected", [
     ("console: {listen: '0.0.0.0:8026'}\n",
      r"gateway.yaml:2:10: console: listen is not a loopback address; set console.tls"),
