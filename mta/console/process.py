@@ -4,6 +4,7 @@ seconds between tries) and stopped with serve."""
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,11 @@ class ConsoleProcess:
         if now >= self._next_start:
             self._next_start = 0.0
             self.process = self._start()
+
+    def hangup(self) -> None:
+        """Pass serve's SIGHUP on: the console loads its TLS certificate again."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -4,6 +4,7 @@ request, and runs the app under uvicorn on uvloop until SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -34,14 +35,34 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         """SIGTERM and SIGINT end the console cleanly (status 0, console_stopped logged);
-        uvicorn's own handler would raise the signal again once it has shut down."""
+        uvicorn's own handler would raise the signal again once it has shut down. SIGHUP
+        (systemctl reload, or serve passing its own on) loads the TLS certificate again,
+        for a renewed one; without SIGHUP's handler it would end the process."""
         previous = {sig: signal.signal(sig, self.handle_exit)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.reload_tls)
         try:
             yield
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+    def reload_tls(self, *_: object) -> None:
+        """New handshakes get the certificate now in the files; a pair that does not load
+        (a renewal half written, a key the console's user cannot read) keeps the old one."""
+        context, cert, key = self.config.ssl, self.config.ssl_certfile, self.config.ssl_keyfile
+        if context is None or cert is None:
+            log_event("console_reloaded", tls="off")
+            return
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            log_event("console_reload_failed", level=logging.ERROR, cert=cert,
+                      error=getattr(exc, "strerror", None) or str(exc),
+                      action="kept the certificate in use")
+            return
+        log_event("console_reloaded", tls="on", cert=cert)
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -319,6 +319,8 @@ async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
             if holder.reload("SIGHUP"):
                 apply_policy(handler, holder.current)
             supervisor.hangup()  # each milter reloads (or keeps) its own policy
+            if console is not None:
+                console.hangup()
         elif holder.reload_if_changed():  # an edit without a SIGHUP, as the milters do
             apply_policy(handler, holder.current)
         supervisor.check()

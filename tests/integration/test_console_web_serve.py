@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -106,6 +108,52 @@ def test_mailmoat_console_serves_https_with_its_certificate(
     assert page.headers["strict-transport-security"].startswith("max-age=")
     with pytest.raises(httpx.TransportError):  # plain HTTP on the HTTPS port gets nothing
         httpx.get(f"http://127.0.0.1:{port}/login", timeout=5).raise_for_status()
+
+
+def served_certificate(port: int, trust: ssl.SSLContext) -> str:
+    """The serial number of the certificate a new TLS handshake gets."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with trust.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.getpeercert()["serialNumber"]  # type: ignore[index,return-value]
+
+
+def test_sighup_loads_a_renewed_certificate_and_keeps_the_old_on_a_broken_one(
+        tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]) -> None:
+    """systemctl reload after a renewal: new handshakes get the new certificate, with no
+    restart (sessions live in the process). A pair half written when the signal comes is
+    refused and the certificate in use stays."""
+    ca = TestCa(tmp_path)
+    cert, key = ca.issue("console", "IP:127.0.0.1")
+    key.chmod(0o600)
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"{USER}store: memory://\nconsole:\n  listen: '127.0.0.1:{port}'\n"
+                      f"  tls: {{cert: {cert}, key: {key}}}\n")
+    log = tmp_path / "console.log"
+    proc = console_cmd(config, log)
+    stop_all.append(proc)
+    trust = ssl.create_default_context(cafile=str(ca.cert))
+    wait_healthy(f"https://127.0.0.1:{port}", proc, log, verify=trust)
+    first = served_certificate(port, trust)
+
+    renewed, renewed_key = ca.issue("console-renewed", "IP:127.0.0.1")
+    shutil.copyfile(renewed, cert)
+    shutil.copyfile(renewed_key, key)
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + WAIT
+    while "event=console_reloaded" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    second = served_certificate(port, trust)
+    assert second != first
+
+    cert.write_text("-----BEGIN CERTIFICATE-----\nhalf a renewal\n")
+    proc.send_signal(signal.SIGHUP)
+    while "event=console_reload_failed" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    assert served_certificate(port, trust) == second
+    assert proc.poll() is None and "Traceback" not in log.read_text()
 
 
 def test_a_real_account_logs_in_and_the_sixth_failure_is_throttled(

@@ -275,3 +275,37 @@ def test_a_milter_runs_in_the_milter_units_sandbox(workdir: Path) -> None:
         code = proc.wait(60)
     assert code == 0, log.read_text()
     assert not socket_path.exists()
+
+
+def test_the_console_runs_in_the_console_units_sandbox(workdir: Path) -> None:
+    import httpx
+    from tests.harness.ports import free_port
+    service = unit_service("mailmoat-console.service")
+    assert service["CapabilityBoundingSet"] == "" and "AmbientCapabilities" not in service
+    assert service["ReadWritePaths"] == "/var/spool/mailmoat"
+    dirs = unit_dirs(workdir)
+    port = free_port()
+    config = write_config(workdir, dirs, free_low_port())
+    config.write_text(config.read_text() + f"console:\n  listen: '127.0.0.1:{port}'\n"
+                      f"  secret_key_file: {dirs['state']}/console-secret\n"
+                      f"  users_file: {dirs['state']}/console-users\n")
+    argv = sandboxed("mailmoat-console.service", workdir, [dirs["state"], dirs["spool"]],
+                     ["console", "--config", str(config)])
+    proc = start(argv, workdir, dirs)
+    log = workdir / "serve.log"
+    try:
+        wait_log(log, "event=console_started", proc)
+        status = status_of(proc.pid)
+        assert int(status["CapBnd"], 16) == 0 and status["NoNewPrivs"] == "1"
+        page = httpx.get(f"http://127.0.0.1:{port}/login", timeout=10)
+        assert page.status_code == 200 and "csrf" in page.text
+        key = dirs["state"] / "console-secret"  # made on first start, in StateDirectory=
+        assert key.stat().st_mode & 0o777 == 0o600
+        assert key.stat().st_uid == pwd.getpwnam(USER).pw_uid
+        os.kill(proc.pid, signal.SIGHUP)  # ExecReload: no TLS here, but alive after it
+        wait_log(log, "event=console_reloaded", proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()

@@ -55,7 +55,8 @@ def _service(name: str) -> configparser.SectionProxy:
     return parser["Service"]
 
 
-UNIT_CASES = [("mailmoat.service", None), ("mailmoat-milter@.service", "auth")]
+UNIT_CASES = [("mailmoat.service", None), ("mailmoat-milter@.service", "auth"),
+              ("mailmoat-console.service", None)]
 
 
 @pytest.mark.parametrize("name,instance", UNIT_CASES)
@@ -88,6 +89,10 @@ def test_the_units_keep_their_hardening(tmp_path: Path, name: str, instance: str
         assert service["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
         assert service["ReadWritePaths"] == "/var/spool/mailmoat"
         assert service["KillMode"] == "mixed"  # serve stops its own children
+    elif name == "mailmoat-console.service":  # a port above 1024, the queue and the state
+        assert service["CapabilityBoundingSet"] == "" and "AmbientCapabilities" not in service
+        assert service["ReadWritePaths"] == _service("mailmoat.service")["ReadWritePaths"]
+        assert service["RestrictNamespaces"] == "yes"  # no converter jail here
     else:
         assert service["CapabilityBoundingSet"] == "" and "AmbientCapabilities" not in service
         assert "%i" in service["RuntimeDirectory"]  # one instance never removes another's
