@@ -243,3 +243,39 @@ def test_overview_counts_and_top_sources(tmp_path: Path) -> None:
         ops.overview(TARO, now=now, step=3600, buckets=3)
     with pytest.raises(OperationError, match="step"):
         ops.overview(ADMIN, now=now, step=7, buckets=3)
+
+
+def test_two_admins_releasing_at_once_split_once(world: World,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two consoles press release on the same recipient together: one new entry, not two."""
+    import threading
+    ops, queue, _ = world
+    queue_id = held(queue, "x@outside.example", ["a@example.jp", "b@example.jp"])
+    inside, go = threading.Event(), threading.Event()
+    real_receive = queue.receive
+
+    def slow_receive(new_id: str):  # type: ignore[no-untyped-def]
+        if not inside.is_set():  # the first release waits here, inside the lock
+            inside.set()
+            go.wait(10)
+        return real_receive(new_id)
+    monkeypatch.setattr(queue, "receive", slow_receive)
+    outcomes: list[object] = []
+
+    def release() -> None:
+        try:
+            outcomes.append(ops.release(ADMIN, queue_id, ["b@example.jp"]))
+        except OperationError as exc:
+            outcomes.append(exc)
+    first = threading.Thread(target=release)
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=release)
+    second.start()
+    second.join(0.5)  # it waits for the lock (without one it would split a second time)
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert sorted(type(o).__name__ for o in outcomes) == ["ActionResult", "OperationError"]
+    assert sorted(r.address for env in queue.entries() for r in env.recipients) == [
+        "a@example.jp", "b@example.jp"]
