@@ -148,7 +148,7 @@ def build_view(queue_id: str, envelope: dict[str, Any], data: bytes, size: int,
     walk = _Walk()
     if size > len(data):
         walk.leave_out(f"only the first {len(data)} of {size} bytes were read")
-    if message.defects:
+    if message.defects and size <= len(data):  # a cut message always looks broken
         walk.notes.append("the message's MIME structure is broken: "
                           + ", ".join(sorted({type(d).__name__ for d in message.defects}))[:300])
     headers = [(decode_header(name, 100), decode_header(value))
