@@ -177,3 +177,4 @@ def test_a_fifty_megabyte_message_is_read_only_in_part(ops: Operations,
     assert view.size == len(raw) and view.truncated
     assert any(f"first {1024 * 1024} of {len(raw)} bytes" in note for note in view.notes)
     assert view.texts[0].text == "see attached"
+    assert not any("broken" in note for note in view.notes)  # cut, not broken
