@@ -2,6 +2,7 @@
 log, partial release and its crash safety, bulk actions, the overview."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,20 @@ from mta.queue import split as split_module
 from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 from tests.harness.recording_audit import RecordingAudit
 
-ADMIN = SystemActor("alice", "admin", frozenset(), "192.0.2.1")
-AUDITOR = SystemActor("olga", "auditor", frozenset(), "192.0.2.2")
-TARO = SystemActor("taro", "user", frozenset({"taro@example.jp"}), "192.0.2.3")
-HANAKO = SystemActor("hanako", "user", frozenset({"hanako@example.jp"}), "192.0.2.4")
+@dataclass(frozen=True)
+class Actor:
+    """The shape of mta/console/identity.py's Actor (the login helper's, not merged yet)."""
+
+    name: str
+    role: str
+    addresses: frozenset[str]
+    source: str
+
+
+ADMIN = Actor("alice", "admin", frozenset(), "192.0.2.1")
+AUDITOR = Actor("olga", "auditor", frozenset(), "192.0.2.2")
+TARO = Actor("taro", "user", frozenset({"taro@example.jp"}), "192.0.2.3")
+HANAKO = Actor("hanako", "user", frozenset({"hanako@example.jp"}), "192.0.2.4")
 
 
 def held(queue: Queue, sender: str, recipients: list[str], subject: str = "hello",
@@ -94,7 +105,7 @@ def test_a_user_may_not_release_even_their_own_mail(world: World) -> None:
         ops.release(TARO, queue_id)
     with pytest.raises(Forbidden):
         ops.original(TARO, queue_id)
-    odd = SystemActor("mallory", "superuser", frozenset(), "192.0.2.9")  # a mapping mistake
+    odd = Actor("mallory", "superuser", frozenset(), "192.0.2.9")  # a mapping mistake
     with pytest.raises(Forbidden):
         ops.held(odd)
 
@@ -113,6 +124,12 @@ def test_each_action_is_in_the_audit_log_with_actor_and_source(world: World) -> 
     assert audit.records[1].fields["recipients"] == ["taro@example.jp"]
     assert audit.flushes == 3  # each action written at once
     assert queue.entries()[0].hold_reason is None and len(queue.entries()) == 1
+    # The command line's actor is cli:USER; a login that calls itself that is still a login.
+    third = held(queue, "x@outside.example", ["taro@example.jp"])
+    ops.hold(SystemActor("cli:root"), third, "checking")
+    ops.delete(Actor("cli:root", "admin", frozenset(), "192.0.2.66"), third)
+    assert [(r.event, r.actor, r.source) for r in audit.records[3:]] == [
+        ("held", "cli:root", "cli"), ("removed", "console:cli:root", "192.0.2.66")]
     with pytest.raises(OperationError, match="not on hold"):
         ops.release(ADMIN, first)
 
