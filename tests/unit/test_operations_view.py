@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from milters.core.jis import encode_cp50220
-from mta.operations import Operations, SystemActor
+from mta.console.identity import Actor
+from mta.operations import Operations
 from mta.operations import view as view_module
 from mta.operations.decode import decode_header
 from mta.queue.spool import Envelope, Queue, RecipientState, new_queue_id
 
-ADMIN = SystemActor("alice", "admin", frozenset(), "192.0.2.1")
+ADMIN = Actor("alice", "admin", frozenset(), "192.0.2.1")
 # As Outlook sends it: CP50220 (NEC row 13 included), which Python's codecs cannot write.
 JIS_SUBJECT = "=?ISO-2022-JP?B?" + base64.b64encode(
     encode_cp50220("会議資料の送付（①㈱）")).decode() + "?="
