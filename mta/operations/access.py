@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import pwd
-from dataclasses import dataclass
 from typing import Protocol
 
+from milters.core.config import CONSOLE_ROLES
 from milters.core.errors import MailmoatError
 
-ROLES = ("admin", "auditor", "user")
+from mta.console.identity import Actor
+
+ROLES = CONSOLE_ROLES
+CLI_SOURCE = "cli"  # an Actor's source for the command line (a login has an IP address)
 
 
 class OperationError(MailmoatError):
@@ -45,27 +48,20 @@ class ActorLike(Protocol):
     def source(self) -> str: ...
 
 
-@dataclass(frozen=True)
-class SystemActor:
+def cli_actor() -> Actor:
     """The command line's caller: an admin named cli:USER (the Unix user running it)."""
-
-    name: str
-    role: str = "admin"
-    addresses: frozenset[str] = frozenset()
-    source: str = "cli"
-
-
-def cli_actor() -> SystemActor:
     try:
         user = pwd.getpwuid(os.getuid()).pw_name
     except KeyError:  # a uid without a passwd entry (containers)
         user = str(os.getuid())
-    return SystemActor(name=f"cli:{user}")
+    return Actor(name=f"cli:{user}", role="admin", addresses=frozenset(), source=CLI_SOURCE)
 
 
 def actor_label(actor: ActorLike) -> str:
-    """The audit record's actor: console logins get a console: prefix, cli:USER stays."""
-    return actor.name if ":" in actor.name else f"console:{actor.name}"
+    """The audit record's actor: cli:USER for the command line, console:NAME for every
+    login. By source, not by name: a console login's source is its client's IP address,
+    so a login named "cli:root" stays console:cli:root."""
+    return actor.name if actor.source == CLI_SOURCE else f"console:{actor.name}"
 
 
 def check_role(actor: ActorLike) -> None:
