@@ -62,8 +62,10 @@ def test_a_user_guessing_another_users_queue_id_gets_not_found(world: World) -> 
     assert ops.held(TARO).items == [] and ops.held(TARO, query=theirs).total == 0
     assert queue.envelope(theirs).hold_reason == "DMARC quarantine"  # untouched
     assert ops.message(HANAKO, theirs).queue_id == theirs
-    with pytest.raises(NotFound):  # a path or junk as an ID
-        ops.message(ADMIN, "../../etc/passwd")
+    for junk in ("../../etc/passwd", "A" * 10_000, "a\x00b", ""):  # paths and junk as IDs
+        for call in (ops.message, ops.release, ops.delete, ops.original):
+            with pytest.raises(NotFound, match=r"\(not a queue ID\)|no queued message A+$"):
+                call(ADMIN, junk)
 
 
 def test_address_match_is_exact_and_case_insensitive(world: World) -> None:
