@@ -292,7 +292,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     # Through Operations as cli:USER (an admin), so that the audit log records CLI actions.
-    ops, actor = operations_for(load_config(args.config)), cli_actor()
+    config = load_config(args.config)
+    if config.log.to == "syslog":  # the admin's actions reach the mail log, as postsuper's
+        setup_logging("queue", settings=config.log)
+    ops, actor = operations_for(config), cli_actor()
     action = args.queue_command
     if action == "list":
         print("\n".join(queue_admin.list_lines(ops.entries(actor))))
