@@ -38,7 +38,8 @@ from mta.commands.scan import ScanRequest, to_crlf
 from mta.delivery.process import run_delivery
 from mta.gateway import privileges, serve
 from mta.queue import admin as queue_admin
-from mta.queue.spool import Queue
+from mta.operations import cli_actor
+from mta.operations.wiring import operations_for
 from mta.smtp_in import users
 
 EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, NEUTRALIZE, ATTACHMENTS, SIGN]
@@ -298,23 +299,26 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    queue = Queue(load_config(args.config).queue.dir)
+    # Through Operations as cli:USER (an admin), so that the audit log records CLI actions.
+    config = load_config(args.config)
+    if config.log.to == "syslog":  # the admin's actions reach the mail log, as postsuper's
+        setup_logging("queue", settings=config.log)
+    ops, actor = operations_for(config), cli_actor()
     action = args.queue_command
     if action == "list":
-        print("\n".join(queue_admin.list_lines(queue)))
+        print("\n".join(queue_admin.list_lines(ops.entries(actor))))
     elif action == "show":
-        print(queue_admin.show_text(queue, args.id))
+        print(queue_admin.show_text(ops.queue.envelope(args.id), ops.original(actor, args.id)))
     elif action == "flush":
-        print(f"{queue.flush()} message(s) made due now")
+        print(f"{ops.flush(actor)} message(s) made due now")
     elif action == "delete":
-        queue.remove(args.id)
+        ops.delete(actor, args.id)
         print(f"{args.id}: deleted")
     elif action == "hold":
-        queue.hold(args.id)
+        ops.hold(actor, args.id)
         print(f"{args.id}: on hold")
     elif action == "release":
-        queue.release(args.id)
-        print(f"{args.id}: released")
+        print(f"{args.id}: {ops.release(actor, args.id, args.rcpt).detail}")
     return 0
 
 
@@ -558,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = qsub.add_parser(name, help=text)
         if needs_id:
             command.add_argument("id", metavar="ID")
+        if name == "release":
+            command.add_argument("--rcpt", nargs="+", metavar="ADDR",
+                                 help="release to these recipients only; the rest stay held")
         command.add_argument("--config", metavar="FILE", help=config_help)
         command.set_defaults(func=cmd_queue)
     dkim.add_parser(sub, _Parser, config_help)

@@ -23,6 +23,7 @@ from milters.core.policy.document import Policy
 from milters.core.policy.matching import IPAddress, network_matches
 from milters.core.policy.rules import Facts
 from milters.core.store import BucketResult, FallbackStore, MemoryStore, Store, Take
+from milters.core.store.keys import RATELIMIT_IP_PREFIX, RATELIMIT_POINTS
 from milters.core.verdict import Verdict
 
 from .pending import Claim, PendingCounts
@@ -42,7 +43,7 @@ WRITE_WINDOW = 0.1
 @lru_cache(maxsize=4096)
 def ip_key(address: IPAddress) -> str:
     # Brackets keep IPv6 keys prefix-safe: 'rl:ip:[2001:db8::1]:' never prefixes '...::10]'.
-    return f"rl:ip:[{address}]:"
+    return f"{RATELIMIT_IP_PREFIX}[{address}]:"
 
 
 @lru_cache(maxsize=4096)
@@ -53,7 +54,7 @@ def ip_text(address: IPAddress) -> str:
 
 @lru_cache(maxsize=4096)
 def points_key(address: IPAddress) -> str:
-    return ip_key(address) + "points"
+    return ip_key(address) + RATELIMIT_POINTS
 
 
 _KEY_KINDS = {"client_ip": "ip", "sender": "sender", "auth_user": "auth"}

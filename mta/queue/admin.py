@@ -6,15 +6,15 @@ import json
 import time
 from dataclasses import asdict
 
-from .spool import Queue
+from .spool import Envelope
 
 
 def _when(stamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(stamp))
 
 
-def list_lines(queue: Queue) -> list[str]:
-    entries = queue.entries()
+def list_lines(entries: list[Envelope]) -> list[str]:
+    """`entries`: what the caller may see (mta/operations checks who that is)."""
     if not entries:
         return ["the queue is empty"]
     lines = [f"{'QUEUE ID':<20}  {'SIZE':>8}  {'ARRIVED':<20}  SENDER / RECIPIENTS"]
@@ -32,7 +32,7 @@ def list_lines(queue: Queue) -> list[str]:
     return lines
 
 
-def show_text(queue: Queue, queue_id: str) -> str:
-    envelope = json.dumps(asdict(queue.envelope(queue_id)), indent=2, sort_keys=True)
-    message = queue.message(queue_id).decode("utf-8", "replace")
-    return f"*** ENVELOPE ***\n{envelope}\n*** MESSAGE ***\n{message}"
+def show_text(envelope: Envelope, raw: bytes) -> str:
+    shown = json.dumps(asdict(envelope), indent=2, sort_keys=True)
+    message = raw.decode("utf-8", "replace")
+    return f"*** ENVELOPE ***\n{shown}\n*** MESSAGE ***\n{message}"

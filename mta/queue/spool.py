@@ -379,6 +379,8 @@ class Queue:
             elif path.suffix == ".msg" and _read_trailer(str(path)) is None:
                 path.unlink(missing_ok=True)
                 removed.append(path.stem)
+        from .split import finish_splits  # here: split.py builds on this module
+        finish_splits(self)
         return removed
 
     # -- internals -------------------------------------------------------------------------
