@@ -9,16 +9,13 @@ holds password hashes: mode 0600, refused when others may read it.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from milters.core.errors import ConfigError
-from milters.core.secrets import world_readable
 from mta.console.identity import ROLES
+from mta.credential_file import CredentialFile, check_user_name
 from mta.passwords import PasswordHash, hash_password, parse_hash
-from mta.smtp_in.users import _locked_dir, _write_atomically, check_user_name
 
 # A plain addr-spec: what a `user` role is matched on (exactly, lower-cased).
 _ADDRESS = re.compile(r"[^\s@:,\"<>()\[\]\\]{1,64}@[A-Za-z0-9.-]{1,253}")
@@ -51,64 +48,29 @@ def account_addresses(name: str, role: str, addresses: list[str]) -> frozenset[s
     return frozenset(checked)
 
 
-def _read_lines(path: Path) -> list[str] | None:
+def _parse_line(text: str) -> tuple[str, Account]:
+    parts = text.split(":", 3)
+    if len(parts) != 4:
+        raise ValueError("expected NAME:ROLE:ADDRESSES:HASH (a line written by "
+                         "`mailmoat user add NAME --role ROLE`)")
+    name, role, addresses, hashed = parts
     try:
-        with path.open("rb") as handle:
-            problem = world_readable(os.fstat(handle.fileno()).st_mode)
-            data = handle.read() if problem is None else b""
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    if problem is not None:
-        raise ConfigError([f"{path}: the console accounts file {problem}; run "
-                           f"'chmod 600 {path}'"])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    return text.splitlines()
+        check_user_name(name)
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        owned = frozenset(check_address(a) for a in addresses.split(",") if a)
+        return name, Account(name, role, owned, parse_hash(hashed))
+    except ValueError as exc:
+        raise ValueError(f"account {name!r}: {exc}") from None
 
 
-def _parse(lines: list[str], path: Path) -> dict[str, tuple[int, Account]]:
-    accounts: dict[str, tuple[int, Account]] = {}
-    problems = []
-    for index, line in enumerate(lines):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        where = f"{path}:{index + 1}"
-        parts = text.split(":")
-        if len(parts) != 4:
-            problems.append(f"{where}: expected NAME:ROLE:ADDRESSES:HASH (a line written by "
-                            "`mailmoat user add NAME --role ROLE`)")
-            continue
-        name, role, addresses, hashed = parts
-        try:
-            check_user_name(name)
-            if role not in ROLES:
-                raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-            owned = frozenset(check_address(a) for a in addresses.split(",") if a)
-            account = Account(name, role, owned, parse_hash(hashed))
-        except ValueError as exc:
-            problems.append(f"{where}: account {name!r}: {exc}")
-            continue
-        if name in accounts:
-            problems.append(f"{where}: account {name!r} appears again "
-                            f"(first on line {accounts[name][0] + 1})")
-            continue
-        accounts[name] = (index, account)
-    if problems:
-        raise ConfigError(problems)
-    return accounts
+ACCOUNTS_FILE: CredentialFile[Account] = CredentialFile(
+    "the console accounts file", "account", _parse_line, chmod_hint="600")
 
 
 def load_accounts(path: Path) -> dict[str, Account]:
     """name -> Account; {} when the file does not exist (LDAP-only consoles)."""
-    lines = _read_lines(Path(path))
-    if lines is None:
-        return {}
-    return {name: account for name, (_, account) in _parse(lines, Path(path)).items()}
+    return ACCOUNTS_FILE.load(Path(path)) or {}
 
 
 def set_account(path: Path, name: str, role: str, addresses: list[str], password: str) -> Account:
@@ -122,28 +84,10 @@ def set_account(path: Path, name: str, role: str, addresses: list[str], password
     owned = account_addresses(name, role, addresses)
     hashed = hash_password(password)
     line = f"{name}:{role}:{','.join(sorted(owned))}:{hashed}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked_dir(path.parent):
-        lines = _read_lines(path) or []
-        accounts = _parse(lines, path)
-        if name in accounts:
-            lines[accounts[name][0]] = line
-        else:
-            lines.append(line)
-        _write_atomically(path, lines)
+    ACCOUNTS_FILE.put(path, name, line)
     return Account(name, role, owned, parse_hash(hashed))
 
 
 def remove_account(path: Path, name: str) -> bool:
     """Remove the account; False when there is none (the file is then untouched)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return False
-    with _locked_dir(path.parent):
-        lines = _read_lines(path)
-        accounts = {} if lines is None else _parse(lines, path)
-        if name not in accounts or lines is None:
-            return False
-        del lines[accounts[name][0]]
-        _write_atomically(path, lines)
-    return True
+    return ACCOUNTS_FILE.remove(Path(path), name)

@@ -6,35 +6,15 @@ so no restart is needed. A broken edit never takes effect: the last good users s
 """
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import tempfile
 import threading
-import unicodedata
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from milters.core.errors import ConfigError
 from milters.core.eventlog import log_event
 from milters.core.files import file_signature
-from milters.core.secrets import world_readable
+from mta.credential_file import CredentialFile, check_user_name
 from mta.passwords import HASH_FORMAT, PasswordHash, hash_password, parse_hash, verify_password
-
-_MAX_NAME = 256
-
-
-def check_user_name(name: str) -> None:
-    """ValueError unless `name` can be a user: no ':', whitespace or control characters."""
-    if not name:
-        raise ValueError("a user name must not be empty")
-    if len(name) > _MAX_NAME:
-        raise ValueError(f"a user name must be at most {_MAX_NAME} characters")
-    for ch in name:
-        if ch == ":" or ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs"):
-            raise ValueError(f"a user name must not contain ':', whitespace or control "
-                             f"characters (found {ch!r})")
 
 
 def _check_password(password: str) -> None:
@@ -44,77 +24,24 @@ def _check_password(password: str) -> None:
         raise ValueError("the password must not contain a NUL character")
 
 
-# -- reading ----------------------------------------------------------------------------------
-def _read_lines(path: Path, *, private: bool = False) -> list[str] | None:
-    """The file's lines (None when it does not exist); ConfigError when unreadable, or when
-    `private` (the server reading it) and every user could read it. `user add` may still
-    rewrite such a file: it writes it back 0600."""
+def _parse_line(text: str) -> tuple[str, PasswordHash]:
+    name, sep, hashed = text.partition(":")
+    if not sep:
+        raise ValueError(f"expected NAME:{HASH_FORMAT} (a line written by `mailmoat user add`)")
     try:
-        with path.open("rb") as handle:
-            # Password hashes, readable by every user, invite offline guessing: refused like
-            # any secret file (core.secrets).
-            problem = world_readable(os.fstat(handle.fileno()).st_mode) if private else None
-            data = handle.read() if problem is None else b""
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    if problem is not None:
-        raise ConfigError([f"{path}: the SMTP AUTH users file {problem}; run "
-                           f"'chmod o-rwx {path}'"])
-    raw_lines = data.split(b"\n")
-    if raw_lines[-1] == b"":
-        raw_lines.pop()
-    lines, problems = [], []
-    for number, raw in enumerate(raw_lines, 1):
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            problems.append(f"{path}:{number}: not UTF-8 text")
-            lines.append("")
-    if problems:
-        raise ConfigError(problems)
-    return lines
+        check_user_name(name)
+        return name, parse_hash(hashed)
+    except ValueError as exc:
+        raise ValueError(f"user {name!r}: {exc}") from None
 
 
-def _parse(lines: list[str], path: Path) -> dict[str, tuple[int, PasswordHash]]:
-    """user -> (line index, hash); ConfigError listing every bad line as FILE:LINE: problem."""
-    users: dict[str, tuple[int, PasswordHash]] = {}
-    problems = []
-    for index, line in enumerate(lines):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        where = f"{path}:{index + 1}"
-        name, sep, hashed = text.partition(":")
-        if not sep:
-            problems.append(f"{where}: expected NAME:{HASH_FORMAT} "
-                            "(a line written by `mailmoat user add`)")
-            continue
-        try:
-            check_user_name(name)
-        except ValueError as exc:
-            problems.append(f"{where}: user {name!r}: {exc}")
-            continue
-        try:
-            params = parse_hash(hashed)
-        except ValueError as exc:
-            problems.append(f"{where}: user {name!r}: {exc}")
-            continue
-        if name in users:
-            problems.append(f"{where}: user {name!r} appears again "
-                            f"(first on line {users[name][0] + 1})")
-            continue
-        users[name] = (index, params)
-    if problems:
-        raise ConfigError(problems)
-    return users
+USERS_FILE: CredentialFile[PasswordHash] = CredentialFile(
+    "the SMTP AUTH users file", "user", _parse_line)
 
 
 def list_users(path: Path) -> list[str]:
     """The user names in file order; [] when the file does not exist yet."""
-    lines = _read_lines(Path(path))
-    return [] if lines is None else list(_parse(lines, Path(path)))
+    return list(USERS_FILE.load(Path(path), private=False) or {})
 
 
 class UserFile:
@@ -124,11 +51,11 @@ class UserFile:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._signature = file_signature(self.path)
-        lines = _read_lines(self.path, private=True)
-        if lines is None:  # a configured file that is missing is a mistake: refuse to start
+        users = USERS_FILE.load(self.path)
+        if users is None:  # a configured file that is missing is a mistake: refuse to start
             raise ConfigError([f"{self.path}: cannot read: no such file "
                                "(create it with `mailmoat user add NAME`)"])
-        self._users = {name: params for name, (_, params) in _parse(lines, self.path).items()}
+        self._users = users
 
     @property
     def names(self) -> list[str]:
@@ -144,10 +71,10 @@ class UserFile:
             # Remember the new state even if it is broken, so it is reported once, not per login.
             self._signature = signature
             try:
-                lines = _read_lines(self.path, private=True)
-                if lines is None:
+                loaded = USERS_FILE.load(self.path)
+                if loaded is None:
                     raise ConfigError([f"{self.path}: cannot read: no such file"])
-                users = {name: params for name, (_, params) in _parse(lines, self.path).items()}
+                users = loaded
             except ConfigError as exc:
                 log_event("users_reload_failed", level=logging.ERROR, file=str(self.path),
                           problems=len(exc.problems), action="keeping the last good users")
@@ -164,75 +91,14 @@ class UserFile:
 
 
 # -- writing ----------------------------------------------------------------------------------
-@contextmanager
-def _locked_dir(directory: Path) -> Iterator[None]:
-    """Serialize concurrent `user add/delete` runs (the file itself is replaced, so lock its dir)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, lines: list[str]) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory: all or nothing."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        try:  # keep the owner a server running as another user relies on
-            st = os.stat(path)
-            os.fchown(fd, st.st_uid, st.st_gid)
-        except OSError:
-            pass
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def set_password(path: Path, user: str, password: str) -> None:
     """Add `user` or replace their password. ValueError for a bad name or password,
     ConfigError when the existing file is broken (it is left alone), OSError from the disk."""
-    path = Path(path)
     check_user_name(user)
     _check_password(password)
-    line = f"{user}:{hash_password(password)}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked_dir(path.parent):
-        lines = _read_lines(path) or []
-        users = _parse(lines, path)
-        if user in users:
-            lines[users[user][0]] = line
-        else:
-            lines.append(line)
-        _write_atomically(path, lines)
+    USERS_FILE.put(Path(path), user, f"{user}:{hash_password(password)}")
 
 
 def remove_user(path: Path, user: str) -> bool:
     """Remove `user`; False when there was no such user (the file is then untouched)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return False
-    with _locked_dir(path.parent):
-        lines = _read_lines(path)
-        if lines is None:
-            return False
-        users = _parse(lines, path)
-        if user not in users:
-            return False
-        del lines[users[user][0]]
-        _write_atomically(path, lines)
-    return True
+    return USERS_FILE.remove(Path(path), user)
