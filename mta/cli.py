@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from milters.core.config import CONSOLE_ROLES, STORE_SCHEMES, GatewayConfig, load_config
 from milters.core.errors import ConfigError, MailmoatError
+from milters.core.audit.tee import install_tee
 from milters.core.eventlog import setup_logging
 from milters.core.message import Envelope, Recipient
 from milters.core.policy.document import Policy, PolicyExtension, load_policy
@@ -33,7 +34,7 @@ from milters.ratelimit.extension import EXTENSION as RATELIMIT
 from milters.sign.extension import EXTENSION as SIGN
 
 from mta import __version__
-from mta.commands import console_users, dkim, init, scan
+from mta.commands import audit as audit_commands, console_users, dkim, init, scan
 from mta.commands.scan import ScanRequest, to_crlf
 from mta.delivery.process import run_delivery
 from mta.gateway import privileges, serve
@@ -98,6 +99,8 @@ def cmd_milter(args: argparse.Namespace) -> int:
     setup_logging(args.name, verbose=args.verbose, settings=config.log)
     if args.store:  # scan's throwaway state
         config = scan.with_store(config, args.store)
+    else:
+        install_tee(config, args.name)
     if args.reinject:
         config = replace(config, reinject_listen=args.reinject)
     read_policy(config.policy)  # a broken policy is reported before anything else
@@ -218,6 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging("serve", verbose=args.verbose)
     config = _run_as(load_config(args.config), args.user)
     setup_logging("serve", verbose=args.verbose, settings=config.log)
+    install_tee(config, "serve")
     unknown = [m.name for m in config.milters if m.socket is None and m.name not in MILTERS]
     if unknown:
         raise UsageError(f"{config.source}: milters: unknown built-in milter(s) "
@@ -253,6 +257,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     setup_logging("delivery", verbose=args.verbose)
     config = load_config(args.config)
     setup_logging("delivery", verbose=args.verbose, settings=config.log)
+    install_tee(config, "delivery", purge=True)
     run_delivery(config)
     return 0
 
@@ -269,6 +274,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     config = _run_as(load_config(args.config), args.user)
     if not args.live_state:  # the running gateway's rate limits and reports stay untouched
         config = scan.with_store(config, scan.THROWAWAY_STORE)
+    else:
+        install_tee(config, "scan")
     privileges.plan(config, "scan (the milters it starts)")  # refuses root without a user
     reinjected_dir = _output_dir(args.reinjected_dir) if args.reinjected_dir else None
     report, transit = scan.scan(config, args.config, request, read_policy, reinjected_dir,
@@ -568,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--config", metavar="FILE", help=config_help)
         command.set_defaults(func=cmd_queue)
     dkim.add_parser(sub, _Parser, config_help)
+    audit_commands.add_parser(sub, _Parser, config_help)
     user = sub.add_parser("user", help="manage SMTP AUTH users (gateway.auth.users_file) and "
                                        "console accounts (console.users_file, with --role)")
     usub = user.add_subparsers(dest="user_command", required=True, parser_class=_Parser)

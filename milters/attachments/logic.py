@@ -228,9 +228,10 @@ class AttachmentsChecker:
             present = [name for name, _ in ctx.message.raw_headers()]
             edits += treated[stay].rebuilt.edits(present)
             edits.append(AddHeader(LOOP_HEADER, f"{stay} by {self.hostname}"))
+        notified: dict[str, list[str]] = {}
         for mode in ("encrypt", "offload"):
             if mode in treated:
-                self._notify(ctx, grouped[mode], treated[mode])
+                notified[mode] = self._notify(ctx, grouped[mode], treated[mode])
         for mode, recipients in grouped.items():
             fields: dict[str, object] = {"queue_id": env.queue_id, "action": mode,
                                          "rcpts": ",".join(recipients)}
@@ -239,6 +240,7 @@ class AttachmentsChecker:
                 fields["delivered"] = "in place" if mode == stay else "re-injected"
             if mode in ("encrypt", "offload") and mode in treated:
                 fields["zip" if mode == "encrypt" else "offloaded"] = treated[mode].zip_name
+                fields["notice_to"] = ",".join(notified.get(mode, [])) or None
                 if ctx.settings.notice.log_password:
                     fields["password"] = ctx.password
             log_event("attachments", milter=MILTER, **fields)
@@ -249,7 +251,8 @@ class AttachmentsChecker:
         return {edit.name: edit.value.strip() for edit in subject_edits
                 if isinstance(edit, ChangeHeader)}
 
-    def _notify(self, ctx: Context, recipients: list[str], treated: Treated) -> None:
+    def _notify(self, ctx: Context, recipients: list[str], treated: Treated) -> list[str]:
+        """Send the password notice; to whom (the audit log's story names them)."""
         settings, env = ctx.settings, ctx.message.envelope
         notice = settings.notice
         to: list[str] = []
@@ -258,7 +261,7 @@ class AttachmentsChecker:
         if notice.to in ("recipients", "both"):
             to += recipients
         if not to:
-            return
+            return []
         kind = "offload-password" if treated.expires else "password"
         template = load_template(kind, notice.language,
                                  Path(notice.templates) if notice.templates else None)
@@ -280,6 +283,7 @@ class AttachmentsChecker:
                            hostname=self.hostname, date=ctx.now,
                            loop_header=(LOOP_HEADER, "password notice"))
         self.send(self.listen, "", to, raw, settings.reinject_timeout)
+        return to
 
 
 def _pieces(header: bytes, body: BinaryIO) -> Iterator[bytes]:

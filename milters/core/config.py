@@ -175,6 +175,7 @@ class GatewayConfig:
     smtpd: "SmtpdLimits" = field(default_factory=lambda: SmtpdLimits())
     log: LogSettings = LogSettings()  # key=value or JSON lines, to stderr or syslog
     console: ConsoleSettings = ConsoleSettings()  # configured: serve starts it
+    audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())
 
 
 # -- console.listen: loopback, or TLS -------------------------------------------------------
@@ -195,6 +196,37 @@ def console_listen_problem(listen: str, tls: bool) -> str | None:
         return ("listen is not a loopback address; set console.tls: {cert, key} so that "
                 "passwords and session cookies do not cross the network in clear")
     return None
+
+
+# -- the audit log (milters/core/audit) ------------------------------------------------------
+AUDIT_RETENTION = 90 * 86400.0
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """`audit:`: whether message stories are recorded, how long they are kept, and where."""
+
+    enabled: bool = True
+    retention: float = AUDIT_RETENTION  # seconds; 0 = keep forever
+    file: Path | None = None  # None: in the store's place (its SQLite file, or Redis)
+
+
+def _audit_spec(local: Callable[[str], Path]) -> Struct:
+    return Struct({
+        "enabled": Field(Bool(), True,
+                         doc="Record each message's story (received, each milter's verdict and "
+                             "edits, deliveries, releases) in the hash-chained audit log."),
+        "retention": Field(Duration(minimum=0), AUDIT_RETENTION,
+                           doc="How long audit records are kept, like 90d; 0 = forever. Older "
+                               "ones are purged and the chain stays verifiable from an anchor."),
+        "file": Field(Str(), None,
+                      doc="A SQLite file of its own for the audit log. Not set: in the store's "
+                          "place (its SQLite file, or Redis). A memory:// store keeps it in "
+                          "memory."),
+    }, build=lambda enabled, retention, file: AuditSettings(
+        enabled, retention, local(file) if file else None),
+        expected="audit settings: enabled, retention, file")
+# -- end of the audit log --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -310,7 +342,8 @@ def _spec(base: Path, source: str) -> Struct:
 
     def build(gateway: dict, store: str, store_timeout: float, policy: str | None,
               milters: list[MilterSetting], dns: DnsSettings, store_password_env: str,
-              store_password_file: str, console: ConsoleSettings) -> GatewayConfig:
+              store_password_file: str, console: ConsoleSettings,
+              audit: AuditSettings) -> GatewayConfig:
         if not store.startswith(STORE_SCHEMES):
             raise ValueError("store must be memory://, sqlite:///PATH or redis://HOST:PORT/DB")
         store_password = _store_password(store, store_password_env, store_password_file,
@@ -342,7 +375,7 @@ def _spec(base: Path, source: str) -> Struct:
             smtpd=SmtpdLimits(gateway["smtpd_timeout"], gateway["smtpd_stress_timeout"],
                               gateway["smtpd_min_data_rate"], gateway["smtpd_stress_share"]),
             user=gateway["user"], group=gateway["group"], log=gateway["log"],
-            console=console)
+            console=console, audit=audit)
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -490,7 +523,10 @@ def _spec(base: Path, source: str) -> Struct:
                                  " set: yes for sign only."),
     }, build=MilterSetting)
     console = _console_spec(base)
+    audit = _audit_spec(local)
     return Struct({
+        "audit": Field(audit, factory=lambda: audit.read(None, "", Problems(source)),
+                       doc="The audit log of message stories (docs/audit.md)."),
         "gateway": Field(gateway, factory=lambda: gateway.read(None, "", Problems(source)),
                          doc="The SMTP front end, the queue and delivery."),
         "store": Field(_StoreUrl(), defaults.store,

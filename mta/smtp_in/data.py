@@ -15,6 +15,9 @@ from typing import Callable, Iterator
 from .header_end import LONG_LINE, first_stray_line
 
 _RECEIVED = re.compile(rb"\r\nreceived:", re.IGNORECASE)
+# The Message-ID, for the audit log's `queued` record (a fold before the value allowed).
+_MESSAGE_ID = re.compile(rb"\r\nmessage-id:[ \t]*(?:\r\n[ \t]+)?(<[^<>\r\n]{1,250}>)",
+                         re.IGNORECASE)
 # A line longer than LONG_LINE is passed on in parts (memory stays bounded; the line is
 # kept); the header's lines are judged on that many bytes (mta/smtp_in/header_end.py).
 
@@ -31,6 +34,7 @@ class DataStream:
         self.size = 0  # bytes of message after unstuffing (what would be stored)
         self.header_bytes = 0
         self.received_headers = 0  # Received: fields in the header (mail loops show there)
+        self.message_id: str | None = None  # the first Message-ID field's value
         self._header_carry = b"\r\n"  # the message starts at a line start
         self.too_big = False
         self.header_too_big = False
@@ -122,6 +126,10 @@ class DataStream:
         # field name cut in two is still seen (10 bytes cannot hold a whole match again).
         scan = self._header_carry + header
         self.received_headers += len(_RECEIVED.findall(scan))
+        if self.message_id is None:
+            found = _MESSAGE_ID.search(scan)
+            if found:
+                self.message_id = found.group(1).decode("utf-8", "backslashreplace")
         self._header_carry = b"\r\n" if header.endswith(b"\r\n") else scan[-10:]
         if self.header_bytes > self.max_header_bytes:
             self.header_too_big = True

@@ -154,8 +154,9 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
     if conn.gateway.on_queued is not None:
         conn.gateway.on_queued(queue_id)
     METRICS.count("mailmoat_messages_queued_total")
-    log_event("queued", queue_id=queue_id, ip=client, sender=sender, nrcpt=len(recipients),
-              size=envelope.size, held=quarantine)
+    log_event("queued", queue_id=queue_id, ip=client, helo=conn.helo, sender=sender,
+              nrcpt=len(recipients), rcpts=",".join(address for address, _ in recipients),
+              size=envelope.size, message_id=stream.message_id, held=quarantine)
     return None
 
 

@@ -1759,6 +1759,38 @@ GATEWAY_PROBES.update({
 })
 
 
+def audit_kept(config: Any) -> object:
+    """Where the tee of a process (as each command installs it) keeps a story event, and
+    what the retention purge (the delivery process's) removes of a record from 1970."""
+    import logging
+
+    from milters.core.audit.tee import AuditTee, install_tee, purge_expired
+    from milters.core.eventlog import log_event
+    log = install_tee(config, "probe")
+    if log is None:
+        return "not recorded"
+    try:
+        log_event("queued", queue_id="PROBE1", sender="a@example.jp")
+        log.append("queued", queue_id="OLD", now=1.0)
+        log.flush()
+        purged = purge_expired(log, config.audit.retention)
+        return (getattr(log, "path", None), purged, bool(log.story("PROBE1")))
+    finally:
+        logger = logging.getLogger("mailmoat")
+        for handler in list(logger.handlers):
+            if isinstance(handler, AuditTee):
+                logger.removeHandler(handler)
+        log.close()
+
+
+_AUDIT_BASE = "store: sqlite:///state.db\n"
+GATEWAY_PROBES.update({
+    "audit.enabled": Probe(_AUDIT_BASE, _AUDIT_BASE + "audit: {enabled: false}\n", audit_kept),
+    "audit.retention": Probe(_AUDIT_BASE, _AUDIT_BASE + "audit: {retention: 0}\n", audit_kept),
+    "audit.file": Probe(_AUDIT_BASE, _AUDIT_BASE + "audit: {file: audit.db}\n", audit_kept),
+})
+
+
 # -- sign (issue 15): key files made once for this module, mode 0600 ----------------------
 def _sign_key_files() -> Path:
     from cryptography.hazmat.primitives import serialization as ser

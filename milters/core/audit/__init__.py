@@ -1,0 +1,72 @@
+"""The audit log: each message's story, hash-chained, kept where the Store is.
+
+    log = open_audit_log(config)
+    log.append("released", queue_id="4F2A1", actor="console:alice", source="192.0.2.9")
+    log.flush()
+    log.verify().ok
+
+Backends: SQLite (the store's file, or `audit.file`), Redis (when the store is redis://:
+several gateways share one chain), memory (memory:// stores: tests, scan's throwaway state).
+The tee (tee.py) turns the story events of every process into records.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from ..errors import StoreError
+from .base import FLUSH_AT, FLUSH_EVERY, Anchor, AuditLog, VerifyResult
+from .memory_log import MemoryAuditLog
+from .record import GENESIS, AuditRecord, canonical, chain_hash
+from .sqlite_log import SqliteAuditLog
+
+if TYPE_CHECKING:
+    from ..config import GatewayConfig
+
+__all__ = ["FLUSH_AT", "FLUSH_EVERY", "GENESIS", "Anchor", "AuditLog", "AuditRecord",
+           "MemoryAuditLog", "SqliteAuditLog", "VerifyResult", "canonical", "chain_hash",
+           "open_audit_log"]
+
+
+def open_audit_log(config: "GatewayConfig") -> AuditLog:
+    """The audit log the config's `store:` and `audit:` name (no connection made yet)."""
+    store = config.store
+    if store == "memory://":
+        return MemoryAuditLog()
+    if config.audit.file is not None:
+        return SqliteAuditLog(str(config.audit.file))
+    if store.startswith("sqlite:///"):
+        return SqliteAuditLog(store[len("sqlite:///"):])
+    if store.startswith(("redis://", "rediss://")):
+        return _open_redis(config)
+    raise StoreError(f"the audit log cannot be kept in store {store.split(':')[0]}:")
+
+
+def _open_redis(config: "GatewayConfig") -> AuditLog:
+    import redis  # only where Redis is configured
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.retry import Retry
+
+    from ..secrets import read_secret
+    from ..store import PASSWORD_ENV
+    from .redis_log import RedisAuditLog
+
+    parts = urlsplit(config.store)
+    try:
+        port, db = parts.port or 6379, int(parts.path.strip("/") or 0)
+    except ValueError as exc:
+        raise StoreError(f"bad Redis URL for the audit log: {exc}") from None
+    password = os.environ.get(PASSWORD_ENV)  # as the Store reads it
+    if config.store_password.named:
+        password = read_secret(config.store_password, "store", env_key="store_password_env",
+                               file_key="store_password_file")
+    client = redis.Redis(host=parts.hostname or "127.0.0.1", port=port, db=db,
+                         username=unquote(parts.username) if parts.username else None,
+                         password=password, ssl=parts.scheme == "rediss",
+                         socket_timeout=max(config.store_timeout, 2.0),
+                         socket_connect_timeout=max(config.store_timeout, 2.0),
+                         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                         decode_responses=True)
+    return RedisAuditLog(client, f"{parts.hostname}:{port}")
