@@ -113,7 +113,8 @@ class ChainSession(BlockingEnvelopeStages):
     def __init__(self, members: list[ChainMember], queue_id: Callable[[], str | None] = lambda: None,
                  pool: MilterPool | None = None) -> None:
         self.members = [_Member(spec) for spec in members]
-        self._queue_id = queue_id
+        self._given_queue_id = queue_id
+        self._macro_queue_id: str | None = None  # the current message's, from macro i
         self._pool = pool  # idle connections from earlier sessions (serve's event loop only)
 
     # -- blocking use (scan, tests; connect/helo/mail/rcpt come from the base class) ------
@@ -157,6 +158,7 @@ class ChainSession(BlockingEnvelopeStages):
                macros: dict[str, str] | None = None) -> Steps[Verdict]:
         for member in self.members:
             member.out_for_message = member.at_end_of_message = False
+        self._macro_queue_id = (macros or {}).get("i")
         return (yield from self._each("mail", lambda c: c.g_mail(sender, params, macros)))
 
     def g_rcpt(self, recipient: str, params: list[str] = (),  # type: ignore[assignment]
@@ -167,6 +169,7 @@ class ChainSession(BlockingEnvelopeStages):
                   ) -> Steps[tuple[Verdict, Transit]]:
         """Headers, body and end of message to each milter in turn, applying its edits
         before the next one sees the message."""
+        self._macro_queue_id = (macros or {}).get("i") or self._macro_queue_id
         for member in self.members:
             if member.failure is not None:
                 return self._failed_earlier(member, "eom"), transit
@@ -290,6 +293,10 @@ class ChainSession(BlockingEnvelopeStages):
             elif verdict.ends_transaction:
                 return verdict
         return Verdict.cont()
+
+    def _queue_id(self) -> str | None:
+        """For log lines (and so the audit log): the driver's, else macro i of the message."""
+        return self._given_queue_id() or self._macro_queue_id
 
     def _note(self, member: _Member, stage: str, verdict: Verdict) -> None:
         if verdict.action is Action.CONTINUE:

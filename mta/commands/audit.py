@@ -46,7 +46,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             message_id = args.id if args.id.startswith("<") else f"<{args.id}>"
             queue_ids = {r.queue_id for r in log.search(message_id=message_id, limit=100)}
             records = sorted((r for q in queue_ids if q for r in log.story(q)),
-                             key=lambda r: r.seq)
+                             key=lambda r: (r.time, r.seq))
     if not records:
         print(f"audit: no records for {args.id}")
         return 1

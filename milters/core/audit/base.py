@@ -124,8 +124,9 @@ class AuditLog(ABC):
 
     # -- reading -------------------------------------------------------------------------
     def story(self, queue_id: str) -> list[AuditRecord]:
-        """Every record of one message, in chain order."""
-        return list(self._records(queue_id=queue_id))
+        """Every record of one message in the order things happened: by time, then seq
+        (each process writes its own batches, so chain order is not event order)."""
+        return sorted(self._records(queue_id=queue_id), key=lambda r: (r.time, r.seq))
 
     def search(self, *, text: str | None = None, queue_id: str | None = None,
                message_id: str | None = None, address: str | None = None,
