@@ -189,14 +189,18 @@ def test_search_story_and_counts(log: AuditLog) -> None:
         log.counts(since=0, until=1, step=0)
 
 
-def test_a_full_batch_is_written_without_waiting_for_the_timer(tmp_path: Path) -> None:
+def test_a_full_batch_is_written_without_waiting_for_the_timer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
+
+    from milters.core.audit import base
+    monkeypatch.setattr(base, "FLUSH_EVERY", 60.0)  # the timer would come too late
     log = SqliteAuditLog(str(tmp_path / "state.db"))
     reader = SqliteAuditLog(str(tmp_path / "state.db"))
     try:
         for n in range(FLUSH_AT):
             log.append("queued", queue_id=f"Q{n}")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5
         while reader.verify().checked < FLUSH_AT:
             assert time.monotonic() < deadline
             time.sleep(0.01)
