@@ -11,6 +11,7 @@ written at once, still carry every event.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -48,7 +49,7 @@ class AuditLog(ABC):
     primitives; the rest is shared."""
 
     def __init__(self) -> None:
-        self._buffer: list[Pending] = []
+        self._buffer: list[tuple[Any, ...]] = []  # append()'s arguments, as given
         self._lock = threading.Lock()  # guards _buffer
         self._write_lock = threading.Lock()  # one batch at a time from this process
         self._wake = threading.Event()
@@ -60,9 +61,9 @@ class AuditLog(ABC):
     def append(self, event: str, *, queue_id: str | None = None, message_id: str | None = None,
                actor: str | None = None, source: str | None = None,
                now: float | None = None, **fields: Any) -> None:
-        pending = Pending(time.time() if now is None else float(now), clean_text(event, 100),
-                          clean_optional(queue_id), clean_optional(message_id),
-                          clean_optional(actor), clean_optional(source), clean_fields(fields))
+        # Kept as given: cleaning and hashing happen in flush(), off the caller's path.
+        pending = (time.time() if now is None else now, event, queue_id, message_id, actor,
+                   source, fields)
         with self._lock:
             self._buffer.append(pending)
             if len(self._buffer) > MAX_BUFFER:
@@ -85,7 +86,7 @@ class AuditLog(ABC):
             if not batch:
                 return
             try:
-                self._write(batch)
+                self._write([_cleaned(*raw) for raw in batch])
             except BaseException:
                 with self._lock:
                     self._buffer[:0] = batch
@@ -190,6 +191,16 @@ class AuditLog(ABC):
 
     def _close(self) -> None:
         """Release connections."""
+
+
+def _cleaned(now: float, event: str, queue_id: Any, message_id: Any, actor: Any, source: Any,
+             fields: dict[str, Any]) -> Pending:
+    when = float(now)
+    if not math.isfinite(when):  # JSON has no NaN: the record would not verify
+        when = time.time()
+    return Pending(when, clean_text(event, 100), clean_optional(queue_id),
+                   clean_optional(message_id), clean_optional(actor), clean_optional(source),
+                   clean_fields(fields))
 
 
 def seal_batch(batch: list[Pending], tip: Anchor) -> list[AuditRecord]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from ..errors import StoreError, StoreUnavailable
 from .base import Anchor, AuditLog, first_kept, seal_batch
-from .record import GENESIS, AuditRecord, Pending
+from .record import GENESIS, AuditRecord, Pending, canonical
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS audit ("
@@ -163,7 +163,7 @@ def _mark(conn: sqlite3.Connection, name: str) -> Anchor:
 
 def _row(record: AuditRecord) -> tuple:
     return (record.seq, record.time, record.event, record.queue_id, record.message_id,
-            record.actor, record.source, json.dumps(record.fields, ensure_ascii=False),
+            record.actor, record.source, canonical(record.fields),
             record.prev_hash, record.hash)
 
 
