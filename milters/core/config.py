@@ -208,7 +208,7 @@ class AuditSettings:
 
     enabled: bool = True
     retention: float = AUDIT_RETENTION  # seconds; 0 = keep forever
-    file: Path | None = None  # None: in the store's place (its SQLite file, or Redis)
+    file: Path | None = None  # None: beside the store's SQLite file, or in its Redis
 
 
 def _audit_spec(local: Callable[[str], Path]) -> Struct:
@@ -220,9 +220,9 @@ def _audit_spec(local: Callable[[str], Path]) -> Struct:
                            doc="How long audit records are kept, like 90d; 0 = forever. Older "
                                "ones are purged and the chain stays verifiable from an anchor."),
         "file": Field(Str(), None,
-                      doc="A SQLite file of its own for the audit log. Not set: in the store's "
-                          "place (its SQLite file, or Redis). A memory:// store keeps it in "
-                          "memory."),
+                      doc="The audit log's SQLite file. Not set: beside a SQLite store's file "
+                          "(state.db -> state-audit.db), or in Redis with a redis:// store. A "
+                          "memory:// store keeps it in memory."),
     }, build=lambda enabled, retention, file: AuditSettings(
         enabled, retention, local(file) if file else None),
         expected="audit settings: enabled, retention, file")

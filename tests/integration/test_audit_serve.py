@@ -84,7 +84,8 @@ def test_a_message_story_through_serve_and_the_attachments_milter(tmp_path: Path
     assert count >= len(story) + 2  # the copy and the notice have stories of their own
 
     secret = password.group(1).encode()
-    for state in tmp_path.glob("state.db*"):
+    assert list(tmp_path.glob("state-audit.db*"))
+    for state in tmp_path.glob("state*"):
         assert secret not in state.read_bytes(), state
 
 
@@ -103,7 +104,7 @@ def test_tampering_with_the_gateways_log_is_found(tmp_path: Path) -> None:
     finally:
         serve.stop()
     assert mailmoat("audit", "verify", config=serve.config).returncode == 0
-    with sqlite3.connect(tmp_path / "state.db") as db:
+    with sqlite3.connect(tmp_path / "state-audit.db") as db:
         db.execute("UPDATE audit SET source = '198.51.100.9' WHERE seq = 2")
     verified = mailmoat("audit", "verify", config=serve.config)
     assert (verified.returncode, verified.stdout) == (

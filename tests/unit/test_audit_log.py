@@ -121,7 +121,8 @@ def test_tampering_in_memory_is_found_too() -> None:
 
 def test_odd_values_are_kept_verifiable_and_capped(log: AuditLog) -> None:
     odd = "line one\r\nline two\0nul \x1b[31m 8-bit: \xe9\xff 日本語 \udcff"
-    log.append("queued", queue_id="Q\r\nX", message_id="<a\0b@example.jp>", note=odd,
+    log.append("queued", queue_id="Q\r\nX", message_id="<a\0b\xe9日本@example.jp>", note=odd,
+               actor="console:山田\udcff", source="\u2028",
                raw=b"\xff\xfe bytes", huge="x" * 1_000_000, nested={"a": [1, 2.5, None, odd]},
                number=2**80, nan=float("nan"), **{"bad\nkey": 1})
     log.flush()
@@ -133,7 +134,8 @@ def test_odd_values_are_kept_verifiable_and_capped(log: AuditLog) -> None:
     assert len(record.fields["huge"]) < FIELD_CAP + 100
     assert record.fields["huge"].endswith("more characters cut]")
     assert record.fields["number"] == str(2**80) and record.fields["nan"] == "nan"
-    assert record.message_id == "<a\0b@example.jp>"
+    assert record.message_id == "<a\0b\xe9日本@example.jp>"
+    assert record.actor == "console:山田\\udcff"
 
 
 def test_fields_named_like_secrets_are_never_recorded(log: AuditLog) -> None:

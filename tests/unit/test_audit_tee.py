@@ -70,7 +70,8 @@ def test_a_logged_password_reaches_neither_the_sqlite_file_nor_redis(
     tee.flush()
     [record] = tee.story("Q1")
     assert "password" not in record.fields and record.fields["zip"] == "a.zip"
-    for path in tmp_path.glob("state.db*"):
+    assert list(tmp_path.glob("state-audit.db*"))
+    for path in tmp_path.glob("state*"):
         assert PASSWORD.encode() not in path.read_bytes()
     # The same on Redis: every key's dump searched.
     config = tmp_path / "redis.yaml"
@@ -128,7 +129,7 @@ def test_verify_prints_the_count_or_the_first_bad_record(config: Path,
     assert main(["audit", "verify", "--config", str(config)]) == 0
     assert capsys.readouterr().out == "audit: 3 records, chain intact\n"
     import sqlite3
-    with sqlite3.connect(config.parent / "state.db") as db:
+    with sqlite3.connect(config.parent / "state-audit.db") as db:
         db.execute("UPDATE audit SET actor = 'cli:mallory' WHERE seq = 2")
     assert main(["audit", "verify", "--config", str(config)]) == 1
     assert capsys.readouterr().out == \

@@ -1769,9 +1769,11 @@ def audit_kept(config: Any) -> object:
     log = install_tee(config, "probe")
     if log is None:
         return "not recorded"
+    for leftover in Path(getattr(log, "path", "/nonexistent")).parent.glob("*audit.db*"):
+        leftover.unlink()  # each probe run on a fresh file (the connection opens lazily)
     try:
-        log_event("queued", queue_id="PROBE1", sender="a@example.jp")
         log.append("queued", queue_id="OLD", now=1.0)
+        log_event("queued", queue_id="PROBE1", sender="a@example.jp")
         log.flush()
         purged = purge_expired(log, config.audit.retention)
         return (getattr(log, "path", None), purged, bool(log.story("PROBE1")))

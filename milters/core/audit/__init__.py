@@ -5,13 +5,14 @@
     log.flush()
     log.verify().ok
 
-Backends: SQLite (the store's file, or `audit.file`), Redis (when the store is redis://:
+Backends: SQLite (a file beside the store's, or `audit.file`), Redis (when the store is redis://:
 several gateways share one chain), memory (memory:// stores: tests, scan's throwaway state).
 The tee (tee.py) turns the story events of every process into records.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -37,10 +38,17 @@ def open_audit_log(config: "GatewayConfig") -> AuditLog:
     if config.audit.file is not None:
         return SqliteAuditLog(str(config.audit.file))
     if store.startswith("sqlite:///"):
-        return SqliteAuditLog(store[len("sqlite:///"):])
+        return SqliteAuditLog(str(beside_store(store[len("sqlite:///"):])))
     if store.startswith(("redis://", "rediss://")):
         return _open_redis(config)
     raise StoreError(f"the audit log cannot be kept in store {store.split(':')[0]}:")
+
+
+def beside_store(store_path: str) -> Path:
+    """The audit log's own file next to the store's (state.db -> state-audit.db): its
+    batches then never hold the write lock the rate limiter waits on for each message."""
+    path = Path(store_path)
+    return path.with_name(f"{path.stem}-audit{path.suffix or '.db'}")
 
 
 def _open_redis(config: "GatewayConfig") -> AuditLog:
