@@ -89,3 +89,62 @@ def test_gateways_appending_to_one_redis_keep_one_chain(tmp_path: Path,
 def _forget_audit(client: redis.Redis) -> None:
     for key in client.scan_iter(match="mailmoat.audit:*"):
         client.delete(key)
+
+
+def _race(module: object, first: object, second: object) -> None:
+    """`first` flushes and, between reading the tip and writing after it, waits while
+    `second` flushes a record of its own: the moment where two writers could fork."""
+    import threading
+
+    original = module.seal_batch  # type: ignore[attr-defined]
+    second_done = threading.Event()
+    calls = []
+
+    def slow_seal(batch, tip):  # type: ignore[no-untyped-def]
+        calls.append(tip)
+        if len(calls) == 1:  # the first writer, tip read: let the other one in now
+            threading.Thread(target=lambda: (second.flush(), second_done.set())).start()
+            second_done.wait(1.0)  # it must wait for us (lock or WATCH); bounded either way
+        return original(batch, tip)
+
+    module.seal_batch = slow_seal  # type: ignore[attr-defined]
+    try:
+        first.append("queued", queue_id="FIRST")  # type: ignore[attr-defined]
+        second.append("queued", queue_id="SECOND")  # type: ignore[attr-defined]
+        first.flush()  # type: ignore[attr-defined]
+        assert second_done.wait(15)
+    finally:
+        module.seal_batch = original  # type: ignore[attr-defined]
+
+
+def test_a_writer_between_tip_and_write_waits_its_turn_on_sqlite(tmp_path: Path) -> None:
+    from milters.core.audit import SqliteAuditLog, sqlite_log
+    first = SqliteAuditLog(str(tmp_path / "audit.db"))
+    second = SqliteAuditLog(str(tmp_path / "audit.db"))
+    try:
+        _race(sqlite_log, first, second)
+        result = first.verify()
+        assert (result.ok, result.checked) == (True, 2), result
+        assert {r.queue_id for r in first.search(limit=10)} == {"FIRST", "SECOND"}
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_writer_between_tip_and_write_retries_on_redis(tmp_path: Path,
+                                                        redis_server: RedisServer) -> None:
+    from milters.core.audit import redis_log
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"store: {redis_server.url}\n")
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    _forget_audit(client)
+    first, second = (open_audit_log(load_config(config)) for _ in range(2))
+    try:
+        _race(redis_log, first, second)
+        result = first.verify()
+        assert (result.ok, result.checked) == (True, 2), result
+        assert {r.queue_id for r in first.search(limit=10)} == {"FIRST", "SECOND"}
+    finally:
+        first.close()
+        second.close()
+        _forget_audit(client)
