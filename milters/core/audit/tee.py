@@ -28,9 +28,9 @@ AUDITED = frozenset({
     "offload_failed", "neutralized", "converted", "neutralize_refused", "signed", "sealed",
     # delivery
     "delivered", "deferred", "bounced", "expired", "removed",
-    # queue administration (CLI, console)
-    "held", "released", "released_partly", "downloaded",
 })
+# Not here: held, released, deleted and downloaded are appended by the operations themselves
+# (mta/operations), with the console user or CLI user as actor; a tee would add them twice.
 PURGE_EVERY = 3600.0  # seconds between retention purges (in the delivery process only)
 _LOGGER = "mailmoat"
 
