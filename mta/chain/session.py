@@ -301,9 +301,8 @@ class ChainSession(BlockingEnvelopeStages):
     def _note(self, member: _Member, stage: str, verdict: Verdict) -> None:
         if verdict.action is Action.CONTINUE:
             if stage == "eom":  # each milter's word on the message, for its audit story
-                log_event("milter_verdict", milter=member.spec.endpoint.name, stage=stage,
-                          action="continue", edits=len(member.result.actions),
-                          queue_id=self._queue_id())
+                log_event("milter_passed", milter=member.spec.endpoint.name,
+                          edits=len(member.result.actions), queue_id=self._queue_id())
             return
         member.result.verdict = verdict.action.value
         member.result.reply = str(verdict.reply) if verdict.reply else None

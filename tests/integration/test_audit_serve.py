@@ -57,13 +57,13 @@ def test_a_message_story_through_serve_and_the_attachments_milter(tmp_path: Path
     story = shown.stdout.splitlines()
     events = [line.split()[2] for line in story]
     # The milter's records come first: it judged the message before it was queued.
-    assert events.index("milter_verdict") < events.index("queued") < events.index("delivered")
+    assert events.index("milter_passed") < events.index("queued") < events.index("delivered")
     queued = story[events.index("queued")]
     assert "source=127.0.0.1" in queued and f"sender={SENDER}" in queued
     assert f"rcpts={INTERNAL}" in queued  # the external one went in a re-injected copy
     assert "message_id=<20261128101500.3@example.jp>" in queued and "helo=" in queued
-    verdict = next(line for line in story if " milter_verdict " in line)
-    assert "milter=attachments" in verdict and "action=continue" in verdict
+    passed = next(line for line in story if " milter_passed " in line)
+    assert "milter=attachments" in passed and "edits=" in passed
     encrypted = next(line for line in story if " attachments " in line and "action=encrypt"
                      in line)
     assert re.search(r"zip=AttachFile\.\d{8}\.zip", encrypted), encrypted

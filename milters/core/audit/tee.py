@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # The story of a message, from where each event is logged:
 AUDITED = frozenset({
     # smtpd and serve's milter chain
-    "queued", "reject", "discarded", "milter_verdict", "header_ended_early",
+    "queued", "reject", "discarded", "milter_verdict", "milter_passed", "header_ended_early",
     # each milter's own verdict and edits
     "verdict", "points", "attachments", "attachments_failed", "attachments_unparsable",
     "offload_failed", "neutralized", "converted", "neutralize_refused", "signed", "sealed",
