@@ -23,7 +23,7 @@ def _open(args: argparse.Namespace) -> AuditLog:
     if config.store == "memory://":
         raise MailmoatError(f"{config.source}: store: memory:// keeps no audit log between "
                             "processes; nothing to read")
-    return open_audit_log(config)
+    return open_audit_log(config, create=False)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -69,7 +69,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if config.audit.retention <= 0:
         print("audit: retention is 0 (keep forever); nothing purged")
         return 0
-    with open_audit_log(config) as log:
+    with open_audit_log(config, create=False) as log:
         removed = purge_expired(log, config.audit.retention)
     print(f"audit: {removed} records older than the retention purged")
     return 0

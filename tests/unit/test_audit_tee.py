@@ -170,9 +170,38 @@ def test_search_by_address_date_and_event(config: Path,
     assert "is not a date" in capsys.readouterr().err
 
 
+def test_reading_a_log_that_is_not_there_says_so_and_creates_nothing(
+        config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["verify"], ["show", "Q1"], ["search"], ["purge"]):
+        assert main(["audit", *command, "--config", str(config)]) == 1
+        assert capsys.readouterr().err == (f"mailmoat: no audit log at {config.parent}/"
+                                           "state-audit.db (nothing recorded yet, or it was "
+                                           "removed)\n")
+    assert list(config.parent.iterdir()) == [config]
+
+
 def test_memory_store_has_no_audit_log_to_read(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text("store: memory://\n")
     assert main(["audit", "verify", "--config", str(path)]) == 1
     assert "memory:// keeps no audit log" in capsys.readouterr().err
+
+
+def test_purge_removes_what_is_past_the_retention_and_the_rest_verifies(
+        config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+    now = time.time()
+    with open_audit_log(load_config(config)) as log:
+        for age_days in (100, 95, 10, 92, 0):  # the default retention is 90 days
+            log.append("queued", queue_id=f"Q{age_days}", now=now - age_days * 86400)
+    assert main(["audit", "purge", "--config", str(config)]) == 0
+    # The oldest records up to the first one to keep: the chain's prefix, never a hole.
+    assert capsys.readouterr().out == "audit: 2 records older than the retention purged\n"
+    assert main(["audit", "verify", "-v", "--config", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "audit: 3 records, chain intact"
+    assert re.fullmatch(r"audit: tip: record 5 hash [0-9a-f]{64}", out[1])
+    config.write_text(config.read_text() + "audit: {retention: 0}\n")
+    assert main(["audit", "purge", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == "audit: retention is 0 (keep forever); nothing purged\n"

@@ -30,15 +30,23 @@ __all__ = ["FLUSH_AT", "FLUSH_EVERY", "GENESIS", "Anchor", "AuditLog", "AuditRec
            "open_audit_log"]
 
 
-def open_audit_log(config: "GatewayConfig") -> AuditLog:
-    """The audit log the config's `store:` and `audit:` name (no connection made yet)."""
+def open_audit_log(config: "GatewayConfig", *, create: bool = True) -> AuditLog:
+    """The audit log the config's `store:` and `audit:` name (no connection made yet).
+    create=False (the commands that read it): a SQLite file that is not there is an
+    error, not a new empty log that would pass for an intact one."""
     store = config.store
     if store == "memory://":
         return MemoryAuditLog()
+    path = None
     if config.audit.file is not None:
-        return SqliteAuditLog(str(config.audit.file))
-    if store.startswith("sqlite:///"):
-        return SqliteAuditLog(str(beside_store(store[len("sqlite:///"):])))
+        path = Path(config.audit.file)
+    elif store.startswith("sqlite:///"):
+        path = beside_store(store[len("sqlite:///"):])
+    if path is not None:
+        if not create and not path.exists():
+            raise StoreError(f"no audit log at {path} (nothing recorded yet, or it was "
+                             "removed)")
+        return SqliteAuditLog(str(path))
     if store.startswith(("redis://", "rediss://")):
         return _open_redis(config)
     raise StoreError(f"the audit log cannot be kept in store {store.split(':')[0]}:")
