@@ -234,3 +234,17 @@ def test_a_record_round_trips_through_json() -> None:
     [record] = log.rows
     again = AuditRecord.from_json(record.to_json())
     assert again == record and again.expected_hash() == record.hash
+
+
+def test_search_and_counts_over_more_records_than_one_read(log: AuditLog) -> None:
+    for n in range(2500):  # sqlite reads 1000 at a time
+        log.append("queued" if n % 3 else "delivered", queue_id=f"Q{n % 7}",
+                   now=3600.0 * (n // 1000) + n % 1000, to=f"u{n}@example.jp")
+    log.flush()
+    assert [r.seq for r in log.search(limit=10**6)] == list(range(2500, 0, -1))
+    assert log.search(address="u0@example.jp")[0].seq == 1
+    assert [r.seq for r in log.story("Q3")] == list(range(4, 2501, 7))
+    assert log.counts(since=0, until=10**6, step=3600) == {
+        (0.0, "queued"): 666, (0.0, "delivered"): 334, (3600.0, "queued"): 667,
+        (3600.0, "delivered"): 333, (7200.0, "queued"): 333, (7200.0, "delivered"): 167}
+    assert log.verify().checked == 2500

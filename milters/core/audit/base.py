@@ -166,7 +166,12 @@ class AuditLog(ABC):
         """Walk the chain from the anchor: each record's seq follows, its prev_hash is the
         hash before it, its hash is what its content gives; the last is the recorded tip."""
         anchor, tip, records = self._snapshot()
-        return check_chain(anchor, tip, records)
+        try:
+            return check_chain(anchor, tip, records)
+        finally:
+            close = getattr(records, "close", None)
+            if close is not None:  # a stream: end its read transaction now
+                close()
 
     # -- retention -----------------------------------------------------------------------
     @abstractmethod
