@@ -64,8 +64,7 @@ def test_a_message_story_through_serve_and_the_attachments_milter(tmp_path: Path
     assert "message_id=<20261128101500.3@example.jp>" in queued and "helo=" in queued
     passed = next(line for line in story if " milter_passed " in line)
     assert "milter=attachments" in passed and "edits=" in passed
-    encrypted = next(line for line in story if " attachments " in line and "action=encrypt"
-                     in line)
+    encrypted = next(line for line in story if " encrypted " in line)
     assert re.search(r"zip=AttachFile\.\d{8}\.zip", encrypted), encrypted
     assert f"rcpts={EXTERNAL}" in encrypted and f"notice_to={SENDER}" in encrypted
     assert "actor=mailmoat/attachments" in encrypted

@@ -54,7 +54,7 @@ def test_story_events_with_a_queue_id_become_records(tee: AuditLog) -> None:
     log_event("milter_started", milter="attachments", queue_id="Q1")  # not a story event
     tee.flush()
     story = tee.story("Q1")
-    assert [r.event for r in story] == ["attachments", "queued"]
+    assert [r.event for r in story] == ["encrypted", "queued"]  # as the overview counts it
     first, second = story
     assert (first.actor, first.source) == ("mailmoat/attachments", "192.0.2.7")
     assert first.fields["zip"] == "AttachFile.20261128.zip"
