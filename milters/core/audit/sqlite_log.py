@@ -50,13 +50,14 @@ class SqliteAuditLog(AuditLog):
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never a connection of a parent
             try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)  # as the Store does
                 conn = sqlite3.connect(self.path, timeout=self._timeout,
                                        isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 for statement in _SCHEMA:
                     conn.execute(statement)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise StoreUnavailable(f"audit log {self.path}: {exc}") from None
             self._conn, self._pid = conn, os.getpid()
         return self._conn
