@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from milters.core.config import ConsoleSettings
 
-from . import api, pages
+from . import api, held_api, held_pages, pages
 from .context import Authenticator, Console
 from .security import SecurityHeaders
 from .sessions import SessionStore
@@ -47,6 +47,8 @@ def create_app(settings: ConsoleSettings, *, key: bytes, authenticate: Authentic
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
+        # Held mail before the frame's placeholder /held (the first match wins).
+        *held_pages.routes(console), *held_api.routes(console),
         *pages.routes(console), *api.routes(console), *extra_routes,
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

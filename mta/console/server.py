@@ -21,6 +21,7 @@ from milters.core.store import Store, open_gateway_store
 
 from mta.aio.event_loop import loop_factory
 from mta.gateway import privileges
+from mta.operations.wiring import operations_for
 
 from .app import create_app
 from . import login
@@ -143,11 +144,22 @@ def run_console(config: GatewayConfig, *, operations: Any = None) -> int:
         privileges.prepare([], privileges.state_database(config), run_as)
         privileges.drop(run_as)
     holder.append(open_gateway_store(config))
+    console = app.app.state.console  # type: ignore[attr-defined]
+    if console.operations is None:  # opened as gateway.user: files it makes are its own
+        try:
+            console.operations = operations_for(config)
+        except OSError as exc:
+            holder[0].close()
+            raise MailmoatError(f"cannot open the queue {config.queue.dir}: "
+                                f"{exc.strerror or exc}") from None
     try:
         log_event("console_started", listen=settings.listen, tls=settings.tls,
                   loop=loop_name, pid=os.getpid())
         server.run(sockets=[sock])
     finally:
         holder[0].close()
+        audit = getattr(console.operations, "audit", None)
+        if audit is not None and hasattr(audit, "close"):
+            audit.close()
         log_event("console_stopped", pid=os.getpid())
     return 0
