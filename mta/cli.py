@@ -6,9 +6,7 @@ Exit status: 0 success; 1 a policy is invalid, a policy test failed or an operat
 from __future__ import annotations
 
 import argparse
-import getpass
 import importlib
-import ipaddress
 import os
 import pwd
 import signal
@@ -19,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-from milters.core.config import CONSOLE_ROLES, STORE_SCHEMES, GatewayConfig, load_config
+from milters.core.config import GatewayConfig, load_config
 from milters.core.errors import ConfigError, MailmoatError
 from milters.core.audit.tee import install_tee
 from milters.core.eventlog import setup_logging
@@ -34,14 +32,13 @@ from milters.ratelimit.extension import EXTENSION as RATELIMIT
 from milters.sign.extension import EXTENSION as SIGN
 
 from mta import __version__
-from mta.commands import audit as audit_commands, console_users, dkim, init, scan
+from mta.commands import audit as audit_commands, dkim, init, scan
+from mta.commands import queue as queue_command, users as user_command
+from mta.commands.usage import (CommandParser, UsageError, ip_address, print_problems,
+                                store_url, utc_date)
 from mta.commands.scan import ScanRequest, to_crlf
 from mta.delivery.process import run_delivery
 from mta.gateway import privileges, serve
-from mta.queue import admin as queue_admin
-from mta.operations import cli_actor
-from mta.operations.wiring import operations_for
-from mta.smtp_in import users
 
 EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, NEUTRALIZE, ATTACHMENTS, SIGN]
 # Each milter's daemon module, imported only by the process that runs it: a milter process
@@ -62,17 +59,8 @@ def milter_serve(name: str) -> Callable[[GatewayConfig, str, Callable[[Path], Po
     return importlib.import_module(MILTERS[name]).serve  # type: ignore[no-any-return]
 
 
-class UsageError(Exception):
-    """A wrong command line: exit 2."""
-
-
 def read_policy(path: Path) -> Policy:
     return load_policy(path, EXTENSIONS)
-
-
-def _print_problems(exc: ConfigError) -> None:
-    for problem in exc.problems:
-        print(problem, file=sys.stderr)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -118,7 +106,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         try:
             policy = read_policy(Path(name))
         except ConfigError as exc:
-            _print_problems(exc)
+            print_problems(exc)
             failed = True
             continue
         print(f"{name}: ok ({len(policy.rules)} rules, {len(policy.tests)} tests)")
@@ -131,7 +119,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         try:
             policy = read_policy(Path(name))
         except ConfigError as exc:
-            _print_problems(exc)
+            print_problems(exc)
             failed += 1
             continue
         by_name = {ext.name: ext for ext in EXTENSIONS}
@@ -181,13 +169,6 @@ def cmd_ratelimit_show(args: argparse.Namespace) -> int:
         for line in ratelimit_admin.show(store, settings, args.ip):
             print(line)
     return 0
-
-
-def _utc_date(text: str) -> float:
-    try:
-        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a date like 2026-11-28") from None
 
 
 def cmd_dmarc_report(args: argparse.Namespace) -> int:
@@ -305,111 +286,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_queue(args: argparse.Namespace) -> int:
-    # Through Operations as cli:USER (an admin), so that the audit log records CLI actions.
-    config = load_config(args.config)
-    if config.log.to == "syslog":  # the admin's actions reach the mail log, as postsuper's
-        setup_logging("queue", settings=config.log)
-    ops, actor = operations_for(config), cli_actor()
-    action = args.queue_command
-    if action == "list":
-        print("\n".join(queue_admin.list_lines(ops.entries(actor))))
-    elif action == "show":
-        print(queue_admin.show_text(ops.queue.envelope(args.id), ops.original(actor, args.id)))
-    elif action == "flush":
-        print(f"{ops.flush(actor)} message(s) made due now")
-    elif action == "delete":
-        ops.delete(actor, args.id)
-        print(f"{args.id}: deleted")
-    elif action == "hold":
-        ops.hold(actor, args.id)
-        print(f"{args.id}: on hold")
-    elif action == "release":
-        print(f"{args.id}: {ops.release(actor, args.id, args.rcpt).detail}")
-    return 0
-
-
-def _users_file(config: GatewayConfig) -> Path:
-    if config.auth_users_file is None:
-        where = "give --config FILE and set" if config.source == "(embedded defaults)" else "add"
-        raise MailmoatError(f"{config.source}: no SMTP AUTH users file configured; {where} "
-                            "gateway.auth.users_file (e.g. `auth: {users_file: var/users}` "
-                            "under gateway:)")
-    return config.auth_users_file
-
-
-def _read_new_password() -> str:
-    """First line of stdin when it is piped (scripts), else asked twice without echo."""
-    if sys.stdin.isatty():
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Again: ") != password:
-            raise UsageError("the passwords do not match; nothing changed")
-    else:
-        try:
-            password = sys.stdin.buffer.readline().decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError("the password on stdin is not UTF-8") from None
-        password = password.removesuffix("\n").removesuffix("\r")
-    if not password:
-        raise UsageError("the password is empty; nothing changed")
-    return password
-
-
-def cmd_user(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    action = args.user_command
-    if getattr(args, "role", None) or getattr(args, "console", False):  # console accounts
-        try:
-            console_users.add_or_delete(config, args, _read_new_password)
-        except console_users.ConsoleUsageError as exc:
-            raise UsageError(str(exc)) from None
-        return 0
-    if action == "list":
-        console = console_users.list_lines(config)
-        names = users.list_users(_users_file(config)) if config.auth_users_file or not console \
-            else []
-        if names or console:
-            print("\n".join(names + console))
-        else:
-            print(f"{config.auth_users_file}: no users", file=sys.stderr)
-        return 0
-    if getattr(args, "address", None):
-        raise UsageError("--address is for console accounts: add --role admin|auditor|user")
-    path = _users_file(config)
-    try:
-        users.check_user_name(args.name)
-    except ValueError as exc:
-        raise UsageError(f"user {args.name!r}: {exc}") from None
-    try:
-        if action == "add":
-            users.set_password(path, args.name, _read_new_password())
-            print(f"user {args.name}: password set ({path})")
-        elif users.remove_user(path, args.name):
-            print(f"user {args.name}: deleted ({path})")
-        else:
-            raise MailmoatError(f"user {args.name}: no such user ({path})")
-    except ValueError as exc:  # a password set_password refuses
-        raise UsageError(f"user {args.name}: {exc}") from None
-    except OSError as exc:
-        raise MailmoatError(f"{exc.filename or path}: {exc.strerror or exc}") from None
-    return 0
-
-
 # -- parser ---------------------------------------------------------------------------------
-def _ip(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an IP address") from None
-
-
-def _store_url(text: str) -> str:
-    if not text.startswith(STORE_SCHEMES):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a store URL (memory://, "
-                                         "sqlite:///PATH, redis://HOST:PORT/DB)")
-    return text
-
-
 def _auth_results(text: str) -> dict[str, str]:
     """"dmarc=fail,spf=pass" -> {"dmarc": "fail", "spf": "pass"}, checked against the names
     policies use."""
@@ -426,17 +303,10 @@ def _auth_results(text: str) -> dict[str, str]:
     return found
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mailmoat", description="mailmoat mail-security gateway")
+    parser = CommandParser(prog="mailmoat", description="mailmoat mail-security gateway")
     parser.add_argument("--version", action="version", version=f"mailmoat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     config_help = "gateway config YAML (default: embedded defaults)"
     user_help = ("started as root: the user to become once the sockets are open (overrides "
                  "gateway.user; `root` keeps root, not recommended)")
@@ -480,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan_cmd = sub.add_parser("scan", help="run one message through the milter chain offline")
     scan_cmd.add_argument("message", metavar="MESSAGE.eml")
-    scan_cmd.add_argument("--client-ip", default="127.0.0.1", type=_ip, metavar="IP")
+    scan_cmd.add_argument("--client-ip", default="127.0.0.1", type=ip_address, metavar="IP")
     scan_cmd.add_argument("--helo", default="localhost", metavar="NAME")
     scan_cmd.add_argument("--mail-from", metavar="ADDR", help="default: the From address")
     scan_cmd.add_argument("--rcpt", action="append", metavar="ADDR",
@@ -510,13 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where copies and notices go (default: the config's "
                              "gateway.reinject_listen)")
     milter.add_argument("--user", metavar="USER", help=user_help)
-    milter.add_argument("--store", metavar="URL", type=_store_url,
+    milter.add_argument("--store", metavar="URL", type=store_url,
                         help="the state store instead of the config's (scan passes memory://)")
     milter.add_argument("--verbose", action="store_true", help="also log debug details")
     milter.set_defaults(func=cmd_milter)
 
     policy = sub.add_parser("policy", help="check, explain and test policy files")
-    psub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    psub = policy.add_subparsers(dest="policy_command", required=True, parser_class=CommandParser)
     check = psub.add_parser("check", help="validate policy files; print every problem")
     check.add_argument("files", nargs="+", metavar="FILE")
     check.set_defaults(func=cmd_policy_check)
@@ -526,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = psub.add_parser("explain", help="show which rule applies to a message and why")
     explain.add_argument("--mail-from", required=True, metavar="ADDR")
     explain.add_argument("--rcpt", required=True, action="append", metavar="ADDR")
-    explain.add_argument("--client-ip", default="192.0.2.1", type=_ip, metavar="IP")
+    explain.add_argument("--client-ip", default="192.0.2.1", type=ip_address, metavar="IP")
     explain.add_argument("--helo", default="client.example")
     explain.add_argument("--subject", default="")
     explain.add_argument("--auth", type=_auth_results, metavar="METHOD=RESULT,...",
@@ -538,64 +408,31 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(func=cmd_policy_explain)
 
     ratelimit = sub.add_parser("ratelimit", help="inspect and unblock rate-limit state")
-    rsub = ratelimit.add_subparsers(dest="ratelimit_command", required=True, parser_class=_Parser)
+    rsub = ratelimit.add_subparsers(dest="ratelimit_command", required=True, parser_class=CommandParser)
     show = rsub.add_parser("show", help="points and bucket use, for one IP or all")
-    show.add_argument("ip", nargs="?", type=_ip)
+    show.add_argument("ip", nargs="?", type=ip_address)
     show.add_argument("--config", metavar="FILE", help=config_help)
     show.set_defaults(func=cmd_ratelimit_show)
     reset = rsub.add_parser("reset", help="forget an IP's points and buckets")
-    reset.add_argument("ip", type=_ip)
+    reset.add_argument("ip", type=ip_address)
     reset.add_argument("--config", metavar="FILE", help=config_help)
     reset.set_defaults(func=cmd_ratelimit_reset)
     dmarc = sub.add_parser("dmarc", help="DMARC aggregate reports from recorded results")
-    dsub = dmarc.add_subparsers(dest="dmarc_command", required=True, parser_class=_Parser)
+    dsub = dmarc.add_subparsers(dest="dmarc_command", required=True, parser_class=CommandParser)
     report = dsub.add_parser("report", help="RFC 7489 aggregate report XML for one domain")
     report.add_argument("--domain", required=True)
-    report.add_argument("--since", required=True, type=_utc_date, metavar="YYYY-MM-DD")
-    report.add_argument("--until", type=_utc_date, metavar="YYYY-MM-DD",
+    report.add_argument("--since", required=True, type=utc_date, metavar="YYYY-MM-DD")
+    report.add_argument("--until", type=utc_date, metavar="YYYY-MM-DD",
                         help="last day included (default: now)")
     report.add_argument("--org-name", help="reporting organisation (default: the hostname)")
     report.add_argument("--email", help="report contact (default: postmaster@hostname)")
     report.add_argument("--config", metavar="FILE", help=config_help)
     report.set_defaults(func=cmd_dmarc_report)
-    queue = sub.add_parser("queue", help="inspect and manage the mail queue")
-    qsub = queue.add_subparsers(dest="queue_command", required=True, parser_class=_Parser)
-    for name, text, needs_id in (("list", "every queued message", False),
-                                 ("show", "one message with its envelope", True),
-                                 ("flush", "retry every deferred message now", False),
-                                 ("delete", "remove a message for good", True),
-                                 ("hold", "keep a message from delivery", True),
-                                 ("release", "let a held message go", True)):
-        command = qsub.add_parser(name, help=text)
-        if needs_id:
-            command.add_argument("id", metavar="ID")
-        if name == "release":
-            command.add_argument("--rcpt", nargs="+", metavar="ADDR",
-                                 help="release to these recipients only; the rest stay held")
-        command.add_argument("--config", metavar="FILE", help=config_help)
-        command.set_defaults(func=cmd_queue)
-    dkim.add_parser(sub, _Parser, config_help)
-    audit_commands.add_parser(sub, _Parser, config_help)
-    user = sub.add_parser("user", help="manage SMTP AUTH users (gateway.auth.users_file) and "
-                                       "console accounts (console.users_file, with --role)")
-    usub = user.add_subparsers(dest="user_command", required=True, parser_class=_Parser)
-    for name, text, needs_name in (
-            ("add", "add a user or change a password (read from stdin when piped)", True),
-            ("delete", "remove a user", True),
-            ("list", "print every user name (console accounts with their roles)", False)):
-        command = usub.add_parser(name, help=text)
-        if needs_name:
-            command.add_argument("name", metavar="NAME")
-        if name == "add":
-            command.add_argument("--role", choices=CONSOLE_ROLES,
-                                 help="a console account with this role (not an SMTP user)")
-            command.add_argument("--address", action="append", metavar="ADDRESS",
-                                 help="a console account's own mail address (repeatable)")
-        if name == "delete":
-            command.add_argument("--console", action="store_true",
-                                 help="delete the console account, not the SMTP user")
-        command.add_argument("--config", metavar="FILE", help=config_help)
-        command.set_defaults(func=cmd_user)
+    queue_command.add_parser(sub, CommandParser, config_help)
+    dkim.add_parser(sub, CommandParser, config_help)
+    audit_commands.add_parser(sub, CommandParser, config_help)
+    user_command.add_parser(sub, CommandParser, config_help)
+    return parser
     return parser
 
 
@@ -620,7 +457,7 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"mailmoat: {exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:
-        _print_problems(exc)
+        print_problems(exc)
         return 1
     except MailmoatError as exc:
         print(f"mailmoat: {exc}", file=sys.stderr)

@@ -9,10 +9,7 @@ from typing import Callable
 from milters.core.config import GatewayConfig
 from milters.core.errors import MailmoatError
 from mta.console.accounts import load_accounts, remove_account, set_account
-
-
-class ConsoleUsageError(MailmoatError):
-    """A console account argument the command line refuses (exit 2)."""
+from .usage import UsageError
 
 
 def add_or_delete(config: GatewayConfig, args: argparse.Namespace,
@@ -30,7 +27,7 @@ def add_or_delete(config: GatewayConfig, args: argparse.Namespace,
         else:
             raise MailmoatError(f"console account {args.name}: no such account ({path})")
     except ValueError as exc:
-        raise ConsoleUsageError(f"console account {args.name!r}: {exc}") from None
+        raise UsageError(f"console account {args.name!r}: {exc}") from None
     except OSError as exc:
         raise MailmoatError(f"{exc.filename or path}: {exc.strerror or exc}") from None
 
