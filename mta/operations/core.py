@@ -56,15 +56,35 @@ def why_held(records: Sequence[Any]) -> str | None:
     return None
 
 
+# Record fields that name addresses: one address, a list, or a comma-joined list (the
+# `queued` event's rcpts, the attachments event's notice_to).
+SENDER_FIELDS = ("sender", "from")
+RECIPIENT_FIELDS = ("recipients", "recipient", "rcpt", "rcpts", "to", "notice_to")
+
+
+def _addresses(value: Any) -> list[str]:
+    items = value if isinstance(value, (list, tuple)) else \
+        str(value).split(",") if isinstance(value, str) else []
+    return [item.strip().strip("<>").lower() for item in items
+            if isinstance(item, str) and item.strip()]
+
+
 def _record_addresses(record: Any) -> set[str]:
-    found: set[str] = set()
-    for key, value in (getattr(record, "fields", {}) or {}).items():
-        if key not in ("sender", "recipients", "recipient", "rcpt", "to", "from"):
-            continue
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, str):
-                found.add(item.strip().strip("<>").lower())
-    return found
+    fields = getattr(record, "fields", {}) or {}
+    return {address for key in SENDER_FIELDS + RECIPIENT_FIELDS if key in fields
+            for address in _addresses(fields[key])}
+
+
+def _for_user(record: Any, own: set[str]) -> Any:
+    """The record as a `user` may read it: unless they sent the message, its recipient
+    lists keep only their own addresses (the others may have been Bcc)."""
+    fields = getattr(record, "fields", {}) or {}
+    if any(a in own for key in SENDER_FIELDS if key in fields for a in _addresses(fields[key])):
+        return record
+    kept = {key: (",".join(a for a in _addresses(value) if a in own)
+                  if key in RECIPIENT_FIELDS else value)
+            for key, value in fields.items()}
+    return replace(record, fields=kept) if kept != fields else record
 
 
 class Operations:
@@ -123,6 +143,8 @@ class Operations:
                 own = {a.lower() for a in actor.addresses}
                 if not records or not any(_record_addresses(r) & own for r in records):
                     raise not_found(queue_id) from None
+            own = {a.lower() for a in actor.addresses}
+            return [_for_user(record, own) for record in records]
         else:
             may_see(actor, "", [])  # checks the role
             if not records:
@@ -144,7 +166,7 @@ class Operations:
             for record in self.audit.search(address=address, **criteria):
                 if _record_addresses(record) & set(own):
                     seen[record.seq] = record
-        return [seen[seq] for seq in sorted(seen)]
+        return [_for_user(seen[seq], set(own)) for seq in sorted(seen)]
 
     def overview(self, actor: ActorLike, *, now: float, step: int, buckets: int) -> Overview:
         may_see(actor, "", [])

@@ -239,6 +239,29 @@ def test_a_users_audit_search_stays_within_their_addresses(world: World) -> None
         ops.story(TARO, "B2")
 
 
+def test_a_recipient_reading_the_story_does_not_learn_the_other_recipients(
+        world: World) -> None:
+    """The records as the tee writes them (queued: rcpts comma-joined; the attachments
+    event: notice_to): a recipient sees only their own address in each list, as in the
+    message view (the others may have been Bcc); the sender sees them all."""
+    ops, _, audit = world
+    audit.append("queued", queue_id="Q1", sender="boss@example.jp", nrcpt=3,
+                 rcpts="taro@example.jp,hanako@example.jp,secret@partner.example")
+    audit.append("encrypted", queue_id="Q1", actor="mailmoat/attachments",
+                 notice_to="taro@example.jp,secret@partner.example")
+    audit.append("delivered", queue_id="Q1", rcpt="secret@partner.example")
+    taro_view = ops.story(TARO, "Q1")
+    assert [r.fields.get("rcpts") for r in taro_view] == ["taro@example.jp", None, None]
+    assert taro_view[1].fields["notice_to"] == "taro@example.jp"
+    assert taro_view[2].fields["rcpt"] == ""
+    assert "secret@partner.example" not in repr(ops.search_audit(TARO))
+    boss = Actor("boss", "user", frozenset({"boss@example.jp"}), "192.0.2.9")
+    assert ops.story(boss, "Q1")[0].fields["rcpts"].count("@") == 3
+    assert ops.story(ADMIN, "Q1")[1].fields["notice_to"].count("@") == 2
+    with pytest.raises(NotFound):  # rcpts is read as addresses, not as one string
+        ops.story(Actor("x", "user", frozenset({"o@example.jp"}), "192.0.2.8"), "Q1")
+
+
 def test_overview_counts_and_top_sources(tmp_path: Path) -> None:
     import ipaddress
     from milters.core.store import MemoryStore
