@@ -231,7 +231,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     setup_logging("console", verbose=args.verbose, settings=config.log)
     from mta.console.server import run_console  # Starlette and uvicorn: this process only
-    return run_console(config)
+    ratelimit = read_policy(config.policy).sections.get("ratelimit")
+    return run_console(config, points_half_life=getattr(ratelimit, "half_life", None))
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:

@@ -107,7 +107,8 @@ def bind(listen: str) -> socket.socket:
                             f"{exc.strerror or exc}") from None
 
 
-def run_console(config: GatewayConfig, *, operations: Any = None) -> int:
+def run_console(config: GatewayConfig, *, operations: Any = None,
+                points_half_life: float | None = None) -> int:
     settings = config.console
     if not settings.configured:
         raise MailmoatError(f"{config.source}: no console: block; add one (e.g. `console: "
@@ -147,7 +148,7 @@ def run_console(config: GatewayConfig, *, operations: Any = None) -> int:
     console = app.app.state.console  # type: ignore[attr-defined]
     if console.operations is None:  # opened as gateway.user: files it makes are its own
         try:
-            console.operations = operations_for(config)
+            console.operations = operations_for(config, holder[0], points_half_life)
         except OSError as exc:
             holder[0].close()
             raise MailmoatError(f"cannot open the queue {config.queue.dir}: "

@@ -1,26 +1,19 @@
 """Operations built from a gateway config, for the CLI and the console process."""
 from __future__ import annotations
 
-import importlib
-
+from milters.core.audit import open_audit_log
 from milters.core.config import GatewayConfig
+from milters.core.store import Store
 
 from mta.queue.spool import Queue
 
-from .core import AuditLike, Operations
+from .core import Operations
 
 
-def open_audit(config: GatewayConfig) -> AuditLike | None:
-    """The configured audit log (milters/core/audit, the `audit:` block); None while that
-    package is not part of this build (actions are then logged, not audited)."""
-    try:
-        module = importlib.import_module("milters.core.audit")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("milters.core.audit",):
-            raise
-        return None
-    return module.open_audit_log(config)  # type: ignore[no-any-return]
-
-
-def operations_for(config: GatewayConfig) -> Operations:
-    return Operations(Queue(config.queue.dir), open_audit(config))
+def operations_for(config: GatewayConfig, store: Store | None = None,
+                   points_half_life: float | None = None) -> Operations:
+    """Operations on the configured queue and audit log (none with `audit: {enabled:
+    false}`: the actions are then only logged); `store` (the console's) gives the
+    overview its top sources, decayed with the ratelimit policy's `points_half_life`."""
+    audit = open_audit_log(config) if config.audit.enabled else None  # off: actions logged
+    return Operations(Queue(config.queue.dir), audit, store, points_half_life=points_half_life)

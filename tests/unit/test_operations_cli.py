@@ -43,3 +43,24 @@ def test_queue_actions_reach_syslog_with_the_cli_actor(tmp_path: Path) -> None:
     assert "action=released_partly" in released and "recipients=hanako@example.jp" in released
     [rest] = [env for env in queue.entries() if env.queue_id == queue_id]
     assert [r.address for r in rest.recipients] == ["taro@example.jp"] and rest.hold_reason
+
+
+def test_audit_off_means_queue_actions_write_no_audit_log(tmp_path: Path) -> None:
+    """`audit: {enabled: false}` holds for the admin's actions too, not only the tee."""
+    def hold(config_text: str) -> None:
+        config = tmp_path / "gw.yaml"
+        config.write_text(config_text)
+        queue = Queue(tmp_path / "spool")
+        queue_id = queue.enqueue(b"Subject: hi\r\n\r\nbody\r\n",
+                                 Envelope(new_queue_id(), "a@outside.example",
+                                          [RecipientState("taro@example.jp")], 1_795_900_000.0))
+        done = subprocess.run([sys.executable, "-m", "mta.cli", "queue", "hold", queue_id,
+                               "--config", str(config)], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr
+
+    base = "gateway:\n  queue: {dir: spool}\nstore: sqlite:///state.db\n"
+    hold(base + "audit: {enabled: false}\n")
+    assert not (tmp_path / "state-audit.db").exists()
+    hold(base)
+    assert (tmp_path / "state-audit.db").exists()
