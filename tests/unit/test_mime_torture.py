@@ -179,3 +179,17 @@ def test_a_part_that_never_ends_its_headers_is_read_with_a_capped_field() -> Non
     [part] = root.children
     assert len(str(part.skeleton["X-Long"])) <= HEADER_SIZE_LIMIT + 1000
     assert len(Message(b"Subject: " + b"s" * 300_000 + b"\r\n\r\nb").subject) < 110_000
+
+
+@pytest.mark.parametrize("value", ["multipart/mixed; boundary*", "multipart/mixed; b*0*=x; b*1*",
+                                   "multipart/mixed;\r\n boundary*"])
+def test_a_star_parameter_with_nothing_after_it_is_read_not_raised(value: str) -> None:
+    """Found by the cut-and-splice test: the stdlib's header parser raises IndexError on a
+    parameter name ending in `*` at the end of a field. Such a multipart has no boundary:
+    it is read, and the attachments milter doubts it (no boundary), rather than crash."""
+    raw = (f"From: a@example.jp\r\nContent-Type: {value}\r\n\r\n--x\r\n"
+           "Content-Type: application/pdf\r\n\r\n%PDF-1.4\r\n--x--\r\n").encode()
+    mime = Message(raw).mime_raw
+    root = scan(mime)
+    assert root.skeleton.get_content_type() == "multipart/mixed" and root.boundary == b""
+    locate_attachments(mime, root=root)

@@ -111,7 +111,10 @@ def header_bytes(header: bytes, root: bool = False) -> bytes:
         elif not _FIELD_LINE.match(line):
             line = _NAME_BYTES.sub(b"_", name) + b":" + rest
         out.append(line)
-    return b"\r\n".join(out)
+    # A value ending in a parameter name with RFC 2231's star and nothing after it
+    # ("boundary*") raises IndexError in the stdlib's header parser, at every read of the
+    # field; a space after the star reads the same for every client and parses.
+    return b"\r\n".join(line + b" " if line.endswith(b"*") else line for line in out)
 
 
 def _starts_field(line: bytes) -> bool:
