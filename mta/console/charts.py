@@ -22,16 +22,17 @@ class Series:
     values: Sequence[int]
 
 
-def nice_top(peak: int) -> int:
-    """The y axis' top: 1, 2 or 5 times a power of ten at or above the peak (at least 4,
-    so a quiet day still gets four whole-number ticks)."""
-    if peak <= 4:
-        return 4
-    power = 10 ** int(math.floor(math.log10(peak)))
-    for factor in (1, 2, 5, 10):
-        if factor * power >= peak:
-            return factor * power
-    return 10 * power
+def scale(peak: int) -> tuple[int, int]:
+    """(top, step) of the y axis: whole-number ticks `step` apart (1, 2 or 5 times a power
+    of ten), at most five of them above 0, the top the first tick at or over the peak."""
+    peak = max(int(peak), 4)  # a quiet period still gets ticks 0..4
+    step = 1
+    while step * 5 < peak:
+        for factor in (2, 5 / 2, 2):  # 1 -> 2 -> 5 -> 10 -> 20 ...
+            step = int(step * factor)
+            if step * 5 >= peak:
+                break
+    return step * math.ceil(peak / step), step
 
 
 def _class(name: str) -> str:
@@ -45,7 +46,7 @@ def line_chart(chart_id: str, title: str, labels: Sequence[str], series: Sequenc
     it for screen readers and copying."""
     count = min(len(labels), MAX_POINTS)
     peak = max((max(s.values[:count], default=0) for s in series), default=0)
-    top = nice_top(int(peak))
+    top, tick_step = scale(int(peak))
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     step = plot_w / max(1, count - 1)
 
@@ -59,13 +60,11 @@ def line_chart(chart_id: str, title: str, labels: Sequence[str], series: Sequenc
     parts = [f'<svg xmlns="{SVG_NS}" id="{cid}" class="chart" viewBox="0 0 {WIDTH} {HEIGHT}"'
              f' width="{WIDTH}" height="{HEIGHT}" role="img" aria-labelledby="{cid}-title">',
              f'<title id="{cid}-title">{escape(title)}</title>']
-    for tick in range(5):  # the y axis: 0, 1/4 ... top, with grid lines
-        value = top * tick / 4
+    for value in range(0, top + 1, tick_step):  # the y axis, with grid lines
         parts.append(f'<line class="grid" x1="{LEFT}" y1="{y(value):.1f}" '
                      f'x2="{WIDTH - RIGHT}" y2="{y(value):.1f}"/>')
-        shown = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
         parts.append(f'<text class="tick" x="{LEFT - 6}" y="{y(value) + 4:.1f}" '
-                     f'text-anchor="end">{shown}</text>')
+                     f'text-anchor="end">{value}</text>')
     every = max(1, label_every)
     for i in range(0, count, every):
         parts.append(f'<text class="tick" x="{x(i):.1f}" y="{HEIGHT - BOTTOM + 16}" '
@@ -76,6 +75,10 @@ def line_chart(chart_id: str, title: str, labels: Sequence[str], series: Sequenc
         points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
         parts.append(f'<polyline class="line series-{name}" points="{points}">'
                      f'<title>{escape(item.label)}: {sum(values)}</title></polyline>')
+        # A dot on each bucket that has any: a lone busy hour is seen, not only a slope.
+        parts.extend(f'<circle class="dot series-{name}" cx="{x(i):.1f}" cy="{y(v):.1f}" '
+                     f'r="3"><title>{escape(labels[i])} {escape(item.label)}: {v}</title>'
+                     '</circle>' for i, v in enumerate(values) if v)
     parts.append("</svg>")
     return Markup("".join(parts))
 

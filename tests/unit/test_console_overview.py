@@ -1,5 +1,5 @@
 """The overview: what each series counts (held on arrival and milter refusals included,
-from records as the tee writes them, on the memory and the SQLite log), the page's SVG
+from records as the tee writes them, on the memory, SQLite and Redis logs), the page's SVG
 charts (no script, no style attribute, escaped text), its tables, the ratelimit's top
 sources, the API, and a user refused."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ from xml.etree import ElementTree
 import pytest
 from starlette.testclient import TestClient
 
-from milters.core.audit import AuditLog, MemoryAuditLog, SqliteAuditLog
+from milters.core.audit import AuditLog, MemoryAuditLog, SqliteAuditLog, open_audit_log
 from milters.core.audit.tee import AuditTee
-from milters.core.config import ConsoleSettings
+from milters.core.config import ConsoleSettings, load_config
 from milters.core.eventlog import log_event
 from milters.core.store import MemoryStore
 from milters.ratelimit.limiter import points_key
@@ -34,10 +34,27 @@ ADMIN = Actor("alice", "admin", frozenset(), "192.0.2.1")
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def redis_log(request: pytest.FixtureRequest, tmp_path: Path) -> AuditLog:
+    """The audit log on the run's real Redis (its keys cleared before and after)."""
+    import redis
+    server = request.getfixturevalue("redis_server")
+    client = redis.Redis(host=server.host, port=server.port, decode_responses=True)
+
+    def forget() -> None:
+        for key in client.scan_iter(match="mailmoat.audit:*"):
+            client.delete(key)
+    forget()
+    request.addfinalizer(forget)
+    request.addfinalizer(client.close)
+    (tmp_path / "gateway.yaml").write_text(f"store: {server.url}\n")
+    return open_audit_log(load_config(tmp_path / "gateway.yaml"))
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def audit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AuditLog]:
     log: AuditLog = MemoryAuditLog() if request.param == "memory" \
-        else SqliteAuditLog(str(tmp_path / "state-audit.db"))
+        else SqliteAuditLog(str(tmp_path / "state-audit.db")) if request.param == "sqlite" \
+        else redis_log(request, tmp_path)
     logger = logging.getLogger("mailmoat")
     handler, level = AuditTee(log, "serve"), logger.level
     logger.addHandler(handler)
@@ -199,8 +216,10 @@ def test_a_user_gets_403_and_no_overview_in_the_navigation(tmp_path: Path) -> No
 
 
 def test_chart_text_is_escaped_and_the_scale_is_round() -> None:
-    assert [charts.nice_top(n) for n in (0, 3, 5, 11, 20, 21, 99, 101, 4999)] == [
-        4, 4, 5, 20, 20, 50, 100, 200, 5000]
+    # Whole-number ticks 1, 2 or 5 times a power of ten apart, at most five above 0.
+    assert [charts.scale(n) for n in (0, 3, 5, 9, 11, 20, 21, 99, 101, 4999)] == [
+        (4, 1), (4, 1), (5, 1), (10, 2), (15, 5), (20, 5), (25, 5), (100, 20), (150, 50),
+        (5000, 1000)]
     hostile = "<script>alert(1)</script>"
     svg = charts.line_chart("x\"><script>", hostile, [hostile, "b"],
                             [charts.Series("held\" onload=\"x", hostile, [1, 2])])
