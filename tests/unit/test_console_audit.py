@@ -174,6 +174,17 @@ def test_a_user_sees_only_the_records_of_their_own_mail(world: World) -> None:
     assert client.get("/audit/Q1AAA").status_code == 200  # their own story
 
 
+@pytest.mark.parametrize("queue_id", ["%2e%2e", "Q" * 5000, "%00", "<script>", "日本語",
+                                      "Q1AAA%0d%0aX-Injected:%20yes"])
+def test_odd_queue_ids_in_a_story_url_are_a_plain_404(world: World, queue_id: str) -> None:
+    client = world.client(ADMIN)
+    page = client.get(f"/audit/{queue_id}")
+    assert page.status_code == 404 and "<script>" not in page.text
+    assert "x-injected" not in page.headers
+    api = client.get(f"/api/audit/{queue_id}")
+    assert api.status_code == 404 and api.json()["error"] == "not_found"
+
+
 def test_hostile_and_huge_values_are_shown_as_cut_text(tmp_path: Path, audit: AuditLog) -> None:
     hostile = "<script>document.title='ran'</script><img src=x onerror=alert(1)>"
     audit.append("queued", queue_id="QHOST", message_id=f"<{hostile}@x>",
