@@ -5,7 +5,6 @@ group is refused with the same words as a wrong password."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 from typing import Iterator
 
 import pytest
