@@ -33,6 +33,7 @@ class AuditLike(Protocol):
     def story(self, queue_id: str) -> list[Any]: ...
     def search(self, **criteria: Any) -> list[Any]: ...
     def counts(self, *, since: float, until: float, step: int) -> dict[tuple[float, str], int]: ...
+    def verify(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,9 @@ class Operations:
             for record in self.audit.search(address=address, **criteria):
                 if _record_addresses(record) & set(own):
                     seen[record.seq] = record
-        return [_for_user(seen[seq], set(own)) for seq in sorted(seen)]
+        # Newest first and at most `limit`, as AuditLog.search answers an admin.
+        limit = max(1, int(criteria.get("limit", 200)))
+        return [_for_user(seen[seq], set(own)) for seq in sorted(seen, reverse=True)[:limit]]
 
     def overview(self, actor: ActorLike, *, now: float, step: int, buckets: int) -> Overview:
         may_see(actor, "", [])
@@ -180,6 +183,15 @@ class Operations:
             self.audit.counts(since=starts[0], until=starts[-1] + step, step=step)
         return build_overview(counts, starts, step,
                               top_sources(self.store, now, self.points_half_life))
+
+    def verify_audit(self, actor: ActorLike) -> Any:
+        """The audit log's chain check (milters/core/audit VerifyResult), for admins and
+        auditors; None when no audit log is configured. It reads every record: seconds on
+        a large log, so the console runs it only when asked."""
+        may_see(actor, "", [])
+        if actor.role == "user":
+            raise Forbidden(f"{actor.name} (user) may not verify the audit log")
+        return None if self.audit is None else self.audit.verify()
 
     # -- changing --------------------------------------------------------------------------
     def release(self, actor: ActorLike, queue_id: str,

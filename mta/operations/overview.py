@@ -9,11 +9,16 @@ from typing import Any
 from milters.core.store.base import decayed_points
 from milters.core.store.keys import RATELIMIT_IP_PREFIX, RATELIMIT_POINTS
 
-# Each series and the audit events counted in it.
+# Each series and the audit events counted in it. "EVENT:DETAIL" names are what the audit
+# log's counts() adds for records whose event alone says too little (audit/base.py
+# detail_events): a message held on arrival is a `queued` record with a `held` field; a
+# milter's refusal is a `milter_verdict` with its action (reject, tempfail and discard,
+# as the Prometheus counter mailmoat_messages_rejected_total counts them).
 SERIES: dict[str, tuple[str, ...]] = {
-    "received": ("received", "queued"),
-    "rejected": ("rejected", "reject"),
-    "held": ("held", "quarantined"),
+    "received": ("queued",),
+    "rejected": ("reject", "milter_verdict:reject", "milter_verdict:tempfail",
+                 "milter_verdict:discard"),
+    "held": ("held", "queued:held"),
     "encrypted": ("encrypted",),
     "neutralized": ("neutralized",),
     "delivered": ("delivered",),

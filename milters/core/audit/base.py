@@ -153,13 +153,15 @@ class AuditLog(ABC):
         return found
 
     def counts(self, *, since: float, until: float, step: int) -> dict[tuple[float, str], int]:
-        """(bucket start, event) -> number of records; buckets are multiples of step."""
+        """(bucket start, event) -> number of records; buckets are multiples of step. Some
+        records count under a detail name as well (detail_events)."""
         if step <= 0:
             raise ValueError("step must be positive")
         out: dict[tuple[float, str], int] = {}
         for record in self._records(since=since, until=until):
             bucket = float(int(record.time // step) * step)
-            out[(bucket, record.event)] = out.get((bucket, record.event), 0) + 1
+            for name in (record.event, *detail_events(record.event, record.fields)):
+                out[(bucket, name)] = out.get((bucket, name), 0) + 1
         return out
 
     def verify(self) -> VerifyResult:
@@ -245,6 +247,18 @@ def check_chain(anchor: Anchor, tip: Anchor, records: Iterable[AuditRecord]) -> 
         return VerifyResult(False, checked, min(expected_seq, tip.seq + 1),
                             "hash does not match (changed or removed)", tip.seq, tip.hash)
     return VerifyResult(True, checked, None, "", tip.seq, tip.hash)
+
+
+def detail_events(event: str, fields: dict[str, Any]) -> tuple[str, ...]:
+    """The names a record counts under besides its event, where the event alone says too
+    little for the overview: a message held on arrival is a `queued` record with `held`
+    ("queued:held"); a milter's refusal is a `milter_verdict` with its action
+    ("milter_verdict:reject"). SqliteAuditLog.counts does the same in SQL."""
+    if event == "queued" and fields.get("held") is not None:
+        return ("queued:held",)
+    if event == "milter_verdict" and isinstance(fields.get("action"), str):
+        return (f"milter_verdict:{fields['action']}",)
+    return ()
 
 
 def _searchable(record: AuditRecord) -> str:

@@ -32,6 +32,15 @@ _COLUMNS = "seq, time, event, queue_id, message_id, actor, source, fields, prev_
 _INSERT = f"INSERT INTO audit({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SET_MARK = ("INSERT INTO audit_mark(name, seq, hash) VALUES (?, ?, ?)"
              " ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, hash = excluded.hash")
+# counts() in one pass: per bucket and event, with the detail of base.detail_events (a
+# row whose JSON was broken by a change is counted by its event only, never an error).
+_COUNTS = (
+    "SELECT CAST(time / ?1 AS INTEGER) * ?1, event, CASE"
+    " WHEN event = 'queued' AND json_valid(fields)"
+    "  AND json_extract(fields, '$.held') IS NOT NULL THEN 'held'"
+    " WHEN event = 'milter_verdict' AND json_valid(fields)"
+    "  AND json_type(fields, '$.action') = 'text' THEN json_extract(fields, '$.action')"
+    " END, COUNT(*) FROM audit WHERE time >= ?2 AND time < ?3 GROUP BY 1, 2, 3")
 CHUNK = 1000  # records read at a time by searches
 BUSY_WAIT = 10.0  # seconds a batch waits for the write lock before it counts as a failure
 
@@ -127,10 +136,13 @@ class SqliteAuditLog(AuditLog):
         if step <= 0:
             raise ValueError("step must be positive")
         with self._transaction("DEFERRED") as conn:
-            rows = conn.execute("SELECT CAST(time / ?1 AS INTEGER) * ?1, event, COUNT(*)"
-                                " FROM audit WHERE time >= ?2 AND time < ?3 GROUP BY 1, 2",
-                                (step, since, until)).fetchall()
-        return {(float(bucket), event): count for bucket, event, count in rows}
+            rows = conn.execute(_COUNTS, (step, since, until)).fetchall()
+        out: dict[tuple[float, str], int] = {}
+        for bucket, event, detail, count in rows:
+            names = [event] if detail is None else [event, f"{event}:{detail}"]
+            for key in ((float(bucket), name) for name in names):
+                out[key] = out.get(key, 0) + count
+        return out
 
     def purge(self, before: float) -> int:
         with self._transaction() as conn:
