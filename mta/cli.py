@@ -230,6 +230,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     setup_logging("console", verbose=args.verbose)
     config = load_config(args.config)
     setup_logging("console", verbose=args.verbose, settings=config.log)
+    install_tee(config, "console")  # logins, logouts and refusals, with who and from where
     from mta.console.server import run_console  # Starlette and uvicorn: this process only
     ratelimit = read_policy(config.policy).sections.get("ratelimit")
     return run_console(config, points_half_life=getattr(ratelimit, "half_life", None))

@@ -201,6 +201,26 @@ def test_a_real_account_logs_in_and_the_sixth_failure_is_throttled(
     assert "event=console_login name=alice" in text and "event=console_logout name=alice" in text
     assert "event=console_login_throttled" in text
     assert "Alice-Pass" not in text and "Traceback" not in text
+    # The same in the audit log, with who and from where (written at the console's exit).
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(WAIT) == 0
+    shown = subprocess.run([sys.executable, "-m", "mta.cli", "audit", "search", "--event",
+                            "console_login", "--event", "console_login_failed", "--event",
+                            "console_logout", "--event", "console_login_throttled",
+                            "--config", str(config)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=WAIT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert any("console_login " in line and "console:alice" in line and "127.0.0.1" in line
+               for line in lines), shown.stdout
+    assert any("console_logout" in line and "console:alice" in line for line in lines)
+    assert sum("console_login_failed" in line for line in lines) >= 5, shown.stdout
+    assert any("console_login_throttled" in line for line in lines), shown.stdout
+    assert "Alice-Pass" not in shown.stdout
+    verified = subprocess.run([sys.executable, "-m", "mta.cli", "audit", "verify", "--config",
+                               str(config)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=WAIT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert verified.returncode == 0 and "chain intact" in verified.stdout, verified.stdout
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -29,6 +29,10 @@ AUDITED = frozenset({
     # delivery
     "delivered", "deferred", "bounced", "expired", "removed",
 })
+# The console's own events (mta/console): who logged in, failed, was throttled, logged out
+# or was refused an action, and from where. They name no message: recorded without one.
+ACCESS_EVENTS = frozenset({"console_login", "console_login_failed", "console_login_throttled",
+                           "console_logout", "console_csrf_refused", "console_action_refused"})
 # Not here: held, released, deleted and downloaded are appended by the operations themselves
 # (mta/operations), with the console user or CLI user as actor; a tee would add them twice.
 # What a record is called when its log event's name says less than its action: the story
@@ -55,16 +59,19 @@ class AuditTee(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.msg
         event = getattr(message, "event", None)
-        if event not in AUDITED:
+        access = event in ACCESS_EVENTS
+        if event not in AUDITED and not access:
             return
         fields = dict(message.fields)
         queue_id = fields.pop("queue_id", None)
-        if queue_id is None:
+        if queue_id is None and not access:
             return
         try:
             message_id = fields.pop("message_id", None)
             source = fields.pop("source", None) or fields.pop("ip", None)
-            actor = fields.pop("actor", None) or f"mailmoat/{fields.get('milter') or self.program}"
+            actor = fields.pop("actor", None) or (
+                f"console:{fields.pop('name')}" if access and fields.get("name") else
+                f"mailmoat/{fields.get('milter') or self.program}")
             event = RENAMED.get((event, fields.get("action")), event)
             self.log.append(event, queue_id=queue_id, message_id=message_id, actor=actor,
                             source=source, now=record.created, **fields)
