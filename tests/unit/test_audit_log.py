@@ -248,3 +248,37 @@ def test_search_and_counts_over_more_records_than_one_read(log: AuditLog) -> Non
         (0.0, "queued"): 666, (0.0, "delivered"): 334, (3600.0, "queued"): 667,
         (3600.0, "delivered"): 333, (7200.0, "queued"): 333, (7200.0, "delivered"): 167}
     assert log.verify().checked == 2500
+
+
+def test_a_new_file_locked_while_another_process_sets_it_up_is_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gateway processes start together and open the log at once: the one switching the
+    new file to WAL locks even the others' first schema read, and SQLite's busy handler
+    does not wait for that (seen as `database is locked` in the full suite). The set-up is
+    retried within the timeout, as the Store's is; past it, StoreUnavailable."""
+    from milters.core.audit import sqlite_log
+    from milters.core.errors import StoreUnavailable
+
+    real_connect = sqlite3.connect
+    locked_for = {"tries": 3}
+
+    class Busy(sqlite3.Connection):
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+            if sql.startswith("PRAGMA journal_mode") and locked_for["tries"] > 0:
+                locked_for["tries"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *args)
+
+    monkeypatch.setattr(sqlite_log.sqlite3, "connect",
+                        lambda *a, **k: real_connect(*a, **k, factory=Busy))
+    log = sqlite_log.SqliteAuditLog(str(tmp_path / "audit.db"), timeout=5)
+    log.append("queued", queue_id="Q1")
+    log.flush()
+    assert locked_for["tries"] == 0 and log.verify().ok
+    log.close()
+
+    locked_for["tries"] = 10**9  # never free: a clear error once the timeout is over
+    stuck = sqlite_log.SqliteAuditLog(str(tmp_path / "other.db"), timeout=0.2)
+    with pytest.raises(StoreUnavailable, match="database is locked"):
+        stuck.append("queued", queue_id="Q2")
+        stuck.flush()

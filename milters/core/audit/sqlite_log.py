@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -58,18 +59,38 @@ class SqliteAuditLog(AuditLog):
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never a connection of a parent
-            try:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)  # as the Store does
-                conn = sqlite3.connect(self.path, timeout=self._timeout,
-                                       isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-            except (sqlite3.Error, OSError) as exc:
-                raise StoreUnavailable(f"audit log {self.path}: {exc}") from None
+            deadline = time.monotonic() + self._timeout
+            while True:
+                try:
+                    conn = self._open()
+                    break
+                except sqlite3.OperationalError as exc:
+                    # Processes that start together: one switching a new file to WAL locks
+                    # even the schema read of the others, and SQLite's busy handler does
+                    # not wait for that (the Store retries the same way).
+                    if not ("locked" in str(exc) or "busy" in str(exc)) \
+                            or time.monotonic() > deadline:
+                        raise StoreUnavailable(f"audit log {self.path}: {exc}") from None
+                    time.sleep(random.uniform(0.001, 0.01))
+                except (sqlite3.Error, OSError) as exc:
+                    raise StoreUnavailable(f"audit log {self.path}: {exc}") from None
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)  # as the Store does
+        conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")  # a property of the file: once
+            conn.execute("PRAGMA synchronous=NORMAL")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _transaction(self, kind: str = "IMMEDIATE") -> "_Txn":
         return _Txn(self, kind)
