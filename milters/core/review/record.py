@@ -140,7 +140,7 @@ def check(record: ReviewRecord) -> None:
 def _text(value: str) -> str:
     """One line of at most MAX_TEXT characters: no control character survives into a
     record (a notice header or a console page is built from it)."""
-    cleaned = re.sub(r"[\x00-\x1f\x7f]+", " ", str(value)).strip()
+    cleaned = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+", " ", str(value)).strip()
     return cleaned[:MAX_TEXT]
 
 
