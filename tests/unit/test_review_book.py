@@ -287,3 +287,19 @@ def test_a_message_cannot_bloat_or_break_a_record() -> None:
     assert len(record.subject) <= 998 and len(record.recipients) == 1000
     assert record.attachments == ("a b.pdf",) * 3 and record.size == 0
     assert ReviewRecord.from_json(record.to_json()) == record
+
+
+def test_the_review_block_refuses_odd_urls_and_addresses_with_the_place(tmp_path: Path) -> None:
+    from milters.core.errors import ConfigError
+    from milters.core.review import console_url, notice_from
+    config = tmp_path / "gateway.yaml"
+    config.write_text("gateway: {hostname: mx.example.jp}\nconsole: {listen: '127.0.0.1:9026'}\n")
+    loaded = load_config(config)
+    assert console_url(loaded) == "http://127.0.0.1:9026"
+    assert notice_from(loaded) == "mailmoat-review@mx.example.jp"
+    for bad in ('{console_url: "javascript:alert(1)"}', '{console_url: "https://x/?a=1"}',
+                '{console_url: "https://x/ y"}', '{notice_from: "a\\r\\nBcc: b@c"}',
+                '{notice_from: "<a@b>"}', '{token_key: "secret"}'):
+        config.write_text(f"review: {bad}\n")
+        with pytest.raises(ConfigError, match=rf"{config}:1:\d+: review"):
+            load_config(config)
