@@ -10,10 +10,12 @@ current directory is; the embedded defaults are relative to the current director
 from __future__ import annotations
 
 import ipaddress
+import re
 import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from .dns import DnsSettings, parse_nameserver
 from .eventlog import LOG_FORMATS, LOG_TARGETS, LogSettings
@@ -176,6 +178,7 @@ class GatewayConfig:
     log: LogSettings = LogSettings()  # key=value or JSON lines, to stderr or syslog
     console: ConsoleSettings = ConsoleSettings()  # configured: serve starts it
     audit: "AuditSettings" = field(default_factory=lambda: AuditSettings())
+    review: "ReviewSettings" = field(default_factory=lambda: ReviewSettings())
 
 
 # -- console.listen: loopback, or TLS -------------------------------------------------------
@@ -227,6 +230,57 @@ def _audit_spec(local: Callable[[str], Path]) -> Struct:
         enabled, retention, local(file) if file else None),
         expected="audit settings: enabled, retention, file")
 # -- end of the audit log --------------------------------------------------------------------
+
+
+# -- outbound review (milters/core/review): the gateway's side of it ------------------------
+@dataclass(frozen=True)
+class ReviewSettings:
+    """`review:`: where reviews are kept, the key that signs their links, where the links
+    point and whom the notices come from. The policy's `review:` action says which mail."""
+
+    token_key_file: Path = Path("var/review-token-key")
+    console_url: str | None = None  # None: http(s)://console.listen
+    notice_from: str | None = None  # None: mailmoat-review@HOSTNAME
+    file: Path | None = None  # None: beside the store's SQLite file, or in its Redis
+
+
+def _review_url(text: str) -> str:
+    parts = urlsplit(text)
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or not text.isascii() or any(c.isspace() for c in text)):
+        raise ValueError(f"console_url is the console's address, like https://mail.example.jp"
+                         f":8026, with no query or fragment (got {text[:100]})")
+    return text.rstrip("/")
+
+
+def _review_from(text: str) -> str:
+    if not re.fullmatch(r"[!#-'*+\-/-9=?A-Z^-~.]+@[A-Za-z0-9.-]+", text):
+        raise ValueError(f"notice_from is one ASCII address, like mailmoat-review@example.jp "
+                         f"(got {text[:100]})")
+    return text
+
+
+def _review_spec(local: Callable[[str], Path]) -> Struct:
+    return Struct({
+        "token_key_file": Field(Str(), "var/review-token-key",
+                                doc="The key that signs review links (HMAC-SHA256); made (mode "
+                                    "0600) on first use when missing, refused when group or "
+                                    "others may read it."),
+        "console_url": Field(Str(max_len=500), None,
+                             doc="The console's address as the people who get review notices "
+                                 "reach it; links are URL/review/TOKEN. Not set: "
+                                 "http(s)://console.listen."),
+        "notice_from": Field(Str(max_len=320), None,
+                             doc="The From address of review notices. Not set: "
+                                 "mailmoat-review@ the gateway's hostname."),
+        "file": Field(Str(), None,
+                      doc="The review book's SQLite file. Not set: beside a SQLite store's file "
+                          "(state.db -> state-review.db), or in Redis with a redis:// store."),
+    }, build=lambda token_key_file, console_url, notice_from, file: ReviewSettings(
+        local(token_key_file), _review_url(console_url) if console_url else None,
+        _review_from(notice_from) if notice_from else None, local(file) if file else None),
+        expected="review settings: token_key_file, console_url, notice_from, file")
+# -- end of outbound review -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -343,7 +397,7 @@ def _spec(base: Path, source: str) -> Struct:
     def build(gateway: dict, store: str, store_timeout: float, policy: str | None,
               milters: list[MilterSetting], dns: DnsSettings, store_password_env: str,
               store_password_file: str, console: ConsoleSettings,
-              audit: AuditSettings) -> GatewayConfig:
+              audit: AuditSettings, review: ReviewSettings) -> GatewayConfig:
         if not store.startswith(STORE_SCHEMES):
             raise ValueError("store must be memory://, sqlite:///PATH or redis://HOST:PORT/DB")
         store_password = _store_password(store, store_password_env, store_password_file,
@@ -375,7 +429,7 @@ def _spec(base: Path, source: str) -> Struct:
             smtpd=SmtpdLimits(gateway["smtpd_timeout"], gateway["smtpd_stress_timeout"],
                               gateway["smtpd_min_data_rate"], gateway["smtpd_stress_share"]),
             user=gateway["user"], group=gateway["group"], log=gateway["log"],
-            console=console, audit=audit)
+            console=console, audit=audit, review=review)
 
     defaults = GatewayConfig()
     queue = Struct({
@@ -524,6 +578,7 @@ def _spec(base: Path, source: str) -> Struct:
     }, build=MilterSetting)
     console = _console_spec(base)
     audit = _audit_spec(local)
+    review = _review_spec(local)
     return Struct({
         "audit": Field(audit, factory=lambda: audit.read(None, "", Problems(source)),
                        doc="The audit log of message stories (docs/audit.md)."),
@@ -555,6 +610,9 @@ def _spec(base: Path, source: str) -> Struct:
         }, build=lambda nameservers, timeout: DnsSettings(tuple(nameservers), timeout),
             expected="dns settings: nameservers, timeout"), DnsSettings(),
                      doc="The resolver the milters use (SPF, DKIM, DMARC)."),
+        "review": Field(review, factory=lambda: review.read(None, "", Problems(source)),
+                        doc="Outbound review's links, notices and records (the policy action "
+                            "review:)."),
         "console": Field(console, factory=lambda: replace(
             console.read(None, "", Problems(source)), configured=False),
                          doc="The web console (`mailmoat console`): who may log in, where it "

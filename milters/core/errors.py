@@ -11,9 +11,12 @@ instead of a traceback:
     ├── MessageError         a message cannot be parsed or is over a limit
     │   └── AuthResultsError an Authentication-Results header cannot be read (RFC 8601)
     ├── MilterProtocolError  a milter peer broke the Sendmail milter protocol
-    └── LoginError           a console login did not succeed
-        ├── LoginRefused     wrong name or password, no role, or the directory is down
-        └── LoginThrottled   too many failures for this name or source address
+    ├── LoginError           a console login did not succeed
+    │   ├── LoginRefused     wrong name or password, no role, or the directory is down
+    │   └── LoginThrottled   too many failures for this name or source address
+    └── ReviewError          an outbound review record is unusable (bad kind, no approver)
+        ├── ReviewRefused    a decision or escalation is refused (decided, wrong person, ...)
+        └── TokenInvalid     a review link's token is forged, altered, expired or not this one
 """
 from __future__ import annotations
 
@@ -75,3 +78,26 @@ class LoginThrottled(LoginError):
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"too many failed logins; try again in {math.ceil(retry_after)} s")
         self.retry_after = retry_after
+
+
+class ReviewError(MailmoatError):
+    """An outbound review record cannot be made or used as given."""
+
+
+class ReviewRefused(ReviewError):
+    """A decision on a review is refused. `reason` is a short code the console maps to its
+    page (unknown, decided, wrong_person, self_approval, expired, not_due, wrong_action,
+    token_used, no_next_approver); str() says it in a sentence."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TokenInvalid(ReviewError):
+    """A review link's token is not one we issued for this use: `reason` is malformed,
+    signature, expired or mismatch (the page says only that the link cannot be used)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

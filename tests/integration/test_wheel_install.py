@@ -105,6 +105,7 @@ def test_the_sdist_and_the_wheel_carry_the_policies_the_templates_and_the_licens
         metadata = whl.read(f"mailmoat-{mta.__version__}.dist-info/METADATA").decode()
     assert {f"milters/policies/{p}" for p in SHIPPED_POLICIES} <= names
     assert "milters/attachments/templates/password.ja.txt" in names
+    assert "milters/core/review/templates/approve.ja.txt" in names
     assert f"mailmoat-{mta.__version__}.dist-info/licenses/LICENSE" in names
     assert "License-Expression: MIT" in metadata.splitlines()
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")

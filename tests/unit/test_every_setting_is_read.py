@@ -1793,6 +1793,38 @@ GATEWAY_PROBES.update({
 })
 
 
+def review_made(config: Any) -> object:
+    """Where the review book keeps a review, what its link and notice say (the key signs
+    the token: another key file, another signature)."""
+    from milters.core.review import (console_url, link, load_token_key, new_review,
+                                     notices_for, open_review_book)
+    from milters.core.review.tokens import issue
+    book = open_review_book(config)
+    record = book.create(new_review(queue_id="Q", kind="delay", sender="a@example.jp",
+                                    recipients=["b@partner.example"], subject="s", now=0.0,
+                                    timeout=60))
+    token = issue(load_token_key(config.review.token_key_file), "0" * 32, "a@example.jp",
+                  "cancel", 60)
+    raw = notices_for(config).render_for_sender(record, {"cancel": link(console_url(config),
+                                                                        token)}, "en")
+    head = raw.split(b"\r\n\r\n")[0].decode()
+    book.close()
+    return (getattr(book, "path", None), token, link(console_url(config), ""),
+            [line for line in head.split("\r\n") if line.startswith("From:")])
+
+
+_REVIEW_BASE = "store: sqlite:///state.db\n"
+GATEWAY_PROBES.update({
+    "review.token_key_file": Probe(_REVIEW_BASE, _REVIEW_BASE + "review: {token_key_file: "
+                                   "other-key}\n", review_made),
+    "review.console_url": Probe(_REVIEW_BASE, _REVIEW_BASE + "review: {console_url: "
+                                "\"https://mail.example.jp\"}\n", review_made),
+    "review.notice_from": Probe(_REVIEW_BASE, _REVIEW_BASE + "review: {notice_from: "
+                                "rv@example.jp}\n", review_made),
+    "review.file": Probe(_REVIEW_BASE, _REVIEW_BASE + "review: {file: rv.db}\n", review_made),
+})
+
+
 # -- sign (issue 15): key files made once for this module, mode 0600 ----------------------
 def _sign_key_files() -> Path:
     from cryptography.hazmat.primitives import serialization as ser
