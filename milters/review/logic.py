@@ -29,7 +29,8 @@ REVIEW_HEADER = "X-Mailmoat-Review"
 TEMPFAIL = SmtpReply(451, "4.3.0", "Temporary problem holding the message for review; "
                                    "try again later")
 # The links each person gets, by the kind of review.
-SENDER_ACTIONS = {"delay": ("send_now", "cancel"), "confirm": ("confirm", "cancel")}
+SENDER_ACTIONS = {"delay": ("send_now", "cancel"), "confirm": ("confirm", "cancel"),
+                  "approve": ("cancel",)}  # the sender may withdraw what waits for approval
 APPROVER_ACTIONS = ("approve", "reject")
 UNREADABLE = "(attachments unreadable)"  # a message whose MIME fails to scan: fail closed
 Sender = Callable[[str, str, list[str], bytes, float], str]
@@ -123,23 +124,23 @@ class ReviewChecker:
         return list(found)
 
     def _notify(self, record: Any, review: Review, settings: ReviewSettings) -> list[str]:
-        """Re-inject the notices; who got one."""
+        """Re-inject the notices (the approver's first: the decision waits on it); who got
+        one."""
         def links(person: str, actions: tuple[str, ...]) -> dict[str, str]:
             return {action: self.kit.issue_link(record.id, person, action, record.deadline)
                     for action in actions}
 
+        notices: list[tuple[str, bytes]] = []
         if review.kind == "approve":
             # The approver whose turn it is; escalation (the timer) notifies the next.
-            person = record.approvers[record.step]
-            raw = self.kit.render_for_approver(record, person,
-                                               links(person, APPROVER_ACTIONS),
-                                               settings.language)
-        else:
-            person = record.sender
-            raw = self.kit.render_for_sender(record, links(person, SENDER_ACTIONS[review.kind]),
-                                             settings.language)
-        self.send(self.listen, "", [person], raw, settings.reinject_timeout)
-        return [person]
+            approver = record.approvers[record.step]
+            notices.append((approver, self.kit.render_for_approver(
+                record, approver, links(approver, APPROVER_ACTIONS), settings.language)))
+        notices.append((record.sender, self.kit.render_for_sender(
+            record, links(record.sender, SENDER_ACTIONS[review.kind]), settings.language)))
+        for person, raw in notices:
+            self.send(self.listen, "", [person], raw, settings.reinject_timeout)
+        return [person for person, _ in notices]
 
 
 def attachment_names(message: Message) -> list[str]:

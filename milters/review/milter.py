@@ -30,14 +30,13 @@ class ReviewLogic(CheckerLogic):
 def build_checker(config: GatewayConfig) -> ReviewChecker:
     """The logic over the real book, notices and tokens (`review:` in the gateway config)."""
     from milters.core import review  # noqa: PLC0415 -- the book's libraries: this process only
-    from milters.core.review import notices, tokens  # noqa: PLC0415
 
-    settings = config.review
-    key = tokens.load_token_key(Path(settings.token_key_file))
+    key = review.load_token_key(config.review.token_key_file)
+    url = review.console_url(config)
+    notices = review.notices_for(config)
 
     def issue_link(review_id: str, person: str, action: str, expires: float) -> str:
-        return tokens.link(settings.console_url,
-                           tokens.issue(key, review_id, person, action, expires))
+        return review.link(url, review.issue(key, review_id, person, action, expires))
 
     kit = ReviewKit(book=review.open_review_book(config), new_review=review.new_review,
                     render_for_sender=notices.render_for_sender,

@@ -114,9 +114,11 @@ def test_an_approval_goes_to_the_first_approver_with_roles_resolved_in_order() -
     (record,) = standin.book.records.values()
     assert record.kind == "approve"
     assert record.approvers == ("boss@example.jp", "root@example.jp")  # each once, in order
-    assert [r for _, r, _ in send.sent] == [["boss@example.jp"]]
-    assert {(p, a) for _, p, a, _ in standin.links} == {("boss@example.jp", "approve"),
-                                                         ("boss@example.jp", "reject")}
+    # The approver decides; the sender learns it waits and may withdraw it.
+    assert [r for _, r, _ in send.sent] == [["boss@example.jp"], ["hanako@example.jp"]]
+    assert [(p, a) for _, p, a, _ in standin.links] == [
+        ("boss@example.jp", "approve"), ("boss@example.jp", "reject"),
+        ("hanako@example.jp", "cancel")]
 
 
 def test_the_sender_is_never_their_own_approver_without_self_approval() -> None:
@@ -127,7 +129,7 @@ def test_the_sender_is_never_their_own_approver_without_self_approval() -> None:
                            standin=standin, policy=policy)
     (record,) = standin.book.records.values()
     assert record.approvers == ("boss@example.jp",)
-    assert [r for _, r, _ in send.sent] == [["boss@example.jp"]]
+    assert [r for _, r, _ in send.sent] == [["boss@example.jp"], ["hanako@example.jp"]]
 
 
 def test_an_approval_nobody_can_give_is_tempfailed_not_held_unseen() -> None:
