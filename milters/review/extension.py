@@ -20,7 +20,8 @@ def explain_message(policy: Policy, message: TestMessage) -> list[str]:
     decision = _decide(policy, message)
     who = decision.why if decision.why.startswith("(") else f"rule '{decision.why}'"
     lines = [f"review: {decision.action}  (decided by {who})"]
-    lines += [f"  - {step}" for step in decision.trail]
+    if any(MILTER in rule.then for rule in policy.rules):  # else the trail says nothing
+        lines += [f"  - {step}" for step in decision.trail]
     if decision.review is not None:
         settings: ReviewSettings = policy.sections[MILTER]
         lines.append(f"  - {decision.review}; notices in {settings.language}")

@@ -182,3 +182,19 @@ tests:
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "expected a size like" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_commented_review_example_of_the_ppap_policy_works_when_uncommented() -> None:
+    text = (ROOT / "policies" / "ppap-outbound.yaml").read_text()
+    start, end = text.index("#   - name: files-to-outside-wait"), text.index("\n\nrules:")
+    rules = "\n".join(line[2:] for line in text[start:end].splitlines())
+    text = text.replace("# own_domains:", "own_domains:").replace("# review: {", "review: {")
+    text = text.replace("\nrules:\n", "\nrules:\n" + rules + "\n", 1)
+    policy = load_policy_text(text, EXTENSIONS)
+    assert [r.name for r in policy.rules][:3] == ["files-to-outside-wait",
+                                                  "big-files-need-approval",
+                                                  "several-companies-confirm"]
+    lines = explain_message(policy, TestMessage(client_ip="10.1.0.10", mail_from="t@example.jp",
+                                                rcpt=("b@customer.example",),
+                                                attachments=("a.pdf",)))
+    assert lines[0] == "review: delay  (decided by rule 'files-to-outside-wait')"
