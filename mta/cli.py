@@ -22,13 +22,15 @@ from milters.core.errors import ConfigError, MailmoatError
 from milters.core.audit.tee import install_tee
 from milters.core.eventlog import setup_logging
 from milters.core.message import Envelope, Recipient
-from milters.core.policy.document import Policy, PolicyExtension, load_policy
+from milters.core.policy.document import Policy, PolicyExtension, TestMessage, load_policy
+from milters.core.policy.schema import parse_size
 from milters.attachments.extension import EXTENSION as ATTACHMENTS
 from milters.auth.extension import EXTENSION as AUTH
 from milters.core.store import open_gateway_store
 from milters.ratelimit import admin as ratelimit_admin
 from milters.neutralize.extension import EXTENSION as NEUTRALIZE
 from milters.ratelimit.extension import EXTENSION as RATELIMIT
+from milters.review.extension import EXTENSION as REVIEW
 from milters.sign.extension import EXTENSION as SIGN
 
 from mta import __version__
@@ -40,13 +42,14 @@ from mta.commands.scan import ScanRequest, to_crlf
 from mta.delivery.process import run_delivery
 from mta.gateway import privileges, serve
 
-EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, NEUTRALIZE, ATTACHMENTS, SIGN]
+EXTENSIONS: list[PolicyExtension] = [RATELIMIT, AUTH, NEUTRALIZE, REVIEW, ATTACHMENTS, SIGN]
 # Each milter's daemon module, imported only by the process that runs it: a milter process
 # then carries its own libraries only (dkimpy and dnspython, libarchive, requests...).
 MILTERS: dict[str, str] = {
     "ratelimit": "milters.ratelimit.milter",
     "auth": "milters.auth.milter",
     "neutralize": "milters.neutralize.milter",
+    "review": "milters.review.milter",
     "attachments": "milters.attachments.milter",
     "sign": "milters.sign.milter",
 }
@@ -150,8 +153,15 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
           + (f", authenticated as {args.auth_user}" if args.auth_user else "")
           + (", auth " + ", ".join(f"{m}={r}" for m, r in args.auth.items())
              if args.auth else ""))
+    described = TestMessage(client_ip=args.client_ip, mail_from=args.mail_from,
+                            rcpt=tuple(args.rcpt), auth_user=args.auth_user,
+                            subject=args.subject, auth=args.auth,
+                            attachments=tuple(args.attachment), size=args.size)
     for ext in EXTENSIONS:
-        if ext.explain is not None:
+        if ext.explain_message is not None:
+            for line in ext.explain_message(policy, described):
+                print(line)
+        elif ext.explain is not None:
             for line in ext.explain(policy, env, args.subject, args.auth):
                 print(line)
     return 0
@@ -305,6 +315,13 @@ def _auth_results(text: str) -> dict[str, str]:
     return found
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="mailmoat", description="mailmoat mail-security gateway")
     parser.add_argument("--version", action="version", version=f"mailmoat {__version__}")
@@ -404,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--auth", type=_auth_results, metavar="METHOD=RESULT,...",
                          help="what the auth milter found, e.g. dmarc=fail,spf=softfail")
     explain.add_argument("--auth-user", metavar="USER")
+    explain.add_argument("--attachment", action="append", default=[], metavar="NAME",
+                         help="an attachment's file name (repeat for more)")
+    explain.add_argument("--size", type=_size, default=10240, metavar="SIZE",
+                         help="the message's size, e.g. 12MB (default 10KB)")
     source = explain.add_mutually_exclusive_group()
     source.add_argument("--policy", metavar="FILE", help="policy file (default: the config's)")
     source.add_argument("--config", metavar="FILE", help=config_help)

@@ -28,7 +28,7 @@ from .decide import groups, has_keyword, modes_for, strip_keyword
 from .notice import ascii_or_empty, build_notice, format_date, format_recipients, load_template
 from .password import fixed_password, generate_password
 from milters.core.mime.stream import copy_header
-from .reinject import ReinjectError, reinject
+from milters.core.reinject import ReinjectError, reinject
 from .settings import MILTER, AttachmentsSettings
 from .nextcloud import NextcloudError
 from .treat import (Finding, TooLarge, Treated, Unparsable, check_total_size, delete, encrypt,

@@ -770,6 +770,149 @@ POLICY_PROBES.update({
 })
 
 
+# -- review -----------------------------------------------------------------------------------
+REV_BASE = """\
+internal_networks: [10.0.0.0/8]
+own_domains: [example.jp]
+rules:
+  - name: r
+    when: {direction: outbound}
+    then: {review: {delay: 5m}}
+"""
+REV_APPROVE = REV_BASE.replace("{delay: 5m}", "{approve: {approvers: [boss@example.jp]}}")
+REV_ESCALATE = REV_BASE.replace("{delay: 5m}", "{approve: {approvers: [boss@example.jp], "
+                                "on_timeout: escalate, escalate_to: [cio@example.jp]}}")
+REV_DEFAULTS = "internal_networks: [10.0.0.0/8]\ndefaults: {review: {delay: 5m}}\n"
+REV_TESTED = """\
+internal_networks: [10.0.0.0/8]
+rules:
+  - name: r
+    when: {attachments: true, size: {over: 1MB}}
+    then: {review: {delay: 5m}}
+tests:
+  - name: t
+    message: {client_ip: 10.1.0.5, mail_from: a@example.jp, rcpt: [u@example.jp], size: 2MB}
+    expect: {review: {action: delay}}
+"""
+
+
+def _review_mail() -> bytes:
+    from email.message import EmailMessage
+    msg = EmailMessage()
+    msg["From"], msg["Subject"] = "hanako@example.jp", "probe"
+    msg.set_content("hello")
+    msg.add_attachment(b"%PDF-1.4", maintype="application", subtype="pdf", filename="a.pdf")
+    return msg.as_bytes().replace(b"\n", b"\r\n")
+
+
+def review(rcpts: tuple[str, ...] = ("buyer@customer.example",), client: str = "10.1.0.5",
+           sender: str = "hanako@example.jp") -> Observer:
+    """The review milter's verdict, its record (ID left out) and the notices and links it
+    gives, over the stand-in book."""
+    from milters.review.logic import ReviewChecker
+    from tests.harness.review_standin import Standin
+
+    def observe(pol: Policy) -> object:
+        standin, sent = Standin(), []
+
+        def send(listen: str, mail_from: str, to: list[str], data: bytes,
+                 timeout: float) -> str:
+            sent.append((mail_from, to, data, timeout))
+            return "250 ok"
+        checker = ReviewChecker("mx.example.jp", "127.0.0.1:10026", standin.kit(),
+                                clock=lambda: 1e9, send=send)
+        result = checker.check(Message(raw=_review_mail(), envelope=env(
+            client=client, sender=sender, rcpts=rcpts)), pol)
+        records = [{**vars(r), "id": ""} for r in standin.book.records.values()]
+        ids = [r.id for r in standin.book.records.values()]
+
+        def scrub(text: str) -> str:
+            for review_id in ids:
+                text = text.replace(review_id, "ID")
+            return text
+        return (result.verdict.action, [scrub(repr(e)) for e in result.edits], records,
+                [(f, t, scrub(d.decode()), timeout) for f, t, d, timeout in sent],
+                [(p, a, e) for _, p, a, e in standin.links])
+    return observe
+
+
+POLICY_PROBES.update({
+    "own_domains": Probe(*swap(REV_BASE.replace("direction: outbound",
+                                                "outside_recipients: true"),
+                               "own_domains: [example.jp]",
+                               "own_domains: [customer.example]"), review()),
+    "rules[].when.outside_recipients": Probe(*swap(REV_BASE, "direction: outbound",
+                                                   "outside_recipients: false"), review()),
+    "rules[].when.outside_domains.min": Probe(*swap(REV_BASE, "direction: outbound",
+                                                    "outside_domains: {min: 2}"),
+                                              review()),
+    "rules[].when.outside_domains.max": Probe(*swap(REV_BASE, "direction: outbound",
+                                                    "outside_domains: {max: 0}"), review()),
+    "rules[].when.attachments": Probe(*swap(REV_BASE, "direction: outbound",
+                                            "attachments: false"), review()),
+    "rules[].when.size.over": Probe(*swap(REV_BASE, "direction: outbound",
+                                          "size: {over: 1MB}"), review()),
+    "rules[].when.size.under": Probe(*swap(REV_BASE, "direction: outbound",
+                                           "size: {under: 100}"), review()),
+    "rules[].then.review": Probe(*swap(REV_BASE, "{review: {delay: 5m}}", "{review: none}"),
+                                 review()),
+    "rules[].then.review.delay": Probe(*swap(REV_BASE, "delay: 5m", "delay: 1h"), review()),
+    "rules[].then.review.confirm": Probe(*swap(REV_BASE, "delay: 5m", "confirm: true"),
+                                         review()),
+    "rules[].then.review.timeout": Probe(*swap(REV_BASE.replace("delay: 5m", "confirm: true"),
+                                               "confirm: true", "confirm: true, timeout: 1h"),
+                                         review()),
+    "rules[].then.review.approve.approvers": Probe(*swap(REV_APPROVE, "[boss@example.jp]",
+                                                         "[cio@example.jp]"), review()),
+    "rules[].then.review.approve.self_approval": Probe(*swap(
+        REV_APPROVE.replace("[boss@example.jp]", "[hanako@example.jp, boss@example.jp]"),
+        "boss@example.jp]}", "boss@example.jp], self_approval: true}"), review()),
+    "rules[].then.review.approve.timeout": Probe(*swap(REV_APPROVE, "[boss@example.jp]}",
+                                                       "[boss@example.jp], timeout: 1h}"),
+                                                 review()),
+    "rules[].then.review.approve.on_timeout": Probe(*swap(REV_APPROVE, "[boss@example.jp]}",
+                                                          "[boss@example.jp], on_timeout: "
+                                                          "send}"), review()),
+    "rules[].then.review.approve.escalate_to": Probe(*swap(REV_ESCALATE, "[cio@example.jp]",
+                                                           "[ceo@example.jp]"), review()),
+    "defaults.review": Probe("internal_networks: [10.0.0.0/8]\n", REV_DEFAULTS, review()),
+    "defaults.review.delay": Probe(*swap(REV_DEFAULTS, "delay: 5m", "delay: 1h"), review()),
+    "defaults.review.confirm": Probe(*swap(REV_DEFAULTS, "delay: 5m", "confirm: true"),
+                                     review()),
+    "defaults.review.timeout": Probe(*swap(REV_DEFAULTS, "delay: 5m",
+                                           "confirm: true, timeout: 1h"), review()),
+    "defaults.review.approve.approvers": Probe(*swap(
+        REV_DEFAULTS, "delay: 5m", "approve: {approvers: [boss@example.jp]}"), review()),
+    "defaults.review.approve.self_approval": Probe(*swap(
+        REV_DEFAULTS.replace("delay: 5m", "approve: {approvers: [hanako@example.jp, "
+                                          "boss@example.jp]}"),
+        "boss@example.jp]}", "boss@example.jp], self_approval: true}"), review()),
+    "defaults.review.approve.timeout": Probe(*swap(
+        REV_DEFAULTS.replace("delay: 5m", "approve: {approvers: [boss@example.jp]}"),
+        "]}", "], timeout: 1h}"), review()),
+    "defaults.review.approve.on_timeout": Probe(*swap(
+        REV_DEFAULTS.replace("delay: 5m", "approve: {approvers: [boss@example.jp]}"),
+        "]}", "], on_timeout: send}"), review()),
+    "defaults.review.approve.escalate_to": Probe(*swap(
+        REV_DEFAULTS.replace("delay: 5m", "approve: {approvers: [boss@example.jp], "
+                                          "on_timeout: escalate, escalate_to: [a@example.jp]}"),
+        "[a@example.jp]", "[b@example.jp]"), review()),
+    "review.language": Probe(REV_BASE, REV_BASE + "review: {language: en}\n", review()),
+    "review.reinject_timeout": Probe(REV_BASE, REV_BASE + "review: {reinject_timeout: 5s}\n",
+                                     review()),
+    "tests[].message.attachments": Probe(*swap(REV_TESTED, "size: 2MB",
+                                               "size: 2MB, attachments: [a.pdf]"),
+                                         policy_tests),
+    "tests[].message.size": Probe(*swap(REV_TESTED.replace("mail_from:",
+                                                           "attachments: [a.pdf], mail_from:"),
+                                        "size: 2MB", "size: 1KB"), policy_tests),
+    "tests[].expect.review.action": Probe(*swap(REV_TESTED, "{action: delay}",
+                                                "{action: none}"), policy_tests),
+    "tests[].expect.review.rule": Probe(*swap(REV_TESTED, "{action: delay}",
+                                              "{rule: '(defaults)'}"), policy_tests),
+})
+
+
 def _notice_password(pol: Policy) -> str:
     """The password the notice tells (from the real checker's notice)."""
     import email

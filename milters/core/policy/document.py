@@ -14,9 +14,9 @@ from ..auth_results import POLICY_METHODS
 from ..errors import ConfigError
 from ..message import Envelope, Recipient
 from .matching import NetworkPattern, parse_network_pattern
-from .rules import CONDITIONS, Conditions, Decision, Facts, Rule, decide
-from .schema import (Address, Bool, Field, ListOf, MapOf, Network, Number, Pattern, Spec, Str,
-                     Struct)
+from .rules import CONDITIONS, Conditions, CountRange, Decision, Facts, Rule, SizeRange, decide
+from .schema import (Address, Bool, Field, ListOf, MapOf, Network, Number, Pattern, Size, Spec,
+                     Str, Struct)
 from .yamlnodes import MappingNode, Node, Problems, compose_file, compose_text
 
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
@@ -32,6 +32,8 @@ class TestMessage:
     auth_user: str | None = None
     subject: str = ""
     auth: dict[str, str] | None = None  # what our auth milter found: {"dmarc": "fail"}
+    attachments: tuple[str, ...] = ()  # its attachments' file names
+    size: int = 10240  # its bytes
 
     def envelope(self) -> Envelope:
         """The test message's envelope, as a milter would have it at end of message."""
@@ -57,9 +59,11 @@ class Policy:
     rules: list[Rule]
     defaults: dict[str, Any]
     tests: list[PolicyTest] = field(default_factory=list)
+    # Recipient domains that are ours (subdomains included): the others are outside.
+    own_domains: tuple[str, ...] = ()
 
     def decide(self, milter: str, facts: Facts) -> Decision:
-        return decide(self.rules, self.defaults, milter, facts)
+        return decide(self.rules, self.defaults, milter, facts, self.own_domains)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class PolicyExtension:
     # Lines for `mailmoat policy explain`: what this milter would do with such a message
     # (envelope, decoded subject, and auth results as method -> result when given).
     explain: Callable[[Policy, Envelope, str, dict[str, str] | None], list[str]] | None = None
+    # The same from the whole described message (attachments, size: `policy explain
+    # --attachment/--size`), for milters whose rules read the content; used over `explain`.
+    explain_message: Callable[[Policy, "TestMessage"], list[str]] | None = None
 
 
 def decision_failures(milter: str, action: Any, decided_by: str, expected: Any) -> list[str]:
@@ -136,8 +143,55 @@ def _conditions_spec() -> Struct:
         "subject": Field(ListOf(Pattern(), min_items=1), None,
                          doc="Regular expressions searched in the decoded Subject, "
                              "case-insensitively."),
+        "outside_recipients": Field(Bool(), None,
+                                    doc="true: some recipient is outside own_domains; false: "
+                                        "every recipient is inside."),
+        "outside_domains": Field(Struct({
+            "min": Field(Number(0, 10000, integer=True), None, doc="At least this many."),
+            "max": Field(Number(0, 10000, integer=True), None, doc="At most this many."),
+        }, build=_count_range, expected="a count like {min: 2} or {min: 1, max: 3}"), None,
+            doc="How many distinct recipient domains outside own_domains, e.g. {min: 2}."),
+        "attachments": Field(Bool(), None,
+                             doc="Whether the message has attachments (known at end of "
+                                 "message: review, attachments, neutralize)."),
+        "size": Field(Struct({
+            "over": Field(Size(), None, doc="More bytes than this (10MB = 10 x 1024 x 1024)."),
+            "under": Field(Size(), None, doc="Fewer bytes than this."),
+        }, build=_size_range, expected="a size range like {over: 10MB}"), None,
+            doc="The message's size, e.g. {over: 10MB} (known at end of message)."),
     }, build=lambda **kw: Conditions(**{k: _frozen(v) for k, v in kw.items()}),
         expected="a mapping of conditions (" + ", ".join(CONDITIONS) + ")")
+
+
+def _count_range(min: int | None, max: int | None) -> CountRange:  # noqa: A002 -- YAML keys
+    if min is None and max is None:
+        raise ValueError("name min, max or both, e.g. {min: 2}")
+    if min is not None and max is not None and min > max:
+        raise ValueError(f"min {min} is above max {max}: no count can match")
+    return CountRange(min, max)
+
+
+def _size_range(over: int | None, under: int | None) -> SizeRange:
+    if over is None and under is None:
+        raise ValueError("name over, under or both, e.g. {over: 10MB}")
+    if over is not None and under is not None and over >= under:
+        raise ValueError(f"over {over} is not below under {under}: no size can match")
+    return SizeRange(over, under)
+
+
+def _own_domain(text: str) -> str:
+    domain = text.strip().lstrip("@").rstrip(".").lower()
+    if not domain or "@" in domain or any(c.isspace() or ord(c) < 32 for c in domain) \
+            or "." not in domain or domain.startswith("."):
+        raise ValueError("expected a mail domain like example.jp (subdomains are included)")
+    return domain
+
+
+class _Domain(Str):
+    expected = "a mail domain like example.jp"
+
+    def parse(self, text: str) -> str:
+        return _own_domain(super().parse(text))
 
 
 def _frozen(value: Any) -> Any:
@@ -172,7 +226,13 @@ def _build_spec(extensions: list[PolicyExtension]) -> Struct:
         "auth": Field(MapOf(Str(AUTH_METHODS), Str(AUTH_RESULTS),
                             "a mapping of method to result, e.g. {dmarc: fail, spf: pass}"),
                       None, doc="Auth results it carries, for rules with `when: {auth: ...}`."),
-    }, build=lambda **kw: TestMessage(**{**kw, "rcpt": tuple(kw["rcpt"])}),
+        "attachments": Field(ListOf(Str(max_len=255)), (),
+                             doc="Its attachments' file names, for rules with `when: "
+                                 "{attachments: ...}`."),
+        "size": Field(Size(), 10240, doc="Its size, e.g. 12MB, for rules with `when: {size: "
+                                         "...}`."),
+    }, build=lambda **kw: TestMessage(**{**kw, "rcpt": tuple(kw["rcpt"]),
+                                         "attachments": tuple(kw["attachments"])}),
         removed={key: f"a test message has no {key}: no policy condition reads it, so no "
                       "test could depend on it; delete this key" for key in ("helo",
                                                                              "client_name")})
@@ -197,6 +257,10 @@ def _build_spec(extensions: list[PolicyExtension]) -> Struct:
         "internal_networks": Field(ListOf(Network()), factory=lambda: list(LOOPBACK),
                                    doc="Clients that are ours: their mail is outbound, and "
                                        "ratelimit exempts them by default."),
+        "own_domains": Field(ListOf(_Domain()), (),
+                             doc="Our mail domains (subdomains included), for recipients only: "
+                                 "a recipient elsewhere is outside (when: outside_recipients, "
+                                 "outside_domains). Never makes a sender internal."),
         "defaults": Field(defaults, factory=lambda: {e.name: e.default_action for e in extensions},
                           doc="The action of each milter when no rule sets one."),
         "rules": Field(ListOf(rule), factory=list,
@@ -224,6 +288,11 @@ def _semantic_checks(policy: Policy, root: Node | None, extensions: list[PolicyE
         if not rule.then:
             problems.add(node, f"rules[{index}].then", "the rule sets no action, so it can never "
                          "decide anything; add an action or delete the rule")
+        if (rule.when.outside_recipients is not None or rule.when.outside_domains is not None) \
+                and not policy.own_domains:
+            problems.add(node, f"rules[{index}].when", "outside_recipients and outside_domains "
+                         "need own_domains (your mail domains, usually the gateway's "
+                         "relay_domains): add e.g. own_domains: [example.jp] at the top")
         for ext in extensions:
             if ext.name not in rule.then:
                 continue
@@ -284,7 +353,7 @@ def parse_policy(root: Node | None, source: str, extensions: list[PolicyExtensio
                                                                                     problems)
     problems.raise_if_any()
     policy = Policy(source=source, internal_networks=tuple(values["internal_networks"]),
-                    sections=sections,
+                    sections=sections, own_domains=tuple(values["own_domains"]),
                     rules=values["rules"], defaults=values["defaults"], tests=values["tests"])
     _semantic_checks(policy, root, extensions, problems)
     problems.raise_if_any()

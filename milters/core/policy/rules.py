@@ -31,12 +31,67 @@ class Conditions:
     # Authentication-Results header).
     auth: dict[str, tuple[str, ...]] | None = None
     subject: tuple[re.Pattern[str], ...] | None = None  # any pattern found in the subject
+    # Recipients outside the policy's own_domains: any present (True) or none (False).
+    outside_recipients: bool | None = None
+    outside_domains: "CountRange | None" = None  # how many distinct outside domains
+    attachments: bool | None = None  # the message has attachments (end of message)
+    size: "SizeRange | None" = None  # the message's size in bytes (end of message)
 
     def named(self) -> list[str]:
         return [name for name in CONDITIONS if getattr(self, name) is not None]
 
 
-CONDITIONS = ("direction", "client_ip", "sender", "recipient", "authenticated", "auth", "subject")
+CONDITIONS = ("direction", "client_ip", "sender", "recipient", "authenticated", "auth", "subject",
+              "outside_recipients", "outside_domains", "attachments", "size")
+
+
+@dataclass(frozen=True)
+class CountRange:
+    """`{min: 2}`, `{max: 5}` or both: a whole number within the bounds (inclusive)."""
+
+    min: int | None = None
+    max: int | None = None
+
+    def holds(self, value: int) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def __str__(self) -> str:
+        return " and ".join(part for part in (
+            f"at least {self.min}" if self.min is not None else "",
+            f"at most {self.max}" if self.max is not None else "") if part)
+
+
+@dataclass(frozen=True)
+class SizeRange:
+    """`{over: 10MB}`, `{under: 1MB}` or both, in bytes (strictly over / under)."""
+
+    over: int | None = None
+    under: int | None = None
+
+    def holds(self, value: int) -> bool:
+        return (self.over is None or value > self.over) and \
+            (self.under is None or value < self.under)
+
+    def __str__(self) -> str:
+        return " and ".join(part for part in (
+            f"over {self.over} bytes" if self.over is not None else "",
+            f"under {self.under} bytes" if self.under is not None else "") if part)
+
+
+def in_domains(address: str, domains: tuple[str, ...]) -> bool:
+    """The address's domain is one of `domains` or below one (sub.example.jp is example.jp's)."""
+    domain = address.rpartition("@")[2].rstrip(".").lower()
+    return bool(domain) and any(domain == d or domain.endswith("." + d) for d in domains)
+
+
+def outside_recipients(recipients: list[str], own_domains: tuple[str, ...]) -> list[str]:
+    """The recipients whose domain is not ours, in their order."""
+    return [r for r in recipients if not in_domains(r, own_domains)]
+
+
+def outside_domain_count(recipients: list[str], own_domains: tuple[str, ...]) -> int:
+    return len({r.rpartition("@")[2].rstrip(".").lower()
+                for r in outside_recipients(recipients, own_domains)})
 
 
 @dataclass(frozen=True)
@@ -58,6 +113,8 @@ class Facts:
     direction: str = INBOUND
     auth: dict[str, str] | None = None  # method -> result (a method not checked: "none")
     subject: str | None = None  # decoded
+    attachments: list[str] | None = None  # attachment file names (known at end of message)
+    size: int | None = None  # the message's bytes (known at end of message)
 
     @classmethod
     def from_envelope(cls, env: Envelope, internal: tuple[NetworkPattern, ...],
@@ -82,7 +139,7 @@ class Decision:
         return self.rule if self.rule is not None else "(defaults)"
 
 
-def _check(conditions: Conditions, facts: Facts) -> str | None:
+def _check(conditions: Conditions, facts: Facts, own_domains: tuple[str, ...] = ()) -> str | None:
     """None when every condition holds, else the reason the first failing one fails."""
     if conditions.direction is not None and facts.direction != conditions.direction:
         return f"direction is {facts.direction}, rule wants {conditions.direction}"
@@ -118,15 +175,44 @@ def _check(conditions: Conditions, facts: Facts) -> str | None:
             return "the subject is not known at this stage"
         if not any(p.search(facts.subject) for p in conditions.subject):
             return f"subject matches none of the {len(conditions.subject)} pattern(s)"
+    return _check_content(conditions, facts, own_domains)
+
+
+def _check_content(conditions: Conditions, facts: Facts,
+                   own_domains: tuple[str, ...]) -> str | None:
+    """The conditions on where the mail goes and what it carries (outbound review)."""
+    if conditions.outside_recipients is not None or conditions.outside_domains is not None:
+        if facts.recipients is None:
+            return "recipients are not known at this stage"
+        outside = outside_recipients(facts.recipients, own_domains)
+        if conditions.outside_recipients is not None and \
+                bool(outside) != conditions.outside_recipients:
+            return (f"outside recipients: {', '.join(outside)}" if outside else
+                    "no recipient is outside own_domains (" + ", ".join(own_domains) + ")")
+        count = outside_domain_count(facts.recipients, own_domains)
+        if conditions.outside_domains is not None and not conditions.outside_domains.holds(count):
+            return f"{count} outside domain(s), rule wants {conditions.outside_domains}"
+    if conditions.attachments is not None:
+        if facts.attachments is None:
+            return "attachments are not known at this stage (only at end of message)"
+        if bool(facts.attachments) != conditions.attachments:
+            return ("the message has attachments (" + ", ".join(facts.attachments) + ")"
+                    if facts.attachments else "the message has no attachments")
+    if conditions.size is not None:
+        if facts.size is None:
+            return "the size is not known at this stage (only at end of message)"
+        if not conditions.size.holds(facts.size):
+            return f"the message is {facts.size} bytes, rule wants {conditions.size}"
     return None
 
 
-def decide(rules: list[Rule], defaults: dict[str, Any], milter: str, facts: Facts) -> Decision:
+def decide(rules: list[Rule], defaults: dict[str, Any], milter: str, facts: Facts,
+           own_domains: tuple[str, ...] = ()) -> Decision:
     trail: list[str] = []
     for rule in rules:
         if milter not in rule.then:
             continue
-        why_not = _check(rule.when, facts)
+        why_not = _check(rule.when, facts, own_domains)
         if why_not is None:
             trail.append(f"rule '{rule.name}' (line {rule.line}) matches")
             return Decision(milter, rule.then[milter], rule.name, trail)

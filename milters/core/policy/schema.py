@@ -129,6 +129,31 @@ class Duration(Scalar):
         return seconds
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
+               "mb": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3,
+               "gib": 1024 ** 3}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """'10MB', '500KB', '2GB' or plain bytes -> bytes. KB, MB and GB count in 1024s, as mail
+    servers' size limits and mail clients' file sizes do."""
+    match = _SIZE_RE.match(text.lower())
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise ValueError("expected a size like 500KB, 10MB or 1GB")
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if value > 2 ** 40:
+        raise ValueError("must be at most 1024GB")
+    return int(value)
+
+
+class Size(Scalar):
+    expected = "a size like 500KB, 10MB or 1GB"
+
+    def parse(self, text: str) -> int:
+        return parse_size(text)
+
+
 class PerSecond(float):
     """A rate in events per second that remembers how the policy wrote it ('300/hour')."""
 

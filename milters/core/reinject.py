@@ -1,5 +1,5 @@
-"""Handing a message back to the MTA: transformed copies for some recipients, and password
-notices, go to the re-injection listener (our MTA's, which skips the milters; behind
+"""Handing a message back to the MTA: transformed copies for some recipients, password
+notices and review notices go to the re-injection listener (our MTA's, which skips the milters; behind
 Postfix, a port with `-o smtpd_milters=`)."""
 from __future__ import annotations
 
