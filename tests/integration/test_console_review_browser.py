@@ -19,6 +19,7 @@ import httpx
 import pytest
 from selenium.webdriver.common.by import By
 
+from milters.core.audit import open_audit_log
 from milters.core.config import load_config
 from milters.core.jis import decode_cp50220
 from milters.core.review import open_review_book
@@ -94,8 +95,9 @@ def test_the_cancel_link_of_a_notice_shows_the_summary_and_cancels_on_the_button
     serve, sink, base = gateway
     result = run_swaks(serve.port, mail_from=SENDER, rcpt=[OUTSIDE], data_file=SAMPLE)
     assert result.code("DATA_END") == 250, result.transcript
-    held = serve.wait_log(r"event=review_held .*review=([0-9a-f]{32}) kind=delay")
-    review_id = held.group(1)
+    held = serve.wait_log(r"event=review_held .*queue_id=(\S+) .*review=([0-9a-f]{32}) "
+                          r"kind=delay")
+    queue_id, review_id = held.group(1), held.group(2)
     notice = sink.wait_for(1, timeout=WAIT)[0]
     assert notice.rcpt_tos == (SENDER,)
     links = re.findall(rf"{re.escape(base)}/review/[A-Za-z0-9_.-]+", text_of(notice.data))
@@ -132,5 +134,13 @@ def test_the_cancel_link_of_a_notice_shows_the_summary_and_cancels_on_the_button
     finally:
         book.close()
     serve.wait_log(rf"event=review_decided .*actor=review:{re.escape(SENDER)} ")
+    # The decision is in the message's story in the audit log, with who and from where.
+    audit = open_audit_log(load_config(serve.config))
+    try:
+        decided = [r for r in audit.story(queue_id) if r.event == "review_decided"]
+    finally:
+        audit.close()
+    assert [(r.actor, r.source, r.fields["action"]) for r in decided] == \
+        [(f"review:{SENDER}", "127.0.0.1", "cancel")]
     # Held, never sent: the outside recipient got nothing.
     assert not [item for item in sink.messages if OUTSIDE in item.rcpt_tos]
