@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from milters.core.errors import ReviewRefused, TokenInvalid
 from milters.core.eventlog import log_event
-from milters.core.review import (ReviewBook, ReviewRecord, load_token_key, open_review_book,
+from milters.core.review import (Claims, ReviewBook, ReviewRecord, load_token_key, open_review_book,
                                  verify)
 from milters.core.review.record import APPROVER_ACTIONS, KIND_ACTIONS, SENDER_ACTIONS
 
@@ -108,6 +108,11 @@ class ReviewOperations:
             raise ReviewLinkRefused("decided", f"this message is already {record.state}")
         if when >= record.deadline:
             raise ReviewLinkRefused("expired", "this review timed out")
+        # A link for someone who may not take its action shows them nothing of the message.
+        if not _may_take(record, claims.person, claims.action):
+            self._refused("wrong_person", token_person=claims.person, source="",
+                          review=record.id)
+            raise ReviewLinkRefused("wrong_person", "this decision is not yours to take")
         return LinkView(record, claims.person, claims.action, claims.expires)
 
     def decide_by_link(self, token: str, form_token: str | None, source: str,
@@ -181,7 +186,7 @@ class ReviewOperations:
         return decided
 
     # -- inside ----------------------------------------------------------------------------
-    def _claims(self, token: str, when: float, source: str = "") -> Any:
+    def _claims(self, token: str, when: float, source: str = "") -> Claims:
         try:
             return verify(self.key, token, now=when)
         except TokenInvalid as exc:
@@ -241,6 +246,15 @@ def review_operations_for(config: "GatewayConfig", audit: Any = None) -> ReviewO
     review.token_key_file (read, or made, at the first link), the console's audit log."""
     path = config.review.token_key_file
     return ReviewOperations(open_review_book(config), lambda: load_token_key(path), audit)
+
+
+def _may_take(record: ReviewRecord, person: str, action: str) -> bool:
+    """Whether `person` may take `action` now (the book checks it again when deciding)."""
+    if action not in KIND_ACTIONS.get(record.kind, ()):
+        return False
+    if action in SENDER_ACTIONS:
+        return person == record.sender
+    return person in record.approvers[:record.step + 1]
 
 
 def _reason(reason: object) -> str:
