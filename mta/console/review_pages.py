@@ -86,7 +86,7 @@ def routes(console: Console) -> list[Route]:
             return unavailable(request)
         token = request.path_params["token"]
         try:
-            view = await call(ops.open_link, token)
+            view = await call(ops.open_link, token, None, source_of(request))
             form_token = ops.form_token(token)
         except Exception as exc:  # noqa: BLE001 - a page, never a traceback
             return failed(request, exc)

@@ -93,12 +93,12 @@ class ReviewOperations:
         return hmac.new(self.key, _FORM_DOMAIN + token.encode("ascii", "replace"),
                         hashlib.sha256).hexdigest()
 
-    def open_link(self, token: str, now: float | None = None) -> LinkView:
+    def open_link(self, token: str, now: float | None = None, source: str = "") -> LinkView:
         """The review a link is for, after checking everything a decision would (signature,
         expiry, used, still pending, still this person's); changes nothing, so a mail
         scanner that follows the link decides nothing."""
         when = self.clock() if now is None else now
-        claims = self._claims(token, when)
+        claims = self._claims(token, when, source)
         record = self.book.get(claims.review_id)
         if record is None:
             raise ReviewLinkRefused("unknown", "no such review")
@@ -110,7 +110,7 @@ class ReviewOperations:
             raise ReviewLinkRefused("expired", "this review timed out")
         # A link for someone who may not take its action shows them nothing of the message.
         if not _may_take(record, claims.person, claims.action):
-            self._refused("wrong_person", token_person=claims.person, source="",
+            self._refused("wrong_person", token_person=claims.person, source=source,
                           review=record.id)
             raise ReviewLinkRefused("wrong_person", "this decision is not yours to take")
         return LinkView(record, claims.person, claims.action, claims.expires)
