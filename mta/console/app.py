@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from milters.core.config import ConsoleSettings
 
-from . import api, audit_pages, held_api, held_pages, overview_pages, pages
+from . import api, audit_pages, held_api, held_pages, overview_pages, pages, review_pages
 from .context import Authenticator, Console
 from .security import SecurityHeaders
 from .sessions import SessionStore
@@ -51,6 +51,7 @@ def create_app(settings: ConsoleSettings, *, key: bytes, authenticate: Authentic
         *held_pages.routes(console), *held_api.routes(console),
         *audit_pages.routes(console),
         *overview_pages.routes(console, clock),
+        *review_pages.routes(console),
         *pages.routes(console), *api.routes(console), *extra_routes,
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -31,6 +31,7 @@ class Console:
     sessions: SessionStore
     authenticate: Authenticator
     operations: Any = None  # mta.operations.Operations; None: the pages say not yet
+    reviews: Any = None  # mta.operations.review.ReviewOperations; None: no review pages
 
     def session(self, request: Request) -> Session | None:
         """The request's live session (looked up once per request)."""

@@ -21,6 +21,7 @@ from milters.core.store import Store, open_gateway_store
 
 from mta.aio.event_loop import loop_factory
 from mta.gateway import privileges
+from mta.operations.review import review_operations_for
 from mta.operations.wiring import operations_for
 
 from .app import create_app
@@ -153,12 +154,17 @@ def run_console(config: GatewayConfig, *, operations: Any = None,
             holder[0].close()
             raise MailmoatError(f"cannot open the queue {config.queue.dir}: "
                                 f"{exc.strerror or exc}") from None
+    if console.reviews is None:  # the review links' pages (the key file is read on use)
+        console.reviews = review_operations_for(config, getattr(console.operations, "audit",
+                                                                None))
     try:
         log_event("console_started", listen=settings.listen, tls=settings.tls,
                   loop=loop_name, pid=os.getpid())
         server.run(sockets=[sock])
     finally:
         holder[0].close()
+        if console.reviews is not None:
+            console.reviews.book.close()
         audit = getattr(console.operations, "audit", None)
         if audit is not None and hasattr(audit, "close"):
             audit.close()
