@@ -22,6 +22,7 @@ from milters.core.edits import ChangeHeader, Edit, ReplaceBody
 from milters.core.errors import MilterProtocolError
 from milters.core.eventlog import log_event
 from milters.core.milter_protocol import ProtocolFlag
+from milters.core.review import parse_review_reason
 from milters.core.verdict import Action, SmtpReply, Verdict
 
 from mta.metrics import METRICS
@@ -36,6 +37,9 @@ _HDR_LEADSPC = int(ProtocolFlag.HDR_LEADSPC)
 _NO_CONTENT = int(ProtocolFlag.NOHDRS | ProtocolFlag.NOBODY)
 _NO_BODY = int(ProtocolFlag.NOBODY)
 _NO_HEADERS = int(ProtocolFlag.NOHDRS)
+# envelope.extra: the milter (its config name) whose edits held the message for review; the
+# milters after it in the chain run when the message is released (mta/review/resume.py).
+RESUME_AFTER = "resume_after"
 FAILURE_REJECT = SmtpReply(550, "5.7.1", "Message content rejected")
 
 
@@ -116,6 +120,9 @@ class ChainSession(BlockingEnvelopeStages):
         self._given_queue_id = queue_id
         self._macro_queue_id: str | None = None  # the current message's, from macro i
         self._pool = pool  # idle connections from earlier sessions (serve's event loop only)
+        # The milter whose edits held the message for review (its name): the later ones
+        # were not given it; they run when the review releases it (mta/review/resume.py).
+        self.review_hold_by: str | None = None
 
     # -- blocking use (scan, tests; connect/helo/mail/rcpt come from the base class) ------
     def message(self, transit: Transit, macros: dict[str, str] | None = None
@@ -170,7 +177,8 @@ class ChainSession(BlockingEnvelopeStages):
         """Headers, body and end of message to each milter in turn, applying its edits
         before the next one sees the message."""
         self._macro_queue_id = (macros or {}).get("i") or self._macro_queue_id
-        for member in self.members:
+        self.review_hold_by = None
+        for position, member in enumerate(self.members):
             if member.failure is not None:
                 return self._failed_earlier(member, "eom"), transit
             if not member.active or not member.open:
@@ -185,7 +193,24 @@ class ChainSession(BlockingEnvelopeStages):
                 member.out_for_message = True
             elif verdict.ends_transaction:
                 return verdict, transit
+            if parse_review_reason(transit.quarantine) is not None:
+                # Held for review: the milters after this one see the message only if it is
+                # released (a ZIP and its password notice must not go out before that).
+                self.review_hold_by = member.spec.endpoint.name
+                yield from self._abort_after(position)
+                break
         return Verdict.cont(), transit
+
+    def _abort_after(self, position: int) -> Steps[None]:
+        """ABORT to the milters after `position` that have this message's envelope."""
+        for member in self.members[position + 1:]:
+            member.at_end_of_message = False
+            if member.open and member.active and member.failure is None:
+                try:
+                    yield from member.client.g_abort()
+                except MilterProtocolError as exc:
+                    self._failed(member, "abort", exc)
+                member.out_for_message = True
 
     def g_abort(self) -> Steps[None]:
         for member in self.members:

@@ -12,6 +12,7 @@ from milters.core.verdict import Action, Verdict
 from mta.chain.async_driver import begin
 from mta.chain.edits_apply import Transit
 from mta.chain.message_text import MessageText
+from mta.chain.session import RESUME_AFTER
 from mta.delivery.smtputf8 import REQUESTED as SMTPUTF8_REQUESTED
 from mta.metrics import METRICS
 from mta.queue.spool import Envelope as QueueEnvelope
@@ -129,6 +130,9 @@ async def _finish(conn: SmtpConnection, transaction: Transaction, incoming: Inco
         received_at=time.time(), client_ip=client, helo=conn.helo, hold_reason=quarantine)
     if conn.auth_user:
         envelope.extra["auth_user"] = conn.auth_user
+    if conn.chain is not None and conn.chain.review_hold_by is not None:
+        # Held for review: the milters after this one run on release (mta/review/resume.py).
+        envelope.extra[RESUME_AFTER] = conn.chain.review_hold_by
     if any(param.upper() == "SMTPUTF8" for param in transaction.params):
         envelope.extra[SMTPUTF8_REQUESTED] = "yes"  # delivery passes it on (delivery/smtputf8.py)
     # The chain's edited text: small ones as bytes, else its file, taken as it is.

@@ -231,6 +231,42 @@ class BookContract:
             [decision] = book.get(record.id).decisions
             assert decision.source == winner
 
+    def test_a_decision_is_carried_out_once_and_leaves_the_undone_list(
+            self, book: ReviewBook) -> None:
+        sent, cancelled, waiting = (book.create(review()) for _ in range(3))
+        assert book.undone() == []
+        refused("pending", book.carry_out, waiting.id, now=T0 + 1)
+        book.decide(cancelled.id, SENDER, "192.0.2.9", "cancel", now=T0 + 5)
+        book.decide(sent.id, "timer", "timer", "timeout", now=T0 + 300)
+        assert [r.id for r in book.undone()] == [cancelled.id, sent.id]  # decided first, first
+        done = book.carry_out(cancelled.id, now=T0 + 301)
+        assert done.carried_out == T0 + 301 and book.get(cancelled.id) == done
+        refused("carried_out", book.carry_out, cancelled.id, now=T0 + 302)
+        assert [r.id for r in book.undone()] == [sent.id]
+        assert [r.id for r in book.undone(limit=0)] == []
+        book.carry_out(sent.id, now=T0 + 303)
+        assert book.undone() == [] and book.get(waiting.id).state == "pending"
+        refused("unknown", book.carry_out, "0" * 32)
+
+    def test_two_carriers_at_once_one_marks(self, book: ReviewBook) -> None:
+        record = book.create(review())
+        book.decide(record.id, SENDER, "192.0.2.9", "send_now", now=T0 + 1)
+        wins: list[int] = []
+        losses: list[str] = []
+
+        def carry(number: int) -> None:
+            try:
+                book.carry_out(record.id, now=T0 + 2)
+                wins.append(number)
+            except ReviewRefused as exc:
+                losses.append(exc.reason)
+        threads = [threading.Thread(target=carry, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(wins) == 1 and losses == ["carried_out"] * 5
+
 
 class TestMemoryBook(BookContract):
     @pytest.fixture

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ..errors import ReviewError, ReviewRefused
-from .record import (ACTIONS, ID_PATTERN, ReviewRecord, check, decided, escalated,
-                     involves)
+from .record import (ACTIONS, ID_PATTERN, ReviewRecord, carried, check, decided,
+                     escalated, involves)
 
 Change = Callable[[ReviewRecord], ReviewRecord]
 DUE_LIMIT = 1000  # records one due() call returns: the timer takes the rest next round
@@ -66,6 +66,19 @@ class ReviewBook(ABC):
         """Pending records whose deadline has come, the earliest first."""
         return self._due(time.time() if now is None else now, max(int(limit), 0))
 
+    def carry_out(self, review_id: str, now: float | None = None) -> ReviewRecord:
+        """Mark a decided record carried out (the message released, or deleted and the
+        sender told); ReviewRefused when it is pending or was marked already: of two
+        gateways or a restarted timer, one marks it."""
+        when = time.time() if now is None else now
+        return self._change_known(review_id, None, lambda record: carried(record, when))
+
+    def undone(self, limit: int = DUE_LIMIT) -> list[ReviewRecord]:
+        """Decided records not yet carried out, the earliest decided first."""
+        found = self._undone(max(int(limit), 0))
+        return sorted(found, key=lambda r: (r.decisions[-1].time if r.decisions else 0.0,
+                                            r.id))[:max(int(limit), 0)]
+
     def pending_for(self, address: str) -> PendingFor:
         sent, to_decide = [], []
         for record in self._pending():
@@ -110,6 +123,9 @@ class ReviewBook(ABC):
 
     @abstractmethod
     def _due(self, now: float, limit: int) -> list[ReviewRecord]: ...
+
+    @abstractmethod
+    def _undone(self, limit: int) -> list[ReviewRecord]: ...
 
     @abstractmethod
     def _token_used(self, review_id: str, token_id: str) -> bool: ...

@@ -46,5 +46,10 @@ class MemoryReviewBook(ReviewBook):
         due = [r for r in self._pending() if r.deadline <= now]
         return sorted(due, key=lambda r: (r.deadline, r.id))[:limit]
 
+    def _undone(self, limit: int) -> list[ReviewRecord]:
+        with self._lock:
+            return [r for r in self._records.values()
+                    if r.state != "pending" and not r.carried_out][:limit]
+
     def _token_used(self, review_id: str, token_id: str) -> bool:
         return (review_id, token_id) in self._used

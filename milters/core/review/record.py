@@ -72,6 +72,9 @@ class ReviewRecord:
     step_timeout: float = 0.0  # seconds each escalation step gets; 0: no escalation
     language: str = "ja"  # of the notices, so the result notice matches the first one
     message_id: str = ""  # the held message's Message-ID: notices thread under it
+    # When the gateway carried the decision out (released, or deleted and told the sender);
+    # 0: not yet. Set once (carried_out below): nothing is released or notified twice.
+    carried_out: float = 0.0
 
     @property
     def approver(self) -> str | None:
@@ -197,6 +200,15 @@ def decided(record: ReviewRecord, who: str, source: str, action: str, reason: st
             raise ReviewRefused("self_approval", "the sender may not approve their own "
                                 "message")
     return _with(record, _RESULT[action], now, person or who, source, action, reason)
+
+
+def carried(record: ReviewRecord, now: float) -> ReviewRecord:
+    """The decided record marked carried out, or ReviewRefused (pending, or done already)."""
+    if record.state == "pending":
+        raise ReviewRefused("pending", f"review {record.id} is not decided yet")
+    if record.carried_out:
+        raise ReviewRefused("carried_out", f"review {record.id} was carried out already")
+    return replace(record, carried_out=float(now))
 
 
 def escalated(record: ReviewRecord, now: float) -> ReviewRecord:

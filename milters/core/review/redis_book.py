@@ -4,6 +4,7 @@ Keys (outside the Store's `mailmoat:` namespace, which the Store scans as its ow
   mailmoat.review:r:ID       the record's JSON
   mailmoat.review:pending    sorted set of pending IDs, score = deadline (due() reads it)
   mailmoat.review:used:ID    set of the review's used link tokens
+  mailmoat.review:undone     sorted set of decided IDs not yet carried out (undone() reads it)
 
 A change WATCHes the record and its used set, reads, applies the rule, and writes record,
 pending set and token mark in one MULTI/EXEC; a concurrent writer makes EXEC fail and the
@@ -24,6 +25,7 @@ from .record import ReviewRecord
 
 PREFIX = "mailmoat.review:"
 PENDING = PREFIX + "pending"
+UNDONE = PREFIX + "undone"  # decided, not yet carried out; score = the decision's time
 RETRY_FOR = 10.0  # seconds a change may keep losing the race before it is a failure
 CHUNK = 200
 # Record and pending entry together, and neither when the ID exists (a decided record must
@@ -90,6 +92,11 @@ class RedisReviewBook(ReviewBook):
                             pipe.zadd(PENDING, {review_id: new.deadline})
                         else:
                             pipe.zrem(PENDING, review_id)
+                        if new.state != "pending" and not new.carried_out:
+                            when = new.decisions[-1].time if new.decisions else 0.0
+                            pipe.zadd(UNDONE, {review_id: when})
+                        else:
+                            pipe.zrem(UNDONE, review_id)
                         if token_id is not None:
                             pipe.sadd(used, token_id)
                         pipe.execute()
@@ -124,6 +131,21 @@ class RedisReviewBook(ReviewBook):
         try:
             ids = self._client.zrangebyscore(PENDING, "-inf", now, start=0, num=limit)
             return self._bodies(ids)
+        except RedisError as exc:
+            raise self._fail(exc) from None
+
+    def _undone(self, limit: int) -> list[ReviewRecord]:
+        try:
+            ids = self._client.zrange(UNDONE, 0, max(limit - 1, 0)) if limit else []
+            records = []
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start:start + CHUNK]
+                for body in self._client.mget([_record_key(i) for i in chunk]):
+                    if body is not None:
+                        record = ReviewRecord.from_json(body)
+                        if record.state != "pending" and not record.carried_out:
+                            records.append(record)
+            return records
         except RedisError as exc:
             raise self._fail(exc) from None
 

@@ -117,6 +117,14 @@ class SqliteReviewBook(ReviewBook):
             " ORDER BY deadline, id LIMIT ?", (now, limit)).fetchall(), write=False)
         return [ReviewRecord.from_json(row[0]) for row in rows]
 
+    def _undone(self, limit: int) -> list[ReviewRecord]:
+        # The decided records are few against the pending ones' index; JSON1 reads the mark.
+        rows = self._run(lambda conn: conn.execute(
+            "SELECT body FROM review WHERE state != 'pending'"
+            " AND COALESCE(json_extract(body, '$.carried_out'), 0) = 0 LIMIT ?",
+            (limit,)).fetchall(), write=False)
+        return [ReviewRecord.from_json(row[0]) for row in rows]
+
     def _token_used(self, review_id: str, token_id: str) -> bool:
         return bool(self._run(lambda conn: conn.execute(
             "SELECT 1 FROM review_used WHERE review_id = ? AND token = ?",
