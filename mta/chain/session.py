@@ -26,6 +26,7 @@ from milters.core.review import parse_review_reason
 from milters.core.verdict import Action, SmtpReply, Verdict
 
 from mta.metrics import METRICS
+from mta.queue.spool import RESUME_AFTER
 from .client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClient, MilterEndpoint,
                      Steps, run_sync)
 from .edits_apply import Transit, apply_edits
@@ -37,9 +38,6 @@ _HDR_LEADSPC = int(ProtocolFlag.HDR_LEADSPC)
 _NO_CONTENT = int(ProtocolFlag.NOHDRS | ProtocolFlag.NOBODY)
 _NO_BODY = int(ProtocolFlag.NOBODY)
 _NO_HEADERS = int(ProtocolFlag.NOHDRS)
-# envelope.extra: the milter (its config name) whose edits held the message for review; the
-# milters after it in the chain run when the message is released (mta/review/resume.py).
-RESUME_AFTER = "resume_after"
 FAILURE_REJECT = SmtpReply(550, "5.7.1", "Message content rejected")
 
 

@@ -39,6 +39,7 @@ from mta.console.process import ConsoleProcess
 from mta.delivery.process import DeliveryProcess
 from mta.metrics import METRICS, ReadyCheck, serve_metrics
 from mta.queue.spool import Queue
+from mta.review.wiring import review_runner
 from mta.smtp_in.server import GatewayHandler, SmtpSettings, server_tls_context, smtpd_limits
 from mta.smtp_in.users import UserFile
 from . import privileges
@@ -313,6 +314,8 @@ async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
               milters=",".join(m.name for m in config.milters) or "none",
               relay=config.relay_default, loop=loop_name)
     delivery.watch_metrics(loop)
+    # Held for review: timers, decisions carried out, released mail through the later milters.
+    reviews = review_runner(config, queue, members, pool, delivery.notify) if members else None
     while not stop.is_set():
         if hangups:
             hangups.clear()
@@ -329,6 +332,8 @@ async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
             delivery.restart()
         if console is not None:
             console.check()
+        if reviews is not None:
+            reviews.poke()
         wake.clear()
         stopping = loop.create_task(stop.wait())
         woken = loop.create_task(wake.wait())
@@ -336,6 +341,8 @@ async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
                            return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         woken.cancel()
+    if reviews is not None:
+        await reviews.stop()  # before the listeners close: a notice it sends needs them
     for server in (main, reinject, metrics):
         if server is not None:
             server.close()

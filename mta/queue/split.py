@@ -17,7 +17,8 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from .spool import Envelope, NoSuchMessage, Queue, RecipientState, new_queue_id
+from .spool import (RESUME_AFTER, RESUME_REQUESTED, Envelope, NoSuchMessage, Queue,
+                    RecipientState, new_queue_id)
 
 SPLIT_FROM = "split_from"  # envelope.extra: the entry this one was split from (kept)
 SPLIT_PENDING = "split_pending"  # envelope.extra: step 3 not done yet
@@ -83,7 +84,10 @@ def split_release(queue: Queue, queue_id: str, addresses: Sequence[str]) -> str 
     envelope.recipients = [r for r in envelope.recipients
                            if not (r.status == "pending" and r.address.lower() in moved)]
     queue.update(envelope)
-    copy.hold_reason, copy.next_attempt = None, 0.0  # step 3
+    if RESUME_AFTER in copy.extra:  # step 3: serve runs the later milters, then sends
+        copy.extra[RESUME_REQUESTED] = "admin"
+    else:
+        copy.hold_reason, copy.next_attempt = None, 0.0  # step 3
     del copy.extra[SPLIT_PENDING]
     queue.update(copy)
     return copy.queue_id

@@ -45,6 +45,13 @@ TRAILER_MAGIC = b"MMENV1"
 FOOTER = 16  # magic, 9 digits of JSON length, newline
 
 
+# envelope.extra of a message held for review: the milter (its config name) whose edits held
+# it; the milters after it run when it is released (mta/review/resume.py, in serve).
+RESUME_AFTER = "resume_after"
+# envelope.extra: an admin released such a message; serve's review runner carries it out.
+RESUME_REQUESTED = "resume_requested"
+
+
 class SpoolError(MailmoatError):
     """The spool cannot take the message (disk full, I/O error): answer 452 4.3.1."""
 
@@ -353,7 +360,12 @@ class Queue:
         envelope = self.envelope(queue_id)
         if envelope.hold_reason is None:
             raise NoSuchMessage(f"message {queue_id} is not on hold")
-        envelope.hold_reason, envelope.next_attempt = None, 0.0
+        if RESUME_AFTER in envelope.extra:
+            # Held for review before later milters ran: serve runs them first (a release
+            # here must never deliver it past them: no ZIP, no password notice).
+            envelope.extra[RESUME_REQUESTED] = "admin"
+        else:
+            envelope.hold_reason, envelope.next_attempt = None, 0.0
         self.update(envelope)
 
     def flush(self) -> int:

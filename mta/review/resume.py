@@ -21,14 +21,12 @@ from milters.core.verdict import Action
 from mta.chain.async_driver import drive
 from mta.chain.edits_apply import Transit
 from mta.chain.message_text import MessageText
-from mta.chain.session import (RESUME_AFTER, ChainMember, ChainSession, connect_macros,
-                               mail_macros, rcpt_macros)
-from mta.queue.spool import Envelope, NoSuchMessage, Queue, RecipientState, new_queue_id
+from mta.chain.session import (ChainMember, ChainSession, connect_macros, mail_macros,
+                               rcpt_macros)
+from mta.queue.spool import (RESUME_AFTER, RESUME_REQUESTED, Envelope, NoSuchMessage, Queue,
+                             RecipientState, new_queue_id)
 
 RESUMED_FROM = "resumed_from"  # envelope.extra of the new entry: the held one it replaces
-# envelope.extra of a held entry: released by an admin (queue release, console); the runner
-# in serve resumes it (only serve holds the milter chain).
-RESUME_REQUESTED = "resume_requested"
 
 
 class ResumeFailed(Exception):

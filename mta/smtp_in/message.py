@@ -12,11 +12,10 @@ from milters.core.verdict import Action, Verdict
 from mta.chain.async_driver import begin
 from mta.chain.edits_apply import Transit
 from mta.chain.message_text import MessageText
-from mta.chain.session import RESUME_AFTER
 from mta.delivery.smtputf8 import REQUESTED as SMTPUTF8_REQUESTED
 from mta.metrics import METRICS
 from mta.queue.spool import Envelope as QueueEnvelope
-from mta.queue.spool import Incoming, RecipientState, SpoolError
+from mta.queue.spool import RESUME_AFTER, Incoming, RecipientState, SpoolError
 from .data import DataStream
 from .session import SmtpConnection, Transaction
 from .trace import protocol_name, received_header
