@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import email
 import re
+import subprocess
+import sys
 import time
 from email import policy as email_policy
 from email.message import EmailMessage
@@ -172,5 +174,31 @@ def test_a_delay_that_ends_while_serve_is_stopped_sends_once_after_the_restart(
         assert serve.text().count("event=review_timed_out") == 1
         assert book_of(serve).get(review_id).carried_out
         assert queue_id not in queue_list(serve.config)
+    finally:
+        serve.stop()
+
+
+def test_queue_release_of_a_review_hold_runs_the_later_milters_first(
+        tmp_path: Path, sink: SmtpSink) -> None:
+    """`mailmoat queue release` must never send a held message past the attachments milter:
+    serve's runner releases it through the rest of the chain (ZIP, password notice)."""
+    serve = make_gateway(tmp_path, sink, "10m").start()
+    try:
+        queue_id, review_id = send_held(serve)
+        assert wait_kinds(sink, 1) == ["review"]
+        done = subprocess.run([sys.executable, "-m", "mta.cli", "queue", "release", queue_id,
+                               "--config", str(serve.config)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert wait_kinds(sink, 3) == ["outside", "password", "review"], kinds(sink)
+        settle(serve, r"event=review_released ")
+        assert kinds(sink) == ["outside", "password", "review"]
+        [outside] = [i for i in sink.messages if OUTSIDE in i.rcpt_tos]
+        names = [p.get_filename() for p in parsed(outside).iter_attachments()
+                 if p.get_filename()]
+        assert len(names) == 1 and names[0].endswith(".zip"), names
+        record = book_of(serve).get(review_id)
+        assert record.state == "sent" and record.carried_out
+        assert record.decisions[-1].source == "queue"
     finally:
         serve.stop()
