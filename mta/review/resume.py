@@ -150,13 +150,14 @@ def remove_resumed(queue: Queue, queue_id: str) -> None:
         pass
 
 
-def finish_resumes(queue: Queue) -> list[str]:
-    """After a crash: remove held entries whose resumed copy is already queued."""
+def finish_resumes(queue: Queue) -> list[Envelope]:
+    """After a crash: remove held entries whose resumed copy is already queued; returns
+    them (the caller marks their reviews carried out)."""
     entries = queue.entries()
     resumed = {e.extra.get(RESUMED_FROM) for e in entries} - {None}
     done = []
     for entry in entries:
         if entry.hold_reason is not None and entry.queue_id in resumed:
             remove_resumed(queue, entry.queue_id)
-            done.append(entry.queue_id)
+            done.append(entry)
     return done

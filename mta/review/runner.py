@@ -92,8 +92,12 @@ class ReviewRunner:
     def _recover(self) -> None:
         """After a crash: the copies resumed before it replace their held originals, and a
         held message whose review was carried out already goes."""
-        for queue_id in finish_resumes(self.queue):
-            log_event("review_resume_finished", queue_id=queue_id)
+        for old in finish_resumes(self.queue):
+            log_event("review_resume_finished", queue_id=old.queue_id)
+            found = parse_review_reason(old.hold_reason)
+            record = self.book.get(found[1]) if found else None
+            if record is not None and record.state != "pending":
+                self._mark(record)
         for envelope in self.queue.entries():
             found = parse_review_reason(envelope.hold_reason)
             if found is None:
