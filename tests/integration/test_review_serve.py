@@ -91,9 +91,8 @@ def wait_kinds(sink: SmtpSink, count: int, timeout: float = 30) -> list[str]:
 
 
 def settle(serve: Serve, pattern: str, rounds: int = 3) -> None:
-    """Let serve's runner go a few more rounds past `pattern` (a later one would show a
-    second release): each round logs nothing, so wait for the metrics' queue to be empty
-    and then for `rounds` more review-free seconds, bounded."""
+    """Wait for `pattern`, then let serve's runner go a few more rounds (about a second
+    each): a second release or notice would show in the sink by then."""
     serve.wait_log(pattern, timeout=30)
     time.sleep(rounds * 1.2)
 
