@@ -26,7 +26,6 @@ from milters.core.review import parse_review_reason
 from milters.core.verdict import Action, SmtpReply, Verdict
 
 from mta.metrics import METRICS
-from mta.queue.spool import RESUME_AFTER
 from .client import (DEFAULT_TEMPFAIL, BlockingEnvelopeStages, MilterClient, MilterEndpoint,
                      Steps, run_sync)
 from .edits_apply import Transit, apply_edits

@@ -50,11 +50,15 @@ CAP_NET_BIND_SERVICE = 10
 # the writable directories up to "--", then the command.
 SANDBOX = r'''
 set -e
-user=$1; group=$2; caps=$3; shift 3
+user=$1; group=$2; caps=$3; keep=$4; hold=$5; shift 5
 writable=""
 while [ "$1" != "--" ]; do mount --bind "$1" "$1"; writable="$writable $1"; shift; done
 shift
+# A checkout under /tmp (CI clones there) stays reachable through the private /tmp, as an
+# installed mailmoat outside /tmp would be.
+if [ "$keep" != "-" ]; then mkdir -p "$hold"; mount --bind "$keep" "$hold"; fi
 mount -t tmpfs -o mode=1777 private-tmp /tmp
+if [ "$keep" != "-" ]; then mkdir -p "$keep"; mount --bind "$hold" "$keep"; fi
 for point in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
   case "$point" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/tmp) continue ;; esac
   case " $writable " in *" $point "*) continue ;; esac
@@ -135,9 +139,11 @@ def sandboxed(unit: str, workdir: Path, writable: list[Path], arguments: list[st
     bounding = service["CapabilityBoundingSet"]
     assert service.get("AmbientCapabilities", "") in ("", bounding), "ambient beyond bounding"
     mailmoat = Path(sys.executable).parent / "mailmoat"
+    under_tmp = ROOT.resolve().is_relative_to("/tmp")
     inner = ["sh", "-c", SANDBOX, "sh", USER, grp.getgrgid(pwd.getpwnam(USER).pw_gid).gr_name,
-             setpriv_caps(service.get("AmbientCapabilities", "")), *map(str, writable), "--",
-             str(mailmoat), *arguments]
+             setpriv_caps(service.get("AmbientCapabilities", "")),
+             str(ROOT.resolve()) if under_tmp else "-", str(workdir / "checkout"),
+             *map(str, writable), "--", str(mailmoat), *arguments]
     return reachable_argv(inner, workdir)
 
 
