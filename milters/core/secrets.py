@@ -9,6 +9,7 @@ mode lets "other" read it. No function here ever puts the secret itself into a m
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,3 +124,40 @@ def mask_url(url: str) -> str:
         netloc = f"{parts.username or ''}:***@{host}"
     query = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, keep_blank_values=True))
     return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def signing_key(path: Path, setting: str, size: int = 32) -> bytes:
+    """A signing key kept in a file (sessions, review links): read, or made with `size`
+    random bytes (hex, mode 0600 whatever the umask) when missing; refused when group or
+    others may read or write it, when it is no regular file, or when it is too short.
+    `setting` names the config key in every error."""
+    what = f"{setting} {path}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError([f"{what}: cannot create it: {exc.strerror or exc}"]) from None
+    else:
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, secrets.token_hex(size).encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    try:
+        with path.open("rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode  # of what is read, not of a path
+            if not stat.S_ISREG(mode):
+                raise ConfigError([f"{what} is not a regular file"])
+            if mode & 0o066:
+                raise ConfigError([f"{what} may be read or written by group or others "
+                                   f"(mode {stat.S_IMODE(mode):04o}); run 'chmod 600 {path}'"])
+            key = handle.read().strip()
+    except OSError as exc:
+        raise ConfigError([f"{what}: cannot read it: {exc.strerror or exc}"]) from None
+    if len(key) < size:
+        raise ConfigError([f"{what} holds fewer than {size} bytes; delete it and a new key "
+                           "is made"])
+    return key

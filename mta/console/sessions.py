@@ -8,9 +8,7 @@ worthless once its session is gone. A console restart ends every session (log in
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
-import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from typing import Any, Callable
 
 from itsdangerous import BadSignature, Signer
 
-from milters.core.errors import ConfigError
+from milters.core.secrets import signing_key
 
 COOKIE = "mailmoat_session"
 KEY_BYTES = 32
@@ -37,40 +35,8 @@ class Session:
 
 
 def load_secret_key(path: Path) -> bytes:
-    """The signing key: read, or made (mode 0600, whatever the umask) when missing; refused
-    when group or others may read or write it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError([f"console.secret_key_file {path}: cannot create it: "
-                           f"{exc.strerror or exc}"]) from None
-    else:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, secrets.token_hex(KEY_BYTES).encode("ascii") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    try:
-        with path.open("rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode  # of what is read, not of a path
-            if not stat.S_ISREG(mode):
-                raise ConfigError([f"console.secret_key_file {path} is not a regular file"])
-            if mode & 0o066:
-                raise ConfigError([f"console.secret_key_file {path} may be read or written by "
-                                   f"group or others (mode {stat.S_IMODE(mode):04o}); run "
-                                   f"'chmod 600 {path}'"])
-            key = handle.read().strip()
-    except OSError as exc:
-        raise ConfigError([f"console.secret_key_file {path}: cannot read it: "
-                           f"{exc.strerror or exc}"]) from None
-    if len(key) < KEY_BYTES:
-        raise ConfigError([f"console.secret_key_file {path} holds fewer than {KEY_BYTES} "
-                           "bytes; delete it and a new key is made at start"])
-    return key
+    """The session cookies' signing key (console.secret_key_file): read, or made 0600."""
+    return signing_key(path, "console.secret_key_file", KEY_BYTES)
 
 
 @dataclass

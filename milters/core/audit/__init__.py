@@ -11,10 +11,8 @@ The tee (tee.py) turns the story events of every process into records.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
 from ..errors import StoreError
 from .base import FLUSH_AT, FLUSH_EVERY, Anchor, AuditLog, VerifyResult
@@ -60,29 +58,8 @@ def beside_store(store_path: str) -> Path:
 
 
 def _open_redis(config: "GatewayConfig") -> AuditLog:
-    import redis  # only where Redis is configured
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.retry import Retry
-
-    from ..secrets import read_secret
-    from ..store import PASSWORD_ENV
+    from ..store import redis_client
     from .redis_log import RedisAuditLog
 
-    parts = urlsplit(config.store)
-    try:
-        port, db = parts.port or 6379, int(parts.path.strip("/") or 0)
-    except ValueError as exc:
-        raise StoreError(f"bad Redis URL for the audit log: {exc}") from None
-    password = os.environ.get(PASSWORD_ENV)  # as the Store reads it
-    if config.store_password.named:
-        password = read_secret(config.store_password, "store", env_key="store_password_env",
-                               file_key="store_password_file")
-    client = redis.Redis(host=parts.hostname or "127.0.0.1", port=port, db=db,
-                         username=unquote(parts.username) if parts.username else None,
-                         password=password, ssl=parts.scheme == "rediss",
-                         socket_timeout=max(config.store_timeout, 2.0),
-                         socket_connect_timeout=max(config.store_timeout, 2.0),
-                         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                         decode_responses=True)
-    return RedisAuditLog(client, f"{parts.hostname}:{port}")
+    client, where = redis_client(config, "audit log", retry_once=True)
+    return RedisAuditLog(client, where)

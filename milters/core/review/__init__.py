@@ -15,11 +15,9 @@ gateways share the reviews), memory (memory:// stores: tests). All keep the same
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
 from ..errors import StoreError
 from .base import DUE_LIMIT, PendingFor, ReviewBook
@@ -86,28 +84,11 @@ def notices_for(config: "GatewayConfig") -> ReviewNotices:
 
 
 def _open_redis(config: "GatewayConfig") -> ReviewBook:
-    import redis  # only where Redis is configured
-
-    from ..secrets import read_secret
-    from ..store import PASSWORD_ENV
+    from ..store import redis_client
     from .redis_book import RedisReviewBook
 
-    parts = urlsplit(config.store)
-    try:
-        port, db = parts.port or 6379, int(parts.path.strip("/") or 0)
-    except ValueError as exc:
-        raise StoreError(f"bad Redis URL for the review book: {exc}") from None
-    password = os.environ.get(PASSWORD_ENV)  # as the Store reads it
-    if config.store_password.named:
-        password = read_secret(config.store_password, "store", env_key="store_password_env",
-                               file_key="store_password_file")
-    client = redis.Redis(host=parts.hostname or "127.0.0.1", port=port, db=db,
-                         username=unquote(parts.username) if parts.username else None,
-                         password=password, ssl=parts.scheme == "rediss",
-                         socket_timeout=max(config.store_timeout, 2.0),
-                         socket_connect_timeout=max(config.store_timeout, 2.0),
-                         decode_responses=True)
-    return RedisReviewBook(client, f"{parts.hostname}:{port}")
+    client, where = redis_client(config, "review book")
+    return RedisReviewBook(client, where)
 
 
 __all__ = ["ACTIONS", "Claims", "DUE_LIMIT", "Decision", "KINDS", "MemoryReviewBook",

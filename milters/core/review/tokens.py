@@ -18,15 +18,13 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import re
-import secrets
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, TokenInvalid
+from ..errors import TokenInvalid
+from ..secrets import signing_key
 from .record import ACTIONS, ID_PATTERN
 
 KEY_BYTES = 32
@@ -47,38 +45,8 @@ class Claims:
 
 
 def load_token_key(path: Path) -> bytes:
-    """The signing key: read, or made (mode 0600, whatever the umask) when missing; refused
-    when group or others may read or write it."""
-    what = f"review.token_key_file {path}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError([f"{what}: cannot create it: {exc.strerror or exc}"]) from None
-    else:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, secrets.token_hex(KEY_BYTES).encode("ascii") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    try:
-        with path.open("rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode  # of what is read, not of a path
-            if not stat.S_ISREG(mode):
-                raise ConfigError([f"{what} is not a regular file"])
-            if mode & 0o066:
-                raise ConfigError([f"{what} may be read or written by group or others "
-                                   f"(mode {stat.S_IMODE(mode):04o}); run 'chmod 600 {path}'"])
-            key = handle.read().strip()
-    except OSError as exc:
-        raise ConfigError([f"{what}: cannot read it: {exc.strerror or exc}"]) from None
-    if len(key) < KEY_BYTES:
-        raise ConfigError([f"{what} holds fewer than {KEY_BYTES} bytes; delete it and a new "
-                           "key is made"])
-    return key
+    """The links' signing key (review.token_key_file): read, or made 0600 when missing."""
+    return signing_key(path, "review.token_key_file", KEY_BYTES)
 
 
 def issue(key: bytes, review_id: str, person: str, action: str, expires: float) -> str:

@@ -22,6 +22,8 @@ from .memory import MemoryStore
 from .sqlite import SqliteStore
 
 if TYPE_CHECKING:
+    import redis
+
     from milters.core.config import GatewayConfig
 
 __all__ = [
@@ -118,3 +120,35 @@ def _redact(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+def redis_client(config: "GatewayConfig", what: str, *, retry_once: bool = False) -> tuple[
+        "redis.Redis", str]:
+    """A client of the Redis the config's `store:` names, for the logs that live beside the
+    Store there (the audit log, the review book): the same server, password and timeouts,
+    replies as text. (client, "host:port" for messages); StoreError for a bad URL.
+    `retry_once`: one retry on a dropped connection (writers that must not double-append
+    leave it off)."""
+    import redis  # only where Redis is configured
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.retry import Retry
+
+    parts = urlsplit(config.store)
+    try:
+        port, db = parts.port or 6379, int(parts.path.strip("/") or 0)
+    except ValueError as exc:
+        raise StoreError(f"bad Redis URL for the {what}: {exc}") from None
+    password = os.environ.get(PASSWORD_ENV)  # as the Store reads it
+    if config.store_password.named:
+        password = read_secret(config.store_password, "store", env_key="store_password_env",
+                               file_key="store_password_file")
+    extra = {"retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))} \
+        if retry_once else {}
+    client = redis.Redis(host=parts.hostname or "127.0.0.1", port=port, db=db,
+                         username=unquote(parts.username) if parts.username else None,
+                         password=password, ssl=parts.scheme == "rediss",
+                         socket_timeout=max(config.store_timeout, 2.0),
+                         socket_connect_timeout=max(config.store_timeout, 2.0),
+                         decode_responses=True, **extra)
+    return client, f"{parts.hostname}:{port}"
