@@ -162,3 +162,17 @@ def test_policy_explain_says_groups_need_ldap() -> None:
     text = "\n".join(lines)
     assert "needs LDAP" in text and "files-to-outside" in text
     assert "approve by manager" in text
+
+
+@pytest.mark.parametrize("group,problem", [
+    ('"cn=sales,,dc=jp"', "not a valid DN"),
+    ('"sales\\u0007x"', "one line of text"),
+    ('"sales, legal"', "a cn has no comma"),
+])
+def test_a_bad_group_is_refused_at_its_place(group: str, problem: str) -> None:
+    from milters.core.errors import ConfigError
+    text = POLICY.replace("APPROVERS", "manager").replace("SALES_GROUP", group)
+    with pytest.raises(ConfigError) as caught:
+        load_policy_text(text, EXTENSIONS)
+    assert "rules[0].when.sender_groups[0]" in str(caught.value)
+    assert problem in str(caught.value)
