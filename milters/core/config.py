@@ -242,6 +242,7 @@ class ReviewSettings:
     console_url: str | None = None  # None: http(s)://console.listen
     notice_from: str | None = None  # None: mailmoat-review@HOSTNAME
     file: Path | None = None  # None: beside the store's SQLite file, or in its Redis
+    manager_attribute: str = "manager"  # review.ldap: the DN of a person's manager
 
 
 def _review_url(text: str) -> str:
@@ -276,10 +277,18 @@ def _review_spec(local: Callable[[str], Path]) -> Struct:
         "file": Field(Str(), None,
                       doc="The review book's SQLite file. Not set: beside a SQLite store's file "
                           "(state.db -> state-review.db), or in Redis with a redis:// store."),
-    }, build=lambda token_key_file, console_url, notice_from, file: ReviewSettings(
+        "ldap": Field(Struct({
+            "manager_attribute": Field(Str(max_len=100), "manager",
+                                       doc="The attribute of a person's entry holding their "
+                                           "manager's DN (approvers: [manager]); the directory "
+                                           "is console.ldap's."),
+        }, expected="review LDAP settings: manager_attribute"), None,
+            doc="How approvers: [manager] reads the directory (console.ldap)."),
+    }, build=lambda token_key_file, console_url, notice_from, file, ldap: ReviewSettings(
         local(token_key_file), _review_url(console_url) if console_url else None,
-        _review_from(notice_from) if notice_from else None, local(file) if file else None),
-        expected="review settings: token_key_file, console_url, notice_from, file")
+        _review_from(notice_from) if notice_from else None, local(file) if file else None,
+        (ldap or {}).get("manager_attribute", "manager")),
+        expected="review settings: token_key_file, console_url, notice_from, file, ldap")
 # -- end of outbound review -------------------------------------------------------------------
 
 

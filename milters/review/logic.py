@@ -22,7 +22,7 @@ from milters.core.policy.document import Policy
 from milters.core.reinject import reinject
 from milters.core.verdict import SmtpReply, Verdict
 
-from .decide import ReviewDecision, review_for
+from .decide import ReviewDecision, needs_groups, review_for
 from .settings import MILTER, Approver, Review, ReviewSettings
 
 REVIEW_HEADER = "X-Mailmoat-Review"
@@ -47,6 +47,9 @@ class ReviewKit:
     issue_link: Callable[[str, str, str, float], str]  # id, person, action, expires -> URL
     reason_prefix: str  # "mailmoat-review"
     role_addresses: Callable[[str], list[str]]  # a console role -> its accounts' addresses
+    # milters.core.directory.Directory (console.ldap): .manager_address(), .sender_groups();
+    # None: no directory (`manager` finds nobody, sender_groups rules never match)
+    directory: Any = None
 
 
 def _send(listen: str, mail_from: str, recipients: list[str], raw: bytes,
@@ -65,7 +68,13 @@ class ReviewChecker:
         edits: list[Edit] = self._forged_headers(message)
         subject = message.decoded_subject
         names = attachment_names(message)
-        decision = review_for(policy, env, subject, names, len(message.raw))
+        try:
+            groups = self._groups(env.mail_from or "", policy)
+        except MailmoatError as exc:  # the directory is down: hold nothing unseen
+            log_event("review_failed", level=logging.ERROR, milter=MILTER,
+                      queue_id=env.queue_id, rule="(sender_groups)", error=str(exc))
+            return EomResult(Verdict.tempfail(TEMPFAIL, reason=str(exc)), edits)
+        decision = review_for(policy, env, subject, names, len(message.raw), groups)
         if decision.review is None:
             return EomResult(Verdict.cont(), edits)
         settings: ReviewSettings = policy.sections[MILTER]
@@ -83,6 +92,12 @@ class ReviewChecker:
         edits += [Quarantine(f"{self.kit.reason_prefix} {tag}"), AddHeader(REVIEW_HEADER, tag)]
         return EomResult(Verdict.cont(f"held for review: {tag}"), edits)
 
+    def _groups(self, sender: str, policy: Policy) -> frozenset[str] | None:
+        """The sender's groups when a rule needs them and there is a directory to ask."""
+        if self.kit.directory is None or not sender or not needs_groups(policy):
+            return None
+        return frozenset(self.kit.directory.sender_groups(sender))
+
     @staticmethod
     def _forged_headers(message: Message) -> list[Edit]:
         """Every X-Mailmoat-Review a client sent: removed, last first (indexes stay right).
@@ -97,11 +112,12 @@ class ReviewChecker:
         approvers: list[str] = []
         if review.kind == "approve":
             approvers = self._resolve(review.approvers + review.escalate_to,
-                                      env.mail_from or "", review.self_approval)
+                                      env.mail_from or "", review.self_approval,
+                                      env.queue_id)
             if not approvers:
                 raise MailmoatError("no approver: the rule's approvers resolve to no address "
-                                    "(an empty role, or only the sender without "
-                                    "self_approval)")
+                                    "(an empty role, a manager the directory does not "
+                                    "name, or only the sender without self_approval)")
         record = self.kit.new_review(
             queue_id=env.queue_id or "", kind=review.kind, sender=env.mail_from or "",
             recipients=[r.address for r in env.accepted_recipients()],
@@ -111,13 +127,27 @@ class ReviewChecker:
             language=settings.language, message_id=message.raw_header("Message-ID") or "")
         return self.kit.book.create(record)
 
-    def _resolve(self, entries: tuple[Approver, ...], sender: str,
-                 self_approval: bool) -> list[str]:
-        """Addresses in order, each once; the sender left out unless self_approval."""
+    def _resolve(self, entries: tuple[Approver, ...], sender: str, self_approval: bool,
+                 queue_id: str | None = None) -> list[str]:
+        """Addresses in order, each once; the sender left out unless self_approval. A
+        `manager` the directory does not name is skipped: the next approver decides (none
+        left: the caller tempfails). A directory that is down raises (451)."""
         found: dict[str, None] = {}
         for entry in entries:
-            for address in ([entry.value] if entry.kind == "address"
-                            else self.kit.role_addresses(entry.value)):
+            if entry.kind == "manager":
+                manager = (self.kit.directory.manager_address(sender)
+                           if self.kit.directory is not None else None)
+                if manager is None:
+                    log_event("review_no_manager", level=logging.WARNING, milter=MILTER,
+                              queue_id=queue_id, sender=sender,
+                              directory="console.ldap" if self.kit.directory is not None
+                              else "none configured")
+                addresses = [manager] if manager else []
+            elif entry.kind == "address":
+                addresses = [entry.value]
+            else:
+                addresses = self.kit.role_addresses(entry.value)
+            for address in addresses:
                 found.setdefault(address.lower(), None)
         if not self_approval:
             found.pop(sender.lower(), None)

@@ -10,6 +10,7 @@ from typing import Callable
 from milters.core.account_roles import role_addresses
 from milters.core.checker_milter import CheckerLogic, serve_checker
 from milters.core.config import GatewayConfig
+from milters.core.directory import open_directory
 from milters.core.milter_protocol import ActionFlag, MacroStage
 from milters.core.policy.document import Policy
 
@@ -43,7 +44,8 @@ def build_checker(config: GatewayConfig) -> ReviewChecker:
                     render_for_approver=notices.render_for_approver,
                     issue_link=issue_link, reason_prefix=review.REVIEW_REASON_PREFIX,
                     role_addresses=lambda role: role_addresses(config.console.users_file,
-                                                               role))
+                                                               role),
+                    directory=open_directory(config))
     return ReviewChecker(config.hostname, config.reinject_listen, kit)
 
 

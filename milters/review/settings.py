@@ -35,14 +35,14 @@ _ADDRESS = re.compile(r"[^\s@:,\"<>()\[\]\\]{1,64}@[A-Za-z0-9.-]{1,253}")
 
 @dataclass(frozen=True)
 class Approver:
-    """One entry of `approvers:` / `escalate_to:`: an address, or every console account of
-    a role (`role:admin`)."""
+    """One entry of `approvers:` / `escalate_to:`: an address, every console account of
+    a role (`role:admin`), or the sender's manager in the directory (`manager`)."""
 
-    kind: str  # address | role
-    value: str  # the address (lower-cased) or the role
+    kind: str  # address | role | manager
+    value: str  # the address (lower-cased), the role, or "manager"
 
     def __str__(self) -> str:
-        return self.value if self.kind == "address" else f"role:{self.value}"
+        return f"role:{self.value}" if self.kind == "role" else self.value
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,13 @@ def _human(seconds: float) -> str:
 
 
 class ApproverSpec(Scalar):
-    expected = "an approver: an address (boss@example.jp) or role:ROLE (role:admin)"
+    expected = ("an approver: an address (boss@example.jp), role:ROLE (role:admin) or "
+                "manager")
 
     def parse(self, text: str) -> Approver:
         text = text.strip()
         if text == "manager":
-            raise ValueError("manager (the sender's manager from LDAP) is not yet supported; "
-                             "name the approvers' addresses or a console role (role:admin)")
+            return Approver("manager", "manager")
         if text.startswith("role:"):
             role = text[5:]
             if role not in ROLES:
@@ -91,7 +91,7 @@ class ApproverSpec(Scalar):
                                  + ", ".join(f"role:{r}" for r in ROLES))
             return Approver("role", role)
         if not _ADDRESS.fullmatch(text) or any(ord(c) < 32 or ord(c) == 127 for c in text):
-            raise ValueError("expected a plain address (boss@example.jp) or role:ROLE; "
+            raise ValueError("expected a plain address (boss@example.jp), role:ROLE or manager; "
                              "patterns like @example.jp cannot approve")
         return Approver("address", text.lower())
 

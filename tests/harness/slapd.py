@@ -6,7 +6,9 @@ The test directory under dc=example,dc=jp:
   ou=people: alice (admins), audrey (auditors), bob (no group; two mail addresses),
              carol (both admins and auditors); uid=admin,ou=x under it (an admin that
              only the unescaped name "admin,ou=x" reaches); cn=reader (the search account)
-  ou=groups: cn=admins, cn=auditors (groupOfNames)
+  ou=groups: cn=admins, cn=auditors, cn=sales (bob) (groupOfNames)
+  managers (review approvers: [manager]): bob's is alice; carol's is uid=admin,ou=x (no
+  mail); alice and audrey have none
 Every person's password is PASSWORDS[uid].
 """
 from __future__ import annotations
@@ -30,10 +32,13 @@ ROOT_DN, ROOT_PW = f"cn=root,{SUFFIX}", "root-secret-pw"
 PEOPLE, GROUPS = f"ou=people,{SUFFIX}", f"ou=groups,{SUFFIX}"
 READER_DN, READER_PW = f"cn=reader,{SUFFIX}", "reader-pw"
 ADMINS, AUDITORS = f"cn=admins,{GROUPS}", f"cn=auditors,{GROUPS}"
+SALES = f"cn=sales,{GROUPS}"
 TRAP_DN, TRAP_PW = f"uid=admin,ou=x,{PEOPLE}", "trap-pw"
 PASSWORDS = {"alice": "alice-pw", "audrey": "audrey-pw", "bob": "bob-pw", "carol": "carol-pw"}
 MAIL = {"alice": ["alice@example.jp"], "audrey": ["audrey@example.jp"],
         "bob": ["bob@example.jp", "Bob.Sales@Example.JP"], "carol": ["carol@example.jp"]}
+TRAP_DN_ = f"uid=admin,ou=x,ou=people,{SUFFIX}"
+MANAGER = {"bob": f"uid=alice,ou=people,{SUFFIX}", "carol": TRAP_DN_}
 
 
 def person_dn(uid: str) -> str:
@@ -110,7 +115,8 @@ class Slapd:
             for uid, password in PASSWORDS.items():
                 adds.append((person_dn(uid), ["inetOrgPerson"],
                              {"uid": uid, "cn": uid, "sn": uid, "userPassword": password,
-                              "mail": MAIL[uid]}))
+                              "mail": MAIL[uid],
+                              **({"manager": MANAGER[uid]} if uid in MANAGER else {})}))
             # An entry only an unescaped name can reach: "admin,ou=x" as uid={name},ou=people
             adds += [(f"ou=x,{PEOPLE}", ["organizationalUnit"], {"ou": "x"}),
                      (TRAP_DN, ["inetOrgPerson"], {"uid": "admin", "cn": "admin", "sn": "admin",
@@ -120,6 +126,7 @@ class Slapd:
                     person_dn("alice"), person_dn("carol"), TRAP_DN]}),
                 (AUDITORS, ["groupOfNames"], {"cn": "auditors", "member": [
                     person_dn("audrey"), person_dn("carol")]}),
+                (SALES, ["groupOfNames"], {"cn": "sales", "member": [person_dn("bob")]}),
             ]
             for dn, classes, attributes in adds:
                 if not conn.add(dn, classes, attributes):

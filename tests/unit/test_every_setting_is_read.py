@@ -850,6 +850,9 @@ POLICY_PROBES.update({
                                                     "outside_domains: {max: 0}"), review()),
     "rules[].when.attachments": Probe(*swap(REV_BASE, "direction: outbound",
                                             "attachments: false"), review()),
+    # Without a directory (the stand-in kit has none) a group rule never matches.
+    "rules[].when.sender_groups": Probe(*swap(REV_BASE, "direction: outbound",
+                                              "sender_groups: [sales]"), review()),
     "rules[].when.size.over": Probe(*swap(REV_BASE, "direction: outbound",
                                           "size: {over: 1MB}"), review()),
     "rules[].when.size.under": Probe(*swap(REV_BASE, "direction: outbound",
@@ -2166,6 +2169,21 @@ GATEWAY_PROBES.update({
                                      ldap(roles=f"{{admin: ['{SLAPD_AUDITORS}'], user: '*'}}"),
                                      ALICE),
     "console.ldap.mail_attribute": Probe(ldap(), ldap(more="mail_attribute: cn"), ALICE),
+})
+
+
+def bobs_manager(config: Any) -> object:
+    """The review milter's directory (milters/core/directory.py over console.ldap): whom
+    approvers: [manager] names for bob."""
+    from milters.core.directory import open_directory
+    directory = open_directory(config)
+    return directory.manager_address("bob@example.jp") if directory else "no directory"
+
+
+_REVIEWER = ldap_search(f"bind_password_file: {READER_FILE}")
+GATEWAY_PROBES.update({
+    "review.ldap.manager_attribute": Probe(
+        _REVIEWER, _REVIEWER + "review: {ldap: {manager_attribute: seeAlso}}\n", bobs_manager),
 })
 
 

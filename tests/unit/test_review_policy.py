@@ -54,8 +54,7 @@ def test_each_form_of_the_action_is_read() -> None:
     ("{delay: 31d}", "longer than 30 days"),
     ("{delay: soon}", "expected a duration"),
     ("{dealy: 5m}", "did you mean 'delay'?"),
-    ("{approve: {approvers: [manager]}}", "manager (the sender's manager from LDAP) is not "
-                                          "yet supported"),
+    ("{approve: {approvers: [managers]}}", "role:ROLE or manager"),
     ("{approve: {approvers: [role:boss]}}", "role:boss is not a console role"),
     ("{approve: {approvers: ['@example.jp']}}", "patterns like @example.jp cannot approve"),
     ("{approve: {approvers: [\"a@b.jp\\nBcc: x@y\"]}}", "expected a plain address"),

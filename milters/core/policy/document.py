@@ -15,8 +15,8 @@ from ..errors import ConfigError
 from ..message import Envelope, Recipient
 from .matching import NetworkPattern, parse_network_pattern
 from .rules import CONDITIONS, Conditions, CountRange, Decision, Facts, Rule, SizeRange, decide
-from .schema import (Address, Bool, Field, ListOf, MapOf, Network, Number, Pattern, Size, Spec,
-                     Str, Struct)
+from .schema import (Address, Bool, Field, GroupName, ListOf, MapOf, Network, Number, Pattern,
+                     Size, Spec, Str, Struct)
 from .yamlnodes import MappingNode, Node, Problems, compose_file, compose_text
 
 LOOPBACK = (parse_network_pattern("127.0.0.0/8"), parse_network_pattern("::1/128"))
@@ -159,6 +159,10 @@ def _conditions_spec() -> Struct:
             "under": Field(Size(), None, doc="Fewer bytes than this."),
         }, build=_size_range, expected="a size range like {over: 10MB}"), None,
             doc="The message's size, e.g. {over: 10MB} (known at end of message)."),
+        "sender_groups": Field(ListOf(GroupName(), min_items=1), None,
+                               doc="The sender's groups in the directory (console.ldap): "
+                                   "group DNs or cn names; any one matches. Read by the review "
+                                   "milter; elsewhere never matches (needs LDAP)."),
     }, build=lambda **kw: Conditions(**{k: _frozen(v) for k, v in kw.items()}),
         expected="a mapping of conditions (" + ", ".join(CONDITIONS) + ")")
 

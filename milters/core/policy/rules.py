@@ -36,13 +36,15 @@ class Conditions:
     outside_domains: "CountRange | None" = None  # how many distinct outside domains
     attachments: bool | None = None  # the message has attachments (end of message)
     size: "SizeRange | None" = None  # the message's size in bytes (end of message)
+    # The sender's directory groups (LDAP): any one listed, as a DN or a cn.
+    sender_groups: tuple[str, ...] | None = None
 
     def named(self) -> list[str]:
         return [name for name in CONDITIONS if getattr(self, name) is not None]
 
 
 CONDITIONS = ("direction", "client_ip", "sender", "recipient", "authenticated", "auth", "subject",
-              "outside_recipients", "outside_domains", "attachments", "size")
+              "outside_recipients", "outside_domains", "attachments", "size", "sender_groups")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class Facts:
     subject: str | None = None  # decoded
     attachments: list[str] | None = None  # attachment file names (known at end of message)
     size: int | None = None  # the message's bytes (known at end of message)
+    # The sender's groups, normalized DNs; None: not looked up (no directory here)
+    sender_groups: frozenset[str] | None = None
 
     @classmethod
     def from_envelope(cls, env: Envelope, internal: tuple[NetworkPattern, ...],
@@ -203,7 +207,22 @@ def _check_content(conditions: Conditions, facts: Facts,
             return "the size is not known at this stage (only at end of message)"
         if not conditions.size.holds(facts.size):
             return f"the message is {facts.size} bytes, rule wants {conditions.size}"
+    if conditions.sender_groups is not None:
+        if facts.sender_groups is None:
+            return "the sender's groups are not known here (needs LDAP: console.ldap, read by " \
+                   "the review milter)"
+        if not any(group_matches(g, facts.sender_groups) for g in conditions.sender_groups):
+            return (f"sender <{facts.sender}> is in none of the groups "
+                    + ", ".join(conditions.sender_groups))
     return None
+
+
+def group_matches(wanted: str, groups: frozenset[str]) -> bool:
+    """`wanted` is a normalized DN (has '=') or a cn: a cn matches any group whose first RDN
+    is cn=that (case-insensitive)."""
+    if "=" in wanted:
+        return wanted in groups
+    return any(g.split(",", 1)[0] == f"cn={wanted}" for g in groups)
 
 
 def decide(rules: list[Rule], defaults: dict[str, Any], milter: str, facts: Facts,

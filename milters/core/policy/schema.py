@@ -388,3 +388,25 @@ class Either(Spec):
             return self.word.read(node, path, problems)
         problems.add(node, path, f"expected {self.expected}", node)
         return INVALID
+
+
+class GroupName(Scalar):
+    """A directory group: its DN (normalized like console.ldap's roles) or its cn alone."""
+
+    expected = "a group DN (cn=sales,ou=groups,dc=example,dc=jp) or a cn (sales)"
+
+    def parse(self, text: str) -> str:
+        text = text.strip()
+        if not text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise ValueError("a group is a DN or a cn, one line of text")
+        if "=" not in text:
+            if "," in text:
+                raise ValueError("a cn has no comma; write the group's whole DN instead")
+            return text.lower()
+        from ldap3.core.exceptions import LDAPException  # noqa: PLC0415 -- only for DNs
+        from ldap3.utils.dn import parse_dn  # noqa: PLC0415
+        try:
+            parts = parse_dn(text, strip=True)
+        except LDAPException:
+            raise ValueError("not a valid DN (RFC 4514)") from None
+        return ",".join(f"{kind.lower()}={value.lower()}" for kind, value, _ in parts)
