@@ -165,6 +165,21 @@ class BookContract:
         book.escalate(asks.id, now=T0 + 3600)
         assert [r.id for r in book.pending_for(CIO).as_approver] == [asks.id]
 
+    def test_pending_lists_every_pending_record_earliest_deadline_first(
+            self, book: ReviewBook) -> None:
+        assert book.pending() == []
+        late = book.create(review(timeout=900.0))
+        early = book.create(review("approve", sender="hanako@example.jp"))
+        soon = book.create(review(timeout=60.0))
+        gone = book.create(review())
+        book.decide(gone.id, SENDER, "s", "cancel", now=T0)
+        assert [r.id for r in book.pending()] == [soon.id, late.id, early.id]
+        assert book.pending()[0] == book.get(soon.id)
+        assert [r.id for r in book.pending(limit=2)] == [soon.id, late.id]
+        assert book.pending(limit=0) == [] and book.pending(limit=-5) == []
+        book.decide(late.id, SENDER, "s", "send_now", now=T0 + 1)
+        assert [r.id for r in book.pending()] == [soon.id, early.id]
+
     def test_escalation_hands_over_with_a_new_deadline(self, book: ReviewBook) -> None:
         record = book.create(review("approve", on_timeout="escalate"))
         refused("not_due", book.escalate, record.id, now=T0 + 10)

@@ -79,6 +79,12 @@ class ReviewBook(ABC):
         return sorted(found, key=lambda r: (r.decisions[-1].time if r.decisions else 0.0,
                                             r.id))[:max(int(limit), 0)]
 
+    def pending(self, limit: int = DUE_LIMIT) -> list[ReviewRecord]:
+        """Every pending record (an admin's list), the earliest deadline first, at most
+        `limit` of them."""
+        order = lambda r: (r.deadline, r.id)  # noqa: E731
+        return sorted(self._pending(), key=order)[:max(int(limit), 0)]
+
     def pending_for(self, address: str) -> PendingFor:
         sent, to_decide = [], []
         for record in self._pending():
