@@ -7,7 +7,7 @@ from pathlib import Path
 
 from milters.core.review import review_reason
 
-from mta.queue.spool import RESUME_AFTER, Envelope, Queue, RecipientState
+from mta.queue.spool import RESUME_AFTER, Envelope, RecipientState
 from mta.review.resume import RESUMED_FROM
 from tests.unit.test_review_runner import T0, Setup
 
