@@ -22,7 +22,8 @@ from .login import WRONG
 from .context import CSRF_FIELD, Console, source_of
 
 # Each page of the frame: (path, catalog key of its name). The navigation lists them.
-PAGES = (("/held", "nav.held"), ("/audit", "nav.audit"), ("/overview", "nav.overview"))
+PAGES = (("/held", "nav.held"), ("/audit", "nav.audit"), ("/overview", "nav.overview"),
+         ("/reviews", "nav.reviews"))
 HOME = "/held"
 MAX_NAME = 256  # a name or password past login.py's limits: refused before any hashing
 MAX_PASSWORD = 1024

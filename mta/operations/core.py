@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
+from milters.core.errors import MailmoatError
 from milters.core.eventlog import log_event
+from milters.core.review import parse_review_reason
 
 from mta.queue.spool import Envelope, NoSuchMessage, Queue, SpoolError
 from mta.queue.split import locked, split_release
@@ -90,10 +92,14 @@ def _for_user(record: Any, own: set[str]) -> Any:
 
 class Operations:
     def __init__(self, queue: Queue, audit: AuditLike | None = None, store: Any = None, *,
-                 points_half_life: float | None = None) -> None:
+                 points_half_life: float | None = None,
+                 review_book: Callable[[], Any] | None = None) -> None:
         # audit None: no audit log configured; actions are then only logged.
         self.queue, self.audit, self.store = queue, audit, store
         self.points_half_life = points_half_life
+        # review_book opens the review book (milters.core.review) when a deleted message
+        # is held for review: only then, so a gateway without reviews makes no book file.
+        self._open_book, self._book = review_book, None
 
     # -- reading ---------------------------------------------------------------------------
     def entries(self, actor: ActorLike) -> list[Envelope]:
@@ -233,14 +239,38 @@ class Operations:
         message_id = self._message_id(queue_id)
         with self._lock(queue_id):
             envelope = self._current(queue_id)
+            # The review first: a crash before the removal leaves a held message whose
+            # review is carried out (serve's review runner removes it), never a pending
+            # review without its message.
+            review = self._withdraw_review(actor, envelope)
             try:
                 self.queue.remove(queue_id)
             except NoSuchMessage:
                 raise not_found(queue_id) from None
+        extra = {"review": review} if review else {}
         self._record("removed", actor, queue_id, message_id,
                      recipients=[r.address for r in envelope.pending()],
-                     hold_reason=envelope.hold_reason)
+                     hold_reason=envelope.hold_reason, **extra)
         return ActionResult(queue_id, "delete", True, "deleted")
+
+    def _withdraw_review(self, actor: ActorLike, envelope: Envelope) -> str | None:
+        """Cancel the review that holds this message (its ID), or None when none does. A
+        copy split off for some recipients shares the reason but not the review."""
+        found = parse_review_reason(envelope.hold_reason)
+        if found is None or self._open_book is None:
+            return None
+        try:
+            if self._book is None:
+                self._book = self._open_book()
+            record = self._book.get(found[1])
+            if record is None or record.queue_id != envelope.queue_id:
+                return None
+            self._book.withdraw(record.id, actor_label(actor), actor.source,
+                                "deleted from the queue")
+        except MailmoatError as exc:  # the book unreachable: keep the message and its review
+            raise OperationError(f"message {envelope.queue_id} is held for review and the "
+                                 f"review book cannot be reached ({exc}); not deleted") from None
+        return record.id
 
     def hold(self, actor: ActorLike, queue_id: str,
              reason: str = "held by the administrator") -> ActionResult:

@@ -214,14 +214,7 @@ class ReviewOperations:
         return None
 
     def _all_pending(self) -> list[ReviewRecord]:
-        # The book lists pending records for one address; every pending one is what its
-        # backends iterate for that (a public all-pending method would be the book's).
-        records = []
-        for record in self.book._pending():  # noqa: SLF001
-            records.append(record)
-            if len(records) >= MAX_LISTED:
-                break
-        return _ordered(records)
+        return _ordered(self.book.pending(MAX_LISTED))
 
     def _record(self, record: ReviewRecord, actor: str, source: str, action: str,
                 reason: str) -> None:

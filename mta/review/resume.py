@@ -15,11 +15,13 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
+from milters.core.edits import ChangeHeader
 from milters.core.eventlog import log_event
+from milters.core.review import REVIEW_HEADER
 from milters.core.verdict import Action
 
 from mta.chain.async_driver import drive
-from mta.chain.edits_apply import Transit
+from mta.chain.edits_apply import Transit, apply_edits, field_name
 from mta.chain.message_text import MessageText
 from mta.chain.session import (ChainMember, ChainSession, connect_macros, mail_macros,
                                rcpt_macros)
@@ -64,6 +66,7 @@ async def resume(queue: Queue, queue_id: str, members: list[ChainMember],
     pending = [(r.address, r.params) for r in envelope.pending()]
     transit = Transit(MessageText(path=stored.path, size=stored.size), envelope.sender,
                       list(pending), workdir=queue.tmp_dir)
+    transit = without_review_header(transit)
     new_id = new_queue_id()
     if rest and pending:
         transit = await _through(chain_for(rest), transit, envelope, new_id, hostname)
@@ -103,6 +106,16 @@ async def resume(queue: Queue, queue_id: str, members: list[ChainMember],
               milters=",".join(m.endpoint.name for m in rest) or None,
               held=transit.quarantine)
     return Resumed(new_id, transit.quarantine)
+
+
+def without_review_header(transit: Transit) -> Transit:
+    """The message without any X-Mailmoat-Review: the review's ID stays in the gateway (the
+    later milters, DKIM signing among them, never see it either)."""
+    fields, _ = transit.text.head()
+    count = sum(1 for f in fields if field_name(f) == REVIEW_HEADER.lower())
+    # Last first, so the indexes of the ones still to go stay right.
+    return apply_edits(transit, [ChangeHeader(REVIEW_HEADER, index, "")
+                                 for index in range(count, 0, -1)])
 
 
 async def _through(chain: ChainSession, transit: Transit, envelope: Envelope, queue_id: str,

@@ -55,7 +55,7 @@ def test_log_in_see_the_frame_and_log_out(console: str, browser: WebDriver) -> N
     wait_for(browser, lambda d: d.find_elements(By.ID, "nav"))
     assert browser.current_url == console + "/held"
     links = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#nav a")]
-    assert links == ["Held mail", "Audit", "Overview"]
+    assert links == ["Held mail", "Audit", "Overview", "Reviews"]
     assert "alice" in browser.find_element(By.ID, "who").text
     # The static script runs (script-src 'self'); the cookie is out of a script's reach.
     assert wait_for(browser, lambda d: d.execute_script(

@@ -165,6 +165,44 @@ class BookContract:
         book.escalate(asks.id, now=T0 + 3600)
         assert [r.id for r in book.pending_for(CIO).as_approver] == [asks.id]
 
+    def test_pending_lists_every_pending_record_earliest_deadline_first(
+            self, book: ReviewBook) -> None:
+        assert book.pending() == []
+        late = book.create(review(timeout=900.0))
+        early = book.create(review("approve", sender="hanako@example.jp"))
+        soon = book.create(review(timeout=60.0))
+        gone = book.create(review())
+        book.decide(gone.id, SENDER, "s", "cancel", now=T0)
+        assert [r.id for r in book.pending()] == [soon.id, late.id, early.id]
+        assert book.pending()[0] == book.get(soon.id)
+        assert [r.id for r in book.pending(limit=2)] == [soon.id, late.id]
+        assert book.pending(limit=0) == [] and book.pending(limit=-5) == []
+        book.decide(late.id, SENDER, "s", "send_now", now=T0 + 1)
+        assert [r.id for r in book.pending()] == [soon.id, early.id]
+
+    def test_withdraw_cancels_a_held_review_whose_message_was_deleted(
+            self, book: ReviewBook) -> None:
+        waiting = book.create(review("approve"))
+        late = book.create(review())  # past its deadline, not yet timed out
+        done = book.create(review())
+        book.decide(done.id, SENDER, "s", "send_now", now=T0 + 1)
+        gone = book.withdraw(waiting.id, "cli:root", "cli", "deleted from the queue",
+                             now=T0 + 5)
+        assert gone.state == "cancelled" and gone.carried_out == T0 + 5
+        assert gone.decisions[-1].who == "cli:root" and gone.decisions[-1].action == "cancel"
+        assert book.get(waiting.id) == gone
+        assert book.withdraw(late.id, "console:alice", "192.0.2.7\r\nX: y",
+                             now=T0 + 9999).state == "cancelled"
+        assert "\n" not in book.get(late.id).decisions[-1].source
+        decided = book.withdraw(done.id, "cli:root", "cli", now=T0 + 6)
+        assert decided.state == "sent" and decided.carried_out == T0 + 6
+        assert book.pending() == [] and book.undone() == [] and book.due(T0 + 99999) == []
+        assert book.withdraw(done.id, "x", "y", now=T0 + 7) == decided  # once is enough
+        refused("decided", book.decide, waiting.id, BOSS, "s", "approve", now=T0 + 6)
+        refused("carried_out", book.carry_out, waiting.id, now=T0 + 6)
+        refused("unknown", book.withdraw, "0" * 32, "x", "y")
+        refused("unknown", book.withdraw, "../x", "x", "y")
+
     def test_escalation_hands_over_with_a_new_deadline(self, book: ReviewBook) -> None:
         record = book.create(review("approve", on_timeout="escalate"))
         refused("not_due", book.escalate, record.id, now=T0 + 10)

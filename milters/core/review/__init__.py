@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 # The quarantine reason of a held message: "mailmoat-review KIND ID". The queue and the
 # console find the review of a held message by it.
 REVIEW_REASON_PREFIX = "mailmoat-review"
+# The header the review milter marks a held message with; removed when it is released (the
+# review ID must not leave the gateway).
+REVIEW_HEADER = "X-Mailmoat-Review"
 _REASON = re.compile(rf"{REVIEW_REASON_PREFIX} (delay|confirm|approve) ([0-9a-f]{{32}})\Z")
 
 
@@ -92,8 +95,8 @@ def _open_redis(config: "GatewayConfig") -> ReviewBook:
 
 
 __all__ = ["ACTIONS", "Claims", "DUE_LIMIT", "Decision", "KINDS", "MemoryReviewBook",
-           "ON_TIMEOUT", "PendingFor", "REVIEW_REASON_PREFIX", "ReviewBook", "ReviewNotices",
-           "ReviewRecord", "STATES", "SqliteReviewBook", "TIMER", "beside_store",
+           "ON_TIMEOUT", "PendingFor", "REVIEW_HEADER", "REVIEW_REASON_PREFIX", "ReviewBook",
+           "ReviewNotices", "ReviewRecord", "STATES", "SqliteReviewBook", "TIMER", "beside_store",
            "console_url", "issue", "link", "load_token_key", "new_review", "notice_from",
            "notices_for", "open_review_book", "parse_review_reason", "review_reason",
            "verify"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from ..errors import ReviewError, ReviewRefused
-from .record import (ACTIONS, ID_PATTERN, ReviewRecord, carried, check, decided,
+from .record import (ACTIONS, ID_PATTERN, ReviewRecord, _with, carried, check, decided,
                      escalated, involves)
 
 Change = Callable[[ReviewRecord], ReviewRecord]
@@ -73,11 +73,27 @@ class ReviewBook(ABC):
         when = time.time() if now is None else now
         return self._change_known(review_id, None, lambda record: carried(record, when))
 
+    def withdraw(self, review_id: str, who: str, source: str, reason: str = "",
+                 now: float | None = None) -> ReviewRecord:
+        """The message the review holds was deleted (queue delete, the console): a pending
+        review is cancelled by `who` (past its deadline too: the message is gone) and every
+        review is marked carried out, so neither the timer nor the runner finds it again.
+        A review carried out already is returned as it is; ReviewRefused "unknown"."""
+        when = time.time() if now is None else now
+        return self._change_known(review_id, None, lambda record: withdrawn(
+            record, who, source, reason, when))
+
     def undone(self, limit: int = DUE_LIMIT) -> list[ReviewRecord]:
         """Decided records not yet carried out, the earliest decided first."""
         found = self._undone(max(int(limit), 0))
         return sorted(found, key=lambda r: (r.decisions[-1].time if r.decisions else 0.0,
                                             r.id))[:max(int(limit), 0)]
+
+    def pending(self, limit: int = DUE_LIMIT) -> list[ReviewRecord]:
+        """Every pending record (an admin's list), the earliest deadline first, at most
+        `limit` of them."""
+        order = lambda r: (r.deadline, r.id)  # noqa: E731
+        return sorted(self._pending(), key=order)[:max(int(limit), 0)]
 
     def pending_for(self, address: str) -> PendingFor:
         sent, to_decide = [], []
@@ -129,6 +145,15 @@ class ReviewBook(ABC):
 
     @abstractmethod
     def _token_used(self, review_id: str, token_id: str) -> bool: ...
+
+
+def withdrawn(record: ReviewRecord, who: str, source: str, reason: str,
+              now: float) -> ReviewRecord:
+    if record.carried_out:
+        return record
+    if record.state == "pending":
+        record = _with(record, "cancelled", now, who, source, "cancel", reason)
+    return replace(record, carried_out=float(now))
 
 
 def refuse_unknown() -> ReviewRefused:
