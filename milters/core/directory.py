@@ -64,16 +64,16 @@ class Directory:
             if len(entries) != 1:
                 return None
             entry = entries[0]
-            groups = {_dn(g) for g in _values(entry, s.group_attribute)}
+            groups = {dn_or_empty(g) for g in entry_values(entry, s.group_attribute)}
             if s.group_search_base:
                 member = escape_filter_chars(entry["dn"])
                 found = self._search(conn, s.group_search_base,
                                      f"(|(member={member})(uniqueMember={member}))", SUBTREE,
                                      [], limit=MAX_GROUPS)
-                groups |= {_dn(g["dn"]) for g in found}
+                groups |= {dn_or_empty(g["dn"]) for g in found}
         finally:
             conn.unbind()
-        managers = _values(entry, self.manager_attribute)
+        managers = entry_values(entry, self.manager_attribute)
         return Person(entry["dn"], managers[0] if len(managers) == 1 else None,
                       frozenset(g for g in groups if g))
 
@@ -94,7 +94,7 @@ class Directory:
                 raise
         finally:
             conn.unbind()
-        mails = [m for m in _values(entries[0], self.settings.mail_attribute) if "@" in m] \
+        mails = [m for m in entry_values(entries[0], self.settings.mail_attribute) if "@" in m] \
             if entries else []
         return mails[0].lower() if mails else None
 
@@ -105,57 +105,79 @@ class Directory:
     # -- ldap3 --
     def _connect(self) -> Connection:
         s = self.settings
-        tls = None
-        if s.starttls or s.url.startswith("ldaps://"):
-            tls = Tls(validate=ssl.CERT_REQUIRED, version=ssl.PROTOCOL_TLS_CLIENT,
-                      ca_certs_file=str(s.ca_file) if s.ca_file else None)
-        server = Server(s.url, use_ssl=s.url.startswith("ldaps://"), tls=tls,
-                        connect_timeout=s.timeout, get_info="NO_INFO")
         try:
             password = (read_secret(s.bind_password, "console.ldap",
                                     file_key="bind_password_file") if s.bind_dn else None)
         except ConfigError as exc:
             raise DirectoryDown(str(exc)) from None
-        # receive_timeout: ldap3 sets it as whole seconds on the socket; a hung server ends it.
-        conn = Connection(server, user=s.bind_dn or None, password=password,
-                          authentication=SIMPLE if s.bind_dn else None,
-                          receive_timeout=max(1, math.ceil(s.timeout)),
-                          raise_exceptions=False, read_only=True, auto_bind="NONE")
-        try:
-            conn.open()
-            if s.starttls and not conn.start_tls():
-                raise DirectoryDown(f"StartTLS failed: {conn.result.get('description')}")
-            if not conn.bind():
-                raise DirectoryDown("the directory refused console.ldap.bind_dn: "
-                                    f"{(conn.result or {}).get('description')}")
-        except (LDAPException, OSError) as exc:
-            conn.unbind()
-            raise DirectoryDown(f"LDAP {s.url}: {exc or type(exc).__name__}") from None
-        except DirectoryDown:
-            conn.unbind()
-            raise
+        conn = ldap_connect(s, s.bind_dn or None, password)
+        if conn is None:
+            raise DirectoryDown("the directory refused console.ldap.bind_dn")
         return conn
 
     @staticmethod
     def _search(conn: Connection, base: str, query: str, scope: str, attributes: list[str],
                 limit: int) -> list[dict]:
-        try:
-            conn.search(base, query, search_scope=scope, attributes=attributes,
-                        size_limit=limit)
-        except (LDAPException, OSError) as exc:
-            raise DirectoryDown(f"LDAP search: {exc or type(exc).__name__}") from None
-        result = (conn.result or {}).get("result")
-        if result not in (0, 4):  # success, sizeLimitExceeded (several: we say none)
-            raise DirectoryDown(f"LDAP search failed: {(conn.result or {}).get('description')}")
-        return [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
+        return search_entries(conn, base, query, scope, attributes, limit)
 
 
-def _values(entry: dict, attribute: str) -> list[str]:
+# -- the ldap3 pieces every directory reader uses (the console's logins too) ---------------
+def ldap_server(settings: LdapSettings) -> Server:
+    tls = None
+    if settings.starttls or settings.url.startswith("ldaps://"):
+        tls = Tls(validate=ssl.CERT_REQUIRED, version=ssl.PROTOCOL_TLS_CLIENT,
+                  ca_certs_file=str(settings.ca_file) if settings.ca_file else None)
+    return Server(settings.url, use_ssl=settings.url.startswith("ldaps://"), tls=tls,
+                  connect_timeout=settings.timeout, get_info="NO_INFO")
+
+
+def ldap_connect(settings: LdapSettings, dn: str | None, password: str | None
+                 ) -> Connection | None:
+    """A connection bound as `dn` (anonymous when None), or None when the directory says the
+    credentials are wrong; DirectoryDown when it cannot answer within settings.timeout."""
+    # receive_timeout: ldap3 sets it as whole seconds on the socket; a hung server ends it.
+    conn = Connection(ldap_server(settings), user=dn, password=password,
+                      authentication=SIMPLE if dn else None,
+                      receive_timeout=max(1, math.ceil(settings.timeout)),
+                      raise_exceptions=False, read_only=True, auto_bind="NONE")
+    try:
+        conn.open()
+        if settings.starttls and not conn.start_tls():
+            raise DirectoryDown(f"StartTLS failed: {conn.result.get('description')}")
+        if not conn.bind():
+            result = conn.result or {}
+            if result.get("result") == 49:  # invalidCredentials
+                conn.unbind()
+                return None
+            raise DirectoryDown(f"bind failed: {result.get('description') or result}")
+    except (LDAPException, OSError) as exc:
+        conn.unbind()
+        raise DirectoryDown(f"LDAP {settings.url}: {exc or type(exc).__name__}") from None
+    except DirectoryDown:
+        conn.unbind()
+        raise
+    return conn
+
+
+def search_entries(conn: Connection, base: str, query: str, scope: str,
+                   attributes: list[str], limit: int = 2) -> list[dict]:
+    try:
+        conn.search(base, query, search_scope=scope, attributes=attributes, size_limit=limit)
+    except (LDAPException, OSError) as exc:
+        raise DirectoryDown(f"LDAP search: {exc or type(exc).__name__}") from None
+    result = (conn.result or {}).get("result")
+    if result not in (0, 4, 32):  # success, sizeLimitExceeded, noSuchObject
+        raise DirectoryDown(f"LDAP search failed: {(conn.result or {}).get('description')}")
+    return [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
+
+
+def entry_values(entry: dict, attribute: str) -> list[str]:
     found = (entry.get("attributes") or {}).get(attribute) or []
     return [str(v) for v in (found if isinstance(found, list) else [found])]
 
 
-def _dn(text: str) -> str:
+def dn_or_empty(text: str) -> str:
+    """The DN normalized for comparison; "" for text that is no DN (it matches no group)."""
     try:
         return normalize_dn(text)
     except LDAPException:

@@ -12,6 +12,7 @@ import time
 import unicodedata
 
 from milters.core.config import ConsoleSettings
+from milters.core.directory import DirectoryDown
 from milters.core.errors import ConfigError, LoginError, LoginRefused, LoginThrottled, StoreError
 from milters.core.eventlog import log_event
 from milters.core.store import Store
@@ -88,7 +89,7 @@ def _check(settings: ConsoleSettings, name: str, password: str, source: str) -> 
         raise _refuse(name, source, "no such account")
     try:
         user = ldap_login.bind(settings.ldap, name, password)
-    except ldap_login.DirectoryDown as exc:
+    except DirectoryDown as exc:
         raise _refuse(name, source, f"directory unavailable: {exc}",
                       "the directory cannot be reached; try again later") from None
     if user is None:
