@@ -17,19 +17,19 @@ import httpx
 import pytest
 from selenium.webdriver.common.by import By
 
-from milters.core.review import ReviewRecord, SqliteReviewBook
+from milters.core.review import ReviewRecord
 from tests.harness.browser import chromium, wait_for
 from tests.harness.ports import free_port
-from tests.harness.sink import SinkMessage, SmtpSink
+from tests.harness.review_world import (BOSS, OUTSIDE, SENDER, WAIT, book_of, kind_of, kinds,
+                                       review_gateway, settle)
+from tests.harness.sink import SmtpSink
 from tests.harness.swaks import run_swaks
 from tests.integration.test_console_review_browser import action_of, text_of
 from tests.integration.test_review_milter import queue_list
-from tests.integration.test_review_serve import SAMPLE, parsed
+from tests.harness.review_world import SAMPLE, parsed
 from tests.integration.test_serve import Serve
 
 pytestmark = pytest.mark.integration
-WAIT = 30.0
-SENDER, OUTSIDE, BOSS = "hanako@example.jp", "buyer@customer.example", "boss@example.jp"
 POLICY = """\
 internal_networks: [127.0.0.0/8]
 own_domains: [example.jp]
@@ -46,29 +46,13 @@ rules:
 REASON = "添付の見積書は古い版です <b>\"v2\"</b> & 再送してください"
 
 
-def kind_of(item: SinkMessage) -> str:
-    """outside (the message), review (a review notice), password (the ZIP's password)."""
-    if OUTSIDE in item.rcpt_tos:
-        return "outside"
-    return "review" if "mailmoat-review" in str(parsed(item).get("From", "")) else "password"
-
-
-def kinds(sink: SmtpSink) -> list[str]:
-    return sorted(kind_of(item) for item in sink.messages)
-
-
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[Serve, SmtpSink, str]]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with SmtpSink() as sink:
-        serve = Serve(tmp_path, policy=POLICY, relay=f"smtp:[127.0.0.1]:{sink.port}",
-                      milters="milters: [{name: review}, {name: attachments}]\n"
-                              f"review: {{console_url: \"{base}\", "
-                              "token_key_file: var/review-key}\n"
-                              f"console: {{listen: '127.0.0.1:{port}'}}\n")
-        serve.config.write_text(serve.config.read_text().replace(
-            "relay_domains: [example.jp]", "relay_domains: [example.jp, customer.example]"))
+        serve = review_gateway(tmp_path, sink, POLICY, base,
+                               f"console: {{listen: '127.0.0.1:{port}'}}\n")
         serve.start()
         try:
             deadline = time.monotonic() + WAIT
@@ -102,18 +86,11 @@ def held_with_link(serve: Serve, sink: SmtpSink, base: str, action: str) -> tupl
 
 
 def recorded(serve: Serve, review_id: str) -> ReviewRecord | None:
-    book = SqliteReviewBook(str(serve.dir / "state-review.db"))
+    book = book_of(serve)
     try:
         return book.get(review_id)
     finally:
         book.close()
-
-
-def settle(serve: Serve, pattern: str, rounds: int = 3) -> None:
-    """Wait for `pattern`, then let serve's runner go a few more rounds (about a second
-    each): a second release or notice would show in the sink by then."""
-    serve.wait_log(pattern, timeout=WAIT)
-    time.sleep(rounds * 1.2)
 
 
 def test_approved_in_the_browser_the_message_goes_zipped_and_then_its_password(

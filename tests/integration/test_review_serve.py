@@ -4,28 +4,24 @@ when the review releases the message; a cancelled message never sends one; a tim
 a restart of serve and fires once."""
 from __future__ import annotations
 
-import email
 import re
 import subprocess
 import sys
 import time
-from email import policy as email_policy
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from milters.core.review import SqliteReviewBook
 from tests.harness.milter_proc import ROOT
-from tests.harness.sink import SinkMessage, SmtpSink
+from tests.harness.review_world import (OUTSIDE, SAMPLE, SENDER, book_of, kinds, parsed,
+                                       review_gateway, settle)
+from tests.harness.sink import SmtpSink
 from tests.harness.swaks import run_swaks
 from tests.integration.test_review_milter import queue_list
 from tests.integration.test_serve import Serve
 
 pytestmark = pytest.mark.integration
-SAMPLE = ROOT / "samples" / "ppap-attachment-ja.eml"
-SENDER, OUTSIDE = "hanako@example.jp", "buyer@customer.example"
 CONSOLE = "http://127.0.0.1:8026"
 
 
@@ -44,32 +40,8 @@ rules:
 """
 
 
-def parsed(item: SinkMessage) -> EmailMessage:
-    message = email.message_from_bytes(item.data, policy=email_policy.default)
-    assert isinstance(message, EmailMessage)
-    return message
-
-
-def kind_of(item: SinkMessage) -> str:
-    """outside (the message itself), review (a review notice), password (the ZIP's)."""
-    if OUTSIDE in item.rcpt_tos:
-        return "outside"
-    sender = str(parsed(item).get("From", ""))
-    return "review" if "mailmoat-review" in sender else "password"
-
-
-def kinds(sink: SmtpSink) -> list[str]:
-    return sorted(kind_of(item) for item in sink.messages)
-
-
 def make_gateway(tmp_path: Path, sink: SmtpSink, delay: str) -> Serve:
-    serve = Serve(tmp_path, policy=policy(delay), relay=f"smtp:[127.0.0.1]:{sink.port}",
-                  milters="milters: [{name: review}, {name: attachments}]\n"
-                          f"review: {{console_url: \"{CONSOLE}\", "
-                          "token_key_file: var/review-key}\n")
-    serve.config.write_text(serve.config.read_text().replace(
-        "relay_domains: [example.jp]", "relay_domains: [example.jp, customer.example]"))
-    return serve
+    return review_gateway(tmp_path, sink, policy(delay), CONSOLE)
 
 
 @pytest.fixture
@@ -88,17 +60,6 @@ def send_held(serve: Serve) -> tuple[str, str]:
 def wait_kinds(sink: SmtpSink, count: int, timeout: float = 30) -> list[str]:
     sink.wait_for(count, timeout=timeout)
     return kinds(sink)
-
-
-def settle(serve: Serve, pattern: str, rounds: int = 3) -> None:
-    """Wait for `pattern`, then let serve's runner go a few more rounds (about a second
-    each): a second release or notice would show in the sink by then."""
-    serve.wait_log(pattern, timeout=30)
-    time.sleep(rounds * 1.2)
-
-
-def book_of(serve: Serve) -> SqliteReviewBook:
-    return SqliteReviewBook(str(serve.dir / "state-review.db"))
 
 
 def test_a_delayed_message_is_zipped_once_and_its_password_goes_only_after_the_release(

@@ -1,0 +1,59 @@
+"""What the review tests through `mailmoat serve` share: the parties, a gateway with the
+review and attachments milters whose relay domains include the outside customer, and how a
+message at the sink is told apart (the message itself, a review notice, a ZIP password)."""
+from __future__ import annotations
+
+import email
+import time
+from email import policy as email_policy
+from email.message import EmailMessage
+from pathlib import Path
+
+from milters.core.review import SqliteReviewBook
+from tests.harness.milter_proc import ROOT
+from tests.harness.sink import SinkMessage, SmtpSink
+
+SAMPLE = ROOT / "samples" / "ppap-attachment-ja.eml"
+SENDER, OUTSIDE, BOSS = "hanako@example.jp", "buyer@customer.example", "boss@example.jp"
+WAIT = 30.0
+
+
+def review_gateway(tmp_path: Path, sink: SmtpSink, policy: str, console_url: str,
+                   extra: str = ""):  # type: ignore[no-untyped-def]
+    """A Serve (not started) with milters [review, attachments] delivering to `sink`."""
+    from tests.integration.test_serve import Serve  # the fixture module, imported late
+    serve = Serve(tmp_path, policy=policy, relay=f"smtp:[127.0.0.1]:{sink.port}",
+                  milters="milters: [{name: review}, {name: attachments}]\n"
+                          f"review: {{console_url: \"{console_url}\", "
+                          "token_key_file: var/review-key}\n" + extra)
+    serve.config.write_text(serve.config.read_text().replace(
+        "relay_domains: [example.jp]", "relay_domains: [example.jp, customer.example]"))
+    return serve
+
+
+def parsed(item: SinkMessage) -> EmailMessage:
+    message = email.message_from_bytes(item.data, policy=email_policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def kind_of(item: SinkMessage) -> str:
+    """outside (the message itself), review (a review notice), password (the ZIP's)."""
+    if OUTSIDE in item.rcpt_tos:
+        return "outside"
+    return "review" if "mailmoat-review" in str(parsed(item).get("From", "")) else "password"
+
+
+def kinds(sink: SmtpSink) -> list[str]:
+    return sorted(kind_of(item) for item in sink.messages)
+
+
+def settle(serve, pattern: str, rounds: int = 3) -> None:  # type: ignore[no-untyped-def]
+    """Wait for `pattern`, then let serve's runner go a few more rounds (about a second
+    each): a second release or notice would show in the sink by then."""
+    serve.wait_log(pattern, timeout=WAIT)
+    time.sleep(rounds * 1.2)
+
+
+def book_of(serve) -> SqliteReviewBook:  # type: ignore[no-untyped-def]
+    return SqliteReviewBook(str(serve.dir / "state-review.db"))
