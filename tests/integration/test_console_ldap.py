@@ -3,7 +3,6 @@ wrong passwords, names that try to become filters or DNs, the empty-password tra
 directory that is down or hung."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +13,7 @@ from milters.core.errors import LoginRefused, LoginThrottled
 from milters.core.store import MemoryStore
 from mta.console.accounts import set_account
 from mta.console.login import authenticate
+from tests.harness.bounded import bounded
 from tests.harness.slapd import (ADMINS, AUDITORS, GROUPS, PASSWORDS, PEOPLE, READER_PW,
                                  TRAP_PW, Slapd)
 
@@ -124,21 +124,10 @@ def test_a_local_account_comes_first_and_ldap_logins_are_throttled(tmp_path: Pat
 
 
 def _bounded(settings: ConsoleSettings) -> BaseException | None:
-    """Log in in a thread; the wait for it is bounded (a hang fails the test)."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            login(settings, "alice", PASSWORDS["alice"])
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "the login hung on a dead directory"
-    return outcome[0]
+    """Log in, the wait bounded (a hang fails the test)."""
+    result = bounded(lambda: login(settings, "alice", PASSWORDS["alice"]),
+                     what="the login on a dead directory")
+    return result if isinstance(result, BaseException) else None
 
 
 @pytest.mark.parametrize("mode", MODES)

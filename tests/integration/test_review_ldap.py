@@ -23,6 +23,7 @@ from milters.review.extension import explain_message
 from milters.review.logic import ReviewChecker
 from mta.cli import EXTENSIONS
 from tests.harness.review_standin import Standin
+from tests.harness.bounded import bounded
 from tests.harness.slapd import PEOPLE, READER_DN, READER_PW, SALES, Slapd
 from tests.unit.test_review_logic import Captured, mail
 
@@ -131,9 +132,12 @@ def test_a_hung_directory_is_451_within_the_timeout(slapd: Slapd,
                                                     settings: LdapSettings) -> None:
     slapd.pause()
     try:
-        result, records, _ = run(Directory(settings), "bob@example.jp", groups="nobody-here")
+        outcome = bounded(lambda: run(Directory(settings), "bob@example.jp",
+                                      groups="nobody-here"), what="a hung directory's lookup")
     finally:
         slapd.resume()
+    assert not isinstance(outcome, BaseException), outcome
+    result, records, _ = outcome
     assert result.verdict.action is Action.TEMPFAIL and not records
 
 
