@@ -21,6 +21,17 @@ def unauthenticated() -> JSONResponse:
     return error(401, "unauthenticated", "log in first (POST /login)")
 
 
+def api_gate(console: Console, request: Request, what: str) -> tuple[Any, Response | None]:
+    """(actor, None) for a logged-in request on a console with its operations; else (None,
+    the JSON refusal): 401 without a session, 503 naming `what` without the operations."""
+    actor = console.actor(request)
+    if actor is None:
+        return None, unauthenticated()
+    if console.operations is None:
+        return None, error(503, "unavailable", f"{what} is not available on this console")
+    return actor, None
+
+
 def routes(console: Console) -> list[Route]:
     async def me(request: Request) -> Response:
         actor = console.actor(request)

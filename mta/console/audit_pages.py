@@ -17,7 +17,7 @@ from starlette.routing import Route
 from milters.core.audit.tee import AUDITED, RENAMED
 
 from . import pages
-from .api import error, unauthenticated
+from .api import api_gate, error
 from .context import Console
 from .held_api import as_json, call, int_param, refused, status_of
 
@@ -155,11 +155,9 @@ def routes(console: Console) -> list[Route]:
             verifying.release()
 
     async def search_page(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return pages.to_login(request)
-        if console.operations is None:
-            return pages.render(console, request, "page.html", title="nav.audit")
+        actor, refusal = pages.page_gate(console, request, "nav.audit")
+        if refusal is not None:
+            return refusal
         params = request.query_params
         try:
             asked = criteria(params)
@@ -175,11 +173,9 @@ def routes(console: Console) -> list[Route]:
                             short=short)
 
     async def story_page(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return pages.to_login(request)
-        if console.operations is None:
-            return pages.render(console, request, "page.html", title="nav.audit")
+        actor, refusal = pages.page_gate(console, request, "nav.audit")
+        if refusal is not None:
+            return refusal
         queue_id = request.path_params["queue_id"]
         try:
             records = await call(console.operations.story, actor, queue_id)
@@ -190,11 +186,9 @@ def routes(console: Console) -> list[Route]:
                             short=short, may_verify=may_verify(request))
 
     async def verify_page(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return pages.to_login(request)
-        if console.operations is None:
-            return pages.render(console, request, "page.html", title="nav.audit")
+        actor, refusal = pages.page_gate(console, request, "nav.audit")
+        if refusal is not None:
+            return refusal
         try:
             result = await call(verify_now, actor)
         except Exception as exc:  # noqa: BLE001
@@ -203,11 +197,9 @@ def routes(console: Console) -> list[Route]:
                             result=result, short=short)
 
     async def search_api(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return unauthenticated()
-        if console.operations is None:
-            return error(503, "unavailable", "the audit log is not available on this console")
+        actor, refusal = api_gate(console, request, "the audit log")
+        if refusal is not None:
+            return refusal
         try:
             limit = int_param(request.query_params.get("limit"), PAGE_ROWS, API_ROWS)
             asked = criteria(request.query_params)
@@ -223,11 +215,9 @@ def routes(console: Console) -> list[Route]:
         return JSONResponse({"records": as_json(records)})
 
     async def story_api(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return unauthenticated()
-        if console.operations is None:
-            return error(503, "unavailable", "the audit log is not available on this console")
+        actor, refusal = api_gate(console, request, "the audit log")
+        if refusal is not None:
+            return refusal
         queue_id = request.path_params["queue_id"]
         try:
             records = await call(console.operations.story, actor, queue_id)
@@ -236,11 +226,9 @@ def routes(console: Console) -> list[Route]:
         return JSONResponse({"queue_id": queue_id, "records": as_json(records)})
 
     async def verify_api(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return unauthenticated()
-        if console.operations is None:
-            return error(503, "unavailable", "the audit log is not available on this console")
+        actor, refusal = api_gate(console, request, "the audit log")
+        if refusal is not None:
+            return refusal
         try:
             result = await call(verify_now, actor)
         except Exception as exc:  # noqa: BLE001

@@ -19,7 +19,7 @@ from milters.core.eventlog import log_event
 from mta.operations import Forbidden, NotFound, OperationError
 from mta.queue.spool import SpoolError
 
-from .api import error, unauthenticated
+from .api import api_gate, error, unauthenticated
 from .context import CSRF_HEADER, Console, source_of
 
 MAX_BODY = 64 * 1024  # a request body: 1000 queue IDs fit, 10,000 do not (413)
@@ -111,15 +111,10 @@ def routes(console: Console) -> list[Route]:
         message = str(exc)[:300] if status < 500 else "the operation failed; see the log"
         return error(status, code, message)
 
-    def unavailable() -> Response:
-        return error(503, "unavailable", "held mail is not available on this console")
-
     async def held(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return unauthenticated()
-        if console.operations is None:
-            return unavailable()
+        actor, refusal = api_gate(console, request, "held mail")
+        if refusal is not None:
+            return refusal
         params = request.query_params
         try:
             offset = int_param(params.get("offset"), 0, MAX_OFFSET)
@@ -135,11 +130,9 @@ def routes(console: Console) -> list[Route]:
         return JSONResponse(as_json(page))
 
     async def message(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return unauthenticated()
-        if console.operations is None:
-            return unavailable()
+        actor, refusal = api_gate(console, request, "held mail")
+        if refusal is not None:
+            return refusal
         queue_id = request.path_params["queue_id"]
         try:
             view = await call(console.operations.message, actor, queue_id)
@@ -149,11 +142,9 @@ def routes(console: Console) -> list[Route]:
         return JSONResponse({**as_json(view), "story": as_json(story)})
 
     async def original(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return unauthenticated()
-        if console.operations is None:
-            return unavailable()
+        actor, refusal = api_gate(console, request, "held mail")
+        if refusal is not None:
+            return refusal
         queue_id = request.path_params["queue_id"]
         try:
             data = await call(console.operations.original, actor, queue_id)
@@ -170,7 +161,8 @@ def routes(console: Console) -> list[Route]:
         if console.csrf_refused(request, request.headers.get(CSRF_HEADER)):
             return None, error(403, "csrf", "the X-CSRF-Token header is missing or wrong")
         if console.operations is None:
-            return None, unavailable()
+            return None, error(503, "unavailable",
+                               "held mail is not available on this console")
         try:
             raw = await read_body(request)
         except BodyTooLarge:

@@ -89,11 +89,9 @@ def routes(console: Console) -> list[Route]:
         return form, None
 
     async def held_list(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return pages.to_login(request)
-        if console.operations is None:
-            return pages.render(console, request, "page.html", title="nav.held")
+        actor, refusal = pages.page_gate(console, request, "nav.held")
+        if refusal is not None:
+            return refusal
         params = request.query_params
         query, reason = params.get("q", "")[:200], params.get("reason", "")[:200]
         try:

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from mta.operations.overview import SERIES
 
 from . import charts, i18n, pages
-from .api import error, unauthenticated
+from .api import api_gate, error
 from .context import Console
 from .held_api import call, refused, status_of
 
@@ -45,11 +45,9 @@ def routes(console: Console, clock: Callable[[], float] = time.time) -> list[Rou
                           step=seconds, buckets=buckets)
 
     async def page(request: Request) -> Response:
-        actor = console.actor(request)
-        if actor is None:
-            return pages.to_login(request)
-        if console.operations is None:
-            return pages.render(console, request, "page.html", title="nav.overview")
+        actor, refusal = pages.page_gate(console, request, "nav.overview")
+        if refusal is not None:
+            return refusal
         language = console.language(request)
         periods = []
         try:
@@ -76,10 +74,9 @@ def routes(console: Console, clock: Callable[[], float] = time.time) -> list[Rou
                                                          time.localtime(t)))
 
     async def api(request: Request) -> Response:
-        if console.actor(request) is None:
-            return unauthenticated()
-        if console.operations is None:
-            return error(503, "unavailable", "the overview is not available on this console")
+        _, refusal = api_gate(console, request, "the overview")
+        if refusal is not None:
+            return refusal
         step_name = request.query_params.get("step", "hour")
         if step_name not in PERIODS:
             return error(400, "bad_request", "step is hour or day")

@@ -61,6 +61,18 @@ def to_login(request: Request) -> Response:
     return RedirectResponse("/login?ended=1" if request.state.session_ended else "/login", 303)
 
 
+def page_gate(console: Console, request: Request, title: str) -> tuple[Any, Response | None]:
+    """(actor, None) for a logged-in request on a console with its operations; else (None,
+    the answer): the login page without a session, the empty page `title` without the
+    operations."""
+    actor = console.actor(request)
+    if actor is None:
+        return None, to_login(request)
+    if console.operations is None:
+        return None, render(console, request, "page.html", title=title)
+    return actor, None
+
+
 def routes(console: Console) -> list[Route]:
     async def login_page(request: Request) -> Response:
         session = console.session(request)
