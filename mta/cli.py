@@ -35,7 +35,7 @@ from milters.sign.extension import EXTENSION as SIGN
 
 from mta import __version__
 from mta.commands import audit as audit_commands, dkim, init, scan
-from mta.commands import queue as queue_command, users as user_command
+from mta.commands import postfix_review, queue as queue_command, users as user_command
 from mta.commands.usage import (CommandParser, UsageError, ip_address, print_problems,
                                 store_url, utc_date)
 from mta.commands.scan import ScanRequest, to_crlf
@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     dkim.add_parser(sub, CommandParser, config_help)
     audit_commands.add_parser(sub, CommandParser, config_help)
     user_command.add_parser(sub, CommandParser, config_help)
-    return parser
+    postfix_review.add_parser(sub, CommandParser, config_help)
     return parser
 
 

@@ -1,8 +1,8 @@
-"""The review runner in serve's loop: timers and carrying out decisions.
+"""The review runner in serve's loop: timers (timers.py) and carrying out decisions.
 
 Each round (about a second):
   - reviews whose deadline passed: the next approver's turn (escalate, with a notice) or the
-    timer's decision (`timeout`: sent, or expired);
+    timer's decision (`timeout`: sent, or expired), as timers.py does for every runner;
   - held messages an admin released (`mailmoat queue release`, the console): their review is
     decided send_now on the admin's behalf, then carried out as below;
   - decided reviews not yet carried out whose message is in this gateway's queue: sent or
@@ -14,74 +14,35 @@ Each round (about a second):
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import time
 from typing import Any, Callable
 
-from milters.core.errors import MailmoatError, ReviewRefused
+from milters.core.errors import ReviewRefused
 from milters.core.eventlog import log_event
 from milters.core.reinject import reinject
-from milters.core.review import SqliteReviewBook, parse_review_reason
-from milters.core.review.record import TIMER, ReviewRecord
+from milters.core.review import parse_review_reason
+from milters.core.review.record import ReviewRecord
 
 from mta.chain.session import ChainMember, ChainSession
 from mta.queue.spool import RESUME_AFTER, RESUME_REQUESTED, Envelope, NoSuchMessage, Queue
 from .resume import ResumeFailed, finish_resumes, remove_resumed, resume
-
-RELEASE = ("sent", "approved")
-DROP = ("cancelled", "rejected", "expired")
-APPROVER_ACTIONS = ("approve", "reject")
-Send = Callable[[str, str, list[str], bytes, float], str]
-NOTICE_TIMEOUT = 30.0
+from .timers import DROP, RELEASE, Send, ReviewTimers
 
 
-class ReviewRunner:
+class ReviewRunner(ReviewTimers):
     def __init__(self, *, queue: Queue, book: Any, members: list[ChainMember],
                  chain_for: Callable[[list[ChainMember]], ChainSession], hostname: str,
                  reinject_listen: str, notices: Any,
                  issue_link: Callable[[str, str, str, float], str] | None = None,
                  send: Send = reinject, clock: Callable[[], float] = time.time,
                  on_queued: Callable[[str], None] | None = None) -> None:
-        self.queue, self.book, self.members = queue, book, members
-        self.chain_for, self.hostname, self.listen = chain_for, hostname, reinject_listen
-        self.notices, self.issue_link, self.send, self.clock = notices, issue_link, send, clock
-        self.on_queued = on_queued
-        self._started = False
-        self._running: asyncio.Task[None] | None = None
+        super().__init__(book=book, reinject_listen=reinject_listen, notices=notices,
+                         issue_link=issue_link, send=send, clock=clock)
+        self.queue, self.members, self.chain_for = queue, members, chain_for
+        self.hostname, self.on_queued = hostname, on_queued
 
-    # -- serve's loop calls this each round -----------------------------------------------
-    def poke(self) -> None:
-        """Start a round unless one is still running (a slow milter must not pile rounds)."""
-        if self._running is None or self._running.done():
-            self._running = asyncio.get_running_loop().create_task(self._round_logged())
-
-    async def stop(self) -> None:
-        if self._running is not None:
-            await asyncio.wait([self._running], timeout=30)
-
-    async def _round_logged(self) -> None:
-        try:
-            await self.round()
-        except (MailmoatError, OSError) as exc:  # the book or the spool: next round again
-            log_event("review_runner_failed", level=logging.ERROR, error=str(exc))
-
-    def in_use(self) -> bool:
-        """A SQLite book the review milter never made means no reviews: no file made here."""
-        if isinstance(self.book, SqliteReviewBook):
-            return os.path.exists(self.book.path)
-        return True
-
-    async def round(self) -> None:
-        if not self.in_use():
-            return
-        if not self._started:
-            self._recover()
-            self._started = True
-        now = self.clock()
-        for record in self.book.due(now):
-            await self._timer(record, now)
+    async def _carry_out_round(self) -> None:
         for envelope in self.queue.entries():
             if envelope.hold_reason and envelope.extra.get(RESUME_REQUESTED):
                 await self._requested(envelope)
@@ -107,30 +68,6 @@ class ReviewRunner:
                 remove_resumed(self.queue, envelope.queue_id)
                 log_event("review_leftover_removed", queue_id=envelope.queue_id,
                           review=record.id, state=record.state)
-
-    async def _timer(self, record: ReviewRecord, now: float) -> None:
-        try:
-            if record.on_timeout == "escalate" and record.step + 1 < len(record.approvers):
-                new = self.book.escalate(record.id, now=now)
-                log_event("review_escalated", queue_id=record.queue_id, review=record.id,
-                          approver=new.approver, deadline=int(new.deadline))
-                await self._notify_approver(new)
-            else:
-                new = self.book.decide(record.id, TIMER, TIMER, "timeout", now=now)
-                log_event("review_timed_out", queue_id=record.queue_id, review=record.id,
-                          state=new.state)
-        except ReviewRefused as exc:  # decided meanwhile (the console, another gateway)
-            log_event("review_timer_skipped", queue_id=record.queue_id, review=record.id,
-                      reason=exc.reason)
-
-    async def _notify_approver(self, record: ReviewRecord) -> None:
-        approver = record.approver
-        if approver is None or self.issue_link is None:
-            return
-        links = {action: self.issue_link(record.id, approver, action, record.deadline)
-                 for action in APPROVER_ACTIONS}
-        raw = self.notices.render_for_approver(record, approver, links, record.language)
-        await self._send([approver], raw)
 
     async def _requested(self, envelope: Envelope) -> None:
         """An admin released a message held for review: decided send_now on their behalf
@@ -183,24 +120,11 @@ class ReviewRunner:
             self.on_queued(done.new_id)
 
     async def _drop(self, record: ReviewRecord) -> None:
-        raw = self.notices.render_result(record)
-        await self._send([record.sender], raw)
+        await self._tell_sender(record)
         self._mark(record)
         remove_resumed(self.queue, record.queue_id)
         log_event("review_dropped", queue_id=record.queue_id, review=record.id,
                   state=record.state)
-
-    def _mark(self, record: ReviewRecord | None) -> None:
-        if record is None:
-            return
-        try:
-            self.book.carry_out(record.id, now=self.clock())
-        except ReviewRefused as exc:
-            log_event("review_mark_skipped", review=record.id, reason=exc.reason)
-
-    async def _send(self, to: list[str], raw: bytes) -> None:
-        # In a thread: the re-injection listener this talks to runs on this very loop.
-        await asyncio.to_thread(self.send, self.listen, "", to, raw, NOTICE_TIMEOUT)
 
 
 __all__ = ["RESUME_AFTER", "ReviewRunner"]

@@ -62,7 +62,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -148,7 +148,8 @@ class PostfixInstance:
                  base_dir: str | os.PathLike[str] | None = None,
                  save_logs_to: str | os.PathLike[str] | None = None,
                  keep_dir: bool = False, start_timeout: float = 10.0,
-                 reinject_port: int | None = None, reinject_milters: str = "") -> None:
+                 reinject_port: int | None = None, reinject_milters: str = "",
+                 services: Sequence[str] = ()) -> None:
         if os.geteuid() != 0:
             raise PermissionError("a private Postfix instance needs root (master starts as root)")
         self.host = LOOPBACK
@@ -168,6 +169,9 @@ class PostfixInstance:
         # The milters that smtpd runs after all (the sign milter: copies and notices leave
         # signed), one socket spec, as `-o smtpd_milters=unix:/path/sign.sock`.
         self.reinject_milters = reinject_milters
+        # More master.cf lines, as an admin adds them (a review release port: the review
+        # recipe in docs/recipes/milters-behind-postfix.md).
+        self.services = list(services)
         self._own_base = base_dir is None
         self._base_arg = Path(base_dir) if base_dir is not None else None
         self.base_dir = Path()
@@ -265,6 +269,8 @@ class PostfixInstance:
         if self.reinject_port:
             master += (f"{self.host}:{self.reinject_port} inet n - n - - smtpd"
                        f" -o smtpd_milters={self.reinject_milters} -o non_smtpd_milters=\n")
+        for line in self.services:
+            master += line + "\n"
         (self.config_dir / "master.cf").write_text(master)
         self._cool_config()
 

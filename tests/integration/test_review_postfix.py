@@ -1,0 +1,305 @@
+"""Outbound review behind a real Postfix (milters only), set up as the recipe says: the
+review milter's hold ends Postfix's milter chain, so the message waits in the hold queue as
+the sender wrote it; `milter_header_checks` gives it a content filter, the release port, an
+smtpd running the attachments milter. `mailmoat postfix-review` (root) releases it with
+`postsuper -H` or deletes it with `postsuper -d` when the review is decided: through the
+console's links, by a timer, or by an admin's own postsuper. Whoever releases it, it passes
+the attachments milter on the way out: the ZIP and its password are made only then.
+
+What a user checks at the sink: before the decision only the review notices exist (no
+message, no password); after an approval the message arrives as a ZIP and the password
+notice goes too; after a cancel, a rejection or a `postsuper -d` no password ever goes."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from milters.core.review import SqliteReviewBook
+from tests.harness.milter_proc import ROOT, MilterProcess
+from tests.harness.ports import free_port
+from tests.harness.postfix import PostfixInstance, postfix_instance
+from tests.harness.review_world import BOSS, OUTSIDE, SENDER, WAIT, kind_of, kinds, parsed
+from tests.harness.sink import SmtpSink
+from tests.harness.swaks import run_swaks
+from tests.integration.test_console_review_browser import action_of, text_of
+from tests.unit.test_console_review import field
+
+pytestmark = pytest.mark.integration
+POLICY = """\
+internal_networks: [127.0.0.0/8]
+own_domains: [example.jp]
+review: {language: en}
+rules:
+  - name: approval
+    when: {direction: outbound, subject: ["approve"], outside_recipients: true}
+    then: {review: {approve: {approvers: [boss@example.jp], timeout: 1h}}}
+  - name: short-delay
+    when: {direction: outbound, subject: ["delay"], outside_recipients: true}
+    then: {review: {delay: 2s}}
+  - name: outside-recipients-get-a-zip
+    when: {direction: outbound, recipient: ["*", "!@example.jp"]}
+    then: {attachments: encrypt}
+"""
+# The recipe's lines: a message the review milter marks leaves the hold queue only through
+# the release port; the review's ID stays in the gateway when Postfix sends mail on.
+RELEASE_FILTER = "regexp:{{/^X-Mailmoat-Review: / FILTER smtp:[127.0.0.1]:%d}}"
+HEADER_CHECKS = "regexp:{{/^X-Mailmoat-Review:/ IGNORE}}"
+
+
+@dataclass
+class World:
+    postfix: PostfixInstance
+    sink: SmtpSink
+    milters: list[MilterProcess]
+    runner: subprocess.Popen[bytes]
+    runner_log: Path
+    base: str  # the console
+    dir: Path
+
+    def log(self) -> str:
+        return self.runner_log.read_text(errors="replace")
+
+    def wait_log(self, pattern: str) -> re.Match[str]:
+        deadline = time.monotonic() + WAIT
+        while not (found := re.search(pattern, self.log())):
+            assert self.runner.poll() is None, self.log()
+            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.log()}"
+            time.sleep(0.1)
+        return found
+
+    def book(self) -> SqliteReviewBook:
+        return SqliteReviewBook(str(self.dir / "state-review.db"))
+
+    def zipped_count(self) -> int:
+        return len(re.findall(r"event=attachments ", self.milters[1].log_text()))
+
+    def postsuper(self, *args: str) -> str:
+        done = subprocess.run(["postsuper", "-c", str(self.postfix.config_dir), *args],
+                              capture_output=True, text=True, timeout=WAIT, check=True)
+        return done.stderr
+
+
+def message(subject: str) -> bytes:
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Subject"] = SENDER, OUTSIDE, subject
+    mail["Message-ID"] = f"<{time.time_ns()}@example.jp>"
+    mail.set_content("The quotation is attached.\n")
+    mail.add_attachment(b"%PDF-1.4 quotation\n" * 50, maintype="application",
+                        subtype="pdf", filename="quotation.pdf")
+    return bytes(mail).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def start_world(tmp_path: Path, queue_run_delay: str = "1s") -> Iterator[World]:
+    reinject, release, console = free_port(), free_port(), free_port()
+    base = f"http://127.0.0.1:{console}"
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"gateway: {{hostname: mx.example.jp, user: root, "
+        f"reinject_listen: 127.0.0.1:{reinject}}}\n"
+        "store: sqlite:///state.db\npolicy: policy.yaml\n"
+        f"review: {{console_url: \"{base}\", token_key_file: var/review-key}}\n"
+        f"console: {{listen: '127.0.0.1:{console}'}}\n")
+    milters = [MilterProcess(name, config, tmp_path).start()
+               for name in ("review", "attachments")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    console_log = tmp_path / "console.log"
+    with open(console_log, "wb") as out:
+        console_proc = subprocess.Popen([sys.executable, "-m", "mta.cli", "console",
+                                         "--config", str(config)], cwd=tmp_path,
+                                        stdout=out, stderr=out, env=env)
+    try:
+        with SmtpSink() as sink, postfix_instance(
+                tmp_path, relay_port=sink.port,
+                smtpd_milters=" ".join(m.socket_spec for m in milters),
+                reinject_port=reinject, relay_domains="example.jp, customer.example",
+                services=[f"127.0.0.1:{release} inet n - n - - smtpd"
+                          f" -o smtpd_milters={milters[1].socket_spec}"
+                          " -o milter_header_checks= -o content_filter="],
+                extra={"milter_header_checks": RELEASE_FILTER % release,
+                       "smtp_header_checks": HEADER_CHECKS,
+                       "queue_run_delay": queue_run_delay}) as postfix:
+            runner_log = tmp_path / "postfix-review.log"
+            with open(runner_log, "wb") as out:
+                runner = subprocess.Popen(
+                    [sys.executable, "-m", "mta.cli", "postfix-review", "--config",
+                     str(config), "--postfix-config", str(postfix.config_dir)],
+                    cwd=tmp_path, stdout=out, stderr=out, env=env)
+            world = World(postfix, sink, milters, runner, runner_log, base, tmp_path)
+            world.wait_log(r"postfix-review: watching")
+            deadline = time.monotonic() + WAIT
+            while True:
+                try:
+                    httpx.get(base + "/healthz", timeout=2)
+                    break
+                except httpx.TransportError:
+                    assert console_proc.poll() is None and time.monotonic() < deadline, \
+                        console_log.read_text()
+                    time.sleep(0.05)
+            try:
+                yield world
+            finally:
+                runner.terminate()
+                runner.wait(WAIT)
+            assert "Traceback" not in world.log(), world.log()
+    finally:
+        console_proc.terminate()
+        console_proc.wait(WAIT)
+        for milter in milters:
+            milter.stop()
+    for milter in milters:
+        assert "Traceback" not in milter.log_text(), milter.log_text()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    yield from start_world(tmp_path)
+
+
+def send_held(world: World, subject: str, notices: int) -> tuple[str, str]:
+    """Send; (Postfix queue ID, review ID) once the message is on hold and the review
+    notices (and nothing else) are at the sink."""
+    path = world.dir / f"{time.time_ns()}.eml"
+    path.write_bytes(message(subject))
+    result = run_swaks(world.postfix.smtp_port, mail_from=SENDER, rcpt=[OUTSIDE],
+                       data_file=path)
+    assert result.code("DATA_END") == 250, result.transcript
+    held = world.milters[0].wait_for_log(
+        r"event=review_held .*queue_id=(\S+) .*review=([0-9a-f]{32})", timeout=WAIT)
+    queue_id, review_id = held.group(1), held.group(2)
+    world.sink.wait_for(notices, timeout=WAIT)
+    deadline = time.monotonic() + WAIT
+    while {m["queue_id"]: m["queue_name"] for m in world.postfix.queue()}.get(
+            queue_id) != "hold":
+        assert time.monotonic() < deadline, world.postfix.queue()
+        time.sleep(0.1)
+    time.sleep(2.5)  # two runner rounds: a hold must not leak anything meanwhile
+    assert kinds(world.sink) == ["review"] * notices, kinds(world.sink)
+    assert world.zipped_count() == 0  # Postfix ended the chain at the hold
+    return queue_id, review_id
+
+
+def link_for(world: World, person: str, action: str) -> str:
+    [notice] = [m for m in world.sink.messages if m.rcpt_tos == (person,)
+                and kind_of(m) == "review"]
+    links = re.findall(rf"{re.escape(world.base)}/review/[A-Za-z0-9_.-]+",
+                       text_of(notice.data))
+    [found] = [link for link in links if action_of(link) == action]
+    return found
+
+
+def press(link: str, reason: str = "") -> httpx.Response:
+    with httpx.Client(timeout=10) as client:
+        page = client.get(link)
+        assert page.status_code == 200, page.text
+        return client.post(link, data={"form_token": field(page.text, "form_token"),
+                                       "reason": reason})
+
+
+def zipped(world: World) -> EmailMessage:
+    [outside] = [m for m in world.sink.messages if kind_of(m) == "outside"]
+    return parsed(outside)
+
+
+def test_approved_by_link_the_message_leaves_zipped_with_its_password_notice(
+        world: World) -> None:
+    queue_id, review_id = send_held(world, "approve: quotation", notices=2)
+    link = link_for(world, BOSS, "approve")
+    assert press(link).status_code == 200
+    world.wait_log(rf"event=review_released .*queue_id={queue_id}")
+    world.sink.wait_for(4, timeout=WAIT)
+    assert kinds(world.sink) == ["outside", "password", "review", "review"]
+    mail = zipped(world)
+    names = [p.get_filename() for p in mail.iter_attachments() if p.get_filename()]
+    assert len(names) == 1 and names[0].endswith(".zip"), names
+    assert mail.get_all("X-Mailmoat-Review") is None  # smtp_header_checks of the recipe
+    [password] = [m for m in world.sink.messages if kind_of(m) == "password"]
+    assert password.rcpt_tos == (SENDER,)
+    assert world.zipped_count() == 1  # on the way out, once
+    record = world.book().get(review_id)
+    assert record is not None and record.state == "approved" and record.carried_out
+    assert world.postfix.queue() == [] or all(m["queue_id"] != queue_id
+                                              for m in world.postfix.queue())
+    # The same link again: refused, and nothing more goes.
+    with httpx.Client(timeout=10) as client:
+        again = client.get(link)
+    assert again.status_code == 409
+    time.sleep(2.5)
+    assert len(world.sink.messages) == 4
+
+
+def test_cancelled_in_its_delay_the_message_is_deleted_and_no_password_goes(
+        world: World) -> None:
+    queue_id, review_id = send_held(world, "approve: wrong customer", notices=2)
+    assert press(link_for(world, SENDER, "cancel")).status_code == 200
+    world.wait_log(rf"event=review_dropped .*queue_id={queue_id}")
+    world.sink.wait_for(3, timeout=WAIT)
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["review", "review", "review"]  # the result notice
+    assert all(m["queue_id"] != queue_id for m in world.postfix.queue())
+    assert world.zipped_count() == 0
+
+
+def test_a_rejection_tells_the_sender_the_reason_and_sends_nothing_else(
+        world: World) -> None:
+    queue_id, _ = send_held(world, "approve: old version", notices=2)
+    reason = "古い版です <b>v2</b> & 再送を"
+    assert press(link_for(world, BOSS, "reject"), reason).status_code == 200
+    world.wait_log(rf"event=review_dropped .*queue_id={queue_id}")
+    world.sink.wait_for(3, timeout=WAIT)
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["review", "review", "review"]
+    told = [m for m in world.sink.messages if m.rcpt_tos == (SENDER,)][-1]
+    assert reason in text_of(told.data)
+
+
+def test_a_delay_ends_and_the_message_goes_once(world: World) -> None:
+    queue_id, _ = send_held(world, "delay: quotation", notices=1)
+    world.wait_log(rf"event=review_released .*queue_id={queue_id}")
+    world.sink.wait_for(3, timeout=WAIT)
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["outside", "password", "review"]
+
+
+def test_postsuper_d_by_hand_withdraws_the_review_and_its_password_never_goes(
+        world: World) -> None:
+    queue_id, review_id = send_held(world, "approve: by hand", notices=2)
+    assert "Deleted: 1 message" in world.postsuper("-d", queue_id, "hold")
+    world.wait_log(rf"event=review_withdrawn .*queue_id={queue_id}")
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["review", "review"]
+    record = world.book().get(review_id)
+    assert record is not None and record.state == "cancelled" and record.carried_out
+    assert world.zipped_count() == 0
+
+
+@pytest.fixture
+def slow_queue_world(tmp_path: Path) -> Iterator[World]:
+    # Postfix's default: mail released by postsuper -H waits in the deferred queue for
+    # the next queue run, as it does on a production Postfix.
+    yield from start_world(tmp_path, queue_run_delay="300s")
+
+
+def test_postsuper_H_by_hand_releases_it_and_the_password_notice_follows(
+        slow_queue_world: World) -> None:
+    world = slow_queue_world
+    queue_id, review_id = send_held(world, "approve: released by the admin", notices=2)
+    assert "Released from hold: 1 message" in world.postsuper("-H", queue_id)
+    world.wait_log(rf"event=review_released_by_hand .*queue_id={queue_id}")
+    world.wait_log(rf"event=review_released .*queue_id={queue_id}")
+    world.sink.wait_for(4, timeout=WAIT)
+    assert kinds(world.sink) == ["outside", "password", "review", "review"]
+    assert zipped(world).get_all("X-Mailmoat-Review") is None
+    record = world.book().get(review_id)
+    assert record is not None and record.state == "approved" and record.carried_out
+    assert record.decisions[-1].who == "postsuper"
