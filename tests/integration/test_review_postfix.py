@@ -32,6 +32,7 @@ from tests.harness.review_world import BOSS, OUTSIDE, SENDER, WAIT, kind_of, kin
 from tests.harness.sink import SmtpSink
 from tests.harness.swaks import run_swaks
 from tests.integration.test_console_review_browser import action_of, text_of
+from tests.integration.test_service_sandbox import setpriv_caps, unit_service
 from tests.unit.test_console_review import field
 
 pytestmark = pytest.mark.integration
@@ -99,6 +100,16 @@ def message(subject: str) -> bytes:
     return bytes(mail).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def as_the_unit() -> list[str]:
+    """The runner as its unit starts it: root with only the unit's bounding set, no new
+    privileges (postqueue's setgid bit does nothing then)."""
+    service = unit_service("mailmoat-postfix-review.service")
+    assert service["User"] == "root" and service["NoNewPrivileges"] == "yes"
+    caps = setpriv_caps(service["CapabilityBoundingSet"])
+    return ["setpriv", "--bounding-set", f"-all{caps}", "--inh-caps", "-all",
+            "--no-new-privs", "--"]
+
+
 def start_world(tmp_path: Path, queue_run_delay: str = "1s") -> Iterator[World]:
     reinject, release, console = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{console}"
@@ -125,15 +136,16 @@ def start_world(tmp_path: Path, queue_run_delay: str = "1s") -> Iterator[World]:
                 reinject_port=reinject, relay_domains="example.jp, customer.example",
                 services=[f"127.0.0.1:{release} inet n - n - - smtpd"
                           f" -o smtpd_milters={milters[1].socket_spec}"
-                          " -o milter_header_checks= -o content_filter="],
+                          " -o milter_header_checks= -o content_filter="
+                          " -o receive_override_options=no_address_mappings"],
                 extra={"milter_header_checks": RELEASE_FILTER % release,
                        "smtp_header_checks": HEADER_CHECKS,
                        "queue_run_delay": queue_run_delay}) as postfix:
             runner_log = tmp_path / "postfix-review.log"
             with open(runner_log, "wb") as out:
                 runner = subprocess.Popen(
-                    [sys.executable, "-m", "mta.cli", "postfix-review", "--config",
-                     str(config), "--postfix-config", str(postfix.config_dir)],
+                    [*as_the_unit(), sys.executable, "-m", "mta.cli", "postfix-review",
+                     "--config", str(config), "--postfix-config", str(postfix.config_dir)],
                     cwd=tmp_path, stdout=out, stderr=out, env=env)
             world = World(postfix, sink, milters, runner, runner_log, base, tmp_path)
             world.wait_log(r"postfix-review: watching")
@@ -303,3 +315,50 @@ def test_postsuper_H_by_hand_releases_it_and_the_password_notice_follows(
     record = world.book().get(review_id)
     assert record is not None and record.state == "approved" and record.carried_out
     assert record.decisions[-1].who == "postsuper"
+
+
+def test_a_release_port_whose_milter_is_down_defers_and_never_sends_it_bare(
+        world: World) -> None:
+    """Dying part: the attachments milter behind the release port is down when the message
+    is released. Postfix gets 451 there (milter_default_action = tempfail) and keeps the
+    message deferred; nothing leaves unzipped. Once the milter is back it goes, zipped."""
+    queue_id, _ = send_held(world, "approve: while the milter is down", notices=2)
+    attachments = world.milters[1]
+    attachments.stop()
+    assert press(link_for(world, BOSS, "approve")).status_code == 200
+    world.wait_log(rf"event=review_released .*queue_id={queue_id}")
+    world.postfix.wait_for_log(rf"{queue_id}: .*relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+.* "
+                               r"status=deferred", timeout=WAIT)
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["review", "review"]  # no bare message, no password
+    assert [m["queue_name"] for m in world.postfix.queue()] == ["deferred"]
+    world.milters[1] = MilterProcess("attachments", attachments.config, world.dir,
+                                     port=attachments.port).start()
+    world.postfix.flush()
+    world.sink.wait_for(4, timeout=WAIT)
+    assert kinds(world.sink) == ["outside", "password", "review", "review"]
+    names = [p.get_filename() for p in zipped(world).iter_attachments()]
+    assert any(name and name.endswith(".zip") for name in names), names
+
+
+def test_a_forged_review_header_does_not_route_mail_through_the_release_port(
+        world: World) -> None:
+    """A client writes X-Mailmoat-Review itself on mail no rule holds: the review milter
+    removes it, and Postfix's milter_header_checks (which reads only what milters add) gives
+    the message no content filter: it goes out once, through the normal chain."""
+    raw = message("an ordinary quotation")
+    forged = b"X-Mailmoat-Review: approve " + b"0" * 32 + b"\r\n"
+    path = world.dir / "forged.eml"
+    path.write_bytes(forged + raw)
+    result = run_swaks(world.postfix.smtp_port, mail_from=SENDER, rcpt=[OUTSIDE],
+                       data_file=path)
+    assert result.code("DATA_END") == 250, result.transcript
+    world.sink.wait_for(2, timeout=WAIT)  # the message and its password notice
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["outside", "password"]
+    log = world.postfix.log_text()
+    release_port = re.search(r"FILTER smtp:\[127\.0\.0\.1\]:(\d+)",
+                             world.postfix.postconf("milter_header_checks")).group(1)
+    assert f"127.0.0.1]:{release_port}" not in log, log
+    assert world.zipped_count() == 1
+    assert "milter-hold" not in log

@@ -56,7 +56,10 @@ def _service(name: str) -> configparser.SectionProxy:
 
 
 UNIT_CASES = [("mailmoat.service", None), ("mailmoat-milter@.service", "auth"),
-              ("mailmoat-console.service", None)]
+              ("mailmoat-console.service", None), ("mailmoat-postfix-review.service", None)]
+# Root for postsuper, with only what postsuper and postqueue use on Postfix's queue
+# (tests/integration/test_review_postfix.py runs the runner within this bounding set).
+POSTSUPER_CAPABILITIES = "CAP_SETUID CAP_SETGID CAP_DAC_OVERRIDE"
 
 
 @pytest.mark.parametrize("name,instance", UNIT_CASES)
@@ -79,12 +82,20 @@ def test_a_broken_unit_fails_the_check(tmp_path: Path, edit: str) -> None:
 def test_the_units_keep_their_hardening(tmp_path: Path, name: str, instance: str | None
                                         ) -> None:
     service = _service(name)
-    assert service["User"] == "mailmoat" and service["Group"] == "mailmoat"
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
                        "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
-                       "ExecReload": "/bin/kill -HUP $MAINPID"}.items():
+                       }.items():
         assert service[key] == value, key
-    if name == "mailmoat.service":  # port 25, and only that
+    if name != "mailmoat-postfix-review.service":
+        assert service["User"] == "mailmoat" and service["Group"] == "mailmoat"
+        assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    if name == "mailmoat-postfix-review.service":
+        assert service["User"] == "root" and "ExecReload" not in service  # SIGHUP would end it
+        assert service["CapabilityBoundingSet"] == POSTSUPER_CAPABILITIES
+        assert "AmbientCapabilities" not in service
+        assert service["ReadWritePaths"] == "/var/spool/postfix"
+        assert service["RestrictNamespaces"] == "yes"
+    elif name == "mailmoat.service":  # port 25, and only that
         assert service["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
         assert service["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
         assert service["ReadWritePaths"] == "/var/spool/mailmoat"
