@@ -212,3 +212,27 @@ def test_postsuper_that_did_nothing_is_a_failure(tmp_path: Path) -> None:
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     with pytest.raises(PostfixCommandFailed, match="released nothing"):
         PostfixQueue(postsuper=str(script), postqueue="/bin/true").release(QID)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from mta.cli import main
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_the_command_refuses_a_memory_store_a_non_root_user_and_a_missing_postfix(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = tmp_path / "memory.yaml"
+    memory.write_text("store: memory://\n")
+    code, said = run_cli(["postfix-review", "--config", str(memory)], capsys)
+    assert code == 1 and "use a sqlite:/// or redis:// store" in said, said
+    config = tmp_path / "gateway.yaml"
+    config.write_text("store: sqlite:///state.db\n")
+    code, said = run_cli(["postfix-review", "--config", str(config), "--postfix-config",
+                          str(tmp_path / "no-postfix")], capsys)
+    assert code == 1 and "postqueue -c" in said and "Traceback" not in said, said
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    code, said = run_cli(["postfix-review", "--config", str(config)], capsys)
+    assert code == 1 and "Postfix reserves to root" in said, said
