@@ -11,8 +11,10 @@ message, no password); after an approval the message arrives as a ZIP and the pa
 notice goes too; after a cancel, a rejection or a `postsuper -d` no password ever goes."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -47,6 +49,12 @@ rules:
   - name: short-delay
     when: {direction: outbound, subject: ["delay"], outside_recipients: true}
     then: {review: {delay: 2s}}
+  - name: long-delay
+    when: {direction: outbound, subject: ["later"], outside_recipients: true}
+    then: {review: {delay: 1h}}
+  - name: confirm-or-lose-it
+    when: {direction: outbound, subject: ["confirm"], outside_recipients: true}
+    then: {review: {confirm: true, timeout: 1h}}
   - name: outside-recipients-get-a-zip
     when: {direction: outbound, recipient: ["*", "!@example.jp"]}
     then: {attachments: encrypt}
@@ -110,6 +118,19 @@ def as_the_unit() -> list[str]:
             "--no-new-privs", "--"]
 
 
+def start_runner(directory: Path, postfix: PostfixInstance) -> subprocess.Popen[bytes]:
+    """`mailmoat postfix-review`, as its unit starts it, logging to postfix-review.log."""
+    with open(directory / "postfix-review.log", "ab") as out:
+        return subprocess.Popen(
+            [*as_the_unit(), sys.executable, "-m", "mta.cli", "postfix-review", "--config",
+             str(directory / "config.yaml"), "--postfix-config", str(postfix.config_dir)],
+            cwd=directory, stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def restart_runner(world: World) -> subprocess.Popen[bytes]:
+    return start_runner(world.dir, world.postfix)
+
+
 def start_world(tmp_path: Path, queue_run_delay: str = "1s") -> Iterator[World]:
     reinject, release, console = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{console}"
@@ -142,12 +163,8 @@ def start_world(tmp_path: Path, queue_run_delay: str = "1s") -> Iterator[World]:
                        "smtp_header_checks": HEADER_CHECKS,
                        "queue_run_delay": queue_run_delay}) as postfix:
             runner_log = tmp_path / "postfix-review.log"
-            with open(runner_log, "wb") as out:
-                runner = subprocess.Popen(
-                    [*as_the_unit(), sys.executable, "-m", "mta.cli", "postfix-review",
-                     "--config", str(config), "--postfix-config", str(postfix.config_dir)],
-                    cwd=tmp_path, stdout=out, stderr=out, env=env)
-            world = World(postfix, sink, milters, runner, runner_log, base, tmp_path)
+            world = World(postfix, sink, milters, start_runner(tmp_path, postfix), runner_log,
+                          base, tmp_path)
             world.wait_log(r"postfix-review: watching")
             deadline = time.monotonic() + WAIT
             while True:
@@ -161,8 +178,8 @@ def start_world(tmp_path: Path, queue_run_delay: str = "1s") -> Iterator[World]:
             try:
                 yield world
             finally:
-                runner.terminate()
-                runner.wait(WAIT)
+                world.runner.terminate()
+                world.runner.wait(WAIT)
             assert "Traceback" not in world.log(), world.log()
     finally:
         console_proc.terminate()
@@ -218,6 +235,17 @@ def press(link: str, reason: str = "") -> httpx.Response:
                                        "reason": reason})
 
 
+def expire_now(world: World, review_id: str) -> None:
+    """The hour passes: the review's deadline moved to now in its book (the runner, its
+    own process, reads the clock; the rule's timeout cannot be under a minute)."""
+    with sqlite3.connect(world.dir / "state-review.db") as db:
+        (body,) = db.execute("SELECT body FROM review WHERE id = ?", (review_id,)).fetchone()
+        record = json.loads(body)
+        record["deadline"] = time.time() - 1
+        db.execute("UPDATE review SET deadline = ?, body = ? WHERE id = ?",
+                   (record["deadline"], json.dumps(record), review_id))
+
+
 def zipped(world: World) -> EmailMessage:
     [outside] = [m for m in world.sink.messages if kind_of(m) == "outside"]
     return parsed(outside)
@@ -227,6 +255,10 @@ def test_approved_by_link_the_message_leaves_zipped_with_its_password_notice(
         world: World) -> None:
     queue_id, review_id = send_held(world, "approve: quotation", notices=2)
     link = link_for(world, BOSS, "approve")
+    assert httpx.get(link, timeout=10).status_code == 200  # a mail scanner follows it
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["review", "review"]  # the GET changed nothing
+    assert world.postfix.queue()[0]["queue_name"] == "hold"
     assert press(link).status_code == 200
     world.wait_log(rf"event=review_released .*queue_id={queue_id}")
     world.sink.wait_for(4, timeout=WAIT)
@@ -252,12 +284,12 @@ def test_approved_by_link_the_message_leaves_zipped_with_its_password_notice(
 
 def test_cancelled_in_its_delay_the_message_is_deleted_and_no_password_goes(
         world: World) -> None:
-    queue_id, review_id = send_held(world, "approve: wrong customer", notices=2)
+    queue_id, review_id = send_held(world, "later: wrong customer", notices=1)
     assert press(link_for(world, SENDER, "cancel")).status_code == 200
     world.wait_log(rf"event=review_dropped .*queue_id={queue_id}")
-    world.sink.wait_for(3, timeout=WAIT)
+    world.sink.wait_for(2, timeout=WAIT)
     time.sleep(2.5)
-    assert kinds(world.sink) == ["review", "review", "review"]  # the result notice
+    assert kinds(world.sink) == ["review", "review"]  # the notice, then the result
     assert all(m["queue_id"] != queue_id for m in world.postfix.queue())
     assert world.zipped_count() == 0
 
@@ -281,6 +313,35 @@ def test_a_delay_ends_and_the_message_goes_once(world: World) -> None:
     world.sink.wait_for(3, timeout=WAIT)
     time.sleep(2.5)
     assert kinds(world.sink) == ["outside", "password", "review"]
+
+
+def test_an_unanswered_confirmation_expires_and_the_message_is_deleted(
+        world: World) -> None:
+    queue_id, review_id = send_held(world, "confirm: two customers", notices=1)
+    expire_now(world, review_id)
+    world.wait_log(rf"event=review_dropped .*queue_id={queue_id}")
+    world.sink.wait_for(2, timeout=WAIT)
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["review", "review"]
+    record = world.book().get(review_id)
+    assert record is not None and record.state == "expired" and record.carried_out
+    assert all(m["queue_id"] != queue_id for m in world.postfix.queue())
+
+
+def test_a_delay_that_ends_while_the_runner_is_stopped_is_sent_once_after_its_restart(
+        world: World) -> None:
+    world.runner.terminate()
+    world.runner.wait(WAIT)
+    queue_id, _ = send_held(world, "delay: while the runner is down", notices=1)
+    time.sleep(3)  # the delay (2s) is over; nothing may move without the runner
+    assert kinds(world.sink) == ["review"]
+    assert world.postfix.queue()[0]["queue_name"] == "hold"
+    world.runner = restart_runner(world)
+    world.wait_log(rf"event=review_released .*queue_id={queue_id}")
+    world.sink.wait_for(3, timeout=WAIT)
+    time.sleep(2.5)
+    assert kinds(world.sink) == ["outside", "password", "review"]
+    assert len(re.findall(rf"event=review_released .*queue_id={queue_id}", world.log())) == 1
 
 
 def test_postsuper_d_by_hand_withdraws_the_review_and_its_password_never_goes(
