@@ -286,6 +286,26 @@ class BookContract:
         assert book.undone() == [] and book.get(waiting.id).state == "pending"
         refused("unknown", book.carry_out, "0" * 32)
 
+    def test_purge_forgets_only_reviews_carried_out_before_the_cut(
+            self, book: ReviewBook) -> None:
+        old, recent, owed, waiting = (book.create(review()) for _ in range(4))
+        for record in (old, recent, owed):
+            book.decide(record.id, SENDER, "192.0.2.9", "send_now", now=T0 + 1)
+        link = "a" * 43  # a used link token of the old review
+        book.decide(waiting.id, SENDER, "192.0.2.9", "cancel", now=T0 + 1, token_id=link)
+        book.carry_out(waiting.id, now=T0 + 10)
+        book.carry_out(old.id, now=T0 + 10)
+        book.carry_out(recent.id, now=T0 + 1000)
+        assert book.purge(before=T0 + 10) == 0  # "before" is strict
+        assert book.purge(before=T0 + 500, limit=1) == 1
+        assert book.purge(before=T0 + 500) == 1
+        assert book.get(old.id) is None and book.get(waiting.id) is None
+        assert not book.token_used(waiting.id, link)
+        # Not yet carried out (the message still held) or carried out later: kept.
+        assert book.get(owed.id) is not None and book.get(recent.id) is not None
+        assert [r.id for r in book.undone()] == [owed.id]
+        assert book.purge(before=T0 + 500) == 0
+
     def test_two_carriers_at_once_one_marks(self, book: ReviewBook) -> None:
         record = book.create(review())
         book.decide(record.id, SENDER, "192.0.2.9", "send_now", now=T0 + 1)

@@ -106,6 +106,12 @@ class ReviewBook(ABC):
         order = lambda r: (r.deadline, r.id)  # noqa: E731
         return PendingFor(sorted(sent, key=order), sorted(to_decide, key=order))
 
+    def purge(self, before: float, limit: int = DUE_LIMIT) -> int:
+        """Forget at most `limit` reviews carried out before `before` (and their used link
+        tokens): review.retention. Pending and decided-but-not-carried-out ones stay. A link
+        to a forgotten review gets the "unknown" page; the audit log keeps the decisions."""
+        return self._purge(float(before), max(int(limit), 0))
+
     def token_used(self, review_id: str, token_id: str) -> bool:
         """Whether a link's token was already used (the confirmation page says so)."""
         if not isinstance(review_id, str) or not ID_PATTERN.match(review_id):
@@ -145,6 +151,9 @@ class ReviewBook(ABC):
 
     @abstractmethod
     def _token_used(self, review_id: str, token_id: str) -> bool: ...
+
+    @abstractmethod
+    def _purge(self, before: float, limit: int) -> int: ...
 
 
 def withdrawn(record: ReviewRecord, who: str, source: str, reason: str,

@@ -53,3 +53,12 @@ class MemoryReviewBook(ReviewBook):
 
     def _token_used(self, review_id: str, token_id: str) -> bool:
         return (review_id, token_id) in self._used
+
+    def _purge(self, before: float, limit: int) -> int:
+        with self._lock:
+            old = [i for i, r in self._records.items()
+                   if r.carried_out and r.carried_out < before][:limit]
+            for review_id in old:
+                del self._records[review_id]
+            self._used = {(i, t) for i, t in self._used if i not in old}
+            return len(old)

@@ -5,6 +5,7 @@ Keys (outside the Store's `mailmoat:` namespace, which the Store scans as its ow
   mailmoat.review:pending    sorted set of pending IDs, score = deadline (due() reads it)
   mailmoat.review:used:ID    set of the review's used link tokens
   mailmoat.review:undone     sorted set of decided IDs not yet carried out (undone() reads it)
+  mailmoat.review:done       sorted set of carried-out IDs, score = when (purge() reads it)
 
 A change WATCHes the record and its used set, reads, applies the rule, and writes record,
 pending set and token mark in one MULTI/EXEC; a concurrent writer makes EXEC fail and the
@@ -26,6 +27,7 @@ from .record import ReviewRecord
 PREFIX = "mailmoat.review:"
 PENDING = PREFIX + "pending"
 UNDONE = PREFIX + "undone"  # decided, not yet carried out; score = the decision's time
+DONE = PREFIX + "done"  # carried out; score = when
 RETRY_FOR = 10.0  # seconds a change may keep losing the race before it is a failure
 CHUNK = 200
 # Record and pending entry together, and neither when the ID exists (a decided record must
@@ -97,6 +99,8 @@ class RedisReviewBook(ReviewBook):
                             pipe.zadd(UNDONE, {review_id: when})
                         else:
                             pipe.zrem(UNDONE, review_id)
+                        if new.carried_out:
+                            pipe.zadd(DONE, {review_id: new.carried_out})
                         if token_id is not None:
                             pipe.sadd(used, token_id)
                         pipe.execute()
@@ -152,6 +156,21 @@ class RedisReviewBook(ReviewBook):
     def _token_used(self, review_id: str, token_id: str) -> bool:
         try:
             return bool(self._client.sismember(_used_key(review_id), str(token_id)))
+        except RedisError as exc:
+            raise self._fail(exc) from None
+
+    def _purge(self, before: float, limit: int) -> int:
+        try:
+            ids = self._client.zrangebyscore(DONE, "-inf", f"({before!r}", start=0,
+                                             num=limit) if limit else []
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start:start + CHUNK]
+                with self._client.pipeline() as pipe:  # MULTI: a record never half gone
+                    pipe.delete(*[_record_key(i) for i in chunk],
+                                *[_used_key(i) for i in chunk])
+                    pipe.zrem(DONE, *chunk)
+                    pipe.execute()
+            return len(ids)
         except RedisError as exc:
             raise self._fail(exc) from None
 

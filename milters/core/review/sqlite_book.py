@@ -130,6 +130,18 @@ class SqliteReviewBook(ReviewBook):
             "SELECT 1 FROM review_used WHERE review_id = ? AND token = ?",
             (review_id, str(token_id))).fetchone(), write=False))
 
+    def _purge(self, before: float, limit: int) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            ids = [row[0] for row in conn.execute(
+                "SELECT id FROM review WHERE state != 'pending'"
+                " AND COALESCE(json_extract(body, '$.carried_out'), 0) > 0"
+                " AND json_extract(body, '$.carried_out') < ? LIMIT ?", (before, limit))]
+            for review_id in ids:
+                conn.execute("DELETE FROM review WHERE id = ?", (review_id,))
+                conn.execute("DELETE FROM review_used WHERE review_id = ?", (review_id,))
+            return len(ids)
+        return int(self._run(work, write=True))
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
