@@ -119,7 +119,7 @@ class DigestTimer:
         log_event("digest_run", period=int(period), sent=len(sent), failed=len(failed))
 
     async def stop(self) -> None:
-        if self._running is not None:
+        if self._running is not None and not self._running.done():
             await asyncio.wait([self._running], timeout=60)
 
 
