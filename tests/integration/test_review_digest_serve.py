@@ -130,6 +130,8 @@ def test_the_digests_go_once_at_their_time_and_the_approvers_link_releases_the_m
     assert hanako_links == ["cancel", "cancel", "send_now"], hanako
     assert OTHER in hanako and BUYER in hanako
     assert QUARANTINED_SUBJECT in hanako and f"/held/{quarantined}" in hanako
+    # The review holds are listed once, with their links, not again as quarantined mail.
+    assert re.findall(r"/held/(\w+)", hanako) == [quarantined], hanako
     assert TARO not in hanako  # a recipient of it: her own address only (taro may be Bcc)
     taro = text_of(found[(TARO,)].data)
     assert QUARANTINED_SUBJECT in taro and HANAKO not in taro
