@@ -204,3 +204,20 @@ def test_an_unreadable_state_file_never_means_a_second_digest(tmp_path: Path) ->
     clock.now = local("2026-03-11 09:00:00")
     poke_all(timer(tmp_path, clock, runs))
     assert runs == [local("2026-03-11 08:30:00")]
+
+
+def test_a_person_whose_address_cannot_be_mailed_fails_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mta.review.digest_run import send_digests
+    config, _, _ = world(tmp_path)
+    queue = Queue(tmp_path / "spool")
+    hold(queue, "x@outside.example", ["太郎@example.jp"], "dmarc", "s")  # SMTPUTF8 local part
+    loaded = load_config(config)
+    found = build_digests(loaded, now=time.time())
+    assert "太郎@example.jp" in {d.person for d in found}
+    went: list[list[str]] = []
+    sent, failed = send_digests(loaded, found, time.time(),
+                                send=lambda listen, sender, to, raw, timeout: went.append(to))
+    assert [d.person for d in failed] == ["太郎@example.jp"]
+    assert sorted(to[0] for to in went) == sorted([BOSS, "hanako@example.jp", SENDER])
+    assert "digest_failed" in caplog.text and "太郎@example.jp" in caplog.text
