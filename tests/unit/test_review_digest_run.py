@@ -221,3 +221,22 @@ def test_a_person_whose_address_cannot_be_mailed_fails_alone(
     assert [d.person for d in failed] == ["太郎@example.jp"]
     assert sorted(to[0] for to in went) == sorted([BOSS, "hanako@example.jp", SENDER])
     assert "digest_failed" in caplog.text and "太郎@example.jp" in caplog.text
+
+
+def test_behind_postfix_there_is_no_spool_and_none_is_made(tmp_path: Path) -> None:
+    config = load_config(gateway(tmp_path))
+    assert build_digests(config, now=time.time()) == []
+    assert not (tmp_path / "spool").exists() and not (tmp_path / "state-review.db").exists()
+
+
+def test_a_state_file_that_cannot_be_written_is_logged_once_and_sends_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runs: list[float] = []
+    clock = Clock(local("2026-03-10 09:00:00"))
+    config = load_config(gateway(tmp_path, '  digest: {at: "08:30"}\n'))
+    assert config.review.digest is not None
+    blocked = DigestTimer(config, config.review.digest, tmp_path / "no-dir" / "state.json",
+                          clock=clock, run=runs.append)
+    for _ in range(3):
+        poke_all(blocked)
+    assert runs == [] and caplog.text.count("digest_failed") == 1
