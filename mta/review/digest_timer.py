@@ -53,6 +53,7 @@ class DigestTimer:
         self.run = run or self._send
         self.last = self._read()
         self._running: asyncio.Task[None] | None = None
+        self._state_failed = False
 
     def _read(self) -> float | None:
         try:
@@ -92,16 +93,15 @@ class DigestTimer:
             return
         try:
             period = self.due(self.clock())
-        except OSError as exc:
-            log_event("digest_failed", level=logging.ERROR, error=f"state file: {exc}")
-            return
-        if period is None:
-            return
-        try:
+            if period is None:
+                return
             self._write(period)  # first: a crash while sending must not send again
         except OSError as exc:
-            log_event("digest_failed", level=logging.ERROR, error=f"state file: {exc}")
+            if not self._state_failed:  # once, not every round (about a second)
+                log_event("digest_failed", level=logging.ERROR, error=f"state file: {exc}")
+            self._state_failed = True
             return
+        self._state_failed = False
         # In a thread: the re-injection listener the mails go to runs on this very loop.
         self._running = asyncio.get_running_loop().create_task(
             asyncio.to_thread(self._run_logged, period))
