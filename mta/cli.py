@@ -34,7 +34,7 @@ from milters.review.extension import EXTENSION as REVIEW
 from milters.sign.extension import EXTENSION as SIGN
 
 from mta import __version__
-from mta.commands import audit as audit_commands, dkim, init, scan
+from mta.commands import audit as audit_commands, digest as digest_commands, dkim, init, scan
 from mta.commands import postfix_review, queue as queue_command, users as user_command
 from mta.commands.usage import (CommandParser, UsageError, ip_address, print_problems,
                                 store_url, utc_date)
@@ -454,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue_command.add_parser(sub, CommandParser, config_help)
     dkim.add_parser(sub, CommandParser, config_help)
     audit_commands.add_parser(sub, CommandParser, config_help)
+    digest_commands.add_parser(sub, CommandParser, config_help)
     user_command.add_parser(sub, CommandParser, config_help)
     postfix_review.add_parser(sub, CommandParser, config_help)
     return parser

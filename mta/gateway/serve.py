@@ -39,6 +39,7 @@ from mta.console.process import ConsoleProcess
 from mta.delivery.process import DeliveryProcess
 from mta.metrics import METRICS, ReadyCheck, serve_metrics
 from mta.queue.spool import Queue
+from mta.review.digest_timer import digest_timer
 from mta.review.wiring import review_runner
 from mta.smtp_in.server import GatewayHandler, SmtpSettings, server_tls_context, smtpd_limits
 from mta.smtp_in.users import UserFile
@@ -316,6 +317,7 @@ async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
     delivery.watch_metrics(loop)
     # Held for review: timers, decisions carried out, released mail through the later milters.
     reviews = review_runner(config, queue, members, pool, delivery.notify) if members else None
+    digests = digest_timer(config)  # review.digest: the digest mails, once per period
     while not stop.is_set():
         if hangups:
             hangups.clear()
@@ -334,6 +336,8 @@ async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
             console.check()
         if reviews is not None:
             reviews.poke()
+        if digests is not None:
+            digests.poke()
         wake.clear()
         stopping = loop.create_task(stop.wait())
         woken = loop.create_task(wake.wait())
@@ -343,6 +347,8 @@ async def _run(config: GatewayConfig, holder: PolicyHolder[Policy],
         woken.cancel()
     if reviews is not None:
         await reviews.stop()  # before the listeners close: a notice it sends needs them
+    if digests is not None:
+        await digests.stop()
     for server in (main, reinject, metrics):
         if server is not None:
             server.close()

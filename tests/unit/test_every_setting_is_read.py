@@ -1971,6 +1971,49 @@ GATEWAY_PROBES.update({
 })
 
 
+def digests_made(config: Any) -> object:
+    """review.digest: when its periods start, who gets a digest of what, in which language
+    (a fresh book and spool each time: one approval, two quarantined messages)."""
+    import dataclasses
+    from milters.core.review import open_review_book, new_review
+    from mta.queue.spool import Envelope as QueueEnvelope, Queue, RecipientState
+    from mta.review.digest_run import build_digests, render
+    from mta.review.digest_timer import period_start
+    work = Path(tempfile.mkdtemp(prefix="digest-probe-"))
+    config = dataclasses.replace(config, store=f"sqlite:///{work}/state.db",
+                                 queue=dataclasses.replace(config.queue, dir=work / "spool"),
+                                 relay_domains=("example.jp",), review=dataclasses.replace(
+                                     config.review, token_key_file=work / "key"))
+    book = open_review_book(config)
+    book.create(new_review(queue_id="Q", kind="approve", sender="a@example.jp",
+                           recipients=["b@partner.example"], subject="s", now=0.0,
+                           timeout=1e10, approvers=["boss@example.jp"], language="en"))
+    book.close()
+    queue = Queue(work / "spool")
+    for n, rcpt in enumerate(("c@example.jp", "c@example.jp", "d@other.example")):
+        queue.enqueue(b"Subject: q\r\n\r\nx\r\n", QueueEnvelope(
+            f"H{n}", "x@outside.example", [RecipientState(rcpt)], float(n), hold_reason="dmarc"))
+    settings = config.review.digest
+    when = period_start(1_700_000_000.0, settings.at, settings.every) if settings else None
+    found = build_digests(config, now=1_700_000_000.0)
+    shutil.rmtree(work)
+    return (when, [(d.person, d.language, d.counts, len(d.held),
+                    render(config, d, 0.0).split(b"\r\n\r\n")[0].count(b"Subject"))
+                   for d in found])
+
+
+_DIGEST = "review:\n  digest: {%s}\n"
+GATEWAY_PROBES.update({
+    "review.digest.at": Probe(_DIGEST % "", _DIGEST % "at: '09:15'", digests_made),
+    "review.digest.every": Probe(_DIGEST % "", _DIGEST % "every: 5h", digests_made),
+    "review.digest.to": Probe(_DIGEST % "", _DIGEST % "to: [approvers]", digests_made),
+    "review.digest.language": Probe(_DIGEST % "", _DIGEST % "language: ja", digests_made),
+    "review.digest.max_items": Probe(_DIGEST % "", _DIGEST % "max_items: 1", digests_made),
+    "review.digest.domains": Probe(_DIGEST % "", _DIGEST % "domains: [other.example]",
+                                   digests_made),
+})
+
+
 # -- sign (issue 15): key files made once for this module, mode 0600 ----------------------
 def _sign_key_files() -> Path:
     from cryptography.hazmat.primitives import serialization as ser
