@@ -22,7 +22,8 @@ ROUND = 1.0  # seconds between rounds: a deadline fires within about this
 
 
 def cmd_postfix_review(args: argparse.Namespace) -> int:
-    from mta.review.postfix_queue import PostfixQueue  # noqa: PLC0415 -- this command only
+    from mta.review.digest_timer import digest_timer  # noqa: PLC0415 -- this command only
+    from mta.review.postfix_queue import PostfixQueue  # noqa: PLC0415
     from mta.review.postfix_runner import postfix_review_runner  # noqa: PLC0415
 
     setup_logging("postfix-review", verbose=args.verbose)
@@ -39,28 +40,33 @@ def cmd_postfix_review(args: argparse.Namespace) -> int:
     postfix = PostfixQueue(args.postfix_config)
     postfix.listing()  # Postfix not there or not running: said now, not every second
     runner = postfix_review_runner(config, postfix)
+    # review.digest: sent from here, as serve does (its state beside the review links' key).
+    digests = digest_timer(config, state_dir=config.review.token_key_file.parent)
     where = args.postfix_config or "/etc/postfix"
     print(f"postfix-review: watching Postfix ({where}) and the review book; Ctrl-C stops",
           flush=True)
     log_event("postfix_review_started", postfix=where)
-    asyncio.run(_loop(runner, once=args.once))
+    asyncio.run(_loop([runner] if digests is None else [runner, digests], once=args.once))
     return 0
 
 
-async def _loop(runner, *, once: bool) -> None:  # type: ignore[no-untyped-def]
+async def _loop(timers: list, *, once: bool) -> None:  # type: ignore[type-arg]
+    """Each timer (the review runner, the digests) poked once a round until a signal."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     while not stopping.is_set():
-        runner.poke()
+        for timer in timers:
+            timer.poke()
         if once:
             break
         try:
             await asyncio.wait_for(stopping.wait(), ROUND)
         except asyncio.TimeoutError:
             pass
-    await runner.stop()
+    for timer in timers:
+        await timer.stop()
     log_event("postfix_review_stopped")
 
 

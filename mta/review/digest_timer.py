@@ -123,14 +123,15 @@ class DigestTimer:
             await asyncio.wait([self._running], timeout=60)
 
 
-def digest_timer(config: GatewayConfig) -> DigestTimer | None:
-    """serve's timer, when review.digest is configured."""
+def digest_timer(config: GatewayConfig, state_dir: Path | None = None) -> DigestTimer | None:
+    """The timer, when review.digest is configured; its state file beside serve's queue,
+    or in `state_dir` (behind Postfix, where there is no queue of ours)."""
     settings = config.review.digest
     if settings is None:
         return None
-    spool = Path(config.queue.dir)
-    spool.mkdir(parents=True, exist_ok=True)
-    return DigestTimer(config, settings, spool / STATE_FILE)
+    where = Path(config.queue.dir) if state_dir is None else Path(state_dir)
+    where.mkdir(parents=True, exist_ok=True)
+    return DigestTimer(config, settings, where / STATE_FILE)
 
 
 __all__ = ["DigestTimer", "STATE_FILE", "digest_timer", "period_start"]

@@ -131,7 +131,8 @@ def restart_runner(world: World) -> subprocess.Popen[bytes]:
     return start_runner(world.dir, world.postfix)
 
 
-def start_world(tmp_path: Path, queue_run_delay: str = "1s") -> Iterator[World]:
+def start_world(tmp_path: Path, queue_run_delay: str = "1s",
+                digest: str = "") -> Iterator[World]:
     reinject, release, console = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{console}"
     (tmp_path / "policy.yaml").write_text(POLICY)
@@ -140,7 +141,7 @@ def start_world(tmp_path: Path, queue_run_delay: str = "1s") -> Iterator[World]:
         f"gateway: {{hostname: mx.example.jp, user: root, "
         f"reinject_listen: 127.0.0.1:{reinject}}}\n"
         "store: sqlite:///state.db\npolicy: policy.yaml\n"
-        f"review: {{console_url: \"{base}\", token_key_file: var/review-key}}\n"
+        f"review: {{console_url: \"{base}\", token_key_file: var/review-key{digest}}}\n"
         f"console: {{listen: '127.0.0.1:{console}'}}\n")
     milters = [MilterProcess(name, config, tmp_path).start()
                for name in ("review", "attachments")]
@@ -423,3 +424,34 @@ def test_a_forged_review_header_does_not_route_mail_through_the_release_port(
     assert f"127.0.0.1]:{release_port}" not in log, log
     assert world.zipped_count() == 1
     assert "milter-hold" not in log
+
+
+DIGEST_LEAD = 15  # seconds from the start to the digest time: the hold is in place by then
+
+
+@pytest.fixture
+def digest_world(tmp_path: Path) -> Iterator[World]:
+    at = time.strftime("%H:%M:%S", time.localtime(time.time() + DIGEST_LEAD))
+    yield from start_world(tmp_path, digest=f", digest: {{at: \"{at}\", every: 1d, "
+                                              "domains: [example.jp]}")
+
+
+def test_the_digest_goes_out_from_the_postfix_runner_and_its_link_approves(
+        digest_world: World) -> None:
+    """Behind Postfix there is no serve: postfix-review sends review.digest at its time.
+    The approver's digest carries a fresh approve link; using it releases the message."""
+    world = digest_world
+    queue_id, review_id = send_held(world, "approve: from the digest", notices=2)
+    world.wait_log(r"event=digest_run .*sent=2 failed=0")
+    found = [m for m in world.sink.messages
+             if parsed(m).get("X-Mailmoat-Notice") == "review-digest"]
+    assert sorted(m.rcpt_tos for m in found) == [(BOSS,), (SENDER,)]
+    [boss] = [m for m in found if m.rcpt_tos == (BOSS,)]
+    links = re.findall(rf"{re.escape(world.base)}/review/[A-Za-z0-9_.-]+", text_of(boss.data))
+    [approve] = [link for link in links if action_of(link) == "approve"]
+    assert press(approve).status_code == 200
+    world.wait_log(rf"event=review_released .*queue_id={queue_id}")
+    world.sink.wait_for(6, timeout=WAIT)
+    assert sorted(kind_of(m) for m in world.sink.messages).count("outside") == 1
+    record = world.book().get(review_id)
+    assert record is not None and record.state == "approved" and record.carried_out
