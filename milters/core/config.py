@@ -244,6 +244,7 @@ class ReviewSettings:
     file: Path | None = None  # None: beside the store's SQLite file, or in its Redis
     manager_attribute: str = "manager"  # review.ldap: the DN of a person's manager
     digest: "DigestSettings | None" = None  # review.digest; None: no digests
+    retention: float = 90 * 86400.0  # seconds a carried-out review is kept; 0 = forever
 
 
 def _review_url(text: str) -> str:
@@ -291,11 +292,18 @@ def _review_spec(local: Callable[[str], Path]) -> Struct:
                             "approvals waiting for them and their quarantined mail. Not set: "
                             "no digests."),
         # -- end of review.digest --
-    }, build=lambda token_key_file, console_url, notice_from, file, ldap, digest: ReviewSettings(
-        local(token_key_file), _review_url(console_url) if console_url else None,
-        _review_from(notice_from) if notice_from else None, local(file) if file else None,
-        (ldap or {}).get("manager_attribute", "manager"), digest),
-        expected="review settings: token_key_file, console_url, notice_from, file, ldap, digest")
+        "retention": Field(Duration(minimum=0), 90 * 86400.0,
+                           doc="How long a review is kept once carried out (sent, or deleted "
+                               "and the sender told); then the runner forgets it, and its "
+                               "links get the 'unknown review' page. The audit log keeps the "
+                               "decisions. 0: keep forever."),
+    }, build=lambda token_key_file, console_url, notice_from, file, ldap, digest, retention:
+        ReviewSettings(
+            local(token_key_file), _review_url(console_url) if console_url else None,
+            _review_from(notice_from) if notice_from else None, local(file) if file else None,
+            (ldap or {}).get("manager_attribute", "manager"), digest, retention),
+        expected="review settings: token_key_file, console_url, notice_from, file, ldap, "
+                 "digest, retention")
 
 
 # -- review.digest ------------------------------------------------------------------------------

@@ -124,4 +124,5 @@ def postfix_review_runner(config: Any, postfix: PostfixQueue,
     extra = {"clock": clock} if clock is not None else {}
     return PostfixReviewRunner(postfix=postfix, book=open_review_book(config),
                                reinject_listen=config.reinject_listen,
-                               notices=notices_for(config), issue_link=issue_link, **extra)
+                               notices=notices_for(config), issue_link=issue_link,
+                               retention=config.review.retention, **extra)

@@ -36,9 +36,10 @@ class ReviewRunner(ReviewTimers):
                  reinject_listen: str, notices: Any,
                  issue_link: Callable[[str, str, str, float], str] | None = None,
                  send: Send = reinject, clock: Callable[[], float] = time.time,
-                 on_queued: Callable[[str], None] | None = None) -> None:
+                 on_queued: Callable[[str], None] | None = None,
+                 retention: float = 0.0) -> None:
         super().__init__(book=book, reinject_listen=reinject_listen, notices=notices,
-                         issue_link=issue_link, send=send, clock=clock)
+                         issue_link=issue_link, send=send, clock=clock, retention=retention)
         self.queue, self.members, self.chain_for = queue, members, chain_for
         self.hostname, self.on_queued = hostname, on_queued
 

@@ -23,14 +23,18 @@ DROP = ("cancelled", "rejected", "expired")
 APPROVER_ACTIONS = ("approve", "reject")
 Send = Callable[[str, str, list[str], bytes, float], str]
 NOTICE_TIMEOUT = 30.0
+PURGE_EVERY = 3600.0  # seconds between two purges of reviews past review.retention
 
 
 class ReviewTimers:
     def __init__(self, *, book: Any, reinject_listen: str, notices: Any,
                  issue_link: Callable[[str, str, str, float], str] | None = None,
-                 send: Send = reinject, clock: Callable[[], float] = time.time) -> None:
+                 send: Send = reinject, clock: Callable[[], float] = time.time,
+                 retention: float = 0.0) -> None:
         self.book, self.listen, self.notices = book, reinject_listen, notices
         self.issue_link, self.send, self.clock = issue_link, send, clock
+        self.retention = retention  # review.retention; 0: keep every review
+        self._purged_at: float | None = None
         self._started = False
         self._running: asyncio.Task[None] | None = None
 
@@ -66,6 +70,18 @@ class ReviewTimers:
         for record in self.book.due(now):
             await self._timer(record, now)
         await self._carry_out_round()
+        self._purge(now)
+
+    def _purge(self, now: float) -> None:
+        """Once an hour (and at the first round): forget reviews carried out longer ago than
+        review.retention, so the book does not grow without bound."""
+        if self.retention <= 0 or (self._purged_at is not None
+                                   and now - self._purged_at < PURGE_EVERY):
+            return
+        self._purged_at = now
+        removed = self.book.purge(now - self.retention)
+        if removed:
+            log_event("review_purged", removed=removed, before=int(now - self.retention))
 
     # -- the holder's part ----------------------------------------------------------------
     def _recover(self) -> None:

@@ -27,4 +27,4 @@ def review_runner(config: GatewayConfig, queue: Queue, members: list[ChainMember
                         chain_for=lambda rest: ChainSession(rest, pool=pool),
                         hostname=config.hostname, reinject_listen=config.reinject_listen,
                         notices=notices_for(config), issue_link=issue_link,
-                        on_queued=on_queued)
+                        on_queued=on_queued, retention=config.review.retention)

@@ -1971,6 +1971,34 @@ GATEWAY_PROBES.update({
 })
 
 
+def reviews_kept(config: Any) -> object:
+    """review.retention: whether a review carried out 30 days ago outlives the runner's
+    purge (serve's and postfix-review's runners share it)."""
+    import time as clock
+    from milters.core.review import new_review, open_review_book
+    from mta.review.postfix_queue import PostfixQueue
+    from mta.review.postfix_runner import postfix_review_runner
+    now = clock.time()
+    runner = postfix_review_runner(config, PostfixQueue(), clock=lambda: now)
+    book = open_review_book(config)
+    record = book.create(new_review(queue_id="Q", kind="delay", sender="a@example.jp",
+                                    recipients=["b@partner.example"], subject="s",
+                                    now=now - 31 * 86400, timeout=60))
+    book.decide(record.id, "a@example.jp", "192.0.2.1", "cancel", now=now - 31 * 86400 + 1)
+    book.carry_out(record.id, now=now - 30 * 86400)
+    runner.book = book
+    runner._purge(now)
+    kept = book.get(record.id) is not None
+    book.close()
+    return kept
+
+
+GATEWAY_PROBES.update({
+    "review.retention": Probe(_REVIEW_BASE, _REVIEW_BASE + "review: {retention: 10d}\n",
+                              reviews_kept),
+})
+
+
 def digests_made(config: Any) -> object:
     """review.digest: when its periods start, who gets a digest of what, in which language
     (a fresh book and spool each time: one approval, two quarantined messages)."""

@@ -236,3 +236,30 @@ def test_the_command_refuses_a_memory_store_a_non_root_user_and_a_missing_postfi
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     code, said = run_cli(["postfix-review", "--config", str(config)], capsys)
     assert code == 1 and "Postfix reserves to root" in said, said
+
+
+def test_reviews_past_their_retention_are_forgotten_once_an_hour() -> None:
+    """review.retention: the book does not grow without bound (serve's runner shares this)."""
+    s = Setup(kind="delay")
+    s.runner.retention = 30 * 86400
+    s.book.decide(s.record.id, SENDER, "192.0.2.1", "cancel", now=T0 - 1)
+    s.rounds(1)  # deleted from hold, told, carried out at T0; the first purge check
+    assert s.state().carried_out == T0
+    later = s.book.create(new_review(queue_id="9ABCDEF0123", kind="delay", sender=SENDER,
+                                     recipients=["x@partner.example"], subject="s",
+                                     now=T0, timeout=86400 * 365))
+    waiting = s.book.create(new_review(queue_id="9ABCDEF0124", kind="delay", sender=SENDER,
+                                       recipients=["x@partner.example"], subject="s",
+                                       now=T0, timeout=86400 * 365))
+    s.book.withdraw(later.id, "admin", "cli", now=T0 + 1)  # carried out at T0 + 1
+    s.now = T0 + 30 * 86400 + 0.5
+    s.rounds(1)
+    assert s.book.get(s.record.id) is None  # past the retention: gone
+    assert s.book.get(later.id) is not None  # not yet past it
+    s.now = T0 + 30 * 86400 + 2
+    s.rounds(1)  # now past it too, but the last check was under an hour ago
+    assert s.book.get(later.id) is not None
+    s.now += 3600
+    s.rounds(1)
+    assert s.book.get(later.id) is None
+    assert s.book.get(waiting.id) is not None  # pending: never purged
