@@ -20,19 +20,11 @@ from milters.core.review.record import ReviewRecord
 
 from mta.review.postfix_queue import PostfixCommandFailed, PostfixQueue
 from mta.review.postfix_runner import PostfixReviewRunner
+from tests.unit.test_review_runner import Notices
 
 T0 = 1_700_000_000.0
 QID = "8BFD7236036"
 SENDER = "hanako@example.jp"
-
-
-class Notices:
-    def render_result(self, record: ReviewRecord) -> bytes:
-        return f"result {record.state}".encode()
-
-    def render_for_approver(self, record: ReviewRecord, approver: str, links: Any,
-                            lang: str) -> bytes:
-        return f"approve {approver}".encode()
 
 
 class QueueStandIn:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from .mail import build_mail, one_line
-from .notices import LANGUAGES, SHIPPED_DIR, Template, TemplateError, fill, format_time
+from .notices import LANGUAGES, Template, fill, format_time, read_template
 from .record import ReviewRecord, involves
 
 AUDIENCES = ("senders", "recipients", "approvers")
@@ -36,8 +36,6 @@ SENDER_LINKS = {"delay": ("send_now", "cancel"), "confirm": ("confirm", "cancel"
 APPROVER_LINKS = ("approve", "reject")
 MAX_NAMED = 10  # recipients or files named per entry
 MAX_SUBJECT = 200  # characters of a subject shown
-_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}\n]*)\}|[{}]")
-_SUBJECT_LINE = re.compile(r"Subject:[ \t]*(.*)\Z", re.IGNORECASE)
 IssueLink = Callable[[str, str, str, float], str]  # (review ID, person, action, expires)
 
 _LABELS = {
@@ -234,26 +232,8 @@ class DigestBuilder:
 
 def load_digest_template(lang: str, directory: Path | None = None) -> Template:
     """templates/digest.LANG.txt: a `Subject:` line, a blank line, the body."""
-    name = f"digest.{lang if lang in LANGUAGES else 'en'}.txt"
-    path = directory / name if directory is not None and (directory / name).is_file() \
-        else SHIPPED_DIR / name
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TemplateError([f"{path}: cannot read it as UTF-8 text: {exc}"]) from None
-    lines = text.replace("\r\n", "\n").split("\n")
-    match = _SUBJECT_LINE.match(lines[0])
-    if not match:
-        raise TemplateError([f"{path}:1: a digest template starts with a 'Subject: ...' line"])
-    start = 2 if len(lines) > 1 and not lines[1].strip() else 1
-    template = Template(match.group(1).strip(), "\n".join(lines[start:]).rstrip("\n"),
-                        str(path))
-    problems = [f"{path}: unknown placeholder {{{m.group(1)}}}" for m in
-                _TOKEN.finditer(template.subject + "\n" + template.body)
-                if m.group(1) is not None and m.group(1) not in PLACEHOLDERS]
-    if problems:
-        raise TemplateError(problems)
-    return template
+    return read_template(f"digest.{lang if lang in LANGUAGES else 'en'}.txt", PLACEHOLDERS,
+                         "a digest template", directory)
 
 
 class DigestRenderer:

@@ -55,7 +55,14 @@ class Template:
 def load_template(kind: str, lang: str, directory: Path | None = None) -> Template:
     if kind not in KINDS:
         raise TemplateError([f"unknown review notice {kind!r} (known: {', '.join(KINDS)})"])
-    name = f"{kind}.{lang if lang in LANGUAGES else FALLBACK}.txt"
+    return read_template(f"{kind}.{lang if lang in LANGUAGES else FALLBACK}.txt",
+                         PLACEHOLDERS, "a review notice", directory)
+
+
+def read_template(name: str, placeholders: frozenset[str], what: str,
+                  directory: Path | None = None) -> Template:
+    """templates/NAME, or the admin's copy of it in `directory`: a `Subject:` line, a blank
+    line, the body. An unknown placeholder or a lone brace is refused with its file."""
     path = directory / name if directory is not None and (directory / name).is_file() \
         else SHIPPED_DIR / name
     try:
@@ -65,14 +72,14 @@ def load_template(kind: str, lang: str, directory: Path | None = None) -> Templa
     lines = text.replace("\r\n", "\n").split("\n")
     match = _SUBJECT_LINE.match(lines[0])
     if not match:
-        raise TemplateError([f"{path}:1: a review notice starts with a 'Subject: ...' line"])
+        raise TemplateError([f"{path}:1: {what} starts with a 'Subject: ...' line"])
     start = 2 if len(lines) > 1 and not lines[1].strip() else 1
     template = Template(match.group(1).strip(), "\n".join(lines[start:]).rstrip("\n"),
                         str(path))
     problems = [f"{path}: unknown placeholder {{{m.group(1)}}}" if m.group(1) is not None
                 else f"{path}: unbalanced {m.group(0)!r} (write it twice for a brace)"
                 for m in _TOKEN.finditer(template.subject + "\n" + template.body)
-                if m.group(0) not in ("{{", "}}") and m.group(1) not in PLACEHOLDERS]
+                if m.group(0) not in ("{{", "}}") and m.group(1) not in placeholders]
     if problems:
         raise TemplateError(problems)
     return template
@@ -175,5 +182,5 @@ class ReviewNotices:
         return values
 
 
-__all__ = ["KINDS", "LANGUAGES", "PLACEHOLDERS", "ReviewNotices", "Template",
+__all__ = ["KINDS", "LANGUAGES", "PLACEHOLDERS", "ReviewNotices", "Template", "read_template",
            "TemplateError", "fill", "format_time", "load_template"]
