@@ -48,9 +48,9 @@ class PostfixReviewRunner(ReviewTimers):
 
     async def _carry_out_round(self) -> None:
         listing = await asyncio.to_thread(self.postfix.listing)
-        for record in self.book.pending():
+        for record in await self.books.pending():
             await self._watch(record, listing.get(record.queue_id))
-        for record in self.book.undone():
+        for record in await self.books.undone():
             await self._carry_out(record, listing.get(record.queue_id))
 
     def _gone(self, record: ReviewRecord) -> bool:
@@ -69,15 +69,16 @@ class PostfixReviewRunner(ReviewTimers):
         who, source = BY_HAND
         try:
             if where is not None:  # postsuper -H: the admin's release decides the review
-                self.book.decide(record.id, who, source, ACTION_ON_RELEASE[record.kind],
-                                 "released from Postfix's hold queue",
-                                 now=max(self.clock(), record.created), override=True)
+                await self.books.decide(record.id, who, source,
+                                        ACTION_ON_RELEASE[record.kind],
+                                        "released from Postfix's hold queue",
+                                        now=max(self.clock(), record.created), override=True)
                 log_event("review_released_by_hand", queue_id=record.queue_id,
                           review=record.id, queue=where)
             else:
-                self.book.withdraw(record.id, who, source, "left Postfix's hold queue "
-                                   "(postsuper -d, or -H and delivered at once)",
-                                   now=self.clock())
+                await self.books.withdraw(record.id, who, source,
+                                          "left Postfix's hold queue (postsuper -d, or -H "
+                                          "and delivered at once)", now=self.clock())
                 log_event("review_withdrawn", level=logging.WARNING, queue_id=record.queue_id,
                           review=record.id, reason="gone from Postfix's queue")
         except ReviewRefused as exc:  # decided meanwhile: carried out below
@@ -102,7 +103,7 @@ class PostfixReviewRunner(ReviewTimers):
                       queue_id=record.queue_id, review=record.id, state=record.state,
                       error=str(exc), action="tried again next round")
             return
-        self._mark(record)
+        await self._mark(record)
         self.seen.discard(record.id)
         event = "review_released" if record.state in RELEASE or where not in (None, HOLD) \
             else "review_dropped"

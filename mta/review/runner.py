@@ -47,24 +47,24 @@ class ReviewRunner(ReviewTimers):
         for envelope in self.queue.entries():
             if envelope.hold_reason and envelope.extra.get(RESUME_REQUESTED):
                 await self._requested(envelope)
-        for record in self.book.undone():
+        for record in await self.books.undone():
             await self._carry_out(record)
 
     # -- the steps ------------------------------------------------------------------------
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """After a crash: the copies resumed before it replace their held originals, and a
         held message whose review was carried out already goes."""
         for old in finish_resumes(self.queue):
             log_event("review_resume_finished", queue_id=old.queue_id)
             found = parse_review_reason(old.hold_reason)
-            record = self.book.get(found[1]) if found else None
+            record = await self.books.get(found[1]) if found else None
             if record is not None and record.state != "pending":
-                self._mark(record)
+                await self._mark(record)
         for envelope in self.queue.entries():
             found = parse_review_reason(envelope.hold_reason)
             if found is None:
                 continue
-            record = self.book.get(found[1])
+            record = await self.books.get(found[1])
             if record is not None and record.carried_out:
                 remove_resumed(self.queue, envelope.queue_id)
                 log_event("review_leftover_removed", queue_id=envelope.queue_id,
@@ -74,7 +74,7 @@ class ReviewRunner(ReviewTimers):
         """An admin released a message held for review: decided send_now on their behalf
         (the book keeps who), carried out in this round."""
         found = parse_review_reason(envelope.hold_reason)
-        record = self.book.get(found[1]) if found else None
+        record = await self.books.get(found[1]) if found else None
         if record is None or record.queue_id != envelope.queue_id:
             # No review left to decide, or a copy split off for some recipients: released
             # through the rest of the chain; the review stays with the original.
@@ -83,8 +83,9 @@ class ReviewRunner(ReviewTimers):
         who = envelope.extra.get(RESUME_REQUESTED, "admin")
         action = {"delay": "send_now", "confirm": "confirm", "approve": "approve"}[record.kind]
         try:
-            self.book.decide(record.id, who, "queue", action, "released from the queue",
-                             now=max(self.clock(), record.created), override=True)
+            await self.books.decide(record.id, who, "queue", action,
+                                    "released from the queue",
+                                    now=max(self.clock(), record.created), override=True)
         except ReviewRefused as exc:
             if exc.reason in ("decided", "expired", "self_approval"):
                 # Past its deadline or already decided: the admin's release still wins.
@@ -113,7 +114,7 @@ class ReviewRunner(ReviewTimers):
             log_event("review_release_failed", level=logging.WARNING, queue_id=queue_id,
                       error=str(exc), action="stays held")
             return
-        self._mark(record)
+        await self._mark(record)
         remove_resumed(self.queue, queue_id)
         log_event("review_released", queue_id=queue_id, new_queue_id=done.new_id,
                   review=record.id if record else None, held=done.held)
@@ -122,7 +123,7 @@ class ReviewRunner(ReviewTimers):
 
     async def _drop(self, record: ReviewRecord) -> None:
         await self._tell_sender(record)
-        self._mark(record)
+        await self._mark(record)
         remove_resumed(self.queue, record.queue_id)
         log_event("review_dropped", queue_id=record.queue_id, review=record.id,
                   state=record.state)

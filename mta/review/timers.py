@@ -26,6 +26,22 @@ NOTICE_TIMEOUT = 30.0
 PURGE_EVERY = 3600.0  # seconds between two purges of reviews past review.retention
 
 
+class OffLoop:
+    """Calls of an object (the review book) run in a worker thread: serve's SMTP sessions
+    share the event loop, and a book waiting on SQLite's write lock or a slow Redis must not
+    stall them."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        call = getattr(self._target, name)
+
+        async def off_loop(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        return off_loop
+
+
 class ReviewTimers:
     def __init__(self, *, book: Any, reinject_listen: str, notices: Any,
                  issue_link: Callable[[str, str, str, float], str] | None = None,
@@ -34,6 +50,7 @@ class ReviewTimers:
         self.book, self.listen, self.notices = book, reinject_listen, notices
         self.issue_link, self.send, self.clock = issue_link, send, clock
         self.retention = retention  # review.retention; 0: keep every review
+        self.books = OffLoop(book)  # the same book, awaited off the event loop
         self._purged_at: float | None = None
         self._started = False
         self._running: asyncio.Task[None] | None = None
@@ -64,27 +81,27 @@ class ReviewTimers:
         if not self.in_use():
             return
         if not self._started:
-            self._recover()
+            await self._recover()
             self._started = True
         now = self.clock()
-        for record in self.book.due(now):
+        for record in await self.books.due(now):
             await self._timer(record, now)
         await self._carry_out_round()
-        self._purge(now)
+        await self._purge(now)
 
-    def _purge(self, now: float) -> None:
+    async def _purge(self, now: float) -> None:
         """Once an hour (and at the first round): forget reviews carried out longer ago than
         review.retention, so the book does not grow without bound."""
         if self.retention <= 0 or (self._purged_at is not None
                                    and now - self._purged_at < PURGE_EVERY):
             return
         self._purged_at = now
-        removed = self.book.purge(now - self.retention)
+        removed = await self.books.purge(now - self.retention)
         if removed:
             log_event("review_purged", removed=removed, before=int(now - self.retention))
 
     # -- the holder's part ----------------------------------------------------------------
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """Once, at the first round: finish what a crash left half done."""
 
     async def _carry_out_round(self) -> None:
@@ -94,12 +111,12 @@ class ReviewTimers:
     async def _timer(self, record: ReviewRecord, now: float) -> None:
         try:
             if record.on_timeout == "escalate" and record.step + 1 < len(record.approvers):
-                new = self.book.escalate(record.id, now=now)
+                new = await self.books.escalate(record.id, now=now)
                 log_event("review_escalated", queue_id=record.queue_id, review=record.id,
                           approver=new.approver, deadline=int(new.deadline))
                 await self._notify_approver(new)
             else:
-                new = self.book.decide(record.id, TIMER, TIMER, "timeout", now=now)
+                new = await self.books.decide(record.id, TIMER, TIMER, "timeout", now=now)
                 log_event("review_timed_out", queue_id=record.queue_id, review=record.id,
                           state=new.state)
         except ReviewRefused as exc:  # decided meanwhile (the console, another gateway)
@@ -119,11 +136,11 @@ class ReviewTimers:
         """The result notice of a cancelled, rejected or expired review."""
         await self._send([record.sender], self.notices.render_result(record))
 
-    def _mark(self, record: ReviewRecord | None) -> None:
+    async def _mark(self, record: ReviewRecord | None) -> None:
         if record is None:
             return
         try:
-            self.book.carry_out(record.id, now=self.clock())
+            await self.books.carry_out(record.id, now=self.clock())
         except ReviewRefused as exc:
             log_event("review_mark_skipped", review=record.id, reason=exc.reason)
 

@@ -1974,20 +1974,20 @@ GATEWAY_PROBES.update({
 def reviews_kept(config: Any) -> object:
     """review.retention: whether a review carried out 30 days ago outlives the runner's
     purge (serve's and postfix-review's runners share it)."""
+    import asyncio
     import time as clock
-    from milters.core.review import new_review, open_review_book
+    from milters.core.review import new_review
     from mta.review.postfix_queue import PostfixQueue
     from mta.review.postfix_runner import postfix_review_runner
     now = clock.time()
     runner = postfix_review_runner(config, PostfixQueue(), clock=lambda: now)
-    book = open_review_book(config)
+    book = runner.book
     record = book.create(new_review(queue_id="Q", kind="delay", sender="a@example.jp",
                                     recipients=["b@partner.example"], subject="s",
                                     now=now - 31 * 86400, timeout=60))
     book.decide(record.id, "a@example.jp", "192.0.2.1", "cancel", now=now - 31 * 86400 + 1)
     book.carry_out(record.id, now=now - 30 * 86400)
-    runner.book = book
-    runner._purge(now)
+    asyncio.run(runner._purge(now))
     kept = book.get(record.id) is not None
     book.close()
     return kept

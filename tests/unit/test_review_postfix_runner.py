@@ -255,3 +255,26 @@ def test_reviews_past_their_retention_are_forgotten_once_an_hour() -> None:
     s.rounds(1)
     assert s.book.get(later.id) is None
     assert s.book.get(waiting.id) is not None  # pending: never purged
+
+
+def test_a_slow_book_does_not_stall_the_event_loop() -> None:
+    """serve's SMTP sessions share the runner's event loop: a book call that waits (SQLite's
+    write lock, a slow Redis) runs in a worker thread while the loop goes on."""
+    import threading
+    s = Setup()
+    release = threading.Event()
+    due = s.book.due
+
+    def slow_due(*args: Any, **kwargs: Any) -> Any:
+        release.wait(10)  # as long as the loop has not shown it is alive: bounded
+        return due(*args, **kwargs)
+    s.book.due = slow_due  # type: ignore[method-assign]
+
+    async def both() -> None:
+        round_task = asyncio.create_task(s.runner.round())
+        await asyncio.sleep(0.05)  # this runs only if the loop turns while due() waits
+        assert not round_task.done()
+        release.set()  # only the loop, still running, can let the book go on
+        await asyncio.wait_for(round_task, 10)
+    asyncio.run(both())
+    assert s.state().state == "pending"
