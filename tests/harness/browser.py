@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import uvicorn
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -55,7 +56,11 @@ def chromium() -> Iterator[WebDriver]:
 
 def wait_for(driver: WebDriver, condition: Callable[[WebDriver], Any],
              timeout: float = WAIT) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+    """`condition` true within `timeout`. While a click loads the next page, an element
+    found on the old one goes stale, or is not there yet: that is "not yet", not a failure."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,
+                                             NoSuchElementException)).until(condition)
 
 
 @contextmanager

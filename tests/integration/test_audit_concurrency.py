@@ -28,7 +28,8 @@ from milters.core.audit import open_audit_log
 from milters.core.config import load_config
 config, name, go = sys.argv[1:4]
 log = open_audit_log(load_config(config))
-deadline = time.monotonic() + 30
+open(go + "-ready-" + name, "w").close()  # opened its log: waiting for the others
+deadline = time.monotonic() + 60
 while not os.path.exists(go):
     assert time.monotonic() < deadline
     time.sleep(0.001)
@@ -45,7 +46,14 @@ def run_writers(config: Path, tmp_path: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(config), f"w{i}", str(go)],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stderr=subprocess.PIPE, text=True) for i in range(WRITERS)]
-    time.sleep(0.3)  # all of them started and waiting (they poll for `go`)
+    # All of them started, their logs open, before any writes: on a loaded machine starting
+    # Python takes seconds, and a late writer would find the others done (no interleaving).
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"go-ready-w{i}").exists() for i in range(WRITERS)):
+        assert all(proc.poll() is None for proc in procs), [p.stderr.read() for p in procs
+                                                            if p.poll() is not None]
+        assert time.monotonic() < deadline, "the writers never got ready"
+        time.sleep(0.01)
     go.touch()
     for proc in procs:
         _, err = proc.communicate(timeout=120)
