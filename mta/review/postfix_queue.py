@@ -63,6 +63,24 @@ class PostfixQueue:
             raise PostfixCommandFailed(f"postsuper -H {queue_id} released nothing: {said}")
         self.deliver_now(queue_id)
 
+    def release_many(self, queue_ids: list[str]) -> set[str]:
+        """Out of hold in one `postsuper -H -` (the IDs on its standard input, not one
+        process each); the IDs it released. Not yet delivered: deliver_now each."""
+        checked = [_checked(q) for q in queue_ids]
+        command = [self.postsuper, *(("-c", self.config_dir) if self.config_dir else ()),
+                   "-H", "-"]
+        try:
+            done = subprocess.run(command, input="\n".join(checked).encode(),
+                                  capture_output=True, timeout=TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise PostfixCommandFailed(f"{' '.join(command)}: {exc}") from None
+        said = (done.stdout + done.stderr).decode(errors="replace")
+        if done.returncode != 0:
+            raise PostfixCommandFailed(f"{' '.join(command)} exited {done.returncode}: "
+                                       f"{said[-500:].strip() or '(no output)'}")
+        return set(re.findall(r"^postsuper: ([0-9A-Za-z]+): released from hold$", said,
+                              re.MULTILINE)) & set(checked)
+
     def deliver_now(self, queue_id: str) -> None:
         """A released message out of the deferred queue now, not at its next scan."""
         self._run(self.postqueue, "-i", _checked(queue_id))

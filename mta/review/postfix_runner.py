@@ -35,6 +35,7 @@ from .postfix_queue import PostfixQueue
 from .timers import DROP, RELEASE, ReviewTimers
 
 HOLD = "hold"
+RELEASED = "released"  # taken out of hold this round (postsuper -H -), to deliver now
 RECEIVING = "incoming"  # also where a message is while Postfix still writes it
 BY_HAND = ("postsuper", "postfix")  # who and source of a decision taken by hand in Postfix
 ACTION_ON_RELEASE = {"delay": "send_now", "confirm": "confirm", "approve": "approve"}
@@ -50,8 +51,28 @@ class PostfixReviewRunner(ReviewTimers):
         listing = await asyncio.to_thread(self.postfix.listing)
         for record in await self.books.pending():
             await self._watch(record, listing.get(record.queue_id))
-        for record in await self.books.undone():
+        undone = await self.books.undone()
+        await self._release_together(undone, listing)
+        for record in undone:
             await self._carry_out(record, listing.get(record.queue_id))
+
+    async def _release_together(self, undone: list[ReviewRecord],
+                                listing: dict[str, str]) -> None:
+        """Every decided release on hold out of it in one postsuper (an approver who
+        approves fifty from a digest: one process, not fifty); each is then delivered and
+        marked by _carry_out. Whatever it did not release stays on hold for _carry_out."""
+        ids = [r.queue_id for r in undone
+               if r.state in RELEASE and listing.get(r.queue_id) == HOLD]
+        if len(ids) < 2:
+            return
+        try:
+            released = await asyncio.to_thread(self.postfix.release_many, ids)
+        except (MailmoatError, OSError) as exc:
+            log_event("review_carry_out_failed", level=logging.WARNING, state="approved",
+                      error=str(exc), action="one at a time")
+            return
+        for queue_id in released:
+            listing[queue_id] = RELEASED
 
     def _gone(self, record: ReviewRecord) -> bool:
         """Not in the queue, though this runner saw it on hold. One it never saw may be
@@ -94,7 +115,7 @@ class PostfixReviewRunner(ReviewTimers):
             elif where == HOLD and record.state in DROP:
                 await asyncio.to_thread(self.postfix.delete, record.queue_id)
                 await self._tell_sender(record)
-            elif where is not None:  # released by hand: deliver it now
+            elif where is not None:  # released above, or by hand: deliver it now
                 await asyncio.to_thread(self.postfix.deliver_now, record.queue_id)
             elif record.state in DROP:  # deleted by hand after the decision: it did not go
                 await self._tell_sender(record)
@@ -108,7 +129,7 @@ class PostfixReviewRunner(ReviewTimers):
         event = "review_released" if record.state in RELEASE or where not in (None, HOLD) \
             else "review_dropped"
         log_event(event, queue_id=record.queue_id, review=record.id, state=record.state,
-                  queue=where or "gone")
+                  queue=HOLD if where == RELEASED else where or "gone")
 
 
 def postfix_review_runner(config: Any, postfix: PostfixQueue,

@@ -34,6 +34,7 @@ class QueueStandIn:
         self.where: dict[str, str] = {}
         self.done: list[tuple[str, str]] = []
         self.failing = 0  # the next N release/delete calls fail
+        self.stuck: set[str] = set()  # IDs release_many leaves on hold
 
     def listing(self) -> dict[str, str]:
         return dict(self.where)
@@ -54,6 +55,14 @@ class QueueStandIn:
         assert self.where[queue_id] == "hold"
         self.done.append(("delete", queue_id))
         self.where.pop(queue_id)
+
+    def release_many(self, queue_ids: list[str]) -> set[str]:
+        self._maybe_fail("release_many")
+        released = {q for q in queue_ids if self.where.get(q) == "hold"} - self.stuck
+        self.done.append(("release_many", ",".join(sorted(released))))
+        for queue_id in released:
+            self.where[queue_id] = "deferred"
+        return released
 
     def deliver_now(self, queue_id: str) -> None:
         self.done.append(("deliver_now", queue_id))
@@ -278,3 +287,21 @@ def test_a_slow_book_does_not_stall_the_event_loop() -> None:
         await asyncio.wait_for(round_task, 10)
     asyncio.run(both())
     assert s.state().state == "pending"
+
+
+def test_approvals_decided_together_leave_hold_in_one_postsuper() -> None:
+    s = Setup()
+    others = []
+    for queue_id in ("8BFD7236037", "8BFD7236038"):
+        others.append(s.book.create(new_review(
+            queue_id=queue_id, kind="approve", sender=SENDER, approvers=["boss@example.jp"],
+            recipients=["x@partner.example"], subject="s", now=T0, timeout=60)))
+        s.queue.where[queue_id] = "hold"
+    s.queue.stuck = {"8BFD7236038"}  # postsuper did not release this one: one at a time
+    for record in (s.record, *others):
+        s.book.decide(record.id, "boss@example.jp", "192.0.2.1", "approve", now=T0 + 1)
+    s.rounds(3)
+    assert s.queue.done[0] == ("release_many", f"{QID},8BFD7236037")
+    assert sorted(s.queue.done[1:]) == [("deliver_now", QID), ("deliver_now", "8BFD7236037"),
+                                        ("release", "8BFD7236038")]
+    assert all(s.book.get(r.id).carried_out for r in (s.record, *others))  # type: ignore[union-attr]
