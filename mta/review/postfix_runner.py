@@ -107,6 +107,10 @@ class PostfixReviewRunner(ReviewTimers):
                       reason=exc.reason)
 
     async def _carry_out(self, record: ReviewRecord, where: str | None) -> None:
+        if where in (HOLD, RELEASED):
+            # Ours: should a step below fail after postsuper acted, the next round finds
+            # the message gone and still knows it was this host's to finish.
+            self.seen.add(record.id)
         if where == RECEIVING or (where is None and not self._gone(record)):
             return
         try:

@@ -305,3 +305,23 @@ def test_approvals_decided_together_leave_hold_in_one_postsuper() -> None:
     assert sorted(s.queue.done[1:]) == [("deliver_now", QID), ("deliver_now", "8BFD7236037"),
                                         ("release", "8BFD7236038")]
     assert all(s.book.get(r.id).carried_out for r in (s.record, *others))  # type: ignore[union-attr]
+
+
+def test_a_result_notice_that_fails_after_the_delete_is_sent_next_round() -> None:
+    """Decided before the runner ever saw it pending: the delete succeeds, the notice to the
+    sender fails (the re-injection port is down); next round the message is gone, and the
+    runner still knows it was its own to finish."""
+    s = Setup(kind="delay")
+    s.book.decide(s.record.id, SENDER, "192.0.2.1", "cancel", now=T0 + 1)
+    failures = [OSError("connection refused")]
+
+    def send(listen: str, frm: str, to: list[str], raw: bytes, t: float) -> str:
+        if failures:
+            raise failures.pop()
+        s.sent.append((to, raw))
+        return "250"
+    s.runner.send = send
+    s.rounds(1)
+    assert s.queue.done == [("delete", QID)] and not s.state().carried_out
+    s.rounds(2)
+    assert s.sent == [([SENDER], b"result cancelled")] and s.state().carried_out
