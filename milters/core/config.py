@@ -9,20 +9,18 @@ current directory is; the embedded defaults are relative to the current director
 """
 from __future__ import annotations
 
-import ipaddress
-import re
-import ssl
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
+from .config_console import ConsoleSettings, console_spec
+from .config_review import ReviewSettings, review_spec
 from .dns import DnsSettings, parse_nameserver
 from .eventlog import LOG_FORMATS, LOG_TARGETS, LogSettings
 from .shipped import shipped_policy
 from .secrets import SecretSource, mask_url, redis_url_secret
-from .policy.schema import (INVALID, Address, Bool, Duration, Either, Field, ListOf, MapOf,
-                            Network, Number, Str, Struct)
+from .policy.schema import (INVALID, Address, Bool, CaFile, Duration, Either, Field, ListOf,
+                            MapOf, Network, Number, Str, Struct)
 from .policy.matching import AddressPattern, NetworkPattern, normalize_domain
 from .policy.yamlnodes import Node, Problems, ScalarNode, compose_file
 
@@ -92,54 +90,6 @@ class MilterSetting:
         return self.socket is None if self.reuse_connection is None else self.reuse_connection
 
 
-# -- the console's logins (console.users_file, console.ldap) ----------------------------------
-CONSOLE_ROLES = ("admin", "auditor", "user")  # strongest first: the first role that matches wins
-
-
-@dataclass(frozen=True)
-class LdapSettings:
-    """LDAP/AD bind for console logins: a DN template, or a search with a reader account."""
-
-    url: str
-    starttls: bool = False
-    ca_file: Path | None = None  # ldaps/starttls: the CAs to trust; None = the system's
-    timeout: float = 5.0
-    user_dn: str = ""  # "uid={name},ou=people,dc=example,dc=jp"; "" = search
-    search_base: str = ""
-    search_filter: str = "(uid={name})"
-    bind_dn: str = ""  # the reader account for the search; "" = anonymous search
-    bind_password: SecretSource = SecretSource()
-    group_attribute: str = "memberOf"
-    group_search_base: str = ""  # set: groups are entries under it naming the user as member
-    # role -> group DNs (normalized); ("*",) = every user who binds
-    roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    mail_attribute: str = "mail"
-
-
-CONSOLE_LANGUAGES = ("auto", "ja", "en")
-
-
-@dataclass(frozen=True)
-class ConsoleSettings:
-    """`console:`: who may log in (users_file, ldap), where the web console listens and how
-    its sessions live. Written in a config (configured): serve starts the console."""
-
-    users_file: Path = Path("var/console-users")
-    ldap: LdapSettings | None = None
-    listen: str = "127.0.0.1:8026"
-    tls_cert: Path | None = None  # with tls_key: HTTPS (required off loopback)
-    tls_key: Path | None = None
-    secret_key_file: Path = Path("var/console-secret")  # signs the session cookies
-    session_idle: float = 30 * 60.0  # a session unused this long ends
-    session_max: float = 12 * 3600.0  # and every session ends this long after its login
-    language: str = "auto"  # auto: the browser's Accept-Language
-    configured: bool = True  # False: no `console:` in the config (serve starts no console)
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert is not None
-
-
 @dataclass(frozen=True)
 class GatewayConfig:
     hostname: str = "localhost"
@@ -181,26 +131,6 @@ class GatewayConfig:
     review: "ReviewSettings" = field(default_factory=lambda: ReviewSettings())
 
 
-# -- console.listen: loopback, or TLS -------------------------------------------------------
-def console_listen_problem(listen: str, tls: bool) -> str | None:
-    """Why the console may not listen on `listen` (HOST:PORT), or None. Off loopback the
-    session cookies and passwords would cross the network in clear: TLS is required."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        return "listen is HOST:PORT, like 127.0.0.1:8026 or [::1]:8026"
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if host == "localhost":
-        return None
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return "listen's host is an IP address (or localhost), like 127.0.0.1:8026"
-    if not loopback and not tls:
-        return ("listen is not a loopback address; set console.tls: {cert, key} so that "
-                "passwords and session cookies do not cross the network in clear")
-    return None
-
-
 # -- the audit log (milters/core/audit) ------------------------------------------------------
 AUDIT_RETENTION = 90 * 86400.0
 
@@ -232,143 +162,6 @@ def _audit_spec(local: Callable[[str], Path]) -> Struct:
 # -- end of the audit log --------------------------------------------------------------------
 
 
-# -- outbound review (milters/core/review): the gateway's side of it ------------------------
-@dataclass(frozen=True)
-class ReviewSettings:
-    """`review:`: where reviews are kept, the key that signs their links, where the links
-    point and whom the notices come from. The policy's `review:` action says which mail."""
-
-    token_key_file: Path = Path("var/review-token-key")
-    console_url: str | None = None  # None: http(s)://console.listen
-    notice_from: str | None = None  # None: mailmoat-review@HOSTNAME
-    file: Path | None = None  # None: beside the store's SQLite file, or in its Redis
-    manager_attribute: str = "manager"  # review.ldap: the DN of a person's manager
-    digest: "DigestSettings | None" = None  # review.digest; None: no digests
-    retention: float = 90 * 86400.0  # seconds a carried-out review is kept; 0 = forever
-
-
-def _review_url(text: str) -> str:
-    parts = urlsplit(text)
-    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
-            or parts.fragment or not text.isascii() or any(c.isspace() for c in text)):
-        raise ValueError(f"console_url is the console's address, like https://mail.example.jp"
-                         f":8026, with no query or fragment (got {text[:100]})")
-    return text.rstrip("/")
-
-
-def _review_from(text: str) -> str:
-    if not re.fullmatch(r"[!#-'*+\-/-9=?A-Z^-~.]+@[A-Za-z0-9.-]+", text):
-        raise ValueError(f"notice_from is one ASCII address, like mailmoat-review@example.jp "
-                         f"(got {text[:100]})")
-    return text
-
-
-def _review_spec(local: Callable[[str], Path]) -> Struct:
-    return Struct({
-        "token_key_file": Field(Str(), "var/review-token-key",
-                                doc="The key that signs review links (HMAC-SHA256); made (mode "
-                                    "0600) on first use when missing, refused when group or "
-                                    "others may read it."),
-        "console_url": Field(Str(max_len=500), None,
-                             doc="The console's address as the people who get review notices "
-                                 "reach it; links are URL/review/TOKEN. Not set: "
-                                 "http(s)://console.listen."),
-        "notice_from": Field(Str(max_len=320), None,
-                             doc="The From address of review notices. Not set: "
-                                 "mailmoat-review@ the gateway's hostname."),
-        "file": Field(Str(), None,
-                      doc="The review book's SQLite file. Not set: beside a SQLite store's file "
-                          "(state.db -> state-review.db), or in Redis with a redis:// store."),
-        "ldap": Field(Struct({
-            "manager_attribute": Field(Str(max_len=100), "manager",
-                                       doc="The attribute of a person's entry holding their "
-                                           "manager's DN (approvers: [manager]); the directory "
-                                           "is console.ldap's."),
-        }, expected="review LDAP settings: manager_attribute"), None,
-            doc="How approvers: [manager] reads the directory (console.ldap)."),
-        # -- review.digest (the daily digests) --
-        "digest": Field(_digest_spec(), None,
-                        doc="The digest mails: per person, their mail held for review, the "
-                            "approvals waiting for them and their quarantined mail. Not set: "
-                            "no digests."),
-        # -- end of review.digest --
-        "retention": Field(Duration(minimum=0), 90 * 86400.0,
-                           doc="How long a review is kept once carried out (sent, or deleted "
-                               "and the sender told); then the runner forgets it, and its "
-                               "links get the 'unknown review' page. The audit log keeps the "
-                               "decisions. 0: keep forever."),
-    }, build=lambda token_key_file, console_url, notice_from, file, ldap, digest, retention:
-        ReviewSettings(
-            local(token_key_file), _review_url(console_url) if console_url else None,
-            _review_from(notice_from) if notice_from else None, local(file) if file else None,
-            (ldap or {}).get("manager_attribute", "manager"), digest, retention),
-        expected="review settings: token_key_file, console_url, notice_from, file, ldap, "
-                 "digest, retention")
-
-
-# -- review.digest ------------------------------------------------------------------------------
-DIGEST_AUDIENCES = ("senders", "recipients", "approvers")
-DIGEST_LANGUAGES = ("auto", "ja", "en")
-
-
-@dataclass(frozen=True)
-class DigestSettings:
-    """`review.digest:` when (the first run of each day at `at`, then every `every`), to whom,
-    in which language, how long a list may get."""
-
-    at: tuple[int, int, int] = (8, 30, 0)  # local time of day: hour, minute, second
-    every: float = 86400.0
-    to: tuple[str, ...] = DIGEST_AUDIENCES
-    language: str = "auto"  # auto: the language of the person's review notices, else ja
-    max_items: int = 200  # per list of one person's digest; the rest as "and N more"
-    domains: tuple[str, ...] = ()  # whose quarantined mail is listed; (): relay_domains
-
-
-class _TimeOfDay(Str):
-    def __init__(self) -> None:
-        super().__init__(max_len=8)
-        self.expected = "a time of day like 08:30 (or 08:30:15), local time"
-
-    def parse(self, text: str) -> tuple[int, int, int]:
-        match = re.fullmatch(r"([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?", text.strip())
-        if not match:
-            raise ValueError(f"expected {self.expected}")
-        return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
-
-
-def _digest_audiences(values: list[str]) -> tuple[str, ...]:
-    if not values:
-        raise ValueError("name at least one of senders, recipients, approvers (or leave "
-                         "review.digest out: no digests)")
-    return tuple(dict.fromkeys(values))
-
-
-def _digest_spec() -> Struct:
-    defaults = DigestSettings()
-    return Struct({
-        "at": Field(_TimeOfDay(), defaults.at,
-                    doc="The local time of day of the first digest run; serve sends the "
-                        "digests once per period, also after a restart (never twice)."),
-        "every": Field(Duration(minimum=60), defaults.every,
-                       doc="The period between runs, from `at` (1d: daily; 12h: twice a day)."),
-        "to": Field(ListOf(Str(DIGEST_AUDIENCES), check=_digest_audiences), DIGEST_AUDIENCES,
-                    doc="Who gets one: senders (their mail held for review, their quarantined "
-                        "mail), recipients (quarantined mail to them), approvers (approvals "
-                        "waiting for them)."),
-        "language": Field(Str(DIGEST_LANGUAGES), defaults.language,
-                          doc="ja, en, or auto: the language of the person's review notices "
-                              "(the policy's review.language), ja when they have none."),
-        "max_items": Field(Number(minimum=1, maximum=1000, integer=True), defaults.max_items,
-                           doc="Items per list in one digest; the rest are counted (\"and N "
-                               "more\"), so a flood cannot make a huge mail."),
-        "domains": Field(ListOf(Str(max_len=253)), (),
-                         doc="Only addresses in these domains get digests of quarantined mail "
-                             "(a forged outside sender gets nothing). []: the relay_domains."),
-    }, build=lambda at, every, to, language, max_items, domains: DigestSettings(
-        at, float(every), tuple(to), language, int(max_items),
-        tuple(d.lower().strip(".") for d in domains)),
-        expected="digest settings: at, every, to, language, max_items, domains")
-# -- end of outbound review -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -428,25 +221,6 @@ class _RouteDomain(Str):
         if not domain or not domain.isascii():
             raise ValueError("not a valid domain name (IDNA 2008)")
         return domain
-
-
-class _CaFile(Str):
-    """A PEM file of CA certificates, read now so a typo fails at start, not at delivery."""
-
-    expected = "a PEM file of CA certificates"
-
-    def __init__(self, base: Path) -> None:
-        super().__init__()
-        self.base = base
-
-    def parse(self, text: str) -> Path:
-        path = self.base / text
-        try:
-            ssl.create_default_context(cafile=str(path))
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"cannot load CA certificates from {path}: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
-        return path
 
 
 def _route(target: str, tls: str | None, ca_file: Path | None) -> RelayTarget:
@@ -542,7 +316,7 @@ def _spec(base: Path, source: str) -> Struct:
                      doc="Outbound TLS as Postfix's smtp_tls_security_level: none, may (STARTTLS "
                          "when offered, unchecked), encrypt (TLS required, unchecked), verify "
                          "(certificate and host name checked). Not set: may."),
-        "ca_file": Field(_CaFile(base), None,
+        "ca_file": Field(CaFile(base), None,
                          doc="For tls: verify, the CA certificates to trust; not set = the "
                              "system's."),
     }, build=_route, expected="a route mapping: target, tls, ca_file"))
@@ -664,9 +438,9 @@ def _spec(base: Path, source: str) -> Struct:
                              doc="Also run this milter on re-injected mail (copies, notices). Not"
                                  " set: yes for sign only."),
     }, build=MilterSetting)
-    console = _console_spec(base)
+    console = console_spec(base)
     audit = _audit_spec(local)
-    review = _review_spec(local)
+    review = review_spec(local)
     return Struct({
         "audit": Field(audit, factory=lambda: audit.read(None, "", Problems(source)),
                        doc="The audit log of message stories (docs/audit.md)."),
@@ -706,167 +480,6 @@ def _spec(base: Path, source: str) -> Struct:
                          doc="The web console (`mailmoat console`): who may log in, where it "
                              "listens, its sessions. Written (even empty): serve starts it."),
     }, build=build, expected="a mailmoat config mapping")
-
-
-# -- the console's logins: console.users_file and console.ldap ---------------------------------
-class _DnTemplate(Str):
-    """An LDAP DN or filter template that must name the login once, as {name} (or {dn})."""
-
-    def __init__(self, placeholder: str, kind: str) -> None:
-        super().__init__()
-        self.placeholder, self.expected = placeholder, f"an LDAP {kind} with {placeholder}"
-
-    def parse(self, text: str) -> str:
-        if text.count(self.placeholder) != 1:
-            raise ValueError(f"must contain {self.placeholder} exactly once")
-        try:
-            text.replace(self.placeholder, "x").format()  # no other {braces}
-        except (IndexError, KeyError, ValueError):
-            raise ValueError(f"only {self.placeholder} may be in braces") from None
-        return text
-
-
-class _GroupDn(Str):
-    expected = "a group DN, or \"*\" (everyone who binds)"
-
-    def parse(self, text: str) -> str:
-        if text == "*":
-            return text
-        from ldap3.core.exceptions import LDAPInvalidDnError
-        from ldap3.utils.dn import parse_dn
-        try:
-            parse_dn(text, strip=True)
-        except LDAPInvalidDnError:
-            raise ValueError("not a valid DN (RFC 4514)") from None
-        return normalize_dn(text)
-
-
-def normalize_dn(dn: str) -> str:
-    """A DN for comparison: attribute types and values lower-cased, spaces around = and ,
-    gone (`CN=Admins, OU=Groups` and `cn=admins,ou=groups` are one group)."""
-    from ldap3.utils.dn import parse_dn
-    return ",".join(f"{kind.lower()}={value.lower()}" for kind, value, _ in parse_dn(dn, strip=True))
-
-
-def _ldap_settings(base: Path, url: str, starttls: bool, ca_file: Path | None, timeout: float,
-                   user_dn: str, search_base: str, search_filter: str, bind_dn: str,
-                   bind_password_file: str, group_attribute: str, group_search_base: str,
-                   roles: dict[str, list[str]], mail_attribute: str) -> LdapSettings:
-    if not url.startswith(("ldap://", "ldaps://")):
-        raise ValueError("url must be ldap://HOST[:PORT] or ldaps://HOST[:PORT]")
-    if starttls and url.startswith("ldaps://"):
-        raise ValueError("starttls is for ldap:// (ldaps:// is TLS from the start)")
-    if ca_file is not None and not (starttls or url.startswith("ldaps://")):
-        raise ValueError("ca_file needs ldaps:// or starttls: true")
-    if bool(user_dn) == bool(search_base):
-        raise ValueError("set user_dn (bind as a DN made from the name) or search_base "
-                         "(find the user's entry first), one of the two")
-    if bind_password_file and not bind_dn:
-        raise ValueError("bind_password_file needs bind_dn")
-    if bind_dn and not bind_password_file:
-        raise ValueError("bind_dn needs bind_password_file (an empty password would be an "
-                         "anonymous bind)")
-    if not any(roles.values()):
-        raise ValueError("roles must map at least one of admin, auditor, user to groups")
-    return LdapSettings(url, starttls, ca_file, timeout, user_dn, search_base, search_filter,
-                        bind_dn, SecretSource(file=str(base / bind_password_file)
-                                              if bind_password_file else ""),
-                        group_attribute, group_search_base,
-                        {role: tuple(groups) for role, groups in roles.items() if groups},
-                        mail_attribute)
-
-
-def _console_spec(base: Path) -> Struct:
-    defaults = ConsoleSettings()
-
-    def build(users_file: str, ldap: LdapSettings | None, listen: str, tls: dict | None,
-              secret_key_file: str, session_idle: float, session_max: float,
-              language: str) -> ConsoleSettings:
-        problem = console_listen_problem(listen, tls is not None)
-        if problem:
-            raise ValueError(f"{problem} (got {listen})")
-        if session_idle > session_max:
-            raise ValueError("session_idle is longer than session_max")
-        return ConsoleSettings(base / users_file, ldap, listen,
-                               base / tls["cert"] if tls else None,
-                               base / tls["key"] if tls else None, base / secret_key_file,
-                               session_idle, session_max, language)
-
-    groups = ListOf(_GroupDn())
-    ldap = Struct({
-        "url": Field(Str(), doc="The directory: ldap://HOST[:PORT] or ldaps://HOST[:PORT]."),
-        "starttls": Field(Bool(), False, doc="Upgrade ldap:// with StartTLS before binding."),
-        "ca_file": Field(_CaFile(base), None,
-                         doc="For ldaps:// or starttls, the CA certificates to trust; not set ="
-                             " the system's. The server's name is always checked."),
-        "timeout": Field(Duration(minimum=0.1), 5.0,
-                         doc="Time for connecting and for each LDAP operation; a directory that"
-                             " does not answer refuses the login."),
-        "user_dn": Field(_DnTemplate("{name}", "DN"), "",
-                         doc="Bind as this DN, {name} replaced by the login name (escaped, RFC "
-                             "4514), e.g. uid={name},ou=people,dc=example,dc=jp. Or use "
-                             "search_base."),
-        "search_base": Field(Str(), "",
-                             doc="Find the user's entry under this DN with search_filter, then "
-                                 "bind as it (Active Directory: the users' OU)."),
-        "search_filter": Field(_DnTemplate("{name}", "filter"), "(uid={name})",
-                               doc="The search for the user's entry, {name} escaped (RFC 4515); "
-                                   "AD: (sAMAccountName={name}). Exactly one entry must match."),
-        "bind_dn": Field(Str(), "",
-                         doc="The account that searches (with bind_password_file); not set = "
-                             "anonymous search."),
-        "bind_password_file": Field(Str(), "",
-                                    doc="File holding bind_dn's password; must not be readable "
-                                        "by others."),
-        "group_attribute": Field(Str(), "memberOf",
-                                 doc="The user's attribute listing their groups' DNs (memberOf "
-                                     "in AD and OpenLDAP's memberof overlay)."),
-        "group_search_base": Field(Str(), "",
-                                   doc="Instead of group_attribute: groups are the entries under "
-                                       "this DN whose member or uniqueMember is the user."),
-        "roles": Field(Struct({role: Field(groups, (), doc=text) for role, text in (
-            ("admin", "Group DNs whose members are admins (everything)."),
-            ("auditor", "Group DNs whose members are auditors (read everything, change "
-                        "nothing)."),
-            ("user", "Group DNs whose members are users (their own mail only); \"*\" = "
-                     "everyone who binds."))},
-            build=lambda **roles: roles, expected="roles: admin, auditor, user"),
-            doc="Which groups give which role; the strongest role a user's groups give wins, "
-                "and someone in none of them cannot log in."),
-        "mail_attribute": Field(Str(), "mail",
-                                doc="The attribute with a user's mail addresses (the mail a "
-                                    "user-role login may see)."),
-    }, build=lambda **values: _ldap_settings(base, **values),
-        expected="LDAP settings: url, user_dn or search_base, roles, ...")
-    return Struct({
-        "users_file": Field(Str(), "var/console-users",
-                            doc="The console's local accounts (`mailmoat user add NAME --role "
-                                "ROLE`); mode 0600, refused when others may read it."),
-        "ldap": Field(ldap, None,
-                      doc="Log in against LDAP or Active Directory (a bind as the user); "
-                          "groups map to roles. Not set: local accounts only."),
-        # -- the web console itself (mta/console: app, sessions, server) --
-        "listen": Field(Str(), defaults.listen,
-                        doc="HOST:PORT of the web console and its JSON API; off loopback it "
-                            "needs tls."),
-        "tls": Field(Struct({
-            "cert": Field(Str(), doc="Certificate chain file (PEM) of the console's HTTPS."),
-            "key": Field(Str(), doc="Private key file (PEM); must not be readable by group or "
-                                    "others."),
-        }), None, doc="HTTPS for the console: the certificate and key files. Not set: plain "
-                      "HTTP, allowed on loopback only."),
-        "secret_key_file": Field(Str(), str(defaults.secret_key_file),
-                                 doc="The key that signs session cookies; made (mode 0600) on "
-                                     "first start when missing, refused when group or others "
-                                     "may read it."),
-        "session_idle": Field(Duration(minimum=60), defaults.session_idle,
-                              doc="A console session unused this long ends (log in again)."),
-        "session_max": Field(Duration(minimum=60), defaults.session_max,
-                             doc="Every console session ends this long after its login."),
-        "language": Field(Str(CONSOLE_LANGUAGES), defaults.language,
-                          doc="The pages' language: ja, en, or auto (the browser's "
-                              "Accept-Language); each user can switch."),
-    }, build=build, expected="console settings")
 
 
 def load_config(path: str | Path | None) -> GatewayConfig:

@@ -21,7 +21,7 @@ from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
-from .config import LdapSettings, normalize_dn
+from .config_console import LdapSettings, normalize_dn
 from .errors import ConfigError, MailmoatError
 from .secrets import read_secret
 

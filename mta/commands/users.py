@@ -7,7 +7,8 @@ import getpass
 import sys
 from pathlib import Path
 
-from milters.core.config import CONSOLE_ROLES, GatewayConfig, load_config
+from milters.core.config import GatewayConfig, load_config
+from milters.core.config_console import CONSOLE_ROLES
 from milters.core.errors import MailmoatError
 
 from mta.smtp_in import users

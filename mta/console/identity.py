@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from milters.core.config import CONSOLE_ROLES
+from milters.core.config_console import CONSOLE_ROLES
 
 ROLES = CONSOLE_ROLES  # admin: everything; auditor: read everything; user: own mail only
 

@@ -14,7 +14,7 @@ from ldap3 import BASE, SUBTREE
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn
 
-from milters.core.config import CONSOLE_ROLES, LdapSettings
+from milters.core.config_console import CONSOLE_ROLES, LdapSettings
 from milters.core.directory import (DirectoryDown, dn_or_empty, entry_values, ldap_connect,
                                     search_entries)
 from milters.core.errors import ConfigError

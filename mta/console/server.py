@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 
 import uvicorn
 
-from milters.core.config import GatewayConfig, console_listen_problem
+from milters.core.config import GatewayConfig
+from milters.core.config_console import console_listen_problem
 from milters.core.errors import ConfigError, MailmoatError
 from milters.core.eventlog import log_event
 from milters.core.secrets import world_readable

@@ -14,7 +14,7 @@ import os
 import pwd
 from typing import Protocol
 
-from milters.core.config import CONSOLE_ROLES
+from milters.core.config_console import CONSOLE_ROLES
 from milters.core.errors import MailmoatError
 
 from mta.console.identity import Actor

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from milters.core.config import DigestSettings, GatewayConfig
+from milters.core.config import GatewayConfig
+from milters.core.config_review import DigestSettings
 from milters.core.errors import MailmoatError
 from milters.core.eventlog import log_event
 from milters.core.reinject import reinject

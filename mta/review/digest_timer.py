@@ -19,7 +19,8 @@ from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Callable
 
-from milters.core.config import DigestSettings, GatewayConfig
+from milters.core.config import GatewayConfig
+from milters.core.config_review import DigestSettings
 from milters.core.errors import MailmoatError
 from milters.core.eventlog import log_event
 

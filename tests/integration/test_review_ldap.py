@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from milters.core.config import LdapSettings
+from milters.core.config_console import LdapSettings
 from milters.core.directory import Directory, DirectoryDown
 from milters.core.edits import Quarantine
 from milters.core.message import Envelope, Message, Recipient

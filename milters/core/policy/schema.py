@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import re
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from ..secrets import secret_key_hint
@@ -410,3 +412,22 @@ class GroupName(Scalar):
         except LDAPException:
             raise ValueError("not a valid DN (RFC 4514)") from None
         return ",".join(f"{kind.lower()}={value.lower()}" for kind, value, _ in parts)
+
+
+class CaFile(Str):
+    """A PEM file of CA certificates, read now so a typo fails at start, not at delivery."""
+
+    expected = "a PEM file of CA certificates"
+
+    def __init__(self, base: Path) -> None:
+        super().__init__()
+        self.base = base
+
+    def parse(self, text: str) -> Path:
+        path = self.base / text
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load CA certificates from {path}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        return path
