@@ -36,6 +36,7 @@ from _common import (ROOT, BenchError, machine_line, postfix_version,  # noqa: E
 from milters.core.review import SqliteReviewBook  # noqa: E402
 from tests.harness.milter_proc import MilterProcess  # noqa: E402
 from tests.harness.ports import free_port  # noqa: E402
+from tests.harness.review_world import review_behind_postfix  # noqa: E402
 from tests.harness.postfix import postfix_instance  # noqa: E402
 from tests.harness.sink import SmtpSink  # noqa: E402
 
@@ -122,13 +123,7 @@ def run(work: Path, count: int) -> None:
                 work, relay_port=sink.port,
                 smtpd_milters=" ".join(m.socket_spec for m in milters),
                 reinject_port=reinject, relay_domains="example.jp, customer.example",
-                services=[f"127.0.0.1:{release} inet n - n - - smtpd"
-                          f" -o smtpd_milters={milters[1].socket_spec}"
-                          " -o milter_header_checks= -o content_filter="],
-                extra={"milter_header_checks": "regexp:{{/^X-Mailmoat-Review: / FILTER "
-                                               f"smtp:[127.0.0.1]:{release}}}}}",
-                       "smtp_header_checks": "regexp:{{/^X-Mailmoat-Review:/ IGNORE}}",
-                       "queue_run_delay": "300s"}) as postfix:
+                **review_behind_postfix(release, milters[1].socket_spec, "300s")) as postfix:
             # -- the peer: Postfix's own release, by hand ------------------------------------
             send(postfix.smtp_port, 0, count)
             wait_until(f"{count} held", lambda: len(held_ids(postfix)) >= count)

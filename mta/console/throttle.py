@@ -1,6 +1,6 @@
 """Login throttling in the Store: 5 failures a minute per login name and per source address.
 
-Every attempt is counted *before* the password is checked (an atomic counter_add), so a burst
+Every attempt is counted *before* the password is checked (an atomic counters_add), so a burst
 of parallel guesses cannot all slip in before the first failure is written; a success then
 takes its own count back. A success never clears the counts: one right guess in a password
 spray does not unlock the rest. Keys hold a hash of the name or address, so any name (odd
@@ -48,11 +48,13 @@ class Throttle:
     def attempt(self, name: str, source: str, now: float) -> float | None:
         """Count one attempt; None when it may go on, else seconds to wait (a refused
         attempt counts too: hammering keeps the lock closed)."""
-        counts = [self.store.counter_add(key, 1, keep=self.window, now=now)
-                  for key in (name_key(name), source_key(source))]
+        # Both counts in one step: parallel guesses then line up the same way on the name
+        # and on the address, so a burst gets exactly `limit` through, never fewer or more.
+        counts = self.store.counters_add([name_key(name), source_key(source)], 1,
+                                         keep=self.window, now=now)
         return self.window if max(counts) > self.limit else None
 
     def succeeded(self, name: str, source: str, now: float) -> None:
         """Take the successful attempt's count back (the earlier failures stay)."""
-        for key in (name_key(name), source_key(source)):
-            self.store.counter_add(key, -1, keep=self.window, now=now)
+        self.store.counters_add([name_key(name), source_key(source)], -1, keep=self.window,
+                                now=now)

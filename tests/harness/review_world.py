@@ -18,6 +18,23 @@ SENDER, OUTSIDE, BOSS = "hanako@example.jp", "buyer@customer.example", "boss@exa
 WAIT = 30.0
 
 
+def review_behind_postfix(release_port: int, later_milters: str,
+                          queue_run_delay: str = "1s") -> dict:  # type: ignore[type-arg]
+    """PostfixInstance keywords for the recipe's review setup (docs/recipes/milters-behind-
+    postfix.md): held mail leaves through a release port running `later_milters`, and the
+    review header is removed when Postfix sends mail on."""
+    return {
+        "services": [f"127.0.0.1:{release_port} inet n - n - - smtpd"
+                     f" -o smtpd_milters={later_milters}"
+                     " -o milter_header_checks= -o content_filter="
+                     " -o receive_override_options=no_address_mappings"],
+        "extra": {"milter_header_checks": "regexp:{{/^X-Mailmoat-Review: / FILTER "
+                                          f"smtp:[127.0.0.1]:{release_port}}}}}",
+                  "smtp_header_checks": "regexp:{{/^X-Mailmoat-Review:/ IGNORE}}",
+                  "queue_run_delay": queue_run_delay},
+    }
+
+
 def review_gateway(tmp_path: Path, sink: SmtpSink, policy: str, console_url: str,
                    extra: str = ""):  # type: ignore[no-untyped-def]
     """A Serve (not started) with milters [review, attachments] delivering to `sink`."""

@@ -30,7 +30,8 @@ from milters.core.review import SqliteReviewBook
 from tests.harness.milter_proc import ROOT, MilterProcess
 from tests.harness.ports import free_port
 from tests.harness.postfix import PostfixInstance, postfix_instance
-from tests.harness.review_world import BOSS, OUTSIDE, SENDER, WAIT, kind_of, kinds, parsed
+from tests.harness.review_world import (BOSS, OUTSIDE, SENDER, WAIT, kind_of, kinds, parsed,
+                                       review_behind_postfix)
 from tests.harness.sink import SmtpSink
 from tests.harness.swaks import run_swaks
 from tests.integration.test_console_review_browser import action_of, text_of
@@ -59,10 +60,6 @@ rules:
     when: {direction: outbound, recipient: ["*", "!@example.jp"]}
     then: {attachments: encrypt}
 """
-# The recipe's lines: a message the review milter marks leaves the hold queue only through
-# the release port; the review's ID stays in the gateway when Postfix sends mail on.
-RELEASE_FILTER = "regexp:{{/^X-Mailmoat-Review: / FILTER smtp:[127.0.0.1]:%d}}"
-HEADER_CHECKS = "regexp:{{/^X-Mailmoat-Review:/ IGNORE}}"
 
 
 @dataclass
@@ -156,13 +153,8 @@ def start_world(tmp_path: Path, queue_run_delay: str = "1s",
                 tmp_path, relay_port=sink.port,
                 smtpd_milters=" ".join(m.socket_spec for m in milters),
                 reinject_port=reinject, relay_domains="example.jp, customer.example",
-                services=[f"127.0.0.1:{release} inet n - n - - smtpd"
-                          f" -o smtpd_milters={milters[1].socket_spec}"
-                          " -o milter_header_checks= -o content_filter="
-                          " -o receive_override_options=no_address_mappings"],
-                extra={"milter_header_checks": RELEASE_FILTER % release,
-                       "smtp_header_checks": HEADER_CHECKS,
-                       "queue_run_delay": queue_run_delay}) as postfix:
+                **review_behind_postfix(release, milters[1].socket_spec,
+                                        queue_run_delay)) as postfix:
             runner_log = tmp_path / "postfix-review.log"
             world = World(postfix, sink, milters, start_runner(tmp_path, postfix), runner_log,
                           base, tmp_path)

@@ -189,6 +189,28 @@ def test_two_threads_never_lose_a_count(store: Store) -> None:
     assert store.counter_add("c:t", 0, keep=1e6, now=T0) == 600
 
 
+def test_counters_of_several_keys_move_together(store: Store) -> None:
+    """counters_add counts its keys in one step: eight threads counting the same two keys
+    each see equal values on both (counted one key at a time, one thread's pair could be
+    (3, 4) and another's (4, 3): a login burst then got fewer guesses than the limit)."""
+    barrier = threading.Barrier(8, timeout=10)
+    seen: list[list[float]] = []
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(50):
+            seen.append(store.counters_add(["c:name", "c:addr"], 1, keep=1e6, now=T0))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(a == b for a, b in seen), [pair for pair in seen if pair[0] != pair[1]][:5]
+    assert sorted(a for a, _ in seen) == list(range(1, 401))
+    assert store.counters_add(["c:addr", "c:other"], -1, keep=1e6, now=T0) == [399, -1]
+
+
 def test_two_threads_never_lose_an_update(store: Store) -> None:
     barrier = threading.Barrier(2, timeout=10)
     errors: list[BaseException] = []

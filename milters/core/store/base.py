@@ -307,11 +307,18 @@ class Store(ABC):
         the record goes away.
         """
 
-    @abstractmethod
     def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
         """Add `amount` to the plain counter `key` (created at 0), atomically; return the
         new value. The record expires `keep` seconds after this call (for tallies such as
         DMARC aggregate-report rows)."""
+        return self.counters_add([key], amount, keep=keep, now=now)[0]
+
+    @abstractmethod
+    def counters_add(self, keys: list[str], amount: float, *, keep: float,
+                     now: float) -> list[float]:
+        """counter_add on every key in one atomic step: no other change falls between them,
+        so parallel callers counting the same keys see the same order on each (the console's
+        login throttle counts a name and an address together)."""
 
     @abstractmethod
     def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,

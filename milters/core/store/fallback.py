@@ -67,8 +67,9 @@ class FallbackStore(Store):
     def points_add(self, key: str, amount: float, *, half_life: float, now: float) -> float:
         return self._route(lambda s: s.points_add(key, amount, half_life=half_life, now=now))
 
-    def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
-        return self._route(lambda s: s.counter_add(key, amount, keep=keep, now=now))
+    def counters_add(self, keys: list[str], amount: float, *, keep: float,
+                     now: float) -> list[float]:
+        return self._route(lambda s: s.counters_add(keys, amount, keep=keep, now=now))
 
     def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
               halve_every: float, refuse_at: float | None, now: float) -> Admission:

@@ -55,11 +55,15 @@ class MemoryStore(Store):
             self._apply(key, update, now)
         return value
 
-    def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
+    def counters_add(self, keys: list[str], amount: float, *, keep: float,
+                     now: float) -> list[float]:
+        values = []
         with self._lock:
-            value, update = decide_counter(self._load(key, now), amount, keep=keep, now=now)
-            self._apply(key, update, now)
-        return value
+            for key in keys:
+                value, update = decide_counter(self._load(key, now), amount, keep=keep, now=now)
+                self._apply(key, update, now)
+                values.append(value)
+        return values
 
     def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
               halve_every: float, refuse_at: float | None, now: float) -> Admission:

@@ -113,13 +113,20 @@ return fmt(new)
 """
 
 # ARGV: amount, keep, now. Returns the new value of a plain counter.
+# Every key of KEYS counted in one script (atomic together). Returns the new values,
+# space-separated, in the order of KEYS.
 _LUA_COUNTER = _LUA_COMMON + """
 local amount, keep, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local value, updated = load(now, true)
-if now >= updated + keep then value = 0 end
-local new = value + amount
-store(KEYS[1], new, now, keep)
-return fmt(new)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local value, updated = read(key, now, true)
+  if value == nil then value, updated = 0, now end
+  if now >= updated + keep then value = 0 end
+  local new = value + amount
+  store(key, new, now, keep)
+  out[i] = fmt(new)
+end
+return table.concat(out, ' ')
 """
 
 # One rate-limit decision (Store.admit). KEYS[1]: points (read only), KEYS[2..]: buckets.
@@ -249,9 +256,12 @@ class RedisStore(Store):
         args = [repr(float(x)) for x in (amount, half_life, now, POINTS_EPSILON)]
         return float(self._call(lambda: self._points(keys=[self.namespace + key], args=args)))
 
-    def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
+    def counters_add(self, keys: list[str], amount: float, *, keep: float,
+                     now: float) -> list[float]:
         args = [repr(float(x)) for x in (amount, keep, now)]
-        return float(self._call(lambda: self._counter(keys=[self.namespace + key], args=args)))
+        reply = self._call(lambda: self._counter(keys=[self.namespace + k for k in keys],
+                                                 args=args))
+        return [float(word) for word in str(reply).split()]
 
     def admit(self, points_key: str | None, takes: list[Take], *, half_life: float,
               halve_every: float, refuse_at: float | None, now: float) -> Admission:

@@ -157,11 +157,16 @@ class SqliteStore(Store):
             return self._run(op)
         return self._run(self._transaction(op), now=now)
 
-    def counter_add(self, key: str, amount: float, *, keep: float, now: float) -> float:
-        def op(db: sqlite3.Connection) -> float:
-            value, update = decide_counter(self._load(db, key, now), amount, keep=keep, now=now)
-            self._apply(db, key, update)
-            return value
+    def counters_add(self, keys: list[str], amount: float, *, keep: float,
+                     now: float) -> list[float]:
+        def op(db: sqlite3.Connection) -> list[float]:
+            values = []
+            for key in keys:
+                value, update = decide_counter(self._load(db, key, now), amount, keep=keep,
+                                               now=now)
+                self._apply(db, key, update)
+                values.append(value)
+            return values
 
         return self._run(self._transaction(op), now=now)
 
