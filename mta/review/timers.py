@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 import os
 import time
 from typing import Any, Callable
@@ -42,7 +43,7 @@ class OffLoop:
         return off_loop
 
 
-class ReviewTimers:
+class ReviewTimers(ABC):
     def __init__(self, *, book: Any, reinject_listen: str, notices: Any,
                  issue_link: Callable[[str, str, str, float], str] | None = None,
                  send: Send = reinject, clock: Callable[[], float] = time.time,
@@ -104,8 +105,10 @@ class ReviewTimers:
     async def _recover(self) -> None:
         """Once, at the first round: finish what a crash left half done."""
 
+    @abstractmethod
     async def _carry_out_round(self) -> None:
-        raise NotImplementedError
+        """Release or drop the held messages whose reviews are decided (serve's queue, or
+        Postfix's hold queue)."""
 
     # -- shared steps ---------------------------------------------------------------------
     async def _timer(self, record: ReviewRecord, now: float) -> None:

@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+import httpx
 import uvicorn
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -52,6 +53,14 @@ def chromium() -> Iterator[WebDriver]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def console_up(base: str) -> bool:
+    """Whether the console at `base` answers its health check (not yet listening: False)."""
+    try:
+        return httpx.get(base + "/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def wait_for(driver: WebDriver, condition: Callable[[WebDriver], Any],

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import email
 import time
+from contextlib import contextmanager
 from email import policy as email_policy
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any, Iterator
 
 from milters.core.review import SqliteReviewBook
+from tests.harness.bounded import wait_until
+from tests.harness.browser import console_up
+from tests.harness.ports import free_port
 from tests.harness.milter_proc import ROOT
 from tests.harness.sink import SinkMessage, SmtpSink
 
@@ -36,16 +41,38 @@ def review_behind_postfix(release_port: int, later_milters: str,
 
 
 def review_gateway(tmp_path: Path, sink: SmtpSink, policy: str, console_url: str,
-                   extra: str = ""):  # type: ignore[no-untyped-def]
-    """A Serve (not started) with milters [review, attachments] delivering to `sink`."""
+                   extra: str = "", milters: tuple[str, ...] = ("review", "attachments")
+                   ):  # type: ignore[no-untyped-def]
+    """A Serve (not started) with `milters` (review, attachments) delivering to `sink`."""
     from tests.integration.test_serve import Serve  # the fixture module, imported late
+    listed = ", ".join(f"{{name: {name}}}" for name in milters)
     serve = Serve(tmp_path, policy=policy, relay=f"smtp:[127.0.0.1]:{sink.port}",
-                  milters="milters: [{name: review}, {name: attachments}]\n"
+                  milters=f"milters: [{listed}]\n"
                           f"review: {{console_url: \"{console_url}\", "
                           "token_key_file: var/review-key}\n" + extra)
     serve.config.write_text(serve.config.read_text().replace(
         "relay_domains: [example.jp]", "relay_domains: [example.jp, customer.example]"))
     return serve
+
+
+@contextmanager
+def gateway_with_console(tmp_path: Path, policy: str,
+                         milters: tuple[str, ...] = ("review", "attachments")
+                         ) -> Iterator[tuple[Any, SmtpSink, str]]:
+    """review_gateway started with the console serve starts, once that answers: (serve, the
+    sink, the console's base URL). No traceback may be left in serve's log."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with SmtpSink() as sink:
+        serve = review_gateway(tmp_path, sink, policy, base,
+                               f"console: {{listen: '127.0.0.1:{port}'}}\n", milters)
+        serve.start()
+        try:
+            wait_until(lambda: console_up(base), WAIT, serve.text)
+            yield serve, sink, base
+        finally:
+            serve.stop()
+    assert "Traceback" not in serve.text()
 
 
 def parsed(item: SinkMessage) -> EmailMessage:

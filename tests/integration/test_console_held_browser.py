@@ -7,7 +7,6 @@ refused; a hostile message runs no script; two are released in one bulk action."
 from __future__ import annotations
 
 import os
-import re
 import smtplib
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from mta.queue.spool import NoSuchMessage, Queue
-from tests.harness.browser import chromium, wait_for
+from tests.harness.bounded import wait_until
+from tests.harness.browser import chromium, console_up, wait_for
 from tests.harness.dns_server import KnotServer
 from tests.harness.milter_proc import ROOT
 from tests.harness.ports import free_port
@@ -150,15 +150,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         serve.start()
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + WAIT
-            while True:
-                try:
-                    if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, serve.text()
-                time.sleep(0.05)
+            wait_until(lambda: console_up(base), WAIT, serve.text)
             world = Gateway(serve, sink, listener, base, Queue(work / "var" / "spool"))
             for name, raw, rcpts in (
                     ("japanese", plain_message(SUBJECT, "taro@example.jp"), ["taro@example.jp"]),

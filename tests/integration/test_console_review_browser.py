@@ -9,13 +9,11 @@ import base64
 import email
 import json
 import re
-import time
 from email import policy as email_policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
 from selenium.webdriver.common.by import By
 
@@ -24,16 +22,12 @@ from milters.core.config import load_config
 from milters.core.jis import decode_cp50220
 from milters.core.review import open_review_book
 from tests.harness.browser import chromium, wait_for
-from tests.harness.milter_proc import ROOT
-from tests.harness.ports import free_port
+from tests.harness.review_world import OUTSIDE, SAMPLE, SENDER, WAIT, gateway_with_console
 from tests.harness.sink import SmtpSink
 from tests.harness.swaks import run_swaks
 from tests.integration.test_serve import Serve
 
 pytestmark = pytest.mark.integration
-WAIT = 30.0
-SAMPLE = ROOT / "samples" / "ppap-attachment-ja.eml"
-SENDER, OUTSIDE = "hanako@example.jp", "buyer@customer.example"
 POLICY = """\
 internal_networks: [127.0.0.0/8]
 own_domains: [example.jp]
@@ -63,31 +57,8 @@ def action_of(link: str) -> str:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[Serve, SmtpSink, str]]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with SmtpSink() as sink:
-        serve = Serve(tmp_path, policy=POLICY, relay=f"smtp:[127.0.0.1]:{sink.port}",
-                      milters="milters: [{name: review}]\n"
-                              f"review: {{console_url: \"{base}\", "
-                              "token_key_file: var/review-key}\n"
-                              f"console: {{listen: '127.0.0.1:{port}'}}\n")
-        serve.config.write_text(serve.config.read_text().replace(
-            "relay_domains: [example.jp]", "relay_domains: [example.jp, customer.example]"))
-        serve.start()
-        try:
-            deadline = time.monotonic() + WAIT
-            while True:
-                try:
-                    if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, serve.text()
-                time.sleep(0.05)
-            yield serve, sink, base
-        finally:
-            serve.stop()
-    assert "Traceback" not in serve.text()
+    with gateway_with_console(tmp_path, POLICY, milters=("review",)) as running:
+        yield running
 
 
 def test_the_cancel_link_of_a_notice_shows_the_summary_and_cancels_on_the_button(

@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
 from selenium.webdriver.common.by import By
 
 from milters.core.review import ReviewRecord
 from tests.harness.browser import chromium, wait_for
-from tests.harness.ports import free_port
-from tests.harness.review_world import (BOSS, OUTSIDE, SENDER, WAIT, book_of, kind_of, kinds,
-                                       review_gateway, settle)
+from tests.harness.review_world import (BOSS, OUTSIDE, SENDER, WAIT, book_of, gateway_with_console,
+                                       kind_of, kinds, settle)
 from tests.harness.sink import SmtpSink
 from tests.harness.swaks import run_swaks
 from tests.integration.test_console_review_browser import action_of, text_of
@@ -48,26 +46,8 @@ REASON = "添付の見積書は古い版です <b>\"v2\"</b> & 再送してく�
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[Serve, SmtpSink, str]]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with SmtpSink() as sink:
-        serve = review_gateway(tmp_path, sink, POLICY, base,
-                               f"console: {{listen: '127.0.0.1:{port}'}}\n")
-        serve.start()
-        try:
-            deadline = time.monotonic() + WAIT
-            while True:
-                try:
-                    if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, serve.text()
-                time.sleep(0.05)
-            yield serve, sink, base
-        finally:
-            serve.stop()
-    assert "Traceback" not in serve.text()
+    with gateway_with_console(tmp_path, POLICY) as running:
+        yield running
 
 
 def held_with_link(serve: Serve, sink: SmtpSink, base: str, action: str) -> tuple[str, str]:
@@ -83,6 +63,15 @@ def held_with_link(serve: Serve, sink: SmtpSink, base: str, action: str) -> tupl
     assert sorted(action_of(link) for link in links) == ["approve", "reject"], links
     [link] = [link for link in links if action_of(link) == action]
     return held.group(1), link
+
+
+def confirm(browser, action: str) -> str:  # type: ignore[no-untyped-def]
+    """Press the page's button, which must be for `action`; the state the page then shows."""
+    button = browser.find_element(By.ID, "confirm")
+    assert button.get_attribute("data-action") == action
+    button.click()
+    wait_for(browser, lambda d: d.find_elements(By.ID, "done"))
+    return str(browser.find_element(By.ID, "done").get_attribute("data-state"))
 
 
 def recorded(serve: Serve, review_id: str) -> ReviewRecord | None:
@@ -105,11 +94,7 @@ def test_approved_in_the_browser_the_message_goes_zipped_and_then_its_password(
         assert browser.find_element(By.ID, "sender").text == SENDER
         assert OUTSIDE in browser.find_element(By.ID, "recipients").text
         assert kinds(sink) == ["review", "review"]  # opening the link released nothing
-        button = browser.find_element(By.ID, "confirm")
-        assert button.get_attribute("data-action") == "approve"
-        button.click()
-        wait_for(browser, lambda d: d.find_elements(By.ID, "done"))
-        assert browser.find_element(By.ID, "done").get_attribute("data-state") == "approved"
+        assert confirm(browser, "approve") == "approved"
     sink.wait_for(4, timeout=WAIT)
     settle(serve, r"event=review_released ")
     assert kinds(sink) == ["outside", "password", "review", "review"], kinds(sink)
@@ -140,11 +125,7 @@ def test_rejected_with_a_reason_the_sender_is_told_and_nothing_goes(
         browser.get(reject)
         wait_for(browser, lambda d: d.find_elements(By.ID, "reason"))
         browser.find_element(By.ID, "reason").send_keys(REASON)
-        button = browser.find_element(By.ID, "confirm")
-        assert button.get_attribute("data-action") == "reject"
-        button.click()
-        wait_for(browser, lambda d: d.find_elements(By.ID, "done"))
-        assert browser.find_element(By.ID, "done").get_attribute("data-state") == "rejected"
+        assert confirm(browser, "reject") == "rejected"
     sink.wait_for(3, timeout=WAIT)
     settle(serve, r"event=review_dropped ")
     assert kinds(sink) == ["review", "review", "review"], kinds(sink)

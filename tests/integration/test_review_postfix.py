@@ -27,6 +27,8 @@ import httpx
 import pytest
 
 from milters.core.review import SqliteReviewBook
+from tests.harness.bounded import wait_until
+from tests.harness.browser import console_up
 from tests.harness.milter_proc import ROOT, MilterProcess
 from tests.harness.ports import free_port
 from tests.harness.postfix import PostfixInstance, postfix_instance
@@ -76,12 +78,10 @@ class World:
         return self.runner_log.read_text(errors="replace")
 
     def wait_log(self, pattern: str) -> re.Match[str]:
-        deadline = time.monotonic() + WAIT
-        while not (found := re.search(pattern, self.log())):
+        def found() -> re.Match[str] | None:
             assert self.runner.poll() is None, self.log()
-            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.log()}"
-            time.sleep(0.1)
-        return found
+            return re.search(pattern, self.log())
+        return wait_until(found, WAIT, lambda: f"no {pattern!r} in:\n{self.log()}")
 
     def book(self) -> SqliteReviewBook:
         return SqliteReviewBook(str(self.dir / "state-review.db"))
@@ -159,15 +159,10 @@ def start_world(tmp_path: Path, queue_run_delay: str = "1s",
             world = World(postfix, sink, milters, start_runner(tmp_path, postfix), runner_log,
                           base, tmp_path)
             world.wait_log(r"postfix-review: watching")
-            deadline = time.monotonic() + WAIT
-            while True:
-                try:
-                    httpx.get(base + "/healthz", timeout=2)
-                    break
-                except httpx.TransportError:
-                    assert console_proc.poll() is None and time.monotonic() < deadline, \
-                        console_log.read_text()
-                    time.sleep(0.05)
+            def console_ready() -> bool:
+                assert console_proc.poll() is None, console_log.read_text()
+                return console_up(base)
+            wait_until(console_ready, WAIT, console_log.read_text)
             try:
                 yield world
             finally:
@@ -198,17 +193,12 @@ def send_held(world: World, subject: str, notices: int) -> tuple[str, str]:
     result = run_swaks(world.postfix.smtp_port, mail_from=SENDER, rcpt=[OUTSIDE],
                        data_file=path)
     assert result.code("DATA_END") == 250, result.transcript
-    deadline = time.monotonic() + WAIT
-    while len(found := re.findall(held_line, world.milters[0].log_text())) <= before:
-        assert time.monotonic() < deadline, world.milters[0].log_text()
-        time.sleep(0.05)
+    found = wait_until(lambda: re.findall(held_line, world.milters[0].log_text())[before:],
+                       WAIT, world.milters[0].log_text)
     queue_id, review_id = found[-1]
     world.sink.wait_for(notices, timeout=WAIT)
-    deadline = time.monotonic() + WAIT
-    while {m["queue_id"]: m["queue_name"] for m in world.postfix.queue()}.get(
-            queue_id) != "hold":
-        assert time.monotonic() < deadline, world.postfix.queue()
-        time.sleep(0.1)
+    wait_until(lambda: {m["queue_id"]: m["queue_name"] for m in world.postfix.queue()}.get(
+        queue_id) == "hold", WAIT, lambda: str(world.postfix.queue()))
     time.sleep(2.5)  # two runner rounds: a hold must not leak anything meanwhile
     assert kinds(world.sink) == ["review"] * notices, kinds(world.sink)
     assert world.zipped_count() == 0  # Postfix ended the chain at the hold

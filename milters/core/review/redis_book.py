@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import redis
 from redis.exceptions import RedisError, WatchError
@@ -114,14 +114,18 @@ class RedisReviewBook(ReviewBook):
         except RedisError as exc:
             raise self._fail(exc) from None
 
-    def _bodies(self, ids: list[str]) -> list[ReviewRecord]:
+    def _bodies(self, ids: list[str],
+                keep: Callable[[ReviewRecord], bool] = lambda r: r.state == "pending"
+                ) -> list[ReviewRecord]:
+        """The records of `ids` that still pass `keep` (a record may change between the
+        index's read and its own: pending by default)."""
         records = []
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
             for body in self._client.mget([_record_key(i) for i in chunk]):
                 if body is not None:
                     record = ReviewRecord.from_json(body)
-                    if record.state == "pending":  # decided between the two reads
+                    if keep(record):
                         records.append(record)
         return records
 
@@ -141,15 +145,7 @@ class RedisReviewBook(ReviewBook):
     def _undone(self, limit: int) -> list[ReviewRecord]:
         try:
             ids = self._client.zrange(UNDONE, 0, max(limit - 1, 0)) if limit else []
-            records = []
-            for start in range(0, len(ids), CHUNK):
-                chunk = ids[start:start + CHUNK]
-                for body in self._client.mget([_record_key(i) for i in chunk]):
-                    if body is not None:
-                        record = ReviewRecord.from_json(body)
-                        if record.state != "pending" and not record.carried_out:
-                            records.append(record)
-            return records
+            return self._bodies(ids, lambda r: r.state != "pending" and not r.carried_out)
         except RedisError as exc:
             raise self._fail(exc) from None
 
